@@ -1,0 +1,3 @@
+from medvlm.cli import main
+
+main()

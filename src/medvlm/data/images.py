@@ -1,0 +1,95 @@
+"""Image loading and aspect handling, identical in training, inference, evaluation and serving.
+
+Aspect modes (a named config field, ``image_aspect``):
+- ``square``: the image is passed unchanged; the CLIP image processor resizes the shortest edge and
+  centre-crops (LLaVA's default, loses the borders of non-square figures).
+- ``pad``: expand to a square canvas, image centred, filled with the image processor's mean colour
+  × 255 ((122, 116, 104) for CLIP), then the processor resizes (LLaVA v1.5 / LLaVA-Med v1.5).
+- ``resize``: plain resize to the processor's square input size (aspect not preserved).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from medvlm.errors import MedvlmError
+
+ASPECT_MODES: tuple[str, ...] = ("square", "pad", "resize")
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
+
+
+def check_aspect(mode: str) -> str:
+    """Validate an aspect-mode name."""
+    if mode not in ASPECT_MODES:
+        raise MedvlmError(f"unknown image_aspect {mode!r}; choose one of {', '.join(ASPECT_MODES)}")
+    return mode
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Load an image file as RGB. ``.dcm`` files go through :mod:`medvlm.data.dicom` (needs ``medvlm[dicom]``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MedvlmError(f"{p}: image file not found")
+    if p.suffix.lower() in DICOM_SUFFIXES:
+        from medvlm.data.dicom import load_dicom  # optional extra, imported only for DICOM files
+
+        return load_dicom(p)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise MedvlmError(f"{p}: unreadable image ({e})") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB (alpha composited on white; 16-bit grey scaled to 8 bits)."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else a * 0
+        return Image.fromarray(a.astype("uint8"), mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def expand_to_square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square canvas of side max(w, h), the image centred (LLaVA's ``expand2square``)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def apply_aspect(img: Image.Image, mode: str, background: tuple[int, int, int], size: int | None = None) -> Image.Image:
+    """Apply an aspect mode before the image processor (see module docstring).
+
+    ``size`` is the processor's square input side, needed only for ``resize``.
+    """
+    check_aspect(mode)
+    if mode == "pad":
+        return expand_to_square(img, background)
+    if mode == "resize":
+        if size is None:
+            raise MedvlmError("image_aspect 'resize' needs the processor's input size")
+        return img.resize((size, size), Image.BICUBIC)
+    return img
+
+
+def mean_color(image_mean: list[float] | tuple[float, ...]) -> tuple[int, int, int]:
+    """The padding colour for ``pad``: the processor mean × 255, as LLaVA computes it (int truncation)."""
+    return tuple(int(x * 255) for x in image_mean)  # type: ignore[return-value]
