@@ -26,6 +26,12 @@ app = typer.Typer(
 
 # (verb, module, kind): kind "group" adds a Typer sub-app; "command" registers a single function `main`.
 _VERBS: list[tuple[str, str, str]] = [
+    ("data", "medvlm.data.commands", "group"),
+    ("model", "medvlm.model.commands", "group"),
+    ("chat", "medvlm.infer.chat_command", "command"),
+    ("instruct", "medvlm.data.instruct.commands", "group"),
+    ("train", "medvlm.train.commands", "command"),
+    ("eval", "medvlm.eval.commands", "group"),
 ]
 
 

@@ -1,0 +1,117 @@
+"""``medvlm data ...``: validate, stats, convert (and more verbs added by other parts of the data layer).
+
+Each command only calls library functions in :mod:`medvlm.data`; heavy imports live inside bodies.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="data",
+    help="Read, validate, summarise and convert medvlm data files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_table(title: str, header: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*(str(x) for x in r))
+    Console().print(t)
+
+
+@app.command("validate")
+def validate_cmd(
+    file: str = typer.Argument(..., help="Data file (JSON array, JSON lines or the fig-captions object)."),
+    image_folder: str | None = typer.Option(None, "--image-folder", help="Folder the records' image paths are relative to; checks every image exists and decodes."),
+    format: str = typer.Option("auto", "--format", help="Record format (auto decides by the first record's keys)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable lines/records, list them, and check the rest."),
+) -> None:
+    """Check a data file: alternating roles, <image> placeholders vs images, empty turns, image files."""
+    from medvlm.data.validate import validate_file
+
+    rep = validate_file(file, image_folder=image_folder, format=format, skip_bad=skip_bad)
+    for line in rep.problem_lines():
+        typer.echo(line)
+    s = rep.summary()
+    images = (f"{s['images_found']} found, {s['images_missing']} missing, {s['images_unreadable']} unreadable"
+              if s["images_checked"] else "not checked (no --image-folder)")
+    rows = [["records", s["records"]], ["turns", s["turns"]], ["image references", s["images"]],
+            ["image files", images], ["problems", s["problems"]], ["skipped records", s["bad_records"]]]
+    rows += [[f"domain {k}", v] for k, v in sorted(s["domains"].items())]
+    _print_table(f"{file} ({s['format']})", ["", "count"], rows)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@app.command("stats")
+def stats_cmd(
+    file: str = typer.Argument(..., help="Data file."),
+    format: str = typer.Option("auto", "--format", help="Record format (auto decides by the first record's keys)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable lines/records."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON instead of tables."),
+) -> None:
+    """Print the counts the LLaVA-Med paper reports: records, QA pairs, images, per domain/type."""
+    import json
+
+    from medvlm.data.stats import dataset_stats
+
+    st = dataset_stats(file, format=format, skip_bad=skip_bad)
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    keys = ("records", "turns", "questions", "qa_pairs", "images", "bad_records")
+    _print_table(f"{file} ({st['format']})", ["", "count"], [[k, st[k]] for k in keys if k in st])
+    if st.get("domains"):
+        _print_table("per domain (primary)", ["domain", "records", "images", "QA pairs"],
+                     [[d, v["records"], v["images"], v["qa_pairs"]] for d, v in st["domains"].items()])
+    for key, title in (("domain_flags", "domain flags (multi-label)"), ("types", "type"), ("answer_types", "answer_type")):
+        if st.get(key):
+            _print_table(title, [key, "records"], [[k, v] for k, v in st[key].items()])
+
+
+@app.command("convert")
+def convert_cmd(
+    dataset: str = typer.Argument(..., help="vqa-rad | slake | pathvqa"),
+    src: str = typer.Option(..., "--src", help="The dataset's public release folder."),
+    out: str = typer.Option(..., "--out", help="Output folder (train.json, test.json, images/, train_open_answers.json)."),
+    closed_options: bool = typer.Option(False, "--closed-options", help="Append ' Please choose from the following two options: [yes, no]' to yes/no questions."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
+) -> None:
+    """Convert VQA-RAD / SLAKE / PathVQA to LLaVA-Med's VQA format (written atomically)."""
+    from medvlm.data.convert import convert_vqa
+
+    counts = convert_vqa(dataset, src, out, closed_options=closed_options, overwrite=overwrite)
+    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}")
+
+
+@app.command("download-images")
+def download_images_cmd(
+    urls: str = typer.Option(..., "--urls", help="llava_med_image_urls.jsonl (pmc_tar_url, image_file_path, pair_id)."),
+    out: str = typer.Option(..., "--out", help="Output folder: images/{pair_id}{ext} and manifest.jsonl."),
+    workers: int = typer.Option(16, "--workers", help="Archives fetched at the same time."),
+    url_map: list[str] = typer.Option([], "--url-map", help="OLD_PREFIX=NEW_PREFIX rewrite of archive URLs "
+                                      "(repeatable): a mirror, the moved PMC layout, or file:///local/folder/."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N pairs."),
+    keep_archives: bool = typer.Option(False, "--keep-archives",
+                                       help="Also save each archive under OUT/archives (reused on reruns)."),
+    retries: int = typer.Option(4, "--retries", help="Extra attempts after resets, timeouts, 5xx and truncated archives."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for a connection or the next bytes."),
+    verify_existing: bool = typer.Option(False, "--verify-existing", help="On rerun, re-hash files done earlier."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Download the PMC figures of an image-URL list: each tarball streamed once, resumable, safe."""
+    from medvlm.data.download import DownloadConfig, download_images, parse_url_map
+
+    cfg = DownloadConfig(workers=workers, retries=retries, timeout=timeout, url_map=parse_url_map(url_map),
+                         limit=limit, keep_archives=keep_archives, verify_existing=verify_existing, progress=progress)
+    summary = download_images(urls, out, cfg)
+    typer.echo(summary.format())

@@ -1,0 +1,111 @@
+"""``medvlm eval ...``: score VQA answers under a named protocol, run the GPT-judged chat benchmark, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medvlm.llm import LLMConfig, llm_options
+from medvlm.notice import SHORT_NOTICE
+
+app = typer.Typer(help=f"Evaluate answers: VQA scoring protocols, the GPT-judged chat benchmark, reports. {SHORT_NOTICE}",
+                  no_args_is_help=True)
+
+
+def _scores_table(result: dict) -> object:
+    from rich.table import Table
+
+    table = Table(title=f"protocol {result['protocol']}: {result['counts']['open']} open, "
+                        f"{result['counts']['closed']} closed, {result['skipped']['count']} skipped")
+    for col in ("group", "metric", "value", "CI95"):
+        table.add_column(col, justify="left" if col in ("group", "metric") else "right")
+    ci = result.get("ci95") or {}
+    for g in ("open", "closed"):
+        for m, v in result[g].items():
+            if v is not None:
+                c = (ci.get(g) or {}).get(m)
+                table.add_row(g, m, f"{v:.4f}", "-" if not c else f"[{c[0]:.2f}, {c[1]:.2f}]")
+    return table
+
+
+@app.command()
+def score(
+    gt: Annotated[Path, typer.Option("--gt", help="Converted VQA test.json (id, answer_type, conversations).")],
+    pred: Annotated[Path, typer.Option("--pred", help="Answer file JSONL (question_id, text).")],
+    protocol: Annotated[str, typer.Option("--protocol", help="llava-med | llava-med-single | strict | exact-match.")],
+    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="Candidate answers {\"0\": [...]} (llava-med-single).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the scores JSON here.")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for CI95 (0 = none).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+) -> None:
+    """Score an answer file against a converted VQA test set under one named protocol."""
+    from rich.console import Console
+
+    from medvlm.eval.protocols import score_files
+    from medvlm.utils.io import write_json_atomic
+
+    result = score_files(gt, pred, protocol, candidates, bootstrap=bootstrap, seed=seed)
+    if out is not None:
+        write_json_atomic(out, result)
+    console = Console()
+    console.print(_scores_table(result))
+    if result["skipped"]["count"]:
+        console.print(f"skipped {result['skipped']['count']} question(s) with answer types "
+                      f"{result['skipped']['answer_types']}")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+@app.command()
+@llm_options(model="gpt-4o")
+def chat(
+    questions: Annotated[Path, typer.Option("--questions", help="llava_med_eval_qa50_qa.jsonl.")],
+    answers: Annotated[Path, typer.Option("--answers", help="Model answers JSONL (question_id, text).")],
+    out: Annotated[Path, typer.Option("--out", help="Judged JSONL (resumable: scored questions are skipped). The LLM "
+                                                    "response cache defaults to OUT.llm_cache.sqlite beside it.")],
+    llm: LLMConfig,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model name (same as --model; wins when both are given).")] = None,
+    swap: Annotated[bool, typer.Option("--swap/--no-swap", help="Also judge with the answers in reverse order and average.")] = False,
+    parse_retries: Annotated[int, typer.Option("--parse-retries", help="Follow-up requests when a reply's scores cannot be read.")] = 2,
+) -> None:
+    """Ask an LLM judge to score the model's answers against the GPT-4 references (LLaVA-Med's chat benchmark)."""
+    from medvlm.eval.judge import judge_chat
+
+    if judge_model:
+        llm.model = judge_model
+    if llm.cache_path is None:
+        llm.cache_path = out.with_name(out.name + ".llm_cache.sqlite")
+    res = judge_chat(questions, answers, out, llm, swap=swap, parse_retries=parse_retries)
+    typer.echo(f"judged {res.judged} question(s), {res.resumed} already in {out}, {res.parse_retries} follow-up(s) "
+               f"for unreadable scores")
+    typer.echo(res.usage)
+    if res.failed:
+        typer.echo(f"{len(res.failed)} question(s) left without scores (rerun to retry):", err=True)
+        for f in res.failed:
+            typer.echo(f"  {f}", err=True)
+
+
+@app.command("chat-summary")
+def chat_summary(
+    judged: Annotated[Path, typer.Argument(help="Judged JSONL from `medvlm eval chat`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the per-group summary JSON here.")] = None,
+) -> None:
+    """Per-group table (conversation, detailed description, domains, overall) of a judged chat benchmark."""
+    from rich.console import Console
+
+    from medvlm.eval.chat_summary import summarize_judged, summary_table
+
+    summary = summarize_judged(judged, out)
+    Console().print(summary_table(summary))
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="Folder with scores*.json / chat summaries.")]) -> None:
+    """Write report.md and PNG plots for the scores and chat summaries in RUN_DIR."""
+    from medvlm.eval.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir)}")

@@ -1,0 +1,1 @@
+"""Inference: batched / streamed generation (``engine``) and the one-shot ``medvlm chat`` verb."""

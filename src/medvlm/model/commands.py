@@ -1,0 +1,75 @@
+"""``medvlm model ...``: create and inspect model checkpoints.
+
+Each command only calls library functions of :mod:`medvlm.model`; torch/transformers are imported
+inside the bodies so ``medvlm --help`` stays fast. More verbs (export, import, delta) are added to
+this same ``app``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="model",
+    help="Create and inspect medvlm model checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("init")
+def init_cmd(
+    preset: str = typer.Option("tiny", "--preset", help="tiny (random, offline) or smol (SmolLM2-135M + small random tower)."),
+    projector: str = typer.Option("mlp2x_gelu", "--projector", help="linear, mlp2x_gelu or cluster."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (replaced atomically)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Tower input side in pixels (multiple of 16)."),
+    template: str | None = typer.Option(None, "--template", help="Chat template (default: vicuna_v1 for tiny, chatml for smol)."),
+    aspect: str = typer.Option("pad", "--aspect", help="Image aspect mode: square, pad or resize."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+) -> None:
+    """Build a new model from a preset and save it as a checkpoint folder."""
+    from medvlm.model.build import init_model
+
+    path = init_model(preset, out, projector=projector, image_size=image_size, template=template, aspect=aspect,
+                      seed=seed)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("info")
+def info_cmd(path: Path = typer.Argument(..., help="A medvlm checkpoint folder.")) -> None:
+    """Show the architecture, template, image layout and parameter counts of a checkpoint."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medvlm.model.build import load_pretrained, read_saved_trainable
+    from medvlm.model.card import architecture_summary
+    from medvlm.model.parts import PARTS, parameter_counts
+    from medvlm.notice import SHORT_NOTICE
+
+    model, processor = load_pretrained(path)
+    arch = Table(title=f"{path}", show_header=False)
+    arch.add_column("field", style="bold")
+    arch.add_column("value")
+    for key, value in architecture_summary(model).items():
+        arch.add_row(key, value)
+    arch.add_row("processor", f"{type(processor.image_processor).__name__}, {processor.image_side}px input")
+    saved = read_saved_trainable(path)
+    counts = parameter_counts(model)
+    params = Table(title="parameters")
+    params.add_column("part")
+    params.add_column("parameters", justify="right")
+    params.add_column("trainable when saved", justify="right")
+    for name in PARTS:
+        trainable = f"{saved[name][0]:,}" if saved and name in saved else "not recorded"
+        params.add_row(name, f"{counts[name]:,}", trainable)
+    params.add_row("total", f"{counts['total']:,}", "")
+    console = Console(width=max(100, Console().width))
+    console.print(arch)
+    console.print(params)
+    if saved:
+        parts = [name for name in PARTS if saved.get(name, (0, 0))[0] > 0]
+        console.print(f"trainable parts when saved: {', '.join(parts) if parts else 'none'}")
+    console.print(SHORT_NOTICE)

@@ -1,0 +1,169 @@
+"""Starting points, the stage-1 projector, resume discovery and the final checkpoint of a run."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medvlm.errors import MedvlmError
+from medvlm.train.config import TrainConfig
+
+# medvlm config field names accepted in ``model_kwargs`` -> the builder's argument names.
+_BUILD_ALIASES = {"image_aspect": "aspect", "vision_feature_layer": "feature_layer",
+                  "vision_feature_select_strategy": "select_strategy"}
+
+
+def _build_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    out = {_BUILD_ALIASES.get(k, k): v for k, v in cfg.model_kwargs.items()}
+    if cfg.projector_type:
+        out["projector"] = cfg.projector_type
+    return out
+
+
+def load_start(cfg: TrainConfig):
+    """The model + processor a run starts from (checkpoint, preset or composition), plus ``pretrain_projector``."""
+    from medvlm.model import build
+
+    if cfg.tune == "qlora":
+        return _load_4bit(cfg)
+    if cfg.model_name_or_path:
+        if cfg.model_kwargs or cfg.projector_type:
+            raise MedvlmError("model_kwargs / projector_type apply to preset or composed models, not to a checkpoint")
+        model, processor = build.load_pretrained(cfg.model_name_or_path)
+    elif cfg.preset:
+        model, processor = build.build_preset(cfg.preset, seed=cfg.seed, **_build_kwargs(cfg))
+    else:
+        model, processor = build.compose(cfg.vision_tower_path, cfg.language_model_path, seed=cfg.seed,
+                                         **_build_kwargs(cfg))
+    if cfg.pretrain_projector:
+        load_projector(model, cfg.pretrain_projector)
+    return model, processor
+
+
+def _load_4bit(cfg: TrainConfig):
+    """QLoRA's base: the checkpoint's LM linears in 4-bit NF4 (bitsandbytes, CUDA); tower and projector unquantised."""
+    from transformers import BitsAndBytesConfig
+
+    from medvlm.model.modeling import MedVLMForConditionalGeneration
+    from medvlm.model.processing import MedVLMProcessor
+
+    if not cfg.model_name_or_path:
+        raise MedvlmError("tune: qlora starts from a saved checkpoint (model_name_or_path); save a composed model first")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float16,
+        llm_int8_skip_modules=["vision_tower", "projector", "lm_head"],
+    )
+    model = MedVLMForConditionalGeneration.from_pretrained(
+        cfg.model_name_or_path, quantization_config=quant, use_safetensors=True, local_files_only=True)
+    processor = MedVLMProcessor.from_pretrained(cfg.model_name_or_path)
+    if cfg.pretrain_projector:
+        load_projector(model, cfg.pretrain_projector)
+    return model, processor
+
+
+def _projector_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise MedvlmError(f"pretrain_projector {path}: no *.safetensors file in the folder")
+    elif path.suffix == ".safetensors":
+        files = [path]
+    elif path.is_file():
+        raise MedvlmError(f"pretrain_projector {path}: only safetensors are loaded (pickled .bin files are refused)")
+    else:
+        raise MedvlmError(f"pretrain_projector {path}: not found")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            # medvlm: "projector.0.weight"; LLaVA: "model.mm_projector.0.weight"; bare: "0.weight".
+            m = re.match(r"^(?:.*\.)?(?:projector|mm_projector)\.(.+)$", k)
+            if m:
+                state[m.group(1)] = v
+            elif len(files) == 1 and path.suffix == ".safetensors":
+                state[k] = v
+    if not state:
+        raise MedvlmError(f"pretrain_projector {path}: no projector weights found")
+    return state
+
+
+def load_projector(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load stage-1 projector weights (strict: every key and shape must match)."""
+    path = Path(path)
+    state = _projector_state(path)
+    own = model.projector.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise MedvlmError(f"pretrain_projector {path}: keys do not match the {model.config.projector_type} projector "
+                          f"(missing {missing[:4]}, unexpected {extra[:4]})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise MedvlmError(f"pretrain_projector {path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
+    model.projector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The ``checkpoint-N`` folder with the largest N that has trainer state (complete), or None."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return None
+    best = None
+    for p in d.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), p)
+    return str(best[1]) if best else None
+
+
+def resolve_resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint to resume from (``auto`` = the last one in ``output_dir``, if any)."""
+    value = cfg.resume_from_checkpoint
+    last = find_last_checkpoint(cfg.output_dir)
+    if value in (None, False, "false", "no"):
+        if last:
+            raise MedvlmError(f"output_dir {cfg.output_dir} already holds {Path(last).name}; resume "
+                              "(resume_from_checkpoint: auto) or choose a new output_dir")
+        return None
+    if value in ("auto", True, "true", "last"):
+        return last
+    p = Path(str(value))
+    if not (p / "trainer_state.json").is_file():
+        raise MedvlmError(f"resume_from_checkpoint {p}: not a checkpoint folder (no trainer_state.json)")
+    return str(p)
+
+
+def save_final(model: torch.nn.Module, processor: Any, output_dir: str | os.PathLike,
+               extra_files: dict[str, str | dict], lora: bool) -> Path:
+    """Make ``output_dir`` itself a loadable medvlm checkpoint (LoRA: merged weights, adapter in ``adapter/``).
+
+    The files are written into a temporary folder by ``build.save_checkpoint`` and moved in one by one
+    (each an atomic rename), leaving ``checkpoint-*`` folders and logs in place.
+    """
+    from medvlm.model import build
+
+    out = Path(output_dir)
+    staging = out / ".final.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    if lora:
+        adapter_tmp = out / ".adapter.tmp"
+        if adapter_tmp.exists():
+            shutil.rmtree(adapter_tmp)
+        model.save_pretrained(str(adapter_tmp))  # PEFT: adapter_config.json + adapter_model.safetensors
+        if (out / "adapter").exists():
+            shutil.rmtree(out / "adapter")
+        os.replace(adapter_tmp, out / "adapter")
+        model = model.merge_and_unload()
+    build.save_checkpoint(model, processor, staging, extra_files=extra_files, title=out.name)
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()
+    return out

@@ -1,0 +1,30 @@
+"""``medvlm train [CONFIG.yaml] [--key value ...]``: one YAML per run, any key overridable."""
+
+from __future__ import annotations
+
+import typer
+
+COMMAND_SETTINGS = {
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "help": "Train a medvlm model (stage 'align' or 'sft') from a YAML recipe; any key can be overridden "
+            "with --key value (e.g. --learning_rate 1e-4). Without a YAML, give --stage, --model_name_or_path "
+            "(or --preset), --data_path and --output_dir.",
+}
+
+
+def main(
+    ctx: typer.Context,
+    config: str = typer.Argument(None, help="YAML recipe (configs/llava_med/*.yaml, configs/debug/*.yaml)."),
+) -> None:
+    """Train a medvlm model from a YAML recipe plus ``--key value`` overrides."""
+    from medvlm.train.config import load_config
+    from medvlm.train.run import run_training
+
+    args = list(ctx.args)
+    if config is not None and config.startswith("--"):
+        args.insert(0, config)  # no YAML: the first override landed in the positional slot
+        config = None
+    cfg = load_config(config, args)
+    result = run_training(cfg)
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    typer.echo(f"done: {result.steps} steps in {result.seconds:.1f} s, final loss {loss}; checkpoint: {result.output_dir}")

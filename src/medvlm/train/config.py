@@ -1,0 +1,377 @@
+"""``TrainConfig``: one typed config per training run, read from YAML plus ``--key value`` overrides.
+
+Keys are medvlm's own (stage, starting point, data, tuning, speed) and the HF ``TrainingArguments``
+names (``output_dir``, ``learning_rate`` ...). The common HF names are fields here, with defaults
+suited to VLM training; any other ``TrainingArguments`` field may be given too and is passed through
+(``training_args``). The resolved config (after overrides) is written beside every checkpoint as
+``train_config.yaml``, so a run can be reproduced from its output folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medvlm.errors import MedvlmError
+
+STAGES: tuple[str, ...] = ("align", "sft")
+TUNES: tuple[str, ...] = ("full", "lora", "qlora")
+FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
+DISTRIBUTED_MODES: tuple[str, ...] = ("auto", "fsdp2_cpu")
+LLAMA_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class DataSource:
+    """One training file of a mixture."""
+
+    path: str
+    """A data file any :mod:`medvlm.data.readers` format reads (LLaVA-Med JSON, converted VQA, JSONL ...)."""
+    weight: float = 1.0
+    """Share of the epoch: 2.0 repeats every record twice, 0.5 takes a seeded half of the records."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see ``configs/llava_med/*.yaml`` for the paper's recipes."""
+
+    # --- what to train ------------------------------------------------------------------------
+    stage: str = "sft"
+    """``align`` (stage 1: projector only, tower and LM frozen) or ``sft`` (stage 2 / VQA fine-tuning: projector + LM)."""
+    model_name_or_path: str | None = None
+    """A medvlm checkpoint folder (ours, a previous stage's output, or an imported LLaVA-Med checkpoint)."""
+    preset: str | None = None
+    """Build a fresh model with ``medvlm.model.build.build_preset(preset)`` instead (``tiny``: debug runs)."""
+    vision_tower_path: str | None = None
+    """Compose a fresh model: folder of a transformers vision tower (with ``language_model_path``)."""
+    language_model_path: str | None = None
+    """Compose a fresh model: folder of a transformers causal LM and its tokenizer."""
+    projector_type: str | None = None
+    """Projector of a composed/preset model: ``linear`` | ``mlp2x_gelu`` | ``cluster`` (checkpoints keep their own)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``build_preset`` / ``compose`` (``image_aspect``, ``template`` ...)."""
+    pretrain_projector: str | None = None
+    """Load the projector from a stage-1 output (a checkpoint folder or a ``*.safetensors`` file) before training."""
+    template: str | None = None
+    """Chat template name; must equal the model's own ``config.template`` (checked before training)."""
+
+    # --- data ---------------------------------------------------------------------------------
+    data_path: str | list[Any] | None = None
+    """One data file, a list of files, or a list of ``{path, weight}`` mappings (a weighted mixture)."""
+    data_weights: list[float] | None = None
+    """Weights for a plain list of ``data_path`` files (same order); default 1.0 each."""
+    data_format: str = "auto"
+    """Reader format for every data file (``auto`` detects per file)."""
+    image_folder: str | None = None
+    """Folder the samples' relative image paths resolve against (required when any sample has images)."""
+    max_length: int = 2048
+    """Maximum tokens per sample (LLaVA's ``model_max_length``); samples whose image tokens would be cut are dropped and counted."""
+    skip_missing_images: bool = False
+    """Drop (and count) samples whose image file is missing instead of stopping with an error."""
+    group_by_modality_length: bool = True
+    """Length-grouped sampling with image and text-only samples in separate mega-batches (less padding)."""
+
+    # --- which parameters learn -----------------------------------------------------------------
+    tune: str = "full"
+    """``full``, ``lora`` (PEFT adapters on the LM, projector fully trained) or ``qlora`` (4-bit base; CUDA only).
+    LoRA runs end with merged full weights in ``output_dir`` (loadable like any checkpoint) and the adapter in ``adapter/``."""
+    tune_vision_tower: bool = False
+    """Also train the vision tower (frozen in both LLaVA-Med stages)."""
+    tune_projector: bool | None = None
+    """Train the projector; default: yes in both stages (a stage-1 run with it frozen is an error)."""
+    tune_language_model: bool | None = None
+    """Train the LM; default: no in ``align``, yes in ``sft``."""
+    tune_im_start_end: bool | None = None
+    """Train the ``<im_start>``/``<im_end>`` embedding rows (only those rows); default: in ``align`` when the model uses them."""
+    lora_r: int = 128
+    """LoRA rank (LLaVA-Med v1.5 LoRA recipe: 128)."""
+    lora_alpha: int = 256
+    """LoRA scaling numerator (LLaVA-Med v1.5 LoRA recipe: 256)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_NAMES))
+    """Module names (suffixes) inside the language model that get adapters; each must exist."""
+    lora_bias: str = "none"
+    """PEFT ``bias``: ``none`` | ``all`` | ``lora_only``."""
+
+    # --- speed / scale --------------------------------------------------------------------------
+    feature_cache: str = "auto"
+    """Frozen-tower feature cache: ``auto`` (on when the tower is frozen), ``on`` or ``off``."""
+    feature_cache_dir: str | None = None
+    """Where cached vision features live (default ``$MEDVLM_CACHE/features`` or ``~/.cache/medvlm/features``)."""
+    distributed: str = "auto"
+    """``auto`` = whatever ``accelerate launch``/``torchrun`` set up (DDP, or FSDP/DeepSpeed on GPUs via the accelerate
+    config); ``fsdp2_cpu`` = medvlm's PyTorch-FSDP2 loop for CPU clusters (accelerate cannot shard on CPU)."""
+    projector_lr: float | None = None
+    """Learning rate of the projector if different from ``learning_rate`` (LLaVA's ``mm_projector_lr``)."""
+    global_batch_size: int | None = None
+    """If set, ``gradient_accumulation_steps`` = global / (per-device batch x processes); must divide exactly."""
+
+    # --- HF TrainingArguments (same names) --------------------------------------------------------
+    output_dir: str | None = None
+    """Run folder: checkpoints, logs, the loss curve; at the end a loadable medvlm checkpoint."""
+    num_train_epochs: float = 1.0
+    """Epochs over the (mixed) training set."""
+    max_steps: int = -1
+    """If > 0, stop after this many optimizer steps (overrides epochs)."""
+    learning_rate: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases, norms or the im_start/end rows)."""
+    per_device_train_batch_size: int = 4
+    """Samples per process per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step (derived from ``global_batch_size`` when that is set)."""
+    lr_scheduler_type: str = "cosine"
+    """``cosine``, ``linear``, ``constant`` ... (transformers ``SchedulerType``)."""
+    warmup_ratio: float = 0.03
+    """Linear warm-up as a fraction of all optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    seed: int = 42
+    """Seed of initialisation, data order and dropout."""
+    logging_steps: int = 1
+    """Log (one line, TensorBoard, the loss curve) every N optimizer steps."""
+    save_strategy: str = "steps"
+    """``steps``, ``epoch`` or ``no``."""
+    save_steps: int = 500
+    """Checkpoint every N optimizer steps (``save_strategy: steps``)."""
+    save_total_limit: int | None = 2
+    """Keep at most this many ``checkpoint-*`` folders (oldest removed)."""
+    resume_from_checkpoint: str | bool | None = "auto"
+    """``auto`` resumes from the last ``checkpoint-*`` in ``output_dir`` if any; a path resumes from it; false starts fresh."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Logging integrations (``tensorboard``, ``wandb`` ...); ``[]`` for none."""
+    bf16: bool = False
+    """bfloat16 mixed precision (use on Ampere+ GPUs)."""
+    fp16: bool = False
+    """float16 mixed precision."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (tower encoder and LM decoder) to save memory."""
+    dataloader_num_workers: int = 0
+    """Data-loading worker processes."""
+    optim: str = "adamw_torch"
+    """Optimizer name (transformers ``OptimizerNames``)."""
+    use_cpu: bool | None = None
+    """Force CPU; default: CPU when no CUDA device is present."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+    training_args: dict[str, Any] = field(default_factory=dict)
+    """Any other ``TrainingArguments`` field (given as a top-level key; collected here)."""
+
+    def sources(self) -> list[DataSource]:
+        """``data_path`` / ``data_weights`` as a list of weighted sources."""
+        raw = self.data_path
+        if raw is None:
+            return []
+        items = raw if isinstance(raw, list) else [raw]
+        weights = self.data_weights
+        if weights is not None and len(weights) != len(items):
+            raise MedvlmError(f"data_weights has {len(weights)} entries but data_path has {len(items)} files")
+        out: list[DataSource] = []
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                unknown = set(item) - {"path", "weight"}
+                if "path" not in item or unknown:
+                    raise MedvlmError(f"data_path[{i}]: expected {{path, weight}}, got keys {sorted(item)}")
+                src = DataSource(str(item["path"]), float(item.get("weight", 1.0)))
+            else:
+                src = DataSource(str(item), 1.0)
+            if weights is not None:
+                src.weight = float(weights[i])
+            if src.weight <= 0:
+                raise MedvlmError(f"data_path[{i}] ({src.path}): weight must be > 0, got {src.weight}")
+            out.append(src)
+        return out
+
+    def validate(self) -> "TrainConfig":
+        """Check choices and required keys; raise a MedvlmError naming the key."""
+        _choice(self.stage, STAGES, "stage")
+        _choice(self.tune, TUNES, "tune")
+        _choice(self.feature_cache, FEATURE_CACHE_MODES, "feature_cache")
+        _choice(self.distributed, DISTRIBUTED_MODES, "distributed")
+        _choice(self.lora_bias, ("none", "all", "lora_only"), "lora_bias")
+        if not self.output_dir:
+            raise MedvlmError("output_dir is required")
+        if not self.sources():
+            raise MedvlmError("data_path is required (one file, a list, or a list of {path, weight})")
+        starts = [k for k in ("model_name_or_path", "preset", "language_model_path") if getattr(self, k)]
+        if len(starts) != 1:
+            raise MedvlmError(
+                "give exactly one starting point: model_name_or_path (a medvlm checkpoint), preset, or "
+                f"vision_tower_path + language_model_path (got {starts or 'none'})"
+            )
+        if bool(self.vision_tower_path) != bool(self.language_model_path):
+            raise MedvlmError("composing a model needs both vision_tower_path and language_model_path")
+        if self.stage == "align":
+            if self.tune_projector is False:
+                raise MedvlmError("stage 'align' trains the projector: tune_projector: false leaves nothing to align")
+            if self.tune != "full":
+                raise MedvlmError(f"stage 'align' trains the projector fully; tune: {self.tune} applies to sft")
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
+            if getattr(self, key) < 1:
+                raise MedvlmError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise MedvlmError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise MedvlmError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.tune in ("lora", "qlora") and (self.lora_r < 1 or not self.lora_target_modules):
+            raise MedvlmError("LoRA needs lora_r >= 1 and a non-empty lora_target_modules")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML-able), ``training_args`` extras flattened back to top-level keys."""
+        d = dataclasses.asdict(self)
+        extras = d.pop("training_args")
+        d.update(extras)
+        return d
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``train_config.yaml`` holds)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise MedvlmError(f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "training_args"}
+
+
+def _hf_field_types() -> dict[str, Any]:
+    from transformers import TrainingArguments  # heavy; only needed for pass-through keys
+
+    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _parse_scalar(text: str) -> Any:
+    """A CLI value: YAML syntax (lists, bools, null), with numbers like ``1e-4`` read as floats."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML/CLI value to a field's annotated type; clear error on mismatch."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    options = args if origin in (typing.Union, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in options or tp is Any:
+            return None
+        raise MedvlmError(f"{key}: null is not allowed")
+    if isinstance(value, str) and any(o in (int, float, bool) for o in options) and str not in options:
+        value = _parse_scalar(value)
+    elif isinstance(value, str) and bool in options and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    for opt in options:
+        base = typing.get_origin(opt) or opt
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, str):
+            return value
+        if base is list:
+            if isinstance(value, list):
+                return value
+            if isinstance(value, str) and str not in options:
+                return [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if base is dict and isinstance(value, dict):
+            return value
+        if opt is Any:
+            return value
+    # A plain string for a list-typed key (``--report_to wandb``) becomes a one-item list.
+    if isinstance(value, str) and any((typing.get_origin(o) or o) is list for o in options):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    raise MedvlmError(f"{key}: expected {tp}, got {value!r}")
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--learning_rate", "1e-4", "--tune=lora"]`` -> ``{"learning_rate": "1e-4", "tune": "lora"}`` (raw strings)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise MedvlmError(f"unexpected argument {tok!r}; overrides look like --key value")
+        key = tok[2:].replace("-", "_")
+        if "=" in key:
+            key, val = key.split("=", 1)
+            out[key] = val
+            i += 1
+            continue
+        if i + 1 >= len(args) or (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+            out[key] = "true"  # a bare flag: --bf16
+            i += 1
+        else:
+            out[key] = args[i + 1]
+            i += 2
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from a flat mapping; unknown keys that are ``TrainingArguments`` fields pass through."""
+    ours = _field_types()
+    kwargs: dict[str, Any] = {}
+    extras: dict[str, Any] = dict(data.pop("training_args", None) or {}) if "training_args" in data else {}
+    hf_types: dict[str, Any] | None = None
+    for key, value in data.items():
+        if key in ours:
+            kwargs[key] = _coerce(key, value, ours[key])
+            continue
+        if hf_types is None:
+            hf_types = _hf_field_types()
+        if key in hf_types:
+            extras[key] = _parse_scalar(value) if isinstance(value, str) else value
+            continue
+        close = difflib.get_close_matches(key, list(ours) + list(hf_types), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise MedvlmError(f"{source}: unknown key {key!r}{hint}")
+    return TrainConfig(**kwargs, training_args=extras)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML recipe (optional), apply ``--key value`` overrides, validate.
+
+    Without a YAML, the overrides alone must give ``stage``, a starting point, ``data_path`` and ``output_dir``.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MedvlmError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise MedvlmError(f"{p}: invalid YAML ({e})") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise MedvlmError(f"{p}: a training config must be a mapping of keys, got {type(loaded).__name__}")
+        data.update(loaded)
+        # Relative data/model paths in a recipe are relative to the current directory (as on the command line).
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data.update(overrides or {})
+    return config_from_dict(data, source=str(path) if path else "command line").validate()

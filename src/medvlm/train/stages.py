@@ -1,0 +1,147 @@
+"""Which parameters learn in each stage: freezing, the im_start/end row mask, LoRA / QLoRA.
+
+- ``align`` (stage 1): tower and LM frozen; the projector learns, and - when the model wraps images
+  in ``<im_start>``/``<im_end>`` - only those two rows of the input embedding (a gradient mask keeps
+  every other row bit-identical; the matrix gets no weight decay, see :mod:`medvlm.train.optim`).
+- ``sft`` (stage 2 / VQA fine-tuning): projector + LM, fully (``full``) or with PEFT adapters on
+  the LM (``lora``; the projector fully trained through ``modules_to_save``); ``qlora`` adds a 4-bit
+  base and needs CUDA + bitsandbytes. The tower stays frozen unless ``tune_vision_tower``.
+
+A tower that trains never learns the parts after the feature layer (the last layer(s) and CLIP's
+``post_layernorm`` feed only the pooled output); they are frozen explicitly so DDP does not wait for
+gradients that never come.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from medvlm.errors import MedvlmError
+from medvlm.model.parts import set_trainable
+from medvlm.train.config import TrainConfig
+
+
+@dataclass
+class StagePlan:
+    """The resolved trainable parts of a run."""
+
+    vision_tower: bool
+    projector: bool
+    language_model: bool
+    """Full LM training (False under LoRA: only the adapters learn)."""
+    lora: bool
+    im_rows: list[int] = field(default_factory=list)
+    """Embedding rows trained while the rest of the LM is frozen (``<im_start>``/``<im_end>`` in stage 1)."""
+
+
+def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
+    """Resolve the stage defaults and the ``tune_*`` keys into a :class:`StagePlan`."""
+    projector = True if cfg.tune_projector is None else cfg.tune_projector
+    if cfg.stage == "align":
+        if not projector:
+            raise MedvlmError("stage 'align' with the projector frozen trains nothing; remove tune_projector: false")
+        lm = bool(cfg.tune_language_model)
+        use_rows = model_config.mm_use_im_start_end if cfg.tune_im_start_end is None else cfg.tune_im_start_end
+        if use_rows and not model_config.mm_use_im_start_end:
+            raise MedvlmError("tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)")
+        rows = [model_config.im_start_token_id, model_config.im_end_token_id] if use_rows and not lm else []
+        return StagePlan(cfg.tune_vision_tower, True, lm, False, rows)
+    lora = cfg.tune in ("lora", "qlora")
+    lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
+    if lora and cfg.tune_language_model is False:
+        raise MedvlmError(f"tune: {cfg.tune} adds adapters to the language model; tune_language_model: false contradicts it")
+    if not (projector or lm or lora or cfg.tune_vision_tower):
+        raise MedvlmError("nothing to train: projector, language model and vision tower are all frozen")
+    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, [])
+
+
+def freeze_unused_tower_parts(model: nn.Module) -> list[str]:
+    """Freeze tower parameters that cannot receive gradients (after the feature layer); return their names."""
+    tower = model.vision_tower
+    layer = model.config.vision_feature_layer
+    n_layers = model.config.vision_config.num_hidden_layers
+    used = layer + n_layers + 1 if layer < 0 else layer  # hidden_states[k] is the output of the first k layers
+    frozen = []
+    for name, p in tower.named_parameters():
+        m = re.search(r"encoder\.layers\.(\d+)\.", name)
+        unused = (m is not None and int(m.group(1)) >= used) or "post_layernorm" in name or name.startswith("head.")
+        if unused and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def mask_embedding_rows(model: nn.Module, rows: list[int]) -> nn.Parameter:
+    """Make only ``rows`` of the input embedding learn: the weight trains, a hook zeroes other rows' grads."""
+    weight = model.get_input_embeddings().weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # [V, 1]
+    mask[rows] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda g: g * mask.to(g.dtype))  # [V, H]: rows outside `rows` get exactly 0
+    return weight
+
+
+def lora_target_regex(model: nn.Module, targets: list[str]) -> str:
+    """A PEFT ``target_modules`` regex matching the named linear layers inside ``language_model`` only.
+
+    Raises a MedvlmError naming any target that matches no linear layer of the LM, with the names it has.
+    """
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if isinstance(m, nn.Linear)})
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise MedvlmError(
+            f"lora_target_modules {missing} match no linear layer of the language model; "
+            f"its linear layers are: {', '.join(linear_names)}"
+        )
+    return r"^language_model\..*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig, plan: StagePlan) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters on the LM; the projector (and a tuned tower) fully trained."""
+    from peft import LoraConfig, get_peft_model
+
+    save = (["projector"] if plan.projector else []) + (["vision_tower"] if plan.vision_tower else [])
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias=cfg.lora_bias,
+        target_modules=lora_target_regex(model, cfg.lora_target_modules),
+        modules_to_save=save or None,
+    )
+    return get_peft_model(model, lcfg)
+
+
+def check_qlora_platform() -> None:
+    """QLoRA needs a CUDA device and bitsandbytes; say so clearly before loading anything."""
+    if not torch.cuda.is_available():
+        raise MedvlmError("tune: qlora needs a CUDA GPU (4-bit bitsandbytes kernels); on this machine use tune: lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MedvlmError("tune: qlora needs bitsandbytes: pip install bitsandbytes")
+
+
+def apply_stage(model: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, StagePlan, set[int]]:
+    """Freeze/unfreeze per stage, add adapters; returns ``(model, plan, row_masked_param_ids)``."""
+    plan = plan_stage(cfg, model.config)
+    set_trainable(model, vision_tower=plan.vision_tower, projector=plan.projector, language_model=plan.language_model)
+    if plan.vision_tower:
+        freeze_unused_tower_parts(model)
+    row_masked: set[int] = set()
+    if plan.im_rows:
+        row_masked.add(id(mask_embedding_rows(model, plan.im_rows)))
+    if plan.lora:
+        if cfg.tune == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = apply_lora(model, cfg, plan)
+        if plan.vision_tower:
+            freeze_unused_tower_parts(model.base_model.model)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MedvlmError(f"stage {cfg.stage!r}: no parameter is trainable")
+    return model, plan, row_masked
