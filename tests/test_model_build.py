@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPTextConfig,
     CLIPVisionConfig,
@@ -54,7 +54,7 @@ def _write_tower(folder: Path, full_clip: bool) -> torch.nn.Module:
                               num_attention_heads=2)
         clip = CLIPModel(CLIPConfig(vision_config=VISION.to_dict(), text_config=text.to_dict()))
         clip.save_pretrained(folder)
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
         return clip.vision_model
     tower = CLIPVisionModel(VISION)
@@ -82,7 +82,7 @@ def test_compose_from_local_folders(tmp_path: Path, full_clip: bool, shared_dir:
         assert ref is not None and torch.equal(v, ref), k
     assert torch.equal(model.language_model.model.layers[1].mlp.down_proj.weight, lm.model.layers[1].mlp.down_proj.weight)
     assert model.config.image_seq_length == 16 and model.config.mm_use_im_start_end
-    expected_mean = [0.5, 0.5, 0.5] if full_clip else list(CLIPImageProcessor().image_mean)
+    expected_mean = [0.5, 0.5, 0.5] if full_clip else list(CLIPImageProcessorPil().image_mean)
     assert list(processor.image_processor.image_mean) == pytest.approx(expected_mean)
     # It runs, trains and survives a save/load.
     sample = Sample(id="c", messages=[Message.from_text("user", "<image>\nWhat is it?"),

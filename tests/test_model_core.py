@@ -254,3 +254,21 @@ def test_preprocess_images_pads_to_square_with_mean_colour(tiny, shared_dir: Pat
     assert pixels.shape == (2, 3, 64, 64) and pixels.dtype == torch.float32
     # The pad bands (left/right of the tall image) are the CLIP mean colour -> ~0 after normalisation.
     assert pixels[0, :, 32, 0].abs().max() < 0.02
+
+
+def test_hf_trainer_trains_with_gradient_checkpointing(tmp_path: Path, shared_dir: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model, processor = build_preset("tiny", projector="cluster", seed=5)
+    set_trainable(model, vision_tower=False, projector=True, language_model=True)
+    feats = [processor.encode(s, image_folder=shared_dir / "images") for s in SAMPLES] * 2
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
+                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, bf16=False,
+                             remove_unused_columns=False, gradient_checkpointing=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=args, train_dataset=feats,
+                      data_collator=VLMCollator(pad_token_id=processor.pad_token_id))
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"projector", "language_model"}

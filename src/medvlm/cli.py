@@ -28,10 +28,11 @@ app = typer.Typer(
 _VERBS: list[tuple[str, str, str]] = [
     ("data", "medvlm.data.commands", "group"),
     ("model", "medvlm.model.commands", "group"),
-    ("chat", "medvlm.infer.chat_command", "command"),
+    ("chat", "medvlm.serve.chat", "command"),
     ("instruct", "medvlm.data.instruct.commands", "group"),
     ("train", "medvlm.train.commands", "command"),
     ("eval", "medvlm.eval.commands", "group"),
+    ("serve", "medvlm.serve.commands", "group"),
 ]
 
 

@@ -109,3 +109,31 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Folder with scores*.jso
     from medvlm.eval.report import write_report
 
     typer.echo(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
+def vqa(
+    model: Annotated[Path, typer.Option("--model", help="A saved medvlm model folder.")],
+    questions: Annotated[Path, typer.Option("--questions", help="Converted VQA test.json or qa50-style JSONL (text).")],
+    out: Annotated[Path, typer.Option("--out", help="Answer file (JSONL); decoding.json is written beside it. "
+                                                    "Resumable: answered questions are skipped.")],
+    image_folder: Annotated[Optional[Path], typer.Option("--image-folder", help="Folder the image paths are relative to.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass when sampling.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    processes: Annotated[int, typer.Option("--processes", help="Split the questions into K chunks answered by K "
+                                                               "processes (cores/K threads each), merged in order.")] = 1,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", help="model_id of the answers (default: the model folder name).")] = None,
+    data_format: Annotated[str, typer.Option("--format", help="Questions file format (auto, vqa_test, qa50, ...).")] = "auto",
+) -> None:
+    """Answer a VQA test set with a model: batched, resumable, in the original answer-file format."""
+    from medvlm.eval.vqa import run_vqa
+    from medvlm.infer.engine import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    res = run_vqa(model, questions, out, image_folder, settings, batch_size=batch_size, processes=processes,
+                  model_id=model_id, format=data_format)
+    typer.echo(f"answered {res.answered} question(s) ({res.resumed} already in {out}) of {res.total} in "
+               f"{res.seconds:.1f} s; wrote {res.out} and {res.decoding}")

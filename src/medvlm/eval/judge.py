@@ -14,7 +14,6 @@ response cache of :mod:`medvlm.llm` answers every request it has seen before, so
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from medvlm.data.figures import normalize_mentions, primary_domain
 from medvlm.errors import MedvlmError
 from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult
+from medvlm.llm.scores import parse_scores
 from medvlm.utils.io import append_jsonl, iter_jsonl, write_jsonl_atomic
 
 SYSTEM_PROMPT = (
@@ -115,39 +115,6 @@ def judge_messages(q: ChatQuestion, answer_1: str, answer_2: str) -> list[dict]:
             f"[Assistant 1]\n{answer_1}\n[End of Assistant 1]\n\n"
             f"[Assistant 2]\n{answer_2}\n[End of Assistant 2]\n\n[Instruction]\n{INSTRUCTION}")
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-
-
-_NUM = r"(\d+(?:\.\d+)?)"
-_SCORE_ON_LINE = re.compile(_NUM + r"(?:\s*/\s*10(?![\d.]))?")
-# "Assistant 1: 8", "Assistant 1 (reference) - 8/10", "Assistant 1 score: 8", "Assistant 1 gets 8", but
-# not "Assistant 1 gave 3 reasons" - the number must follow the label closely
-_LABELLED = [re.compile(rf"assistant\s*{i}\b(?:\s*\([^)\n]{{0,30}}\))?(?:'s)?(?:\s*(?:overall\s+)?(?:score|rating)s?)?"
-                        rf"\s*(?:[:=\-\u2013]|is|gets|receives|scored|scores)?\s*\**\s*{_NUM}", re.IGNORECASE)
-             for i in (1, 2)]
-
-
-def parse_scores(reply: str) -> tuple[float, float] | None:
-    """Two scores from a judge reply, or None if they cannot be read.
-
-    Accepts ``8 7``, ``8, 7``, ``8/10 7/10``, ``**8** **7**`` on the first non-empty line, and labelled
-    forms such as ``Assistant 1: 8 ... Assistant 2: 7`` (on one line or several). Scores must lie in 0..10.
-    """
-    lines = [ln for ln in reply.strip().splitlines() if ln.strip()]
-    if not lines:
-        return None
-    first = lines[0]
-    pair: list[float] | None = None
-    if "assistant" in first.lower() or not re.search(r"\d", first):
-        m1, m2 = (p.search(reply) for p in _LABELLED)
-        if m1 and m2:
-            pair = [float(m1.group(1)), float(m2.group(1))]
-    else:
-        nums = _SCORE_ON_LINE.findall(first)
-        if len(nums) == 2:
-            pair = [float(nums[0]), float(nums[1])]
-    if pair is None or not all(0 <= s <= 10 for s in pair):
-        return None
-    return pair[0], pair[1]
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Inference: batched / streamed generation (``engine``) and the one-shot ``medvlm chat`` verb."""
+"""Inference: batched / streamed generation (``engine``) and many-request batches (``batching``)."""

@@ -24,11 +24,11 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     PretrainedConfig,
-    SiglipImageProcessor,
+    SiglipImageProcessorPil,
 )
 
 from medvlm.errors import MedvlmError
@@ -70,12 +70,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def image_processor_for(vision_config: PretrainedConfig) -> Any:
-    """A fresh image processor matching a tower config (CLIP: resize shortest edge + centre crop; SigLIP: resize)."""
+    """A fresh image processor matching a tower config (CLIP: resize shortest edge + centre crop; SigLIP: resize).
+
+    The PIL/numpy implementations (torchvision is not used); they save as ``CLIPImageProcessor`` /
+    ``SiglipImageProcessor``, so the files stay portable.
+    """
     side = vision_config.image_size
     if vision_config.model_type == "clip_vision_model":
-        return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     if vision_config.model_type == "siglip_vision_model":
-        return SiglipImageProcessor(size={"height": side, "width": side})
+        return SiglipImageProcessorPil(size={"height": side, "width": side})
     raise MedvlmError(f"no image processor known for vision tower type {vision_config.model_type!r}")
 
 
@@ -153,7 +157,12 @@ def build_preset(
     select_strategy: str = "patch",
     mm_use_im_start_end: bool = False,
 ) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
-    """A new model + processor from a named preset (``tiny`` or ``smol``), built offline."""
+    """A new model + processor from a named preset (``tiny`` or ``smol``), built offline, in eval mode.
+
+    ``tiny``: random CLIP tower (hidden 64, 2 layers, patch 16, 64 px by default) + random Llama
+    (hidden 64, 2 layers) + the tiny tokenizer; template ``vicuna_v1``. ``smol``: random CLIP tower
+    (hidden 256, 4 layers, 224 px by default) + pretrained SmolLM2-135M-Instruct; template ``chatml``.
+    """
     check_choice(name, PRESETS, "preset")
     side = image_size or PRESET_IMAGE_SIZES[name]
     patch = 16
@@ -173,13 +182,15 @@ def build_preset(
                            mm_use_im_start_end)
 
 
-def _build_tiny(vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end):
+def _build_tiny(vision_config: CLIPVisionConfig, projector: str, template: str, aspect: str, feature_layer: int,
+                select_strategy: str, mm_use_im_start_end: bool) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     tokenizer = build_tiny_tokenizer()
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    # The tiny tower has few tokens (16 at 64 px); 256 cluster centres would far outnumber them.
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     model, processor = _assemble(
         vision_config, text_config, tokenizer, image_processor_for(vision_config), projector=projector,
@@ -203,7 +214,8 @@ def smol_gguf_path() -> Path:
     return path
 
 
-def _build_smol(vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end):
+def _build_smol(vision_config: CLIPVisionConfig, projector: str, template: str, aspect: str, feature_layer: int,
+                select_strategy: str, mm_use_im_start_end: bool) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     gguf = smol_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

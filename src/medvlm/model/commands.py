@@ -73,3 +73,63 @@ def info_cmd(path: Path = typer.Argument(..., help="A medvlm checkpoint folder."
         parts = [name for name in PARTS if saved.get(name, (0, 0))[0] > 0]
         console.print(f"trainable parts when saved: {', '.join(parts) if parts else 'none'}")
     console.print(SHORT_NOTICE)
+
+
+@app.command("export")
+def export_cmd(
+    src: Path = typer.Argument(..., help="A medvlm checkpoint folder."),
+    dst: Path = typer.Argument(..., help="Output folder (written atomically)."),
+    to: str = typer.Option(..., "--to", help="llava-hf (transformers LlavaForConditionalGeneration / vLLM) or llava-med-v1.5."),
+    vision_tower_name: str | None = typer.Option(None, "--vision-tower-name", help="llava-med-v1.5 only: the mm_vision_tower name to record."),
+) -> None:
+    """Export a medvlm checkpoint to another checkpoint layout."""
+    from medvlm.model.convert import export_checkpoint
+
+    typer.echo(f"wrote {export_checkpoint(src, dst, to, vision_tower_name=vision_tower_name)}")
+
+
+@app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="A checkpoint folder in the --from layout (safetensors)."),
+    dst: Path = typer.Argument(..., help="medvlm checkpoint folder to write (atomically)."),
+    from_: str = typer.Option(..., "--from", help="llava-med-v1.5 or llava-med-v1.0."),
+    vision_tower: Path | None = typer.Option(None, "--vision-tower", help="Local CLIP folder to take the tower from instead of stored weights (needed for v1.0)."),
+    template: str | None = typer.Option(None, "--template", help="Chat template (default: mistral_instruct for v1.5, llava_med_v0 for v1.0)."),
+) -> None:
+    """Import a published LLaVA-Med checkpoint as a medvlm checkpoint."""
+    from medvlm.model.convert import import_checkpoint
+
+    record = import_checkpoint(src, dst, from_, vision_tower=vision_tower, template=template)
+    typer.echo(f"vision tower: {record['vision_tower']}")
+    typer.echo(f"wrote {dst}")
+
+
+@app.command("apply-delta")
+def apply_delta_cmd(
+    base: Path = typer.Option(..., "--base", help="Base LLaMA checkpoint folder (safetensors)."),
+    delta: Path = typer.Option(..., "--delta", help="LLaVA-Med v1.0 delta folder (safetensors)."),
+    target: Path = typer.Option(..., "--target", help="Output folder: the full v1.0 checkpoint (written atomically)."),
+) -> None:
+    """Add LLaVA-Med v1.0 delta weights to a base LLaMA (then `medvlm model import --from llava-med-v1.0`)."""
+    from medvlm.model.convert.delta import apply_delta
+
+    counts = apply_delta(base, delta, target)
+    typer.echo(f"wrote {target} ({counts['added_to_base']} tensors added to the base, "
+               f"{counts['kept_as_stored']} kept as stored)")
+
+
+@app.command("make-delta")
+def make_delta_cmd(
+    base: Path = typer.Option(..., "--base", help="Base LLaMA checkpoint folder (safetensors)."),
+    target: Path = typer.Option(..., "--target", help="Full checkpoint folder in the v1.0 layout (safetensors)."),
+    delta: Path = typer.Option(..., "--delta", help="Output delta folder (written atomically)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Store differences as float32/float64 (default: each target tensor's dtype)."),
+) -> None:
+    """Write target - base as delta weights (the inverse of apply-delta)."""
+    from medvlm.model.convert.delta import make_delta
+
+    counts = make_delta(base, target, delta, dtype=dtype)
+    typer.echo(f"wrote {delta} ({counts['differences']} differences, {counts['kept_as_stored']} kept as stored)")
+    if counts["inexact_elements"]:
+        typer.echo(f"warning: {counts['inexact_elements']} element(s) will not round-trip exactly in the stored "
+                   "dtype; use --dtype float64 for an exact delta", err=True)

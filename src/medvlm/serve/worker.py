@@ -1,0 +1,262 @@
+"""LLaVA's model worker, compatible with its controller and clients (``llava/serve/model_worker.py``).
+
+``POST /worker_generate_stream`` takes ``{model, prompt, images (base64), temperature, top_p,
+max_new_tokens, stop}``. As in the original:
+
+- ``prompt`` is the already rendered conversation with one ``<image>`` placeholder per image;
+- the reply is a stream of JSON objects ``{"text", "error_code"}`` each followed by a NUL byte, where
+  ``text`` is the FULL text so far: the prompt as received (placeholders included) + the answer so far
+  (LLaVA's web UI shows ``text[len(prompt):].strip()``);
+- defaults ``temperature`` 1.0, ``top_p`` 1.0, ``max_new_tokens`` 256 (capped at 1024 and at what the
+  context leaves; none left -> prompt + "Exceeds max token length..." with error code 0);
+- a bad request (image count / undecodable image) answers error code 1 with the original's
+  network-error text, followed by the reason.
+
+Differences: answers end on the template's stop tokens as well as ``stop``; concurrent requests
+are batched on the one model (:mod:`medvlm.serve.batching`) within ``limit_concurrency``; the status
+also carries ``template`` (the model's chat-template name; LLaVA clients ignore extra fields).
+The worker registers with the controller at start and sends a heart beat every
+``heart_beat_interval`` seconds (15 s, as the original), re-registering if the controller forgot it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from medvlm.errors import MedvlmError
+from medvlm.infer.batching import prepare_text
+from medvlm.infer.engine import GenerationSettings, InferenceEngine
+from medvlm.notice import NOTICE
+from medvlm.serve.batching import BatcherConfig, DynamicBatcher, QueueFullError
+from medvlm.serve.controller import SERVER_ERROR_MSG
+from medvlm.serve.images import ImageLimits, decode_base64, decode_image_bytes
+
+log = logging.getLogger("medvlm.serve.worker")
+EXCEEDS_MSG = "Exceeds max token length. Please start a new conversation, thanks."
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of ``medvlm serve worker``."""
+
+    controller_url: str
+    """The controller to register with (``http://host:port``)."""
+    worker_url: str
+    """This worker's address as the controller should call it (``http://host:port``)."""
+    model_name: str
+    """The model name it serves (listed by the controller)."""
+    register: bool = True
+    """Register with the controller at start and send heart beats."""
+    heart_beat_interval: float = 15.0
+    """Seconds between heart beats (LLaVA: 15; the controller expires workers after 30)."""
+    limit_concurrency: int = 5
+    """Most requests in flight (LLaVA's ``--limit-model-concurrency``)."""
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    """Dynamic batching of the requests in flight."""
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    """Per-image byte / pixel limits."""
+
+
+class ModelWorker:
+    """Serves one model to a controller."""
+
+    def __init__(self, engine: InferenceEngine, config: WorkerConfig):
+        self.engine, self.config = engine, config
+        self.batcher = DynamicBatcher(engine, config.batcher)
+        self.semaphore: asyncio.Semaphore | None = None
+        self.waiting = 0
+        self.context = int(engine.model.config.text_config.max_position_embeddings)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._encode_lock = threading.Lock()
+
+    # -- controller link -------------------------------------------------------------------
+    def queue_length(self) -> int:
+        """Requests running or waiting for a slot (what LLaVA reports)."""
+        if self.semaphore is None:
+            return 0
+        return self.config.limit_concurrency - self.semaphore._value + self.waiting
+
+    def get_status(self) -> dict:
+        return {"model_names": [self.config.model_name], "speed": 1, "queue_length": self.queue_length(),
+                "template": self.engine.processor.template}
+
+    def register_to_controller(self) -> None:
+        data = {"worker_name": self.config.worker_url, "check_heart_beat": True, "worker_status": self.get_status()}
+        r = httpx.post(self.config.controller_url + "/register_worker", json=data, timeout=10)
+        if r.status_code != 200:
+            raise MedvlmError(f"registering with {self.config.controller_url} failed: HTTP {r.status_code}")
+
+    def send_heart_beat(self) -> None:
+        """One heart beat; re-register if the controller does not know this worker (bounded: one attempt)."""
+        try:
+            r = httpx.post(self.config.controller_url + "/receive_heart_beat",
+                           json={"worker_name": self.config.worker_url, "queue_length": self.queue_length()},
+                           timeout=5)
+            if not r.json().get("exist", False):
+                self.register_to_controller()
+        except (httpx.HTTPError, ValueError, MedvlmError) as e:
+            log.warning("heart beat to %s failed: %s", self.config.controller_url, type(e).__name__)
+
+    def _heart_beat_loop(self) -> None:
+        while not self._stop.wait(self.config.heart_beat_interval):
+            self.send_heart_beat()
+
+    def start(self) -> None:
+        self.engine.model.eval()
+        self.batcher.start()
+        if self.config.register:
+            self.register_to_controller()
+            self._thread = threading.Thread(target=self._heart_beat_loop, name="medvlm-heartbeat", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.batcher.stop()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # -- generation ------------------------------------------------------------------------
+    def prepare(self, params: dict):
+        """Decode images, encode the prompt, pick settings (thread pool). Raises MedvlmError on bad input."""
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str):
+            raise MedvlmError("'prompt' must be a string")
+        raw_images = params.get("images") or []
+        if not isinstance(raw_images, list) or not all(isinstance(x, str) for x in raw_images):
+            raise MedvlmError("'images' must be a list of base64 strings")
+        limits = self.config.limits
+        images = [decode_image_bytes(decode_base64(b.split(",", 1)[1] if b.startswith("data:") else b, limits,
+                                                   f"image {k + 1}"), limits, f"image {k + 1}")
+                  for k, b in enumerate(raw_images)]
+        with self._encode_lock:
+            prepared = prepare_text(self.engine, prompt, images)
+        try:
+            temperature = float(params.get("temperature", 1.0))
+            top_p = float(params.get("top_p", 1.0))
+            max_new = min(int(params.get("max_new_tokens", 256)), 1024)
+        except (TypeError, ValueError) as e:
+            raise MedvlmError(f"bad sampling parameter ({e})") from None
+        stop = params.get("stop")
+        if isinstance(stop, str):
+            stops: tuple[str, ...] = (stop,) if stop else ()
+        elif isinstance(stop, list):
+            stops = tuple(s for s in stop if isinstance(s, str) and s)
+        else:
+            stops = ()
+        max_new = min(max_new, self.context - prepared.num_tokens)
+        settings = None
+        if max_new >= 1:
+            settings = GenerationSettings(max_new_tokens=max_new, temperature=temperature if temperature > 0.001 else 0.0,
+                                          top_p=top_p, stop=stops).validate()
+        return prompt, prepared, settings
+
+    async def generate_stream(self, params: dict):
+        """The NUL-delimited JSON stream of ``/worker_generate_stream``."""
+        def frame(text: str, code: int) -> bytes:
+            return json.dumps({"text": text, "error_code": code}).encode() + b"\0"
+
+        try:
+            prompt, prepared, settings = await run_in_threadpool(self.prepare, params)
+        except MedvlmError as e:
+            yield frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1)
+            return
+        if settings is None:
+            yield frame(prompt + EXCEEDS_MSG, 0)
+            return
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def push(kind: str, value: object) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:
+                pass  # the event loop closed during shutdown: the job is cancelled by the finally below
+        try:
+            job = self.batcher.submit(prepared, settings, on_delta=lambda d: push("delta", d),
+                                      on_done=lambda r: push("done", r), on_error=lambda e: push("error", e))
+        except QueueFullError as e:
+            yield frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1)
+            return
+        text = prompt
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "delta":
+                    text += value
+                    yield frame(text, 0)
+                elif kind == "done":
+                    if not text[len(prompt):]:
+                        yield frame(text, 0)  # an empty answer still gets one frame
+                    return
+                else:
+                    yield frame(SERVER_ERROR_MSG, 1)
+                    return
+        finally:
+            job.cancel()
+
+
+def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
+    """The worker's FastAPI app (registers with the controller when it starts)."""
+    worker = ModelWorker(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.semaphore = asyncio.Semaphore(config.limit_concurrency)
+        await run_in_threadpool(worker.start)
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="medvlm model worker (LLaVA protocol)", description=NOTICE, lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> StreamingResponse:
+        try:
+            params = await request.json()
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            params = {}
+        assert worker.semaphore is not None
+        worker.waiting += 1
+        try:
+            await worker.semaphore.acquire()
+        finally:
+            worker.waiting -= 1
+
+        released = False
+
+        def release() -> None:  # from the stream's end or the background task, whichever comes first
+            nonlocal released
+            if not released:
+                released = True
+                worker.semaphore.release()
+
+        async def body():
+            try:
+                async for chunk in worker.generate_stream(params):
+                    yield chunk
+            finally:
+                release()
+
+        return StreamingResponse(body(), background=BackgroundTask(release))
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> dict:
+        return worker.get_status()
+
+    return app

@@ -1,0 +1,353 @@
+"""STLLaVA-Med stage 2b: DPO on preference pairs (``stage: dpo``), on the HF Trainer with our own loss.
+
+Sigmoid DPO (Rafailov et al.): ``loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))`` where
+each log-probability is the fp32 sum over the compared answer's tokens (its text and end token; the
+shared prompt, including earlier answers in it, is never counted). The policy is the stage-1
+checkpoint with fresh LM-LoRA + ViT-LoRA and a trained projector (as in ``sq``); the reference is the
+same checkpoint, frozen, in eval mode, **with its own frozen tower and projector**. The published
+trainer fed the reference the policy's trainable projector output; ``ref_visual_path: policy``
+reproduces that. Reference log-probabilities can be computed once before training and stored
+(``ref_logps``, :mod:`medvlm.train.dpo_ref`): the reference model is then never loaded for training.
+
+TRL's ``DPOTrainer`` is not used: it cannot precompute reference log-probs for image data nor give
+the reference a different visual path. The preference files are TRL-compatible
+(``prompt``/``chosen``/``rejected`` + ``images``) or STLLaVA-Med's format; both are read here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medvlm.data.readers import read_preferences
+from medvlm.data.schema import PreferenceSample, Sample
+from medvlm.data.templates import IGNORE_INDEX, ImageTruncationError, encode_conversation
+from medvlm.errors import MedvlmError
+from medvlm.model.processing import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
+from medvlm.train.config import TrainConfig
+from medvlm.train.data import resolve_image, text_encode
+from medvlm.train.sq import SelfTrainingTrainer
+
+REF_VISUAL_PATHS: tuple[str, ...] = ("frozen", "policy")
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def encode_pair(pair: PreferenceSample, processor, max_length: int) -> dict[str, list[int]] | None:
+    """Token ids and labels of prompt+chosen and prompt+rejected; labels only on the continuation.
+
+    Returns None when truncation leaves either side without a learned token. Raises a MedvlmError when
+    the tokenised prompt is not a prefix of a full conversation (a template/tokenizer mismatch).
+    """
+    prompt = Sample(pair.id, list(pair.prompt), list(pair.images))
+    p_ids = encode_conversation(
+        prompt.messages, processor.tokenizer, processor.chat_template, image_seq_length=processor.image_seq_length,
+        image_token=IMAGE_TOKEN, im_start_token=IM_START_TOKEN if processor.mm_use_im_start_end else None,
+        im_end_token=IM_END_TOKEN if processor.mm_use_im_start_end else None, add_generation_prompt=True,
+    ).input_ids
+    out: dict[str, list[int]] = {}
+    for side, cont in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        enc = text_encode(Sample(pair.id, list(pair.prompt) + list(cont), list(pair.images)), processor, max_length)
+        n = min(len(p_ids), len(enc.input_ids))
+        if enc.input_ids[:n] != p_ids[:n]:
+            raise MedvlmError(f"pair {pair.id!r}: the tokenised prompt is not a prefix of the {side} conversation "
+                              f"(template {processor.template}); cannot tell answer tokens apart")
+        labels = [IGNORE_INDEX] * n + enc.labels[n:]
+        if all(x == IGNORE_INDEX for x in labels):
+            return None
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = enc.input_ids, labels
+    return out
+
+
+@dataclass
+class PairReport:
+    """What the preference files contributed."""
+
+    files: list[str]
+    pairs: int
+    image_pairs: int
+    dropped: dict[str, int]
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Encoded preference pairs (text encoded at build time, images loaded lazily per item)."""
+
+    def __init__(self, pairs: list[PreferenceSample], encoded: list[dict[str, list[int]]], processor, image_folder: str | None):
+        self.pairs = pairs
+        self.encoded = encoded
+        self.processor = processor
+        self.image_folder = image_folder
+        self.ref_logps: dict[str, tuple[float, float]] | None = None
+        """Precomputed reference log-probs by pair id (set by the run when ``ref_logps`` is used)."""
+        self.lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) * (1 if p.images else -1)
+                        for p, e in zip(pairs, encoded)]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pair, enc = self.pairs[i], self.encoded[i]
+        item: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in enc.items()}
+        item["pixel_values"] = None
+        if pair.images:
+            sample = Sample(pair.id, list(pair.prompt), list(pair.images))
+            item["pixel_values"] = self.processor.preprocess_images(self.processor.load_images(sample, self.image_folder))
+        item["pair_id"] = pair.id
+        if self.ref_logps is not None:
+            if pair.id not in self.ref_logps:
+                raise MedvlmError(f"precomputed reference log-probs have no entry for pair {pair.id!r}")
+            item["ref_chosen_logps"], item["ref_rejected_logps"] = self.ref_logps[pair.id]
+        return item
+
+
+def build_preference_dataset(paths: list[str], processor, image_folder: str | None, max_length: int,
+                             data_format: str = "auto") -> tuple[PreferenceDataset, PairReport]:
+    """Read, check and encode every pair of the preference files.
+
+    A pair's key (for stored reference log-probs) is its ``id``, prefixed with the file's position
+    (``"1:id"``) when several files are mixed; ids must be unique within a file.
+    """
+    fmt = "auto" if data_format == "auto" else data_format
+    pairs, encoded = [], []
+    dropped = {"image_truncated": 0, "no_target": 0}
+    seen: set[str] = set()
+    for fi, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise MedvlmError(f"data_path {path}: file not found")
+        for pair in read_preferences(path, fmt):
+            if len(paths) > 1:
+                pair.id = f"{fi}:{pair.id}"
+            if pair.id in seen:
+                raise MedvlmError(f"{path}: duplicate pair id {pair.id!r}")
+            seen.add(pair.id)
+            for rel in pair.images:
+                if image_folder is None and not Path(rel).is_absolute():
+                    raise MedvlmError(f"{path} pair {pair.id!r}: the pair has images ({rel}) but no image_folder is set")
+                if not resolve_image(rel, image_folder).is_file():
+                    raise MedvlmError(f"{path} pair {pair.id!r}: image file {resolve_image(rel, image_folder)} not found")
+            try:
+                enc = encode_pair(pair, processor, max_length)
+            except ImageTruncationError:
+                dropped["image_truncated"] += 1
+                continue
+            if enc is None:
+                dropped["no_target"] += 1
+                continue
+            pairs.append(pair)
+            encoded.append(enc)
+    if not pairs:
+        raise MedvlmError(f"data_path {paths}: no usable preference pair (dropped: {dropped})")
+    report = PairReport(list(paths), len(pairs), sum(1 for p in pairs if p.images), {k: v for k, v in dropped.items() if v})
+    return PreferenceDataset(pairs, encoded, processor, image_folder), report
+
+
+class DPOCollator:
+    """Pads a batch of pairs into one ``[2B, T]`` batch: rows ``0..B-1`` chosen, ``B..2B-1`` rejected."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        labs = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)  # [2B, T]
+        labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)  # [2B, T]
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [2B, T]
+        for i, (s, lab) in enumerate(zip(seqs, labs)):
+            ids[i, : len(s)], labels[i, : len(s)], mask[i, : len(s)] = s, lab, 1
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "pair_labels": labels,
+                                 "pair_ids": [f["pair_id"] for f in features]}
+        pix = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        if pix:
+            one = torch.cat(pix)  # [n_img, 3, H, W] in pair order
+            batch["pixel_values"] = torch.cat([one, one])  # [2 n_img, 3, H, W]: chosen rows' images, then rejected
+        if "ref_chosen_logps" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features]
+                                              + [f["ref_rejected_logps"] for f in features], dtype=torch.float32)  # [2B]
+        return batch
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities of the labelled tokens per row, in fp32: ``[N, T, V], [N, T] -> [N]``."""
+    logits = logits[:, :-1].float()  # [N, T-1, V]: position t predicts token t+1
+    targets = labels[:, 1:]  # [N, T-1]
+    mask = targets != IGNORE_INDEX  # [N, T-1]
+    logp = torch.log_softmax(logits, dim=-1)  # [N, T-1, V]
+    picked = torch.gather(logp, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [N, T-1]
+    return (picked * mask).sum(-1)  # [N]
+
+
+def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO from ``[2B]`` policy and reference log-probs (chosen first); returns loss and per-pair stats."""
+    b = pi.shape[0] // 2
+    pi_c, pi_r, ref_c, ref_r = pi[:b], pi[b:], ref[:b], ref[b:]  # [B] each
+    logits = (pi_c - pi_r) - (ref_c - ref_r)  # [B]
+    loss = -F.logsigmoid(beta * logits).mean()
+    rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # [B]
+    stats = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).float(),
+             "rewards/margins": rc - rr, "logps/chosen": pi_c.detach(), "logps/rejected": pi_r.detach(),
+             "logps/ref_chosen": ref_c.detach(), "logps/ref_rejected": ref_r.detach()}
+    return loss, stats
+
+
+def reference_logps(ref_model, batch: dict[str, Any], visual_features: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference log-probs ``[2B]`` of a DPO batch, no grad.
+
+    ``visual_features`` (projected, ``[n_img, S, H]``) replace the reference's own tower + projector
+    (``ref_visual_path: policy``); otherwise the reference encodes ``pixel_values`` itself.
+    """
+    with torch.no_grad():
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if visual_features is None:
+            out = ref_model(input_ids=ids, attention_mask=mask, pixel_values=batch.get("pixel_values"))
+        else:
+            embeds = ref_model.get_input_embeddings()(ids)  # [2B, T, H]
+            image_mask = (ids == ref_model.config.image_token_id).unsqueeze(-1).expand_as(embeds)  # [2B, T, H]
+            embeds = embeds.masked_scatter(image_mask, visual_features.to(embeds.dtype))
+            out = ref_model.language_model(inputs_embeds=embeds, attention_mask=mask)
+        return sequence_logps(out.logits, batch["pair_labels"])  # [2B]
+
+
+class DPOTrainer(SelfTrainingTrainer):
+    """The HF Trainer with sigmoid DPO as ``compute_loss`` and DPO metrics in every log line."""
+
+    def __init__(self, *args: Any, ref_model=None, beta: float = 0.1, ref_visual_path: str = "frozen", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ref_model = ref_model
+        self.beta = beta
+        self.ref_visual_path = ref_visual_path
+        self._metrics: dict[str, list[float]] = {k: [] for k in METRIC_KEYS}
+        if ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+            ref_model.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("pair_labels")
+        inputs.pop("pair_ids", None)
+        ref_pre = inputs.pop("ref_logps", None)
+        pixels = inputs.pop("pixel_values", None)
+        fwd: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if pixels is not None:
+            if self.vit_lora_grad == "published":
+                fwd["vision_features"] = self.published_features(model, pixels)
+            else:
+                fwd["pixel_values"] = pixels
+        out = model(**fwd)
+        pi = sequence_logps(out.logits, labels)  # [2B]
+        if ref_pre is not None:
+            ref = ref_pre.to(pi.device)
+        else:
+            if self.ref_model is None:
+                raise MedvlmError("DPO needs a reference model or precomputed reference log-probs (ref_logps)")
+            feats = None
+            if self.ref_visual_path == "policy" and pixels is not None:
+                with torch.no_grad():
+                    feats = self._vlm(model).get_image_features(pixels)  # [2 n_img, S, H], the policy's visual path
+            batch = {"input_ids": fwd["input_ids"], "attention_mask": fwd["attention_mask"],
+                     "pixel_values": pixels, "pair_labels": labels}
+            ref = reference_logps(self.ref_model, batch, feats)
+        loss, stats = dpo_loss(pi, ref, self.beta)
+        if model.training:
+            for k, v in stats.items():
+                self._metrics[k].extend(v.float().cpu().tolist())
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metrics["rewards/chosen"]:
+            for k, vals in self._metrics.items():
+                logs[k] = sum(vals) / len(vals)
+                vals.clear()
+        super().log(logs, start_time)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def check_dpo(cfg: TrainConfig) -> None:
+    """DPO-specific checks (a MedvlmError naming the key)."""
+    if cfg.ref_visual_path not in REF_VISUAL_PATHS:
+        raise MedvlmError(f"ref_visual_path: unknown value {cfg.ref_visual_path!r}; choose one of {', '.join(REF_VISUAL_PATHS)}")
+    if cfg.dpo_beta <= 0:
+        raise MedvlmError(f"dpo_beta must be > 0, got {cfg.dpo_beta}")
+    if cfg.ref_logps and cfg.ref_visual_path == "policy":
+        raise MedvlmError("ref_logps cannot be precomputed with ref_visual_path: policy (the policy's visual path changes "
+                          "while training); use ref_visual_path: frozen or drop ref_logps")
+    if not cfg.model_name_or_path:
+        raise MedvlmError("stage 'dpo' starts from a stage-1 checkpoint: set model_name_or_path")
+
+
+@dataclass
+class DPORun:
+    """Everything a DPO run trains with (``prepare_dpo``), before ``trainer.train()``."""
+
+    trainer: DPOTrainer
+    processor: Any
+    dataset: PreferenceDataset
+    report: PairReport
+    config_yaml: str
+    manifest: dict
+    resume: str | None
+
+
+def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None) -> DPORun:
+    """Load policy and reference, read and encode the pairs, reference log-probs, the trainer."""
+    from transformers import set_seed
+
+    from medvlm.model.build import load_pretrained
+    from medvlm.train.callbacks import RunArtifactsCallback
+    from medvlm.train.checkpoint import load_start, resolve_resume
+    from medvlm.train.dpo_ref import ensure_ref_logps
+    from medvlm.train.run import build_training_args, resolve_accumulation, training_processor, world_size
+    from medvlm.train.sq import apply_self_training_stage, check_self_training
+
+    check_self_training(cfg)
+    check_dpo(cfg)
+    world = world_size()
+    accumulation = resolve_accumulation(cfg, world)
+    resume = resolve_resume(cfg)
+    set_seed(cfg.seed)
+    model, processor = load_start(cfg)
+    train_proc = training_processor(cfg, model, processor)
+    dataset, report = build_preference_dataset([s.path for s in cfg.sources()], train_proc, cfg.image_folder,
+                                               cfg.max_length, cfg.data_format)
+    ref_model = load_pretrained(cfg.model_name_or_path)[0]
+    if cfg.ref_logps:
+        dataset.ref_logps = ensure_ref_logps(cfg, ref_model, dataset)
+        ref_model = None  # never needed again: the stored values are the reference
+    model = apply_self_training_stage(model, cfg)
+    args = build_training_args(cfg, accumulation, find_unused=world > 1 and 0 < report.image_pairs < report.pairs)
+    manifest = {"preference_files": report.files, "pairs": report.pairs, "image_pairs": report.image_pairs,
+                "dropped": report.dropped, "template": train_proc.template, "max_length": cfg.max_length}
+    config_yaml = cfg.to_yaml()
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=DPOCollator(train_proc.pad_token_id),
+        processing_class=processor,
+        callbacks=[RunArtifactsCallback(config_yaml, manifest, f"dpo: {Path(cfg.output_dir).name}"), *(callbacks or [])],
+        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
+        projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad,
+        ref_model=ref_model, beta=cfg.dpo_beta, ref_visual_path=cfg.ref_visual_path,
+    )
+    return DPORun(trainer, processor, dataset, report, config_yaml, manifest, resume)
+
+
+def run_dpo(cfg: TrainConfig, callbacks: list | None = None):
+    """Stage ``dpo``; returns a :class:`~medvlm.train.run.TrainResult` (log history carries the DPO metrics)."""
+    from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, plot_loss_curve
+    from medvlm.train.checkpoint import save_final
+    from medvlm.train.run import TrainResult
+    from medvlm.train.sq import finish_run
+
+    started = time.time()
+    run = prepare_dpo(cfg, callbacks)
+    out = run.trainer.train(resume_from_checkpoint=run.resume)
+    return finish_run(cfg, run.trainer, run.processor, run.config_yaml, run.manifest, f"dpo: {Path(cfg.output_dir).name}",
+                      out, started, save_final=save_final, plot=plot_loss_curve,
+                      files=(CONFIG_FILE, MANIFEST_FILE, LOSS_PNG), result_cls=TrainResult)

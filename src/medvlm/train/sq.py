@@ -1,0 +1,244 @@
+"""STLLaVA-Med stage 1, self-questioning instruction tuning (``stage: sq``), and what DPO shares with it.
+
+- Data: the training files are read as in ``sft``; while a multimodal sample is loaded its later
+  user turns become VUSER turns with probability ``sq_r`` (re-drawn each epoch, seeded), see
+  :mod:`medvlm.data.sq`. The model's template must be ``v1_sq`` (VUSER questions are learned).
+- Parameters: LoRA on the LM (``tune: lora``; or the whole LM with ``tune: full``), the projector
+  fully trained, and ViT-LoRA on the tower (:mod:`medvlm.model.vit_lora`). Gradients reach the
+  ViT-LoRA; ``vit_lora_grad: published`` reproduces the published code, whose tower runs under
+  ``no_grad`` so its ViT-LoRA never trains.
+- Optimiser: three learning rates (``learning_rate`` for the LM/LM-LoRA, ``projector_lr``,
+  ``vision_lr``), weight decay never on biases / norms.
+- Output: LM-LoRA merged into the LM and ViT-LoRA into the tower: a plain medvlm checkpoint; the
+  adapters are kept in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from medvlm.data.sq import sq_rng, to_self_questioning
+from medvlm.data.schema import Sample
+from medvlm.errors import MedvlmError
+from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
+from medvlm.train.config import TrainConfig
+from medvlm.train.data import SupervisedDataset
+from medvlm.train.trainer import MedVLMTrainer
+
+VIT_LORA_GRAD_MODES: tuple[str, ...] = ("trained", "published")
+DEFAULT_VIT_DROPOUT: dict[str, float] = {"sq": 0.2, "dpo": 0.1}
+SQ_TEMPLATE = "v1_sq"
+
+
+# ---- data ----------------------------------------------------------------------------------------
+class SelfQuestioningDataset(SupervisedDataset):
+    """:class:`SupervisedDataset` whose samples get the VUSER conversion of the current epoch."""
+
+    def __init__(self, base: SupervisedDataset, rate: float, seed: int):
+        self.__dict__.update(base.__dict__)  # same files, index and processor; only `sample` differs
+        self.rate = rate
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the conversions of ``epoch`` from now on."""
+        self.epoch = int(epoch)
+
+    def sample(self, i: int) -> Sample:
+        return to_self_questioning(super().sample(i), self.rate, sq_rng(self.seed, self.epoch, i))
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset which epoch starts (the sampler, not the dataset, gets accelerate's ``set_epoch``)."""
+
+    def __init__(self, dataset: SelfQuestioningDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+        return control
+
+
+# ---- parameters ------------------------------------------------------------------------------------
+def check_self_training(cfg: TrainConfig) -> None:
+    """Checks shared by ``sq`` and ``dpo`` (a MedvlmError naming the key)."""
+    if cfg.tune not in ("lora", "full"):
+        raise MedvlmError(f"stage {cfg.stage!r} supports tune: lora (STLLaVA-Med) or full, not {cfg.tune!r}")
+    if cfg.vit_lora_grad not in VIT_LORA_GRAD_MODES:
+        raise MedvlmError(f"vit_lora_grad: unknown value {cfg.vit_lora_grad!r}; choose one of {', '.join(VIT_LORA_GRAD_MODES)}")
+    if cfg.tune_vision_tower:
+        raise MedvlmError(f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is not supported")
+    if not 0.0 <= cfg.sq_r <= 1.0:
+        raise MedvlmError(f"sq_r must be in [0, 1], got {cfg.sq_r}")
+
+
+def vit_spec(cfg: TrainConfig) -> LoraSpec | None:
+    """The ViT-LoRA of this run (dropout default 0.2 in ``sq``, 0.1 in ``dpo``), or None with ``vit_lora: false``."""
+    if not cfg.vit_lora:
+        return None
+    dropout = cfg.vit_lora_dropout if cfg.vit_lora_dropout is not None else DEFAULT_VIT_DROPOUT[cfg.stage]
+    return LoraSpec(cfg.vit_lora_r, cfg.vit_lora_alpha, dropout, list(cfg.vit_lora_target_modules))
+
+
+def apply_self_training_stage(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Freeze the base, add LM-LoRA (or train the whole LM), ViT-LoRA, and train the projector fully."""
+    from medvlm.model.parts import set_trainable
+
+    set_trainable(model, vision_tower=False, projector=False, language_model=False)
+    lm = None
+    save = ["projector"] if cfg.tune_projector is not False else []
+    if cfg.tune == "lora":
+        lm = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules))
+    else:
+        save.append("language_model")
+    vision = vit_spec(cfg)
+    if lm is None and vision is None:
+        if not save:
+            raise MedvlmError(f"stage {cfg.stage!r}: nothing to train")
+        set_trainable(model, vision_tower=False, projector="projector" in save, language_model="language_model" in save)
+        return model
+    return apply_lora_adapters(model, lm, vision, modules_to_save=save or None)
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    lowered = name.lower()
+    return param.ndim < 2 or "norm" in lowered or lowered.endswith(".bias")
+
+
+def part_of(name: str) -> str:
+    """``vision``, ``projector`` or ``lm`` for a (possibly PEFT-prefixed) parameter name."""
+    dotted = f".{name}"
+    if ".vision_tower." in dotted:
+        return "vision"
+    if ".projector." in dotted:
+        return "projector"
+    return "lm"
+
+
+def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_lr: float | None,
+                         vision_lr: float | None) -> list[dict[str, Any]]:
+    """Torch param groups: LM (the run's lr), projector (``projector_lr``), vision (``vision_lr``), decay split."""
+    lrs = {"lm": None, "projector": projector_lr, "vision": vision_lr}
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        decay = weight_decay > 0 and not _no_decay(name, p)
+        groups.setdefault((part_of(name), decay), []).append(p)
+    out = []
+    for (part, decay), params in sorted(groups.items()):
+        g: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": f"{part}_{'decay' if decay else 'no_decay'}"}
+        if lrs[part] is not None:
+            g["lr"] = lrs[part]
+        out.append(g)
+    return out
+
+
+class SelfTrainingTrainer(MedVLMTrainer):
+    """``MedVLMTrainer`` with three learning rates and the ``published`` (no-grad tower) reproduction switch."""
+
+    def __init__(self, *args: Any, vision_lr: float | None = None, vit_lora_grad: str = "trained", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.vision_lr = vision_lr
+        self.vit_lora_grad = vit_lora_grad
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from transformers import Trainer
+
+            target = model if model is not None else self.model
+            groups = self_training_groups(target, self.args.weight_decay, self.projector_lr, self.vision_lr)
+            for g in groups:
+                g.pop("name")
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, target)
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def published_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tower features computed under ``no_grad``, as the published code does (its ViT-LoRA gets no gradient)."""
+        with torch.no_grad():
+            return self._vlm(model).get_vision_features(pixel_values)  # [n_img, L, D_v]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.vit_lora_grad == "published" and inputs.get("pixel_values") is not None and "image_is_cached" not in inputs:
+            inputs = dict(inputs)
+            inputs["vision_features"] = self.published_features(model, inputs.pop("pixel_values"))
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def check_sq_template(model) -> None:
+    """Stage ``sq`` needs a model whose template is ``v1_sq`` (VUSER turns)."""
+    if model.config.template != SQ_TEMPLATE:
+        raise MedvlmError(f"stage 'sq' needs a model with template {SQ_TEMPLATE!r} (VUSER turns); the starting model "
+                          f"uses {model.config.template!r}: build it with model_kwargs: {{template: {SQ_TEMPLATE}}}")
+
+
+def run_sq(cfg: TrainConfig, callbacks: list | None = None):
+    """Stage ``sq``: self-questioning instruction tuning; returns a :class:`~medvlm.train.run.TrainResult`."""
+    from transformers import set_seed
+
+    from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, RunArtifactsCallback, plot_loss_curve
+    from medvlm.train.checkpoint import load_start, resolve_resume, save_final
+    from medvlm.train.data import build_dataset
+    from medvlm.train.run import TrainResult, build_training_args, resolve_accumulation, training_processor, world_size
+    from medvlm.train.trainer import TrainCollator
+
+    started = time.time()
+    check_self_training(cfg)
+    world = world_size()
+    accumulation = resolve_accumulation(cfg, world)
+    resume = resolve_resume(cfg)
+    set_seed(cfg.seed)
+    model, processor = load_start(cfg)
+    check_sq_template(model)
+    train_proc = training_processor(cfg, model, processor)
+    base, manifest = build_dataset(
+        cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
+        data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
+    )
+    dataset = SelfQuestioningDataset(base, cfg.sq_r, cfg.seed)
+    model = apply_self_training_stage(model, cfg)
+    find_unused = world > 1 and manifest.text_samples > 0 and manifest.image_samples > 0
+    args = build_training_args(cfg, accumulation, find_unused)
+    config_yaml = cfg.to_yaml()
+    manifest_dict = manifest.to_dict()
+    title = f"sq: {Path(cfg.output_dir).name}"
+    trainer = SelfTrainingTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=TrainCollator(train_proc.pad_token_id),
+        processing_class=processor,
+        callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), EpochCallback(dataset), *(callbacks or [])],
+        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
+        projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad,
+    )
+    out = trainer.train(resume_from_checkpoint=resume)
+    return finish_run(cfg, trainer, processor, config_yaml, manifest_dict, title, out, started,
+                      save_final=save_final, plot=plot_loss_curve, files=(CONFIG_FILE, MANIFEST_FILE, LOSS_PNG),
+                      result_cls=TrainResult)
+
+
+def finish_run(cfg: TrainConfig, trainer, processor, config_yaml: str, manifest_dict: dict, title: str, out,
+               started: float, *, save_final, plot, files, result_cls):
+    """Save the merged checkpoint and loss curve (rank 0) and build the run's result."""
+    config_file, manifest_file, loss_png = files
+    history = list(trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        final_model = trainer.accelerator.unwrap_model(trainer.model)
+        lora = hasattr(final_model, "merge_and_unload")
+        save_final(final_model, processor, cfg.output_dir, {config_file: config_yaml, manifest_file: manifest_dict}, lora=lora)
+        plot(history, Path(cfg.output_dir) / loss_png, title)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    losses = [h["loss"] for h in history if "loss" in h]
+    return result_cls(
+        output_dir=str(cfg.output_dir), final_loss=losses[-1] if losses else (out.training_loss if out else None),
+        log_history=history, steps=trainer.state.global_step, seconds=time.time() - started, manifest=manifest_dict,
+    )

@@ -1,0 +1,145 @@
+"""STLLaVA-Med stage 1 (``stage: sq``): VUSER conversion, its label masks, ViT-LoRA that really trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvlm.data.schema import Message, Sample, image_part, text_part
+from medvlm.data.sq import sq_rng, to_self_questioning, vuser_turns
+from medvlm.data.templates import encode_conversation
+from medvlm.errors import MedvlmError
+from medvlm.model.build import build_preset, load_pretrained
+from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters, lora_parameter_names
+from medvlm.train.run import run_training
+from medvlm.train.sq import self_training_groups
+
+from train_helpers import changed, make_demo, small_config, state
+
+
+def _conversation(n_turns: int, image_in_turn: int | None = None) -> Sample:
+    msgs = [Message("user", [image_part(), text_part("question zero")]), Message("assistant", [text_part("answer zero")])]
+    images = ["a.png"]
+    for k in range(1, n_turns):
+        content = [text_part(f"question {k}")]
+        if k == image_in_turn:
+            content = [image_part(), *content]
+            images.append("b.png")
+        msgs += [Message("user", content), Message("assistant", [text_part(f"answer {k}")])]
+    return Sample("s", msgs, images)
+
+
+def test_vuser_conversion_rate_first_turn_and_seeding():
+    sample = _conversation(11, image_in_turn=5)
+    converted = total = 0
+    for i in range(400):
+        out = to_self_questioning(sample, 0.5, sq_rng(7, 0, i))
+        users = [m for m in out.messages if m.role in ("user", "vuser")]
+        assert users[0].role == "user"  # the image-bearing first turn never becomes VUSER
+        assert users[5].role == "user"  # nor does a later turn that carries an image
+        assert [m.role for m in out.messages[1::2]] == ["assistant"] * 11  # answers untouched
+        assert [m.text for m in out.messages] == [m.text for m in sample.messages]
+        converted += vuser_turns(out)
+        total += 9  # turns 1..10 except the image turn
+    assert 0.45 < converted / total < 0.55
+    assert vuser_turns(to_self_questioning(sample, 0.0, sq_rng(0, 0, 0))) == 0
+    assert vuser_turns(to_self_questioning(sample, 1.0, sq_rng(0, 0, 0))) == 9
+    # Same (seed, epoch, index): same draw; a new epoch re-draws.
+    draws = lambda seed, epoch: [[m.role for m in to_self_questioning(sample, 0.5, sq_rng(seed, epoch, i)).messages]
+                                 for i in range(20)]
+    assert draws(3, 0) == draws(3, 0)
+    assert draws(3, 0) != draws(3, 1)
+    text_only = Sample("t", [Message("user", [text_part("q")]), Message("assistant", [text_part("a")]),
+                             Message("user", [text_part("q2")]), Message("assistant", [text_part("a2")])])
+    assert to_self_questioning(text_only, 1.0, sq_rng(0, 0, 0)) is text_only
+    with pytest.raises(MedvlmError, match="sq_r"):
+        to_self_questioning(sample, 1.5, sq_rng(0, 0, 0))
+
+
+def test_vuser_labels_learn_questions_only_in_vuser_turns():
+    _, proc = build_preset("tiny", template="v1_sq", projector="cluster")
+    tok = proc.tokenizer
+    msgs = [Message("user", [image_part(), text_part("where is the lesion")]),
+            Message("assistant", [text_part("left lung")]),
+            Message("vuser", [text_part("how large is the mass")]),
+            Message("assistant", [text_part("small nodule")]),
+            Message("user", [text_part("what modality")]),
+            Message("assistant", [text_part("chest radiograph")])]
+    enc = encode_conversation(msgs, tok, "v1_sq", image_seq_length=proc.image_seq_length)
+    assert enc.straddles == 0
+    learned = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    text = tok.decode(learned)
+    for s in ("how large is the mass", "left lung", "small nodule", "chest radiograph"):
+        assert s in text
+    for s in ("where is the lesion", "what modality", "USER", "ASSISTANT", "research assistant"):
+        assert s not in text
+    # The VUSER question's end token (EOS) is learned: 3 answers + 1 question end with EOS.
+    assert learned.count(tok.eos_token_id) == 4
+    # The same turn as a USER turn teaches nothing about the question.
+    as_user = [Message(m.role if m.role != "vuser" else "user", m.content) for m in msgs]
+    enc_u = encode_conversation(as_user, tok, "v1_sq", image_seq_length=proc.image_seq_length)
+    assert "how large" not in tok.decode([t for t, lab in zip(enc_u.input_ids, enc_u.labels) if lab != -100])
+
+
+def test_vit_lora_spec_groups_and_dropouts():
+    model, _ = build_preset("tiny", template="v1_sq", projector="cluster")
+    peft = apply_lora_adapters(model, LoraSpec(8, 16, 0.05, ["q_proj", "v_proj"]),
+                               LoraSpec(4, 8, 0.2, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+                               modules_to_save=["projector"])
+    vit = lora_parameter_names(peft, "vision_tower")
+    # Every feature-feeding encoder layer (tiny: 2 layers, features from layer -2 -> layer 0 only) x 6 linears x A/B.
+    assert len(vit) == 12 and all("encoder.layers.0." in n for n in vit)
+    a = dict(peft.named_parameters())
+    assert all(a[n].shape[0 if "lora_A" in n else 1] == 4 for n in vit)  # vision rank 4, LM rank 8
+    lm = lora_parameter_names(peft, "language_model")
+    assert lm and all(a[n].shape[0 if "lora_A" in n else 1] == 8 for n in lm)
+    drops = {n: m.lora_dropout["default"] for n, m in peft.named_modules() if hasattr(m, "lora_dropout")}
+    assert all(d.p == 0.2 for n, d in drops.items() if ".vision_tower." in n)
+    assert all(d.p == 0.05 for n, d in drops.items() if ".language_model." in n)
+    groups = {g["name"]: g for g in self_training_groups(peft, 0.0, 2e-5, 5e-5)}
+    assert groups["vision_no_decay"]["lr"] == 5e-5 and groups["projector_no_decay"]["lr"] == 2e-5
+    assert "lr" not in groups["lm_no_decay"]  # the run's learning_rate (LM-LoRA)
+    assert {id(p) for p in groups["vision_no_decay"]["params"]} == {id(a[n]) for n in vit}
+    with pytest.raises(MedvlmError, match="match no linear layer"):
+        apply_lora_adapters(build_preset("tiny")[0], None, LoraSpec(4, 8, 0.1, ["qkv"]))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("stllava_sq"), n_images=16)
+
+
+def _sq_config(demo, out, **over):
+    keys = dict(stage="sq", model_kwargs={"template": "v1_sq"}, projector_type="cluster",
+                data_path=str(demo / "instruct.json"), tune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                vit_lora_r=4, vit_lora_alpha=8, vit_lora_dropout=0.0, max_steps=2, learning_rate=5e-3,
+                projector_lr=5e-3, vision_lr=5e-3, per_device_train_batch_size=2)
+    keys.update(over)
+    return small_config(demo, out, **keys)
+
+
+@pytest.mark.parametrize("mode", ["trained", "published"])
+def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, mode):
+    before = state(build_preset("tiny", seed=42, template="v1_sq", projector="cluster")[0])
+    out = tmp_path / mode
+    result = run_training(_sq_config(demo, out, vit_lora_grad=mode))
+    model, processor = load_pretrained(out)  # merged: a plain medvlm checkpoint
+    assert processor.template == "v1_sq" and model.config.projector_type == "cluster"
+    after = state(model)
+    tower = changed(before, after, "vision_tower.")
+    adapted = {k: v for k, v in tower.items() if "encoder.layers.0." in k and k.endswith("proj.weight") or
+               "encoder.layers.0.mlp.fc" in k and k.endswith(".weight")}
+    assert len(adapted) == 6
+    if mode == "trained":
+        assert all(adapted.values())  # ViT-LoRA learned and was merged into the tower
+    else:
+        assert not any(tower.values())  # the published no_grad tower: its ViT-LoRA never trains
+    assert not any(v for k, v in tower.items() if k not in adapted)  # everything else in the tower frozen
+    assert all(changed(before, after, "projector.").values())
+    assert changed(before, after, "language_model.")["language_model.model.layers.0.self_attn.q_proj.weight"]
+    assert result.steps == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sq_refuses_a_model_without_the_v1_sq_template(demo, tmp_path):
+    with pytest.raises(MedvlmError, match="v1_sq"):
+        run_training(_sq_config(demo, tmp_path / "x", model_kwargs={}))
