@@ -135,7 +135,8 @@ def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, 
     else:
         assert not any(tower.values())  # the published no_grad tower: its ViT-LoRA never trains
     assert not any(v for k, v in tower.items() if k not in adapted)  # everything else in the tower frozen
-    assert all(changed(before, after, "projector.").values())
+    # The whole projector trains (its ln_1 is unused by the published forward, so it never moves).
+    assert all(v for k, v in changed(before, after, "projector.").items() if ".ln_1." not in k)
     assert changed(before, after, "language_model.")["language_model.model.layers.0.self_attn.q_proj.weight"]
     assert result.steps == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -28,7 +28,7 @@ def _torchrun(tmp_path, keys: dict, tag: str) -> list[dict]:
     script.write_text(WORKER)
     report = tmp_path / tag
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), json.dumps(keys), str(report)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -64,7 +64,7 @@ def render_prompt(messages: list[Message], template: str) -> str:
     return render_text(messages, template, add_generation_prompt=True)
 
 
-def test_message(controller: str, model: str, message: str = DEFAULT_TEST_MESSAGE, *, max_new_tokens: int = 32,
+def send_test_message(controller: str, model: str, message: str = DEFAULT_TEST_MESSAGE, *, max_new_tokens: int = 32,
                  temperature: float = 0.7, template: str | None = None, worker: str | None = None,
                  on_text: Callable[[str], None] | None = None) -> str:
     """LLaVA's test client: find a worker through the controller, stream one reply; returns the answer.

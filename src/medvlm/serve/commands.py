@@ -128,7 +128,7 @@ def test_message(
     typer.echo(f"worker_addr: {worker_}")
     msg = message or client.DEFAULT_TEST_MESSAGE
     typer.echo(f"USER: {msg}\nASSISTANT: ", nl=False)
-    client.test_message(controller_url, model, msg, max_new_tokens=max_new_tokens, temperature=temperature,
+    client.send_test_message(controller_url, model, msg, max_new_tokens=max_new_tokens, temperature=temperature,
                         template=template, worker=worker_ or None,
                         on_text=lambda t: typer.echo(t, nl=False))
     typer.echo("")

@@ -21,11 +21,12 @@ import yaml
 
 from medvlm.errors import MedvlmError
 
-STAGES: tuple[str, ...] = ("align", "sft")
+STAGES: tuple[str, ...] = ("align", "sft", "sq", "dpo")
 TUNES: tuple[str, ...] = ("full", "lora", "qlora")
 FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 DISTRIBUTED_MODES: tuple[str, ...] = ("auto", "fsdp2_cpu")
 LLAMA_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VIT_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclass
@@ -44,7 +45,8 @@ class TrainConfig:
 
     # --- what to train ------------------------------------------------------------------------
     stage: str = "sft"
-    """``align`` (stage 1: projector only, tower and LM frozen) or ``sft`` (stage 2 / VQA fine-tuning: projector + LM)."""
+    """``align`` (stage 1: projector only, tower and LM frozen), ``sft`` (stage 2 / VQA fine-tuning: projector + LM),
+    ``sq`` (STLLaVA-Med self-questioning tuning) or ``dpo`` (STLLaVA-Med DPO on preference pairs)."""
     model_name_or_path: str | None = None
     """A medvlm checkpoint folder (ours, a previous stage's output, or an imported LLaVA-Med checkpoint)."""
     preset: str | None = None
@@ -113,6 +115,33 @@ class TrainConfig:
     """Learning rate of the projector if different from ``learning_rate`` (LLaVA's ``mm_projector_lr``)."""
     global_batch_size: int | None = None
     """If set, ``gradient_accumulation_steps`` = global / (per-device batch x processes); must divide exactly."""
+
+    # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.sq / medvlm.train.dpo ----
+    sq_r: float = 0.5
+    """Stage ``sq``: probability that a user turn after the first becomes a VUSER question (re-drawn each epoch, seeded)."""
+    vit_lora: bool = True
+    """Stages ``sq``/``dpo``: LoRA on the vision tower's encoder layers (STLLaVA-Med's ViT-LoRA)."""
+    vit_lora_r: int = 32
+    """ViT-LoRA rank."""
+    vit_lora_alpha: int = 64
+    """ViT-LoRA scaling numerator."""
+    vit_lora_dropout: float | None = None
+    """ViT-LoRA dropout; default 0.2 in ``sq`` and 0.1 in ``dpo``."""
+    vit_lora_target_modules: list[str] = field(default_factory=lambda: list(VIT_LINEAR_NAMES))
+    """Tower linear layers that get ViT-LoRA (in every encoder layer that feeds the features)."""
+    vit_lora_grad: str = "trained"
+    """``trained``: gradients reach the ViT-LoRA. ``published``: reproduce the published code, whose tower runs
+    under ``no_grad`` so its ViT-LoRA never trains."""
+    vision_lr: float | None = None
+    """Learning rate of the vision parameters (ViT-LoRA) if different from ``learning_rate``."""
+    dpo_beta: float = 0.1
+    """Stage ``dpo``: the DPO temperature beta (sigmoid loss)."""
+    ref_visual_path: str = "frozen"
+    """Stage ``dpo``: the reference sees images through its own frozen tower and projector (``frozen``) or, as
+    the published trainer did, through the policy's trainable ones (``policy``)."""
+    ref_logps: str | None = None
+    """Stage ``dpo``: reference log-probs computed once and stored: ``auto`` (``output_dir/ref_logps.safetensors``),
+    a ``.safetensors`` path (created when missing), or null (the reference runs on the fly every step)."""
 
     # --- HF TrainingArguments (same names) --------------------------------------------------------
     output_dir: str | None = None

@@ -105,8 +105,6 @@ def build_training_args(cfg: TrainConfig, accumulation: int, find_unused: bool):
         report_to=cfg.report_to or "none",
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_num_workers=cfg.dataloader_num_workers,
         optim=cfg.optim,
         use_cpu=use_cpu,
@@ -115,6 +113,8 @@ def build_training_args(cfg: TrainConfig, accumulation: int, find_unused: bool):
         ddp_find_unused_parameters=find_unused,
         save_only_model=False,
     )
+    if cfg.gradient_checkpointing:  # (passing False trips a rename warning in transformers 5)
+        kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     kwargs.update(cfg.training_args)
     try:
         return TrainingArguments(**kwargs)
@@ -139,6 +139,11 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     ``callbacks`` are extra ``transformers.TrainerCallback`` s (progress hooks of a caller such as the demo).
     """
     cfg.validate()
+    if cfg.stage in ("sq", "dpo"):  # STLLaVA-Med's stages have their own data, adapters and loss
+        from medvlm.train.dpo import run_dpo
+        from medvlm.train.sq import run_sq
+
+        return {"sq": run_sq, "dpo": run_dpo}[cfg.stage](cfg, callbacks)
     if cfg.distributed == "fsdp2_cpu":
         from medvlm.train.distributed import run_fsdp2_cpu
 

@@ -74,6 +74,8 @@ def check_self_training(cfg: TrainConfig) -> None:
         raise MedvlmError(f"vit_lora_grad: unknown value {cfg.vit_lora_grad!r}; choose one of {', '.join(VIT_LORA_GRAD_MODES)}")
     if cfg.tune_vision_tower:
         raise MedvlmError(f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is not supported")
+    if cfg.distributed == "fsdp2_cpu":
+        raise MedvlmError(f"stage {cfg.stage!r} runs on the HF Trainer (DDP/FSDP/DeepSpeed via accelerate); distributed: fsdp2_cpu is not supported")
     if not 0.0 <= cfg.sq_r <= 1.0:
         raise MedvlmError(f"sq_r must be in [0, 1], got {cfg.sq_r}")
 

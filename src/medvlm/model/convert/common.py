@@ -92,11 +92,14 @@ class TensorChecker:
 
 
 def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], checker: TensorChecker,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """Check and write a tensor stream into ``folder`` as safetensors shards."""
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, file_name=None) -> list[str]:
+    """Check and write a tensor stream into ``folder`` as safetensors shards.
+
+    Names are checked as the model names them; ``file_name(name)`` (default: unchanged) is the name stored.
+    """
     writer = ShardWriter(folder, max_shard_bytes)
     for key, tensor in tensors:
-        writer.add(key, checker(key, tensor))
+        writer.add(file_name(key) if file_name else key, checker(key, tensor))
     checker.finish()
     return writer.close()
 

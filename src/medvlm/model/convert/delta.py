@@ -54,7 +54,7 @@ def _block(key: str, base_shape: tuple[int, ...], shape: tuple[int, ...]) -> tup
 
 def _combine(key: str, x: torch.Tensor, base: torch.Tensor, sign: float) -> torch.Tensor:
     """``x + sign * base`` in float64, the base added into the top-left block when ``x`` is larger."""
-    out = x.double()  # [*shape], a copy
+    out = x.to(torch.float64, copy=True)  # [*shape]; never modify the caller's tensor
     if tuple(base.shape) == tuple(x.shape):
         return out.add_(base.double(), alpha=sign)
     r, c = _block(key, tuple(base.shape), tuple(x.shape))

@@ -3,7 +3,7 @@
 The result loads with plain transformers (``LlavaForConditionalGeneration.from_pretrained`` +
 ``AutoProcessor.from_pretrained``) and with vLLM, which reads the same layout. Mapping:
 
-- ``vision_tower.*`` -> ``model.vision_tower.*``
+- ``vision_tower.*`` -> ``model.vision_tower.vision_model.*`` (the published llava-hf names)
 - ``projector.0.*`` / ``projector.2.*`` -> ``model.multi_modal_projector.linear_1.*`` / ``linear_2.*``
 - ``language_model.model.*`` -> ``model.language_model.*``; ``language_model.lm_head.*`` -> ``lm_head.*``
 - feature strategy ``patch`` on a CLS tower -> ``default`` (drop CLS); ``cls_patch`` -> ``full``;
@@ -90,12 +90,22 @@ def llava_hf_key(key: str) -> str:
     raise MedvlmError(f"tensor {key!r} has no llava-hf counterpart")
 
 
+def llava_hf_file_key(key: str) -> str:
+    """The name stored in the file for a llava-hf model name: the published (and vLLM) layout keeps CLIP's
+    ``vision_model.`` level (``model.vision_tower.vision_model.*``), which transformers 5 also reads."""
+    prefix = "model.vision_tower."
+    if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+        return prefix + "vision_model." + key[len(prefix):]
+    return key
+
+
 def llava_image_processor(processor: MedVLMProcessor) -> Any:
     """A ``LlavaImageProcessor`` (PIL backend) giving the same pixels as medvlm's aspect mode + image processor."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     src = processor.image_processor.to_dict()
     kwargs = {k: src[k] for k in _IMAGE_FIELDS if k in src}
+    kwargs.setdefault("do_center_crop", False)  # e.g. SigLIP processors resize to height x width, no crop
     if processor.image_aspect == "pad":
         kwargs["do_pad"] = True
     elif processor.image_aspect == "resize":
@@ -181,7 +191,7 @@ def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, not
     return "\n".join(lines) + "\n"
 
 
-def _tensors(config: MedVLMConfig, ckpt: SafetensorsCheckpoint):
+def _tensors(ckpt: SafetensorsCheckpoint):
     for key in ckpt.keys():
         yield llava_hf_key(key), ckpt.get(key)
 
@@ -218,6 +228,7 @@ def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike,
     eos += [seq[0] for seq in stop_token_id_sequences(processor.tokenizer, template)
             if len(seq) == 1 and seq[0] not in eos]
     generation.eos_token_id = eos if len(eos) > 1 else (eos[0] if eos else None)
+    generation.suppress_tokens = [config.image_token_id]  # never emit <image> as text (as medvlm's engine)
     notes = []
     multi = [s for s in stop_token_id_sequences(processor.tokenizer, template) if len(s) > 1]
     if multi:
@@ -226,7 +237,7 @@ def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike,
     model = meta_model(lambda: LlavaForConditionalGeneration(lconfig))
     checker = TensorChecker(expected_shapes(model), tied_keys(model), f"exporting {src} to llava-hf")
     with atomic_dir(dst) as tmp:
-        write_tensors(tmp, _tensors(config, ckpt), checker, max_shard_bytes)
+        write_tensors(tmp, _tensors(ckpt), checker, max_shard_bytes, file_name=llava_hf_file_key)
         lconfig.save_pretrained(str(tmp))
         generation.save_pretrained(str(tmp))
         hf_processor.save_pretrained(str(tmp))

@@ -248,7 +248,7 @@ def export_llava_med_v15(src: str | os.PathLike, dst: str | os.PathLike, vision_
         for key in ckpt.keys():
             t = ckpt.get(key)
             if key.startswith("vision_tower."):
-                yield STORED_TOWER_PREFIX + key[len("vision_tower."):], t
+                yield STORED_TOWER_PREFIX + "vision_model." + key[len("vision_tower."):].removeprefix("vision_model."), t
             elif key.startswith("projector."):
                 yield PROJ_PREFIX + key[len("projector."):], t
             elif key in (embed, "language_model.lm_head.weight"):

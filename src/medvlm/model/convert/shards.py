@@ -212,6 +212,8 @@ def iter_tensors(ckpt: SafetensorsCheckpoint) -> Iterator[tuple[str, torch.Tenso
 def read_config_json(folder: str | os.PathLike, what: str) -> dict:
     """``config.json`` of a folder as a dict (clear errors for missing / malformed files)."""
     path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise MedvlmError(f"{what} folder {folder} not found")
     if not path.is_file():
         raise MedvlmError(f"{what} folder {folder} has no config.json")
     data = read_json(path)

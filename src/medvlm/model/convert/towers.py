@@ -2,7 +2,7 @@
 
 LLaVA checkpoints name their tower in ``mm_vision_tower`` (a hub name like
 ``openai/clip-vit-large-patch14-336`` or a local path) and may store its weights under
-``model.vision_tower.vision_tower.*`` (LLaVA-Med v1.5 does; v1.0 does not). The architecture of a
+``model.vision_tower.vision_tower.vision_model.*`` (LLaVA-Med v1.5 does; v1.0 does not). The architecture of a
 stored tower comes from the table of published towers below, or from ``mm_vision_tower`` when it is a
 local folder with a ``config.json``; ``--vision-tower PATH`` replaces the stored weights by a local
 CLIP/SigLIP folder (config, weights and ``preprocessor_config.json``).
@@ -61,7 +61,8 @@ class TowerSource:
         for key in self.keys:
             if key.endswith(BUFFER_SUFFIXES):
                 continue
-            yield "vision_tower." + key[len(self.prefix):], source.get(key)
+            # medvlm (transformers 5) names tower tensors without CLIP's `vision_model.` level
+            yield "vision_tower." + key[len(self.prefix):].removeprefix("vision_model."), source.get(key)
 
 
 def _vision_config(cfg: PretrainedConfig, where: str) -> PretrainedConfig:
@@ -87,9 +88,11 @@ def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
         folder = check_weights_folder(vision_tower, "vision tower")
         cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         vision_config = _vision_config(cfg, str(folder))
-        keys = [k for k in SafetensorsCheckpoint(folder, "vision tower").keys() if k.startswith("vision_model.")]
+        keys = SafetensorsCheckpoint(folder, "vision tower").keys()
+        if cfg.model_type in _FULL_TO_VISION:  # a full CLIP/SigLIP: its vision half only
+            keys = [k for k in keys if k.startswith("vision_model.")]
         if not keys:
-            raise MedvlmError(f"vision tower folder {folder} has no vision_model.* tensors")
+            raise MedvlmError(f"vision tower folder {folder} has no vision tower tensors")
         ignored = f"; the {len(stored)} stored tower tensors of {llava.folder} are ignored" if stored else ""
         return TowerSource(vision_config, _processor_of(folder, vision_config),
                            f"weights from {folder}{ignored}", folder, keys, "")

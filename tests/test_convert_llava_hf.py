@@ -1,0 +1,155 @@
+"""`medvlm model export --to llava-hf`: plain transformers loads the export and computes what medvlm computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from medvlm.cli import main as cli_main
+from medvlm.data.schema import Message, Sample
+from medvlm.errors import MedvlmError
+from medvlm.model.build import build_preset, load_pretrained, save_checkpoint
+from medvlm.model.convert import export_checkpoint
+
+QUESTION = "What abnormality is seen in this CT?"
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava_hf")
+    model, processor = build_preset("tiny", projector="mlp2x_gelu", aspect="pad", seed=3)
+    src = save_checkpoint(model, processor, root / "medvlm")
+    dst = export_checkpoint(src, root / "hf", "llava-hf")
+    return src, dst
+
+
+@pytest.fixture(scope="module")
+def hf(exported):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    _, dst = exported
+    model = LlavaForConditionalGeneration.from_pretrained(str(dst)).eval()
+    processor = AutoProcessor.from_pretrained(str(dst))
+    return model, processor
+
+
+def _hf_inputs(processor, image):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=[image], text=prompt, add_special_tokens=False, return_tensors="pt")
+
+
+def test_transformers_loads_export_with_same_inputs_and_logits(exported, hf, shared_dir):
+    src, _ = exported
+    hm, hp = hf
+    image_path = shared_dir / "images" / "med_img_1.png"  # 593x756: the pad aspect matters
+    image = Image.open(image_path).convert("RGB")
+    model, processor = load_pretrained(src)
+    sample = Sample(id="q", messages=[Message.from_text("user", f"<image>\n{QUESTION}")], images=[str(image_path)])
+    ours = processor.encode(sample, add_generation_prompt=True)
+    theirs = _hf_inputs(hp, image)
+    assert theirs["input_ids"][0].tolist() == ours["input_ids"].tolist()
+    assert torch.equal(theirs["pixel_values"], ours["pixel_values"])
+    with torch.no_grad():
+        a = model(input_ids=ours["input_ids"][None], pixel_values=ours["pixel_values"]).logits  # [1, T, V]
+        b = hm(**theirs).logits  # [1, T, V]
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    # apply_chat_template(tokenize=True) drops the tokenizer's own BOS as the card says: same ids
+    tokenized = hp.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, images=[image],
+    )
+    assert list(tokenized["input_ids"][0]) == ours["input_ids"].tolist()
+
+
+def test_medvlm_chat_equals_transformers_generate(exported, hf, shared_dir, capsys):
+    src, _ = exported
+    hm, hp = hf
+    image_path = shared_dir / "images" / "med_img_1.png"
+    code, out, err = _run_cli(["chat", "--model", str(src), "--image", str(image_path), "--prompt", QUESTION,
+                               "--max-new-tokens", "12"], capsys)
+    assert code == 0, err
+    inputs = _hf_inputs(hp, Image.open(image_path).convert("RGB"))
+    with torch.no_grad():
+        ids = hm.generate(**inputs, max_new_tokens=12, do_sample=False)  # generation_config.json of the export
+    new = ids[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = hp.tokenizer.eos_token_id
+    if eos in new:
+        new = new[: new.index(eos)]
+    expected = hp.tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert out.strip() == expected
+    assert expected  # a real comparison: the tiny model says something
+
+
+@pytest.mark.parametrize("aspect", ["square", "resize"])
+def test_other_aspect_modes_give_identical_pixels(tmp_path, shared_dir, aspect):
+    from transformers import AutoProcessor
+
+    model, processor = build_preset("tiny", aspect=aspect)
+    src = save_checkpoint(model, processor, tmp_path / "m")
+    dst = export_checkpoint(src, tmp_path / "hf", "llava-hf")
+    image = Image.open(shared_dir / "images" / "xy_chromosome.jpg").convert("RGB")
+    ours = processor.preprocess_images([image])
+    theirs = AutoProcessor.from_pretrained(str(dst)).image_processor(images=[image], return_tensors="pt")
+    assert torch.equal(theirs["pixel_values"], ours)
+    assert aspect in (dst / "README.md").read_text()
+
+
+def test_config_processor_and_card(exported):
+    import json
+
+    _, dst = exported
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    assert cfg["vision_feature_select_strategy"] == "default" and cfg["vision_feature_layer"] == -2
+    assert cfg["image_seq_length"] == 16 and cfg["image_token_index"] == 4
+    proc = json.loads((dst / "processor_config.json").read_text())
+    assert proc["patch_size"] == 16 and proc["num_additional_image_tokens"] == 1
+    assert proc["image_processor"]["do_pad"] is True
+    assert (dst / "chat_template.jinja").is_file()
+    assert "Research use only" in (dst / "README.md").read_text()
+
+
+@pytest.mark.parametrize("projector", ["linear", "cluster"])
+def test_refuses_projectors_llava_hf_cannot_hold(tmp_path, capsys, projector):
+    model, processor = build_preset("tiny", projector=projector)
+    src = save_checkpoint(model, processor, tmp_path / "m")
+    code, _, err = _run_cli(["model", "export", "--to", "llava-hf", str(src), str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert f"projector_type {projector!r} cannot be exported to llava-hf" in err
+    assert "Linear -> activation -> Linear" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_im_start_end_and_keeps_existing_output(tmp_path):
+    model, processor = build_preset("tiny", mm_use_im_start_end=True)
+    src = save_checkpoint(model, processor, tmp_path / "m")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(MedvlmError, match="mm_use_im_start_end"):
+        export_checkpoint(src, out, "llava-hf")
+    assert (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_export_arguments(tmp_path, exported, capsys):
+    src, _ = exported
+    code, _, err = _run_cli(["model", "export", "--to", "gguf", str(src), str(tmp_path / "o")], capsys)
+    assert code == 2 and "unknown export format (--to) 'gguf'" in err and "llava-hf" in err
+    with pytest.raises(MedvlmError, match="not found"):
+        export_checkpoint(tmp_path / "missing", tmp_path / "o", "llava-hf")
+    with pytest.raises(MedvlmError, match="is the input folder"):
+        export_checkpoint(src, src, "llava-hf")
+    assert not Path(tmp_path / "o").exists()
