@@ -7,6 +7,18 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${MEDVLM_TORCH_VERSION:-2.13.0}"
 EXTRAS="${MEDVLM_EXTRAS:-dev}"
 PY="${PYTHON:-python3}"
+WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-browser) WITH_BROWSER=1 ;;  # Debian chromium for the web-UI browser test
+    *) echo "usage: $0 [--with-browser]" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$WITH_BROWSER" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python

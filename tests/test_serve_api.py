@@ -90,7 +90,7 @@ def test_concurrent_greedy_requests_are_batched_and_equal_unbatched(client, engi
     limits = [6, 9, 12, 6, 9, 12]
     expected = [engine.generate([Sample(id="q", messages=[Message.from_text("user", q)])],
                                 GenerationSettings(max_new_tokens=n))[0] for q, n in zip(questions, limits)]
-    batcher = server.server.config.app.state.batcher if hasattr(server.server.config.app, "state") else None
+    batcher = server.server.config.app.state.batcher
     got: list[str | None] = [None] * len(questions)
 
     def ask(i: int) -> None:
@@ -104,7 +104,7 @@ def test_concurrent_greedy_requests_are_batched_and_equal_unbatched(client, engi
     for t in threads:
         t.join(60)
     assert got == expected
-    assert batcher is not None and batcher.largest_batch > 1
+    assert batcher.largest_batch > 1
 
 
 BAD_CASES = [

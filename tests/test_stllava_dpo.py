@@ -23,7 +23,7 @@ def _flat(values: dict[str, tuple[float, float]]) -> dict[str, float]:
     return {f"{k}/{side}": v[i] for k, v in values.items() for i, side in enumerate(("c", "r"))}
 
 
-def write_gold_prefs(demo, path, limit: int = 12) -> list[dict]:
+def write_gold_prefs(demo, path, limit: int = 8) -> list[dict]:
     """Pairs from the synthetic VQA train split: the pixel-correct gold answer is chosen, a wrong one rejected."""
     recs = json.loads((demo / "vqa" / "train.json").read_text())
     answers = sorted({r["conversations"][1]["value"] for r in recs})
@@ -93,7 +93,7 @@ def test_pairs_learn_only_the_compared_answer(setup):
     demo, stage1, prefs = setup
     _, proc = build_preset("tiny", seed=3, template="v1_sq", projector="cluster")
     ds, report = build_preference_dataset([str(prefs)], proc, str(demo / "images"), 512)
-    assert report.pairs == 12 and report.image_pairs == 12
+    assert report.pairs == 8 and report.image_pairs == 8
     item = ds[0]
     pair = ds.pairs[0]
     for side in ("chosen", "rejected"):
@@ -141,7 +141,7 @@ def test_stored_logps_are_refused_for_other_pairs(setup, tmp_path):
     prepare_dpo(_dpo_config(setup, tmp_path / "a", ref_logps=str(path)))
     assert path.is_file()
     other = tmp_path / "other.json"
-    write_gold_prefs(demo, other, limit=6)
+    write_gold_prefs(demo, other, limit=4)
     with pytest.raises(MedvlmError, match="fingerprint"):
         prepare_dpo(_dpo_config(setup, tmp_path / "b", ref_logps=str(path), data_path=str(other)))
 

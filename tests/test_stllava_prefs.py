@@ -44,8 +44,8 @@ def env(tmp_path_factory):
 
 def _run(env, out, server, *, ties="drop", limit=2, cache=None, **kw):
     demo, model, proc = env
-    cfg = PrefsConfig(model=out.parent, images=demo / "images", out=out, questions_per_image=3, ties=ties, limit=limit,
-                      description_tokens=8, question_tokens=8, answer_tokens=8, **kw)
+    cfg = PrefsConfig(model=out.parent, images=demo / "images", out=out, questions_per_image=2, ties=ties, limit=limit,
+                      description_tokens=6, question_tokens=6, answer_tokens=6, **kw)
     llm = LLMConfig(model="judge-4o", base_url=server.base_url, api_key_env="", retries=0, backoff_base=0.0,
                     progress=False, cache_path=cache)
     return generate_preferences(cfg, llm, model=model, processor=proc)
@@ -130,3 +130,36 @@ def test_bad_settings_and_models_are_refused(env, tmp_path, openai_server_factor
     cfg = PrefsConfig(model=tmp_path, images=demo / "images", out=tmp_path / "y.json", limit=1)
     with pytest.raises(MedvlmError, match="VUSER"):
         generate_preferences(cfg, LLMConfig(base_url=server.base_url, api_key_env=""), model=model, processor=proc)
+
+
+def test_cli_reports_bad_options(env, tmp_path):
+    from medvlm.cli import main
+
+    demo, _, _ = env
+    with pytest.raises(SystemExit) as e:
+        main(["prefs", "generate", "--model", str(tmp_path), "--images", str(demo / "images"),
+              "--out", str(tmp_path / "p.json"), "--ties", "first"])
+    assert e.value.code == 2
+
+
+def test_test_time_self_questioning_dialogue(env):
+    from medvlm.data.schema import Message, Sample, image_part, text_part
+    from medvlm.infer.engine import GenerationSettings, InferenceEngine
+    from medvlm.infer.self_question import SelfQuestioningAnswerer
+
+    demo, model, proc = env
+    recs = json.loads((demo / "vqa" / "test.json").read_text())[:2]
+    samples = [Sample(str(r["id"]), [Message("user", [image_part(), text_part(r["conversations"][0]["value"].replace("<image>", "").strip())])],
+                      [r["image"]]) for r in recs]
+    answerer = SelfQuestioningAnswerer(InferenceEngine(model, proc), k=2, aux_tokens=6)
+    settings = GenerationSettings(max_new_tokens=6)
+    answers = answerer.generate(samples, settings, image_folder=demo / "images")
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    d = answerer.dialogues[0]
+    assert [m.role for m in d] == ["user", "assistant", "vuser", "assistant", "vuser", "assistant"]
+    assert d[0].num_images == 1 and sum(m.num_images for m in d) == 1
+    # The final answer is the engine's answer to the real question asked after that dialogue.
+    final = Sample("x", d + [Message("user", [text_part(samples[0].messages[0].text)])], samples[0].images)
+    assert InferenceEngine(model, proc).generate([final], settings, image_folder=demo / "images")[0] == answers[0]
+    with pytest.raises(MedvlmError, match="VUSER"):
+        SelfQuestioningAnswerer(InferenceEngine(*build_preset("tiny")), k=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.data.sq import sq_rng, to_self_questioning, vuser_turns
@@ -144,3 +143,24 @@ def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, 
 def test_sq_refuses_a_model_without_the_v1_sq_template(demo, tmp_path):
     with pytest.raises(MedvlmError, match="v1_sq"):
         run_training(_sq_config(demo, tmp_path / "x", model_kwargs={}))
+
+
+def test_sq_dataset_redraws_each_epoch_and_learns_more_tokens(demo):
+    from types import SimpleNamespace
+
+    from medvlm.train.config import DataSource
+    from medvlm.train.data import build_dataset
+    from medvlm.train.sq import EpochCallback, SelfQuestioningDataset
+
+    _, proc = build_preset("tiny", template="v1_sq", projector="cluster")
+    base, _ = build_dataset([DataSource(str(demo / "instruct.json"))], proc, image_folder=str(demo / "images"),
+                            max_length=512)
+    ds = SelfQuestioningDataset(base, 0.5, seed=1)
+    labels = lambda: [int((ds[i]["labels"] != -100).sum()) for i in range(len(ds))]
+    plain = [int((base[i]["labels"] != -100).sum()) for i in range(len(ds))]
+    epoch0 = labels()
+    assert labels() == epoch0  # reproducible within an epoch
+    assert all(a >= b for a, b in zip(epoch0, plain)) and sum(epoch0) > sum(plain)  # VUSER questions are learned
+    EpochCallback(ds).on_epoch_begin(None, SimpleNamespace(epoch=1.0000001), None)
+    assert ds.epoch == 1 and labels() != epoch0
+    assert ds[0]["pixel_values"].shape[0] == 1

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from medvlm.errors import MedvlmError
-from medvlm.train.config import TrainConfig, load_config, parse_overrides
+from medvlm.train.config import STAGES, TrainConfig, load_config, parse_overrides
 from medvlm.train.run import resolve_accumulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_every_shipped_recipe_loads_and_names_its_run_command(path: Path):
     assert first[0].startswith("#")
     assert any(f"medvlm train configs/{path.parent.name}/{path.name}" in line for line in first), first
     cfg = load_config(path)
-    assert cfg.stage in ("align", "sft")
+    assert cfg.stage in STAGES
     assert cfg.output_dir
 
 
@@ -111,3 +111,17 @@ def test_override_parsing():
     assert parse_overrides(["--a", "1", "--b=x", "--flag", "--c", "y"]) == {"a": "1", "b": "x", "flag": "true", "c": "y"}
     with pytest.raises(MedvlmError, match="unexpected argument"):
         parse_overrides(["stray"])
+
+
+def test_cli_without_yaml_reaches_the_run_and_reports_errors(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "medvlm", "train", "--stage", "sft", "--preset", "tiny",
+           "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "o"), "--report_to", "[]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: data_path {tmp_path / 'missing.json'}: file not found" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "medvlm", "train", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope.yaml: config file not found" in bad.stderr

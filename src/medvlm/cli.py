@@ -33,6 +33,7 @@ _VERBS: list[tuple[str, str, str]] = [
     ("train", "medvlm.train.commands", "command"),
     ("eval", "medvlm.eval.commands", "group"),
     ("serve", "medvlm.serve.commands", "group"),
+    ("prefs", "medvlm.infer.prefs_commands", "group"),
 ]
 
 

@@ -127,6 +127,9 @@ def vqa(
                                                                "processes (cores/K threads each), merged in order.")] = 1,
     model_id: Annotated[Optional[str], typer.Option("--model-id", help="model_id of the answers (default: the model folder name).")] = None,
     data_format: Annotated[str, typer.Option("--format", help="Questions file format (auto, vqa_test, qa50, ...).")] = "auto",
+    self_question: Annotated[int, typer.Option("--self-question", help="STLLaVA-Med test-time self-questioning: the model "
+                                                                       "describes the image and asks/answers K questions "
+                                                                       "first (v1_sq models).")] = 0,
 ) -> None:
     """Answer a VQA test set with a model: batched, resumable, in the original answer-file format."""
     from medvlm.eval.vqa import run_vqa
@@ -134,6 +137,6 @@ def vqa(
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     res = run_vqa(model, questions, out, image_folder, settings, batch_size=batch_size, processes=processes,
-                  model_id=model_id, format=data_format)
+                  model_id=model_id, format=data_format, self_question=self_question)
     typer.echo(f"answered {res.answered} question(s) ({res.resumed} already in {out}) of {res.total} in "
                f"{res.seconds:.1f} s; wrote {res.out} and {res.decoding}")

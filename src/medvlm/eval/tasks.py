@@ -30,7 +30,7 @@ def run_chunk(job_path: str | Path, progress: bool = False) -> int:
     questions = [q for q in read_questions(job.questions, job.format) if q.key in wanted]
     if len(questions) != len(wanted):
         raise MedvlmError(f"{job.questions}: {len(wanted) - len(questions)} question(s) of the chunk are gone")
-    engine = load_engine(job.model, job.batch_size)
+    engine = load_engine(job.model, job.batch_size, int(job.extra.get("self_question", 0)))
     bar = _progress(len(questions), progress)
     n = answer_into(engine, questions, job.out, gen, job.model_id, job.batch_size, job.image_folder,
                     on_batch=bar.update)

@@ -206,13 +206,18 @@ def answer_into(engine: Any, questions: list[VQAQuestion], out: str | os.PathLik
     return done
 
 
-def load_engine(model: str | os.PathLike, batch_size: int) -> Any:
-    """Load a saved medvlm model and wrap it in an inference engine."""
+def load_engine(model: str | os.PathLike, batch_size: int, self_question: int = 0) -> Any:
+    """Load a saved medvlm model and wrap it in an inference engine (``self_question`` > 0: test-time self-questioning)."""
     from medvlm.infer.engine import InferenceEngine
     from medvlm.model.build import load_pretrained
 
     m, processor = load_pretrained(model)
-    return InferenceEngine(m, processor, batch_size=batch_size)
+    engine = InferenceEngine(m, processor, batch_size=batch_size)
+    if self_question:
+        from medvlm.infer.self_question import SelfQuestioningAnswerer
+
+        return SelfQuestioningAnswerer(engine, self_question)
+    return engine
 
 
 def split_contiguous(items: list, k: int) -> list[list]:
@@ -239,8 +244,9 @@ def _check_decoding(path: Path, record: dict[str, Any], out: Path, have_answers:
     if not have_answers or not path.is_file():
         return
     old = read_json(path)
-    for key in ("model_id", "settings"):
-        if isinstance(old, dict) and old.get(key) != record[key]:
+    defaults = {"self_question": 0}  # decoding.json files written before the option existed
+    for key in ("model_id", "settings", "self_question"):
+        if isinstance(old, dict) and old.get(key, defaults.get(key)) != record[key]:
             raise MedvlmError(
                 f"{out} holds answers written with another {key} ({old.get(key)!r}, now {record[key]!r}; see {path}); "
                 "use a new --out or delete the old answers")
@@ -257,6 +263,7 @@ def run_vqa(
     model_id: str | None = None,
     format: str = "auto",
     progress: bool = True,
+    self_question: int = 0,
 ) -> VQARunResult:
     """Answer every question of ``questions`` with the model in folder ``model`` into ``out`` (see the module doc)."""
     from medvlm.infer.engine import GenerationSettings
@@ -285,7 +292,7 @@ def run_vqa(
               "questions": str(Path(questions).resolve()),
               "image_folder": None if image_folder is None else str(Path(image_folder).resolve()),
               "answers": out.name, "n_questions": len(qs), "batch_size": batch_size, "processes": processes,
-              "greedy": settings.temperature == 0}
+              "greedy": settings.temperature == 0, "self_question": self_question}
     _check_decoding(decoding_path, record, out, bool(done))
     write_json_atomic(decoding_path, record)
     resumed = len(done)
@@ -295,12 +302,12 @@ def run_vqa(
     pending = [q for q in qs if q.key not in done]
     if pending and processes == 1:
         bar = _progress(len(pending), progress)
-        engine = load_engine(model_dir, batch_size)
+        engine = load_engine(model_dir, batch_size, self_question)
         answer_into(engine, pending, out, settings, mid, batch_size, image_folder, on_batch=bar.update)
         bar.close()
     elif pending:
         _run_chunks(model_dir, Path(questions), format, out, image_folder, settings, batch_size, mid,
-                    split_contiguous(pending, processes), progress)
+                    split_contiguous(pending, processes), progress, self_question)
     final = load_answers(out, by_key)
     for part in out.parent.glob(f"{out.name}.part*"):
         final.update(load_answers(part, by_key))
@@ -341,7 +348,8 @@ class ChunkJob:
 
 
 def _run_chunks(model_dir: Path, questions: Path, format: str, out: Path, image_folder, settings: Any,
-                batch_size: int, model_id: str, chunks: list[list[VQAQuestion]], progress: bool) -> None:
+                batch_size: int, model_id: str, chunks: list[list[VQAQuestion]], progress: bool,
+                self_question: int = 0) -> None:
     threads = max(1, cores() // len(chunks))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     procs = []
@@ -349,7 +357,8 @@ def _run_chunks(model_dir: Path, questions: Path, format: str, out: Path, image_
         for i, chunk in enumerate(chunks):
             job = ChunkJob(model=str(model_dir), questions=str(questions), format=format, keys=[q.key for q in chunk],
                            out=str(_part_path(out, i)), image_folder=None if image_folder is None else str(image_folder),
-                           settings=settings_dict(settings), batch_size=batch_size, model_id=model_id, threads=threads)
+                           settings=settings_dict(settings), batch_size=batch_size, model_id=model_id, threads=threads,
+                           extra={"self_question": self_question})
             job_path = Path(tmp) / f"job{i}.json"
             job_path.write_text(json.dumps(asdict(job)), encoding="utf-8")
             # Only the first chunk shows a progress bar, so K bars do not fight over one terminal.

@@ -22,7 +22,6 @@ and evaluation (the model's ``image_aspect``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,8 +393,3 @@ def summary(report: PrefsReport) -> str:
     lines.append(SHORT_NOTICE)
     return "\n".join(lines)
 
-
-def default_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """Where a run with ``--out OUT`` writes (for documentation and tools)."""
-    cfg = PrefsConfig(model=Path("."), images=Path("."), out=Path(out))
-    return {"stllava": cfg.out, "trl": cfg.trl_path(), "progress": cfg.progress_path(), "cache": cfg.default_cache_path()}

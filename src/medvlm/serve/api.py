@@ -298,7 +298,8 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:
-        return {"status": "ok", "queue_length": batcher.queue_length, "notice": NOTICE}
+        return {"status": "ok", "queue_length": batcher.queue_length, "batches_run": batcher.batches_run,
+                "requests_run": batcher.requests_run, "largest_batch": batcher.largest_batch, "notice": NOTICE}
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]},
              dependencies=[Depends(check_key)])

@@ -76,6 +76,8 @@ class DynamicBatcher:
         """How many ``generate`` calls ran (for stats and tests)."""
         self.largest_batch = 0
         """The largest batch run so far."""
+        self.requests_run = 0
+        """Requests that went through ``generate`` (requests_run / batches_run = mean batch size)."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "DynamicBatcher":
@@ -163,6 +165,7 @@ class DynamicBatcher:
             try:
                 generate_batch(self.engine, [j.request for j in batch], batch[0].settings)
                 self.batches_run += 1
+                self.requests_run += len(batch)
                 self.largest_batch = max(self.largest_batch, len(batch))
             except Exception as e:  # reported to each request; the server keeps serving
                 log.error("generation failed for a batch of %d: %s: %s", len(batch), type(e).__name__, e)

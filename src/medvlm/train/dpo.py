@@ -318,10 +318,11 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None) -> DPORun:
     train_proc = training_processor(cfg, model, processor)
     dataset, report = build_preference_dataset([s.path for s in cfg.sources()], train_proc, cfg.image_folder,
                                                cfg.max_length, cfg.data_format)
-    ref_model = load_pretrained(cfg.model_name_or_path)[0]
-    if cfg.ref_logps:
-        dataset.ref_logps = ensure_ref_logps(cfg, ref_model, dataset)
-        ref_model = None  # never needed again: the stored values are the reference
+    ref_model = None
+    if cfg.ref_logps:  # the stored values are the reference: the model is loaded only to compute them
+        dataset.ref_logps = ensure_ref_logps(cfg, lambda: load_pretrained(cfg.model_name_or_path)[0], dataset)
+    else:
+        ref_model = load_pretrained(cfg.model_name_or_path)[0]
     model = apply_self_training_stage(model, cfg)
     args = build_training_args(cfg, accumulation, find_unused=world > 1 and 0 < report.image_pairs < report.pairs)
     manifest = {"preference_files": report.files, "pairs": report.pairs, "image_pairs": report.image_pairs,
@@ -339,15 +340,11 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None) -> DPORun:
 
 
 def run_dpo(cfg: TrainConfig, callbacks: list | None = None):
-    """Stage ``dpo``; returns a :class:`~medvlm.train.run.TrainResult` (log history carries the DPO metrics)."""
-    from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, plot_loss_curve
-    from medvlm.train.checkpoint import save_final
-    from medvlm.train.run import TrainResult
+    """Stage ``dpo``; returns a :class:`~medvlm.train.run.TrainResult` (its log history carries the DPO metrics)."""
     from medvlm.train.sq import finish_run
 
     started = time.time()
     run = prepare_dpo(cfg, callbacks)
     out = run.trainer.train(resume_from_checkpoint=run.resume)
-    return finish_run(cfg, run.trainer, run.processor, run.config_yaml, run.manifest, f"dpo: {Path(cfg.output_dir).name}",
-                      out, started, save_final=save_final, plot=plot_loss_curve,
-                      files=(CONFIG_FILE, MANIFEST_FILE, LOSS_PNG), result_cls=TrainResult)
+    return finish_run(cfg, run.trainer, run.processor, run.config_yaml, run.manifest,
+                      f"dpo: {Path(cfg.output_dir).name}", out, started)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,10 @@ def load_ref_logps(path: str | os.PathLike) -> tuple[dict[str, tuple[float, floa
     return {k: (float(c), float(r)) for k, c, r in zip(ids, chosen.tolist(), rejected.tolist())}, meta.get("fingerprint", "")
 
 
-def ensure_ref_logps(cfg, ref_model, dataset) -> dict[str, tuple[float, float]]:
+def ensure_ref_logps(cfg, load_reference: Callable[[], Any], dataset) -> dict[str, tuple[float, float]]:
     """The run's reference log-probs: read from ``cfg.ref_logps`` if it matches, else computed and stored there.
+
+    ``load_reference()`` returns the frozen reference model; it is called only when values must be computed.
 
     ``ref_logps: auto`` stores them in ``output_dir/ref_logps.safetensors`` (recomputed when stale); a
     path is created when missing and refused when it belongs to other data or another reference.
@@ -118,7 +121,7 @@ def ensure_ref_logps(cfg, ref_model, dataset) -> dict[str, tuple[float, float]]:
         if not auto:
             raise MedvlmError(f"ref_logps {path}: computed for another reference checkpoint or other pairs "
                               "(fingerprint differs); delete it or use ref_logps: auto")
-    values = compute_ref_logps(ref_model, dataset, batch_size=cfg.per_device_train_batch_size)
+    values = compute_ref_logps(load_reference(), dataset, batch_size=cfg.per_device_train_batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_ref_logps(path, values, fp)
     return values

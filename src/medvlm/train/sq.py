@@ -27,8 +27,10 @@ from medvlm.data.sq import sq_rng, to_self_questioning
 from medvlm.data.schema import Sample
 from medvlm.errors import MedvlmError
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
+from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, RunArtifactsCallback, plot_loss_curve
 from medvlm.train.config import TrainConfig
 from medvlm.train.data import SupervisedDataset
+from medvlm.train.run import TrainResult
 from medvlm.train.trainer import MedVLMTrainer
 
 VIT_LORA_GRAD_MODES: tuple[str, ...] = ("trained", "published")
@@ -184,14 +186,13 @@ def check_sq_template(model) -> None:
                           f"uses {model.config.template!r}: build it with model_kwargs: {{template: {SQ_TEMPLATE}}}")
 
 
-def run_sq(cfg: TrainConfig, callbacks: list | None = None):
-    """Stage ``sq``: self-questioning instruction tuning; returns a :class:`~medvlm.train.run.TrainResult`."""
+def run_sq(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Stage ``sq``: self-questioning instruction tuning; returns the run's :class:`~medvlm.train.run.TrainResult`."""
     from transformers import set_seed
 
-    from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, RunArtifactsCallback, plot_loss_curve
-    from medvlm.train.checkpoint import load_start, resolve_resume, save_final
+    from medvlm.train.checkpoint import load_start, resolve_resume
     from medvlm.train.data import build_dataset
-    from medvlm.train.run import TrainResult, build_training_args, resolve_accumulation, training_processor, world_size
+    from medvlm.train.run import build_training_args, resolve_accumulation, training_processor, world_size
     from medvlm.train.trainer import TrainCollator
 
     started = time.time()
@@ -222,25 +223,24 @@ def run_sq(cfg: TrainConfig, callbacks: list | None = None):
         projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad,
     )
     out = trainer.train(resume_from_checkpoint=resume)
-    return finish_run(cfg, trainer, processor, config_yaml, manifest_dict, title, out, started,
-                      save_final=save_final, plot=plot_loss_curve, files=(CONFIG_FILE, MANIFEST_FILE, LOSS_PNG),
-                      result_cls=TrainResult)
+    return finish_run(cfg, trainer, processor, config_yaml, manifest_dict, title, out, started)
 
 
 def finish_run(cfg: TrainConfig, trainer, processor, config_yaml: str, manifest_dict: dict, title: str, out,
-               started: float, *, save_final, plot, files, result_cls):
-    """Save the merged checkpoint and loss curve (rank 0) and build the run's result."""
-    config_file, manifest_file, loss_png = files
+               started: float) -> TrainResult:
+    """Save the merged checkpoint (adapters in ``adapter/``) and the loss curve on rank 0; build the result."""
+    from medvlm.train.checkpoint import save_final
+
     history = list(trainer.state.log_history)
     if trainer.is_world_process_zero():
         final_model = trainer.accelerator.unwrap_model(trainer.model)
         lora = hasattr(final_model, "merge_and_unload")
-        save_final(final_model, processor, cfg.output_dir, {config_file: config_yaml, manifest_file: manifest_dict}, lora=lora)
-        plot(history, Path(cfg.output_dir) / loss_png, title)
+        save_final(final_model, processor, cfg.output_dir, {CONFIG_FILE: config_yaml, MANIFEST_FILE: manifest_dict}, lora=lora)
+        plot_loss_curve(history, Path(cfg.output_dir) / LOSS_PNG, title)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     losses = [h["loss"] for h in history if "loss" in h]
-    return result_cls(
+    return TrainResult(
         output_dir=str(cfg.output_dir), final_loss=losses[-1] if losses else (out.training_loss if out else None),
         log_history=history, steps=trainer.state.global_step, seconds=time.time() - started, manifest=manifest_dict,
     )
