@@ -2,17 +2,22 @@
 
 1. ``stage: sq``: the tiny preset (cluster projector, ``v1_sq`` template) is trained on the synthetic
    ``instruct.json`` + ``vqa/train.json`` with VUSER conversion and ViT-LoRA.
-2. ``medvlm prefs generate`` (the library function): the stage-1 model describes each *training* image,
-   asks its own questions and samples two answers per question. The judge is **a local fake
-   OpenAI-compatible server that knows the gold answers of the synthetic images** (it recognises the
-   image from the data URL's bytes and the question by word overlap with the image's known questions,
-   and scores each answer by its overlap with the pixel-determined gold answer; unknown questions
-   and equal scores are ties, dropped). No real LLM is involved.
+2. Preference pairs. The judge is **a local fake OpenAI-compatible server that knows the gold answers
+   of the synthetic images** (it recognises the image from the data URL's bytes and the question by
+   word overlap with the image's known questions, and scores each answer against the pixel-determined
+   gold answer; unrecognised questions and equal scores are ties, dropped). No real LLM is involved.
+   a. ``generate_preferences`` (what ``medvlm prefs generate`` runs) on ``--self-asked-images`` training
+      images: the model describes, asks its own questions, answers twice; reported as is.
+   b. The pairs DPO trains on: the same answer sampling (two seeds, temperature 1.2, top-k 100,
+      top-p 0.95) and the same judge prompt, client and tie rule, but the *questions* are the VQA
+      train questions of the pool images: a tiny random-init LM trained for minutes on 2 CPU cores does
+      not ask questions fluent enough for the gold judge to recognise (step a shows how many it does).
 3. ``stage: dpo`` with stored reference log-probs.
 4. Reward accuracy of the DPO model against the stage-1 reference over all pairs, and ``llava-med``
    closed/open accuracy on ``vqa/test.json`` before and after DPO (greedy, same settings).
 
-    .venv/bin/python benchmarks/bench_stllava_dpo.py [--images 160] [--sq-epochs 4] [--pref-images 60] [--out DIR]
+    .venv/bin/python benchmarks/bench_stllava_dpo.py [--images 100] [--sq-epochs 3] [--pref-images 40]
+        [--self-asked-images 8] [--dpo-epochs 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -118,12 +123,50 @@ def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path, 
     return sum(wins) / len(wins)
 
 
+def gold_question_pairs(sq_dir: Path, demo: Path, pool: Path, out: Path, llm) -> tuple[int, dict]:
+    """Pairs on the VQA train questions of the pool images: two sampled answers each, judged; STLLaVA-Med format."""
+    from medvlm.data.schema import Message, Sample, image_part, text_part
+    from medvlm.infer.engine import GenerationSettings, InferenceEngine
+    from medvlm.infer.prefs import JudgeJob, decide, judge_jobs, pair_records
+    from medvlm.infer.prefs_judge import image_data_url, judge_messages
+    from medvlm.llm import LLMClient
+    from medvlm.model.build import load_pretrained
+    from medvlm.utils.io import write_json_atomic
+
+    model, proc = load_pretrained(sq_dir)
+    engine = InferenceEngine(model, proc, batch_size=16)
+    names = {p.name for p in pool.iterdir()}
+    recs = [r for r in json.loads((demo / "vqa" / "train.json").read_text()) if r["image"] in names]
+    qs = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in recs]
+    prompts = [Sample(str(r["id"]), [Message("user", [image_part(), text_part(q)])], [r["image"]]) for r, q in zip(recs, qs)]
+    answers = [engine.generate(prompts, GenerationSettings(max_new_tokens=16, temperature=1.2, top_k=100, top_p=0.95,
+                                                          seed=seed), image_folder=pool) for seed in (1, 2)]
+    jobs, cands = [], []
+    for i, (r, q) in enumerate(zip(recs, qs)):
+        a1, a2 = answers[0][i], answers[1][i]
+        cands.append({"question": q, "answers": [a1, a2]})
+        if a1 != a2:
+            jobs.append(JudgeJob(r["image"], i, judge_messages(image_data_url(pool / r["image"]), q, a1, a2)))
+    with LLMClient(llm) as client:
+        judge_jobs(client, jobs, 2)
+    records, ties = [], 0
+    for j in jobs:
+        chosen = decide(j.scores, "drop") if j.scores else None
+        if chosen is None:
+            ties += 1
+            continue
+        records.append(pair_records(j.rel, j.index, cands[j.index], "", j, chosen, llm.model)[0])
+    write_json_atomic(out, records)
+    return len(records), {"questions": len(recs), "identical": len(recs) - len(jobs), "ties": ties}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--sq-epochs", type=float, default=3.0)
+    ap.add_argument("--sq-epochs", type=float, default=8.0)
     ap.add_argument("--pref-images", type=int, default=40)
     ap.add_argument("--dpo-epochs", type=float, default=3.0)
+    ap.add_argument("--self-asked-images", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -147,10 +190,11 @@ def main() -> None:
     if not (sq_dir / "model.safetensors").is_file():
         run_training(load_config(None, dict(
             stage="sq", preset="tiny", projector_type="cluster", model_kwargs={"template": "v1_sq", "image_aspect": "pad"},
-            data_path=[str(demo / "instruct.json"), str(demo / "vqa" / "train.json")], output_dir=str(sq_dir),
+            data_path=[{"path": str(demo / "instruct.json"), "weight": 1.0},
+                       {"path": str(demo / "vqa" / "train.json"), "weight": 2.0}], output_dir=str(sq_dir),
             # The tiny preset's LM is random: LoRA cannot teach it a language in minutes, so stage 1 trains it fully
             # (with ViT-LoRA and the projector as in the recipe); DPO below uses LM-LoRA as the paper does.
-            tune="full", vit_lora_r=8, vit_lora_alpha=16, learning_rate=1e-3, projector_lr=1e-3, vision_lr=1e-3,
+            tune="full", vit_lora_r=8, vit_lora_alpha=16, learning_rate=2e-3, projector_lr=1e-3, vision_lr=1e-3,
             num_train_epochs=args.sq_epochs, per_device_train_batch_size=8, **common)))
     t_sq = time.time() - t0
 
@@ -164,12 +208,15 @@ def main() -> None:
     judge = GoldJudge(demo)
     t1 = time.time()
     with FakeOpenAIServer(judge) as server:
+        llm = LLMConfig(model="gold-judge", base_url=server.base_url, api_key_env="", progress=False)
+        self_asked = root / "self_asked_prefs.json"
         rep = generate_preferences(
-            PrefsConfig(model=sq_dir, images=pool, out=root / "prefs.json", questions_per_image=5,
-                        description_tokens=48, question_tokens=24, answer_tokens=24),
-            LLMConfig(model="gold-judge", base_url=server.base_url, api_key_env="", progress=False))
+            PrefsConfig(model=sq_dir, images=pool, out=self_asked, questions_per_image=5, limit=args.self_asked_images,
+                        description_tokens=48, question_tokens=24, answer_tokens=24), llm)
+        print(summary(rep))
+        recognised_self = judge.recognised
+        pairs, pair_stats = gold_question_pairs(sq_dir, demo, pool, root / "prefs.json", llm)
     t_prefs = time.time() - t1
-    print(summary(rep))
 
     t2 = time.time()
     dpo_dir = root / "dpo"
@@ -178,7 +225,7 @@ def main() -> None:
         image_folder=str(pool), tune="lora", lora_r=16, lora_alpha=32, vit_lora_r=8, vit_lora_alpha=16,
         dpo_beta=0.1, ref_logps="auto", learning_rate=2e-3, projector_lr=5e-4, vision_lr=5e-4,
         num_train_epochs=args.dpo_epochs, per_device_train_batch_size=8,
-        **{k: v for k, v in common.items() if k != "image_folder"})))
+        **{k: v for k, v in common.items() if k not in ("image_folder", "logging_steps")}, logging_steps=1)))
     t_dpo = time.time() - t2
     acc = reward_accuracy(dpo_dir, sq_dir, root / "prefs.json", pool, 0.1)
     logged = [h for h in dpo.log_history if "rewards/accuracies" in h]
@@ -186,8 +233,10 @@ def main() -> None:
     before = vqa_scores(sq_dir, demo, root / "eval_sq")
     after = vqa_scores(dpo_dir, demo, root / "eval_dpo")
     result = {
-        "images": args.images, "pref_images": args.pref_images, "pairs": rep.pairs, "ties_dropped": rep.ties_dropped,
-        "identical_dropped": rep.identical_dropped, "judge_requests": judge.asked, "judge_recognised": judge.recognised,
+        "images": args.images, "pref_images": args.pref_images,
+        "self_asked": {"images": args.self_asked_images, "pairs": rep.pairs, "ties_dropped": rep.ties_dropped,
+                       "identical_dropped": rep.identical_dropped, "recognised_questions": recognised_self},
+        "gold_question_pairs": pairs, "gold_question_stats": pair_stats,
         "reward_accuracy_all_pairs": acc, "last_logged_reward_accuracy": logged[-1]["rewards/accuracies"] if logged else None,
         "dpo_steps": dpo.steps, "closed_before": pick(before, "closed"), "closed_after": pick(after, "closed"),
         "open_before": pick(before, "open"), "open_after": pick(after, "open"),

@@ -56,6 +56,32 @@ def build_bench_model(work: Path) -> Path:
     return ckpt
 
 
+def to_hf_llava(model):
+    """The same weights as a transformers ``LlavaForConditionalGeneration`` (TRL's SFTTrainer patches the forward
+    of models whose backbone is ``base_model``, which medvlm's composite is not)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = model.config
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
+        image_token_index=cfg.image_token_id, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_seq_length=cfg.image_seq_length, multimodal_projector_bias=True))
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("vision_tower."):
+            state["model." + k] = v
+        elif k.startswith("projector."):
+            state[k.replace("projector.0.", "model.multi_modal_projector.linear_1.")
+                  .replace("projector.2.", "model.multi_modal_projector.linear_2.")] = v
+        elif k.startswith("language_model.model."):
+            state["model.language_model." + k[len("language_model.model."):]] = v
+        elif k.startswith("language_model.lm_head."):
+            state[k[len("language_model."):]] = v
+    llava.load_state_dict(state, strict=True)
+    return llava
+
+
 def matmul_rate(seconds: float = 3.0) -> float:
     """torch fp32 dense matmul FLOP/s (2048^3 GEMMs) on this machine, now."""
     import torch
@@ -132,7 +158,8 @@ def variant(args) -> dict:
                               max_length=None, lr_scheduler_type="cosine", disable_tqdm=True, seed=cfg.seed)
             import datasets
 
-            model.vision_tower.requires_grad_(False)  # same trainable set as medvlm's sft stage
+            model = to_hf_llava(model)
+            model.model.vision_tower.requires_grad_(False)  # same trainable set as medvlm's sft stage
             # TRL only takes `datasets` objects: stream our lazy dataset's items through one (same encoding).
             stream = datasets.IterableDataset.from_generator(lambda: (dataset[i] for i in range(len(dataset))))
             sargs.max_steps = int(cfg.num_train_epochs * len(dataset) // 8)
@@ -143,9 +170,8 @@ def variant(args) -> dict:
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         seconds = time.perf_counter() - t0
         train_seconds = sum(timer.ends[i] - timer.starts[i] for i in timer.ends)
-        n_lm = sum(p.numel() for p in model.language_model.parameters()) + sum(
-            p.numel() for p in model.projector.parameters())
-        n_tower = sum(p.numel() for p in model.vision_tower.parameters())
+        n_tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+        n_lm = sum(p.numel() for p in model.parameters()) - n_tower
         flops = 6 * n_lm * tokens + 2 * n_tower * n_img * model.config.image_seq_length
         result.update(tokens=tokens, train_seconds=train_seconds, wall_seconds=seconds,
                       tokens_per_s=tokens / train_seconds, flops_per_s=flops / train_seconds,

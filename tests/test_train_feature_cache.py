@@ -50,3 +50,17 @@ def test_cache_key_changes_with_tower_weights_and_settings(tmp_path):
     cache.put_many(["a" * 64, "b" * 64], feats)
     assert torch.equal(cache.get_many(["a" * 64, "b" * 64]), feats)
     assert cache.get_many(["a" * 64, "c" * 64]) is None
+
+
+def test_model_accepts_precomputed_vision_features():
+    model, _ = build_preset("tiny", seed=3)
+    model.eval()
+    n = model.config.image_seq_length
+    ids = torch.tensor([[1] + [model.config.image_token_id] * n + [5, 6, 7]])  # [1, T]
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        direct = model(input_ids=ids, pixel_values=pixels).logits
+        feats = model.get_vision_features(pixels)  # [1, n, D_v]
+        via_cache = model(input_ids=ids, vision_features=feats).logits
+    assert feats.shape == (1, n, model.config.vision_config.hidden_size)
+    assert torch.equal(direct, via_cache)

@@ -34,6 +34,7 @@ _VERBS: list[tuple[str, str, str]] = [
     ("eval", "medvlm.eval.commands", "group"),
     ("serve", "medvlm.serve.commands", "group"),
     ("prefs", "medvlm.infer.prefs_commands", "group"),
+    ("demo", "medvlm.demo", "command"),
 ]
 
 

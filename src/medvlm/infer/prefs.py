@@ -187,8 +187,8 @@ def model_candidates(engine: InferenceEngine, rel: str, image, cfg: PrefsConfig)
 
 
 @dataclass
-class _Judging:
-    """One question's judge request through its parse retries."""
+class JudgeJob:
+    """One question's judge request through its parse retries (``scores``/``reply`` or ``error`` when done)."""
 
     rel: str
     index: int
@@ -208,7 +208,7 @@ def decide(scores: tuple[float, float], ties: str) -> int | None:
     return 1 if ties == "second" else None
 
 
-def pair_records(rel: str, idx: int, cand: dict, description: str, j: _Judging, chosen: int,
+def pair_records(rel: str, idx: int, cand: dict, description: str, j: JudgeJob, chosen: int,
                  judge_model: str) -> tuple[dict, dict]:
     """The pair in STLLaVA-Med's and in TRL's format, with the judge's scores and reasons beside it."""
     q, answers = cand["question"], cand["answers"]
@@ -236,13 +236,15 @@ def _load_progress(path: Path) -> dict[str, dict]:
     return {rec["image"]: rec for rec in rows}
 
 
-def _judge(client: LLMClient, jobs: list[_Judging], parse_retries: int, report: PrefsReport) -> None:
+def judge_jobs(client: LLMClient, jobs: list[JudgeJob], parse_retries: int) -> int:
+    """Send every job to the judge, re-asking unreadable replies up to ``parse_retries`` times; returns the re-asks."""
+    retries = 0
     pending = list(jobs)
     while pending:
-        again: list[_Judging] = []
+        again: list[JudgeJob] = []
 
         def on_result(res: LLMResult) -> None:
-            j: _Judging = res.tag
+            j: JudgeJob = res.tag
             if not res.ok:
                 j.error = res.error
                 return
@@ -259,8 +261,9 @@ def _judge(client: LLMClient, jobs: list[_Judging], parse_retries: int, report: 
 
         client.complete_many([LLMRequest(messages=j.messages, tag=j) for j in pending], on_result=on_result,
                              keep_results=False, desc="judging")
-        report.parse_retries += len(again)
+        retries += len(again)
         pending = again
+    return retries
 
 
 def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, processor=None,
@@ -310,7 +313,7 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
 def _run_chunk(chunk: list[str], cfg: PrefsConfig, engine: InferenceEngine, client: LLMClient,
                progress: dict[str, dict], report: PrefsReport) -> None:
     gen: dict[str, dict] = {}
-    jobs: list[_Judging] = []
+    jobs: list[JudgeJob] = []
     for rel in chunk:
         try:
             image = load_image(cfg.images / rel)
@@ -323,9 +326,9 @@ def _run_chunk(chunk: list[str], cfg: PrefsConfig, engine: InferenceEngine, clie
         for i, cand in enumerate(gen[rel]["candidates"]):
             if cand["answers"][0] == cand["answers"][1]:
                 continue  # identical answers carry no preference; counted when the image is recorded
-            jobs.append(_Judging(rel, i, judge_messages(url, cand["question"], *cand["answers"])))
-    _judge(client, jobs, cfg.parse_retries, report)
-    by_image: dict[str, dict[int, _Judging]] = {}
+            jobs.append(JudgeJob(rel, i, judge_messages(url, cand["question"], *cand["answers"])))
+    report.parse_retries += judge_jobs(client, jobs, cfg.parse_retries)
+    by_image: dict[str, dict[int, JudgeJob]] = {}
     for j in jobs:
         by_image.setdefault(j.rel, {})[j.index] = j
     for rel, g in gen.items():

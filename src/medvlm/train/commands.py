@@ -6,9 +6,9 @@ import typer
 
 COMMAND_SETTINGS = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
-    "help": "Train a medvlm model (stage 'align' or 'sft') from a YAML recipe; any key can be overridden "
-            "with --key value (e.g. --learning_rate 1e-4). Without a YAML, give --stage, --model_name_or_path "
-            "(or --preset), --data_path and --output_dir.",
+    "help": "Train a medvlm model (stage 'align', 'sft', or STLLaVA-Med's 'sq' / 'dpo') from a YAML recipe; "
+            "any key can be overridden with --key value (e.g. --learning_rate 1e-4). Without a YAML, give --stage, "
+            "--model_name_or_path (or --preset), --data_path and --output_dir.",
 }
 
 

@@ -113,14 +113,13 @@ def build_preference_dataset(paths: list[str], processor, image_folder: str | No
     A pair's key (for stored reference log-probs) is its ``id``, prefixed with the file's position
     (``"1:id"``) when several files are mixed; ids must be unique within a file.
     """
-    fmt = "auto" if data_format == "auto" else data_format
     pairs, encoded = [], []
     dropped = {"image_truncated": 0, "no_target": 0}
     seen: set[str] = set()
     for fi, path in enumerate(paths):
         if not Path(path).is_file():
             raise MedvlmError(f"data_path {path}: file not found")
-        for pair in read_preferences(path, fmt):
+        for pair in read_preferences(path, data_format):
             if len(paths) > 1:
                 pair.id = f"{fi}:{pair.id}"
             if pair.id in seen:
@@ -282,6 +281,8 @@ def check_dpo(cfg: TrainConfig) -> None:
                           "while training); use ref_visual_path: frozen or drop ref_logps")
     if not cfg.model_name_or_path:
         raise MedvlmError("stage 'dpo' starts from a stage-1 checkpoint: set model_name_or_path")
+    if any(s.weight != 1.0 for s in cfg.sources()):
+        raise MedvlmError("stage 'dpo' uses every preference pair once per epoch; data_path weights are not supported")
 
 
 @dataclass
