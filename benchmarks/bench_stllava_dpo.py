@@ -17,7 +17,7 @@
    closed/open accuracy on ``vqa/test.json`` before and after DPO (greedy, same settings).
 
     .venv/bin/python benchmarks/bench_stllava_dpo.py [--images 100] [--sq-epochs 3] [--pref-images 40]
-        [--self-asked-images 8] [--dpo-epochs 3] [--out DIR]
+        [--self-asked-images 8] [--dpo-epochs 10] [--dpo-lr 2e-3] [--dpo-visual-lr 2e-3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -165,7 +165,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--sq-epochs", type=float, default=8.0)
     ap.add_argument("--pref-images", type=int, default=40)
-    ap.add_argument("--dpo-epochs", type=float, default=3.0)
+    ap.add_argument("--dpo-epochs", type=float, default=10.0)
+    ap.add_argument("--dpo-lr", type=float, default=2e-3)
+    ap.add_argument("--dpo-visual-lr", type=float, default=2e-3, help="projector and ViT-LoRA learning rate in DPO")
     ap.add_argument("--self-asked-images", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -223,7 +225,8 @@ def main() -> None:
     dpo = run_training(load_config(None, dict(
         stage="dpo", model_name_or_path=str(sq_dir), data_path=str(root / "prefs.json"), output_dir=str(dpo_dir),
         image_folder=str(pool), tune="lora", lora_r=16, lora_alpha=32, vit_lora_r=8, vit_lora_alpha=16,
-        dpo_beta=0.1, ref_logps="auto", learning_rate=2e-3, projector_lr=5e-4, vision_lr=5e-4,
+        dpo_beta=0.1, ref_logps="auto", learning_rate=args.dpo_lr, projector_lr=args.dpo_visual_lr,
+        vision_lr=args.dpo_visual_lr,
         num_train_epochs=args.dpo_epochs, per_device_train_batch_size=8,
         **{k: v for k, v in common.items() if k not in ("image_folder", "logging_steps")}, logging_steps=1)))
     t_dpo = time.time() - t2

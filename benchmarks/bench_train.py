@@ -82,17 +82,18 @@ def to_hf_llava(model):
     return llava
 
 
-def matmul_rate(seconds: float = 3.0) -> float:
-    """torch fp32 dense matmul FLOP/s (2048^3 GEMMs) on this machine, now."""
+def matmul_rate(seconds: float = 5.0) -> tuple[float, float]:
+    """torch fp32 dense matmul rate (2048^3 GEMMs) on this machine, now: FLOP per wall second and per CPU second."""
     import torch
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return 2 * 2048**3 * n / (time.perf_counter() - t0)
+    flops = 2 * 2048**3 * n
+    return flops / (time.perf_counter() - t0), flops / (time.process_time() - c0)
 
 
 def _config(args, out: str, stage: str, data: str, **over):
@@ -113,13 +114,17 @@ def variant(args) -> dict:
 
     class EpochTimer(TrainerCallback):
         def __init__(self):
-            self.starts, self.ends = {}, {}
+            self.starts, self.ends, self.step_ends, self.step_cpu = {}, {}, [], []
 
         def on_epoch_begin(self, a, state, c, **kw):
-            self.starts[len(self.starts)] = time.perf_counter()
+            self.starts[len(self.starts)] = (time.perf_counter(), time.process_time())
 
         def on_epoch_end(self, a, state, c, **kw):
-            self.ends[len(self.ends)] = time.perf_counter()
+            self.ends[len(self.ends)] = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, a, state, c, **kw):
+            self.step_ends.append(time.perf_counter())
+            self.step_cpu.append(time.process_time())
 
     timer = EpochTimer()
     work = args.work
@@ -131,7 +136,8 @@ def variant(args) -> dict:
         cfg = _config(args, str(work / args.variant), "align", str(work / "align.json"), learning_rate=2e-3,
                       feature_cache="on" if cache else "off", feature_cache_dir=str(work / "features"))
         r = run_training(cfg, callbacks=[timer])
-        result["epoch_seconds"] = [timer.ends[i] - timer.starts[i] for i in sorted(timer.ends)]
+        result["epoch_seconds"] = [timer.ends[i][0] - timer.starts[i][0] for i in sorted(timer.ends)]
+        result["epoch_cpu_seconds"] = [timer.ends[i][1] - timer.starts[i][1] for i in sorted(timer.ends)]
         result["cache"] = {str(k): v for k, v in r.cache_by_epoch.items()}
     else:
         from medvlm.model.build import load_pretrained
@@ -139,13 +145,30 @@ def variant(args) -> dict:
         from medvlm.train.run import run_training
         from medvlm.train.trainer import TrainCollator
 
-        cfg = _config(args, str(work / args.variant), "sft", str(work / "sft.json"))
+        from medvlm.train.packing import pack_rows
+        from medvlm.train.sampler import ModalityLengthGroupedSampler
+
+        over = {"sft_medvlm": {}, "sft_medvlm_packed": {"packing": True},
+                "sft_medvlm_adamw": {"optim": "adamw_torch"}, "sft_trl": {}}[args.variant]
+        cfg = _config(args, str(work / args.variant), "sft", str(work / "sft.json"), max_steps=args.sft_steps, **over)
         model, processor = load_pretrained(args.ckpt)
         dataset, _ = build_dataset(cfg.sources(), processor, image_folder=cfg.image_folder, max_length=cfg.max_length)
-        tokens = sum(abs(n) for n in dataset.lengths) * cfg.num_train_epochs
-        n_img = sum(1 for n in dataset.lengths if n > 0) * cfg.num_train_epochs
+        micro = cfg.per_device_train_batch_size
+        if args.variant == "sft_trl":
+            order = list(range(len(dataset)))  # TRL streams the file in order
+        else:
+            order = list(ModalityLengthGroupedSampler(dataset.lengths, micro, 1, cfg.seed))
+        steps = [order[k * micro:(k + 1) * micro] for k in range(args.sft_steps)]
+        # Timed: steps 2..N (step 1 warms up allocators); tokens = non-padding tokens of those steps.
+        tokens = sum(abs(dataset.lengths[i]) for st in steps[1:] for i in st)
+        padded = 0  # token slots of the batches (with padding)
+        for st in steps[1:]:
+            lens = [abs(dataset.lengths[i]) for i in st]
+            rows = pack_rows(lens, cfg.max_length) if cfg.packing else [[i] for i in range(len(lens))]
+            padded += len(rows) * max(sum(lens[i] for i in row) for row in rows)
+        n_img = sum(1 for st in steps[1:] for i in st if dataset.lengths[i] > 0)
         t0 = time.perf_counter()
-        if args.variant == "sft_medvlm":
+        if args.variant != "sft_trl":
             r = run_training(cfg, callbacks=[timer])
             losses = [h["loss"] for h in r.log_history if "loss" in h]
         else:
@@ -162,21 +185,24 @@ def variant(args) -> dict:
             model.model.vision_tower.requires_grad_(False)  # same trainable set as medvlm's sft stage
             # TRL only takes `datasets` objects: stream our lazy dataset's items through one (same encoding).
             stream = datasets.IterableDataset.from_generator(lambda: (dataset[i] for i in range(len(dataset))))
-            sargs.max_steps = int(cfg.num_train_epochs * len(dataset) // 8)
+            sargs.max_steps = args.sft_steps
             trainer = SFTTrainer(model=model, args=sargs, train_dataset=stream,
                                  data_collator=TrainCollator(processor.pad_token_id),
                                  processing_class=processor.tokenizer, callbacks=[timer])
             trainer.train()
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         seconds = time.perf_counter() - t0
-        train_seconds = sum(timer.ends[i] - timer.starts[i] for i in timer.ends)
+        train_seconds = timer.step_ends[-1] - timer.step_ends[0]
+        cpu_seconds = timer.step_cpu[-1] - timer.step_cpu[0]  # user + sys of all threads: robust to machine load
         n_tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
         n_lm = sum(p.numel() for p in model.parameters()) - n_tower
         flops = 6 * n_lm * tokens + 2 * n_tower * n_img * model.config.image_seq_length
-        result.update(tokens=tokens, train_seconds=train_seconds, wall_seconds=seconds,
+        result.update(tokens=tokens, padding_fraction=1 - tokens / padded, timed_steps=len(steps) - 1,
+                      train_seconds=train_seconds, wall_seconds=seconds,
                       tokens_per_s=tokens / train_seconds, flops_per_s=flops / train_seconds,
+                      cpu_seconds=cpu_seconds, tokens_per_cpu_s=tokens / cpu_seconds, flops_per_cpu_s=flops / cpu_seconds,
                       first_loss=losses[0], last_loss=losses[-1])
-    result["matmul_flops_per_s"] = matmul_rate()
+    result["matmul_flops_per_s"], result["matmul_flops_per_cpu_s"] = matmul_rate()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["threads"] = torch.get_num_threads()
     return result
@@ -185,10 +211,12 @@ def variant(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=512, help="training samples per stage (>= 500 for the record)")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2, help="stage-1 epochs (b)")
+    ap.add_argument("--align-samples", type=int, default=None, help="stage-1 samples (default: --samples)")
+    ap.add_argument("--sft-steps", type=int, default=12, help="stage-2 optimizer steps timed per variant (a)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/medvlm_bench_train"))
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--only", default="align_nocache,align_cache,sft_trl,sft_medvlm")
+    ap.add_argument("--only", default="sft_trl,sft_medvlm,sft_medvlm_packed,sft_medvlm_adamw,align_nocache,align_cache")
     args = ap.parse_args()
     args.demo = args.work / "demo"
     args.ckpt = args.work / "bench_model"
@@ -200,15 +228,18 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.demo.exists():
         generate_synth(args.demo, n_images=int(args.samples * 1.3) + 8, seed=0, image_size=128, qa50_images=2)
-    align = json.loads((args.demo / "alignment.json").read_text())[: args.samples]
-    sft = json.loads((args.demo / "vqa" / "train.json").read_text())[: args.samples]
+    align = json.loads((args.demo / "alignment.json").read_text())[: args.align_samples or args.samples]
+    # Stage 2 on the synthetic instruction conversations: 1-4 turns, so lengths vary as in LLaVA-Med's data.
+    sft = json.loads((args.demo / "instruct.json").read_text())[: args.samples]
+    if len(sft) < args.samples:
+        raise SystemExit(f"only {len(sft)} instruct samples; remove {args.demo} and re-run")
     (args.work / "align.json").write_text(json.dumps(align))
     (args.work / "sft.json").write_text(json.dumps(sft))
     build_bench_model(args.work)
     results = {}
     for name in args.only.split(","):
         cmd = [sys.executable, __file__, "--variant", name, "--samples", str(args.samples), "--epochs",
-               str(args.epochs), "--work", str(args.work)]
+               str(args.epochs), "--work", str(args.work), "--sft-steps", str(args.sft_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -221,11 +252,22 @@ def main() -> None:
         later_a, later_b = sum(a[1:]) / max(1, len(a) - 1), sum(b[1:]) / max(1, len(b) - 1)
         print(f"(b) stage-1 epoch 1: {a[0]:.1f} s without cache, {b[0]:.1f} s with (filling); epochs 2+: "
               f"{later_a:.1f} s vs {later_b:.1f} s per epoch -> {later_a / later_b:.2f}x")
-    if {"sft_trl", "sft_medvlm"} <= results.keys():
-        t, m = results["sft_trl"], results["sft_medvlm"]
-        print(f"(a) stage-2 tokens/s: TRL SFTTrainer {t['tokens_per_s']:.0f}, medvlm {m['tokens_per_s']:.0f} -> "
-              f"{m['tokens_per_s'] / t['tokens_per_s']:.2f}x; achieved FLOP/s / matmul FLOP/s: "
-              f"TRL {t['flops_per_s'] / t['matmul_flops_per_s']:.1%}, medvlm {m['flops_per_s'] / m['matmul_flops_per_s']:.1%}")
+        a, b = results["align_nocache"]["epoch_cpu_seconds"], results["align_cache"]["epoch_cpu_seconds"]
+        later_a, later_b = sum(a[1:]) / max(1, len(a) - 1), sum(b[1:]) / max(1, len(b) - 1)
+        print(f"(b) in CPU seconds: epoch 1 {a[0]:.1f} vs {b[0]:.1f}; epochs 2+ {later_a:.1f} vs {later_b:.1f} "
+              f"-> {later_a / later_b:.2f}x")
+    if "sft_trl" in results:
+        t = results["sft_trl"]
+        print(f"(a) stage-2 TRL SFTTrainer: {t['tokens_per_s']:.0f} tokens/s, {t['tokens_per_cpu_s']:.0f} tokens/CPU-s, "
+              f"padding {t['padding_fraction']:.1%}, FLOP/CPU-s / matmul FLOP/CPU-s "
+              f"{t['flops_per_cpu_s'] / t['matmul_flops_per_cpu_s']:.1%}")
+        for name in ("sft_medvlm", "sft_medvlm_packed", "sft_medvlm_adamw"):
+            if name in results:
+                m = results[name]
+                print(f"(a) {name}: {m['tokens_per_s']:.0f} tokens/s -> {m['tokens_per_s'] / t['tokens_per_s']:.2f}x TRL; "
+                      f"{m['tokens_per_cpu_s']:.0f} tokens/CPU-s -> {m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x TRL; "
+                      f"padding {m['padding_fraction']:.1%}; FLOP/CPU-s / matmul FLOP/CPU-s "
+                      f"{m['flops_per_cpu_s'] / m['matmul_flops_per_cpu_s']:.1%}")
     for name, r in results.items():
         print(f"(c) peak RSS {name}: {r['peak_rss_mb']:.0f} MB")
 

@@ -38,3 +38,37 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str) -> dict[str, bool]:
     """For each tensor under ``prefix``: did it change at all (not bit-identical)?"""
     return {k: not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)}
+
+
+TORCHRUN_WORKER = """
+import json, os, sys
+from medvlm.train.config import load_config
+from medvlm.train.run import run_training
+r = run_training(load_config(None, json.loads(sys.argv[1])))
+rank = int(os.environ["RANK"])
+with open(sys.argv[2] + f".rank{rank}.json", "w") as f:
+    json.dump({"losses": [h["loss"] for h in r.log_history if "loss" in h], "shards": r.shards,
+               "world": int(os.environ["WORLD_SIZE"])}, f)
+"""
+
+
+def torchrun_two(tmp_path: Path, keys: dict, tag: str) -> list[dict]:
+    """Run ``run_training(keys)`` under ``torchrun --nproc_per_node 2``; each rank's losses, shards and world size."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), json.dumps(keys), str(tmp_path / tag)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"{tag}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def config_keys(cfg: TrainConfig) -> dict:
+    """A config as the flat key mapping ``load_config`` takes (nulls left out)."""
+    return {k: v for k, v in cfg.to_dict().items() if v is not None}

@@ -10,7 +10,8 @@ high-contrast lesions on the left, right or both sides, small or large, bright o
 (multi-turn conversations with ``domain``), ``vqa/train.json`` / ``vqa/test.json`` (converted
 VQA-RAD format, OPEN/CLOSED), ``vqa/train_open_answers.json`` (candidate answers, ``{"0": [...]}``),
 ``qa50.jsonl`` (chat-eval questions with reference answers), ``fig_captions.json`` (object of
-lists per domain, for instruction generation), ``manifest.json`` and ``README.md``.
+lists per domain, for instruction generation), ``factors.jsonl`` (every image's ground-truth factors
+and split), ``manifest.json`` and ``README.md``.
 
 Test images (a held-out ``test_fraction``) appear only in ``vqa/test.json`` and ``qa50.jsonl``.
 Every ``image`` field is relative to ``OUT/images``. Same arguments give byte-identical files.
@@ -128,6 +129,7 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
     vqa: dict[str, list[dict]] = {"train": [], "test": []}
     figs: dict[str, list[dict]] = {d: [] for d in DOMAINS}
     factors_by_split: dict[str, list] = {"train": [], "test": []}
+    factor_rows: list[dict] = []
     n_qa50_images = 0
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
@@ -140,6 +142,8 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
             render(f, rng, image_size).save(tmp / "images" / image, format="PNG")
             split = "test" if i in test_ids else "train"
             factors_by_split[split].append(f)
+            factor_rows.append({"image": image, "split": split, "modality": f.modality, "count": f.count,
+                                "side": f.side, "size": f.size, "intensity": f.intensity})
             cap = caption(f, rng)
             for j, qa in enumerate(qas):
                 vqa[split].append({"id": i * 10 + j, "image": image, "answer_type": qa.answer_type,
@@ -173,14 +177,15 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
         _dump(tmp / "vqa" / "test.json", vqa["test"])
         _dump(tmp / "vqa" / "train_open_answers.json", {"0": open_answers})
         _dump(tmp / "fig_captions.json", figs)
-        (tmp / "qa50.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in qa50),
-                                        encoding="utf-8")
+        for name, rows in (("qa50.jsonl", qa50), ("factors.jsonl", factor_rows)):
+            (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         manifest = SynthManifest(
             out_dir=str(out), seed=seed, n_images=n_images, n_train_images=n_images - n_test, n_test_images=n_test,
             image_size=image_size, test_fraction=test_fraction,
             files={"images": n_images, "alignment.json": len(alignment), "instruct.json": len(instruct),
                    "vqa/train.json": len(vqa["train"]), "vqa/test.json": len(vqa["test"]),
                    "vqa/train_open_answers.json": len(open_answers), "qa50.jsonl": len(qa50),
+                   "factors.jsonl": len(factor_rows),
                    "fig_captions.json": sum(len(v) for v in figs.values())},
             factor_distribution={s: _factor_counts(fs) for s, fs in factors_by_split.items()},
             question_kinds={s: dict(sorted(Counter(f"{r['answer_type']}/{r['question_type']}" for r in rows).items()))
@@ -219,6 +224,7 @@ left/right/both), their size (small/large) and intensity (bright/dark).
 | `vqa/train_open_answers.json` | the open answers of the train split (`{{"0": [...]}}`) |
 | `qa50.jsonl` | chat-eval questions in LLaVA-Med qa50 format with reference answers (`gpt4_answer`) |
 | `fig_captions.json` | figure captions and mentions, one list per domain (for instruction generation) |
+| `factors.jsonl` | the ground-truth factors and split of every image (for probes and error analysis) |
 | `manifest.json` | counts, seed, factor distribution, blind baseline |
 
 Blind baseline (majority answer per question kind, learned on train, scored on test; a model that never
@@ -257,7 +263,8 @@ def _read_vqa(path: str | os.PathLike) -> list[tuple[str, str, str, str]]:
             raise MedvlmError(f"{path}: record {i}: field 'conversations' needs a question and an answer turn")
         atype = str(r.get("answer_type", "")).upper()
         if atype not in ("OPEN", "CLOSED"):
-            raise MedvlmError(f"{path}: record {i}: field 'answer_type' must be OPEN or CLOSED, got {r.get('answer_type')!r}")
+            raise MedvlmError(f"{path}: record {i}: field 'answer_type' must be OPEN or CLOSED, "
+                              f"got {r.get('answer_type')!r}")
         q, a = conv[0].get("value"), conv[1].get("value")
         if not isinstance(q, str) or not isinstance(a, str):
             raise MedvlmError(f"{path}: record {i}: conversation turns need a string 'value'")

@@ -28,15 +28,15 @@ SIDES: tuple[str, ...] = ("left", "right", "both")
 """Side of the *image* (viewer's left/right) holding the lesions; ``both`` needs two or more lesions."""
 SIZES: tuple[str, ...] = ("small", "large")
 INTENSITIES: tuple[str, ...] = ("bright", "dark")
-SIZE_RADIUS: dict[str, float] = {"small": 0.045, "large": 0.085}
+SIZE_RADIUS: dict[str, float] = {"small": 0.05, "large": 0.09}
 """Lesion radius as a fraction of the image side."""
 BRIGHT_MIN = 230
 DARK_MAX = 40
 
-# Lesion centres (fractions of the image side). The vertical slots are 0.22 apart so that even large
-# lesions (diameter 0.17) keep a clear gap, and the whole stack stays inside every body outline.
+# Lesion centres (fractions of the image side). The vertical slots are 0.25 apart so that even large
+# lesions (diameter 0.18) keep a clear gap, and the whole stack stays inside every body outline.
 _SIDE_X = {"left": 0.32, "right": 0.68}
-_SLOTS = {1: (0.5,), 2: (0.39, 0.61), 3: (0.28, 0.5, 0.72)}
+_SLOTS = {1: (0.5,), 2: (0.375, 0.625), 3: (0.25, 0.5, 0.75)}
 _LESION_RGB = {
     "bright": {"xray": (250, 250, 250), "ct": (250, 250, 250), "mri": (250, 250, 250),
                "histology": (252, 247, 250), "gross": (252, 246, 236)},
@@ -77,9 +77,9 @@ def lesion_layout(f: Factors, rng: np.random.Generator) -> list[tuple[float, flo
         groups = [(f.side, f.count)]
     out = []
     for side, k in groups:
-        shift = rng.uniform(-0.02, 0.02)  # the stack moves as a whole, so the gaps never shrink
+        shift = rng.uniform(-0.015, 0.015)  # the stack moves as a whole, so the gaps never shrink
         for y in _SLOTS[k]:
-            out.append((_SIDE_X[side] + rng.uniform(-0.03, 0.03), y + shift, side))
+            out.append((_SIDE_X[side] + rng.uniform(-0.02, 0.02), y + shift, side))
     return out
 
 
@@ -138,7 +138,7 @@ def _xray(c: _Canvas, rng: np.random.Generator) -> None:
 
 def _ct(c: _Canvas, rng: np.random.Generator) -> None:
     # Axial CT: round body outline on black, bright rim, grey soft tissue, bright vertebra.
-    cx, cy, r = 0.5 + rng.uniform(-0.01, 0.01), 0.5 + rng.uniform(-0.01, 0.01), 0.46 + rng.uniform(-0.01, 0.01)
+    cx, cy, r = 0.5 + rng.uniform(-0.005, 0.005), 0.5 + rng.uniform(-0.005, 0.005), 0.47 + rng.uniform(-0.01, 0.01)
     c.ellipse(cx, cy, r, r, _grey(_jit(rng, 205, 8)))
     c.ellipse(cx, cy, r - 0.025, r - 0.025, _grey(_jit(rng, 112, 10)))
     c.ellipse(0.5, 0.45, 0.12 + rng.uniform(-0.02, 0.02), 0.09, _grey(_jit(rng, 138, 6)))
@@ -182,7 +182,7 @@ def _gross(c: _Canvas, rng: np.random.Generator) -> None:
                   _rgb(rng, (160, 86, 62), 8))
 
 
-_BACKGROUND = {"xray": lambda rng: _grey(_jit(rng, 38, 4)), "ct": lambda rng: _grey(int(rng.integers(0, 4))),
+_BACKGROUND = {"xray": lambda rng: _grey(_jit(rng, 48, 4)), "ct": lambda rng: _grey(int(rng.integers(0, 4))),
                "mri": lambda rng: _grey(_jit(rng, 18, 3)), "histology": lambda rng: _rgb(rng, (232, 168, 200), 6),
                "gross": lambda rng: _rgb(rng, (40, 106, 128), 6)}
 _BODY = {"xray": _xray, "ct": _ct, "mri": _mri, "histology": _histology, "gross": _gross}
@@ -195,7 +195,7 @@ def render(f: Factors, rng: np.random.Generator, size: int) -> Image.Image:
     base = _LESION_RGB[f.intensity][f.modality]
     r = SIZE_RADIUS[f.size]
     for x, y, _side in lesion_layout(f, rng):
-        rx, ry = r * rng.uniform(0.92, 1.05), r * rng.uniform(0.92, 1.05)
+        rx, ry = r * rng.uniform(0.93, 1.0), r * rng.uniform(0.93, 1.0)
         fill = tuple(int(np.clip(v + rng.integers(-3, 4), 0, 255)) for v in base)
         c.ellipse(x, y, rx, ry, fill)  # type: ignore[arg-type]
     return c.img

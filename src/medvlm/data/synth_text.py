@@ -184,7 +184,10 @@ def _side_phrase(f: Factors) -> str:
 
 
 def caption(f: Factors, rng: np.random.Generator) -> str:
-    """A one-sentence figure caption naming every factor, e.g. ``Axial CT image showing two large bright lesions on the left side.``"""
+    """A one-sentence caption naming every factor.
+
+    E.g. ``Axial CT image showing two large bright lesions on the left side.``
+    """
     mod = _MOD_CAPTION[f.modality][int(rng.integers(2))]
     template = ("{mod} showing {les} {side}.", "{mod} with {les} {side}.", "{mod}: {les} {side}.")[int(rng.integers(3))]
     return template.format(mod=mod, les=_lesions(f), side=_side_phrase(f))

@@ -24,7 +24,7 @@ from medvlm.errors import MedvlmError
 STAGES: tuple[str, ...] = ("align", "sft", "sq", "dpo")
 TUNES: tuple[str, ...] = ("full", "lora", "qlora")
 FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
-DISTRIBUTED_MODES: tuple[str, ...] = ("auto", "fsdp2_cpu")
+DISTRIBUTED_MODES: tuple[str, ...] = ("auto", "fsdp2_cpu", "deepspeed_cpu")
 LLAMA_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VIT_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -79,6 +79,10 @@ class TrainConfig:
     """Drop (and count) samples whose image file is missing instead of stopping with an error."""
     group_by_modality_length: bool = True
     """Length-grouped sampling with image and text-only samples in separate mega-batches (less padding)."""
+    packing: bool = False
+    """Pack each micro-batch's samples into rows of up to ``max_length`` tokens instead of padding them: positions
+    restart per sample, attention stays inside each sample (block-diagonal mask read from the positions by
+    transformers for sdpa/eager/flex; varlen for flash-attention) and no loss crosses a boundary (stages align/sft)."""
 
     # --- which parameters learn -----------------------------------------------------------------
     tune: str = "full"
@@ -110,7 +114,11 @@ class TrainConfig:
     """Where cached vision features live (default ``$MEDVLM_CACHE/features`` or ``~/.cache/medvlm/features``)."""
     distributed: str = "auto"
     """``auto`` = whatever ``accelerate launch``/``torchrun`` set up (DDP, or FSDP/DeepSpeed on GPUs via the accelerate
-    config); ``fsdp2_cpu`` = medvlm's PyTorch-FSDP2 loop for CPU clusters (accelerate cannot shard on CPU)."""
+    config); ``fsdp2_cpu`` = medvlm's PyTorch-FSDP2 loop for CPU clusters (accelerate cannot shard on CPU);
+    ``deepspeed_cpu`` = medvlm's loop over the DeepSpeed engine (ZeRO stage ``deepspeed_zero_stage``) on CPU, where
+    the HF Trainer's DeepSpeed integration does not run."""
+    deepspeed_zero_stage: int = 2
+    """``distributed: deepspeed_cpu``: ZeRO stage 2 (optimizer state + gradients partitioned) or 3 (parameters too)."""
     projector_lr: float | None = None
     """Learning rate of the projector if different from ``learning_rate`` (LLaVA's ``mm_projector_lr``)."""
     global_batch_size: int | None = None
@@ -186,8 +194,9 @@ class TrainConfig:
     """Recompute activations in backward (tower encoder and LM decoder) to save memory."""
     dataloader_num_workers: int = 0
     """Data-loading worker processes."""
-    optim: str = "adamw_torch"
-    """Optimizer name (transformers ``OptimizerNames``)."""
+    optim: str = "adamw_torch_fused"
+    """Optimizer name (transformers ``OptimizerNames``). The default, torch's fused AdamW, runs on CPU and CUDA and
+    is ~4x faster per step than ``adamw_torch`` on CPU (one kernel over all tensors instead of a per-tensor loop)."""
     use_cpu: bool | None = None
     """Force CPU; default: CPU when no CUDA device is present."""
     disable_tqdm: bool = False
@@ -251,6 +260,8 @@ class TrainConfig:
             raise MedvlmError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise MedvlmError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.packing and self.stage not in ("align", "sft"):
+            raise MedvlmError(f"packing applies to stages align and sft, not {self.stage!r}")
         if self.tune in ("lora", "qlora") and (self.lora_r < 1 or not self.lora_target_modules):
             raise MedvlmError("LoRA needs lora_r >= 1 and a non-empty lora_target_modules")
         return self

@@ -50,6 +50,28 @@ def shard_report(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def local_batches(dataset, collate, chunk: list[int], micro: int, world: int, rank: int, accumulation: int) -> list[dict]:
+    """This rank's micro-batches of one optimizer step.
+
+    Global micro-batch ``j`` of the step is ``chunk[j*micro*world:(j+1)*micro*world]`` and rank ``r`` takes its
+    ``r``-th slice, as accelerate's batch sharding does for the Trainer (same samples per step at any world size).
+    """
+    return [collate([dataset[i] for i in chunk[(j * world + rank) * micro:(j * world + rank + 1) * micro]])
+            for j in range(accumulation)]
+
+
+def learned_tokens(batches: list[dict]) -> int:
+    """Learned (shifted) label positions of micro-batches: the Trainer's ``num_items_in_batch`` on this rank."""
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+def forward_loss(model, batch: dict, n_items: torch.Tensor) -> torch.Tensor:
+    """Micro-batch CE sum / ``n_items`` (padded or packed batch; no KV cache in training)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
+    out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items)
+    return out.loss
+
+
 def run_fsdp2_cpu(cfg: TrainConfig):
     """Train with FSDP2 over the ``torchrun`` process group (gloo); returns a :class:`TrainResult`."""
     import torch.distributed as dist
@@ -101,7 +123,7 @@ def run_fsdp2_cpu(cfg: TrainConfig):
                           num_training_steps=total)
     sampler = ModalityLengthGroupedSampler(dataset.lengths, micro * world, accumulation, cfg.seed,
                                            cfg.group_by_modality_length)
-    collate = TrainCollator(train_proc.pad_token_id)
+    collate = TrainCollator(train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
     history: list[dict[str, Any]] = []
     out_dir = Path(cfg.output_dir)
     if rank == 0:
@@ -114,19 +136,14 @@ def run_fsdp2_cpu(cfg: TrainConfig):
             if step >= total:
                 break
             chunk = order[s * per_step:(s + 1) * per_step]
-            # Global micro-batch j of this step = chunk[j*micro*world:(j+1)*micro*world]; rank r takes its r-th slice.
-            batches = [collate([dataset[i] for i in chunk[(j * world + rank) * micro:(j * world + rank + 1) * micro]])
-                       for j in range(accumulation)]
-            n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_items = torch.tensor(float(n_local))
+            batches = local_batches(dataset, collate, chunk, micro, world, rank, accumulation)
+            n_items = torch.tensor(float(learned_tokens(batches)))
             dist.all_reduce(n_items)  # learned tokens of the whole global batch (Trainer: num_items_in_batch)
             loss_sum = torch.zeros(())
             for b in batches:
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                            pixel_values=b.get("pixel_values"), labels=b["labels"], num_items_in_batch=n_items)
-                # out.loss = this micro-batch's CE sum / global tokens; x world because FSDP averages gradients.
-                (out.loss * world).backward()
-                loss_sum += out.loss.detach()
+                loss = forward_loss(model, b, n_items)  # this micro-batch's CE sum / global tokens
+                (loss * world).backward()  # x world because FSDP averages gradients over ranks
+                loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.max_grad_norm)
             opt.step()

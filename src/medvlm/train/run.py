@@ -148,6 +148,10 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
         from medvlm.train.distributed import run_fsdp2_cpu
 
         return run_fsdp2_cpu(cfg)
+    if cfg.distributed == "deepspeed_cpu":
+        from medvlm.train.deepspeed_cpu import run_deepspeed_cpu
+
+        return run_deepspeed_cpu(cfg)
     import torch
     from transformers import set_seed
 
@@ -189,7 +193,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=TrainCollator(train_proc.pad_token_id),
+        data_collator=TrainCollator(train_proc.pad_token_id, cfg.max_length if cfg.packing else None),
         processing_class=processor,
         callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, f"{cfg.stage}: {Path(cfg.output_dir).name}"),
                    *(callbacks or [])],

@@ -1,8 +1,8 @@
 """Modality-aware length-grouped sampling (LLaVA's ``group_by_modality_length``), deterministic per epoch.
 
-Image samples and text-only samples are shuffled separately and cut into mega-batches; each
-mega-batch is sorted by length and split into micro-batches, so a micro-batch holds one modality
-and similar lengths (little padding). The micro-batches are then shuffled. The order depends only on
+Image samples and text-only samples are shuffled separately and cut into mega-batches of at least
+``LENGTH_GROUP_MICRO_BATCHES`` micro-batches; each mega-batch is sorted by length and split into
+micro-batches, so a micro-batch holds one modality and similar lengths (little padding). The micro-batches are then shuffled. The order depends only on
 ``seed`` and the epoch set by the Trainer (``set_epoch``), so a resumed run sees the same order.
 Consecutive micro-batches go to consecutive ranks (accelerate's batch sharding), so the global
 batch of a step is the same whatever the number of processes.
@@ -14,6 +14,11 @@ from collections.abc import Iterator
 
 import torch
 
+LENGTH_GROUP_MICRO_BATCHES = 16
+"""Micro-batches per length-sorted window (HF's ``LengthGroupedSampler`` uses up to 50). A window of one global batch
+(LLaVA's choice) barely groups anything; 16 cuts padding to a few percent on variable-length conversations while
+the shuffle of the micro-batches keeps every step a random draw of the data."""
+
 
 def grouped_indices(lengths: list[int], micro_batch: int, mega_batches: int, generator: torch.Generator) -> list[int]:
     """A permutation of ``range(len(lengths))`` grouped as described in the module docstring.
@@ -22,7 +27,7 @@ def grouped_indices(lengths: list[int], micro_batch: int, mega_batches: int, gen
     """
     batches: list[list[int]] = []
     tails: list[list[int]] = []
-    mega = micro_batch * max(1, mega_batches)
+    mega = micro_batch * max(1, mega_batches, LENGTH_GROUP_MICRO_BATCHES)
     for want_image in (True, False):
         idx = [i for i, n in enumerate(lengths) if (n > 0) == want_image]
         if not idx:

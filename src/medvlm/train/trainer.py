@@ -17,14 +17,20 @@ from transformers import Trainer
 from medvlm.data.collate import VLMCollator
 from medvlm.train.feature_cache import FeatureCache
 from medvlm.train.optim import param_groups, to_torch_groups
+from medvlm.train.packing import pack_features
 from medvlm.train.sampler import ModalityLengthGroupedSampler
 
 
 class TrainCollator:
-    """:class:`VLMCollator` plus the feature-cache fields (``cached_features``, ``image_is_cached``, ``image_keys``)."""
+    """:class:`VLMCollator` plus the feature-cache fields (``cached_features``, ``image_is_cached``, ``image_keys``).
 
-    def __init__(self, pad_token_id: int):
+    With ``pack_length`` set, the micro-batch is packed instead of padded (:mod:`medvlm.train.packing`).
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: int | None = None):
         self.base = VLMCollator(pad_token_id=pad_token_id, padding_side="right")
+        self.pad_token_id = pad_token_id
+        self.pack_length = pack_length
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         cached: list[torch.Tensor] = []
@@ -42,7 +48,7 @@ class TrainCollator:
                 flags.extend([False] * f["pixel_values"].shape[0])
                 keys.extend(ks or [])
             plain.append(f)
-        batch = self.base(plain)
+        batch = pack_features(plain, self.pad_token_id, self.pack_length) if self.pack_length else self.base(plain)
         if cached:
             batch["cached_features"] = torch.cat(cached)  # [n_cached, L, D]
         if cached or keys:
@@ -100,6 +106,9 @@ class MedVLMTrainer(Trainer):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # No KV cache in training: the LM would fill one for nothing (the Trainer's `use_cache=False` reaches
+        # only the top-level config, not the LM's), and packed rows are only recognised without one.
+        inputs = {**inputs, "use_cache": False}
         flags = inputs.pop("image_is_cached", None)
         keys = inputs.pop("image_keys", None)
         cached = inputs.pop("cached_features", None)
