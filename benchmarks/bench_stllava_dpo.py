@@ -16,8 +16,8 @@
 4. Reward accuracy of the DPO model against the stage-1 reference over all pairs, and ``llava-med``
    closed/open accuracy on ``vqa/test.json`` before and after DPO (greedy, same settings).
 
-    .venv/bin/python benchmarks/bench_stllava_dpo.py [--images 100] [--sq-epochs 3] [--pref-images 40]
-        [--self-asked-images 8] [--dpo-epochs 10] [--dpo-lr 2e-3] [--dpo-visual-lr 2e-3] [--out DIR]
+    .venv/bin/python benchmarks/bench_stllava_dpo.py [--images 100] [--sq-epochs 20] [--pref-images 40]
+        [--self-asked-images 8] [--dpo-epochs 5] [--dpo-lr 2e-3] [--dpo-visual-lr 5e-4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -163,11 +163,11 @@ def gold_question_pairs(sq_dir: Path, demo: Path, pool: Path, out: Path, llm) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--sq-epochs", type=float, default=8.0)
+    ap.add_argument("--sq-epochs", type=float, default=20.0)
     ap.add_argument("--pref-images", type=int, default=40)
-    ap.add_argument("--dpo-epochs", type=float, default=10.0)
+    ap.add_argument("--dpo-epochs", type=float, default=5.0)
     ap.add_argument("--dpo-lr", type=float, default=2e-3)
-    ap.add_argument("--dpo-visual-lr", type=float, default=2e-3, help="projector and ViT-LoRA learning rate in DPO")
+    ap.add_argument("--dpo-visual-lr", type=float, default=5e-4, help="projector and ViT-LoRA learning rate in DPO")
     ap.add_argument("--self-asked-images", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

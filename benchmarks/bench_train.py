@@ -8,13 +8,13 @@ tower (224 px, patch 16, 196 patches, hidden 512, 8 layers) + a Llama LM (hidden
 mlp2x_gelu projector, ~55M parameters. Data: the synthetic demo set (``generate_synth``). Every
 variant runs in its own process (peak RSS = that process's ``ru_maxrss``), one after the other.
 
-(a) compares, on the same model, dataset object, collator and settings (fp32, batch 8, lr 2e-5, no
-gradient checkpointing), medvlm's ``run_training`` (``stage: sft``, ``tune: full``) against TRL's
-``SFTTrainer`` given our model, our dataset and our collator (``skip_prepare_dataset``): TRL's LLaVA
-data path only drives transformers' ``LlavaForConditionalGeneration``, so this is the like-for-like
-comparison of the training loops (TRL: random sampling + its per-step token-accuracy/entropy metrics;
-medvlm: modality-length-grouped batches). Achieved FLOP/s uses 6 x LM/projector params x non-pad tokens +
-2 x tower params x patches per sample, against torch's fp32 dense matmul rate measured in the same run.
+(a) compares, on the same model, encoded samples, collator and settings (fp32, batch 8, lr 2e-5, no
+gradient checkpointing, tower frozen), medvlm's ``run_training`` (``stage: sft``, ``tune: full``, its defaults:
+length-grouped batches, fused AdamW; plus ``packing: true`` and ``optim: adamw_torch`` ablations) against TRL's
+``SFTTrainer`` with its defaults on an equivalent transformers Llava with the same weights, over the synthetic
+instruction conversations (variable lengths). ``--sft-steps`` steps per variant; steps 2..N are timed in wall
+and CPU seconds. Achieved FLOP/s uses 6 x LM/projector params x non-pad tokens + 2 x tower params x patches per
+sample, against torch's fp32 dense matmul rate measured in the same process.
 """
 
 from __future__ import annotations

@@ -3,40 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from medvlm.train.run import run_training
 
-from train_helpers import make_demo, small_config
-
-WORKER = """
-import json, os, sys
-from medvlm.train.config import load_config
-from medvlm.train.run import run_training
-r = run_training(load_config(None, json.loads(sys.argv[1])))
-rank = int(os.environ["RANK"])
-with open(sys.argv[2] + f".rank{rank}.json", "w") as f:
-    json.dump({"losses": [h["loss"] for h in r.log_history if "loss" in h], "shards": r.shards,
-               "world": int(os.environ["WORLD_SIZE"])}, f)
-"""
-
-
-def _torchrun(tmp_path, keys: dict, tag: str) -> list[dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    report = tmp_path / tag
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), json.dumps(keys), str(report)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"{tag}.rank{r}.json").read_text()) for r in (0, 1)]
-
-
-def _keys(cfg) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if v is not None}
+from train_helpers import config_keys, make_demo, small_config, torchrun_two
 
 
 def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
@@ -50,13 +20,15 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     assert len(want) == 4
 
     # Two processes x 2 samples: the same global batch of 4.
-    ddp = _torchrun(tmp_path, _keys(small_config(demo, tmp_path / "ddp", per_device_train_batch_size=2, **common)), "ddp")
+    ddp_keys = config_keys(small_config(demo, tmp_path / "ddp", per_device_train_batch_size=2, **common))
+    ddp = torchrun_two(tmp_path, ddp_keys, "ddp")
     assert [r["world"] for r in ddp] == [2, 2]
     for r in ddp:
         assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)
 
-    fsdp = _torchrun(tmp_path, _keys(small_config(demo, tmp_path / "fsdp", per_device_train_batch_size=2,
-                                                  distributed="fsdp2_cpu", **common)), "fsdp")
+    fsdp_keys = config_keys(small_config(demo, tmp_path / "fsdp", per_device_train_batch_size=2,
+                                         distributed="fsdp2_cpu", **common))
+    fsdp = torchrun_two(tmp_path, fsdp_keys, "fsdp")
     for r in fsdp:
         assert len(r["losses"]) == 4
         assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)

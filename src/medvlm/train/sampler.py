@@ -2,8 +2,9 @@
 
 Image samples and text-only samples are shuffled separately and cut into mega-batches of at least
 ``LENGTH_GROUP_MICRO_BATCHES`` micro-batches; each mega-batch is sorted by length and split into
-micro-batches, so a micro-batch holds one modality and similar lengths (little padding). The micro-batches are then shuffled. The order depends only on
-``seed`` and the epoch set by the Trainer (``set_epoch``), so a resumed run sees the same order.
+micro-batches, so a micro-batch holds one modality and similar lengths (little padding). The
+micro-batches are then shuffled. The order depends only on ``seed`` and the epoch set by the Trainer
+(``set_epoch``), so a resumed run sees the same order.
 Consecutive micro-batches go to consecutive ranks (accelerate's batch sharding), so the global
 batch of a step is the same whatever the number of processes.
 """
