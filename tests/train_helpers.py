@@ -72,3 +72,20 @@ def torchrun_two(tmp_path: Path, keys: dict, tag: str) -> list[dict]:
 def config_keys(cfg: TrainConfig) -> dict:
     """A config as the flat key mapping ``load_config`` takes (nulls left out)."""
     return {k: v for k, v in cfg.to_dict().items() if v is not None}
+
+
+def one_process_baseline(tmp_path: Path) -> tuple[Path, dict, list[float]]:
+    """The reference of the multi-process tests: demo folder, shared config keys, and the 4 logged losses of one
+    process at 4 samples per step (16 demo samples; checkpoint in ``tmp_path / "single"``)."""
+    import json
+
+    from medvlm.train.run import run_training
+
+    demo = make_demo(tmp_path)
+    data = tmp_path / "train16.json"
+    data.write_text(json.dumps(json.loads((demo / "vqa" / "train.json").read_text())[:16]))
+    common = dict(data_path=str(data), max_steps=4, learning_rate=3e-3, weight_decay=0.01)
+    single = run_training(small_config(demo, tmp_path / "single", per_device_train_batch_size=4, **common))
+    want = [h["loss"] for h in single.log_history if "loss" in h]
+    assert len(want) == 4
+    return demo, common, want

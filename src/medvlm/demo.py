@@ -192,22 +192,22 @@ def _steps(keys: dict) -> int:
     return int(n * keys["num_train_epochs"] / keys["per_device_train_batch_size"])
 
 
-def _answer_and_score(model: Path, data: Path, eval_dir: Path, cfg: DemoConfig, prefix: str) -> dict[str, dict]:
-    """Answer the VQA test split into ``eval_dir`` and score it under each protocol (scores*.json beside it)."""
+def _answer_and_score(model: Path, data: Path, answers_dir: Path, scores_dir: Path, cfg: DemoConfig,
+                      prefix: str) -> dict[str, dict]:
+    """Answer the VQA test split into ``answers_dir`` and score it under each protocol (``scores_dir/scores_*.json``)."""
     from medvlm.eval.protocols import score_files
     from medvlm.eval.vqa import run_vqa
     from medvlm.infer.engine import GenerationSettings
 
-    answers = eval_dir / "answers.jsonl"
+    answers = answers_dir / "answers.jsonl"
     if answers.exists():
         answers.unlink()  # a new model: never resume another model's answers
     run_vqa(model, data / "vqa" / "test.json", answers, data / "images",
             GenerationSettings(max_new_tokens=cfg.max_new_tokens), batch_size=cfg.eval_batch_size, progress=False)
     out = {}
     for protocol in PROTOCOLS:
-        res = score_files(data / "vqa" / "test.json", answers, protocol)
-        write_json_atomic(eval_dir / f"scores_{prefix}{protocol}.json", res)
-        out[protocol] = res
+        out[protocol] = score_files(data / "vqa" / "test.json", answers, protocol)
+        write_json_atomic(scores_dir / f"scores_{prefix}{protocol}.json", out[protocol])
     return out
 
 
@@ -269,7 +269,8 @@ def run_demo(config: DemoConfig | None = None, console: Any = None) -> DemoResul
     recipes = stage_configs(cfg, data, parts, models)
     untrained_dir = models / "untrained"
     _save_untrained(parts, recipes[0][1], untrained_dir)
-    untrained = _answer_and_score(untrained_dir, data, eval_dir / "untrained", cfg, "")
+    # The untrained model's scores go beside the trained ones, so the report plots both.
+    untrained = _answer_and_score(untrained_dir, data, eval_dir / "untrained", eval_dir, cfg, "untrained_")
     console.print("untrained model: " + ", ".join(
         f"{p} closed {untrained[p]['closed']['accuracy']:.1f} / open recall {untrained[p]['open']['recall']:.1f}"
         for p in PROTOCOLS))
@@ -278,9 +279,7 @@ def run_demo(config: DemoConfig | None = None, console: Any = None) -> DemoResul
     for name, keys in recipes:
         losses[name.split(" (")[0]] = _train(name, keys, console, log_file)
     final = models / "stage2_sft"
-    trained = _answer_and_score(final, data, eval_dir, cfg, "")
-    for p in PROTOCOLS:  # the untrained model's scores go beside the trained ones, so the report plots both
-        write_json_atomic(eval_dir / f"scores_untrained_{p}.json", untrained[p])
+    trained = _answer_and_score(final, data, eval_dir, eval_dir, cfg, "")
     report = write_report(eval_dir)
     seconds = time.time() - started
 

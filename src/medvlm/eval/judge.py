@@ -21,6 +21,7 @@ from typing import Any
 from medvlm.data.figures import normalize_mentions, primary_domain
 from medvlm.errors import MedvlmError
 from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult
+from medvlm.eval.protocols import read_predictions
 from medvlm.llm.scores import parse_scores
 from medvlm.utils.io import append_jsonl, iter_jsonl, write_jsonl_atomic
 
@@ -91,19 +92,8 @@ def read_chat_questions(path: str | os.PathLike) -> list[ChatQuestion]:
 
 
 def read_chat_answers(path: str | os.PathLike) -> dict[str, str]:
-    """Model answers JSONL (``question_id``, ``text``) -> ``{str(question_id): text}``."""
-    out: dict[str, str] = {}
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(rec, dict) or "question_id" not in rec:
-            raise MedvlmError(f"{where}: missing field 'question_id'")
-        if not isinstance(rec.get("text"), str):
-            raise MedvlmError(f"{where}: field 'text' missing or not a string")
-        key = str(rec["question_id"])
-        if key in out:
-            raise MedvlmError(f"{where}: duplicate question_id {rec['question_id']!r}")
-        out[key] = rec["text"]
-    return out
+    """Model answers JSONL (``question_id``, ``text``) -> ``{str(question_id): text}`` (same checks as scoring)."""
+    return {key: text for key, (_, text) in read_predictions(path).items()}
 
 
 def judge_messages(q: ChatQuestion, answer_1: str, answer_2: str) -> list[dict]:

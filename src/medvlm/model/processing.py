@@ -18,7 +18,7 @@ from PIL import Image
 
 from medvlm.data.images import apply_aspect, check_aspect, load_image, mean_color
 from medvlm.data.schema import Sample
-from medvlm.data.templates import encode_conversation, get_template
+from medvlm.data.templates import Encoded, encode_conversation, get_template
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import read_json, write_json_atomic
 
@@ -99,6 +99,20 @@ class MedVLMProcessor:
         return pixels.float()
 
     # -- text + images -> features ----------------------------------------------------------
+    def encode_text(self, sample: Sample, add_generation_prompt: bool = False, max_length: int | None = None) -> Encoded:
+        """Tokens and labels of a sample's conversation (no images read): the text half of :meth:`encode`."""
+        return encode_conversation(
+            sample.messages,
+            self.tokenizer,
+            self.chat_template,
+            image_seq_length=self.image_seq_length,
+            image_token=IMAGE_TOKEN,
+            im_start_token=IM_START_TOKEN if self.mm_use_im_start_end else None,
+            im_end_token=IM_END_TOKEN if self.mm_use_im_start_end else None,
+            add_generation_prompt=add_generation_prompt,
+            max_length=max_length,
+        )
+
     def encode(
         self,
         sample: Sample,
@@ -119,17 +133,7 @@ class MedVLMProcessor:
                 f"sample {sample.id!r}: the conversation has {n_parts} image part(s) but {n_images} image(s) were given"
             )
         try:
-            enc = encode_conversation(
-                sample.messages,
-                self.tokenizer,
-                self.chat_template,
-                image_seq_length=self.image_seq_length,
-                image_token=IMAGE_TOKEN,
-                im_start_token=IM_START_TOKEN if self.mm_use_im_start_end else None,
-                im_end_token=IM_END_TOKEN if self.mm_use_im_start_end else None,
-                add_generation_prompt=add_generation_prompt,
-                max_length=max_length,
-            )
+            enc = self.encode_text(sample, add_generation_prompt=add_generation_prompt, max_length=max_length)
         except MedvlmError as e:
             raise type(e)(f"sample {sample.id!r}: {e}") from e
         pixel_values = None

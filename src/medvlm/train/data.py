@@ -24,9 +24,9 @@ import torch
 from medvlm.data.readers.formats import convert_record, detect_format
 from medvlm.data.readers.stream import RecordFile, iter_raw_records
 from medvlm.data.schema import Sample
-from medvlm.data.templates import ImageTruncationError, encode_conversation
+from medvlm.data.templates import Encoded, ImageTruncationError
 from medvlm.errors import MedvlmError
-from medvlm.model.processing import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN, MedVLMProcessor
+from medvlm.model.processing import MedVLMProcessor
 from medvlm.train.config import DataSource
 
 
@@ -87,18 +87,9 @@ def resolve_image(rel: str, image_folder: str | None) -> Path:
     return p if p.is_absolute() or image_folder is None else Path(image_folder) / p
 
 
-def text_encode(sample: Sample, processor: MedVLMProcessor, max_length: int):
+def text_encode(sample: Sample, processor: MedVLMProcessor, max_length: int) -> Encoded:
     """Tokenise a sample's conversation exactly as :meth:`MedVLMProcessor.encode` does, without images."""
-    return encode_conversation(
-        sample.messages,
-        processor.tokenizer,
-        processor.chat_template,
-        image_seq_length=processor.image_seq_length,
-        image_token=IMAGE_TOKEN,
-        im_start_token=IM_START_TOKEN if processor.mm_use_im_start_end else None,
-        im_end_token=IM_END_TOKEN if processor.mm_use_im_start_end else None,
-        max_length=max_length,
-    )
+    return processor.encode_text(sample, max_length=max_length)
 
 
 class SupervisedDataset(torch.utils.data.Dataset):

@@ -11,13 +11,15 @@ batch. ZeRO-2 partitions optimizer state and gradients; ZeRO-3 also partitions t
 (each rank's ``param.ds_tensor`` holds ~1/world of every tensor, gathered layer by layer in forward
 and backward). The final checkpoint is gathered on rank 0. Scope: ``tune: full``, no feature cache,
 no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
+
+The loop is :func:`medvlm.train.distributed.manual_train_loop` (shared with ``fsdp2_cpu``); this module
+supplies :class:`DeepSpeedStep`, the engine's backward / step / clipping / scheduler.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +65,44 @@ def gathered_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@dataclass
+class DeepSpeedStep:
+    """DeepSpeed: ``engine.backward`` + ``engine.step()`` per micro-batch; the engine clips and steps at the boundary."""
+
+    engine: Any
+    """The ``deepspeed.initialize`` engine (clipping from ``gradient_clipping`` in :func:`ds_config`)."""
+    sched: Any
+    """The engine's learning-rate scheduler (stepped by ``engine.step()``)."""
+    world: int
+    """Number of ranks."""
+
+    @property
+    def model(self) -> Any:
+        """The engine is called for the forward pass."""
+        return self.engine
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        """Back-propagate and let the engine step (it only updates at the accumulation boundary).
+
+        DeepSpeed averages gradients over ranks (x world undoes it); the global-token division already accounts
+        for accumulation, so no further 1/accumulation scaling (``scale_wrt_gas=False``).
+        """
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()  # optimizer + scheduler step only at the accumulation boundary
+
+    def optimizer_step(self) -> None:
+        """Nothing: the engine already clipped, stepped and zeroed in the step's last :meth:`micro_step`."""
+
+    def grad_norm(self) -> float | None:
+        """The engine's global gradient norm of the last step (None before the first)."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def last_lr(self) -> float:
+        """The scheduler's current learning rate (first group)."""
+        return self.sched.get_last_lr()[0]
+
+
 def run_deepspeed_cpu(cfg: TrainConfig):
     """Train with the DeepSpeed engine over the ``torchrun`` process group (gloo); returns a ``TrainResult``."""
     try:
@@ -70,19 +110,10 @@ def run_deepspeed_cpu(cfg: TrainConfig):
     except ImportError as e:
         raise MedvlmError("distributed: deepspeed_cpu needs DeepSpeed: pip install 'medvlm[deepspeed]'") from e
     import torch.distributed as dist
-    from transformers import get_scheduler, set_seed
 
-    from medvlm.model.modeling import MedVLMForConditionalGeneration
-    from medvlm.train.callbacks import CONFIG_FILE, LOG_FILE, LOSS_PNG, MANIFEST_FILE, plot_loss_curve
-    from medvlm.train.checkpoint import load_start, save_final
-    from medvlm.train.data import build_dataset
-    from medvlm.train.distributed import forward_loss, learned_tokens, local_batches
-    from medvlm.train.optim import param_groups, to_torch_groups
-    from medvlm.train.run import TrainResult, resolve_accumulation, training_processor, world_size
-    from medvlm.train.sampler import ModalityLengthGroupedSampler
-    from medvlm.train.stages import apply_stage
-    from medvlm.train.trainer import TrainCollator
-    from medvlm.utils.io import append_jsonl
+    from medvlm.train.distributed import (build_adamw, build_scheduler, finish_manual_run, manual_train_loop,
+                                          prepare_manual_run)
+    from medvlm.train.run import world_size
 
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: deepspeed_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
@@ -95,76 +126,14 @@ def run_deepspeed_cpu(cfg: TrainConfig):
                           "torchrun --nproc_per_node N -m medvlm train ...")
     started = time.time()
     deepspeed.init_distributed(dist_backend="gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    accumulation = resolve_accumulation(cfg, world)
-    set_seed(cfg.seed)
-    model, processor = load_start(cfg)
-    train_proc = training_processor(cfg, model, processor)
-    dataset, manifest = build_dataset(
-        cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
-        data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
-    )
-    model, plan, row_masked = apply_stage(model, cfg)
-    model.train()
-    micro = cfg.per_device_train_batch_size
-    per_step = micro * world * accumulation
-    steps_per_epoch = max(1, len(dataset) // (micro * world) // accumulation)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    opt = torch.optim.AdamW(to_torch_groups(param_groups(model, cfg.weight_decay, cfg.projector_lr, row_masked)),
-                            lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    run = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank())
+    opt = build_adamw(cfg, run.model, run.row_masked)
     engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, config=ds_config(cfg, micro, accumulation, world),
-        lr_scheduler=lambda o: get_scheduler(cfg.lr_scheduler_type, o, num_warmup_steps=math.ceil(total * cfg.warmup_ratio),
-                                             num_training_steps=total),
+        model=run.model, optimizer=opt, config=ds_config(cfg, run.micro, run.accumulation, run.world),
+        lr_scheduler=lambda o: build_scheduler(cfg, o, run.total),
     )
     shards = partition_report(engine.module)
-    sampler = ModalityLengthGroupedSampler(dataset.lengths, micro * world, accumulation, cfg.seed,
-                                           cfg.group_by_modality_length)
-    collate = TrainCollator(train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
-    history: list[dict[str, Any]] = []
-    out_dir = Path(cfg.output_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    step, epoch, window = 0, 0, []
-    while step < total:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[: steps_per_epoch * per_step]
-        for s in range(steps_per_epoch):
-            if step >= total:
-                break
-            batches = local_batches(dataset, collate, order[s * per_step:(s + 1) * per_step], micro, world, rank,
-                                    accumulation)
-            n_items = torch.tensor(float(learned_tokens(batches)))
-            dist.all_reduce(n_items)  # learned tokens of the whole global batch (Trainer: num_items_in_batch)
-            loss_sum = torch.zeros(())
-            for b in batches:
-                loss = forward_loss(engine, b, n_items)  # this micro-batch's CE sum / global tokens
-                # DeepSpeed averages gradients over ranks (x world undoes it); the global-token division already
-                # accounts for accumulation, so no further 1/accumulation scaling.
-                engine.backward(loss * world, scale_wrt_gas=False)
-                engine.step()  # optimizer + scheduler step only at the accumulation boundary
-                loss_sum += loss.detach()
-            dist.all_reduce(loss_sum)  # the global token-mean loss of the step
-            step += 1
-            window.append(float(loss_sum))
-            if step % cfg.logging_steps == 0 or step == total:
-                norm = engine.get_global_grad_norm()
-                row = {"loss": sum(window) / len(window), "grad_norm": float(norm) if norm is not None else None,
-                       "learning_rate": sched.get_last_lr()[0], "epoch": epoch + (s + 1) / steps_per_epoch,
-                       "step": step}
-                history.append(row)
-                window = []
-                if rank == 0:
-                    print(f"step {step}/{total} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}", flush=True)
-                    append_jsonl(out_dir / LOG_FILE, row)
-        epoch += 1
+    history, steps = manual_train_loop(cfg, run, DeepSpeedStep(engine, sched, run.world))
     full = gathered_state_dict(engine, cfg.deepspeed_zero_stage)
-    if rank == 0:
-        plain = MedVLMForConditionalGeneration(engine.module.config)
-        plain.load_state_dict(full)
-        save_final(plain, processor, out_dir, {CONFIG_FILE: cfg.to_yaml(), MANIFEST_FILE: manifest.to_dict()}, lora=False)
-        plot_loss_curve(history, out_dir / LOSS_PNG, f"{cfg.stage} (deepspeed_cpu ZeRO-{cfg.deepspeed_zero_stage}): "
-                                                     f"{out_dir.name}")
-    dist.barrier()
-    return TrainResult(str(out_dir), history[-1]["loss"] if history else None, history, step,
-                       time.time() - started, manifest.to_dict(), shards=shards)
+    return finish_manual_run(cfg, run, engine.module.config, full, history, steps, started, shards,
+                             f"deepspeed_cpu ZeRO-{cfg.deepspeed_zero_stage}")
