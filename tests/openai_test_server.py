@@ -11,7 +11,7 @@ judge, the STLLaVA-Med preference judge):
 - a request log (:class:`LoggedRequest`: index, arrival time, path, body, headers, what was sent) and
   ``max_in_flight`` (the most requests handled at once);
 - :func:`openai_server_factory`: a pytest fixture returning a factory that starts servers and stops
-  them at the end of the test. Import it into a test module (``from tests.openai_test_server import
+  them at the end of the test. Import it into a test module (``from openai_test_server import
   openai_server_factory``) to use it.
 
 Routes: ``POST /v1/chat/completions`` and Azure's ``POST /openai/deployments/{deployment}/chat/completions``.

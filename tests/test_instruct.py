@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.openai_test_server import Fault, last_user_text, openai_server_factory  # noqa: F401  (fixture)
+from openai_test_server import Fault, last_user_text, openai_server_factory  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from medvlm.cli import app as cli_app

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from tests.openai_test_server import Fault, openai_server_factory  # noqa: F401  (fixture)
+from openai_test_server import Fault, openai_server_factory  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from medvlm.errors import MedvlmError

@@ -25,16 +25,16 @@ app = typer.Typer(
 )
 
 # (verb, module, kind): kind "group" adds a Typer sub-app; "command" registers a single function `main`.
-_VERBS: list[tuple[str, str, str]] = [
-    ("data", "medvlm.data.commands", "group"),
-    ("model", "medvlm.model.commands", "group"),
-    ("chat", "medvlm.serve.chat", "command"),
-    ("instruct", "medvlm.data.instruct.commands", "group"),
-    ("train", "medvlm.train.commands", "command"),
-    ("eval", "medvlm.eval.commands", "group"),
-    ("serve", "medvlm.serve.commands", "group"),
-    ("prefs", "medvlm.infer.prefs_commands", "group"),
+_VERBS: list[tuple[str, str, str]] = [  # in pipeline order, as `medvlm --help` lists them
     ("demo", "medvlm.demo", "command"),
+    ("data", "medvlm.data.commands", "group"),
+    ("instruct", "medvlm.data.instruct.commands", "group"),
+    ("model", "medvlm.model.commands", "group"),
+    ("train", "medvlm.train.commands", "command"),
+    ("prefs", "medvlm.infer.prefs_commands", "group"),
+    ("eval", "medvlm.eval.commands", "group"),
+    ("chat", "medvlm.serve.chat", "command"),
+    ("serve", "medvlm.serve.commands", "group"),
 ]
 
 

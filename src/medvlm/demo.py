@@ -54,19 +54,23 @@ class DemoConfig:
     seed: int = 0
     """Seed of the dataset, the model's initial weights and the training order."""
     n_images: int | None = None
-    """Synthetic images (80 % train, 20 % test); None = 1000 (600 with ``fast``)."""
+    """Synthetic images (80 % train, 20 % test); None = 2000 (1000 with ``fast``)."""
     fast: bool = False
-    """A smaller, quicker run (fewer images) that still has to reach the accuracy targets."""
-    stage1_epochs: float = 4.0
-    """Epochs of stage 1 (captions)."""
-    stage2_epochs: float = 5.0
-    """Epochs of stage 2 (conversations + VQA train split)."""
-    stage1_lr: float = 3e-3
+    """A smaller, quicker run (half the images): a smoke run of the whole pipeline, below the accuracy targets."""
+    stage1_epochs: float = 12.0
+    """Epochs of stage 1 (one caption per train image)."""
+    stage2_epochs: float = 6.0
+    """Epochs of stage 2 (four VQA questions per train image, plus a share of the conversations)."""
+    stage1_lr: float = 1e-3
     """Peak learning rate of stage 1 (cosine schedule)."""
-    stage2_lr: float = 3e-3
+    stage2_lr: float = 1e-3
     """Peak learning rate of stage 2 (cosine schedule)."""
-    batch_size: int = 32
-    """Training samples per optimizer step."""
+    stage1_batch_size: int = 32
+    """Captions per optimizer step in stage 1."""
+    stage2_batch_size: int = 16
+    """Samples per optimizer step in stage 2 (small: the yes/no questions need many updates, not big batches)."""
+    instruct_weight: float = 0.1
+    """Share of the multi-turn conversations (``instruct.json``) mixed into stage 2, per epoch."""
     eval_batch_size: int = 64
     """Questions per generate call when answering the test split."""
     max_new_tokens: int = 16
@@ -74,7 +78,7 @@ class DemoConfig:
 
     def images(self) -> int:
         """The number of synthetic images this run uses."""
-        return self.n_images if self.n_images is not None else (600 if self.fast else 1000)
+        return self.n_images if self.n_images is not None else (1000 if self.fast else 2000)
 
 
 @dataclass
@@ -138,20 +142,20 @@ MODEL_KWARGS: dict[str, Any] = {"template": "mistral_instruct", "image_aspect": 
 
 def stage_configs(cfg: DemoConfig, data: Path, parts: tuple[Path, Path], models: Path) -> list[tuple[str, dict]]:
     """The two training recipes (``configs/debug/stage1_align.yaml`` / ``stage2_sft.yaml`` adapted, see module doc)."""
-    common = dict(image_folder=str(data / "images"), max_length=512, per_device_train_batch_size=cfg.batch_size,
-                  lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0, save_strategy="no", report_to=[],
-                  disable_tqdm=True, seed=cfg.seed, resume_from_checkpoint=None, feature_cache="off",
-                  tune_vision_tower=True)
+    common = dict(image_folder=str(data / "images"), max_length=512, lr_scheduler_type="cosine", warmup_ratio=0.03,
+                  weight_decay=0.0, save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.seed,
+                  resume_from_checkpoint=None, feature_cache="off", tune_vision_tower=True)
     stage1 = dict(common, stage="align", template="plain", vision_tower_path=str(parts[0]),
                   language_model_path=str(parts[1]), projector_type="mlp2x_gelu", model_kwargs=dict(MODEL_KWARGS),
                   tune_language_model=True, data_path=str(data / "alignment.json"),
                   output_dir=str(models / "stage1_align"), num_train_epochs=cfg.stage1_epochs,
-                  learning_rate=cfg.stage1_lr)
+                  per_device_train_batch_size=cfg.stage1_batch_size, learning_rate=cfg.stage1_lr)
     stage2 = dict(common, stage="sft", template=MODEL_KWARGS["template"], model_name_or_path=str(models / "stage1_align"),
-                  tune="full", data_path=[str(data / "instruct.json"), str(data / "vqa" / "train.json")],
+                  tune="full", data_path=[{"path": str(data / "vqa" / "train.json"), "weight": 1.0},
+                                          {"path": str(data / "instruct.json"), "weight": cfg.instruct_weight}],
                   output_dir=str(models / "stage2_sft"), num_train_epochs=cfg.stage2_epochs,
-                  learning_rate=cfg.stage2_lr)
-    return [("stage 1 (alignment: captions)", stage1), ("stage 2 (instructions + VQA train)", stage2)]
+                  per_device_train_batch_size=cfg.stage2_batch_size, learning_rate=cfg.stage2_lr)
+    return [("stage 1 (alignment: captions)", stage1), ("stage 2 (VQA train + conversations)", stage2)]
 
 
 def _loss_printer(name: str, console: Any):
@@ -186,9 +190,9 @@ def _train(name: str, keys: dict, console: Any, log_file: Path) -> list[float]:
 
 
 def _steps(keys: dict) -> int:
-    """Optimizer steps of a stage (records x epochs / batch), from the data files' record counts."""
-    paths = keys["data_path"] if isinstance(keys["data_path"], list) else [keys["data_path"]]
-    n = sum(len(read_json(p)) for p in paths)
+    """Optimizer steps of a stage (weighted records x epochs / batch), from the data files' record counts."""
+    sources = keys["data_path"] if isinstance(keys["data_path"], list) else [keys["data_path"]]
+    n = sum(len(read_json(s["path"])) * s["weight"] if isinstance(s, dict) else len(read_json(s)) for s in sources)
     return int(n * keys["num_train_epochs"] / keys["per_device_train_batch_size"])
 
 
@@ -308,8 +312,8 @@ def _save_untrained(parts: tuple[Path, Path], stage1: dict, dest: Path) -> None:
 def main(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("medvlm_demo"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, weights and training order.")] = 0,
-    n_images: Annotated[Optional[int], typer.Option("--n-images", help="Synthetic images (default 1000; 600 with --fast).")] = None,
-    fast: Annotated[bool, typer.Option("--fast", help="A smaller, quicker run.")] = False,
+    n_images: Annotated[Optional[int], typer.Option("--n-images", help="Synthetic images (default 2000; 1000 with --fast).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="A smaller, quicker run (half the images; below the accuracy targets).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write the final numbers as JSON here.")] = None,
 ) -> None:
     """Train and evaluate a tiny LLaVA-Med-style model on synthetic data end to end (minutes on a CPU)."""
