@@ -5,6 +5,8 @@ Each command only calls library functions in :mod:`medvlm.data`; heavy imports l
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 app = typer.Typer(
@@ -136,3 +138,18 @@ def synth_cmd(
     typer.echo(f"{m.n_images} images ({m.n_train_images} train / {m.n_test_images} test, {m.image_size} px) -> {out}")
     typer.echo(", ".join(f"{k}: {v}" for k, v in m.files.items()))
     Console().print(baseline_table(m.blind_baseline))
+
+
+@app.command("group")
+def group_cmd(
+    src: str = typer.Argument(..., help="Sample file with one question per record (VQA train split, any format)."),
+    out: str = typer.Option(..., "--out", help="Output LLaVA JSON with one multi-turn conversation per image."),
+    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="At most this many questions per conversation (default: all of the image's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the question order within each image."),
+) -> None:
+    """Merge each image's single-question samples into one conversation (LLaVA-1.5's VQA training format)."""
+    from medvlm.data.group import group_file
+
+    st = group_file(src, out, max_questions=max_questions, seed=seed)
+    typer.echo(f"{st.samples_in} samples -> {st.conversations} conversations over {st.images} images "
+               f"({st.merged} questions merged, {st.passed_through} samples kept as they were) -> {out}")
