@@ -87,6 +87,19 @@ def test_generate_end_to_end_both_formats_and_resume(env, tmp_path, openai_serve
     assert rep3.resumed == 2 and rep3.done == 1
 
 
+def test_default_judge_cache_sits_beside_each_output(env, tmp_path, openai_server_factory):  # noqa: F811
+    server = openai_server_factory(prefer_longer)
+    demo, model, proc = env
+    llm = LLMConfig(model="judge-4o", base_url=server.base_url, api_key_env="", retries=0, progress=False)
+    for name in ("a", "b"):
+        cfg = PrefsConfig(model=tmp_path, images=demo / "images", out=tmp_path / name / "prefs.json", limit=1,
+                          questions_per_image=2, description_tokens=6, question_tokens=6, answer_tokens=6)
+        generate_preferences(cfg, llm, model=model, processor=proc)
+        assert cfg.default_cache_path().is_file()
+    # The caller's config is not changed, so the second output got its own cache, not the first one's.
+    assert llm.cache_path is None
+
+
 def test_tie_policies(env, tmp_path, openai_server_factory):  # noqa: F811
     server = openai_server_factory(lambda body: "6 6\nBoth answers are equally good.")
     cache = tmp_path / "judge.sqlite"

@@ -95,7 +95,7 @@ def sampling_key(settings: GenerationSettings) -> tuple:
 def prepare_sample(engine: InferenceEngine, sample: Sample, images: list[Image.Image] | None = None,
                    image_folder: str | None = None) -> PreparedPrompt:
     """Encode a conversation (ending with a user turn) as :meth:`InferenceEngine.generate` does."""
-    prompt = engine._prompt_sample(sample)
+    prompt = engine.prompt_sample(sample)
     feats = engine.processor.encode(prompt, image_folder=image_folder, add_generation_prompt=True, images=images)
     return PreparedPrompt(input_ids=feats["input_ids"], pixel_values=feats["pixel_values"])
 
@@ -218,7 +218,7 @@ def generate_batch(engine: InferenceEngine, requests: list[BatchRequest],
             raise MedvlmError(f"request {i}: max_new_tokens must be >= 1 (got {r.max_new_tokens})")
     base = replace(settings or GenerationSettings(), stop=(),
                    max_new_tokens=max(r.max_new_tokens for r in requests)).validate()
-    template_stops = engine._stop_strings(base)
+    template_stops = engine.stop_strings(base)
     eos = engine.processor.tokenizer.eos_token_id
     rows = [_RowState(r, template_stops + [s for s in r.stop if s], eos) for r in requests]
     results: list[BatchResult | None] = [None] * len(rows)
@@ -235,6 +235,6 @@ def generate_batch(engine: InferenceEngine, requests: list[BatchRequest],
     # input_ids / attention_mask [B, T] left padded; pixel_values [n_img, 3, H, W] in row order
     batch = collate([{"input_ids": r.prompt.input_ids, "pixel_values": r.prompt.pixel_values} for r in requests])
     streamer = _BatchStreamer(engine, rows)
-    engine._run(batch, base, extra_criteria=(_RowsDone(rows),), streamer=streamer)
+    engine.run_batch(batch, base, extra_criteria=(_RowsDone(rows),), streamer=streamer)
     streamer.end()
     return [r for r in results if r is not None]

@@ -144,8 +144,9 @@ class InferenceEngine:
         self._suppress = [i for i in (processor.image_token_id, processor.im_start_token_id,
                                       processor.im_end_token_id) if i is not None]
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _stop_strings(self, settings: GenerationSettings) -> list[str]:
+    # -- building blocks (public: the serving batcher and preference generation reuse them) --------------
+    def stop_strings(self, settings: GenerationSettings) -> list[str]:
+        """The strings that end an answer: the template's stops, then the request's own."""
         return self._template_stop_strings + [s for s in settings.stop if s]
 
     def _stop_sequences(self, settings: GenerationSettings) -> list[list[int]]:
@@ -154,7 +155,7 @@ class InferenceEngine:
         return [s for s in self._template_stops + extra if s]
 
     @staticmethod
-    def _prompt_sample(sample: Sample) -> Sample:
+    def prompt_sample(sample: Sample) -> Sample:
         """The sample without trailing assistant turns: the answer to generate replies to the last question."""
         messages = list(sample.messages)
         while messages and messages[-1].role == "assistant":
@@ -167,7 +168,7 @@ class InferenceEngine:
     def _encode_batch(self, samples: list[Sample], image_folder, images) -> dict[str, torch.Tensor]:
         feats = []
         for i, s in enumerate(samples):
-            prompt = self._prompt_sample(s)
+            prompt = self.prompt_sample(s)
             imgs = None
             if images is not None:
                 imgs = images[i][: prompt.num_image_parts]
@@ -192,8 +193,13 @@ class InferenceEngine:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
         return GenerationConfig(**kwargs)
 
-    def _run(self, batch: dict[str, torch.Tensor], settings: GenerationSettings, extra_criteria=(),
-             streamer=None) -> torch.Tensor:
+    def run_batch(self, batch: dict[str, torch.Tensor], settings: GenerationSettings, extra_criteria=(),
+                  streamer=None) -> torch.Tensor:
+        """Generate for an encoded, left-padded batch; returns only the new token ids ``[B, n_new]``.
+
+        Used by :meth:`generate`, :meth:`stream` and the serving batcher, which adds its own stopping
+        criteria (per-row stops) and streamer.
+        """
         device = self.model.device
         batch = {k: v.to(device) for k, v in batch.items()}
         prompt_len = batch["input_ids"].shape[1]
@@ -210,9 +216,9 @@ class InferenceEngine:
         eos = self.processor.tokenizer.eos_token_id
         if eos in new_ids:
             new_ids = new_ids[: new_ids.index(eos)]
-        return visible_text(self.processor.decode(new_ids), self._stop_strings(settings), final=True)
+        return visible_text(self.processor.decode(new_ids), self.stop_strings(settings), final=True)
 
-    # -- public API ------------------------------------------------------------------------
+    # -- answering ----------------------------------------------------------------------------------
     def generate(
         self,
         samples: list[Sample],
@@ -234,7 +240,7 @@ class InferenceEngine:
             for start in range(0, len(samples), self.batch_size):
                 chunk = samples[start : start + self.batch_size]
                 chunk_images = images[start : start + self.batch_size] if images is not None else None
-                new = self._run(self._encode_batch(chunk, image_folder, chunk_images), settings)
+                new = self.run_batch(self._encode_batch(chunk, image_folder, chunk_images), settings)
                 answers.extend(self._answer(row.tolist(), settings) for row in new)
         finally:
             self.model.train(was_training)
@@ -258,7 +264,7 @@ class InferenceEngine:
 
         def work() -> None:
             try:
-                self._run(batch, settings, extra_criteria=(_StopOnEvent(stop_event),), streamer=streamer)
+                self.run_batch(batch, settings, extra_criteria=(_StopOnEvent(stop_event),), streamer=streamer)
             except BaseException as e:  # re-raised in the consumer thread below
                 errors.append(e)
                 streamer.end()
@@ -267,7 +273,7 @@ class InferenceEngine:
         thread = threading.Thread(target=work, name="medvlm-generate", daemon=True)
         thread.start()
         eos = self.processor.tokenizer.eos_token_id
-        stops = self._stop_strings(settings)
+        stops = self.stop_strings(settings)
         ids: list[int] = []
         emitted = ""
         try:

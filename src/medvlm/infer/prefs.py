@@ -22,6 +22,7 @@ and evaluation (the model's ``image_aspect``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,12 @@ class SelfQuestioningEngine(InferenceEngine):
     """The inference engine, also continuing a conversation that ends with an answer (the next turn is VUSER)."""
 
     @staticmethod
-    def _prompt_sample(sample: Sample) -> Sample:
+    def prompt_sample(sample: Sample) -> Sample:
         # The base engine answers the last question (trailing answers dropped); a conversation ending
         # with an assistant turn is continued as is, so the generation prompt is the VUSER tag.
         if sample.messages and sample.messages[-1].role == "assistant":
             return sample
-        return InferenceEngine._prompt_sample(sample)
+        return InferenceEngine.prompt_sample(sample)
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[str]:
@@ -292,8 +293,8 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
                               "needs a self-questioning (stage 'sq', template v1_sq) model")
         engine = SelfQuestioningEngine(model, processor, batch_size=cfg.batch_size)
         if client is None:
-            if llm.cache_path is None:
-                llm.cache_path = cfg.default_cache_path()
+            if llm.cache_path is None:  # a copy: the caller's config may serve other outputs with their own caches
+                llm = dataclasses.replace(llm, cache_path=cfg.default_cache_path())
             client = LLMClient(llm)
     try:
         bar = tqdm(total=len(todo), desc="images", unit="img")
