@@ -1,23 +1,47 @@
 """Demonstration of STLLaVA-Med's self-training loop on the synthetic dataset, end to end on CPU.
 
-1. ``stage: sq``: the tiny preset (cluster projector, ``v1_sq`` template) is trained on the synthetic
-   ``instruct.json`` + ``vqa/train.json`` with VUSER conversion and ViT-LoRA.
-2. Preference pairs. The judge is **a local fake OpenAI-compatible server that knows the gold answers
-   of the synthetic images** (it recognises the image from the data URL's bytes and the question by
-   word overlap with the image's known questions, and scores each answer against the pixel-determined
-   gold answer; unrecognised questions and equal scores are ties, dropped). No real LLM is involved.
-   a. ``generate_preferences`` (what ``medvlm prefs generate`` runs) on ``--self-asked-images`` training
-      images: the model describes, asks its own questions, answers twice; reported as is.
-   b. The pairs DPO trains on: the same answer sampling (two seeds, temperature 1.2, top-k 100,
-      top-p 0.95) and the same judge prompt, client and tie rule, but the *questions* are the VQA
-      train questions of the pool images: a tiny random-init LM trained for minutes on 2 CPU cores does
-      not ask questions fluent enough for the gold judge to recognise (step a shows how many it does).
-3. ``stage: dpo`` with stored reference log-probs.
-4. Reward accuracy of the DPO model against the stage-1 reference over all pairs, and ``llava-med``
-   closed/open accuracy on ``vqa/test.json`` before and after DPO (greedy, same settings).
+0. **Alignment** (the starting point): the ``medvlm demo`` stage 1 recipe, imported from
+   :mod:`medvlm.demo` (random 64 px / patch-8 CLIP tower and 2-layer Llama of init std 0.1 trained with
+   the projector on the captions), but the parts are composed with the ``v1_sq`` template from the
+   start: alignment trains in ``plain`` whatever the model's template, and ``stage: sq`` refuses a model
+   whose template is not ``v1_sq`` (a model learns one chat format; it is not switched afterwards).
+1. **Stage 1, ``stage: sq``** (self-questioning tuning) with the demo's stage-2 recipe: 8400 images (8000 train,
+   400 test) seen few times, each image's four VQA questions merged into one conversation
+   (:mod:`medvlm.data.group`; ``--sq-data grouped``), 4800 steps of 8 conversations (4.8 epochs), lr 1e-3
+   cosine, the LM fully tuned (``--sq-tune full``; ``lora`` = r 128, alpha 256, the recipe's values);
+   ViT-LoRA (r 32, alpha 64, dropout 0.2) and the projector at ``--sq-visual-lr``. VUSER conversion
+   ``sq_r`` 0.5 re-drawn per epoch turns later questions into VUSER turns, so the model learns to ask the
+   dataset's questions as well as to answer them. ``--sq-data describe`` is the earlier data (two
+   conversations per image, one opening with the gold description).
+2. **Preferences** with ``generate_preferences`` (what ``medvlm prefs generate`` runs): the model
+   describes each image of an unlabeled pool (training images, labels unused), asks 5 questions at a
+   VUSER turn (top-k 300, top-p 0.95; temperature 1.2 as published, then the next value of
+   ``--question-temperature`` when too few pairs come out) and answers each twice (T 1.2, top-k 100,
+   top-p 0.95). The judge is **a local fake OpenAI-compatible server that knows the pixel truth**
+   (:class:`PixelJudge`): it recognises the image by the bytes of the data URL and the question by
+   exact match (case and punctuation aside) with one of the generator's question templates, computes
+   the gold answer from the image's generating factors, and scores both answers against it; an
+   unrecognised question or equal scores is a tie (dropped). Held-out pairs come the same way from
+   test images. If no temperature gives ``--min-self-pairs`` pairs, the pairs fall back to the VQA
+   questions of the pool images (same sampling, judge and format) and the result says so.
+   ``--balance-closed`` (default on) then subsamples the *training* pairs so that the chosen answer is
+   "yes" and "no" equally often (open pairs all kept): the stage-1 model's errors are not balanced, and
+   DPO otherwise learns the prior of the majority answer (measured: "say no", closed accuracy down).
+3. **``stage: dpo``**: sigmoid, beta 0.1, LM-LoRA (r 128, lr 5e-5) + ViT-LoRA (dropout 0.1) + projector (2e-5),
+   reference log-probs computed once and stored (``ref_logps: auto``).
+4. **Report**: reward accuracy (policy vs the frozen stage-1 reference, ``beta * log-ratio`` of the
+   chosen answer above the rejected one) on the training pairs and on held-out pairs from test images
+   (never trained on), ``llava-med`` closed/open accuracy on ``vqa/test.json`` before and after DPO
+   (greedy), the image-blind baseline, wall times and load averages.
 
-    .venv/bin/python benchmarks/bench_stllava_dpo.py [--images 100] [--sq-epochs 20] [--pref-images 40]
-        [--self-asked-images 8] [--dpo-epochs 5] [--dpo-lr 2e-3] [--dpo-visual-lr 5e-4] [--out DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stllava_dpo.py [--out DIR] [--images 8400]
+        [--test-images 400] [--sq-data grouped|describe] [--sq-tune full|lora] [--sq-epochs 4.8]
+        [--pool-images 200] [--heldout-images 60] [--[no-]balance-closed] [--dpo-epochs 3]
+        [--dpo-lr 5e-5] [--dpo-visual-lr 2e-5] ...
+
+A phase whose output exists in ``--out`` for the same settings is reused (alignment and stage 1 live in
+folders named by their settings; pairs are keyed by the stage-1 weights' hash and the sampling
+settings), so DPO settings can be varied without retraining stage 1.
 """
 
 from __future__ import annotations
@@ -26,10 +50,11 @@ import argparse
 import base64
 import hashlib
 import json
+import os
+import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,77 +65,127 @@ _ANS = re.compile(r"\[Assistant (\d)\]\n(.*?)\n\[End of Assistant \1\]", re.S)
 _Q = re.compile(r"\[Question about the image\]\n(.*?)\n\n\[Assistant 1\]", re.S)
 
 
-def words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
+def norm(text: str) -> str:
+    """Lower case, punctuation (except the hyphen of x-ray) dropped, spaces collapsed."""
+    return " ".join(re.findall(r"[a-z0-9-]+", text.lower()))
 
 
-class GoldJudge:
-    """Scores answers against the synthetic gold: image by content hash, question by word overlap."""
+class PixelJudge:
+    """A gold judge: image by content hash -> generating factors; question by template -> gold answer."""
 
-    def __init__(self, demo: Path):
-        self.by_hash: dict[str, str] = {}
-        for p in (demo / "images").iterdir():
-            self.by_hash[hashlib.sha256(p.read_bytes()).hexdigest()] = p.name
-        self.qa: dict[str, list[tuple[str, str]]] = {}
-        for rec in json.loads((demo / "instruct.json").read_text()) + json.loads((demo / "vqa" / "train.json").read_text()):
-            turns = rec["conversations"]
-            for q, a in zip(turns[::2], turns[1::2]):
-                self.qa.setdefault(rec["image"], []).append((q["value"].replace("<image>", "").strip(), a["value"]))
+    def __init__(self, data: Path):
+        # The question templates and truth functions of the synthetic generator (private names: this judge
+        # must agree with the generator exactly, so it reuses its definitions instead of copying them).
+        from medvlm.data.synth_render import Factors
+        from medvlm.data.synth_text import (
+            _CLOSED_PREDICATES, _OPEN_TEMPLATES, _closed_templates, closed_truth, open_answer,
+        )
+
+        self.truth, self.answer = closed_truth, open_answer
+        self.questions: dict[str, tuple[str, object, object]] = {}
+        for kind, preds in _CLOSED_PREDICATES.items():
+            for pred, param in preds:
+                for q in _closed_templates(pred, param):
+                    self.questions[norm(q)] = ("closed", pred, param)
+        for kind, qs in _OPEN_TEMPLATES.items():
+            for q in qs:
+                self.questions[norm(q)] = ("open", kind, None)
+        self.factors: dict[str, object] = {}
+        for line in (data / "factors.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            f = Factors(**{k: row[k] for k in ("modality", "count", "side", "size", "intensity")})
+            digest = hashlib.sha256((data / "images" / row["image"]).read_bytes()).hexdigest()
+            self.factors[digest] = f
         self.asked = self.recognised = 0
 
-    def gold(self, image: str, question: str) -> str | None:
-        qw = words(question)
-        best, score = None, 0.0
-        for q, a in self.qa.get(image, []):
-            w = words(q)
-            j = len(qw & w) / max(1, len(qw | w))
-            if j > score:
-                best, score = a, j
-        return best if score >= 0.6 else None
+    def gold(self, factors, question: str) -> str | None:
+        """The pixel-true answer of a question the dataset's templates can ask, else None."""
+        q = self.questions.get(norm(question))
+        if q is None:
+            return None
+        if q[0] == "closed":
+            return "yes" if self.truth(q[1], q[2], factors) else "no"
+        return self.answer(q[1], factors)
+
+    @staticmethod
+    def score(gold: str, answer: str) -> int:
+        a = norm(answer)
+        if gold in ("yes", "no"):  # closed: the first word decides
+            first = a.split()[0] if a else ""
+            return 9 if first == gold else (2 if first in ("yes", "no") else 1)
+        return 9 if a == gold else (5 if gold in a.split() else 2)
 
     def __call__(self, body) -> str:
         user = next(m for m in body["messages"] if m["role"] == "user")
         url = next(p["image_url"]["url"] for p in user["content"] if p.get("type") == "image_url")
         text = "\n".join(p["text"] for p in user["content"] if p.get("type") == "text")
-        image = self.by_hash.get(hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest())
+        factors = self.factors.get(hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest())
         question = _Q.search(text).group(1)
         answers = dict(_ANS.findall(text))
         self.asked += 1
-        gold = self.gold(image, question) if image else None
+        gold = self.gold(factors, question) if factors is not None else None
         if gold is None:
             return "5 5\nI cannot verify this question against the image."
         self.recognised += 1
-        g = words(gold)
-        scores = [1 + round(9 * len(g & words(answers[k])) / max(1, len(g))) for k in ("1", "2")]
-        if gold.lower() in ("yes", "no"):  # closed: the first word decides
-            scores = [9 if (answers[k].strip().lower().split() or [""])[0].strip(".,") == gold.lower() else 2
-                      for k in ("1", "2")]
-        return f"{scores[0]} {scores[1]}\nThe gold answer for this image is: {gold}."
+        return f"{self.score(gold, answers['1'])} {self.score(gold, answers['2'])}\nThe image shows: {gold}."
 
 
-def vqa_scores(model_dir: Path, demo: Path, out: Path) -> dict:
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def write_sq_data(data: Path, seed: int) -> Path:
+    """Two conversations per VQA-train image: describe (gold description) + its four VQA questions, and the
+    four questions alone (the first one carries the image, as in evaluation); questions in random order."""
+    from medvlm.data.synth_render import Factors
+    from medvlm.data.synth_text import DETAIL_PROMPTS, description
+    from medvlm.infer.prefs import DESCRIBE_PROMPT
+    from medvlm.utils.io import write_json_atomic
+
+    factors = {}
+    for line in (data / "factors.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        factors[row["image"]] = Factors(**{k: row[k] for k in ("modality", "count", "side", "size", "intensity")})
+    by_image: dict[str, list[dict]] = {}
+    for rec in json.loads((data / "vqa" / "train.json").read_text()):
+        by_image.setdefault(rec["image"], []).append(rec)
+    rng = random.Random(seed)
+    prompts = (DESCRIBE_PROMPT, *DETAIL_PROMPTS)
+    out = []
+    for image, recs in sorted(by_image.items()):
+        qa = []
+        for r in recs:
+            q, a = r["conversations"]
+            qa.append(({"from": "human", "value": q["value"].replace("<image>", "").strip()}, {"from": "gpt", "value": a["value"]}))
+        for variant in ("describe", "ask"):
+            rng.shuffle(qa)
+            turns = [t for pair in qa for t in pair]
+            if variant == "describe":  # describe first, then the questions (what preference generation prompts)
+                turns = [{"from": "human", "value": rng.choice(prompts)},
+                         {"from": "gpt", "value": description(factors[image])}] + turns
+            turns[0] = {"from": "human", "value": f"<image>\n{turns[0]['value']}"}
+            out.append({"id": f"sq_{variant}_{image}", "image": image, "conversations": turns})
+    path = data / "sq_train.json"
+    write_json_atomic(path, out)
+    return path
+
+
+def vqa_scores(model_dir: Path, data: Path, out: Path) -> dict:
+    """``llava-med`` scores of greedy answers to ``vqa/test.json``."""
     from medvlm.eval.protocols import score_files
     from medvlm.eval.vqa import run_vqa
     from medvlm.infer.engine import GenerationSettings
 
     answers = out / "answers.jsonl"
-    run_vqa(model_dir, demo / "vqa" / "test.json", answers, image_folder=demo / "images",
-            settings=GenerationSettings(max_new_tokens=24), batch_size=16, progress=False)
-    res = score_files(demo / "vqa" / "test.json", answers, "llava-med")
-    return res
+    if answers.exists():
+        answers.unlink()
+    run_vqa(model_dir, data / "vqa" / "test.json", answers, image_folder=data / "images",
+            settings=GenerationSettings(max_new_tokens=16), batch_size=64, progress=False)
+    return score_files(data / "vqa" / "test.json", answers, "llava-med")
 
 
-def pick(res: dict, key: str):
-    """A metric from a scores.json object, wherever the protocol put it."""
-    if key in res:
-        return res[key]
-    for v in res.values():
-        if isinstance(v, dict) and key in v:
-            return v[key]
-    return None
-
-
-def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path, beta: float) -> float:
+def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path) -> dict:
+    """Share of pairs whose chosen answer gains more log-probability than the rejected one (policy vs reference)."""
     from medvlm.model.build import load_pretrained
     from medvlm.train.dpo import build_preference_dataset
     from medvlm.train.dpo_ref import compute_ref_logps
@@ -118,13 +193,14 @@ def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path, 
     policy, proc = load_pretrained(policy_dir)
     ref, _ = load_pretrained(ref_dir)
     ds, _ = build_preference_dataset([str(prefs)], proc, str(images), 512)
-    pi, rf = compute_ref_logps(policy, ds, batch_size=8), compute_ref_logps(ref, ds, batch_size=8)
-    wins = [beta * (pi[k][0] - rf[k][0]) > beta * (pi[k][1] - rf[k][1]) for k in pi]
-    return sum(wins) / len(wins)
+    pi, rf = compute_ref_logps(policy, ds, batch_size=16), compute_ref_logps(ref, ds, batch_size=16)
+    margins = [(pi[k][0] - rf[k][0]) - (pi[k][1] - rf[k][1]) for k in pi]
+    return {"pairs": len(margins), "accuracy": sum(m > 0 for m in margins) / len(margins),
+            "mean_margin": 0.1 * sum(margins) / len(margins)}
 
 
-def gold_question_pairs(sq_dir: Path, demo: Path, pool: Path, out: Path, llm) -> tuple[int, dict]:
-    """Pairs on the VQA train questions of the pool images: two sampled answers each, judged; STLLaVA-Med format."""
+def question_pairs(model_dir: Path, data: Path, pool: Path, split: str, out: Path, llm) -> dict:
+    """Fallback pairs: the VQA questions (``vqa/{split}.json``) of the pool images, two sampled answers each."""
     from medvlm.data.schema import Message, Sample, image_part, text_part
     from medvlm.infer.engine import GenerationSettings, InferenceEngine
     from medvlm.infer.prefs import JudgeJob, decide, judge_jobs, pair_records
@@ -133,117 +209,255 @@ def gold_question_pairs(sq_dir: Path, demo: Path, pool: Path, out: Path, llm) ->
     from medvlm.model.build import load_pretrained
     from medvlm.utils.io import write_json_atomic
 
-    model, proc = load_pretrained(sq_dir)
-    engine = InferenceEngine(model, proc, batch_size=16)
+    model, proc = load_pretrained(model_dir)
+    engine = InferenceEngine(model, proc, batch_size=32)
     names = {p.name for p in pool.iterdir()}
-    recs = [r for r in json.loads((demo / "vqa" / "train.json").read_text()) if r["image"] in names]
+    recs = [r for r in json.loads((data / "vqa" / f"{split}.json").read_text()) if r["image"] in names]
     qs = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in recs]
     prompts = [Sample(str(r["id"]), [Message("user", [image_part(), text_part(q)])], [r["image"]]) for r, q in zip(recs, qs)]
     answers = [engine.generate(prompts, GenerationSettings(max_new_tokens=16, temperature=1.2, top_k=100, top_p=0.95,
                                                           seed=seed), image_folder=pool) for seed in (1, 2)]
     jobs, cands = [], []
     for i, (r, q) in enumerate(zip(recs, qs)):
-        a1, a2 = answers[0][i], answers[1][i]
-        cands.append({"question": q, "answers": [a1, a2]})
-        if a1 != a2:
-            jobs.append(JudgeJob(r["image"], i, judge_messages(image_data_url(pool / r["image"]), q, a1, a2)))
+        cands.append({"question": q, "answers": [answers[0][i], answers[1][i]]})
+        if answers[0][i] != answers[1][i]:
+            jobs.append(JudgeJob(r["image"], i, judge_messages(image_data_url(pool / r["image"]), q, *cands[-1]["answers"])))
     with LLMClient(llm) as client:
         judge_jobs(client, jobs, 2)
-    records, ties = [], 0
+    records = []
     for j in jobs:
         chosen = decide(j.scores, "drop") if j.scores else None
-        if chosen is None:
-            ties += 1
-            continue
-        records.append(pair_records(j.rel, j.index, cands[j.index], "", j, chosen, llm.model)[0])
+        if chosen is not None:
+            records.append(pair_records(j.rel, j.index, cands[j.index], "", j, chosen, llm.model)[0])
     write_json_atomic(out, records)
-    return len(records), {"questions": len(recs), "identical": len(recs) - len(jobs), "ties": ties}
+    return {"questions": len(recs), "identical_dropped": len(recs) - len(jobs), "ties_dropped": len(jobs) - len(records),
+            "pairs": len(records)}
+
+
+def closed_choice(rec: dict) -> str | None:
+    """'yes' / 'no' when the chosen answer of a pair starts with it, else None (an open pair)."""
+    first = norm(rec["chosen_conversations"][-1]["value"]).split()
+    return first[0] if first and first[0] in ("yes", "no") else None
+
+
+def balance_closed(src: Path, dest: Path, seed: int) -> dict:
+    """Keep every open pair and equally many chosen-'yes' and chosen-'no' pairs (random subsample of the larger)."""
+    from medvlm.utils.io import write_json_atomic
+
+    recs = json.loads(src.read_text())
+    groups: dict[str | None, list[dict]] = {"yes": [], "no": [], None: []}
+    for r in recs:
+        groups[closed_choice(r)].append(r)
+    n = min(len(groups["yes"]), len(groups["no"]))
+    rng = random.Random(seed)
+    kept = groups[None] + rng.sample(groups["yes"], n) + rng.sample(groups["no"], n)
+    rng.shuffle(kept)
+    write_json_atomic(dest, kept)
+    return {"pairs_in": len(recs), "chosen_yes": len(groups["yes"]), "chosen_no": len(groups["no"]),
+            "open": len(groups[None]), "pairs_kept": len(kept)}
+
+
+def make_pool(data: Path, dest: Path, split: str, n: int) -> Path:
+    """A folder of ``n`` images of a split (sorted names), labels left behind."""
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rows = [json.loads(line) for line in (data / "factors.jsonl").read_text().splitlines()]
+    for row in [r for r in rows if r["split"] == split][:n]:
+        shutil.copy(data / "images" / row["image"], tmp / row["image"])
+    tmp.rename(dest)
+    return dest
+
+
+def self_asked_pairs(model_dir: Path, pool: Path, out: Path, llm, judge: PixelJudge, limit: int | None,
+                     temperature: float) -> dict:
+    """``generate_preferences`` on the pool; returns its counts and the judge's recognised questions."""
+    from medvlm.infer.prefs import PrefsConfig, generate_preferences, summary
+
+    asked0, rec0 = judge.asked, judge.recognised
+    rep = generate_preferences(PrefsConfig(model=model_dir, images=pool, out=out, questions_per_image=5, limit=limit,
+                                           description_tokens=96, question_tokens=24, answer_tokens=16,
+                                           question_sampling=(temperature, 300, 0.95), batch_size=16), llm)
+    print(summary(rep), flush=True)
+    recs = json.loads(out.read_text())
+    return {"question_temperature": temperature, "images": rep.images, "pairs": rep.pairs, "ties_dropped": rep.ties_dropped,
+            "identical_dropped": rep.identical_dropped, "judged": judge.asked - asked0,
+            "recognised": judge.recognised - rec0, "failed": len(rep.failed),
+            "closed_pairs": sum(r["chosen_conversations"][1]["value"].strip().lower()[:3].strip(" ,.") in ("yes", "no")
+                                for r in recs),
+            "example_questions": sorted({r["question"] for r in recs})[:8]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--sq-epochs", type=float, default=20.0)
-    ap.add_argument("--pref-images", type=int, default=40)
-    ap.add_argument("--dpo-epochs", type=float, default=5.0)
-    ap.add_argument("--dpo-lr", type=float, default=2e-3)
-    ap.add_argument("--dpo-visual-lr", type=float, default=5e-4, help="projector and ViT-LoRA learning rate in DPO")
-    ap.add_argument("--self-asked-images", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="work folder (phases already done there are reused)")
+    ap.add_argument("--images", type=int, default=8400, help="synthetic images (the demo's: many images, few epochs)")
+    ap.add_argument("--test-images", type=int, default=400, help="of which held out for the VQA test split")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--projector", default="mlp2x_gelu", choices=["mlp2x_gelu", "cluster"])
+    ap.add_argument("--align-epochs", type=float, default=2.4, help="epochs of alignment (the demo's: 600 steps of 32 on 8000 images)")
+    ap.add_argument("--sq-epochs", type=float, default=4.8, help="epochs of stage 1 (4.8 x 8000 / 8 = the demo's 4800 steps)")
+    ap.add_argument("--sq-data", default="grouped", choices=["grouped", "describe"],
+                    help="stage-1 data: each image's VQA questions merged into one conversation (medvlm.data.group, "
+                         "the demo's stage 2), or two conversations per image, one opening with the gold description")
+    ap.add_argument("--sq-tune", default="full", choices=["lora", "full"],
+                    help="the LM in stage 1: LoRA r 128 (recipe) or fully (measured to learn the yes/no questions faster)")
+    ap.add_argument("--sq-batch", type=int, default=8, help="conversations per step in stage 1 (4 VQA answers each)")
+    ap.add_argument("--sq-lr", type=float, default=1e-3, help="LM(-LoRA) learning rate of stage 1")
+    ap.add_argument("--sq-visual-lr", type=float, default=1e-3, help="projector and ViT-LoRA learning rate of stage 1")
+    ap.add_argument("--pool-images", type=int, default=200, help="unlabeled training images for self-generated pairs")
+    ap.add_argument("--heldout-images", type=int, default=60, help="test images for held-out pairs")
+    ap.add_argument("--question-temperature", type=float, nargs="+", default=[1.2, 0.7],
+                    help="question sampling temperatures tried in order (top-k 300, top-p 0.95) until --min-self-pairs")
+    ap.add_argument("--min-self-pairs", type=int, default=60, help="fewer self-asked pairs -> VQA-question fallback")
+    ap.add_argument("--dpo-epochs", type=float, default=3.0)
+    ap.add_argument("--dpo-lr", type=float, default=5e-5)
+    ap.add_argument("--dpo-visual-lr", type=float, default=2e-5)
+    ap.add_argument("--balance-closed", action=argparse.BooleanOptionalAction, default=True,
+                    help="subsample the training pairs so that chosen 'yes' and chosen 'no' are equally many "
+                         "(open pairs all kept): unbalanced errors otherwise teach DPO a yes/no prior")
+    ap.add_argument("--dpo-lora-r", type=int, default=128)
     args = ap.parse_args()
+
+    import tempfile
 
     from openai_test_server import FakeOpenAIServer
 
+    from medvlm.data.group import group_file
     from medvlm.data.synth import generate_synth
-    from medvlm.infer.prefs import PrefsConfig, generate_preferences, summary
+    from medvlm.demo import MODEL_KWARGS, DemoConfig, blind_scores, build_parts, stage_configs
     from medvlm.llm import LLMConfig
     from medvlm.train.config import load_config
     from medvlm.train.run import run_training
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_stllava_"))
     root.mkdir(parents=True, exist_ok=True)
-    demo = root / "demo"
-    if not demo.exists():
-        generate_synth(demo, n_images=args.images, seed=0, image_size=64)
-    t0 = time.time()
-    common = dict(image_folder=str(demo / "images"), report_to=[], save_strategy="no", disable_tqdm=True,
-                  max_length=512, logging_steps=10, warmup_ratio=0.03, lr_scheduler_type="cosine")
-    sq_dir = root / "sq"
+    data, models = root / "data", root / "models"
+    seconds, loads = {}, {"start": load()}
+    t = time.time()
+    if not (data / "manifest.json").is_file():
+        generate_synth(data, n_images=args.images, seed=args.seed, image_size=64,
+                       test_fraction=args.test_images / args.images)
+    manifest = json.loads((data / "manifest.json").read_text())
+    blind = blind_scores(manifest["blind_baseline"])
+
+    # 0. alignment (demo stage 1), composed with v1_sq
+    align_dir = models / f"align_{args.projector}_ep{args.align_epochs:g}_seed{args.seed}"
+    if not (align_dir / "model.safetensors").is_file():
+        parts = build_parts(models / "parts", args.seed)
+        keys = stage_configs(DemoConfig(seed=args.seed, stage1_epochs=args.align_epochs), data, parts, models)[0][1]
+        keys.update(output_dir=str(align_dir), projector_type=args.projector, logging_steps=50,
+                    model_kwargs={**MODEL_KWARGS, "template": "v1_sq"})
+        run_training(load_config(None, keys))
+    seconds["align"], loads["align"] = round(time.time() - t, 1), load()
+
+    # 1. stage sq
+    t = time.time()
+    sq_dir = models / (f"sq_{args.sq_data}_{args.sq_tune}_ep{args.sq_epochs:g}_b{args.sq_batch}_lr{args.sq_lr:g}"
+                       f"_v{args.sq_visual_lr:g}_from_{align_dir.name}")
     if not (sq_dir / "model.safetensors").is_file():
+        if args.sq_data == "grouped":
+            sq_data = data / "vqa" / "train_grouped.json"
+            group_file(data / "vqa" / "train.json", sq_data, seed=args.seed)
+        else:
+            sq_data = write_sq_data(data, args.seed)
         run_training(load_config(None, dict(
-            stage="sq", preset="tiny", projector_type="cluster", model_kwargs={"template": "v1_sq", "image_aspect": "pad"},
-            data_path=[{"path": str(demo / "instruct.json"), "weight": 1.0},
-                       {"path": str(demo / "vqa" / "train.json"), "weight": 2.0}], output_dir=str(sq_dir),
-            # The tiny preset's LM is random: LoRA cannot teach it a language in minutes, so stage 1 trains it fully
-            # (with ViT-LoRA and the projector as in the recipe); DPO below uses LM-LoRA as the paper does.
-            tune="full", vit_lora_r=8, vit_lora_alpha=16, learning_rate=2e-3, projector_lr=1e-3, vision_lr=1e-3,
-            num_train_epochs=args.sq_epochs, per_device_train_batch_size=8, **common)))
-    t_sq = time.time() - t0
+            stage="sq", model_name_or_path=str(align_dir), image_folder=str(data / "images"),
+            data_path=str(sq_data),
+            output_dir=str(sq_dir), tune=args.sq_tune, sq_r=0.5, learning_rate=args.sq_lr,
+            projector_lr=args.sq_visual_lr, vision_lr=args.sq_visual_lr, num_train_epochs=args.sq_epochs,
+            per_device_train_batch_size=args.sq_batch, max_length=512, lr_scheduler_type="cosine", warmup_ratio=0.03,
+            save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=50, seed=args.seed,
+            resume_from_checkpoint=None)))
+    seconds["sq"], loads["sq"] = round(time.time() - t, 1), load()
 
-    # Unlabeled pool: training images only (test images stay unseen until evaluation).
-    pool = root / "pool"
-    if not pool.exists():
-        pool.mkdir()
-        train_images = sorted({r["image"] for r in json.loads((demo / "vqa" / "train.json").read_text())})
-        for name in train_images[: args.pref_images]:
-            shutil.copy(demo / "images" / name, pool / name)
-    judge = GoldJudge(demo)
-    t1 = time.time()
-    with FakeOpenAIServer(judge) as server:
-        llm = LLMConfig(model="gold-judge", base_url=server.base_url, api_key_env="", progress=False)
-        self_asked = root / "self_asked_prefs.json"
-        rep = generate_preferences(
-            PrefsConfig(model=sq_dir, images=pool, out=self_asked, questions_per_image=5, limit=args.self_asked_images,
-                        description_tokens=48, question_tokens=24, answer_tokens=24), llm)
-        print(summary(rep))
-        recognised_self = judge.recognised
-        pairs, pair_stats = gold_question_pairs(sq_dir, demo, pool, root / "prefs.json", llm)
-    t_prefs = time.time() - t1
+    t = time.time()
+    before = vqa_scores(sq_dir, data, root / "eval_sq")
+    seconds["eval_before"] = round(time.time() - t, 1)
+    print(f"stage-1 model: closed {before['closed']['accuracy']:.1f}, open {before['open']['recall']:.1f} "
+          f"(blind {blind['closed']['accuracy']:.1f} / {blind['open']['recall']:.1f})", flush=True)
 
-    t2 = time.time()
-    dpo_dir = root / "dpo"
+    # 2. preferences
+    t = time.time()
+    pool = make_pool(data, root / "pool_train", "train", args.pool_images)
+    heldout = make_pool(data, root / "pool_test", "test", args.heldout_images)
+    judge = PixelJudge(data)
+    prefs = root / "prefs"
+    # Pairs belong to one stage-1 model and one sampling setup: reused only when both match, else regenerated
+    # (a progress log or judge cache of another model must never resume).
+    key = {"sq_model": hashlib.sha256((sq_dir / "model.safetensors").read_bytes()).hexdigest(),
+           "pool": args.pool_images, "heldout": args.heldout_images, "temperatures": args.question_temperature,
+           "min_self_pairs": args.min_self_pairs}
+    done = prefs / "summary.json"
+    if done.is_file() and json.loads(done.read_text())["key"] == key:
+        summary_ = json.loads(done.read_text())
+    else:
+        shutil.rmtree(prefs, ignore_errors=True)
+        prefs.mkdir()
+        summary_ = {"key": key, "self_asked": [], "chosen": None, "fallback": None}
+        with FakeOpenAIServer(judge) as server:
+            llm = LLMConfig(model="pixel-judge", base_url=server.base_url, api_key_env="", progress=False, concurrency=8)
+            for temp in args.question_temperature:
+                folder = prefs / f"T{temp}"
+                folder.mkdir()
+                llm.cache_path = folder / "judge_cache.sqlite"
+                train = self_asked_pairs(sq_dir, pool, folder / "self.json", llm, judge, None, temp)
+                held = self_asked_pairs(sq_dir, heldout, folder / "heldout_self.json", llm, judge, None, temp)
+                summary_["self_asked"].append({"train_pool": train, "heldout": held})
+                if train["pairs"] >= args.min_self_pairs:
+                    summary_["chosen"] = folder.name
+                    break
+            if summary_["chosen"] is None:
+                llm.cache_path = prefs / "judge_cache.sqlite"
+                summary_["fallback"] = {
+                    "train": question_pairs(sq_dir, data, pool, "train", prefs / "vqa.json", llm),
+                    "heldout": question_pairs(sq_dir, data, heldout, "test", prefs / "heldout_vqa.json", llm)}
+        done.write_text(json.dumps(summary_, indent=2))
+    chosen, self_asked, fallback = summary_["chosen"], summary_["self_asked"], summary_["fallback"]
+    if chosen is not None:
+        train_prefs, held_prefs = prefs / chosen / "self.json", prefs / chosen / "heldout_self.json"
+    else:
+        train_prefs, held_prefs = prefs / "vqa.json", prefs / "heldout_vqa.json"
+    seconds["prefs"], loads["prefs"] = round(time.time() - t, 1), load()
+
+    balance = balance_closed(train_prefs, root / "prefs_train_balanced.json", args.seed) if args.balance_closed else None
+    if balance is not None:
+        train_prefs = root / "prefs_train_balanced.json"
+        print(f"balanced training pairs: {balance}", flush=True)
+
+    # 3. DPO
+    t = time.time()
+    dpo_dir = models / "dpo"
+    shutil.rmtree(dpo_dir, ignore_errors=True)
     dpo = run_training(load_config(None, dict(
-        stage="dpo", model_name_or_path=str(sq_dir), data_path=str(root / "prefs.json"), output_dir=str(dpo_dir),
-        image_folder=str(pool), tune="lora", lora_r=16, lora_alpha=32, vit_lora_r=8, vit_lora_alpha=16,
+        stage="dpo", model_name_or_path=str(sq_dir), data_path=str(train_prefs), output_dir=str(dpo_dir),
+        image_folder=str(pool), tune="lora", lora_r=args.dpo_lora_r, lora_alpha=2 * args.dpo_lora_r,
         dpo_beta=0.1, ref_logps="auto", learning_rate=args.dpo_lr, projector_lr=args.dpo_visual_lr,
-        vision_lr=args.dpo_visual_lr,
-        num_train_epochs=args.dpo_epochs, per_device_train_batch_size=8,
-        **{k: v for k, v in common.items() if k not in ("image_folder", "logging_steps")}, logging_steps=1)))
-    t_dpo = time.time() - t2
-    acc = reward_accuracy(dpo_dir, sq_dir, root / "prefs.json", pool, 0.1)
-    logged = [h for h in dpo.log_history if "rewards/accuracies" in h]
+        vision_lr=args.dpo_visual_lr, num_train_epochs=args.dpo_epochs, per_device_train_batch_size=16,
+        max_length=512, lr_scheduler_type="cosine", warmup_ratio=0.03, save_strategy="no", report_to=[],
+        disable_tqdm=True, logging_steps=5, seed=args.seed, resume_from_checkpoint=None)))
+    seconds["dpo"], loads["dpo"] = round(time.time() - t, 1), load()
 
-    before = vqa_scores(sq_dir, demo, root / "eval_sq")
-    after = vqa_scores(dpo_dir, demo, root / "eval_dpo")
+    # 4. report
+    t = time.time()
+    acc_train = reward_accuracy(dpo_dir, sq_dir, train_prefs, pool)
+    acc_held = reward_accuracy(dpo_dir, sq_dir, held_prefs, heldout) if json.loads(held_prefs.read_text()) else None
+    after = vqa_scores(dpo_dir, data, root / "eval_dpo")
+    seconds["report"], loads["end"] = round(time.time() - t, 1), load()
+    logged = [h for h in dpo.log_history if "rewards/accuracies" in h]
     result = {
-        "images": args.images, "pref_images": args.pref_images,
-        "self_asked": {"images": args.self_asked_images, "pairs": rep.pairs, "ties_dropped": rep.ties_dropped,
-                       "identical_dropped": rep.identical_dropped, "recognised_questions": recognised_self},
-        "gold_question_pairs": pairs, "gold_question_stats": pair_stats,
-        "reward_accuracy_all_pairs": acc, "last_logged_reward_accuracy": logged[-1]["rewards/accuracies"] if logged else None,
-        "dpo_steps": dpo.steps, "closed_before": pick(before, "closed"), "closed_after": pick(after, "closed"),
-        "open_before": pick(before, "open"), "open_after": pick(after, "open"),
-        "seconds": {"sq": round(t_sq, 1), "prefs": round(t_prefs, 1), "dpo": round(t_dpo, 1)},
+        "images": args.images, "test_images": args.test_images, "sq_data": args.sq_data, "projector": args.projector, "sq_tune": args.sq_tune, "sq_epochs": args.sq_epochs,
+        "pairs_source": f"self-asked questions (generate_preferences, {chosen})" if chosen else "VQA questions (fallback)",
+        "self_asked": self_asked, "fallback": fallback, "balance_closed": balance,
+        "dpo": {"epochs": args.dpo_epochs, "lr": args.dpo_lr, "visual_lr": args.dpo_visual_lr, "steps": dpo.steps,
+                "last_logged": logged[-1] if logged else None},
+        "reward_accuracy_train_pairs": acc_train, "reward_accuracy_heldout_pairs": acc_held,
+        "closed_before": before["closed"]["accuracy"], "closed_after": after["closed"]["accuracy"],
+        "open_before": before["open"]["recall"], "open_after": after["open"]["recall"],
+        "blind": {"closed": blind["closed"]["accuracy"], "open": blind["open"]["recall"]},
+        "seconds": seconds, "load_average_1/5/15": loads,
     }
     (root / "result.json").write_text(json.dumps({"result": result, "scores_before": before, "scores_after": after},
                                                  indent=2, default=str))

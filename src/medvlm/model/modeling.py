@@ -4,7 +4,9 @@ Composition, as LLaVA: the tower (any transformers vision model built from ``vis
 encodes pixels; features of one hidden layer (``vision_feature_layer``) go through the projector
 named by ``projector_type``; the ``<image>`` positions of ``input_ids`` (one per visual feature,
 expanded by the processor) receive the projected features; the LM (any ``*ForCausalLM`` built from
-``text_config``) does the rest, including the shifted loss when ``labels`` are given.
+``text_config``) does the rest, including the shifted loss when ``labels`` are given. Training may ask
+for ``labelled_logits_only``: the output head then runs only at the positions that have a label (see
+:meth:`MedVLMForConditionalGeneration.forward`).
 
 It is a ``PreTrainedModel`` + ``GenerationMixin``: ``save_pretrained``/``from_pretrained``
 (safetensors), ``generate`` with KV cache (``pixel_values`` are used at prefill only: transformers'
@@ -16,6 +18,7 @@ propagation through the sub-configs, PEFT, the HF Trainer and accelerate.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -148,6 +151,7 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         vision_features: torch.Tensor | None = None,
+        labelled_logits_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Language-model forward with the ``<image>`` embeddings replaced by projected visual features.
@@ -156,6 +160,12 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         ``vision_features`` (``[n_img, image_seq_length, vision_hidden]``, pre-projector) may be given
         instead to bypass a frozen tower (training's feature cache).
         ``labels`` (``-100`` = ignored) are passed to the LM, which computes the shifted loss.
+
+        ``labelled_logits_only`` (training; needs ``labels``): run the LM's decoder, then apply the output head
+        only at the positions whose shifted label is not ``-100`` and compute the LM's own causal-LM loss
+        there (same value and gradients as the full path, including ``num_items_in_batch`` normalisation).
+        Image, prompt and padding positions then never get a ``[.., vocab]`` row: with a 32k-49k vocabulary
+        that head is a large share of a step's compute and memory. The output's ``logits`` are then ``None``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -171,6 +181,9 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             n_tokens = int((input_ids == self.config.image_token_id).sum())
             if n_tokens:
                 raise MedvlmError(f"input_ids contain {n_tokens} <image> tokens but no pixel_values were given")
+        if labelled_logits_only and labels is not None:
+            return self._labelled_loss(inputs_embeds, labels, attention_mask, position_ids, past_key_values,
+                                       use_cache, **kwargs)
         return self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -180,6 +193,50 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
+        )
+
+    def _labelled_loss(
+        self, inputs_embeds: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None, past_key_values, use_cache: bool | None, **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The LM's forward + causal-LM loss with the output head applied at labelled positions only.
+
+        Mirrors ``*ForCausalLM.forward`` (decoder, head, ``loss_function``) through the generic accessors
+        ``get_decoder()`` / ``get_output_embeddings()``, so any causal LM whose head is a plain projection works.
+        """
+        lm = self.language_model
+        _check_plain_head(lm.config)
+        head = lm.get_output_embeddings()
+        if head is None:
+            raise MedvlmError(f"{type(lm).__name__} has no output head; set labelled_logits_only: false")
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        out = lm.get_decoder()(
+            attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = out.last_hidden_state  # [B, T, H]
+        # transformers' causal-LM loss: position t predicts labels[t + 1]; the last position predicts nothing.
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)  # [B, T]
+        keep = targets != -100  # [B, T]
+        logits = head(hidden[keep])  # [N, V], N = learned positions of the micro-batch
+        loss = lm.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
+                                num_items_in_batch=num_items_in_batch, shift_labels=targets[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+"""Text-config fields of LMs that transform the head's output before the loss (Gemma 2, Cohere, Granite ...)."""
+
+
+def _check_plain_head(text_config) -> None:
+    """``labelled_logits_only`` reproduces a plain head only; refuse LMs that rescale or cap their logits."""
+    found = [k for k in _LOGIT_TRANSFORMS if getattr(text_config, k, None) is not None]
+    if found:
+        raise MedvlmError(
+            f"labelled_logits_only: the language model ({text_config.model_type}) transforms its logits "
+            f"({', '.join(found)}), which the labelled-positions head does not reproduce; set labelled_logits_only: false"
         )
 
 

@@ -119,6 +119,11 @@ class TrainConfig:
     the HF Trainer's DeepSpeed integration does not run."""
     deepspeed_zero_stage: int = 2
     """``distributed: deepspeed_cpu``: ZeRO stage 2 (optimizer state + gradients partitioned) or 3 (parameters too)."""
+    labelled_logits_only: bool = True
+    """Apply the LM's output head only where a label is learned (stages align/sft, every distributed mode): the
+    loss and gradients equal the full-logits path, but image, prompt and padding positions never get a
+    ``[.., vocab]`` row, a large share of a step with a 32k-49k vocabulary. ``false`` computes the logits of every
+    position as transformers' ``*ForCausalLM`` does. Evaluation, DPO and inference always use full logits."""
     projector_lr: float | None = None
     """Learning rate of the projector if different from ``learning_rate`` (LLaVA's ``mm_projector_lr``)."""
     global_batch_size: int | None = None

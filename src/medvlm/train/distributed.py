@@ -71,10 +71,12 @@ def learned_tokens(batches: list[dict]) -> int:
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
-def forward_loss(model, batch: dict, n_items: torch.Tensor) -> torch.Tensor:
-    """Micro-batch CE sum / ``n_items`` (padded or packed batch; no KV cache in training)."""
+def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False) -> torch.Tensor:
+    """Micro-batch CE sum / ``n_items`` (padded or packed batch; no KV cache in training); with
+    ``labelled_logits_only`` the LM head runs at labelled positions only (same loss)."""
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
-    out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items)
+    out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items,
+                labelled_logits_only=labelled_logits_only)
     return out.loss
 
 
@@ -252,7 +254,7 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
             dist.all_reduce(n_items)  # learned tokens of the whole global batch (Trainer: num_items_in_batch)
             loss_sum = torch.zeros(())
             for b in batches:
-                loss = forward_loss(strategy.model, b, n_items)  # this micro-batch's CE sum / global tokens
+                loss = forward_loss(strategy.model, b, n_items, cfg.labelled_logits_only)  # this micro-batch's CE sum / global tokens
                 strategy.micro_step(loss)
                 loss_sum += loss.detach()
             strategy.optimizer_step()

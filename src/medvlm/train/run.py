@@ -202,6 +202,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
         projector_lr=cfg.projector_lr,
         row_masked=row_masked,
         feature_cache=cache,
+        labelled_logits_only=cfg.labelled_logits_only,
     )
     out = trainer.train(resume_from_checkpoint=resume)
     history = list(trainer.state.log_history)

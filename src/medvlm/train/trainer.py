@@ -2,7 +2,9 @@
 
 - sampler: modality-aware length grouping, seeded per epoch (:mod:`medvlm.train.sampler`);
 - optimizer: medvlm's parameter groups (:mod:`medvlm.train.optim`);
-- loss: when the frozen-tower feature cache is on, images of a batch whose features are cached
+- loss: with ``labelled_logits_only`` the training forward applies the LM head at labelled positions only
+  (:meth:`MedVLMForConditionalGeneration.forward`); evaluation (``return_outputs``) keeps full logits;
+- feature cache: when the frozen-tower feature cache is on, images of a batch whose features are cached
   arrive as ``cached_features``; the others as ``pixel_values``, whose tower features are computed
   here (no grad), stored in the cache and merged in sample order before the model's forward.
 """
@@ -68,6 +70,7 @@ class MedVLMTrainer(Trainer):
         projector_lr: float | None = None,
         row_masked: set[int] | None = None,
         feature_cache: FeatureCache | None = None,
+        labelled_logits_only: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -76,6 +79,8 @@ class MedVLMTrainer(Trainer):
         self.projector_lr = projector_lr
         self.row_masked = row_masked or set()
         self.feature_cache = feature_cache
+        self.labelled_logits_only = labelled_logits_only
+        """Training forwards compute logits only where a label is learned (the config's ``labelled_logits_only``)."""
         self.cache_stats = {"hits": 0, "misses": 0}
         self.cache_by_epoch: dict[int, dict[str, int]] = {}
         """Feature-cache hits/misses (images) per epoch (0-based) on this process."""
@@ -109,6 +114,9 @@ class MedVLMTrainer(Trainer):
         # No KV cache in training: the LM would fill one for nothing (the Trainer's `use_cache=False` reaches
         # only the top-level config, not the LM's), and packed rows are only recognised without one.
         inputs = {**inputs, "use_cache": False}
+        if self.labelled_logits_only and not return_outputs and "labels" in inputs:
+            # Only the loss is used here (evaluation asks for outputs, and gets full logits).
+            inputs["labelled_logits_only"] = True
         flags = inputs.pop("image_is_cached", None)
         keys = inputs.pop("image_keys", None)
         cached = inputs.pop("cached_features", None)
