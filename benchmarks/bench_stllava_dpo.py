@@ -291,11 +291,19 @@ def self_asked_pairs(model_dir: Path, pool: Path, out: Path, llm, judge: PixelJu
 
 
 def main() -> None:
+    from medvlm.demo import DemoConfig
+
+    DEMO = DemoConfig()  # noqa: N806 - the demo's defaults are this benchmark's
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="work folder (phases already done there are reused)")
     ap.add_argument("--images", type=int, default=8400, help="synthetic images (the demo's: many images, few epochs)")
     ap.add_argument("--test-images", type=int, default=400, help="of which held out for the VQA test split")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-extra-closed", type=int, default=DEMO.train_extra_closed,
+                    help="closed questions of kinds not asked yet added per train image (the demo's default)")
+    ap.add_argument("--train-closed-kinds", default=",".join(DEMO.train_closed_kinds),
+                    help="one more closed question of each of these kinds per train image (the demo's default: "
+                         "4 closed + 2 open per train image)")
     ap.add_argument("--projector", default="mlp2x_gelu", choices=["mlp2x_gelu", "cluster"])
     ap.add_argument("--align-epochs", type=float, default=2.4, help="epochs of alignment (the demo's: 600 steps of 32 on 8000 images)")
     ap.add_argument("--sq-epochs", type=float, default=4.8, help="epochs of stage 1 (4.8 x 8000 / 8 = the demo's 4800 steps)")
@@ -304,9 +312,12 @@ def main() -> None:
                          "the demo's stage 2), or two conversations per image, one opening with the gold description")
     ap.add_argument("--sq-tune", default="full", choices=["lora", "full"],
                     help="the LM in stage 1: LoRA r 128 (recipe) or fully (measured to learn the yes/no questions faster)")
+    ap.add_argument("--sq-vision", default="lora", choices=["lora", "full"],
+                    help="stage-1 tower: ViT-LoRA (STLLaVA-Med) or the whole tower (tune_vision_tower, vit_lora: false)")
     ap.add_argument("--sq-batch", type=int, default=8, help="conversations per step in stage 1 (4 VQA answers each)")
-    ap.add_argument("--sq-lr", type=float, default=1e-3, help="LM(-LoRA) learning rate of stage 1")
-    ap.add_argument("--sq-visual-lr", type=float, default=1e-3, help="projector and ViT-LoRA learning rate of stage 1")
+    ap.add_argument("--sq-lr", type=float, default=DEMO.stage2_lr, help="LM(-LoRA) learning rate of stage 1 (the demo's stage 2)")
+    ap.add_argument("--sq-visual-lr", type=float, default=DEMO.stage2_lr,
+                    help="projector and ViT-LoRA (or tower) learning rate of stage 1 (the demo's stage 2)")
     ap.add_argument("--pool-images", type=int, default=200, help="unlabeled training images for self-generated pairs")
     ap.add_argument("--heldout-images", type=int, default=60, help="test images for held-out pairs")
     ap.add_argument("--question-temperature", type=float, nargs="+", default=[1.2, 0.7],
@@ -337,10 +348,17 @@ def main() -> None:
     data, models = root / "data", root / "models"
     seconds, loads = {}, {"start": load()}
     t = time.time()
+    kinds = tuple(k for k in args.train_closed_kinds.split(",") if k)
     if not (data / "manifest.json").is_file():
         generate_synth(data, n_images=args.images, seed=args.seed, image_size=64,
-                       test_fraction=args.test_images / args.images)
+                       test_fraction=args.test_images / args.images, train_extra_closed=args.train_extra_closed,
+                       train_closed_kinds=kinds)
     manifest = json.loads((data / "manifest.json").read_text())
+    made = (manifest["n_images"], manifest["seed"], manifest.get("train_extra_closed", 0),
+            manifest.get("train_closed_kinds", []))
+    if made != (args.images, args.seed, args.train_extra_closed, list(kinds)):
+        sys.exit(f"{data}: dataset made with (images, seed, train_extra_closed, train_closed_kinds) = {made}; "
+                 "use another --out")
     blind = blind_scores(manifest["blind_baseline"])
 
     # 0. alignment (demo stage 1), composed with v1_sq
@@ -356,7 +374,7 @@ def main() -> None:
     # 1. stage sq
     t = time.time()
     sq_dir = models / (f"sq_{args.sq_data}_{args.sq_tune}_ep{args.sq_epochs:g}_b{args.sq_batch}_lr{args.sq_lr:g}"
-                       f"_v{args.sq_visual_lr:g}_from_{align_dir.name}")
+                       f"_v{args.sq_visual_lr:g}{'_tower' if args.sq_vision == 'full' else ''}_from_{align_dir.name}")
     if not (sq_dir / "model.safetensors").is_file():
         if args.sq_data == "grouped":
             sq_data = data / "vqa" / "train_grouped.json"
@@ -368,6 +386,7 @@ def main() -> None:
             data_path=str(sq_data),
             output_dir=str(sq_dir), tune=args.sq_tune, sq_r=0.5, learning_rate=args.sq_lr,
             projector_lr=args.sq_visual_lr, vision_lr=args.sq_visual_lr, num_train_epochs=args.sq_epochs,
+            tune_vision_tower=args.sq_vision == "full", vit_lora=args.sq_vision == "lora",
             per_device_train_batch_size=args.sq_batch, max_length=512, lr_scheduler_type="cosine", warmup_ratio=0.03,
             save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=50, seed=args.seed,
             resume_from_checkpoint=None)))
@@ -448,7 +467,7 @@ def main() -> None:
     seconds["report"], loads["end"] = round(time.time() - t, 1), load()
     logged = [h for h in dpo.log_history if "rewards/accuracies" in h]
     result = {
-        "images": args.images, "test_images": args.test_images, "sq_data": args.sq_data, "projector": args.projector, "sq_tune": args.sq_tune, "sq_epochs": args.sq_epochs,
+        "images": args.images, "test_images": args.test_images, "sq_data": args.sq_data, "projector": args.projector, "sq_tune": args.sq_tune, "sq_vision": args.sq_vision, "sq_epochs": args.sq_epochs,
         "pairs_source": f"self-asked questions (generate_preferences, {chosen})" if chosen else "VQA questions (fallback)",
         "self_asked": self_asked, "fallback": fallback, "balance_closed": balance,
         "dpo": {"epochs": args.dpo_epochs, "lr": args.dpo_lr, "visual_lr": args.dpo_visual_lr, "steps": dpo.steps,

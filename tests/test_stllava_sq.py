@@ -140,6 +140,37 @@ def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, 
     assert result.steps == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("tune", ["lora", "full"])
+def test_sq_full_tower_option_trains_every_tower_weight_at_the_vision_lr(demo, tmp_path, tune):
+    """``tune_vision_tower: true`` + ``vit_lora: false`` (a named deviation): the whole tower learns, no ViT-LoRA."""
+    before = state(build_preset("tiny", seed=42, template="v1_sq", projector="cluster")[0])
+    out = tmp_path / tune
+    run_training(_sq_config(demo, out, tune=tune, tune_vision_tower=True, vit_lora=False, vision_lr=5e-3))
+    after = state(load_pretrained(out)[0])
+    tower = changed(before, after, "vision_tower.")
+    moved = [k for k, v in tower.items() if v]
+    # Every weight that feeds the features moves (the tiny tower's features come from layer -2, i.e. layer 0), norms
+    # and embeddings included; ViT-LoRA would only touch the six adapted linears.
+    feeding = [k for k in tower if ".encoder.layers.0." in k or ".embeddings." in k]
+    assert len(feeding) > 6 and all(tower[k] for k in feeding), moved
+    assert not any(tower[k] for k in tower if ".encoder.layers.1." in k)  # unused by the features: no gradient
+    assert changed(before, after, "language_model.")["language_model.model.layers.0.self_attn.q_proj.weight"]
+    if tune == "lora":  # no ViT-LoRA in the adapter: the tower is saved whole with it
+        from safetensors import safe_open
+
+        with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert not [k for k in keys if "vision_tower" in k and "lora_" in k]
+        assert [k for k in keys if "vision_tower" in k]
+
+
+def test_sq_full_tower_option_is_explicit_and_sq_only(demo, tmp_path):
+    with pytest.raises(MedvlmError, match="vit_lora: false"):  # both at once is ambiguous
+        run_training(_sq_config(demo, tmp_path / "a", tune_vision_tower=True))
+    with pytest.raises(MedvlmError, match="only supported in stage 'sq'"):
+        run_training(_sq_config(demo, tmp_path / "b", stage="dpo", tune_vision_tower=True, vit_lora=False))
+
+
 def test_sq_refuses_a_model_without_the_v1_sq_template(demo, tmp_path):
     with pytest.raises(MedvlmError, match="v1_sq"):
         run_training(_sq_config(demo, tmp_path / "x", model_kwargs={}))

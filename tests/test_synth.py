@@ -326,3 +326,62 @@ def test_cli_generates_and_prints_the_blind_baseline(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "synth", "--out", str(out), "--n-images", "30"])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_train_extra_closed_adds_pixel_true_closed_questions_to_train_images_only(tmp_path):
+    """``train_extra_closed``: 2 more closed questions per train image, of kinds not asked yet, answers from the
+    pixels; images, the test split and the first four questions of each image are unchanged."""
+    base, extra = tmp_path / "base", tmp_path / "extra"
+    generate_synth(base, n_images=40, seed=5, image_size=48)
+    m = generate_synth(extra, n_images=40, seed=5, image_size=48, train_extra_closed=2)
+    assert m.train_extra_closed == 2 and _load(extra / "manifest.json")["train_extra_closed"] == 2
+    assert _load(base / "vqa" / "test.json") == _load(extra / "vqa" / "test.json")
+    assert {k: v for k, v in _digests(base).items() if k.startswith("images/")} == \
+        {k: v for k, v in _digests(extra).items() if k.startswith("images/")}
+    old, new = _load(base / "vqa" / "train.json"), _load(extra / "vqa" / "train.json")
+    assert all(r in new for r in old) and len(new) == len(old) + 2 * m.n_train_images
+    pixels = {r["image"]: {k: v for k, v in r.items() if k not in ("image", "split")}
+              for r in _jsonl(extra / "factors.jsonl")}
+    by_image: dict[str, list[dict]] = {}
+    for r in new:
+        by_image.setdefault(r["image"], []).append(r)
+    answers = []
+    for image, rows in by_image.items():
+        closed = [r for r in rows if r["answer_type"] == "CLOSED"]
+        assert len(rows) == 6 and len(closed) == 4, image
+        assert len({r["question_type"] for r in closed}) == 4  # distinct kinds: never the same kind asked twice
+        assert len({r["id"] for r in rows}) == 6
+        for r in closed:
+            assert r["conversations"][1]["value"] == closed_answer(r["conversations"][0]["value"], pixels[image])
+        answers += [r["conversations"][1]["value"] for r in closed[2:]]
+    assert 0.3 < answers.count("yes") / len(answers) < 0.7  # yes and no drawn equally often
+    with pytest.raises(MedvlmError, match="train_extra_closed"):
+        generate_synth(tmp_path / "x", n_images=20, image_size=48, train_extra_closed=4)
+
+
+def test_train_closed_kinds_adds_one_closed_question_per_listed_kind_to_train_images(tmp_path, capsys):
+    """``train_closed_kinds=("COUNT", "POS")``: every train image gets one more COUNT and one more POS yes/no
+    question (also when already asked about that kind), answers from the pixels; the test split is unchanged."""
+    from medvlm.cli import main
+
+    base, extra = tmp_path / "base", tmp_path / "kinds"
+    generate_synth(base, n_images=40, seed=5, image_size=48)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synth", "--out", str(extra), "--n-images", "40", "--seed", "5", "--image-size", "48",
+              "--train-closed-kinds", "COUNT,POS"])
+    assert e.value.code in (0, None)
+    m = _load(extra / "manifest.json")
+    assert m["train_closed_kinds"] == ["COUNT", "POS"] and m["train_extra_closed"] == 0
+    assert _load(base / "vqa" / "test.json") == _load(extra / "vqa" / "test.json")
+    old, new = _load(base / "vqa" / "train.json"), _load(extra / "vqa" / "train.json")
+    added = [r for r in new if r not in old]
+    assert all(r in new for r in old) and len(added) == 2 * m["n_train_images"]
+    pixels = {r["image"]: r for r in _jsonl(extra / "factors.jsonl")}
+    by_image: dict[str, list[str]] = {}
+    for r in added:
+        assert r["answer_type"] == "CLOSED"
+        assert r["conversations"][1]["value"] == closed_answer(r["conversations"][0]["value"], pixels[r["image"]])
+        by_image.setdefault(r["image"], []).append(r["question_type"])
+    assert all(sorted(kinds) == ["COUNT", "POS"] for kinds in by_image.values()) and len(by_image) == m["n_train_images"]
+    with pytest.raises(MedvlmError, match="train_closed_kinds.*SHAPE"):
+        generate_synth(tmp_path / "x", n_images=20, image_size=48, train_closed_kinds=("SHAPE",))

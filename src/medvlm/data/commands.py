@@ -127,6 +127,11 @@ def synth_cmd(
     image_size: int = typer.Option(128, "--image-size", help="Side of the square images in pixels (48-1024)."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of images held out for vqa/test.json and qa50.jsonl."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing synthetic dataset in --out."),
+    train_extra_closed: int = typer.Option(
+        0, "--train-extra-closed", help="Closed questions (0-3) of kinds not asked yet added to each train image."),
+    train_closed_kinds: str = typer.Option(
+        "", "--train-closed-kinds", help="Comma-separated closed kinds (e.g. COUNT,POS): one more closed question of "
+        "each added to each train image."),
 ) -> None:
     """Generate the synthetic biomedical demo dataset (answers decided by the pixels) and print its blind baseline."""
     from rich.console import Console
@@ -134,7 +139,8 @@ def synth_cmd(
     from medvlm.data.synth import baseline_table, generate_synth
 
     m = generate_synth(out, n_images=n_images, seed=seed, image_size=image_size, test_fraction=test_fraction,
-                       overwrite=overwrite)
+                       overwrite=overwrite, train_extra_closed=train_extra_closed,
+                       train_closed_kinds=[k.strip() for k in train_closed_kinds.split(",") if k.strip()])
     typer.echo(f"{m.n_images} images ({m.n_train_images} train / {m.n_test_images} test, {m.image_size} px) -> {out}")
     typer.echo(", ".join(f"{k}: {v}" for k, v in m.files.items()))
     Console().print(baseline_table(m.blind_baseline))

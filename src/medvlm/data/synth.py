@@ -34,7 +34,7 @@ from medvlm.data.figures import DOMAINS
 from medvlm.data.synth_render import COUNTS, INTENSITIES, MODALITIES, MODALITY_DOMAIN, SIDES, SIZES, render
 from medvlm.data.synth_text import (
     CHAT_KINDS, DETAIL_PROMPTS, alignment_turns, caption, chat_answer, chat_question, description, instruct_turns,
-    mention, sample_item,
+    CLOSED_KINDS, closed_items_of_kinds, extra_closed_items, mention, sample_item,
 )
 from medvlm.errors import MedvlmError
 from medvlm.notice import NOTICE
@@ -63,6 +63,10 @@ class SynthManifest:
     """Side of the square images in pixels."""
     test_fraction: float
     """Share of images held out for testing."""
+    train_extra_closed: int = 0
+    """Closed questions (of kinds not asked yet) added to each train image beyond the 2 closed + 2 open."""
+    train_closed_kinds: list[str] = field(default_factory=list)
+    """One more closed question of each of these kinds added to each train image (after ``train_extra_closed``)."""
     files: dict[str, int] = field(default_factory=dict)
     """Records per file (relative path -> count)."""
     factor_distribution: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
@@ -113,15 +117,30 @@ def _dump(path: Path, obj: Any) -> None:
 
 
 def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, image_size: int = 128,
-                   test_fraction: float = 0.2, qa50_images: int = 50, overwrite: bool = False) -> SynthManifest:
+                   test_fraction: float = 0.2, qa50_images: int = 50, overwrite: bool = False,
+                   train_extra_closed: int = 0, train_closed_kinds: tuple[str, ...] | list[str] = ()) -> SynthManifest:
     """Write the synthetic dataset to ``out`` atomically (temp dir, then rename) and return its manifest.
 
+    Every image gets 2 closed and 2 open VQA questions. ``train_extra_closed`` (0-3) more closed questions go
+    to each *train* image, of the closed kinds it was not asked yet (:func:`extra_closed_items`, drawn from a
+    separate random stream: images, test split and the first four questions stay identical).
+    ``train_closed_kinds`` adds one closed question of each listed kind to each train image, also when the
+    image was already asked about that kind (another predicate or wording of the same property: e.g.
+    ``("COUNT", "POS")`` gives every train image yes/no questions about the two comparisons that are hardest
+    to learn, see :mod:`medvlm.demo`).
     ``qa50_images`` test images (at most) get four chat-eval questions each (three ``conversation``,
     one ``detailed_description``), like LLaVA-Med's qa50 benchmark. ``overwrite`` replaces an
     existing dataset made by this function, never any other folder.
     """
     out = Path(out)
     n_test = _check_args(out, n_images, seed, image_size, test_fraction, overwrite)
+    if not isinstance(train_extra_closed, int) or not 0 <= train_extra_closed <= 3:
+        raise MedvlmError(f"train_extra_closed: need an integer in [0, 3] (5 closed kinds, 2 already asked), "
+                          f"got {train_extra_closed!r}")
+    bad = [k for k in train_closed_kinds if k not in CLOSED_KINDS]
+    if bad or isinstance(train_closed_kinds, str):
+        raise MedvlmError(f"train_closed_kinds: unknown closed kind(s) {bad or train_closed_kinds!r}; "
+                          f"choose from {', '.join(CLOSED_KINDS)}")
     order = np.random.default_rng([seed, 2**31 - 1]).permutation(n_images)
     test_ids = {int(i) for i in order[:n_test]}
 
@@ -141,6 +160,11 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
             image = f"{pair_id}.png"
             render(f, rng, image_size).save(tmp / "images" / image, format="PNG")
             split = "test" if i in test_ids else "train"
+            if split == "train" and (train_extra_closed or train_closed_kinds):
+                extra_rng = np.random.default_rng([seed, i, 1])
+                asked = {qa.kind for qa in qas if qa.answer_type == "CLOSED"}
+                qas = qas + extra_closed_items(f, asked, train_extra_closed, extra_rng)
+                qas = qas + closed_items_of_kinds(f, list(train_closed_kinds), extra_rng)
             factors_by_split[split].append(f)
             factor_rows.append({"image": image, "split": split, "modality": f.modality, "count": f.count,
                                 "side": f.side, "size": f.size, "intensity": f.intensity})
@@ -181,7 +205,8 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         manifest = SynthManifest(
             out_dir=str(out), seed=seed, n_images=n_images, n_train_images=n_images - n_test, n_test_images=n_test,
-            image_size=image_size, test_fraction=test_fraction,
+            image_size=image_size, test_fraction=test_fraction, train_extra_closed=train_extra_closed,
+            train_closed_kinds=list(train_closed_kinds),
             files={"images": n_images, "alignment.json": len(alignment), "instruct.json": len(instruct),
                    "vqa/train.json": len(vqa["train"]), "vqa/test.json": len(vqa["test"]),
                    "vqa/train_open_answers.json": len(open_answers), "qa50.jsonl": len(qa50),

@@ -175,6 +175,35 @@ def sample_item(rng: np.random.Generator, n_closed: int = 2, n_open: int = 2) ->
     return f, [qas[int(i)] for i in order]
 
 
+def extra_closed_items(f: Factors, asked: set[str], n: int, rng: np.random.Generator) -> list[QA]:
+    """``n`` more closed questions about image ``f``, of closed kinds not in ``asked`` (at most the free kinds).
+
+    Each is drawn as :func:`closed_items_of_kinds` draws it. Unlike :func:`sample_item`'s questions, the answer
+    of one question text is not balanced (e.g. "both sides?" is "yes" only on images with lesions on both
+    sides), so these go to training data only, never to a test split.
+    """
+    free = [k for k in CLOSED_KINDS if k not in asked]
+    return closed_items_of_kinds(f, [free[int(k)] for k in rng.permutation(len(free))[:n]], rng)
+
+
+def closed_items_of_kinds(f: Factors, kinds: list[str] | tuple[str, ...], rng: np.random.Generator) -> list[QA]:
+    """One closed question about image ``f`` per entry of ``kinds`` (training data only, see above).
+
+    Drawn given the image: yes or no with probability 1/2 each, then a predicate of the kind with that answer
+    and one of its wordings.
+    """
+    out = []
+    for kind in kinds:
+        if kind not in _CLOSED_PREDICATES:
+            raise ValueError(f"unknown closed question kind {kind!r}; choose from {', '.join(CLOSED_KINDS)}")
+        yes = bool(rng.integers(2))
+        preds = [pp for pp in _CLOSED_PREDICATES[kind] if closed_truth(pp[0], pp[1], f) == yes]
+        pred, param = preds[int(rng.integers(len(preds)))]
+        templates = _closed_templates(pred, param)
+        out.append(QA(kind, "CLOSED", templates[int(rng.integers(len(templates)))], "yes" if yes else "no"))
+    return out
+
+
 def _lesions(f: Factors) -> str:
     return f"{NUM_WORD[f.count]} {f.size} {f.intensity} lesion{'s' if f.count > 1 else ''}"
 

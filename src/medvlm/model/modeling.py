@@ -17,6 +17,8 @@ propagation through the sub-configs, PEFT, the HF Trainer and accelerate.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +48,7 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
     input_modalities = ("image", "text")
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the KV cache never moves with device_map
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -147,6 +149,7 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
+        cache=None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -169,6 +172,9 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as cache or as past_key_values, not both")
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.25 calls it cache
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, T, H]
         if pixel_values is not None and vision_features is not None:
@@ -177,17 +183,16 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise MedvlmError("pixel_values need input_ids to locate the <image> tokens")
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, pixel_values, vision_features)
-        elif input_ids is not None and _is_prefill(past_key_values):
+        elif input_ids is not None and _is_prefill(cache):
             n_tokens = int((input_ids == self.config.image_token_id).sum())
             if n_tokens:
                 raise MedvlmError(f"input_ids contain {n_tokens} <image> tokens but no pixel_values were given")
         if labelled_logits_only and labels is not None:
-            return self._labelled_loss(inputs_embeds, labels, attention_mask, position_ids, past_key_values,
-                                       use_cache, **kwargs)
+            return self._labelled_loss(inputs_embeds, labels, attention_mask, position_ids, cache, use_cache, **kwargs)
         return self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{_cache_kwarg(self.language_model): cache},
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -197,7 +202,7 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def _labelled_loss(
         self, inputs_embeds: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None, past_key_values, use_cache: bool | None, **kwargs,
+        position_ids: torch.LongTensor | None, cache, use_cache: bool | None, **kwargs,
     ) -> CausalLMOutputWithPast:
         """The LM's forward + causal-LM loss with the output head applied at labelled positions only.
 
@@ -210,10 +215,10 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if head is None:
             raise MedvlmError(f"{type(lm).__name__} has no output head; set labelled_logits_only: false")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        out = lm.get_decoder()(
-            attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-        )
+        decoder = lm.get_decoder()
+        name = _cache_kwarg(decoder)
+        out = decoder(attention_mask=attention_mask, position_ids=position_ids, **{name: cache},
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state  # [B, T, H]
         # transformers' causal-LM loss: position t predicts labels[t + 1]; the last position predicts nothing.
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)  # [B, T]
@@ -221,8 +226,8 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         logits = head(hidden[keep])  # [N, V], N = learned positions of the micro-batch
         loss = lm.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
                                 num_items_in_batch=num_items_in_batch, shift_labels=targets[keep])
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
+                                      **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -240,9 +245,18 @@ def _check_plain_head(text_config) -> None:
         )
 
 
-def _is_prefill(past_key_values) -> bool:
+def _is_prefill(cache) -> bool:
     """True when no tokens are cached yet (training, or the first generation step)."""
-    return past_key_values is None or past_key_values.get_seq_length() == 0
+    return cache is None or cache.get_seq_length() == 0
+
+
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The KV-cache field of transformers' model outputs (renamed from ``past_key_values`` in transformers 5.25)."""
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """The name under which ``module.forward`` takes the KV cache (``cache`` from transformers 5.25 on)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def register_auto_classes() -> None:

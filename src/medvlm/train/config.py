@@ -89,7 +89,8 @@ class TrainConfig:
     """``full``, ``lora`` (PEFT adapters on the LM, projector fully trained) or ``qlora`` (4-bit base; CUDA only).
     LoRA runs end with merged full weights in ``output_dir`` (loadable like any checkpoint) and the adapter in ``adapter/``."""
     tune_vision_tower: bool = False
-    """Also train the vision tower (frozen in both LLaVA-Med stages)."""
+    """Also train the vision tower (frozen in both LLaVA-Med stages). Stage ``sq``: the whole tower at ``vision_lr``
+    instead of ViT-LoRA (needs ``vit_lora: false``; a deviation from STLLaVA-Med); refused in ``dpo``."""
     tune_projector: bool | None = None
     """Train the projector; default: yes in both stages (a stage-1 run with it frozen is an error)."""
     tune_language_model: bool | None = None
@@ -146,7 +147,8 @@ class TrainConfig:
     """``trained``: gradients reach the ViT-LoRA. ``published``: reproduce the published code, whose tower runs
     under ``no_grad`` so its ViT-LoRA never trains."""
     vision_lr: float | None = None
-    """Learning rate of the vision parameters (ViT-LoRA) if different from ``learning_rate``."""
+    """Learning rate of the vision parameters (ViT-LoRA, or the whole tower with ``tune_vision_tower`` in ``sq``)
+    if different from ``learning_rate``."""
     dpo_beta: float = 0.1
     """Stage ``dpo``: the DPO temperature beta (sigmoid loss)."""
     ref_visual_path: str = "frozen"

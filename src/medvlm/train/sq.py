@@ -6,7 +6,9 @@
 - Parameters: LoRA on the LM (``tune: lora``; or the whole LM with ``tune: full``), the projector
   fully trained, and ViT-LoRA on the tower (:mod:`medvlm.model.vit_lora`). Gradients reach the
   ViT-LoRA; ``vit_lora_grad: published`` reproduces the published code, whose tower runs under
-  ``no_grad`` so its ViT-LoRA never trains.
+  ``no_grad`` so its ViT-LoRA never trains. ``tune_vision_tower: true`` with ``vit_lora: false``
+  trains the whole tower instead (at ``vision_lr``; a named deviation for towers that must still learn
+  to see, e.g. a randomly initialised one).
 - Optimiser: three learning rates (``learning_rate`` for the LM/LM-LoRA, ``projector_lr``,
   ``vision_lr``), weight decay never on biases / norms.
 - Output: LM-LoRA merged into the LM and ViT-LoRA into the tower: a plain medvlm checkpoint; the
@@ -74,8 +76,12 @@ def check_self_training(cfg: TrainConfig) -> None:
         raise MedvlmError(f"stage {cfg.stage!r} supports tune: lora (STLLaVA-Med) or full, not {cfg.tune!r}")
     if cfg.vit_lora_grad not in VIT_LORA_GRAD_MODES:
         raise MedvlmError(f"vit_lora_grad: unknown value {cfg.vit_lora_grad!r}; choose one of {', '.join(VIT_LORA_GRAD_MODES)}")
-    if cfg.tune_vision_tower:
-        raise MedvlmError(f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is not supported")
+    if cfg.tune_vision_tower and cfg.stage != "sq":
+        raise MedvlmError(f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is "
+                          "only supported in stage 'sq'")
+    if cfg.tune_vision_tower and cfg.vit_lora:
+        raise MedvlmError("stage 'sq': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is redundant; "
+                          "set vit_lora: false (STLLaVA-Med's recipe is vit_lora: true, tune_vision_tower: false)")
     if cfg.distributed == "fsdp2_cpu":
         raise MedvlmError(f"stage {cfg.stage!r} runs on the HF Trainer (DDP/FSDP/DeepSpeed via accelerate); distributed: fsdp2_cpu is not supported")
     if not 0.0 <= cfg.sq_r <= 1.0:
@@ -97,6 +103,8 @@ def apply_self_training_stage(model: torch.nn.Module, cfg: TrainConfig) -> torch
     set_trainable(model, vision_tower=False, projector=False, language_model=False)
     lm = None
     save = ["projector"] if cfg.tune_projector is not False else []
+    if cfg.tune_vision_tower:  # stage sq only (check_self_training): the whole tower, a deviation from the paper
+        save.append("vision_tower")
     if cfg.tune == "lora":
         lm = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules))
     else:
@@ -105,7 +113,8 @@ def apply_self_training_stage(model: torch.nn.Module, cfg: TrainConfig) -> torch
     if lm is None and vision is None:
         if not save:
             raise MedvlmError(f"stage {cfg.stage!r}: nothing to train")
-        set_trainable(model, vision_tower=False, projector="projector" in save, language_model="language_model" in save)
+        set_trainable(model, vision_tower="vision_tower" in save, projector="projector" in save,
+                      language_model="language_model" in save)
         return model
     return apply_lora_adapters(model, lm, vision, modules_to_save=save or None)
 
