@@ -69,6 +69,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.timeout(1800)  # ~9 minutes alone on 2 cores; the suite's 900 s per-test limit is for everything else
 def test_demo_default_run_learns_far_beyond_the_blind_baseline(tmp_path):
     """The default demo (no options) reaches closed accuracy >= 90 and open recall >= 80 (llava-med protocol).
 
