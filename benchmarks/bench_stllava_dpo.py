@@ -1,15 +1,18 @@
 """Demonstration of STLLaVA-Med's self-training loop on the synthetic dataset, end to end on CPU.
 
 0. **Alignment** (the starting point): the ``medvlm demo`` stage 1 recipe, imported from
-   :mod:`medvlm.demo` (random 64 px / patch-8 CLIP tower and 2-layer Llama of init std 0.1 trained with
+   :mod:`medvlm.demo` (random 64 px / patch-8 CLIP tower and 3-layer Llama of init std 0.1 trained with
    the projector on the captions), but the parts are composed with the ``v1_sq`` template from the
    start: alignment trains in ``plain`` whatever the model's template, and ``stage: sq`` refuses a model
    whose template is not ``v1_sq`` (a model learns one chat format; it is not switched afterwards).
-1. **Stage 1, ``stage: sq``** (self-questioning tuning) with the demo's stage-2 recipe: 8400 images (8000 train,
-   400 test) seen few times, each image's four VQA questions merged into one conversation
-   (:mod:`medvlm.data.group`; ``--sq-data grouped``), 4800 steps of 8 conversations (4.8 epochs), lr 1e-3
-   cosine, the LM fully tuned (``--sq-tune full``; ``lora`` = r 128, alpha 256, the recipe's values);
-   ViT-LoRA (r 32, alpha 64, dropout 0.2) and the projector at ``--sq-visual-lr``. VUSER conversion
+1. **Stage 1, ``stage: sq``** (self-questioning tuning) with the demo's data and stage-2 recipe (read from
+   :class:`medvlm.demo.DemoConfig`): 8400 images (8000 train, 400 test) seen few times, each train image's
+   six VQA questions (2 + 2, plus one closed count and one closed side question) merged into one
+   conversation (:mod:`medvlm.data.group`; ``--sq-data grouped``), 4800 steps of 8 conversations
+   (4.8 epochs), lr 5e-4 cosine, the LM fully tuned (``--sq-tune full``; ``lora`` = r 128, alpha 256, the
+   recipe's values); the whole tower (``--sq-vision full``: ``tune_vision_tower`` with ``vit_lora: false``,
+   needed on a tower that starts random) or ViT-LoRA (``lora``: r 32, alpha 64, dropout 0.2, the paper's
+   choice for a pretrained CLIP), and the projector at ``--sq-visual-lr``. VUSER conversion
    ``sq_r`` 0.5 re-drawn per epoch turns later questions into VUSER turns, so the model learns to ask the
    dataset's questions as well as to answer them. ``--sq-data describe`` is the earlier data (two
    conversations per image, one opening with the gold description).
@@ -35,7 +38,7 @@
    (greedy), the image-blind baseline, wall times and load averages.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stllava_dpo.py [--out DIR] [--images 8400]
-        [--test-images 400] [--sq-data grouped|describe] [--sq-tune full|lora] [--sq-epochs 4.8]
+        [--test-images 400] [--sq-data grouped|describe] [--sq-tune full|lora] [--sq-vision full|lora] [--sq-epochs 4.8]
         [--pool-images 200] [--heldout-images 60] [--[no-]balance-closed] [--dpo-epochs 3]
         [--dpo-lr 5e-5] [--dpo-visual-lr 2e-5] ...
 
@@ -312,9 +315,9 @@ def main() -> None:
                          "the demo's stage 2), or two conversations per image, one opening with the gold description")
     ap.add_argument("--sq-tune", default="full", choices=["lora", "full"],
                     help="the LM in stage 1: LoRA r 128 (recipe) or fully (measured to learn the yes/no questions faster)")
-    ap.add_argument("--sq-vision", default="lora", choices=["lora", "full"],
+    ap.add_argument("--sq-vision", default="full", choices=["lora", "full"],
                     help="stage-1 tower: ViT-LoRA (STLLaVA-Med) or the whole tower (tune_vision_tower, vit_lora: false)")
-    ap.add_argument("--sq-batch", type=int, default=8, help="conversations per step in stage 1 (4 VQA answers each)")
+    ap.add_argument("--sq-batch", type=int, default=8, help="conversations per step in stage 1 (6 VQA answers each)")
     ap.add_argument("--sq-lr", type=float, default=DEMO.stage2_lr, help="LM(-LoRA) learning rate of stage 1 (the demo's stage 2)")
     ap.add_argument("--sq-visual-lr", type=float, default=DEMO.stage2_lr,
                     help="projector and ViT-LoRA (or tower) learning rate of stage 1 (the demo's stage 2)")
@@ -446,6 +449,22 @@ def main() -> None:
         train_prefs = root / "prefs_train_balanced.json"
         print(f"balanced training pairs: {balance}", flush=True)
 
+    common = {
+        "images": args.images, "test_images": args.test_images, "sq_data": args.sq_data, "projector": args.projector,
+        "sq_tune": args.sq_tune, "sq_vision": args.sq_vision, "sq_epochs": args.sq_epochs,
+        "self_asked": self_asked, "fallback": fallback, "balance_closed": balance,
+        "closed_before": before["closed"]["accuracy"], "open_before": before["open"]["recall"],
+        "blind": {"closed": blind["closed"]["accuracy"], "open": blind["open"]["recall"]}}
+    if not json.loads(train_prefs.read_text()):
+        # A stage-1 model whose two sampled answers agree (or tie) on every judged question leaves DPO nothing to
+        # prefer: report that as the outcome instead of failing in the DPO data loader.
+        result = dict(common, dpo=None, outcome="no preference pairs: the stage-1 model's sampled answers agreed or "
+                      "tied on every judged question (self-asked and VQA fallback); DPO has nothing to learn",
+                      seconds=seconds, **{"load_average_1/5/15": loads})
+        (root / "result.json").write_text(json.dumps({"result": result, "scores_before": before}, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str))
+        return
+
     # 3. DPO
     t = time.time()
     dpo_dir = models / "dpo"
@@ -466,18 +485,15 @@ def main() -> None:
     after = vqa_scores(dpo_dir, data, root / "eval_dpo")
     seconds["report"], loads["end"] = round(time.time() - t, 1), load()
     logged = [h for h in dpo.log_history if "rewards/accuracies" in h]
-    result = {
-        "images": args.images, "test_images": args.test_images, "sq_data": args.sq_data, "projector": args.projector, "sq_tune": args.sq_tune, "sq_vision": args.sq_vision, "sq_epochs": args.sq_epochs,
-        "pairs_source": f"self-asked questions (generate_preferences, {chosen})" if chosen else "VQA questions (fallback)",
-        "self_asked": self_asked, "fallback": fallback, "balance_closed": balance,
-        "dpo": {"epochs": args.dpo_epochs, "lr": args.dpo_lr, "visual_lr": args.dpo_visual_lr, "steps": dpo.steps,
-                "last_logged": logged[-1] if logged else None},
-        "reward_accuracy_train_pairs": acc_train, "reward_accuracy_heldout_pairs": acc_held,
-        "closed_before": before["closed"]["accuracy"], "closed_after": after["closed"]["accuracy"],
-        "open_before": before["open"]["recall"], "open_after": after["open"]["recall"],
-        "blind": {"closed": blind["closed"]["accuracy"], "open": blind["open"]["recall"]},
-        "seconds": seconds, "load_average_1/5/15": loads,
-    }
+    result = dict(
+        common,
+        pairs_source=f"self-asked questions (generate_preferences, {chosen})" if chosen else "VQA questions (fallback)",
+        dpo={"epochs": args.dpo_epochs, "lr": args.dpo_lr, "visual_lr": args.dpo_visual_lr, "steps": dpo.steps,
+             "last_logged": logged[-1] if logged else None},
+        reward_accuracy_train_pairs=acc_train, reward_accuracy_heldout_pairs=acc_held,
+        closed_after=after["closed"]["accuracy"], open_after=after["open"]["recall"],
+        seconds=seconds, **{"load_average_1/5/15": loads},
+    )
     (root / "result.json").write_text(json.dumps({"result": result, "scores_before": before, "scores_after": after},
                                                  indent=2, default=str))
     print(json.dumps(result, indent=2, default=str))
