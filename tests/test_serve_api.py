@@ -100,8 +100,8 @@ def test_concurrent_greedy_requests_are_batched_and_equal_unbatched(client, engi
         got[i] = r.choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
-    # The fixture's 20 ms window is a race on a loaded machine (one CI run saw six requests served one by one):
-    # here the first request waits up to 2 s for the others, so they must meet in one batch.
+    # The fixture's 20 ms window is a race on a loaded machine: here the first request waits up to 2 s for the
+    # others, so they must meet in one batch.
     old_config, batcher.config = batcher.config, dataclasses.replace(batcher.config, max_wait_ms=2000.0)
     try:
         for t in threads:

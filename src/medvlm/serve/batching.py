@@ -73,11 +73,11 @@ class DynamicBatcher:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.batches_run = 0
-        """How many ``generate`` calls ran (for stats and tests)."""
+        """How many ``generate`` calls started (for stats and tests)."""
         self.largest_batch = 0
-        """The largest batch run so far."""
+        """The largest batch started so far."""
         self.requests_run = 0
-        """Requests that went through ``generate`` (requests_run / batches_run = mean batch size)."""
+        """Requests sent to ``generate`` (requests_run / batches_run = mean batch size)."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "DynamicBatcher":
@@ -162,11 +162,13 @@ class DynamicBatcher:
                     if self._stopped:
                         return
                 continue
+            # Counted when the batch starts: answers reach their clients inside generate_batch, so stats
+            # counted afterwards could lag behind an answer a client already holds.
+            self.batches_run += 1
+            self.requests_run += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
             try:
                 generate_batch(self.engine, [j.request for j in batch], batch[0].settings)
-                self.batches_run += 1
-                self.requests_run += len(batch)
-                self.largest_batch = max(self.largest_batch, len(batch))
             except Exception as e:  # reported to each request; the server keeps serving
                 log.error("generation failed for a batch of %d: %s: %s", len(batch), type(e).__name__, e)
                 for job in batch:
