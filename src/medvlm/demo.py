@@ -25,18 +25,18 @@ Why the tiny model is built and trained differently from LLaVA's recipe (all mea
   wordings (train loss 0.01, those wordings at chance on the test split); 8000 images seen ~5 times
   generalise for the same compute.
 - Stage 2 trains on each image's questions merged into one conversation (:mod:`medvlm.data.group`,
-  LLaVA-1.5's format for VQA data): the image is encoded once per 4-6 questions, so the same compute sees
+  LLaVA-1.5's format for VQA data): the image is encoded once for all its questions, so the same compute sees
   ~2x the questions (closed accuracy 81 -> 88 on the 1600-image set at equal steps).
 - Stage 2 uses small batches (8 conversations): the yes/no questions, balanced per question text by the
   dataset so that no text prior helps, need many updates rather than large batches.
 - The yes/no questions about side and number are the hard part: the answer is "yes" exactly when the word in
   the question (left, two, ...) matches what the image shows, a comparison the LM must learn, not a lookup.
   Learning it shows up as a late, sudden drop of the stage-2 loss (to < 0.01); a run that misses it
-  plateaus at 0.08-0.16 with one kind of yes/no question near chance. With a 2-layer LM, 2 closed questions
+  plateaus at 0.03-0.16 with one kind of yes/no question near chance. With a 2-layer LM, 2 closed questions
   per train image and lr 1e-3, runs got closed 89.75-93 (side or count at chance; seed 0 at 2 threads:
   89.75). The default adds a third LM layer, one more closed count and side question per train image
   (``train_closed_kinds``) and halves stage 2's lr to 5e-4: closed 99.9 / open 100 with seed 0 at 2
-  threads, seed 1 at 1 thread 99.9 / 100 (at lr 1e-3 it had plateaued: 79.9 / 73.1). Results are
+  threads, 99.9-100 / 100 with seeds 0, 1, 2 at 1 thread (seed 1 at lr 1e-3 had plateaued: 79.9 / 73.1). Results are
   deterministic for a given seed and torch thread count; a different thread count is a different run.
 """
 

@@ -137,10 +137,12 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
     if not isinstance(train_extra_closed, int) or not 0 <= train_extra_closed <= 3:
         raise MedvlmError(f"train_extra_closed: need an integer in [0, 3] (5 closed kinds, 2 already asked), "
                           f"got {train_extra_closed!r}")
+    if isinstance(train_closed_kinds, str):
+        raise MedvlmError(f"train_closed_kinds: need a list of kinds, e.g. [{train_closed_kinds!r}], "
+                          f"not the string {train_closed_kinds!r}")
     bad = [k for k in train_closed_kinds if k not in CLOSED_KINDS]
-    if bad or isinstance(train_closed_kinds, str):
-        raise MedvlmError(f"train_closed_kinds: unknown closed kind(s) {bad or train_closed_kinds!r}; "
-                          f"choose from {', '.join(CLOSED_KINDS)}")
+    if bad:
+        raise MedvlmError(f"train_closed_kinds: unknown closed kind(s) {bad!r}; choose from {', '.join(CLOSED_KINDS)}")
     order = np.random.default_rng([seed, 2**31 - 1]).permutation(n_images)
     test_ids = {int(i) for i in order[:n_test]}
 

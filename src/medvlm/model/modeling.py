@@ -17,6 +17,7 @@ propagation through the sub-configs, PEFT, the HF Trainer and accelerate.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -216,8 +217,7 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise MedvlmError(f"{type(lm).__name__} has no output head; set labelled_logits_only: false")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         decoder = lm.get_decoder()
-        name = _cache_kwarg(decoder)
-        out = decoder(attention_mask=attention_mask, position_ids=position_ids, **{name: cache},
+        out = decoder(attention_mask=attention_mask, position_ids=position_ids, **{_cache_kwarg(decoder): cache},
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state  # [B, T, H]
         # transformers' causal-LM loss: position t predicts labels[t + 1]; the last position predicts nothing.
@@ -256,7 +256,13 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 
 def _cache_kwarg(module: nn.Module) -> str:
     """The name under which ``module.forward`` takes the KV cache (``cache`` from transformers 5.25 on)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return _forward_cache_kwarg(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_cache_kwarg(cls: type) -> str:
+    # Per class, once: inspecting a signature on every forward call would cost each training step.
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def register_auto_classes() -> None:
