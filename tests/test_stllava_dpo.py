@@ -163,3 +163,40 @@ def test_ref_visual_path_policy_uses_the_policy_projector(setup, tmp_path):
         prepare_dpo(_dpo_config(setup, tmp_path / "q", ref_visual_path="policy", ref_logps="auto"))
     with pytest.raises(MedvlmError, match="ref_visual_path"):
         prepare_dpo(_dpo_config(setup, tmp_path / "r", ref_visual_path="shared"))
+
+
+def test_rpo_adds_the_chosen_answers_token_mean_nll():
+    pi = torch.tensor([-1.0, -2.0, -3.0, -1.0])  # chosen [-1, -2], rejected [-3, -1]
+    ref = torch.tensor([-1.5, -2.0, -2.0, -1.0])
+    n_tokens = torch.tensor([2, 3, 4, 1])
+    plain, _ = dpo_loss(pi, ref, beta=0.5)
+    rpo, stats = dpo_loss(pi, ref, beta=0.5, rpo_alpha=0.5, n_tokens=n_tokens)
+    assert math.isclose(rpo.item(), plain.item() + 0.5 * (3.0 / 5), rel_tol=1e-6)  # only the chosen rows count
+    assert stats["nll/chosen"].tolist() == pytest.approx([0.6, 0.6])
+    with pytest.raises(ValueError, match="n_tokens"):
+        dpo_loss(pi, ref, beta=0.5, rpo_alpha=1.0)
+
+
+def test_rpo_term_in_training_equals_cross_entropy_of_the_chosen_answers(setup, tmp_path):
+    run = prepare_dpo(_dpo_config(setup, tmp_path / "rpo", dpo_rpo_alpha=1.0))
+    trainer = run.trainer
+    batch = DPOCollator(run.processor.pad_token_id)([run.dataset[0], run.dataset[1], run.dataset[2]])
+    model = trainer.model
+    model.eval()  # no dropout: the two losses see the same logits
+    with torch.no_grad():
+        with_rpo = trainer.compute_loss(model, batch)
+        trainer.rpo_alpha = None
+        plain = trainer.compute_loss(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"]).logits  # [2B, T, V]
+    b = 3
+    ce = torch.nn.functional.cross_entropy(logits[:b, :-1].flatten(0, 1).float(), batch["pair_labels"][:b, 1:].flatten(),
+                                           ignore_index=-100)  # token mean over the chosen answers only
+    assert with_rpo.item() == pytest.approx(plain.item() + ce.item(), abs=1e-4)
+    assert ce.item() > 0.1  # a real term, not a rounding difference
+    trainer.rpo_alpha = 1.0
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(h["nll/chosen"] > 0 for h in logged)  # the RPO term is logged beside the DPO metrics
+    with pytest.raises(MedvlmError, match="dpo_rpo_alpha"):
+        prepare_dpo(_dpo_config(setup, tmp_path / "neg", dpo_rpo_alpha=-1.0))

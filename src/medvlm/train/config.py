@@ -151,6 +151,9 @@ class TrainConfig:
     if different from ``learning_rate``."""
     dpo_beta: float = 0.1
     """Stage ``dpo``: the DPO temperature beta (sigmoid loss)."""
+    dpo_rpo_alpha: float | None = None
+    """Stage ``dpo``: if set, add ``alpha x`` the chosen answers' mean token NLL to the DPO loss (RPO, Pang et al.
+    2024; TRL's ``rpo_alpha``): keeps the chosen answers likely while the margin grows. Null = plain DPO (the paper)."""
     ref_visual_path: str = "frozen"
     """Stage ``dpo``: the reference sees images through its own frozen tower and projector (``frozen``) or, as
     the published trainer did, through the policy's trainable ones (``policy``)."""

@@ -2,7 +2,8 @@
 
 Sigmoid DPO (Rafailov et al.): ``loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))`` where
 each log-probability is the fp32 sum over the compared answer's tokens (its text and end token; the
-shared prompt, including earlier answers in it, is never counted). The policy is the stage-1
+shared prompt, including earlier answers in it, is never counted). ``dpo_rpo_alpha`` (RPO, a named deviation
+from the paper) adds ``alpha x`` the chosen answers' token-mean NLL. The policy is the stage-1
 checkpoint with fresh LM-LoRA + ViT-LoRA and a trained projector (as in ``sq``); the reference is the
 same checkpoint, frozen, in eval mode, **with its own frozen tower and projector**. The published
 trainer fed the reference the policy's trainable projector output; ``ref_visual_path: policy``
@@ -36,6 +37,7 @@ from medvlm.train.sq import SelfTrainingTrainer
 REF_VISUAL_PATHS: tuple[str, ...] = ("frozen", "policy")
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
+RPO_METRIC_KEYS = ("nll/chosen",)  # logged as well when dpo_rpo_alpha is set
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -184,8 +186,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (picked * mask).sum(-1)  # [N]
 
 
-def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sigmoid DPO from ``[2B]`` policy and reference log-probs (chosen first); returns loss and per-pair stats."""
+def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float, rpo_alpha: float | None = None,
+             n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO from ``[2B]`` policy and reference log-probs (chosen first); returns loss and per-pair stats.
+
+    With ``rpo_alpha`` (RPO), ``alpha x`` the chosen answers' NLL per token (``-sum pi_c / sum n_tokens_c``, the
+    token mean over the batch as TRL computes it) is added; ``n_tokens`` ``[2B]`` are the labelled tokens per row.
+    """
     b = pi.shape[0] // 2
     pi_c, pi_r, ref_c, ref_r = pi[:b], pi[b:], ref[:b], ref[b:]  # [B] each
     logits = (pi_c - pi_r) - (ref_c - ref_r)  # [B]
@@ -194,6 +201,12 @@ def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.Te
     stats = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).float(),
              "rewards/margins": rc - rr, "logps/chosen": pi_c.detach(), "logps/rejected": pi_r.detach(),
              "logps/ref_chosen": ref_c.detach(), "logps/ref_rejected": ref_r.detach()}
+    if rpo_alpha:
+        if n_tokens is None:
+            raise ValueError("rpo_alpha needs the labelled token counts (n_tokens)")
+        nll = -pi_c.sum() / n_tokens[:b].sum().clamp(min=1)  # token-mean NLL of the chosen answers
+        loss = loss + rpo_alpha * nll
+        stats["nll/chosen"] = nll.detach().expand(b)
     return loss, stats
 
 
@@ -218,12 +231,15 @@ def reference_logps(ref_model, batch: dict[str, Any], visual_features: torch.Ten
 class DPOTrainer(SelfTrainingTrainer):
     """The HF Trainer with sigmoid DPO as ``compute_loss`` and DPO metrics in every log line."""
 
-    def __init__(self, *args: Any, ref_model=None, beta: float = 0.1, ref_visual_path: str = "frozen", **kwargs: Any):
+    def __init__(self, *args: Any, ref_model=None, beta: float = 0.1, ref_visual_path: str = "frozen",
+                 rpo_alpha: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.ref_model = ref_model
         self.beta = beta
         self.ref_visual_path = ref_visual_path
-        self._metrics: dict[str, list[float]] = {k: [] for k in METRIC_KEYS}
+        self.rpo_alpha = rpo_alpha
+        keys = METRIC_KEYS + (RPO_METRIC_KEYS if rpo_alpha else ())
+        self._metrics: dict[str, list[float]] = {k: [] for k in keys}
         if ref_model is not None:
             ref_model.eval()
             ref_model.requires_grad_(False)
@@ -255,7 +271,8 @@ class DPOTrainer(SelfTrainingTrainer):
             batch = {"input_ids": fwd["input_ids"], "attention_mask": fwd["attention_mask"],
                      "pixel_values": pixels, "pair_labels": labels}
             ref = reference_logps(self.ref_model, batch, feats)
-        loss, stats = dpo_loss(pi, ref, self.beta)
+        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # [2B] labelled tokens per row
+        loss, stats = dpo_loss(pi, ref, self.beta, self.rpo_alpha, n_tokens)
         if model.training:
             for k, v in stats.items():
                 self._metrics[k].extend(v.float().cpu().tolist())
@@ -276,6 +293,8 @@ def check_dpo(cfg: TrainConfig) -> None:
         raise MedvlmError(f"ref_visual_path: unknown value {cfg.ref_visual_path!r}; choose one of {', '.join(REF_VISUAL_PATHS)}")
     if cfg.dpo_beta <= 0:
         raise MedvlmError(f"dpo_beta must be > 0, got {cfg.dpo_beta}")
+    if cfg.dpo_rpo_alpha is not None and cfg.dpo_rpo_alpha < 0:
+        raise MedvlmError(f"dpo_rpo_alpha must be >= 0 (or null for plain DPO), got {cfg.dpo_rpo_alpha}")
     if cfg.ref_logps and cfg.ref_visual_path == "policy":
         raise MedvlmError("ref_logps cannot be precomputed with ref_visual_path: policy (the policy's visual path changes "
                           "while training); use ref_visual_path: frozen or drop ref_logps")
@@ -335,7 +354,7 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None) -> DPORun:
         callbacks=[RunArtifactsCallback(config_yaml, manifest, f"dpo: {Path(cfg.output_dir).name}"), *(callbacks or [])],
         lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
         projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad,
-        ref_model=ref_model, beta=cfg.dpo_beta, ref_visual_path=cfg.ref_visual_path,
+        ref_model=ref_model, beta=cfg.dpo_beta, ref_visual_path=cfg.ref_visual_path, rpo_alpha=cfg.dpo_rpo_alpha,
     )
     return DPORun(trainer, processor, dataset, report, config_yaml, manifest, resume)
 
