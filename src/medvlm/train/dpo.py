@@ -176,11 +176,16 @@ class DPOCollator:
 
 
 # ---- loss ----------------------------------------------------------------------------------------
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which next-token targets are learned: ``[N, T] -> [N, T-1]`` (position t predicts token t+1)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log-probabilities of the labelled tokens per row, in fp32: ``[N, T, V], [N, T] -> [N]``."""
     logits = logits[:, :-1].float()  # [N, T-1, V]: position t predicts token t+1
     targets = labels[:, 1:]  # [N, T-1]
-    mask = targets != IGNORE_INDEX  # [N, T-1]
+    mask = target_mask(labels)  # [N, T-1]
     logp = torch.log_softmax(logits, dim=-1)  # [N, T-1, V]
     picked = torch.gather(logp, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [N, T-1]
     return (picked * mask).sum(-1)  # [N]
@@ -271,7 +276,7 @@ class DPOTrainer(SelfTrainingTrainer):
             batch = {"input_ids": fwd["input_ids"], "attention_mask": fwd["attention_mask"],
                      "pixel_values": pixels, "pair_labels": labels}
             ref = reference_logps(self.ref_model, batch, feats)
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # [2B] labelled tokens per row
+        n_tokens = target_mask(labels).sum(-1)  # [2B] the tokens sequence_logps summed, per row
         loss, stats = dpo_loss(pi, ref, self.beta, self.rpo_alpha, n_tokens)
         if model.training:
             for k, v in stats.items():
