@@ -237,7 +237,7 @@ def _build_smol(vision_config: CLIPVisionConfig, projector: str, template: str, 
     return model, processor
 
 
-def _check_weights(folder: Path, what: str) -> None:
+def check_weights(folder: Path, what: str) -> None:
     """Refuse folders without safetensors weights (pickled ``.bin``/``.pt`` are never loaded)."""
     if not folder.is_dir():
         raise MedvlmError(f"{what} folder {folder} not found")
@@ -258,7 +258,7 @@ def _load_tower(vision_path: Path, dtype: torch.dtype | None) -> torch.nn.Module
     """A vision tower from a folder holding a vision model or a full CLIP/SigLIP model (its vision part)."""
     from transformers import AutoModel
 
-    _check_weights(vision_path, "vision tower")
+    check_weights(vision_path, "vision tower")
     cfg = AutoConfig.from_pretrained(str(vision_path), local_files_only=True)
     if cfg.model_type in _FULL_TO_VISION:
         from transformers import CLIPVisionModel, SiglipVisionModel
@@ -289,7 +289,7 @@ def compose(
     vision_path, lm_path = Path(vision_path), Path(lm_path)
     torch_dtype = resolve_dtype(dtype)
     tower = _load_tower(vision_path, torch_dtype)
-    _check_weights(lm_path, "language model")
+    check_weights(lm_path, "language model")
     lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
                                               local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True)
@@ -319,7 +319,7 @@ def load_pretrained(
 ) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     """Load a medvlm checkpoint folder (safetensors only) -> ``(model, processor)`` in eval mode."""
     folder = Path(path)
-    _check_weights(folder, "checkpoint")
+    check_weights(folder, "checkpoint")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"checkpoint folder {folder} has no {PROCESSOR_FILE} (not saved by medvlm?)")
     cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)

@@ -215,3 +215,41 @@ def build_tiny_family(family: str, seed: int = 0) -> tuple[Any, Any, dict]:
     gc.bos_token_id = tok.bos_token_id
     model.eval()
     return model, processor, extras
+
+
+TINY_PRESETS: tuple[str, ...] = tuple(f"tiny-{name}" for name in _BUILDERS)
+
+
+def init_tiny_family(preset: str, out_dir: str | Any, seed: int = 0, template: str | None = None) -> Any:
+    """Build ``tiny-<family>`` and save it (hub layout + medvlm metadata): what ``medvlm model init`` does.
+
+    ``template`` (a medvlm chat template name) applies to ``tiny-llava`` only.
+    """
+    from medvlm.model.families.io import save_family
+    from medvlm.model.families.processing import FamilyProcessor
+
+    if preset not in TINY_PRESETS:
+        raise MedvlmError(f"unknown preset {preset!r}; family presets: {', '.join(TINY_PRESETS)}")
+    family = preset.removeprefix("tiny-")
+    spec = get_family(family)
+    if template is not None and spec.template_file is not None:
+        raise MedvlmError(f"--template applies to tiny-llava only; family {family} uses its own chat template")
+    if template is not None:
+        model, processor, extras = _tiny_llava(spec, template, seed)
+    else:
+        model, processor, extras = build_tiny_family(family, seed=seed)
+    marked = spec.chat_template() if spec.template_file else processor.chat_template
+    fp = FamilyProcessor(spec, processor, marked, template=extras.get("template"))
+    return save_family(model, fp, out_dir, title=f"medvlm {preset}")
+
+
+def _tiny_llava(spec: FamilySpec, template: str, seed: int) -> tuple[Any, Any, dict]:
+    import transformers as tf
+
+    config, processor, extras = _build_llava(spec, template)
+    with _seeded(seed):
+        model = tf.LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.eval()
+    return model, processor, extras
