@@ -183,3 +183,16 @@ def get_family(name: str) -> FamilySpec:
         f"unsupported model family {name!r}" + (f" ({why})" if why else "")
         + f"; supported families: {', '.join(FAMILIES)}"
     )
+
+
+def part_of(spec: FamilySpec, param_name: str) -> str:
+    """``connector``, ``vision_tower`` or ``language_model``: which part of a family model a parameter is in.
+
+    The connector is checked first (Qwen's merger sits inside ``model.visual``). A name matching no part
+    is an error: a new transformers release renamed something the table must follow.
+    """
+    for part, prefixes in (("connector", spec.connector), ("vision_tower", spec.vision_tower),
+                           ("language_model", spec.language_model)):
+        if any(param_name.startswith(p) for p in prefixes):
+            return part
+    raise MedvlmError(f"parameter {param_name!r} belongs to no declared part of family {spec.name}")
