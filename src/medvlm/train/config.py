@@ -63,6 +63,10 @@ class TrainConfig:
     """Load the projector from a stage-1 output (a checkpoint folder or a ``*.safetensors`` file) before training."""
     template: str | None = None
     """Chat template name; must equal the model's own ``config.template`` (checked before training)."""
+    family: str | None = None
+    """Model family of ``model_name_or_path`` when it is a transformers image-text-to-text checkpoint (``qwen2_5_vl``,
+    ``qwen3_vl``, ``gemma3``, ``idefics3``, ``llava``, ``llava_onevision``; :mod:`medvlm.model.families`): must equal
+    the checkpoint's declared family. None: taken from the checkpoint (``medvlm_family.json`` / ``model_type``)."""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str | list[Any] | None = None

@@ -139,6 +139,11 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     ``callbacks`` are extra ``transformers.TrainerCallback`` s (progress hooks of a caller such as the demo).
     """
     cfg.validate()
+    from medvlm.train.family import run_family, start_family
+
+    family = start_family(cfg)  # a transformers model family (medvlm.model.families) has its own recipe
+    if family is not None:
+        return run_family(cfg, family, callbacks)
     if cfg.stage in ("sq", "dpo"):  # STLLaVA-Med's stages have their own data, adapters and loss
         from medvlm.train.dpo import run_dpo
         from medvlm.train.sq import run_sq

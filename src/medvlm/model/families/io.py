@@ -165,9 +165,11 @@ def load_family(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     return model, processor
 
 
-def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLike, title: str | None = None) -> Path:
+def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLike, title: str | None = None,
+                extra_files: dict[str, str | dict] | None = None) -> Path:
     """Write the hub layout (config, safetensors, processor files naming the stock processor class), the
-    ``medvlm_family.json`` metadata and a README.md model card with the research-only notice, atomically."""
+    ``medvlm_family.json`` metadata, a README.md model card with the research-only notice and ``extra_files``
+    (name -> text, or dict written as JSON), atomically."""
     spec = processor.spec
     expected = getattr(__import__("transformers"), spec.model_class)
     if not isinstance(model, expected):
@@ -188,6 +190,13 @@ def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLi
             meta["template"] = processor.template
         write_json_atomic(tmp / FAMILY_FILE, meta)
         write_text_atomic(tmp / "README.md", family_card(model, processor, title or out.name))
+        for name, content in (extra_files or {}).items():
+            if Path(name).name != name:
+                raise MedvlmError(f"extra file name {name!r} must be a plain file name")
+            if isinstance(content, dict):
+                write_json_atomic(tmp / name, content)
+            else:
+                write_text_atomic(tmp / name, content)
     return out
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from medvlm.data.collate import VLMCollator
 from medvlm.data.images import load_image
 from medvlm.data.schema import Message, Sample
-from medvlm.data.templates import IGNORE_INDEX, ImageTruncationError, render
+from medvlm.data.templates import IGNORE_INDEX, Encoded, ImageTruncationError, render
 from medvlm.errors import MedvlmError
 from medvlm.model.families.spec import FamilySpec
 
@@ -194,6 +194,35 @@ class FamilyProcessor:
                     feature[key] = feature[key][:max_length]
         return feature
 
+    def encode_text(self, sample: Sample, add_generation_prompt: bool = False, max_length: int | None = None,
+                    image_folder: str | os.PathLike | None = None) -> Encoded:
+        """The tokens and labels of :meth:`encode` without decoding any pixels (to index a dataset).
+
+        A family's image token count depends on the image's size (Qwen's dynamic resolution, Idefics3's
+        tiles, LLaVA-OneVision's grid), and on nothing else: each image is replaced by a blank one of the
+        size its file header declares, which the processor expands to the same tokens.
+        """
+        blanks = [Image.new("RGB", _header_size(Path(rel) if Path(rel).is_absolute() or image_folder is None
+                                                else Path(image_folder) / rel, sample.id))
+                  for rel in sample.images]
+        feat = self.encode(sample, add_generation_prompt=add_generation_prompt, max_length=max_length, images=blanks)
+        ids = feat["input_ids"].tolist()
+        labels = feat["labels"].tolist() if "labels" in feat else [IGNORE_INDEX] * len(ids)
+        return Encoded(input_ids=ids, labels=labels, num_images=len(blanks))
+
     def decode(self, token_ids: list[int] | torch.Tensor) -> str:
         """Text of generated ids (special tokens dropped)."""
         return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _header_size(path: Path, sample_id: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (DICOM and odd files: fully loaded)."""
+    from PIL import UnidentifiedImageError
+
+    if not path.is_file():
+        raise MedvlmError(f"sample {sample_id!r}: {path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return load_image(path).size  # DICOM, or a clear MedvlmError naming the file
