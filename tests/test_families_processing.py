@@ -125,3 +125,17 @@ def test_text_only_samples_encode_without_image_tensors():
     _, proc = tiny("qwen2_5_vl")
     feat = proc.encode(Sample("t", msgs(("user", "Define effusion."), ("assistant", "Fluid."))))
     assert "pixel_values" not in feat and learned_spans(proc, feat) == ["Fluid.<|im_end|>"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_encode_text_reads_only_image_sizes_and_matches_encode(family):
+    """Dataset indexing counts tokens from the image headers: exactly what encoding the real images gives."""
+    from family_helpers import SHARED_IMAGES
+
+    _, proc = tiny(family)
+    sample = multi_turn_sample(with_vuser=family != "llava")
+    sample.images = ["synpic32933.jpg", "bio_patch.png"]
+    real = proc.encode(sample, image_folder=SHARED_IMAGES)
+    text = proc.encode_text(sample, image_folder=SHARED_IMAGES)
+    assert text.input_ids == real["input_ids"].tolist() and text.labels == real["labels"].tolist()
+    assert text.num_images == 2

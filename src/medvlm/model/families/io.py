@@ -123,7 +123,7 @@ def _training_template(folder: Path, spec: FamilySpec, processor: Any, template:
     marked = spec.chat_template()
     own = getattr(processor, "chat_template", None)
     if own and own != marked:
-        check_same_rendering(processor, own, marked, where=str(folder))
+        check_same_rendering(processor, own, marked, where=f"{folder} ({spec.name})")
     return marked, None
 
 
@@ -144,9 +144,9 @@ def check_same_rendering(processor: Any, own: str, marked: str, where: str) -> N
         b = processor.apply_chat_template(msgs, chat_template=marked, add_generation_prompt=gen)
         if a != b:
             raise MedvlmError(
-                f"{where}: the checkpoint's chat template renders a conversation differently from medvlm's "
-                f"{processor.__class__.__name__} family template, so medvlm's labels would not match how the model "
-                f"was trained.\ncheckpoint: {a!r}\nfamily:     {b!r}")
+                f"{where}: the checkpoint's chat template renders a conversation differently from medvlm's family "
+                f"template, so medvlm's labels would not match how the model was trained.\ncheckpoint: {a!r}\n"
+                f"family:     {b!r}")
 
 
 def load_family(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
