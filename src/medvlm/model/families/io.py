@@ -170,9 +170,10 @@ def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLi
     """Write the hub layout (config, safetensors, processor files naming the stock processor class), the
     ``medvlm_family.json`` metadata, a README.md model card with the research-only notice and ``extra_files``
     (name -> text, or dict written as JSON), atomically."""
+    import transformers
+
     spec = processor.spec
-    expected = getattr(__import__("transformers"), spec.model_class)
-    if not isinstance(model, expected):
+    if not isinstance(model, getattr(transformers, spec.model_class)):
         raise MedvlmError(f"save_family needs a {spec.model_class}, got {type(model).__name__} "
                           "(merge or unload adapters first)")
     out = Path(out_dir)

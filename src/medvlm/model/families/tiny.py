@@ -9,7 +9,9 @@ family's own transformers class. Nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -220,7 +222,7 @@ def build_tiny_family(family: str, seed: int = 0) -> tuple[Any, Any, dict]:
 TINY_PRESETS: tuple[str, ...] = tuple(f"tiny-{name}" for name in _BUILDERS)
 
 
-def init_tiny_family(preset: str, out_dir: str | Any, seed: int = 0, template: str | None = None) -> Any:
+def init_tiny_family(preset: str, out_dir: str | os.PathLike, seed: int = 0, template: str | None = None) -> Path:
     """Build ``tiny-<family>`` and save it (hub layout + medvlm metadata): what ``medvlm model init`` does.
 
     ``template`` (a medvlm chat template name) applies to ``tiny-llava`` only.
