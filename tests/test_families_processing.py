@@ -139,3 +139,12 @@ def test_encode_text_reads_only_image_sizes_and_matches_encode(family):
     text = proc.encode_text(sample, image_folder=SHARED_IMAGES)
     assert text.input_ids == real["input_ids"].tolist() and text.labels == real["labels"].tolist()
     assert text.num_images == 2
+
+
+def test_a_template_error_names_the_sample():
+    from medvlm.model.families.processing import FamilyProcessor
+
+    _, proc = tiny("qwen2_5_vl")
+    strict = FamilyProcessor(proc.spec, proc.processor, "{{ raise_exception('no system turns here') }}")
+    with pytest.raises(MedvlmError, match="sample 'one': the qwen2_5_vl processor refused it.*no system turns here"):
+        strict.encode(single_sample(), images=images()[:1])

@@ -160,7 +160,8 @@ def load_family(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     check_weights(folder, "checkpoint")
     processor = load_family_processor(folder, template=template)
     cls = getattr(transformers, processor.spec.model_class)
-    model = cls.from_pretrained(str(folder), dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True)
+    model = cls.from_pretrained(str(folder), dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True,
+                                trust_remote_code=False)
     model.eval()
     return model, processor
 

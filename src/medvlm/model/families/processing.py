@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 from PIL import Image
 
 from medvlm.data.collate import VLMCollator
@@ -165,9 +166,12 @@ class FamilyProcessor:
                                      (images if images is not None else self.load_images(sample, image_folder)))
         except MedvlmError as e:
             raise type(e)(f"sample {sample.id!r}: {e}") from e
-        out = self.processor.apply_chat_template(
-            conv, chat_template=self.chat_template, tokenize=True, return_dict=True, return_tensors="pt",
-            add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=not add_generation_prompt)
+        try:
+            out = self.processor.apply_chat_template(
+                conv, chat_template=self.chat_template, tokenize=True, return_dict=True, return_tensors="pt",
+                add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=not add_generation_prompt)
+        except (ValueError, TemplateError) as e:  # the template's or processor's own checks
+            raise MedvlmError(f"sample {sample.id!r}: the {self.spec.name} processor refused it ({e})") from e
         feature: dict[str, Any] = {}
         ids = out.pop("input_ids")[0]  # [L]
         feature["input_ids"] = ids
