@@ -152,6 +152,11 @@ def test_a_checkpoint_whose_template_differs_from_the_family_is_refused(saved, t
         load_family(folder)
     with pytest.raises(MedvlmError, match="only applies to the llava family"):
         load_family(saved["gemma3"], template="chatml")
+    # LLaVA-OneVision trains and prompts with medvlm's own (self-consistent) format whatever the folder holds.
+    folder = _copy(saved["llava_onevision"], tmp_path / "ov")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    _, proc = load_family(folder)
+    assert proc.chat_template == proc.spec.chat_template()
 
 
 def test_pickled_weights_are_refused(saved, tmp_path):

@@ -49,6 +49,11 @@ class FamilySpec:
     template_file: str | None = None
     """Marked chat template in ``medvlm/resources/family_templates`` (None: the template is a medvlm
     :class:`medvlm.data.templates.ChatTemplate` named in the checkpoint's metadata, ``llava``)."""
+    stock_template: bool = True
+    """The marked template writes exactly the text of the family's stock chat template, and a checkpoint whose own
+    template writes other text is refused at load. False: medvlm's own format is used on purpose (LLaVA-OneVision:
+    llava-hf's template trains ``'assistant ' + '\\n' + answer`` but prompts with ``'assistant\\n'``; medvlm writes
+    ``'assistant\\n'`` in both, so training and generation see the same tokens)."""
     notes: dict[str, str] = field(default_factory=dict)
     """Anything a user should know (shown in errors and ``model info``)."""
 
@@ -161,6 +166,7 @@ FAMILIES: dict[str, FamilySpec] = {
             image_markers=("<image>",),
             question_header="<|im_start|>user ",
             template_file="llava_onevision.jinja",
+            stock_template=False,
         ),
     )
 }
