@@ -52,7 +52,8 @@ class VLMCollator:
             raise MedvlmError(f"collator keys {sorted(clash)} are declared twice")
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Collate ``features`` into ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values``."""
+        """Collate ``features`` into ``input_ids``, ``attention_mask``, ``labels``, ``pixel_values`` and the declared
+        ``token_keys`` / ``image_keys``."""
         import torch
 
         if not features:
