@@ -91,7 +91,8 @@ def test_full_sft_and_align_train_exactly_their_parts(family, stage, demo, tmp_p
 
 def test_options_that_do_not_apply_are_refused_before_loading(demo, tmp_path):
     start = init_tiny_family("tiny-gemma3", tmp_path / "start")
-    for over, why in (({"stage": "dpo"}, "stage 'dpo' on model families"),
+    for over, why in (({"stage": "dpo", "ref_visual_path": "policy"}, "ref_visual_path does not apply"),
+                      ({"stage": "sq", "vit_lora_grad": "published"}, "vit_lora_grad does not apply"),
                       ({"packing": True}, "packing does not apply"),
                       ({"feature_cache": "on"}, "feature_cache does not apply"),
                       ({"template": "chatml"}, "template does not apply"),

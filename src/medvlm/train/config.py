@@ -134,7 +134,7 @@ class TrainConfig:
     global_batch_size: int | None = None
     """If set, ``gradient_accumulation_steps`` = global / (per-device batch x processes); must divide exactly."""
 
-    # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.sq / medvlm.train.dpo ----
+    # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.recipes.sq / .dpo ----
     sq_r: float = 0.5
     """Stage ``sq``: probability that a user turn after the first becomes a VUSER question (re-drawn each epoch, seeded)."""
     vit_lora: bool = True
