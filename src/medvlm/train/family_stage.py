@@ -191,6 +191,19 @@ def _set_tower_dropout(peft_model: torch.nn.Module, spec: FamilySpec, p: float) 
                 module.lora_dropout[adapter] = torch.nn.Dropout(p=p) if p > 0 else torch.nn.Identity()
 
 
+def family_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """The Trainer's ``compute_loss_func`` for a family model: CE summed over the learned tokens / ``num_items_in_batch``.
+
+    Qwen-VL and Gemma 3 declare ``accepts_loss_kwargs = False``, so the Trainer would average per-micro-batch means
+    (a DDP or accumulated step then weights short answers more than one process does). Computing the loss here
+    from the logits normalises by the learned tokens of the whole global batch, as the native model does.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = outputs["logits"]  # [B, T, V]
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
 def family_part_of(spec: FamilySpec):
     """``name -> vision | projector | lm`` for a (possibly PEFT-prefixed) family parameter name (per-part lrs)."""
     names = {"connector": "projector", "vision_tower": "vision", "language_model": "lm"}

@@ -29,7 +29,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
 
         plan_stage(cfg, start.model.config)  # validate the stage before reading any data
     dataset, manifest = load_sft_data(cfg, start)
-    cache, row_masked = None, set()
+    cache, row_masked, loss_func = None, set(), None
     if family is None:
         model, plan, row_masked = apply_stage(start.model, cfg)
         if use_feature_cache(cfg, plan.vision_tower) and manifest.image_samples:
@@ -43,9 +43,10 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         collator = TrainCollator(start.train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
         title = f"{cfg.stage}: {Path(cfg.output_dir).name}"
     else:
-        from medvlm.train.family_stage import apply_family_stage
+        from medvlm.train.family_stage import apply_family_stage, family_lm_loss
 
         model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
+        loss_func = family_lm_loss
         collator = start.processor.collator("right")
         title = f"{cfg.stage} ({family}): {Path(cfg.output_dir).name}"
     # Text-only batches leave the projector without gradients on that rank: DDP must tolerate it.
@@ -61,6 +62,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         projector_lr=cfg.projector_lr, row_masked=row_masked, feature_cache=cache,
         # a family model computes full logits (same loss): the labelled-only head is the native model's
         labelled_logits_only=cfg.labelled_logits_only and family is None,
+        compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
     out = trainer.train(resume_from_checkpoint=start.resume)
     return finish_trainer(cfg, start, trainer, out, {CONFIG_FILE: config_yaml, MANIFEST_FILE: manifest_dict}, title,

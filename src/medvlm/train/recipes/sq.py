@@ -32,12 +32,13 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     dataset = SelfQuestioningDataset(base, cfg.sq_r, cfg.seed)
     if family is None:
         model = apply_self_training_stage(start.model, cfg)
-        collator, part = TrainCollator(start.train_proc.pad_token_id), part_of
+        collator, part, loss_func = TrainCollator(start.train_proc.pad_token_id), part_of, None
         title = f"sq: {Path(cfg.output_dir).name}"
     else:
-        from medvlm.train.family_stage import apply_family_stage, family_part_of
+        from medvlm.train.family_stage import apply_family_stage, family_lm_loss, family_part_of
 
         model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
+        loss_func = family_lm_loss
         collator, part = start.processor.collator("right"), family_part_of(start.processor.spec)
         title = f"sq ({family}): {Path(cfg.output_dir).name}"
     find_unused = start.world > 1 and manifest.text_samples > 0 and manifest.image_samples > 0
@@ -50,6 +51,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), EpochCallback(dataset), *(callbacks or [])],
         lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
         projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad, part=part,
+        compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
     out = trainer.train(resume_from_checkpoint=start.resume)
     return finish_trainer(cfg, start, trainer, out, {CONFIG_FILE: config_yaml, MANIFEST_FILE: manifest_dict}, title,
