@@ -10,7 +10,6 @@ micro-batch's loss is back-propagated and how the optimizer steps, which each su
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +17,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
 
 
