@@ -34,8 +34,9 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     load_pretrained(tmp_path / "fsdp")
 
 
-def test_ddp_two_processes_match_one_process_on_a_model_family(tmp_path):
-    """A tiny Qwen2.5-VL (image grids and ``mm_token_type_ids`` in every batch) under torchrun DDP equals one process."""
+def test_ddp_fsdp2_and_deepspeed_two_processes_match_one_process_on_a_model_family(tmp_path):
+    """A tiny Qwen2.5-VL (image grids and ``mm_token_type_ids`` in every batch) under torchrun DDP, FSDP2 and DeepSpeed
+    ZeRO-2 equals one process."""
     import json
 
     from train_helpers import make_demo
@@ -59,3 +60,12 @@ def test_ddp_two_processes_match_one_process_on_a_model_family(tmp_path):
     for r in ddp:
         assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)
     load_family(tmp_path / "ddp")  # rank 0 saved a loadable family checkpoint
+
+    for mode in ("fsdp2_cpu", "deepspeed_cpu"):  # the CPU sharded loops carry the family's tensors as well
+        runs = torchrun_two(tmp_path, config_keys(small_config(demo, tmp_path / mode, per_device_train_batch_size=2,
+                                                               distributed=mode, **common)), f"fam-{mode}")
+        for r in runs:
+            assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (mode, r["losses"], want)
+        if mode == "fsdp2_cpu":  # really sharded
+            assert any(s["local"] != s["global"] for s in runs[0]["shards"].values())
+        load_family(tmp_path / mode)

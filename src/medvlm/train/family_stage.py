@@ -15,7 +15,7 @@ The family's checkpoint, processor and collator replace the native model's; the 
   names the layers). ``sq`` may train the whole tower instead (``tune_vision_tower: true``, ``vit_lora: false``).
 
 Frozen parameters stay bit-identical. Options that do not apply to families yet are refused before anything
-is loaded (QLoRA, packing, the feature cache, the CPU multi-process loops, native-only keys, the published
+is loaded (QLoRA, packing, the feature cache, native-only keys, the published
 no-grad tower and the policy visual path of the DPO reference). ``labelled_logits_only`` is a native-model
 optimisation: a family model computes full logits (same loss).
 """
@@ -67,7 +67,6 @@ def check_family_config(cfg: TrainConfig, family: str) -> None:
         raise MedvlmError(f"tune: qlora on model families ({family}) is not supported yet; use tune: lora")
     self_training = cfg.stage in SELF_TRAINING
     refused = {
-        "distributed": (cfg.distributed != "auto", "use distributed: auto (accelerate / torchrun DDP)"),
         "packing": (cfg.packing, "a family's vision tokens and position ids are per sample; set packing: false"),
         "feature_cache": (cfg.feature_cache == "on", "the frozen-tower feature cache is native-model only; use auto or off"),
         "template": (cfg.template is not None, "a family uses its own chat template (llava: the one in the checkpoint)"),

@@ -35,9 +35,16 @@ def learned_tokens(batches: list[dict]) -> int:
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
-def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False) -> torch.Tensor:
+def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False,
+                 family: bool = False) -> torch.Tensor:
     """Micro-batch CE sum / ``n_items`` (padded or packed batch; no KV cache in training); with
-    ``labelled_logits_only`` the LM head runs at labelled positions only (same loss)."""
+    ``labelled_logits_only`` the LM head runs at labelled positions only (same loss). A ``family`` model gets every
+    tensor of its batch (image grids, per-token types) and its loss is computed from the logits."""
+    if family:
+        from medvlm.train.family_stage import family_lm_loss
+
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return family_lm_loss(model(**inputs, use_cache=False), batch["labels"], n_items)
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
     out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items,
                 labelled_logits_only=labelled_logits_only)
@@ -49,7 +56,9 @@ class ManualRun:
     """What the FSDP2 and DeepSpeed CPU loops build identically from the config (see :func:`prepare_manual_run`)."""
 
     start: Any
-    """The run's :class:`medvlm.train.setup.RunStart` (start time, processor saved with the checkpoint)."""
+    """The run's :class:`medvlm.train.setup.RunStart` (start time, processor saved with the checkpoint, family)."""
+    model_class: type
+    """The model's class before sharding / wrapping (the gathered weights are loaded into a fresh one)."""
     model: nn.Module
     """The staged model in train mode, not yet sharded or wrapped."""
     processor: Any
@@ -80,7 +89,7 @@ class ManualRun:
     """Output directory (created on rank 0)."""
 
 
-def prepare_manual_run(cfg: TrainConfig, world: int, rank: int) -> ManualRun:
+def prepare_manual_run(cfg: TrainConfig, world: int, rank: int, family: str | None = None) -> ManualRun:
     """Seed, load the start model, build the data, apply the stage and size the schedule, as the Trainer path does.
 
     Call after the process group is up; every rank builds the same (unsharded) model.
@@ -90,20 +99,26 @@ def prepare_manual_run(cfg: TrainConfig, world: int, rank: int) -> ManualRun:
     from medvlm.train.stages import apply_stage
     from medvlm.train.trainer import TrainCollator
 
-    start = start_run(cfg, None, world=world, resume=False)
+    start = start_run(cfg, family, world=world, resume=False)
     dataset, manifest = load_sft_data(cfg, start)
-    model, _, row_masked = apply_stage(start.model, cfg)
+    if family is None:
+        model, _, row_masked = apply_stage(start.model, cfg)
+        collate = TrainCollator(start.train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
+    else:
+        from medvlm.train.family_stage import apply_family_stage
+
+        model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
+        row_masked, collate = set(), start.processor.collator("right")
     model.train()
     micro, accumulation = cfg.per_device_train_batch_size, start.accumulation
     steps_per_epoch = max(1, len(dataset) // (micro * world) // accumulation)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     sampler = ModalityLengthGroupedSampler(dataset.lengths, micro * world, accumulation, cfg.seed,
                                            cfg.group_by_modality_length)
-    collate = TrainCollator(start.train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
     out_dir = Path(cfg.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    return ManualRun(start, model, start.processor, dataset, manifest, row_masked, collate, sampler, world, rank,
+    return ManualRun(start, type(model), model, start.processor, dataset, manifest, row_masked, collate, sampler, world, rank,
                      accumulation, micro, steps_per_epoch, total, out_dir)
 
 
@@ -172,7 +187,8 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
             dist.all_reduce(n_items)  # learned tokens of the whole global batch (Trainer: num_items_in_batch)
             loss_sum = torch.zeros(())
             for b in batches:
-                loss = forward_loss(strategy.model, b, n_items, cfg.labelled_logits_only)  # this micro-batch's CE sum / global tokens
+                # this micro-batch's CE sum / global tokens
+                loss = forward_loss(strategy.model, b, n_items, cfg.labelled_logits_only, run.start.family is not None)
                 strategy.micro_step(loss)
                 loss_sum += loss.detach()
             strategy.optimizer_step()
@@ -198,13 +214,12 @@ def finish_manual_run(cfg: TrainConfig, run: ManualRun, config, full: dict[str, 
 
     ``config`` is the model config; ``label`` names the path in the plot title. Returns a ``TrainResult``.
     """
-    from medvlm.model.modeling import MedVLMForConditionalGeneration
     from medvlm.train.callbacks import CONFIG_FILE, MANIFEST_FILE
     from medvlm.train.setup import finish_run
 
     plain = None
     if run.rank == 0:
-        plain = MedVLMForConditionalGeneration(config)
+        plain = run.model_class(config)
         plain.load_state_dict(full)
     manifest = run.manifest.to_dict()
     return finish_run(cfg, run.start, main=run.rank == 0, model=plain,

@@ -10,8 +10,8 @@ token-level loss normalisation as the Trainer: every micro-batch's loss is its C
 learned tokens of the whole global batch, so the curve equals a 1-process run at the same global
 batch. ZeRO-2 partitions optimizer state and gradients; ZeRO-3 also partitions the parameters
 (each rank's ``param.ds_tensor`` holds ~1/world of every tensor, gathered layer by layer in forward
-and backward). The final checkpoint is gathered on rank 0. Scope: the native model, ``tune: full``, no feature
-cache, no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
+and backward). The final checkpoint is gathered on rank 0. Scope: native and family models, ``tune: full``, no
+feature cache, no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
 
 The loop is :func:`medvlm.train.manual_loop.manual_train_loop` (shared with ``fsdp2_cpu``); this module
 supplies :class:`DeepSpeedStep`, the engine's backward / step / clipping / scheduler.
@@ -105,9 +105,6 @@ class DeepSpeedStep:
 
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train with the DeepSpeed engine over the ``torchrun`` process group (gloo); returns a ``TrainResult``."""
-    if family is not None:
-        raise MedvlmError(f"distributed: deepspeed_cpu trains the native medvlm model; a {family} checkpoint trains "
-                          "with distributed: auto (accelerate / torchrun DDP)")
     if callbacks:
         raise MedvlmError("distributed: deepspeed_cpu runs its own loop: Trainer callbacks are not supported")
     try:
@@ -130,7 +127,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         raise MedvlmError("distributed: deepspeed_cpu needs a multi-process launch: "
                           "torchrun --nproc_per_node N -m medvlm train ...")
     deepspeed.init_distributed(dist_backend="gloo")
-    job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank())
+    job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank(), family)
     opt = build_adamw(cfg, job.model, job.row_masked)
     engine, _, _, sched = deepspeed.initialize(
         model=job.model, optimizer=opt, config=ds_config(cfg, job.micro, job.accumulation, job.world),

@@ -7,8 +7,8 @@ configs/accelerate/fsdp.yaml`` (FSDP2, auto-wrapping the layer classes named by 
 ``distributed: fsdp2_cpu`` runs :func:`medvlm.train.manual_loop.manual_train_loop` instead, with every decoder and
 vision-encoder layer and then the whole model sharded over a gloo process group. Parameters are
 ``DTensor`` shards (each rank holds 1/world of every sharded tensor); the final checkpoint is
-gathered as a full state dict on rank 0. Scope: the native model, ``tune: full``, no feature cache, no mid-run
-resume (use the Trainer path for those).
+gathered as a full state dict on rank 0. Scope: native and family models, ``tune: full``, no feature cache, no
+mid-run resume (use the Trainer path for those).
 """
 
 from __future__ import annotations
@@ -96,9 +96,6 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
                                           prepare_manual_run)
     from medvlm.train.setup import world_size
 
-    if family is not None:
-        raise MedvlmError(f"distributed: fsdp2_cpu trains the native medvlm model; a {family} checkpoint trains with "
-                          "distributed: auto (accelerate / torchrun DDP)")
     if callbacks:
         raise MedvlmError("distributed: fsdp2_cpu runs its own loop: Trainer callbacks are not supported")
     if cfg.tune != "full":
@@ -109,7 +106,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         raise MedvlmError("distributed: fsdp2_cpu needs a multi-process launch: torchrun --nproc_per_node N -m medvlm train ...")
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank())
+    job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank(), family)
     model = job.model
     shard_model(model, init_device_mesh("cpu", (job.world,)))
     shards = shard_report(model)
