@@ -69,7 +69,10 @@ def validate_worker_url(url: object) -> str:
     """A worker address as ``scheme://host:port`` (http/https, a host, a port; no user info, path, query)."""
     if not isinstance(url, str) or not url or len(url) > 512:
         raise WorkerInputError("worker_name must be a worker URL such as http://host:21002")
-    parts = urlsplit(url.strip())
+    if any(c in url for c in "?#@\\") or any(ord(c) <= 32 or ord(c) == 127 for c in url):
+        raise WorkerInputError("worker_name: give the worker's base URL only (http://host:port; no user info, "
+                               "query, fragment, spaces or control characters)")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise WorkerInputError("worker_name: the scheme must be http or https")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
