@@ -94,16 +94,19 @@ class ServerProcess:
 
 
 def send_chunked(url: str, path: str, headers: dict[str, str], total: int, chunk: int = 1 << 20,
-                 content_type: str = "application/json") -> tuple[int, int]:
+                 content_type: str = "application/json", prefix: bytes = b"") -> tuple[int, int]:
     """Stream ``total`` bytes as a ``Transfer-Encoding: chunked`` POST over a raw socket (no Content-Length).
 
-    Stops sending as soon as the server answers or closes; returns (HTTP status, bytes sent).
+    ``prefix`` is sent first (e.g. a multipart part header), then spaces. Stops sending as soon as the
+    server answers or closes; returns (HTTP status, bytes sent).
     """
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Transfer-Encoding: chunked",
             f"Content-Type: {content_type}"] + [f"{k}: {v}" for k, v in headers.items()]
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    if prefix:
+        sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
     piece = b"%x\r\n" % chunk + b" " * chunk + b"\r\n"
     sent = 0
     try:

@@ -38,7 +38,7 @@ from medvlm.serve.guard import RequestGuard, is_loopback
 from medvlm.serve.web_backends import GENERIC_ERROR, Backend, BackendError, Sampling, Turn
 from medvlm.utils.io import append_jsonl
 
-log = logging.getLogger("medvlm.serve.web")
+logger = logging.getLogger("medvlm.serve.web")
 
 EXAMPLE_QUESTIONS: dict[str, str] = {
     "xray": "What abnormality is seen in this chest radiograph?",
@@ -181,7 +181,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
     try:
         models = backend.models()
     except BackendError as e:
-        log.warning("cannot list models: %s", e)
+        logger.warning("cannot list models: %s", e)
         models = []
     examples = generated_examples(examples_dir or private_examples_dir())
     examples += [[str(Path(p).resolve()), "Describe this image."] for p in config.example_images]
@@ -232,7 +232,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
                     yield st, _chat_view(st["turns"])
             except MedvlmError as e:
                 if isinstance(e, BackendError):
-                    log.warning("backend error: %s", e)  # the detail names internal URLs: log only
+                    logger.warning("backend error: %s", e)  # the detail names internal URLs: log only
                 shown = GENERIC_ERROR if isinstance(e, BackendError) else str(e)
                 if st["turns"] and not st["turns"][-1].answer:
                     st["turns"][-1].answer = f"(error: {shown})"
@@ -264,7 +264,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
                 for st in chat.answer(st, m, sampling(t, p, n)):
                     final = st["turns"][-1].answer or ""
             except BackendError as e:
-                log.warning("backend error: %s", e)
+                logger.warning("backend error: %s", e)
                 raise gr.Error(GENERIC_ERROR) from None
             except MedvlmError as e:
                 raise gr.Error(str(e)) from None
@@ -274,7 +274,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
             try:
                 names = backend.models()
             except BackendError as e:
-                log.warning("cannot list models: %s", e)
+                logger.warning("cannot list models: %s", e)
                 gr.Warning(GENERIC_ERROR)
                 return gr.Dropdown()
             return gr.Dropdown(choices=names, value=names[0] if names else None)
