@@ -271,7 +271,6 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
                   description=f"OpenAI-compatible chat completions for a medvlm model. {NOTICE}")
     app.state.service = service
     app.state.batcher = batcher
-    app.state.config = config
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
