@@ -1,0 +1,95 @@
+"""Hand-built DICOM files for the security tests: small headers, Deflated bodies, identifying attributes."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+
+def grey_dataset(rows: int = 8, cols: int = 8, frames: int = 1, bits: int = 8, samples: int = 1,
+                 pixels: bytes | None = None) -> Dataset:
+    """A secondary-capture dataset with a synthetic gradient (or the given pixel bytes)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if pixels is None:
+        dtype = np.uint8 if bits == 8 else np.uint16
+        arr = (np.arange(rows * cols * frames * samples) % 251).astype(dtype)
+        pixels = arr.tobytes()
+    ds.PixelData = pixels
+    return ds
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def deflated_file(body: bytes, level: int = 9) -> bytes:
+    """A Part-10 file whose dataset ``body`` (explicit VR little endian bytes) is stored Deflated."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buf, meta, enforce_standard=True)
+    z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return buf.getvalue() + z.compress(body) + z.flush()
+
+
+def deflated_zeros(n_bytes: int) -> bytes:
+    """A Deflated DICOM whose dataset inflates to ``n_bytes`` zero bytes (compressed ~1000:1), built streaming."""
+    meta_and_head = deflated_file(b"")[:-2]  # drop the empty stream's two bytes, keep preamble + meta
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = b"\0" * (1 << 20)
+    out = [meta_and_head]
+    for _ in range(n_bytes // len(block)):
+        out.append(z.compress(block))
+    out.append(z.flush())
+    return b"".join(out)
+
+
+def header_then_zeros(rows: int, cols: int, declared: int) -> bytes:
+    """A Deflated DICOM: a valid rows x cols 8-bit header, then a PixelData element of ``declared`` zero bytes."""
+    raw = to_bytes(grey_dataset(rows, cols, pixels=b"\0\0"))
+    group_length = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+    dataset = raw[132 + 12 + group_length:raw.index(b"\xe0\x7f\x10\x00")]  # up to (7FE0,0010)
+    element = b"\xe0\x7f\x10\x00OB\0\0" + declared.to_bytes(4, "little")  # explicit VR, 32-bit length
+    return _deflate_parts(dataset + element, declared)
+
+
+def _deflate_parts(prefix: bytes, zeros: int) -> bytes:
+    meta_and_head = deflated_file(b"")[:-2]
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [meta_and_head, z.compress(prefix)]
+    block = b"\0" * (1 << 20)
+    left = zeros
+    while left > 0:
+        out.append(z.compress(block[:min(left, len(block))]))
+        left -= len(block)
+    out.append(z.flush())
+    return b"".join(out)
