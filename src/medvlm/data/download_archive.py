@@ -25,7 +25,8 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import httpx
-from PIL import Image
+
+from medvlm.data.images import open_image
 
 GZIP_MAGIC = b"\x1f\x8b"
 _OUT_CHUNK = 1 << 18  # largest piece of unpacked data produced per decompress call (bounds memory)
@@ -217,9 +218,13 @@ def member_problem(ti: tarfile.TarInfo, limits: Limits) -> tuple[str, str] | Non
 
 
 def check_image(path: Path) -> str | None:
-    """Decode the file fully with PIL; ``None`` if it is an image, else the decoder's complaint."""
+    """Decode the file fully with PIL; ``None`` if it is an image of a format medvlm reads, else the complaint.
+
+    Only :data:`medvlm.data.images.IMAGE_FORMATS` are opened and the pixel count is checked from the header
+    before decoding (an EPS member named ``.jpg`` never reaches Ghostscript).
+    """
     try:
-        with Image.open(path) as im:
+        with open_image(path, path.name) as im:
             im.load()
     # PIL's format plugins raise many exception types on malformed input (OSError, SyntaxError,
     # ValueError, struct.error, DecompressionBombError ...); any of them means "not a usable image".

@@ -36,7 +36,7 @@ def read_medvlm(folder: str | os.PathLike) -> tuple[MedVLMConfig, MedVLMProcesso
         raise MedvlmError(f"medvlm checkpoint folder {folder} has no config.json")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"{folder} has no {PROCESSOR_FILE}; export needs a medvlm checkpoint (see `medvlm model import`)")
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if not isinstance(config, MedVLMConfig):
         raise MedvlmError(f"{folder}/config.json has model_type {config.model_type!r}, expected 'medvlm'")
     return config, MedVLMProcessor.from_pretrained(folder), ckpt
