@@ -178,7 +178,9 @@ def read_dicom_dataset(data: bytes | memoryview, *, max_pixels: int, max_decoded
         meta_watch = _HeaderWatch(fp, name, stop_group=2)
         meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=meta_watch)
         start = fp.tell()
-        ts = UID(str(meta.get("TransferSyntaxUID", "")))
+        if "TransferSyntaxUID" not in meta:
+            raise MedvlmError(f"{name}: not a readable DICOM file (no transfer syntax in the file meta information)")
+        ts = UID(str(meta.TransferSyntaxUID))
         if not ts.is_transfer_syntax:
             raise MedvlmError(f"{name}: DICOM transfer syntax {str(ts)!r} is not a known transfer syntax")
         implicit, little = ts.is_implicit_VR, ts.is_little_endian

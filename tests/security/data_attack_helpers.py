@@ -1,9 +1,14 @@
-"""Hand-built DICOM files for the security tests: small headers, Deflated bodies, identifying attributes."""
+"""Attacks on the data path, built by hand: DICOM files (Deflated bombs), and a peak-RSS probe in a subprocess."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -62,15 +67,8 @@ def deflated_file(body: bytes, level: int = 9) -> bytes:
 
 
 def deflated_zeros(n_bytes: int) -> bytes:
-    """A Deflated DICOM whose dataset inflates to ``n_bytes`` zero bytes (compressed ~1000:1), built streaming."""
-    meta_and_head = deflated_file(b"")[:-2]  # drop the empty stream's two bytes, keep preamble + meta
-    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    block = b"\0" * (1 << 20)
-    out = [meta_and_head]
-    for _ in range(n_bytes // len(block)):
-        out.append(z.compress(block))
-    out.append(z.flush())
-    return b"".join(out)
+    """A Deflated DICOM whose dataset inflates to ``n_bytes`` zero bytes (~1000:1), with no header at all."""
+    return _deflate_parts(b"", n_bytes)
 
 
 def header_then_zeros(rows: int, cols: int, declared: int) -> bytes:
@@ -83,13 +81,40 @@ def header_then_zeros(rows: int, cols: int, declared: int) -> bytes:
 
 
 def _deflate_parts(prefix: bytes, zeros: int) -> bytes:
+    """Preamble + meta + a raw-deflate stream of ``prefix`` then ``zeros`` zero bytes (whole MiB), built fast.
+
+    After a full flush the compressor starts afresh, so one MiB of zeros compresses to the same bytes every
+    time: that piece is repeated instead of compressing hundreds of megabytes in the test.
+    """
     meta_and_head = deflated_file(b"")[:-2]
     z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out = [meta_and_head, z.compress(prefix)]
-    block = b"\0" * (1 << 20)
-    left = zeros
-    while left > 0:
-        out.append(z.compress(block[:min(left, len(block))]))
-        left -= len(block)
-    out.append(z.flush())
-    return b"".join(out)
+    head = z.compress(prefix) + z.flush(zlib.Z_FULL_FLUSH)
+    block = z.compress(b"\0" * (1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)
+    return meta_and_head + head + block * (zeros >> 20) + z.flush(zlib.Z_FINISH)
+
+
+_PROBE = """
+import json, resource, sys
+sys.path[:0] = {paths!r}
+{setup}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+{attack}
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("PROBE" + json.dumps({{"growth_kb": after - before, "result": result}}))
+"""
+
+
+def peak_rss_growth(setup: str, attack: str, timeout: float = 120) -> tuple[float, object]:
+    """Run ``setup`` then ``attack`` (which sets ``result``) in a fresh Python; peak-RSS growth in MB over the attack.
+
+    ``setup`` should warm up (import, decode a small file) so the growth is the attack's alone.
+    """
+    src = Path(__file__).resolve().parents[2] / "src"
+    code = _PROBE.format(paths=[str(src), str(Path(__file__).resolve().parent)], setup=setup, attack=attack)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("PROBE"))
+    data = json.loads(line[5:])
+    return data["growth_kb"] / 1024, data["result"]
