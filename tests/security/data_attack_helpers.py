@@ -118,3 +118,65 @@ def peak_rss_growth(setup: str, attack: str, timeout: float = 120) -> tuple[floa
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("PROBE"))
     data = json.loads(line[5:])
     return data["growth_kb"] / 1024, data["result"]
+
+
+# --- tar archives built from raw 512-byte header blocks --------------------------------------------------------
+
+def tar_header(name: bytes, size: int, typ: bytes, fields: dict[int, bytes] | None = None) -> bytes:
+    """One ustar header block with a correct checksum; ``fields`` overwrite bytes at given offsets."""
+    b = bytearray(512)
+    b[0:len(name)] = name
+    b[100:108] = b"0000644\0"
+    b[108:116] = b"0000000\0"
+    b[116:124] = b"0000000\0"
+    b[124:136] = b"%011o\0" % size
+    b[136:148] = b"14000000000\0"
+    b[156:157] = typ
+    b[257:265] = b"ustar\x0000"
+    for off, value in (fields or {}).items():
+        b[off:off + len(value)] = value
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def pad(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def pax_records(**kv: str) -> bytes:
+    """Pax extended header data: ``"%d %s=%s\\n"`` records whose length counts itself."""
+    out = b""
+    for k, v in kv.items():
+        body = f" {k.replace('__', '.')}={v}\n".encode()
+        n = len(body) + 1
+        while len(str(n)) + len(body) != n:
+            n = len(str(n)) + len(body)
+        out += str(n).encode() + body
+    return out
+
+
+def member(name: str, data: bytes) -> bytes:
+    return tar_header(name.encode(), len(data), b"0") + pad(data)
+
+
+def end_of_archive() -> bytes:
+    return b"\0" * 1024
+
+
+def gzip_with_zero_run(prefix: bytes, zeros: int, suffix: bytes = b"") -> bytes:
+    """gzip of ``prefix + zeros x b"\\0" + suffix`` (``zeros`` a multiple of 1 MiB), built without compressing them all."""
+    import struct as _struct
+
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block_src = b"\0" * (1 << 20)
+    head = z.compress(prefix) + z.flush(zlib.Z_FULL_FLUSH)
+    block = z.compress(block_src) + z.flush(zlib.Z_FULL_FLUSH)
+    tail = z.compress(suffix) + z.flush(zlib.Z_FINISH)
+    crc = zlib.crc32(prefix)
+    for _ in range(zeros >> 20):
+        crc = zlib.crc32(block_src, crc)
+    crc = zlib.crc32(suffix, crc)
+    size = (len(prefix) + zeros + len(suffix)) & 0xFFFFFFFF
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + head + block * (zeros >> 20) + tail + _struct.pack("<II", crc & 0xFFFFFFFF, size)
