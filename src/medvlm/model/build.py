@@ -37,6 +37,7 @@ from medvlm.model.config import MedVLMConfig, check_choice, expected_image_seq_l
 from medvlm.model.modeling import MedVLMForConditionalGeneration
 from medvlm.model.parts import trainable_summary
 from medvlm.model.processing import PROCESSOR_FILE, MedVLMProcessor
+from medvlm.model.safe_load import refusing_remote_code
 from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
@@ -291,11 +292,13 @@ def compose(
     """A new model from a local vision tower folder + a local causal-LM folder + a fresh projector."""
     vision_path, lm_path = Path(vision_path), Path(lm_path)
     torch_dtype = resolve_dtype(dtype)
-    tower = _load_tower(vision_path, torch_dtype)
+    with refusing_remote_code(vision_path, "vision tower"):
+        tower = _load_tower(vision_path, torch_dtype)
     _check_weights(lm_path, "language model")
-    lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
-                                              local_files_only=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True, trust_remote_code=False)
+    with refusing_remote_code(lm_path, "language model"):
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
+                                                  local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True, trust_remote_code=False)
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     if (vision_path / "preprocessor_config.json").is_file():
         image_processor = AutoImageProcessor.from_pretrained(str(vision_path), local_files_only=True,
@@ -326,7 +329,8 @@ def load_pretrained(
     _check_weights(folder, "checkpoint")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"checkpoint folder {folder} has no {PROCESSOR_FILE} (not saved by medvlm?)")
-    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    with refusing_remote_code(folder, "checkpoint"):
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if cfg.model_type != "medvlm":
         raise MedvlmError(f"{folder}/config.json has model_type {cfg.model_type!r}, expected 'medvlm'")
     model = MedVLMForConditionalGeneration.from_pretrained(
