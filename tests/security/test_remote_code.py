@@ -83,3 +83,22 @@ def test_auto_map_in_a_checkpoint_is_never_run_nor_prompted_for(tmp_path):
     assert last.startswith(f"REFUSED {tmp_path / 'lm'}: ") and "trust_remote_code" in last, last
     assert "Do you wish to run the custom code" not in composed.stdout + composed.stderr
     assert not marker.exists()
+
+
+def test_every_transformers_load_in_src_passes_trust_remote_code_false():
+    """AST walk: each ``X.from_pretrained(...)`` call in src/ names ``trust_remote_code=False`` (ours excepted)."""
+    import ast
+
+    missing = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained"):
+                continue
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id == "MedVLMProcessor":
+                continue  # ours: it loads its tokenizer and image processor with trust_remote_code=False
+            flag = next((k.value for k in node.keywords if k.arg == "trust_remote_code"), None)
+            if not (isinstance(flag, ast.Constant) and flag.value is False):
+                missing.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert missing == []
