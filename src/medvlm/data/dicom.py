@@ -95,8 +95,8 @@ class _Body:
     beyond what was taken. Inflation is streamed with ``max_length``, so a bomb costs only what is asked.
     """
 
-    def __init__(self, raw: memoryview, deflated: bool):
-        self._raw = raw
+    def __init__(self, raw: memoryview, deflated: bool, name: str):
+        self._raw, self._name = raw, name
         self._zd = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
         self._out = bytearray()
         self._tail: bytes | memoryview = raw
@@ -104,12 +104,16 @@ class _Body:
     def take(self, n: int) -> bytes:
         if self._zd is None:
             return bytes(self._raw[:n])
-        while len(self._out) < n and self._tail and not self._zd.eof:
+        while len(self._out) < n and not self._zd.eof:
             try:
-                self._out += self._zd.decompress(self._tail, min(n - len(self._out), 1 << 20))
+                # with an empty tail this still returns output zlib holds back when max_length cut it short
+                chunk = self._zd.decompress(self._tail, min(n - len(self._out), 1 << 20))
             except zlib.error as e:
-                raise MedvlmError(f"corrupt Deflated DICOM data ({e})") from None
+                raise MedvlmError(f"{self._name}: corrupt Deflated DICOM data ({e})") from None
             self._tail = self._zd.unconsumed_tail
+            if not chunk and not self._tail:
+                break  # the input ends before the deflate stream does
+            self._out += chunk
         return bytes(self._out[:n])
 
     def more(self, n: int) -> bool:
@@ -184,7 +188,7 @@ def read_dicom_dataset(data: bytes | memoryview, *, max_pixels: int, max_decoded
         if not ts.is_transfer_syntax:
             raise MedvlmError(f"{name}: DICOM transfer syntax {str(ts)!r} is not a known transfer syntax")
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
-        body = _Body(view[start:], deflated=ts == _DEFLATED)
+        body = _Body(view[start:], ts == _DEFLATED, name)
         head = io.BytesIO(body.take(MAX_HEADER_BYTES))
         watch = _HeaderWatch(head, name)
         ds = read_dataset(head, implicit, little, stop_when=watch)
