@@ -203,3 +203,7 @@ def test_truncated_header_and_garbage_are_clear_errors(tmp_path):
         assert str(e.value).startswith("img.dcm: ") and "Doe" not in str(e.value)
     with pytest.raises(MedvlmError, match="not a readable DICOM file"):
         decode_dicom_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    good = deflated_zeros(1 << 20)
+    start = 132 + 12 + int.from_bytes(good[140:144], "little")
+    with pytest.raises(MedvlmError, match=r"^bad\.dcm: "):  # a corrupt deflate stream
+        decode_dicom_bytes(good[:start] + b"\xff" * 64 + good[start + 64:], name="bad.dcm")
