@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvlm.data.images import open_image
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic
 
@@ -105,13 +106,8 @@ class _ImageSink:
     def write(self, data: bytes, stem: str, where: str) -> str:
         key = hashlib.sha1(data).hexdigest()
         if key not in self.done:
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}.get(im.format or "", "png")
-            except (UnidentifiedImageError, OSError) as e:
-                raise MedvlmError(f"{where}: image bytes are not a readable image ({e})") from e
+            with open_image(io.BytesIO(data), f"{where}: image bytes") as im:  # the formats medvlm reads only
+                ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}[im.format]
             rel = f"{stem}.{ext}"
             (self.root / rel).write_bytes(data)
             self.done[key] = rel

@@ -19,9 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 from PIL import Image, ImageMode, UnidentifiedImageError
@@ -77,6 +75,10 @@ class ImageProbe:
     """Frames (DICOM multi-frame; 1 otherwise)."""
     decoded_bytes: int
     """Estimated peak memory of decoding and preprocessing this image."""
+    dicom_budget: int = 0
+    """DICOM only: the pixel/decoded-bytes budget the decoder applies again (``max_decoded_bytes``)."""
+    max_pixels: int = 0
+    """DICOM only: the pixel limit the decoder applies again."""
 
 
 def _check_pixels(width: int, height: int, frames: int, limits: ImageLimits, what: str) -> None:
@@ -116,27 +118,35 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def _dicom_budget(limits: ImageLimits) -> int:
+    # 10 bytes per allowed pixel = a 16-bit greyscale image at the pixel cap plus its float64 working copy;
+    # the per-request decoded-memory budget (Admission) is checked on top of this from the probe's estimate
+    return 10 * limits.max_pixels
+
+
 def _probe_dicom(data: bytes, limits: ImageLimits, what: str) -> ImageProbe:
+    from medvlm.data.dicom import DicomTooLargeError, read_dicom_dataset
+
+    # the bounded, de-identifying header reader (no temp file, Deflated data inflated with a cap)
     try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as e:
-        raise ImageInputError(f"{what}: DICOM images need pydicom on the server (pip install 'medvlm[dicom]')") from e
-    try:
-        head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
-        frames = int(head.get("NumberOfFrames", 1) or 1)
-        samples = int(head.get("SamplesPerPixel", 1) or 1)
-        bits = int(head.get("BitsAllocated", 16) or 16)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, AttributeError) as e:
-        raise ImageInputError(f"{what}: not a readable DICOM file ({type(e).__name__})") from None
+        head = read_dicom_dataset(data, max_pixels=limits.max_pixels, max_decoded_bytes=_dicom_budget(limits),
+                                  name=what)
+    except DicomTooLargeError as e:
+        raise ImageInputError(str(e), status=413) from None
+    except MedvlmError as e:
+        raise ImageInputError(str(e)) from None
+    rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
+    frames = int(head.get("NumberOfFrames", 1) or 1)
+    samples = int(head.get("SamplesPerPixel", 1) or 1)
+    bits = int(head.get("BitsAllocated", 16) or 16)
     _check_pixels(cols, rows, frames, limits, what)
     if not 1 <= samples <= 4 or not 1 <= bits <= 64:
         raise ImageInputError(f"{what}: unsupported DICOM pixel layout ({samples} samples of {bits} bits)")
     # stored samples, then per frame: the modality/VOI windowing works in float64 (a few copies) -> uint8 RGB
     stored = samples * -(-bits // 8)
     estimate = decoded_bytes_estimate(cols, rows, stored, frames, working_bytes_per_pixel=3 * 8 * samples)
-    return ImageProbe(data=data, kind="dicom", width=cols, height=rows, frames=frames, decoded_bytes=estimate)
+    return ImageProbe(data=data, kind="dicom", width=cols, height=rows, frames=frames, decoded_bytes=estimate,
+                      dicom_budget=_dicom_budget(limits), max_pixels=limits.max_pixels)
 
 
 def probe_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> ImageProbe:
@@ -159,27 +169,23 @@ def probe_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> 
     return ImageProbe(data=data, kind="pil", width=width, height=height, frames=1, decoded_bytes=estimate)
 
 
-def _decode_dicom(data: bytes, what: str) -> Image.Image:
-    # medvlm.data.dicom.load_dicom reads files: it gets the bytes through a private temp file (mkstemp, 0600,
-    # removed at once). A from-memory decoder with an inflation cap belongs to medvlm.data.dicom.
-    from medvlm.data.dicom import load_dicom
+def _decode_dicom(probe: ImageProbe, what: str) -> Image.Image:
+    from medvlm.data.dicom import DicomTooLargeError, decode_dicom_bytes
 
-    fd, tmp = tempfile.mkstemp(suffix=".dcm")
+    # decoded in memory (no temp file), de-identified, pixels and decoded bytes checked from the header first
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            return load_dicom(tmp)
-        except MedvlmError as e:
-            raise ImageInputError(f"{what}: {str(e).replace(tmp, 'DICOM image')}") from None
-    finally:
-        os.unlink(tmp)
+        return decode_dicom_bytes(probe.data, max_pixels=probe.max_pixels, max_decoded_bytes=probe.dicom_budget,
+                                  name=what)
+    except DicomTooLargeError as e:
+        raise ImageInputError(str(e), status=413) from None
+    except MedvlmError as e:
+        raise ImageInputError(str(e)) from None
 
 
 def decode_probe(probe: ImageProbe, what: str = "image") -> Image.Image:
     """Decode a probed image to RGB."""
     if probe.kind == "dicom":
-        return _decode_dicom(probe.data, what)
+        return _decode_dicom(probe, what)
     try:
         with Image.open(io.BytesIO(probe.data), formats=PIL_FORMATS) as im:
             im.load()

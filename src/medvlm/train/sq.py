@@ -192,7 +192,8 @@ def check_sq_template(model) -> None:
     """Stage ``sq`` needs a model whose template is ``v1_sq`` (VUSER turns)."""
     if model.config.template != SQ_TEMPLATE:
         raise MedvlmError(f"stage 'sq' needs a model with template {SQ_TEMPLATE!r} (VUSER turns); the starting model "
-                          f"uses {model.config.template!r}: build it with model_kwargs: {{template: {SQ_TEMPLATE}}}")
+                          f"uses {model.config.template!r}: set template: {SQ_TEMPLATE} (the run switches the model "
+                          "to it and the output checkpoint keeps it)")
 
 
 def run_sq(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
@@ -211,8 +212,8 @@ def run_sq(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     resume = resolve_resume(cfg)
     set_seed(cfg.seed)
     model, processor = load_start(cfg)
+    train_proc = training_processor(cfg, model, processor)  # template: v1_sq switches the model to it
     check_sq_template(model)
-    train_proc = training_processor(cfg, model, processor)
     base, manifest = build_dataset(
         cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
         data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
