@@ -152,3 +152,18 @@ def test_concurrent_unauthenticated_bodies_cost_nothing(api) -> None:
     assert [status for status, _ in results] == [401] * 4
     assert rss.growth < RSS_BUDGET, rss.growth
     _still_serving(api)
+
+
+def test_dicom_inflation_bomb_in_a_data_url_is_refused_with_bounded_memory(api) -> None:
+    from data_attack_helpers import deflated_zeros  # tests/security is on sys.path (no __init__.py)
+
+    bomb = deflated_zeros(200 << 20)  # ~200 KB on the wire that inflates to 200 MB of zeros
+    content = [{"type": "text", "text": "What modality?"},
+               {"type": "image_url", "image_url": {"url": data_url(bomb, "application/dicom")}}]
+    body = {"model": "tiny-med", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    with RssWatch(api.pid) as rss:
+        r = httpx.post(api.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 413, r.text
+    assert "DICOM" in r.json()["error"]["message"]
+    assert rss.growth < RSS_BUDGET, rss.growth
+    _still_serving(api)
