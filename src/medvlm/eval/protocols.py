@@ -55,6 +55,10 @@ PROTOCOL_DESCRIPTIONS: dict[str, str] = {
     "exact-match": "normalised (VQA-v2 rules) exact match for every question, as lmms-eval scores SLAKE",
 }
 
+# Bumped whenever a protocol's per-question values or aggregation change, so recorded numbers
+# (bench.json, exported lmms-eval tasks) say which scorer produced them.
+PROTOCOL_VERSIONS: dict[str, str] = {"llava-med": "1.0", "llava-med-single": "1.0", "strict": "1.0", "exact-match": "1.0"}
+
 # answer_type -> group. VQA-RAD / SLAKE conversions use OPEN/CLOSED; LLaVA-Med's PathVQA files use
 # "yes/no" for closed and "other" / "number" for open questions.
 ANSWER_TYPES: dict[str, str] = {"OPEN": "open", "CLOSED": "closed", "yes/no": "closed", "other": "open",
@@ -67,6 +71,13 @@ _DEFINED: dict[str, dict[str, tuple[str, ...]]] = {
     "strict": {"open": OPEN_METRICS, "closed": CLOSED_METRICS},
     "exact-match": {"open": ("exact_match", "accuracy"), "closed": ("accuracy",)},
 }
+
+
+def defined_metrics(protocol: str) -> dict[str, tuple[str, ...]]:
+    """The metrics ``protocol`` defines per group (``open`` / ``closed``); the others are reported as null."""
+    if protocol not in _DEFINED:
+        raise MedvlmError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    return {g: tuple(ms) for g, ms in _DEFINED[protocol].items()}
 
 
 @dataclass
