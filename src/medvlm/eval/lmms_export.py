@@ -1,7 +1,7 @@
 """``medvlm eval export-lmms``: a VQA benchmark as an lmms-eval task folder (``lmms-eval --include_path DIR``).
 
-The folder holds ``TASK.yaml`` (``dataset_path: json`` over ``test.jsonl``, resolved by lmms-eval
-relative to the YAML), ``utils.py`` (doc_to_visual / doc_to_text / process_results and one
+The folder holds ``TASK.yaml`` (``dataset_path: json`` over the folder's ``test.jsonl`` by absolute
+path: move the folder and export again), ``utils.py`` (doc_to_visual / doc_to_text / process_results and one
 aggregation per metric), ``test.jsonl`` (the converted split, one doc per question, with the fields
 scoring needs), ``images/`` and, for ``llava-med-single``, ``candidates.json``.
 
@@ -172,11 +172,12 @@ def _utils_py(task: str, protocol: str) -> str:
                          metrics=[list(x) for x in metric_names(protocol)], aggregations=aggs)
 
 
-def _task_yaml(task: str, protocol: str, prompt_suffix: str, max_new_tokens: int) -> str:
+def _task_yaml(task: str, protocol: str, prompt_suffix: str, max_new_tokens: int, data_file: Path) -> str:
     name = task_name(task, protocol)
     fn = "!function utils.{}"
     cfg: dict[str, Any] = {
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "test.jsonl"}},
+        # An absolute path: lmms-eval 0.6 passes data_files to datasets as given (0.7 resolves relative ones).
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test", "output_type": "generate_until",
         "doc_to_visual": fn.format("doc_to_visual"), "doc_to_text": fn.format("doc_to_text"),
         "doc_to_target": fn.format("doc_to_target"), "process_results": fn.format("process_results"),
@@ -231,8 +232,8 @@ def export_lmms_task(task: str, protocol: str, data: str | os.PathLike, out: str
             write_json_atomic(tmp / "candidates.json", cands)
         (tmp / "test.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
         shutil.rmtree(conv)
-        (tmp / f"{task_name(task, protocol)}.yaml").write_text(_task_yaml(task, protocol, prompt_suffix, max_new_tokens),
-                                                             encoding="utf-8")
+        (tmp / f"{task_name(task, protocol)}.yaml").write_text(
+            _task_yaml(task, protocol, prompt_suffix, max_new_tokens, out.resolve() / "test.jsonl"), encoding="utf-8")
         (tmp / "utils.py").write_text(_utils_py(task, protocol), encoding="utf-8")
         (tmp / "medvlm_scoring").mkdir()
         for name, text in scoring_copy_sources().items():
