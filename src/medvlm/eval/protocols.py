@@ -18,7 +18,8 @@ Protocols (named explicitly, never guessed):
     clipped token recall/precision/F1; exact match of the normalised token sequences; whole-word
     phrase containment for open accuracy; length-capped cumulative BLEU with smoothing.
 ``exact-match``
-    Normalised exact match (VQA-v2 normalisation) for every question, as lmms-eval scores SLAKE.
+    Normalised exact match (VQA-v2 normalisation) for every question. Close to, not the same as, lmms-eval's
+    ``slake`` task (0.7), whose normalisation also drops parentheticals and maps aliases and yes/no synonyms.
 
 Every aggregate is a plain left-to-right ``sum(values) / len(values)`` times 100 (0 for an empty
 group); per-item values stay in [0, 1].
@@ -52,7 +53,8 @@ PROTOCOL_DESCRIPTIONS: dict[str, str] = {
                         "gate then substring; open accuracy: best-matching candidate answer must equal the gold)",
     "strict": "whole-word matching: a closed answer must name exactly one option (or one of yes/no) and it must "
               "be the gold; clipped token recall/precision/F1; exact match of normalised tokens",
-    "exact-match": "normalised (VQA-v2 rules) exact match for every question, as lmms-eval scores SLAKE",
+    "exact-match": "normalised (VQA-v2 rules) exact match for every question (close to lmms-eval's slake task, "
+                   "which also maps aliases and yes/no synonyms)",
 }
 
 # Bumped whenever a protocol's per-question values or aggregation change, so recorded numbers
