@@ -85,7 +85,7 @@ def test_report_shows_the_table_with_intervals(bench):
     assert "Accuracy per modality (protocol `strict`)" in report
 
 
-def test_rerun_answers_nothing_new_and_refuses_another_prompt(bench):
+def test_rerun_answers_nothing_new_and_refuses_other_questions_or_model(bench, tmp_path):
     out = bench["out"]
     before = {t: (out / t / "answers.jsonl").read_bytes() for t in ("vqa-rad", "slake", "pathvqa")}
     cfg = BenchConfig(tasks=["vqa-rad", "slake", "pathvqa"], model=bench["model"],
@@ -95,7 +95,18 @@ def test_rerun_answers_nothing_new_and_refuses_another_prompt(bench):
     assert all(t["answered_this_run"] == 0 and t["already_answered"] == 6 for t in res["tasks"].values())
     assert {t: (out / t / "answers.jsonl").read_bytes() for t in before} == before
     cfg.prompt_suffix = "\nAnswer briefly."
-    with pytest.raises(MedvlmError, match="another prompt_suffix"):
+    with pytest.raises(MedvlmError, match="holds answers to other questions"):
+        run_bench(cfg)
+    cfg.prompt_suffix = ""
+    other = tmp_path / "other-model"
+    shutil.copytree(bench["model"], other)
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")  # other files, other hashes
+    cfg.model = other
+    with pytest.raises(MedvlmError, match="holds answers of another model"):
+        run_bench(cfg)
+    cfg.model = bench["model"]
+    cfg.split = "validation"  # vqa-rad has no validation split on the hub
+    with pytest.raises(MedvlmError, match="vqa-rad: the data has no 'validation' split"):
         run_bench(cfg)
 
 

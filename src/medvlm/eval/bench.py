@@ -11,6 +11,7 @@ breakdowns, and write::
     OUT/report.md, OUT/plot_*.png   the table with intervals and the plots (medvlm.eval.bench_report)
     OUT/TASK/data/                  the converted dataset (test.json, images/, train_open_answers.json, source.json)
     OUT/TASK/questions.json         what the model was asked (prompt suffix applied)
+    OUT/TASK/model.json             hashes of the model files that wrote the answers
     OUT/TASK/answers.jsonl          answers (+ decoding.json beside them)
     OUT/TASK/scores_PROTOCOL.json   per-item and aggregate scores, ci95, breakdowns
 """
@@ -152,8 +153,12 @@ def _prepare_data(task: str, src: Path, tdir: Path, closed_options: bool, split:
     return record
 
 
-def _write_questions(gt_path: Path, dest: Path, suffix: str) -> int:
-    """The split's records with ``suffix`` appended to each question (scoring still reads the gt file)."""
+def _write_questions(gt_path: Path, dest: Path, suffix: str, answered: bool) -> int:
+    """The split's records with ``suffix`` appended to each question (scoring still reads the gt file).
+
+    With answers already in the folder, the questions must be the ones they answer (same data, split,
+    prompt suffix and closed options): a changed set is refused rather than mixed.
+    """
     recs = read_json(gt_path)
     out = []
     for r in recs:
@@ -162,6 +167,9 @@ def _write_questions(gt_path: Path, dest: Path, suffix: str) -> int:
         conv[0]["value"] = conv[0]["value"] + suffix
         r["conversations"] = conv
         out.append(r)
+    if answered and dest.is_file() and read_json(dest) != out:
+        raise MedvlmError(f"{dest.parent}: holds answers to other questions (the split, --prompt-suffix, "
+                          "--closed-options or the data changed); use a new --out or delete that folder")
     write_json_atomic(dest, out)
     return len(out)
 
@@ -206,17 +214,16 @@ def _model_record(model: Path, old: dict[str, Any]) -> dict[str, Any]:
     return {"path": str(model.resolve()), "files": files}
 
 
-def _check_rerun(old: dict[str, Any], new: dict[str, Any], task: str, tdir: Path) -> None:
-    """Answers already in ``tdir`` must come from the same model weights, split and prompt suffix."""
-    if not old or not (tdir / "answers.jsonl").is_file():
-        return
-    weights = {k: v.get("sha256") for k, v in (old.get("model") or {}).get("files", {}).items()}
-    checks = (("split", old.get("split"), new["split"]), ("prompt_suffix", old.get("prompt_suffix"), new["prompt_suffix"]),
-              ("model files", weights, {k: v["sha256"] for k, v in new["model"]["files"].items()}))
-    for what, was, now in checks:
-        if was != now:
-            raise MedvlmError(f"{tdir}: holds {task} answers written with another {what} ({was!r}, now {now!r}); "
-                              "use a new --out or delete that folder")
+def _check_model(model: dict[str, Any], tdir: Path, answered: bool) -> None:
+    """Answers already in ``tdir`` must come from the same model files (``model.json`` records their hashes)."""
+    record = {"path": model["path"], "files": {k: v["sha256"] for k, v in model["files"].items()}}
+    path = tdir / "model.json"
+    if answered and path.is_file():
+        old = read_json(path)
+        if isinstance(old, dict) and old.get("files") != record["files"]:
+            raise MedvlmError(f"{tdir}: holds answers of another model ({old.get('path')}, files differ from "
+                              f"{record['path']}); use a new --out or delete that folder")
+    write_json_atomic(path, record)
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -254,12 +261,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for task in cfg.tasks:
         tdir = out / task
         tdir.mkdir(parents=True, exist_ok=True)
-        _check_rerun(old, bench, task, tdir)
+        answered = (tdir / "answers.jsonl").is_file()
+        _check_model(bench["model"], tdir, answered)
         source = _prepare_data(task, cfg.data[task], tdir, cfg.closed_options, cfg.split,
                                (old.get("tasks") or {}).get(task) or {})
         gt_path = tdir / "data" / f"{cfg.split}.json"
         questions = tdir / "questions.json"
-        n = _write_questions(gt_path, questions, cfg.prompt_suffix)
+        n = _write_questions(gt_path, questions, cfg.prompt_suffix, answered)
         res = run_vqa(cfg.model, questions, tdir / "answers.jsonl", tdir / "data" / "images", settings,
                       batch_size=cfg.batch_size, processes=cfg.processes, model_id=model_id, progress=cfg.progress)
         gt = read_json(gt_path)
