@@ -184,8 +184,8 @@ def _slake(src: Path, out: Path) -> dict[str, list[VQAItem]]:
     elif (src / "imgs.zip").is_file():  # the Hugging Face hub copy (BoKelvin/SLAKE): imgs.zip beside the JSON files
         archive = ZipImages(src / "imgs.zip", prefix="imgs")
 
-        def image(name: str, where: str) -> str:
-            return sink.put(archive.read(name, where), name, where)
+        def image(name: str, where: str) -> str:  # ~20 questions per image: read each member once
+            return name if name in sink.done else sink.put(archive.read(name, where), name, where)
     else:
         raise MedvlmError(f"{src}: no 'imgs' folder and no 'imgs.zip'")
     try:

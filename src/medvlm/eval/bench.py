@@ -136,8 +136,11 @@ def _prepare_data(task: str, src: Path, tdir: Path, closed_options: bool, split:
               "closed_options": closed_options}
     data_dir = tdir / "data"
     prev = read_json(data_dir / "source.json") if (data_dir / "source.json").is_file() else None
-    same = isinstance(prev, dict) and prev.get("files") == files and prev.get("closed_options") == closed_options \
-        and prev.get("layout") == info.layout
+    def digests(fs: Any) -> dict[str, Any]:  # content only: a touched or moved file is the same data
+        return {k: (v or {}).get("sha256") for k, v in (fs or {}).items()}
+
+    same = isinstance(prev, dict) and digests(prev.get("files")) == digests(files) \
+        and prev.get("closed_options") == closed_options and prev.get("layout") == info.layout
     if not same:
         if (tdir / "answers.jsonl").is_file():
             raise MedvlmError(f"{tdir}: holds answers to another version of the {task} data (the source files or "

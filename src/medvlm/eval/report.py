@@ -78,7 +78,7 @@ def _save(fig: Any, dest: Path) -> None:
 
 
 def bar_chart(title: str, ylabel: str, categories: list[str], series: list[tuple[str, list[float | None], list[Any]]],
-          dest: Path) -> None:
+              dest: Path) -> None:
     """Grouped bar chart: one group per category, one bar per series; CI95 ``[lo, hi]`` as error bars."""
     import numpy as np
     from matplotlib.figure import Figure
