@@ -157,6 +157,8 @@ def test_bootstrap_is_reproducible_covers_the_estimate_and_pairs():
             assert lo <= np.mean(v) * 100 <= hi and hi - lo > 1
     pooled = (sum(groups["open"]["accuracy"]) + sum(groups["closed"]["accuracy"])) / 1000 * 100
     assert a["overall"]["accuracy"][0] <= pooled <= a["overall"]["accuracy"][1]
+    # overall needs the metric in every group
+    assert group_cis({"open": {"f1": [0.5, 1.0]}, "closed": {"accuracy": [1.0]}}, 50, 0)["overall"] == {"accuracy": None}
     # paired: a constant +0.1 shift has the interval [10, 10]; identical runs [0, 0]
     x = np.asarray(groups["open"]["f1"])
     shifted = paired_difference({"f1": x}, {"f1": x + 0.1}, 500, 1)["f1"]

@@ -121,9 +121,12 @@ def test_zip_members_are_bounded(tmp_path):
     with zipfile.ZipFile(zp, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("imgs/a/source.jpg", b"\xff\xd8 jpeg")
         z.writestr("imgs/bomb/source.jpg", b"\0" * 5_000_000)  # compresses ~1000:1
+        z.writestr("Slake1.0/imgs/c/source.jpg", b"c")
+        z.writestr("__MACOSX/imgs/a/._source.jpg", b"junk")
     with ZipImages(zp, prefix="imgs") as zi:
         assert zi.read("a/source.jpg", "rec 0") == b"\xff\xd8 jpeg"
         assert zi.read("imgs/a/source.jpg", "rec 0") == b"\xff\xd8 jpeg"
+        assert zi.read("c/source.jpg", "rec 0") == b"c"
         with pytest.raises(MedvlmError, match="rec 1: .*zip bomb"):
             zi.read("bomb/source.jpg", "rec 1")
         with pytest.raises(MedvlmError, match="rec 2: image name '../x' must be a relative path"):

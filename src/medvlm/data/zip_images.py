@@ -23,9 +23,9 @@ MAX_RATIO = 200
 class ZipImages:
     """Random access to the image members of one zip file, by their name relative to an image root.
 
-    ``prefix`` is the folder inside the archive the names are relative to (``imgs/`` for SLAKE: the
-    archive holds ``imgs/xmlab0/source.jpg`` while the questions name ``xmlab0/source.jpg``); names
-    are also found without the prefix, since re-zipped copies drop it.
+    ``prefix`` is the folder inside the archive the names are relative to (``imgs`` for SLAKE: the
+    archive holds ``imgs/xmlab0/source.jpg`` while the questions name ``xmlab0/source.jpg``), at any
+    depth (``Slake1.0/imgs/...``); names are also found as written, since re-zipped copies drop it.
     """
 
     def __init__(self, path: str | os.PathLike, prefix: str = ""):
@@ -35,14 +35,16 @@ class ZipImages:
         except (OSError, zipfile.BadZipFile) as e:
             raise MedvlmError(f"{self.path}: not a readable zip archive ({e})") from e
         self._members: dict[str, zipfile.ZipInfo] = {}
-        pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        pre = prefix.strip("/")
         for info in self._zip.infolist():
-            if info.is_dir():
-                continue
             name = info.filename.replace("\\", "/")
+            if info.is_dir() or name.startswith("__MACOSX/"):  # macOS resource forks are not images
+                continue
             self._members.setdefault(name, info)
-            if pre and name.startswith(pre):
-                self._members.setdefault(name[len(pre):], info)
+            parts = name.split("/")
+            if pre and pre in parts[:-1]:  # "imgs/x/source.jpg" or "Slake1.0/imgs/x/source.jpg" -> "x/source.jpg"
+                cut = len(parts) - 1 - parts[::-1].index(pre)
+                self._members.setdefault("/".join(parts[cut + 1:]), info)
 
     def close(self) -> None:
         """Close the archive."""

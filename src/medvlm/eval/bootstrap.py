@@ -80,10 +80,10 @@ def group_cis(per_group: dict[str, dict[str, Sequence[float]]], resamples: int, 
         out[g] = {m: _ci_list(ci[i]) for i, m in enumerate(names)}
     pooled: dict[str, list[float] | None] = {}
     for m in overall:
-        parts = [(s[:, names.index(m)], n) for s, names, n in sums.values()]
-        if not parts or any(m not in names for _, names, _ in sums.values()):
+        if not sums or any(m not in names for _, names, _ in sums.values()):
             pooled[m] = None
             continue
+        parts = [(s[:, names.index(m)], n) for s, names, n in sums.values()]
         total = sum(p for p, _ in parts) / sum(n for _, n in parts) * 100
         pooled[m] = _ci_list(percentile_ci(total[:, None])[0])
     out["overall"] = pooled
