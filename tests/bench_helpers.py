@@ -71,7 +71,9 @@ def write_hub_parquet(root: Path, data: dict[str, list[tuple]]) -> Path:
     for split, rows in data.items():
         shards = [rows[:2], rows[2:]] if split == "train" else [rows]
         for k, part in enumerate(shards):
-            path = root / "data" / f"{split}-{k:05d}-of-{len(shards):05d}.parquet"
+            # as on the hub: data/train-00000-of-00002-<16 hex>.parquet
+            tag = hashlib.sha256(f"{split}{k}".encode()).hexdigest()[:16]
+            path = root / "data" / f"{split}-{k:05d}-of-{len(shards):05d}-{tag}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(_table(part), path)
     (root / "README.md").write_text("---\nlicense: cc0-1.0\n---\n", encoding="utf-8")

@@ -102,9 +102,9 @@ def test_bad_sources_are_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    bad = hub / "data" / "test-00000-of-00001.parquet"
+    (bad,) = (hub / "data").glob("test-00000-of-00001-*.parquet")
     pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), bad)
-    with pytest.raises(MedvlmError, match=r"test-00000-of-00001.parquet: missing columns \['image'\]"):
+    with pytest.raises(MedvlmError, match=r"test-00000-of-00001-\w+.parquet: missing columns \['image'\]"):
         convert_benchmark("pathvqa", hub, tmp_path / "o")
     assert not (tmp_path / "o").exists()  # nothing half-written
     # two cached snapshots and no refs/main: the user is asked to pick one
