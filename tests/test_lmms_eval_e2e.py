@@ -2,7 +2,7 @@
 against ``medvlm serve api`` (a tiny model) and against scripted answers; its aggregate numbers equal
 ``medvlm eval score`` on the answers it logged.
 
-lmms-eval is an optional extra that pip cannot resolve here (every release requires torchvision); it is
+lmms-eval is an optional extra that pip cannot resolve here (0.2.1-0.7.3 require torchvision); it is
 installed with ``pip install 'medvlm[lmms]' && pip install --no-deps 'lmms-eval==0.6.1'`` (README). Without
 it this module is skipped; tests/test_lmms_export.py checks the same contract without lmms-eval.
 """
