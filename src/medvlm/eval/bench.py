@@ -19,9 +19,8 @@ breakdowns, and write::
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
