@@ -33,14 +33,17 @@ SUFFIX = "\nAnswer briefly."
 HERE = Path(__file__).resolve().parent
 
 
-def _env() -> dict[str, str]:
+def _env(hf_home: Path | None = None) -> dict[str, str]:
     src = str(Path(__import__("medvlm").__file__).resolve().parents[1])
-    return dict(os.environ, OPENAI_API_KEY="unused", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, str(HERE)]))
+    env = dict(os.environ, OPENAI_API_KEY="unused", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, str(HERE)]))
+    if hf_home is not None:  # datasets caches the task's JSONL here, offline, not in the user's home
+        env.update(HF_HOME=str(hf_home), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    return env
 
 
 def _run_lmms(include: Path, tasks: list[str], base_url: str, model: str, out: Path) -> dict:
     proc = subprocess.run([sys.executable, str(HERE / "lmms_driver.py"), str(include), ",".join(tasks), base_url, model,
-                           str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+                           str(out)], env=_env(out.parent / "hf_home"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
