@@ -76,6 +76,8 @@ def test_process_results_and_aggregations_equal_eval_score(exported, task, proto
 
 def test_the_generated_copy_scores_the_same_without_medvlm(exported, tmp_path):
     """utils.py with `import medvlm` failing falls back to medvlm_scoring/ and gives the same numbers."""
+    in_process = load_task_yaml(exported["tasks"][CASES[0]] / f"{task_name(*CASES[0])}.yaml")
+    assert in_process["process_results"].__globals__["SCORER"] == "medvlm"  # installed, same protocol version
     for (task, protocol), out in exported["tasks"].items():
         assert {p.name for p in (out / "medvlm_scoring").iterdir() if p.suffix == ".py"} == \
             {n for _, n in SCORING_SOURCES} | {"__init__.py"}
@@ -94,8 +96,7 @@ cfg = load_task_yaml(out / {task_name(task, protocol) + '.yaml'!r})
 answers = json.loads({json.dumps(answers)!r})
 docs = read_docs(out)
 per_doc = [cfg["process_results"](d, [answers[d["id"]]]) for d in docs]
-utils = sys.modules.get("medvlm_scoring_copy.protocols")
-print(json.dumps({{"scorer": "copy" if utils else "?", "numbers":
+print(json.dumps({{"scorer": cfg["process_results"].__globals__["SCORER"], "numbers":
     {{s["metric"]: s["aggregation"]([r[s["metric"]] for r in per_doc]) for s in cfg["metric_list"]}}}}))
 """
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

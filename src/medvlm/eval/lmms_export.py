@@ -85,6 +85,7 @@ process_results scores one answer exactly as `medvlm eval score --protocol {prot
 aggregation is medvlm's mean x 100 over the documents in test.jsonl order.
 """
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -108,7 +109,8 @@ def _load_protocols():
             return protocols, "medvlm"
     except ImportError:
         pass
-    name = "medvlm_scoring_copy"
+    # one module name per task folder: tasks exported by different medvlm versions can run in one process
+    name = "medvlm_scoring_" + hashlib.sha256(str(HERE).encode("utf-8")).hexdigest()[:12]
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, HERE / "medvlm_scoring" / "__init__.py",
                                                       submodule_search_locations=[str(HERE / "medvlm_scoring")])
