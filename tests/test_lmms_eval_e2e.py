@@ -1,6 +1,6 @@
-"""End to end with the real lmms-eval: its evaluator, task loader and ``openai`` model run the exported tasks
-against ``medvlm serve api`` (a tiny model) and against scripted answers; its aggregate numbers equal
-``medvlm eval score`` on the answers it logged.
+"""End to end with the real lmms-eval: ``lmms-eval --model openai --include_path`` runs the exported tasks
+against ``medvlm serve api`` (a tiny model) and against scripted answers; the aggregate numbers it writes
+equal ``medvlm eval score`` on the answers it logged (``--log_samples``).
 
 lmms-eval is an optional extra that pip cannot resolve here (0.2.1-0.7.3 require torchvision); it is
 installed with ``pip install 'medvlm[lmms]' && pip install --no-deps 'lmms-eval==0.6.1'`` (README). Without
@@ -42,10 +42,24 @@ def _env(hf_home: Path | None = None) -> dict[str, str]:
 
 
 def _run_lmms(include: Path, tasks: list[str], base_url: str, model: str, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "lmms_driver.py"), str(include), ",".join(tasks), base_url, model,
-                           str(out)], env=_env(out.parent / "hf_home"), capture_output=True, text=True, timeout=300)
+    """``lmms-eval --model openai ... --include_path ... --log_samples``; its aggregates and logged answers per task."""
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "openai", "--model_args", f"model_version={model},base_url={base_url}",
+           "--tasks", ",".join(tasks), "--include_path", str(include), "--batch_size", "1", "--log_samples",
+           "--output_path", str(out)]
+    proc = subprocess.run(cmd, env=_env(out / "hf_home"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    (results,) = out.glob("*/*_results.json")
+    data = json.loads(results.read_text())
+    numbers = {t: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "_stderr" not in k}
+               for t, r in data["results"].items()}
+    answers = {}
+    for t in tasks:
+        (samples,) = out.glob(f"*/*_samples_{t}.jsonl")
+        rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+        (yaml_path,) = include.rglob(f"{t}.yaml")
+        docs = read_docs(yaml_path.parent)  # doc_id is the row of test.jsonl (the logged samples omit the doc)
+        answers[t] = {docs[r["doc_id"]]["id"]: r["filtered_resps"][0] for r in rows}
+    return {"numbers": numbers, "answers": answers}
 
 
 def _export(root: Path, cases: list[tuple[str, str]], data: dict[str, Path]) -> dict[tuple[str, str], Path]:
@@ -95,7 +109,7 @@ def test_lmms_eval_against_medvlm_serve_api_equals_eval_score(setup, tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, "medvlm serve api did not start"
             time.sleep(0.3)
         run = _run_lmms(include, [task_name(t, p) for t, p in cases], f"http://127.0.0.1:{port}/v1", "tiny",
-                        tmp_path / "run.json")
+                        tmp_path / "run")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -121,7 +135,7 @@ def test_lmms_eval_with_scripted_answers_equals_eval_score(setup, tmp_path, open
         return script[text[: -len(SUFFIX)]]
 
     server = openai_server_factory(respond)
-    run = _run_lmms(include, [task_name(t, p) for t, p in cases], server.base_url, "scripted", tmp_path / "run.json")
+    run = _run_lmms(include, [task_name(t, p) for t, p in cases], server.base_url, "scripted", tmp_path / "run")
     numbers = _check(run, cases, tmp_path / "gt", setup["data"], tmp_path)
     assert all(any(0 < v < 100 for v in n.values()) for n in numbers)
     images = [p for r in server.requests for m in r.body["messages"] for p in m["content"] if isinstance(m["content"], list)
