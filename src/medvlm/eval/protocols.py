@@ -18,7 +18,8 @@ Protocols (named explicitly, never guessed):
     clipped token recall/precision/F1; exact match of the normalised token sequences; whole-word
     phrase containment for open accuracy; length-capped cumulative BLEU with smoothing.
 ``exact-match``
-    Normalised exact match (VQA-v2 normalisation) for every question, as lmms-eval scores SLAKE.
+    Normalised exact match (VQA-v2 normalisation) for every question. Close to, not the same as, lmms-eval's
+    ``slake`` task (0.7), whose normalisation also drops parentheticals and maps aliases and yes/no synonyms.
 
 Every aggregate is a plain left-to-right ``sum(values) / len(values)`` times 100 (0 for an empty
 group); per-item values stay in [0, 1].
@@ -52,8 +53,13 @@ PROTOCOL_DESCRIPTIONS: dict[str, str] = {
                         "gate then substring; open accuracy: best-matching candidate answer must equal the gold)",
     "strict": "whole-word matching: a closed answer must name exactly one option (or one of yes/no) and it must "
               "be the gold; clipped token recall/precision/F1; exact match of normalised tokens",
-    "exact-match": "normalised (VQA-v2 rules) exact match for every question, as lmms-eval scores SLAKE",
+    "exact-match": "normalised (VQA-v2 rules) exact match for every question (close to lmms-eval's slake task, "
+                   "which also maps aliases and yes/no synonyms)",
 }
+
+# Bumped whenever a protocol's per-question values or aggregation change, so recorded numbers
+# (bench.json, exported lmms-eval tasks) say which scorer produced them.
+PROTOCOL_VERSIONS: dict[str, str] = {"llava-med": "1.0", "llava-med-single": "1.0", "strict": "1.0", "exact-match": "1.0"}
 
 # answer_type -> group. VQA-RAD / SLAKE conversions use OPEN/CLOSED; LLaVA-Med's PathVQA files use
 # "yes/no" for closed and "other" / "number" for open questions.
@@ -67,6 +73,13 @@ _DEFINED: dict[str, dict[str, tuple[str, ...]]] = {
     "strict": {"open": OPEN_METRICS, "closed": CLOSED_METRICS},
     "exact-match": {"open": ("exact_match", "accuracy"), "closed": ("accuracy",)},
 }
+
+
+def defined_metrics(protocol: str) -> dict[str, tuple[str, ...]]:
+    """The metrics ``protocol`` defines per group (``open`` / ``closed``); the others are reported as null."""
+    if protocol not in _DEFINED:
+        raise MedvlmError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    return {g: tuple(ms) for g, ms in _DEFINED[protocol].items()}
 
 
 @dataclass
