@@ -58,6 +58,13 @@ def _ci_list(ci: np.ndarray) -> list[float]:
     return [float(ci[0]), float(ci[1])]
 
 
+def mean_ci(values: Sequence[float], resamples: int, seed: int, key: str = "") -> list[float] | None:
+    """CI95 (x100) of the mean of ``values`` (None when there are no values or no resamples)."""
+    if len(values) == 0 or resamples <= 0:
+        return None
+    return _ci_list(percentile_ci(resampled_sums(np.asarray(values), resamples, seed, key) / len(values) * 100)[0])
+
+
 def group_cis(per_group: dict[str, dict[str, Sequence[float]]], resamples: int, seed: int,
               overall: Sequence[str] = ("accuracy",)) -> dict[str, dict[str, list[float] | None]]:
     """CI95 (x100) of every metric mean of every group, plus ``overall`` metrics pooled over the groups.
@@ -98,10 +105,7 @@ def category_cis(values: Sequence[float], categories: Sequence[str], resamples: 
     out: dict[str, dict[str, Any]] = {}
     for c in sorted(by):
         v = by[c]
-        ci = None
-        if resamples > 0:
-            ci = _ci_list(percentile_ci(resampled_sums(np.asarray(v), resamples, seed, f"cat:{c}") / len(v) * 100)[0])
-        out[c] = {"n": len(v), "value": sum(v) / len(v) * 100, "ci95": ci}
+        out[c] = {"n": len(v), "value": sum(v) / len(v) * 100, "ci95": mean_ci(v, resamples, seed, f"cat:{c}")}
     return out
 
 

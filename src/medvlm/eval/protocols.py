@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from medvlm.errors import MedvlmError
 from medvlm.eval import metrics as M
+from medvlm.eval.bootstrap import METHOD, group_cis
 from medvlm.eval.normalize import strict_tokens, vqa_normalize
 from medvlm.utils.io import iter_jsonl, read_json
 
@@ -318,21 +318,6 @@ def mean_x100(values: Sequence[float]) -> float:
     return sum(values) / len(values) * 100 if values else 0.0
 
 
-def bootstrap_ci95(per_metric: dict[str, list[float]], resamples: int, seed: int) -> dict[str, list[float] | None]:
-    """Percentile-bootstrap 95% intervals (×100) of each metric's mean; one resampling shared by all metrics."""
-    n = len(next(iter(per_metric.values()), []))
-    if n == 0 or resamples <= 0:
-        return {m: None for m in per_metric}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))  # [resamples, n]
-    out: dict[str, list[float] | None] = {}
-    for m, vals in per_metric.items():
-        means = np.asarray(vals, dtype=np.float64)[idx].mean(axis=1) * 100  # [resamples]
-        lo, hi = np.percentile(means, [2.5, 97.5])
-        out[m] = [float(lo), float(hi)]
-    return out
-
-
 def score_items(items: Sequence[ScoreItem], config: ScoreConfig) -> dict[str, Any]:
     """Score paired items under ``config.protocol``; returns the ``scores.json`` object."""
     if config.protocol not in PROTOCOLS:
@@ -360,8 +345,9 @@ def score_items(items: Sequence[ScoreItem], config: ScoreConfig) -> dict[str, An
         result[g] = {m: (mean_x100(values[g][m]) if m in values[g] else None) for m in metric_names[g]}
     result["per_item"] = per_item
     if config.bootstrap > 0:
-        result["ci95"] = {"method": "percentile bootstrap", "resamples": config.bootstrap, "seed": config.seed,
-                          **{g: bootstrap_ci95(values[g], config.bootstrap, config.seed) for g in ("open", "closed")}}
+        cis = group_cis({g: values[g] for g in ("open", "closed")}, config.bootstrap, config.seed, overall=())
+        result["ci95"] = {"method": METHOD, "resamples": config.bootstrap, "seed": config.seed,
+                          **{g: cis[g] for g in ("open", "closed")}}
     else:
         result["ci95"] = {}
     return result

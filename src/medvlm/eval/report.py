@@ -17,7 +17,8 @@ from typing import Any
 
 from medvlm.errors import MedvlmError
 from medvlm.eval.chat_summary import GROUPS
-from medvlm.eval.protocols import PROTOCOL_DESCRIPTIONS, bootstrap_ci95
+from medvlm.eval.bootstrap import mean_ci
+from medvlm.eval.protocols import PROTOCOL_DESCRIPTIONS
 from medvlm.notice import NOTICE
 from medvlm.utils.io import atomic_path, read_json, write_text_atomic
 
@@ -69,7 +70,7 @@ def per_question_type(scores: dict[str, Any], resamples: int = 1000, seed: int =
         if it.get("accuracy") is not None:
             groups.setdefault(key, []).append(float(it["accuracy"]))
     return {k: {"n": len(v), "accuracy": sum(v) / len(v) * 100,
-                "ci95": bootstrap_ci95({"a": v}, resamples, seed)["a"]} for k, v in sorted(groups.items())}
+                "ci95": mean_ci(v, resamples, seed, k)} for k, v in sorted(groups.items())}
 
 
 def _save(fig: Any, dest: Path) -> None:
