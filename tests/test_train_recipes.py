@@ -4,6 +4,7 @@ list before any work, and no recipe imports another recipe or run.py (no import 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -61,8 +62,14 @@ def test_every_table_entry_is_a_recipe_with_run():
 def test_pairs_not_in_the_table_are_refused_before_any_work(stage, distributed, tmp_path):
     """e.g. ``sq`` / ``dpo`` with ``deepspeed_cpu`` used to train silently on the HF Trainer."""
     demo = make_demo(tmp_path)
-    cfg = small_config(demo, tmp_path / "out", stage=stage, distributed=distributed,
-                       model_name_or_path=str(tmp_path / "no-such-checkpoint"), preset=None)
-    with pytest.raises(MedvlmError, match=f"stage '{stage}' with distributed: {distributed} is not supported"):
+    keys = dict(stage=stage, distributed=distributed, model_name_or_path=str(tmp_path / "no-such-checkpoint"),
+                preset=None, output_dir=str(tmp_path / "out"))
+    with pytest.raises(MedvlmError, match="distributed"):  # a YAML / CLI config is refused when it is read
+        small_config(demo, tmp_path / "out", **keys)
+    cfg = dataclasses.replace(small_config(demo, tmp_path / "out", preset=None,
+                                           model_name_or_path=str(tmp_path / "no-such-checkpoint")),
+                              stage=stage, distributed=distributed)  # built in Python, never validated
+    with pytest.raises(MedvlmError, match=f"stage '{stage}' with distributed: {distributed} is not supported "
+                                          r"\(stage '\w+' runs with distributed: auto\); supported stage/distributed"):
         run_training(cfg)
     assert not (tmp_path / "out").exists()

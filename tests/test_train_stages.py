@@ -106,7 +106,7 @@ def _no_training_happened(out):
     "over, message",
     [
         ({"image_folder": "/nonexistent/images"}, "image_folder /nonexistent/images: folder not found"),
-        ({"template": "mistral_instruct"}, "template 'mistral_instruct' does not match the model's template 'vicuna_v1'"),
+        ({"template": "plain"}, "template 'plain' .* only stage 'align' trains with it, not 'sft'"),
         ({"global_batch_size": 10, "per_device_train_batch_size": 4}, "global_batch_size 10 is not divisible"),
         ({"tune": "lora", "lora_target_modules": ["q_proj", "query_key_value"]},
          r"lora_target_modules \['query_key_value'\] match no linear layer"),

@@ -24,8 +24,10 @@ def small_config(demo: Path, out: Path, **over) -> TrainConfig:
         "stage": "sft", "preset": "tiny", "data_path": str(demo / "vqa" / "train.json"),
         "image_folder": str(demo / "images"), "output_dir": str(out), "per_device_train_batch_size": 4,
         "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [],
-        "warmup_ratio": 0.0, "disable_tqdm": True, "max_length": 512, "feature_cache": "off",
+        "warmup_ratio": 0.0, "disable_tqdm": True, "max_length": 512,
     }
+    if over.get("stage", "sft") in ("align", "sft"):
+        keys["feature_cache"] = "off"  # the feature cache exists in these stages only (a key sq/dpo refuse)
     keys.update(over)
     return load_config(None, keys)
 

@@ -83,16 +83,17 @@ def stats_cmd(
 @app.command("convert")
 def convert_cmd(
     dataset: str = typer.Argument(..., help="vqa-rad | slake | pathvqa"),
-    src: str = typer.Option(..., "--src", help="The dataset's public release folder."),
+    src: str = typer.Option(..., "--src", help="The public release folder, the Hugging Face hub files (parquet; SLAKE's "
+                                             "JSON + imgs.zip) or a hub / datasets cache."),
     out: str = typer.Option(..., "--out", help="Output folder (train.json, test.json, images/, train_open_answers.json)."),
     closed_options: bool = typer.Option(False, "--closed-options", help="Append ' Please choose from the following two options: [yes, no]' to yes/no questions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
 ) -> None:
     """Convert VQA-RAD / SLAKE / PathVQA to LLaVA-Med's VQA format (written atomically)."""
-    from medvlm.data.convert import convert_vqa
+    from medvlm.data.hub import convert_benchmark
 
-    counts = convert_vqa(dataset, src, out, closed_options=closed_options, overwrite=overwrite)
-    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}")
+    counts, info = convert_benchmark(dataset, src, out, closed_options=closed_options, overwrite=overwrite)
+    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out} (read {info.layout} files in {info.folder})")
 
 
 @app.command("download-images")

@@ -6,7 +6,8 @@ Output folder (written to a temp dir, then renamed into place):
   ``{"id", "image", "answer_type": "OPEN"|"CLOSED", ["question_type"], "conversations":
   [{"from": "human", "value": "<image>\\n" + question}, {"from": "gpt", "value": answer}]}``;
   ``image`` is relative to ``images/``.
-- ``images/``: the image files (copied, or written from PathVQA's parquet bytes, deduplicated).
+- ``images/``: the image files (copied, read from SLAKE's hub ``imgs.zip``, or written from PathVQA's
+  parquet bytes, deduplicated).
 - ``train_open_answers.json``: ``{"0": [distinct OPEN answers of train]}``, the candidate list
   LLaVA-Med's single-dataset scorer needs.
 
@@ -20,11 +21,13 @@ import hashlib
 import io
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvlm.data.images import open_image
+from medvlm.data.zip_images import ZipImages
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic
 
@@ -82,7 +85,7 @@ def _records(path: Path) -> list[dict]:
     return data
 
 
-class _ImageSink:
+class ImageSink:
     """Copies/writes images into ``out/images`` once each; returns the path relative to ``images/``."""
 
     def __init__(self, out: Path):
@@ -102,16 +105,22 @@ class _ImageSink:
             self.done[rel] = rel
         return rel
 
+    def put(self, data: bytes, rel: str, where: str) -> str:
+        """Write ``data`` (an image member read from an archive) as ``images/rel`` once."""
+        if rel not in self.done:
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise MedvlmError(f"{where}: image name {rel!r} must be a relative path inside the image folder")
+            dst = self.root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(data)
+            self.done[rel] = rel
+        return rel
+
     def write(self, data: bytes, stem: str, where: str) -> str:
         key = hashlib.sha1(data).hexdigest()
         if key not in self.done:
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}.get(im.format or "", "png")
-            except (UnidentifiedImageError, OSError) as e:
-                raise MedvlmError(f"{where}: image bytes are not a readable image ({e})") from e
+            with open_image(io.BytesIO(data), f"{where}: image bytes") as im:  # the formats medvlm reads only
+                ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}[im.format]
             rel = f"{stem}.{ext}"
             (self.root / rel).write_bytes(data)
             self.done[key] = rel
@@ -130,7 +139,7 @@ def _vqa_rad(src: Path, out: Path) -> dict[str, list[VQAItem]]:
     img_dir = next((src / d for d in VQA_RAD_IMAGE_DIRS if (src / d).is_dir()), None)
     if img_dir is None:
         raise MedvlmError(f"{src}: no image folder ({' or '.join(repr(d) for d in VQA_RAD_IMAGE_DIRS)})")
-    sink = _ImageSink(out)
+    sink = ImageSink(out)
     # The paper's split (trainset.json / testset.json: 3,064 / 451) when present, else phrase_type.
     if (src / "trainset.json").is_file() and (src / "testset.json").is_file():
         splits = {"train": _records(src / "trainset.json"), "test": _records(src / "testset.json")}
@@ -163,16 +172,35 @@ def _vqa_rad(src: Path, out: Path) -> dict[str, list[VQAItem]]:
 
 def _slake(src: Path, out: Path) -> dict[str, list[VQAItem]]:
     img_dir = src / "imgs"
-    if not img_dir.is_dir():
-        raise MedvlmError(f"{src}: no 'imgs' folder")
-    sink = _ImageSink(out)
+    sink = ImageSink(out)
+    if img_dir.is_dir():  # the release zip from the SLAKE site, unpacked
+        def image(name: str, where: str) -> str:
+            return sink.copy(img_dir / name, name, where)
+        archive = None
+    elif (src / "imgs.zip").is_file():  # the Hugging Face hub copy (BoKelvin/SLAKE): imgs.zip beside the JSON files
+        archive = ZipImages(src / "imgs.zip", prefix="imgs")
+
+        def image(name: str, where: str) -> str:  # ~20 questions per image: read each member once
+            return name if name in sink.done else sink.put(archive.read(name, where), name, where)
+    else:
+        raise MedvlmError(f"{src}: no 'imgs' folder and no 'imgs.zip'")
+    try:
+        return _slake_splits(src, image)
+    finally:
+        if archive is not None:
+            archive.close()
+
+
+def _slake_splits(src: Path, image: Callable[[str, str], str]) -> dict[str, list[VQAItem]]:
     out_items: dict[str, list[VQAItem]] = {}
-    for split, fname in (("train", "train.json"), ("validation", "validation.json"), ("test", "test.json")):
-        path = src / fname
-        if not path.is_file():
+    # The release names the validation split validate.json; the hub copy renamed it validation.json.
+    for split, fnames in (("train", ("train.json",)), ("validation", ("validation.json", "validate.json")),
+                          ("test", ("test.json",))):
+        path = next((src / f for f in fnames if (src / f).is_file()), None)
+        if path is None:
             if split == "validation":
                 continue
-            raise MedvlmError(f"{src}: {fname} not found")
+            raise MedvlmError(f"{src}: {fnames[0]} not found")
         items = []
         for i, r in enumerate(_records(path)):
             where = f"{path}: record {i}"
@@ -182,7 +210,7 @@ def _slake(src: Path, out: Path) -> dict[str, list[VQAItem]]:
                 continue  # LLaVA-Med evaluates the English questions only
             name = _text(r, "img_name", where)
             extra = {k: r[k] for k in ("modality", "location") if r.get(k)}
-            items.append(VQAItem(id=r.get("qid", i), image=sink.copy(img_dir / name, name, where),
+            items.append(VQAItem(id=r.get("qid", i), image=image(name, where),
                                  question=_text(r, "question", where), answer=_text(r, "answer", where),
                                  answer_type=_answer_type(r.get("answer_type"), where),
                                  question_type=str(r["content_type"]).strip() if r.get("content_type") else None,
@@ -213,7 +241,7 @@ def _parquet_rows(files: list[Path]) -> Iterator[tuple[Path, int, dict]]:
 
 
 def _pathvqa(src: Path, out: Path) -> dict[str, list[VQAItem]]:
-    sink = _ImageSink(out)
+    sink = ImageSink(out)
     out_items: dict[str, list[VQAItem]] = {}
     for split in ("train", "validation", "test"):
         files = sorted(src.rglob(f"{split}-*.parquet"))
@@ -240,8 +268,13 @@ CONVERTERS = {"vqa-rad": _vqa_rad, "slake": _slake, "pathvqa": _pathvqa}
 
 
 def convert_vqa(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *, closed_options: bool = False,
-                overwrite: bool = False) -> dict[str, int]:
+                overwrite: bool = False,
+                reader: Callable[[Path, Path], dict[str, list[VQAItem]]] | None = None) -> dict[str, int]:
     """Convert a VQA dataset's public release in ``src`` to LLaVA-Med's format in ``out``.
+
+    ``reader(src, tmp_out)`` replaces the public-release reader of ``dataset`` (the hub-parquet
+    readers of :mod:`medvlm.data.hub` pass theirs); it returns the items per split and writes the
+    images under ``tmp_out/images`` (an :class:`ImageSink`).
 
     Returns the question count per split (plus ``images`` and ``open_answers``). Nothing is left
     under ``out`` on failure; an existing non-empty ``out`` needs ``overwrite=True``.
@@ -255,7 +288,7 @@ def convert_vqa(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *,
         raise MedvlmError(f"{out}: exists and is not empty (pass overwrite to replace it)")
     counts: dict[str, int] = {}
     with atomic_dir(out) as tmp:
-        splits = CONVERTERS[dataset](src, tmp)
+        splits = (reader or CONVERTERS[dataset])(src, tmp)
         for split, items in splits.items():
             write_json_atomic(tmp / f"{split}.json", [it.to_record(closed_options) for it in items])
             counts[split] = len(items)

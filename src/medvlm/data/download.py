@@ -50,6 +50,7 @@ from medvlm.data.download_manifest import (
     read_manifest,
 )
 from medvlm.data.readers import read_image_urls
+from medvlm.data.tar_guard import MAX_TAR_HEADER_BYTES
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_path
 
@@ -82,6 +83,9 @@ class DownloadConfig:
     """Largest archive, downloaded and unpacked (bytes): the decompression-bomb cap."""
     max_members: int = 100_000
     """Most tar entries read from one archive."""
+    max_header_bytes: int = MAX_TAR_HEADER_BYTES
+    """Largest pax extended header, GNU long name/link or sparse header run in an archive (bytes); a larger
+    one fails the archive with ``tar_header_too_large`` before it is read."""
     verify_existing: bool = False
     """On resume, re-hash files the manifest calls done (default: check existence and size only)."""
     progress: bool = True
@@ -156,8 +160,8 @@ def _check_config(cfg: DownloadConfig) -> None:
         raise MedvlmError(f"limit must be >= 0 (got {cfg.limit})")
     if cfg.timeout <= 0 or cfg.backoff_base < 0 or cfg.backoff_max < 0:
         raise MedvlmError("timeout must be > 0 and backoff delays >= 0")
-    if min(cfg.max_member_bytes, cfg.max_archive_bytes, cfg.max_members) < 1:
-        raise MedvlmError("max_member_bytes, max_archive_bytes and max_members must be >= 1")
+    if min(cfg.max_member_bytes, cfg.max_archive_bytes, cfg.max_members, cfg.max_header_bytes) < 1:
+        raise MedvlmError("max_member_bytes, max_archive_bytes, max_members and max_header_bytes must be >= 1")
 
 
 @contextlib.contextmanager
@@ -204,7 +208,7 @@ class _Run:
         self.archives = out / "archives"
         self.writer = writer
         self.client = client
-        self.limits = Limits(cfg.max_member_bytes, cfg.max_archive_bytes, cfg.max_members)
+        self.limits = Limits(cfg.max_member_bytes, cfg.max_archive_bytes, cfg.max_members, cfg.max_header_bytes)
         self.stop = threading.Event()
 
     def delay(self, attempt: int, hint: float | None) -> float:

@@ -25,7 +25,9 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import httpx
-from PIL import Image
+
+from medvlm.data.images import open_image
+from medvlm.data.tar_guard import MAX_TAR_HEADER_BYTES, TarHeaderError, TarHeaderGuard
 
 GZIP_MAGIC = b"\x1f\x8b"
 _OUT_CHUNK = 1 << 18  # largest piece of unpacked data produced per decompress call (bounds memory)
@@ -60,14 +62,17 @@ class Limits:
     """Largest archive, counted both as downloaded and as unpacked bytes."""
     max_members: int
     """Most tar entries read from one archive (each costs memory in :mod:`tarfile`)."""
+    max_header_bytes: int = MAX_TAR_HEADER_BYTES
+    """Largest pax extended header / GNU long name / sparse header run (``tarfile`` reads them whole)."""
 
 
 class ArchiveReader:
     """A ``read(n)`` file object over raw archive chunks that un-gzips, counts, caps and optionally tees.
 
     ``tarfile.open(fileobj=reader, mode="r|")`` reads the plain tar from it. Raises :class:`FetchError`
-    when the gzip stream ends early (``truncated_archive``), is corrupt (``bad_archive``) or exceeds
-    the caps (``archive_too_large``).
+    when the gzip stream ends early (``truncated_archive``), is corrupt (``bad_archive``), exceeds
+    the caps (``archive_too_large``) or holds a tar header over ``max_header_bytes`` or a sparse member
+    (``tar_header_too_large``, seen by :class:`~medvlm.data.tar_guard.TarHeaderGuard` before tarfile reads it).
     """
 
     def __init__(self, chunks: Iterator[bytes], limits: Limits, tee: BinaryIO | None = None,
@@ -81,6 +86,7 @@ class ArchiveReader:
         self._gz = None  # the zlib decompressor of the current gzip member
         self._mode: str | None = None  # "gzip" or "plain", decided from the first two bytes
         self._done = False
+        self._guard = TarHeaderGuard(limits.max_header_bytes)  # sees each header before tarfile reads it
         self.raw_bytes = 0
         self.unpacked_bytes = 0
 
@@ -154,6 +160,10 @@ class ArchiveReader:
                 raise FetchError("archive_too_large",
                                  f"archive unpacks to more than {self._limits.max_archive_bytes} bytes",
                                  retryable=False)
+            try:
+                self._guard.feed(piece)
+            except TarHeaderError as e:
+                raise FetchError("tar_header_too_large", f"refused tar archive: {e}", retryable=False) from None
             self._buf = memoryview(piece)
         out = bytes(self._buf[:n])
         self._buf = self._buf[n:]
@@ -217,15 +227,28 @@ def member_problem(ti: tarfile.TarInfo, limits: Limits) -> tuple[str, str] | Non
 
 
 def check_image(path: Path) -> str | None:
-    """Decode the file fully with PIL; ``None`` if it is an image, else the decoder's complaint."""
+    """Decode the file fully with PIL; ``None`` if it is an image of a format medvlm reads, else the complaint.
+
+    Only :data:`medvlm.data.images.IMAGE_FORMATS` are opened and the pixel count is checked from the header
+    before decoding (an EPS member named ``.jpg`` never reaches Ghostscript).
+    """
     try:
-        with Image.open(path) as im:
+        with open_image(path, path.name) as im:
             im.load()
     # PIL's format plugins raise many exception types on malformed input (OSError, SyntaxError,
     # ValueError, struct.error, DecompressionBombError ...); any of them means "not a usable image".
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, making the renames inside it durable (a power cut cannot undo them)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -255,12 +278,15 @@ def write_member(src: BinaryIO, dest: Path, expected_size: int) -> WrittenFile |
                 n += len(block)
                 if n > expected_size:
                     break
+            out.flush()
+            os.fsync(out.fileno())  # the bytes are on disk before the manifest's fsynced "done" line names them
         if n != expected_size:
             raise FetchError("truncated_archive", f"member {dest.name}: {n} of {expected_size} bytes", retryable=True)
         problem = check_image(tmp)
         if problem is not None:
             return "not_image", f"not a decodable image ({problem.replace(str(tmp), dest.name)})"
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)  # ... and so is the rename
         return WrittenFile(dest, n, digest.hexdigest())
     finally:
         if tmp.exists():
@@ -274,7 +300,10 @@ def copy_written(first: WrittenFile, dest: Path) -> WrittenFile:
     tmp = Path(tmp_name)
     try:
         shutil.copyfile(first.path, tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

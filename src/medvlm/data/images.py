@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -19,6 +20,13 @@ from medvlm.errors import MedvlmError
 
 ASPECT_MODES: tuple[str, ...] = ("square", "pad", "resize")
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+"""The only PIL formats medvlm opens (``Image.open(..., formats=IMAGE_FORMATS)``): what biomedical figure and
+VQA datasets ship (PMC figures are JPEG/PNG/GIF, pathology and microscopy often TIFF or BMP). Every other
+format is refused, so a file named ``.jpg`` that is really EPS/PDF/PSD never reaches Ghostscript or a rarely
+used decoder."""
+MAX_IMAGE_PIXELS: int = 100_000_000
+"""Largest width x height decoded from a user's image file (checked from the header before decoding)."""
 
 
 def check_aspect(mode: str) -> str:
@@ -28,21 +36,50 @@ def check_aspect(mode: str) -> str:
     return mode
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Load an image file as RGB. ``.dcm`` files go through :mod:`medvlm.data.dicom` (needs ``medvlm[dicom]``)."""
+def open_image(source: str | os.PathLike | BinaryIO, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS`, with the pixel count checked from the header.
+
+    Lazy: nothing is decoded yet (call ``load()``); the caller closes the image. Raises MedvlmError naming
+    ``name`` for another format, a corrupt header or too many pixels.
+    """
+    try:
+        im = Image.open(source, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise MedvlmError(f"{name}: not a {', '.join(IMAGE_FORMATS)} image (other formats are refused)") from None
+    except Image.DecompressionBombError as e:
+        raise MedvlmError(f"{name}: too many pixels ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise MedvlmError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise MedvlmError(f"{name}: {w}x{h} pixels exceed the limit of {max_pixels} pixels")
+    return im
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_decoded_bytes: int | None = None) -> Image.Image:
+    """Load an image file as RGB, bounded in pixels before decoding (see :func:`open_image`).
+
+    ``.dcm`` / ``.dicom`` files go through :mod:`medvlm.data.dicom` (needs ``medvlm[dicom]``), in memory, with
+    ``max_pixels`` and ``max_decoded_bytes`` (default :data:`medvlm.data.dicom.DEFAULT_MAX_DECODED_BYTES`).
+    """
     p = Path(path)
     if not p.is_file():
         raise MedvlmError(f"{p}: image file not found")
     if p.suffix.lower() in DICOM_SUFFIXES:
-        from medvlm.data.dicom import load_dicom  # optional extra, imported only for DICOM files
+        from medvlm.data.dicom import DEFAULT_MAX_DECODED_BYTES, load_dicom  # optional extra, only for DICOM files
 
-        return load_dicom(p)
-    try:
-        with Image.open(p) as im:
+        return load_dicom(p, max_pixels=max_pixels,
+                          max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes)
+    with open_image(p, str(p), max_pixels) as im:
+        try:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise MedvlmError(f"{p}: unreadable image ({e})") from e
+        except Image.DecompressionBombError as e:
+            raise MedvlmError(f"{p}: too many pixels ({e})") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise MedvlmError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from medvlm.data.figures import primary_domain
-from medvlm.data.images import DICOM_SUFFIXES
+from medvlm.data.images import DICOM_SUFFIXES, open_image
 from medvlm.data.readers import (PREFERENCE_FORMATS, convert_preference, convert_record, fig_caption_samples,
                                  iter_typed_records, read_image_urls, resolve_format, turn_field)
 from medvlm.data.schema import Message, Sample
@@ -130,7 +130,7 @@ def image_status(path: Path) -> str | None:
 
             load_dicom(path)
         else:
-            with Image.open(path) as im:
+            with open_image(path, str(path)) as im:  # refuses other formats and too many pixels
                 im.verify()
     except MedvlmError as e:
         return f"unreadable: {e}"

@@ -140,3 +140,94 @@ def vqa(
                   model_id=model_id, format=data_format, self_question=self_question)
     typer.echo(f"answered {res.answered} question(s) ({res.resumed} already in {out}) of {res.total} in "
                f"{res.seconds:.1f} s; wrote {res.out} and {res.decoding}")
+
+
+@app.command()
+def bench(
+    task: Annotated[str, typer.Option("--task", help="vqa-rad | slake | pathvqa | all.")],
+    model: Annotated[Path, typer.Option("--model", help="A saved medvlm model folder.")],
+    data: Annotated[list[str], typer.Option("--data", help="DIR: the dataset folder (release files, hub parquet / "
+                                                          "JSON + imgs.zip), a folder with one sub-folder per task, or a "
+                                                          "Hugging Face hub / datasets cache; or TASK=DIR (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Bench folder; a rerun keeps the converted data and answers.")],
+    split: Annotated[str, typer.Option("--split", help="Split to answer and score.")] = "test",
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for every CI95 (0 = none).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    prompt_suffix: Annotated[str, typer.Option("--prompt-suffix", help="Appended to every question (e.g. "
+                                                                       "'\\nAnswer the question using a single word or phrase.'; "
+                                                                       "a literal \\n becomes a newline).")] = "",
+    closed_options: Annotated[bool, typer.Option("--closed-options/--no-closed-options",
+                                                 help="Append LLaVA-Med's '[yes, no]' options to yes/no questions.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
+    processes: Annotated[int, typer.Option("--processes", help="Answering processes (see eval vqa).")] = 1,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", help="model_id of the answers (default: folder name).")] = None,
+) -> None:
+    """Answer and score VQA-RAD / SLAKE / PathVQA with every protocol, with bootstrap CI95; writes bench.json and report.md."""
+    from medvlm.eval.bench import TASKS, BenchConfig, resolve_data, run_bench
+    from medvlm.infer.engine import GenerationSettings
+
+    tasks = list(TASKS) if task == "all" else [task]
+    cfg = BenchConfig(tasks=tasks, model=model, data=resolve_data(tasks, data), out=out, split=split, bootstrap=bootstrap,
+                      seed=seed, prompt_suffix=prompt_suffix.replace("\\n", "\n"), closed_options=closed_options,
+                      settings=GenerationSettings(max_new_tokens=max_new_tokens), batch_size=batch_size,
+                      processes=processes, model_id=model_id)
+    res = run_bench(cfg)
+    for t, r in res["tasks"].items():
+        typer.echo(f"{t}: {r['n_questions']} questions, {r['answered_this_run']} answered now, "
+                   f"{r['already_answered']} already answered")
+    typer.echo(f"wrote {out / 'bench.json'} and {out / 'report.md'}")
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="bench.json of run A.")],
+    b: Annotated[Path, typer.Argument(help="bench.json of run B (differences are B - A).")],
+    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", help="Resamples (default: A's).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (default: A's).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the comparison JSON here.")] = None,
+) -> None:
+    """Paired-bootstrap difference B - A of two `eval bench` runs, and whether it is outside noise."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medvlm.eval.compare import compare_benches
+    from medvlm.utils.io import write_json_atomic
+
+    res = compare_benches(a, b, bootstrap, seed)
+    if out is not None:
+        write_json_atomic(out, res)
+    table = Table(title=f"B ({res['model_b']}) - A ({res['model_a']}), {res['resamples']} paired resamples, seed {res['seed']}")
+    for col in ("task", "protocol", "metric", "A", "B", "B - A", "CI95", "outside noise"):
+        table.add_column(col)
+    for t, protos in res["tasks"].items():
+        for p, metrics in protos.items():
+            for m, d in metrics.items():
+                if d["n"]:
+                    table.add_row(t, p, m, f"{d['a']:.2f}", f"{d['b']:.2f}", f"{d['diff']:+.2f}",
+                                  f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]", "YES" if d["outside_noise"] else "no")
+    Console().print(table)
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+@app.command("export-lmms")
+def export_lmms(
+    task: Annotated[str, typer.Option("--task", help="vqa-rad | slake | pathvqa.")],
+    protocol: Annotated[str, typer.Option("--protocol", help="llava-med | llava-med-single | strict | exact-match.")],
+    data: Annotated[Path, typer.Option("--data", help="The dataset folder or a Hugging Face cache (as for eval bench).")],
+    out: Annotated[Path, typer.Option("--out", help="Task folder to write (pass it to lmms-eval --include_path).")],
+    split: Annotated[str, typer.Option("--split", help="Split to export.")] = "test",
+    prompt_suffix: Annotated[str, typer.Option("--prompt-suffix", help="Appended to every question (\\n = newline).")] = "",
+    closed_options: Annotated[bool, typer.Option("--closed-options/--no-closed-options",
+                                                 help="Append LLaVA-Med's '[yes, no]' options to yes/no questions.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="generation_kwargs.max_new_tokens.")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Write an lmms-eval task folder (YAML, utils.py, test JSONL, images) scoring like `medvlm eval score`."""
+    from medvlm.eval.lmms_export import export_lmms_task
+
+    res = export_lmms_task(task, protocol, data, out, split=split, prompt_suffix=prompt_suffix.replace("\\n", "\n"),
+                           closed_options=closed_options, max_new_tokens=max_new_tokens, overwrite=overwrite)
+    typer.echo(f"wrote lmms-eval task {res['task_name']} ({res['n_questions']} questions) to {out}; run: "
+               f"lmms-eval --include_path {out} --tasks {res['task_name']} ...")

@@ -18,7 +18,8 @@ Protocols (named explicitly, never guessed):
     clipped token recall/precision/F1; exact match of the normalised token sequences; whole-word
     phrase containment for open accuracy; length-capped cumulative BLEU with smoothing.
 ``exact-match``
-    Normalised exact match (VQA-v2 normalisation) for every question, as lmms-eval scores SLAKE.
+    Normalised exact match (VQA-v2 normalisation) for every question. Close to, not the same as, lmms-eval's
+    ``slake`` task (0.7), whose normalisation also drops parentheticals and maps aliases and yes/no synonyms.
 
 Every aggregate is a plain left-to-right ``sum(values) / len(values)`` times 100 (0 for an empty
 group); per-item values stay in [0, 1].
@@ -33,10 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from medvlm.errors import MedvlmError
 from medvlm.eval import metrics as M
+from medvlm.eval.bootstrap import METHOD, group_cis
 from medvlm.eval.normalize import strict_tokens, vqa_normalize
 from medvlm.utils.io import iter_jsonl, read_json
 
@@ -52,8 +53,13 @@ PROTOCOL_DESCRIPTIONS: dict[str, str] = {
                         "gate then substring; open accuracy: best-matching candidate answer must equal the gold)",
     "strict": "whole-word matching: a closed answer must name exactly one option (or one of yes/no) and it must "
               "be the gold; clipped token recall/precision/F1; exact match of normalised tokens",
-    "exact-match": "normalised (VQA-v2 rules) exact match for every question, as lmms-eval scores SLAKE",
+    "exact-match": "normalised (VQA-v2 rules) exact match for every question (close to lmms-eval's slake task, "
+                   "which also maps aliases and yes/no synonyms)",
 }
+
+# Bumped whenever a protocol's per-question values or aggregation change, so recorded numbers
+# (bench.json, exported lmms-eval tasks) say which scorer produced them.
+PROTOCOL_VERSIONS: dict[str, str] = {"llava-med": "1.0", "llava-med-single": "1.0", "strict": "1.0", "exact-match": "1.0"}
 
 # answer_type -> group. VQA-RAD / SLAKE conversions use OPEN/CLOSED; LLaVA-Med's PathVQA files use
 # "yes/no" for closed and "other" / "number" for open questions.
@@ -67,6 +73,13 @@ _DEFINED: dict[str, dict[str, tuple[str, ...]]] = {
     "strict": {"open": OPEN_METRICS, "closed": CLOSED_METRICS},
     "exact-match": {"open": ("exact_match", "accuracy"), "closed": ("accuracy",)},
 }
+
+
+def defined_metrics(protocol: str) -> dict[str, tuple[str, ...]]:
+    """The metrics ``protocol`` defines per group (``open`` / ``closed``); the others are reported as null."""
+    if protocol not in _DEFINED:
+        raise MedvlmError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    return {g: tuple(ms) for g, ms in _DEFINED[protocol].items()}
 
 
 @dataclass
@@ -305,21 +318,6 @@ def mean_x100(values: Sequence[float]) -> float:
     return sum(values) / len(values) * 100 if values else 0.0
 
 
-def bootstrap_ci95(per_metric: dict[str, list[float]], resamples: int, seed: int) -> dict[str, list[float] | None]:
-    """Percentile-bootstrap 95% intervals (×100) of each metric's mean; one resampling shared by all metrics."""
-    n = len(next(iter(per_metric.values()), []))
-    if n == 0 or resamples <= 0:
-        return {m: None for m in per_metric}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))  # [resamples, n]
-    out: dict[str, list[float] | None] = {}
-    for m, vals in per_metric.items():
-        means = np.asarray(vals, dtype=np.float64)[idx].mean(axis=1) * 100  # [resamples]
-        lo, hi = np.percentile(means, [2.5, 97.5])
-        out[m] = [float(lo), float(hi)]
-    return out
-
-
 def score_items(items: Sequence[ScoreItem], config: ScoreConfig) -> dict[str, Any]:
     """Score paired items under ``config.protocol``; returns the ``scores.json`` object."""
     if config.protocol not in PROTOCOLS:
@@ -347,8 +345,9 @@ def score_items(items: Sequence[ScoreItem], config: ScoreConfig) -> dict[str, An
         result[g] = {m: (mean_x100(values[g][m]) if m in values[g] else None) for m in metric_names[g]}
     result["per_item"] = per_item
     if config.bootstrap > 0:
-        result["ci95"] = {"method": "percentile bootstrap", "resamples": config.bootstrap, "seed": config.seed,
-                          **{g: bootstrap_ci95(values[g], config.bootstrap, config.seed) for g in ("open", "closed")}}
+        cis = group_cis({g: values[g] for g in ("open", "closed")}, config.bootstrap, config.seed, overall=())
+        result["ci95"] = {"method": METHOD, "resamples": config.bootstrap, "seed": config.seed,
+                          **{g: cis[g] for g in ("open", "closed")}}
     else:
         result["ci95"] = {}
     return result

@@ -17,7 +17,8 @@ from typing import Any
 
 from medvlm.errors import MedvlmError
 from medvlm.eval.chat_summary import GROUPS
-from medvlm.eval.protocols import PROTOCOL_DESCRIPTIONS, bootstrap_ci95
+from medvlm.eval.bootstrap import mean_ci
+from medvlm.eval.protocols import PROTOCOL_DESCRIPTIONS
 from medvlm.notice import NOTICE
 from medvlm.utils.io import atomic_path, read_json, write_text_atomic
 
@@ -69,7 +70,7 @@ def per_question_type(scores: dict[str, Any], resamples: int = 1000, seed: int =
         if it.get("accuracy") is not None:
             groups.setdefault(key, []).append(float(it["accuracy"]))
     return {k: {"n": len(v), "accuracy": sum(v) / len(v) * 100,
-                "ci95": bootstrap_ci95({"a": v}, resamples, seed)["a"]} for k, v in sorted(groups.items())}
+                "ci95": mean_ci(v, resamples, seed, k)} for k, v in sorted(groups.items())}
 
 
 def _save(fig: Any, dest: Path) -> None:
@@ -77,8 +78,8 @@ def _save(fig: Any, dest: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _bars(title: str, ylabel: str, categories: list[str], series: list[tuple[str, list[float | None], list[Any]]],
-          dest: Path) -> None:
+def bar_chart(title: str, ylabel: str, categories: list[str], series: list[tuple[str, list[float | None], list[Any]]],
+              dest: Path) -> None:
     """Grouped bar chart: one group per category, one bar per series; CI95 ``[lo, hi]`` as error bars."""
     import numpy as np
     from matplotlib.figure import Figure
@@ -172,12 +173,12 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         cats = [label for _, _, label in MAIN_METRICS]
         series = [(s.label, [s.data[g].get(m) for g, m, _ in MAIN_METRICS],
                    [((s.data.get("ci95") or {}).get(g) or {}).get(m) for g, m, _ in MAIN_METRICS]) for s in scores]
-        _bars("VQA metrics per protocol", "score (x100)", cats, series, run_dir / "plot_protocols.png")
+        bar_chart("VQA metrics per protocol", "score (x100)", cats, series, run_dir / "plot_protocols.png")
         qt = [per_question_type(s.data) for s in scores]
         qcats = sorted({k for t in qt for k in t})
         qseries = [(s.label, [t.get(k, {}).get("accuracy") for k in qcats], [t.get(k, {}).get("ci95") for k in qcats])
                    for s, t in zip(scores, qt)]
-        _bars("Accuracy per question type", "accuracy (%)", qcats, qseries, run_dir / "plot_question_types.png")
+        bar_chart("Accuracy per question type", "accuracy (%)", qcats, qseries, run_dir / "plot_question_types.png")
         md += ["![VQA metrics per protocol](plot_protocols.png)", "",
                "![Accuracy per question type](plot_question_types.png)", ""]
 
@@ -199,7 +200,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         gcats = [g for g in GROUPS if any((s.get(g) or {}).get("count") for _, s in chats)]
         cseries = [(p.stem, [(s.get(g) or {}).get("relative_score") for g in gcats],
                     [(s.get(g) or {}).get("relative_score_ci95") for g in gcats]) for p, s in chats]
-        _bars("Chat benchmark: relative score per group", "relative score (%)", gcats, cseries, run_dir / "plot_domains.png")
+        bar_chart("Chat benchmark: relative score per group", "relative score (%)", gcats, cseries, run_dir / "plot_domains.png")
         md += ["![Relative score per group](plot_domains.png)", ""]
 
     md += ["---", "", f"_{NOTICE}_", ""]

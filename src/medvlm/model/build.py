@@ -37,6 +37,7 @@ from medvlm.model.config import MedVLMConfig, check_choice, expected_image_seq_l
 from medvlm.model.modeling import MedVLMForConditionalGeneration
 from medvlm.model.parts import trainable_summary
 from medvlm.model.processing import PROCESSOR_FILE, MedVLMProcessor
+from medvlm.model.safe_load import refusing_remote_code
 from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
@@ -217,8 +218,9 @@ def smol_gguf_path() -> Path:
 def _build_smol(vision_config: CLIPVisionConfig, projector: str, template: str, aspect: str, feature_layer: int,
                 select_strategy: str, mm_use_im_start_end: bool) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     gguf = smol_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                              trust_remote_code=False)
     # The GGUF-loaded config carries a quantization_config that blocks saving; rebuild it clean.
     fields = lm.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures"):
@@ -259,18 +261,20 @@ def _load_tower(vision_path: Path, dtype: torch.dtype | None) -> torch.nn.Module
     from transformers import AutoModel
 
     check_weights(vision_path, "vision tower")
-    cfg = AutoConfig.from_pretrained(str(vision_path), local_files_only=True)
+    cfg = AutoConfig.from_pretrained(str(vision_path), local_files_only=True, trust_remote_code=False)
     if cfg.model_type in _FULL_TO_VISION:
         from transformers import CLIPVisionModel, SiglipVisionModel
 
         cls = CLIPVisionModel if cfg.model_type == "clip" else SiglipVisionModel
-        return cls.from_pretrained(str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True)
+        return cls.from_pretrained(str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True,
+                                   trust_remote_code=False)
     if cfg.model_type not in _FULL_TO_VISION.values():
         raise MedvlmError(
             f"{vision_path}: unsupported vision model type {cfg.model_type!r}; "
             f"supported: {', '.join([*_FULL_TO_VISION, *_FULL_TO_VISION.values()])}"
         )
-    return AutoModel.from_pretrained(str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True)
+    return AutoModel.from_pretrained(str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True,
+                                     trust_remote_code=False)
 
 
 def compose(
@@ -288,14 +292,17 @@ def compose(
     """A new model from a local vision tower folder + a local causal-LM folder + a fresh projector."""
     vision_path, lm_path = Path(vision_path), Path(lm_path)
     torch_dtype = resolve_dtype(dtype)
-    tower = _load_tower(vision_path, torch_dtype)
+    with refusing_remote_code(vision_path, "vision tower"):
+        tower = _load_tower(vision_path, torch_dtype)
     check_weights(lm_path, "language model")
-    lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
-                                              local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True)
+    with refusing_remote_code(lm_path, "language model"):
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
+                                                  local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True, trust_remote_code=False)
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     if (vision_path / "preprocessor_config.json").is_file():
-        image_processor = AutoImageProcessor.from_pretrained(str(vision_path), local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(str(vision_path), local_files_only=True,
+                                                             trust_remote_code=False)
     else:
         image_processor = image_processor_for(tower.config)
     with _seeded(seed):
@@ -322,11 +329,12 @@ def load_pretrained(
     check_weights(folder, "checkpoint")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"checkpoint folder {folder} has no {PROCESSOR_FILE} (not saved by medvlm?)")
-    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with refusing_remote_code(folder, "checkpoint"):
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if cfg.model_type != "medvlm":
         raise MedvlmError(f"{folder}/config.json has model_type {cfg.model_type!r}, expected 'medvlm'")
     model = MedVLMForConditionalGeneration.from_pretrained(
-        str(folder), dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True
+        str(folder), dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True, trust_remote_code=False
     )
     processor = MedVLMProcessor.from_pretrained(folder)
     model.eval()

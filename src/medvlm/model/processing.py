@@ -181,8 +181,8 @@ class MedVLMProcessor:
         missing = [k for k in ("template", "image_aspect", "image_seq_length") if k not in fields]
         if missing:
             raise MedvlmError(f"{d / PROCESSOR_FILE}: missing field(s) {', '.join(missing)}")
-        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+        image_processor = AutoImageProcessor.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
         return cls(
             tokenizer,
             image_processor,

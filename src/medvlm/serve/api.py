@@ -7,6 +7,11 @@ Requests are decoded and encoded in the thread pool, then batched dynamically on
 OpenAI error shape: 400 bad schema / base64 / image / too many images, 401 key, 404 unknown model,
 413 too large, 422 prompt longer than the context, 503 queue full. Bad input never gives a 500.
 
+Hostile input is bounded before it costs anything (see docs/security.md): the key and the streamed body
+cap come first (:class:`medvlm.serve.guard.RequestGuard`, every route), then the queue check, the prompt's
+character count, the image count, every image header and the request's decoded-bytes budget, and only
+then decoding (in a bounded number of slots) and tokenising (:mod:`medvlm.serve.admission`).
+
 Privacy: request bodies and images are never logged; with ``log_prompts`` the message *text* is
 logged (never images). Every response carries the research-only notice in ``X-Medvlm-Notice``.
 """
@@ -16,15 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -34,9 +37,18 @@ from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 from medvlm.infer.batching import BatchResult, prepare_sample
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
-from medvlm.notice import NOTICE, SHORT_NOTICE
+from medvlm.notice import NOTICE
+from medvlm.serve.admission import (
+    Admission,
+    DecodeGate,
+    RequestRefused,
+    body_cap,
+    check_image_count,
+    check_prompt_chars,
+)
 from medvlm.serve.batching import BatcherConfig, DynamicBatcher, QueueFullError
-from medvlm.serve.images import ImageInputError, ImageLimits, image_from_url
+from medvlm.serve.guard import RequestGuard, check_bind, error_body
+from medvlm.serve.images import ImageInputError, ImageLimits, decode_probe, image_bytes_from_url, probe_image_bytes
 from medvlm.serve.openai_schema import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -46,7 +58,6 @@ from medvlm.serve.openai_schema import (
 )
 
 log = logging.getLogger("medvlm.serve")
-NOTICE_HEADER = "X-Medvlm-Notice"
 
 
 @dataclass(frozen=True)
@@ -71,11 +82,17 @@ class ApiConfig:
     """Prompt + answer token limit (None = the language model's ``max_position_embeddings``)."""
     log_prompts: bool = False
     """Log the message text of each request (images are never logged)."""
+    max_prompt_chars: int = 200_000
+    """Most characters of message text (plus stop strings) in one request, checked before tokenising (413)."""
+    max_decoded_bytes: int = 512 * 2**20
+    """Estimated memory for decoding and preprocessing all images of one request (413 above it)."""
+    max_concurrent_decodes: int = 2
+    """Requests decoding images at the same time (the others wait for a slot; text-only requests never do)."""
 
     @property
     def max_body_bytes(self) -> int:
-        """Largest accepted request body: every image at its limit in base64, plus 1 MiB of text."""
-        return self.max_images * (self.limits.max_bytes * 4 // 3 + 1024) + (1 << 20)
+        """Largest accepted request body (:func:`medvlm.serve.admission.body_cap` of the limits)."""
+        return body_cap(self.max_images, self.limits.max_bytes, self.max_prompt_chars)
 
 
 class ApiError(Exception):
@@ -86,11 +103,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers
-
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    """The OpenAI error JSON."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -104,32 +116,6 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _Guard:
-    """Pure ASGI middleware: the notice header on every response; bodies over the limit refused with 413."""
-
-    def __init__(self, app: Any, max_body: int):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_notice(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(NOTICE_HEADER.lower().encode(), SHORT_NOTICE.encode())]
-            await send(message)
-
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body:
-            resp = JSONResponse(error_body(f"request body of {int(length)} bytes exceeds the limit of {self.max_body} "
-                                           "bytes", "invalid_request_error", "body_too_large"), status_code=413)
-            await resp(scope, receive, send_with_notice)
-            return
-        await self.app(scope, receive, send_with_notice)
-
-
 def _first_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
@@ -137,6 +123,14 @@ def _first_validation_error(exc: RequestValidationError) -> tuple[str, str | Non
     e = errs[0]
     loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
     return (f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid request"))), (loc or None)
+
+
+def request_chars(req: ChatCompletionRequest) -> int:
+    """Characters of message text and stop strings in a request (what the prompt cap counts)."""
+    n = sum(len(s) for s in ([req.stop] if isinstance(req.stop, str) else (req.stop or [])))
+    for m in req.messages:
+        n += len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content if p.type == "text")
+    return n
 
 
 def request_to_sample(req: ChatCompletionRequest, max_images: int) -> tuple[Sample, list[str]]:
@@ -160,9 +154,7 @@ def request_to_sample(req: ChatCompletionRequest, max_images: int) -> tuple[Samp
         messages.append(Message(role=m.role, content=parts))
     if messages[-1].role != "user":
         raise ApiError(400, "the last message must be a user message", param="messages")
-    if len(urls) > max_images:
-        raise ApiError(400, f"too many images: {len(urls)} (this server accepts at most {max_images} per request)",
-                       code="too_many_images", param="messages")
+    check_image_count(len(urls), max_images)
     return Sample(id="request", messages=messages, images=[f"image{k}" for k in range(len(urls))]), urls
 
 
@@ -172,7 +164,8 @@ class ChatService:
     def __init__(self, engine: InferenceEngine, config: ApiConfig, batcher: DynamicBatcher):
         self.engine, self.config, self.batcher = engine, config, batcher
         self.context = config.context_length or int(engine.model.config.text_config.max_position_embeddings)
-        self._encode_lock = threading.Lock()  # one encode at a time: the tokenizer is shared with the model thread
+        self.admission = Admission(config.batcher.max_queue)
+        self.gate = DecodeGate(config.max_decoded_bytes, config.max_concurrent_decodes)
 
     def settings_for(self, req: ChatCompletionRequest, prompt_tokens: int) -> GenerationSettings:
         room = self.context - prompt_tokens
@@ -196,14 +189,28 @@ class ChatService:
             raise ApiError(400, str(e)) from None
 
     def prepare(self, req: ChatCompletionRequest):
-        """Decode images and encode the prompt (runs in the thread pool)."""
+        """Check the limits, decode images and encode the prompt (runs in the thread pool).
+
+        Order: characters, image count, each image's header, the request's decoded-bytes budget; then
+        decoding and preprocessing in a decode slot. Tokenising shares no lock with other requests.
+        """
+        check_prompt_chars(request_chars(req), self.config.max_prompt_chars)
         sample, urls = request_to_sample(req, self.config.max_images)
-        images = [image_from_url(u, self.config.limits, what=f"image {k + 1}") for k, u in enumerate(urls)]
-        with self._encode_lock:
-            prompt = prepare_sample(self.engine, sample, images=images)
+        limits = self.config.limits
+        probes = [probe_image_bytes(image_bytes_from_url(u, limits, f"image {k + 1}"), limits, f"image {k + 1}")
+                  for k, u in enumerate(urls)]
+        self.gate.check(probes)
+        if probes:
+            with self.gate.slot():
+                images = [decode_probe(p, f"image {k + 1}") for k, p in enumerate(probes)]
+                del probes
+                prompt = prepare_sample(self.engine, sample, images=images)
+                del images
+        else:
+            prompt = prepare_sample(self.engine, sample, images=[])
         if self.config.log_prompts:
             log.info("prompt: %s", json.dumps([{"role": m.role, "text": m.text} for m in sample.messages]))
-        return prompt, self.settings_for(req, prompt.num_tokens), len(images)
+        return prompt, self.settings_for(req, prompt.num_tokens), len(urls)
 
     def submit(self, prompt, settings: GenerationSettings) -> tuple[Any, asyncio.Queue]:
         """Queue a generation; events ``("delta", str)``, ``("done", BatchResult)``, ``("error", exc)`` arrive."""
@@ -285,28 +292,17 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
         log.error("internal error: %s: %s", type(exc).__name__, exc)
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header:
-            raise ApiError(401, "missing API key (send 'Authorization: Bearer KEY')", "authentication_error",
-                           "missing_api_key")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise ApiError(401, "wrong API key", "authentication_error", "invalid_api_key")
-
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:
         return {"status": "ok", "queue_length": batcher.queue_length, "batches_run": batcher.batches_run,
-                "requests_run": batcher.requests_run, "largest_batch": batcher.largest_batch, "notice": NOTICE}
+                "requests_run": batcher.requests_run, "largest_batch": batcher.largest_batch,
+                "preparing": service.admission.preparing, "decoding": service.gate.active, "notice": NOTICE}
 
-    @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]},
-             dependencies=[Depends(check_key)])
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]})
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=config.model_name, created=int(time.time()))])
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)],
+    @app.post("/v1/chat/completions",
               responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {}},
                                "description": "The answer (JSON), or server-sent events when stream is true"},
                          **_ERROR_RESPONSES})
@@ -316,13 +312,17 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
                            "not_found_error", "model_not_found", "model")
         started = time.monotonic()
         try:
-            prompt, settings, n_images = await run_in_threadpool(service.prepare, body)
+            with service.admission.enter(batcher.queue_length):  # the queue is checked before any decoding
+                prompt, settings, n_images = await run_in_threadpool(service.prepare, body)
+                job, events = service.submit(prompt, settings)
+        except RequestRefused as e:
+            raise ApiError(e.status, str(e), "server_overloaded" if e.status == 503 else "invalid_request_error",
+                           e.code, "messages", headers={"Retry-After": "1"} if e.status == 503 else None) from None
         except ImageInputError as e:
             raise ApiError(e.status, str(e), code="invalid_image" if e.status == 400 else "image_too_large",
                            param="messages") from None
         except MedvlmError as e:
             raise ApiError(400, str(e), param="messages") from None
-        job, events = service.submit(prompt, settings)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def log_done(result: BatchResult) -> None:
@@ -376,7 +376,7 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
         finally:
             job.cancel()
 
-    app.add_middleware(_Guard, max_body=config.max_body_bytes)
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
     return app
 
 
@@ -396,13 +396,13 @@ def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8) -
 
 
 def run_api(engine: InferenceEngine, config: ApiConfig, host: str = "127.0.0.1", port: int = 8000,
-            log_level: str = "info") -> None:
-    """Serve until interrupted (blocking)."""
+            log_level: str = "info", insecure_no_auth: bool = False) -> None:
+    """Serve until interrupted (blocking). Beyond loopback a key is required unless ``insecure_no_auth``."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding to %s: the API is reachable from other machines%s", host,
-                    "" if config.api_key else " WITHOUT an API key")
+    check_bind(host, config.api_key is not None, insecure_no_auth, "medvlm serve api", "--api-key-env VAR")
+    if not config.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s WITHOUT an API key (--insecure-no-auth)", host)
     print(banner(config, host, port), flush=True)
     uvicorn.run(create_app(engine, replace(config)), host=host, port=port, log_level=log_level,
                 access_log=True, timeout_graceful_shutdown=5)

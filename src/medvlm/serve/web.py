@@ -9,12 +9,22 @@ logged to a JSONL file (text only unless ``log_images``). The research-only noti
 Gradio looks up outside hosts at start unless ``GRADIO_ANALYTICS_ENABLED=False`` is set before it
 is imported, so this module sets it before importing gradio; the page uses system fonts only, so it
 works with no network.
+
+Hostile visitors (docs/security.md): the page shows a generic message when the backend fails (the
+detail, with backend URLs, goes to the server log only; Gradio's ``show_error`` is off); request bodies
+are capped as they stream (:class:`medvlm.serve.guard.RequestGuard`) and uploads by Gradio's
+``max_file_size``; ``auth`` turns on Gradio's login; beyond loopback the page refuses to start without
+it (unless ``insecure_no_auth``), and never without it when it would lend an API key or controller secret
+to its visitors. Example images are written to a private ``mkdtemp`` folder.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
+import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -24,8 +34,11 @@ from typing import Any
 
 from medvlm.errors import MedvlmError
 from medvlm.notice import NOTICE
-from medvlm.serve.web_backends import Backend, Sampling, Turn
+from medvlm.serve.guard import RequestGuard, is_loopback
+from medvlm.serve.web_backends import GENERIC_ERROR, Backend, BackendError, Sampling, Turn
 from medvlm.utils.io import append_jsonl
+
+logger = logging.getLogger("medvlm.serve.web")
 
 EXAMPLE_QUESTIONS: dict[str, str] = {
     "xray": "What abnormality is seen in this chest radiograph?",
@@ -49,6 +62,25 @@ class WebConfig:
     """Extra example images (files the user points at), asked about with a generic question."""
     concurrency: int = 4
     """Conversations answered at the same time."""
+    auth: tuple[str, str] | None = None
+    """Gradio login (user, password); required beyond loopback. The CLI reads ``user:password`` from an
+    environment variable (``--auth-env``)."""
+    max_upload_bytes: int = 20 * 2**20
+    """Largest uploaded file (Gradio's ``max_file_size``); request bodies are capped at this plus 1 MiB."""
+
+
+def check_web_bind(host: str, config: WebConfig, lends_key: bool, insecure_no_auth: bool) -> None:
+    """Refuse a page reachable beyond loopback without a login (always when it would lend a key or secret)."""
+    if is_loopback(host) or config.auth is not None:
+        return
+    if lends_key:
+        raise MedvlmError(f"medvlm serve web: --host {host} without --auth-env would let every visitor use the API "
+                          "key / controller secret the page holds; set --auth-env VAR (VAR holds user:password) "
+                          "or bind 127.0.0.1")
+    if not insecure_no_auth:
+        raise MedvlmError(f"medvlm serve web: --host {host} makes the page reachable from other machines without a "
+                          "login: set --auth-env VAR (VAR holds user:password), bind 127.0.0.1, or pass "
+                          "--insecure-no-auth (see docs/security.md)")
 
 
 def generated_examples(folder: Path) -> list[list[str]]:
@@ -133,17 +165,25 @@ class WebChat:
         return self.config.log_file
 
 
-def build_ui(backend: Backend, config: WebConfig):
-    """The Gradio Blocks app."""
+def private_examples_dir() -> Path:
+    """A fresh private folder (``mkdtemp``: mode 0700, unpredictable name) removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix="medvlm-web-examples-")
+    atexit.register(shutil.rmtree, folder, True)
+    return Path(folder)
+
+
+def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = None):
+    """The Gradio Blocks app (example images go to ``examples_dir``, a private temp folder by default)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no outside look-ups
     import gradio as gr
 
     chat = WebChat(backend, config)
     try:
         models = backend.models()
-    except MedvlmError:
+    except BackendError as e:
+        logger.warning("cannot list models: %s", e)
         models = []
-    examples = generated_examples(Path(tempfile.gettempdir()) / "medvlm_web_examples")
+    examples = generated_examples(examples_dir or private_examples_dir())
     examples += [[str(Path(p).resolve()), "Describe this image."] for p in config.example_images]
 
     def sampling(t: float, p: float, n: float) -> Sampling:
@@ -191,9 +231,12 @@ def build_ui(backend: Backend, config: WebConfig):
                 for st in chat.answer(st, m, sampling(t, p, n)):
                     yield st, _chat_view(st["turns"])
             except MedvlmError as e:
+                if isinstance(e, BackendError):
+                    logger.warning("backend error: %s", e)  # the detail names internal URLs: log only
+                shown = GENERIC_ERROR if isinstance(e, BackendError) else str(e)
                 if st["turns"] and not st["turns"][-1].answer:
-                    st["turns"][-1].answer = f"(error: {e})"
-                gr.Warning(str(e))
+                    st["turns"][-1].answer = f"(error: {shown})"
+                gr.Warning(shown)
                 yield st, _chat_view(st["turns"])
 
         def redo(st):
@@ -215,14 +258,25 @@ def build_ui(backend: Backend, config: WebConfig):
 
         def answer_api(img, text, m, t, p, n) -> str:
             """Stateless: answer one question about one image (or none)."""
-            st = chat.add_question(chat.new_state(), text, img)
-            final = ""
-            for st in chat.answer(st, m, sampling(t, p, n)):
-                final = st["turns"][-1].answer or ""
+            try:
+                st = chat.add_question(chat.new_state(), text, img)
+                final = ""
+                for st in chat.answer(st, m, sampling(t, p, n)):
+                    final = st["turns"][-1].answer or ""
+            except BackendError as e:
+                logger.warning("backend error: %s", e)
+                raise gr.Error(GENERIC_ERROR) from None
+            except MedvlmError as e:
+                raise gr.Error(str(e)) from None
             return final
 
         def refresh_models():
-            names = backend.models()
+            try:
+                names = backend.models()
+            except BackendError as e:
+                logger.warning("cannot list models: %s", e)
+                gr.Warning(GENERIC_ERROR)
+                return gr.Dropdown()
             return gr.Dropdown(choices=names, value=names[0] if names else None)
 
         for trigger in (question.submit, send.click):
@@ -240,15 +294,24 @@ def build_ui(backend: Backend, config: WebConfig):
 
 
 def launch_web(backend: Backend, config: WebConfig, host: str = "127.0.0.1", port: int = 7860,
-               block: bool = True):
-    """Start the page; with ``block`` False returns ``(demo, url)`` and serves in the background."""
+               block: bool = True, lends_key: bool = False, insecure_no_auth: bool = False):
+    """Start the page; with ``block`` False returns ``(demo, url)`` and serves in the background.
+
+    ``lends_key``: the backend holds an API key or controller secret (then a login is required beyond
+    loopback whatever ``insecure_no_auth`` says).
+    """
+    check_web_bind(host, config, lends_key, insecure_no_auth)
     demo = build_ui(backend, config)
     import gradio as gr
+    from starlette.middleware import Middleware
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     demo.queue(default_concurrency_limit=config.concurrency)
     print(f"medvlm web UI on http://{host}:{port}/\n{NOTICE}", flush=True)
+    guard = Middleware(RequestGuard, max_body_bytes=config.max_upload_bytes + (1 << 20))
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True,
-                            show_error=True, theme=theme, footer_links=[], ssr_mode=False, mcp_server=False)
+                            show_error=False, theme=theme, footer_links=[], ssr_mode=False, mcp_server=False,
+                            auth=config.auth, max_file_size=config.max_upload_bytes,
+                            app_kwargs={"middleware": [guard]})
     return demo, url

@@ -1,4 +1,8 @@
-"""Where the web UI's answers come from: a LLaVA controller (workers) or an OpenAI-compatible API."""
+"""Where the web UI's answers come from: a LLaVA controller (workers) or an OpenAI-compatible API.
+
+Failures of the backend raise :class:`BackendError`; its message names URLs and the backend's own error
+text, so the page shows visitors a generic message and only the server log gets the detail.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,14 @@ class Sampling:
     max_tokens: int = 256
 
 
+class BackendError(MedvlmError):
+    """The backend failed; the message is for the operator's log, never for page visitors."""
+
+
+GENERIC_ERROR = "the model server could not answer; please try again later"
+"""What page visitors see when the backend fails."""
+
+
 class Backend(Protocol):
     """Lists models and streams answers (each yield is the whole answer so far)."""
 
@@ -65,7 +77,7 @@ class ApiBackend:
         try:
             return sorted(m.id for m in self.client.models.list())
         except openai.OpenAIError as e:
-            raise MedvlmError(f"{self.client.base_url}: cannot list models ({type(e).__name__}: {e})") from None
+            raise BackendError(f"{self.client.base_url}: cannot list models ({type(e).__name__}: {e})") from None
 
     def stream(self, model: str, turns: list[Turn], sampling: Sampling) -> Iterator[str]:
         import openai
@@ -86,24 +98,37 @@ class ApiBackend:
                     answer += chunk.choices[0].delta.content
                     yield answer
         except openai.OpenAIError as e:
-            raise MedvlmError(f"the API answered with an error: {e}") from None
+            raise BackendError(f"{self.client.base_url}: the API answered with an error: {e}") from None
 
 
 class ControllerBackend:
     """LLaVA's controller + model workers: the prompt is rendered here with the worker's chat template."""
 
-    def __init__(self, controller_url: str, template: str | None = None):
+    def __init__(self, controller_url: str, template: str | None = None, secret: str | None = None):
         self.controller = controller_url.rstrip("/")
         self.template = template
+        self.secret = secret
+        """Shared secret of the controller and its workers (sent as ``Authorization: Bearer``)."""
 
     def models(self) -> list[str]:
-        return client.list_models(self.controller)
+        try:
+            return client.list_models(self.controller, secret=self.secret)
+        except MedvlmError as e:
+            raise BackendError(str(e)) from None
 
     def stream(self, model: str, turns: list[Turn], sampling: Sampling) -> Iterator[str]:
-        worker = client.worker_address(self.controller, model)
+        try:
+            yield from self._stream(model, turns, sampling)
+        except BackendError:
+            raise
+        except MedvlmError as e:
+            raise BackendError(str(e)) from None
+
+    def _stream(self, model: str, turns: list[Turn], sampling: Sampling) -> Iterator[str]:
+        worker = client.worker_address(self.controller, model, secret=self.secret)
         if not worker:
             raise MedvlmError(f"no worker serves {model!r} right now; refresh the model list")
-        template = self.template or client.worker_template(worker)
+        template = self.template or client.worker_template(worker, secret=self.secret)
         if template is None:
             raise MedvlmError(f"worker {worker} does not report its chat template; start the UI with --template")
         messages: list[Message] = []
@@ -116,7 +141,8 @@ class ControllerBackend:
         prompt = client.render_prompt(messages, template)
         payload = {"model": model, "prompt": prompt, "images": images, "temperature": sampling.temperature,
                    "top_p": sampling.top_p, "max_new_tokens": sampling.max_tokens}
-        for data in client.stream_worker(worker.rstrip("/") + "/worker_generate_stream", payload):
+        for data in client.stream_worker(worker.rstrip("/") + "/worker_generate_stream", payload,
+                                         secret=self.secret):
             if data.get("error_code", 0) != 0:
-                raise MedvlmError(str(data.get("text", "the worker failed")))
+                raise BackendError(f"{worker}: {data.get('text', 'the worker failed')}")
             yield str(data.get("text", ""))[len(prompt):].strip()

@@ -17,6 +17,13 @@ are batched on the one model (:mod:`medvlm.serve.batching`) within ``limit_concu
 also carries ``template`` (the model's chat-template name; LLaVA clients ignore extra fields).
 The worker registers with the controller at start and sends a heart beat every
 ``heart_beat_interval`` seconds (15 s, as the original), re-registering if the controller forgot it.
+
+Hostile input (docs/security.md): with a shared ``secret`` every route needs ``Authorization: Bearer
+SECRET`` (checked before the body is read) and the worker sends it to the controller; bodies are capped
+as they stream; a request waits for a concurrency slot *before* its body is read (more than
+``batcher.max_queue`` waiting: 503); then the prompt's characters, the image count, the ``<image>``
+placeholder count, every image header and the decoded-bytes budget are checked before any image is
+decoded. A refused request gets an HTTP 4xx whose body is still one LLaVA error frame (error code 1).
 """
 
 from __future__ import annotations
@@ -31,16 +38,19 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from medvlm.data.schema import IMAGE_PLACEHOLDER
 from medvlm.errors import MedvlmError
 from medvlm.infer.batching import prepare_text
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
 from medvlm.notice import NOTICE
+from medvlm.serve.admission import DecodeGate, RequestRefused, body_cap, check_image_count, check_prompt_chars
 from medvlm.serve.batching import BatcherConfig, DynamicBatcher, QueueFullError
 from medvlm.serve.controller import SERVER_ERROR_MSG
-from medvlm.serve.images import ImageLimits, decode_base64, decode_image_bytes
+from medvlm.serve.guard import RequestGuard, bearer
+from medvlm.serve.images import ImageInputError, ImageLimits, decode_base64, decode_probe, probe_image_bytes
 
 log = logging.getLogger("medvlm.serve.worker")
 EXCEEDS_MSG = "Exceeds max token length. Please start a new conversation, thanks."
@@ -66,6 +76,26 @@ class WorkerConfig:
     """Dynamic batching of the requests in flight."""
     limits: ImageLimits = field(default_factory=ImageLimits)
     """Per-image byte / pixel limits."""
+    secret: str | None = None
+    """Shared secret of the controller, its workers and clients (``Authorization: Bearer``); None = none."""
+    max_images: int = 4
+    """Most images in one request (more: refused before decoding)."""
+    max_prompt_chars: int = 200_000
+    """Most characters in ``prompt`` (checked before tokenising)."""
+    max_decoded_bytes: int = 512 * 2**20
+    """Estimated memory for decoding and preprocessing all images of one request."""
+    max_concurrent_decodes: int = 2
+    """Requests decoding images at the same time."""
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest accepted request body (:func:`medvlm.serve.admission.body_cap` of the limits)."""
+        return body_cap(self.max_images, self.limits.max_bytes, self.max_prompt_chars)
+
+
+def frame(text: str, code: int) -> bytes:
+    """One frame of LLaVA's worker stream: JSON ``{"text", "error_code"}`` and a NUL byte."""
+    return json.dumps({"text": text, "error_code": code}).encode() + b"\0"
 
 
 class ModelWorker:
@@ -79,7 +109,7 @@ class ModelWorker:
         self.context = int(engine.model.config.text_config.max_position_embeddings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._encode_lock = threading.Lock()
+        self.gate = DecodeGate(config.max_decoded_bytes, config.max_concurrent_decodes)
 
     # -- controller link -------------------------------------------------------------------
     def queue_length(self) -> int:
@@ -94,7 +124,8 @@ class ModelWorker:
 
     def register_to_controller(self) -> None:
         data = {"worker_name": self.config.worker_url, "check_heart_beat": True, "worker_status": self.get_status()}
-        r = httpx.post(self.config.controller_url + "/register_worker", json=data, timeout=10)
+        r = httpx.post(self.config.controller_url + "/register_worker", json=data, timeout=10,
+                       headers=bearer(self.config.secret))
         if r.status_code != 200:
             raise MedvlmError(f"registering with {self.config.controller_url} failed: HTTP {r.status_code}")
 
@@ -103,7 +134,7 @@ class ModelWorker:
         try:
             r = httpx.post(self.config.controller_url + "/receive_heart_beat",
                            json={"worker_name": self.config.worker_url, "queue_length": self.queue_length()},
-                           timeout=5)
+                           timeout=5, headers=bearer(self.config.secret))
             if not r.json().get("exist", False):
                 self.register_to_controller()
         except (httpx.HTTPError, ValueError, MedvlmError) as e:
@@ -129,24 +160,18 @@ class ModelWorker:
 
     # -- generation ------------------------------------------------------------------------
     def prepare(self, params: dict):
-        """Decode images, encode the prompt, pick settings (thread pool). Raises MedvlmError on bad input."""
+        """Check limits, decode images, encode the prompt, pick settings (thread pool).
+
+        Raises MedvlmError on bad input; every limit is checked before any image is decoded.
+        """
         prompt = params.get("prompt")
         if not isinstance(prompt, str):
             raise MedvlmError("'prompt' must be a string")
-        raw_images = params.get("images") or []
-        if not isinstance(raw_images, list) or not all(isinstance(x, str) for x in raw_images):
-            raise MedvlmError("'images' must be a list of base64 strings")
-        limits = self.config.limits
-        images = [decode_image_bytes(decode_base64(b.split(",", 1)[1] if b.startswith("data:") else b, limits,
-                                                   f"image {k + 1}"), limits, f"image {k + 1}")
-                  for k, b in enumerate(raw_images)]
-        with self._encode_lock:
-            prepared = prepare_text(self.engine, prompt, images)
         try:
             temperature = float(params.get("temperature", 1.0))
             top_p = float(params.get("top_p", 1.0))
             max_new = min(int(params.get("max_new_tokens", 256)), 1024)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise MedvlmError(f"bad sampling parameter ({e})") from None
         stop = params.get("stop")
         if isinstance(stop, str):
@@ -155,6 +180,28 @@ class ModelWorker:
             stops = tuple(s for s in stop if isinstance(s, str) and s)
         else:
             stops = ()
+        check_prompt_chars(len(prompt) + sum(len(x) for x in stops), self.config.max_prompt_chars)
+        raw_images = params.get("images") or []
+        if not isinstance(raw_images, list) or not all(isinstance(x, str) for x in raw_images):
+            raise MedvlmError("'images' must be a list of base64 strings")
+        check_image_count(len(raw_images), self.config.max_images)
+        n = prompt.count(IMAGE_PLACEHOLDER)
+        if n != len(raw_images):
+            raise MedvlmError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(raw_images)} "
+                              "image(s) were given")
+        limits = self.config.limits
+        probes = [probe_image_bytes(decode_base64(b.split(",", 1)[1] if b.startswith("data:") else b, limits,
+                                                  f"image {k + 1}"), limits, f"image {k + 1}")
+                  for k, b in enumerate(raw_images)]
+        self.gate.check(probes)
+        if probes:
+            with self.gate.slot():
+                images = [decode_probe(p, f"image {k + 1}") for k, p in enumerate(probes)]
+                del probes
+                prepared = prepare_text(self.engine, prompt, images)
+                del images
+        else:
+            prepared = prepare_text(self.engine, prompt, [])
         max_new = min(max_new, self.context - prepared.num_tokens)
         settings = None
         if max_new >= 1:
@@ -164,14 +211,16 @@ class ModelWorker:
 
     async def generate_stream(self, params: dict):
         """The NUL-delimited JSON stream of ``/worker_generate_stream``."""
-        def frame(text: str, code: int) -> bytes:
-            return json.dumps({"text": text, "error_code": code}).encode() + b"\0"
-
         try:
-            prompt, prepared, settings = await run_in_threadpool(self.prepare, params)
+            prepared_all = await run_in_threadpool(self.prepare, params)
         except MedvlmError as e:
             yield frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1)
             return
+        async for chunk in self.stream_prepared(*prepared_all):
+            yield chunk
+
+    async def stream_prepared(self, prompt: str, prepared, settings: GenerationSettings | None):
+        """The stream of a request :meth:`prepare` accepted."""
         if settings is None:
             yield frame(prompt + EXCEEDS_MSG, 0)
             return
@@ -224,19 +273,31 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
     app.state.worker = worker
 
     @app.post("/worker_generate_stream")
-    async def worker_generate_stream(request: Request) -> StreamingResponse:
-        try:
-            params = await request.json()
-        except ValueError:
-            params = None
-        if not isinstance(params, dict):
-            params = {}
+    async def worker_generate_stream(request: Request) -> Response:
         assert worker.semaphore is not None
+        if worker.waiting >= config.batcher.max_queue:  # before the body is read: a waiting request costs nothing
+            return Response(frame(f"{SERVER_ERROR_MSG}\n\n(the worker's queue is full; retry later)", 1),
+                            status_code=503, headers={"Retry-After": "1"})
         worker.waiting += 1
         try:
             await worker.semaphore.acquire()
         finally:
             worker.waiting -= 1
+        try:
+            try:
+                params = await request.json()
+            except ValueError:
+                params = None
+            prepared_all = await run_in_threadpool(worker.prepare, params if isinstance(params, dict) else {})
+        except (RequestRefused, ImageInputError) as e:
+            worker.semaphore.release()
+            return Response(frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1), status_code=e.status)
+        except MedvlmError as e:
+            worker.semaphore.release()
+            return Response(frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1), status_code=400)
+        except BaseException:
+            worker.semaphore.release()
+            raise
 
         released = False
 
@@ -248,7 +309,7 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
 
         async def body():
             try:
-                async for chunk in worker.generate_stream(params):
+                async for chunk in worker.stream_prepared(*prepared_all):
                     yield chunk
             finally:
                 release()
@@ -259,4 +320,5 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
     async def worker_get_status() -> dict:
         return worker.get_status()
 
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.secret)
     return app

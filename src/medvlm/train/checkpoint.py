@@ -60,7 +60,8 @@ def _load_4bit(cfg: TrainConfig):
         llm_int8_skip_modules=["vision_tower", "projector", "lm_head"],
     )
     model = MedVLMForConditionalGeneration.from_pretrained(
-        cfg.model_name_or_path, quantization_config=quant, use_safetensors=True, local_files_only=True)
+        cfg.model_name_or_path, quantization_config=quant, use_safetensors=True, local_files_only=True,
+        trust_remote_code=False)
     processor = MedVLMProcessor.from_pretrained(cfg.model_name_or_path)
     if cfg.pretrain_projector:
         load_projector(model, cfg.pretrain_projector)

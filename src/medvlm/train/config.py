@@ -62,7 +62,9 @@ class TrainConfig:
     pretrain_projector: str | None = None
     """Load the projector from a stage-1 output (a checkpoint folder or a ``*.safetensors`` file) before training."""
     template: str | None = None
-    """Chat template name; must equal the model's own ``config.template`` (checked before training)."""
+    """Chat template the run trains in (default: the model's own). Another template switches the model to it and
+    the output checkpoint records it (STLLaVA-Med's ``--version v1_sq``); ``plain`` only in ``align`` (LLaVA's
+    stage-1 image + caption format; the checkpoint keeps its chat template)."""
     family: str | None = None
     """Model family of ``model_name_or_path`` when it is a transformers image-text-to-text checkpoint (``qwen2_5_vl``,
     ``qwen3_vl``, ``gemma3``, ``idefics3``, ``llava``, ``llava_onevision``; :mod:`medvlm.model.families`): must equal
@@ -278,6 +280,7 @@ class TrainConfig:
             raise MedvlmError(f"packing applies to stages align and sft, not {self.stage!r}")
         if self.tune in ("lora", "qlora") and (self.lora_r < 1 or not self.lora_target_modules):
             raise MedvlmError("LoRA needs lora_r >= 1 and a non-empty lora_target_modules")
+        check_stage_keys(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,6 +293,62 @@ class TrainConfig:
     def to_yaml(self) -> str:
         """The resolved config as YAML (what ``train_config.yaml`` holds)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+_ALL = STAGES
+_ALIGN_SFT = ("align", "sft")
+_SELF_TRAINING = ("sq", "dpo")
+_LORA = ("sft", "sq", "dpo")
+FIELD_STAGES: dict[str, tuple[str, ...]] = {
+    # what to train
+    "stage": _ALL, "model_name_or_path": _ALL, "preset": _ALL, "vision_tower_path": _ALL, "language_model_path": _ALL,
+    "projector_type": _ALL, "model_kwargs": _ALL, "pretrain_projector": _ALL, "template": _ALL,
+    "family": _ALL,
+    # data
+    "data_path": _ALL, "data_weights": _ALL, "data_format": _ALL, "image_folder": _ALL, "max_length": _ALL,
+    "skip_missing_images": ("align", "sft", "sq"), "group_by_modality_length": _ALL, "packing": _ALIGN_SFT,
+    # which parameters learn
+    "tune": _ALL, "tune_vision_tower": ("align", "sft", "sq"), "tune_projector": _ALL,
+    "tune_language_model": _ALIGN_SFT, "tune_im_start_end": ("align",),
+    # LoRA on the LM (tune: lora/qlora): stage align trains the projector fully, so only sft and STLLaVA-Med's stages
+    "lora_r": _LORA, "lora_alpha": _LORA, "lora_dropout": _LORA, "lora_target_modules": _LORA, "lora_bias": ("sft",),
+    # speed / scale
+    "feature_cache": _ALIGN_SFT, "feature_cache_dir": _ALIGN_SFT, "distributed": _ALIGN_SFT,
+    "deepspeed_zero_stage": _ALIGN_SFT, "labelled_logits_only": _ALIGN_SFT, "projector_lr": _ALL,
+    "global_batch_size": _ALL,
+    # STLLaVA-Med
+    "sq_r": ("sq",), "vit_lora": _SELF_TRAINING, "vit_lora_r": _SELF_TRAINING, "vit_lora_alpha": _SELF_TRAINING,
+    "vit_lora_dropout": _SELF_TRAINING, "vit_lora_target_modules": _SELF_TRAINING, "vit_lora_grad": _SELF_TRAINING,
+    "vision_lr": _SELF_TRAINING, "dpo_beta": ("dpo",), "dpo_rpo_alpha": ("dpo",), "ref_visual_path": ("dpo",),
+    "ref_logps": ("dpo",),
+    # HF TrainingArguments: every stage runs a transformers Trainer (or medvlm's loop with the same meaning)
+    "output_dir": _ALL, "num_train_epochs": _ALL, "max_steps": _ALL, "learning_rate": _ALL, "weight_decay": _ALL,
+    "per_device_train_batch_size": _ALL, "gradient_accumulation_steps": _ALL, "lr_scheduler_type": _ALL,
+    "warmup_ratio": _ALL, "max_grad_norm": _ALL, "seed": _ALL, "logging_steps": _ALL, "save_strategy": _ALL,
+    "save_steps": _ALL, "save_total_limit": _ALL, "resume_from_checkpoint": _ALL, "report_to": _ALL, "bf16": _ALL,
+    "fp16": _ALL, "gradient_checkpointing": _ALL, "dataloader_num_workers": _ALL, "optim": _ALL, "use_cpu": _ALL,
+    "disable_tqdm": _ALL, "training_args": _ALL,
+}
+"""The stages that read each :class:`TrainConfig` field (every field is listed; a test checks it). A field set
+to anything but its default for a stage not listed is refused by :func:`check_stage_keys`: an accepted key
+must take effect."""
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def check_stage_keys(cfg: TrainConfig) -> None:
+    """Refuse a key set (to a non-default value) that ``cfg.stage`` does not use, naming the stages that do."""
+    for f in dataclasses.fields(TrainConfig):
+        stages = FIELD_STAGES.get(f.name)
+        if stages is None:  # a new field without a row would escape this check: fail loudly instead
+            raise MedvlmError(f"internal: TrainConfig.{f.name} has no entry in FIELD_STAGES")
+        if cfg.stage in stages or getattr(cfg, f.name) == _field_default(f):
+            continue
+        which = "stage " + stages[0] if len(stages) == 1 else "stages " + ", ".join(stages)
+        raise MedvlmError(f"{f.name} is not used by stage {cfg.stage!r} (it applies to {which}); remove it "
+                          f"(or set stage to one that uses it)")
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:

@@ -37,9 +37,9 @@ def recipe_for(cfg: TrainConfig) -> str:
     if key not in RECIPES:
         supported = ", ".join(f"{s}/{d}" for s, d in RECIPES)
         others = [d for s, d in RECIPES if s == cfg.stage]
-        hint = f"stage {cfg.stage!r} runs with distributed: {' or '.join(others)}" if others else ""
-        raise MedvlmError(f"stage {cfg.stage!r} with distributed: {cfg.distributed} is not supported "
-                          f"({hint}; supported stage/distributed pairs: {supported})")
+        hint = f" (stage {cfg.stage!r} runs with distributed: {' or '.join(others)})" if others else ""
+        raise MedvlmError(f"stage {cfg.stage!r} with distributed: {cfg.distributed} is not supported{hint}; "
+                          f"supported stage/distributed pairs: {supported}")
     return RECIPES[key]
 
 
@@ -50,8 +50,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     """
     from medvlm.train.family_stage import check_family_config, start_family
 
+    name = recipe_for(cfg)  # before the per-key checks: a pair not in the table gets this one error
     cfg.validate()
-    name = recipe_for(cfg)
     family = start_family(cfg)  # a transformers model family (medvlm.model.families), or None for the native model
     if family is not None:
         check_family_config(cfg, family)

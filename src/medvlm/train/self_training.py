@@ -195,7 +195,8 @@ def check_sq_template(model, processor, family: str | None) -> None:
     if family is not None and template is None:
         return  # the family's marked chat template learns VUSER turns (rendered as user turns)
     if template != SQ_TEMPLATE:
-        where = ("build it with model_kwargs: {template: %s}" % SQ_TEMPLATE if family is None else
-                 "build the llava checkpoint with template %s (medvlm model init --template %s)" % (SQ_TEMPLATE, SQ_TEMPLATE))
+        where = (f"set template: {SQ_TEMPLATE} (the run switches the model to it and the output checkpoint keeps it)"
+                 if family is None else
+                 f"build the llava checkpoint with template {SQ_TEMPLATE} (medvlm model init --template {SQ_TEMPLATE})")
         raise MedvlmError(f"stage 'sq' needs a model with template {SQ_TEMPLATE!r} (VUSER turns); the starting model "
                           f"uses {template!r}: {where}")

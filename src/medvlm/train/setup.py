@@ -11,6 +11,7 @@ every rank waits for it, and the run's :class:`TrainResult` is built. The recipe
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,26 +64,35 @@ def resolve_accumulation(cfg: TrainConfig, world: int) -> int:
 
 
 def training_processor(cfg: TrainConfig, model, processor):
-    """The processor used for training: the model's own, or a copy with ``plain`` for stage-1 alignment.
+    """The processor a run trains with, after applying ``template`` (see :attr:`TrainConfig.template`).
 
-    A template other than the model's is a mismatch (the LM would learn one format and be asked in another),
-    except ``plain`` in ``align`` (image + caption, LLaVA's stage-1 format).
+    - no ``template``, or the model's own: the model's processor;
+    - ``plain`` in stage ``align``: a copy with ``plain`` (image + caption, LLaVA's stage-1 format); the model
+      keeps its chat template for the stages after;
+    - any other template: the model is switched to it, in place (``model.config.template`` and the processor,
+      so the output checkpoint records it), as STLLaVA-Med's scripts choose ``--version v1_sq`` for a model
+      trained with ``v1``.
     """
     from medvlm.data.templates import get_template
 
     want = cfg.template or model.config.template
-    get_template(want)  # unknown names: error listing the known ones
+    chat_template = get_template(want)  # unknown names: error listing the known ones
     if want == model.config.template:
         return processor
-    if want == "plain" and cfg.stage == "align":
+    if want == "plain":
+        if cfg.stage != "align":
+            raise MedvlmError(f"template 'plain' (image + caption, no roles) is LLaVA's stage-1 format: only stage "
+                              f"'align' trains with it, not {cfg.stage!r}")
         train_proc = copy.copy(processor)
         train_proc.template = "plain"
-        train_proc.chat_template = get_template("plain")
+        train_proc.chat_template = chat_template
         return train_proc
-    raise MedvlmError(
-        f"template {want!r} does not match the model's template {model.config.template!r} "
-        f"(config.template of the starting model); only stage 'align' may use 'plain'"
-    )
+    log.info("switching the model's template from %r to %r (recorded in the output checkpoint)",
+             model.config.template, want)
+    model.config.template = want
+    processor.template = want
+    processor.chat_template = chat_template
+    return processor
 
 
 def build_training_args(cfg: TrainConfig, accumulation: int, find_unused: bool):

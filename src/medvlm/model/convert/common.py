@@ -21,6 +21,7 @@ from medvlm.model.config import MedVLMConfig
 from medvlm.model.convert.shards import DEFAULT_SHARD_BYTES, DTYPE_NAMES, SafetensorsCheckpoint, ShardWriter
 from medvlm.model.modeling import MedVLMForConditionalGeneration
 from medvlm.model.processing import PROCESSOR_FILE, MedVLMProcessor
+from medvlm.model.safe_load import refusing_remote_code
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("medvlm.model.convert")
@@ -36,7 +37,8 @@ def read_medvlm(folder: str | os.PathLike) -> tuple[MedVLMConfig, MedVLMProcesso
         raise MedvlmError(f"medvlm checkpoint folder {folder} has no config.json")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"{folder} has no {PROCESSOR_FILE}; export needs a medvlm checkpoint (see `medvlm model import`)")
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with refusing_remote_code(folder, "checkpoint"):
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if not isinstance(config, MedVLMConfig):
         raise MedvlmError(f"{folder}/config.json has model_type {config.model_type!r}, expected 'medvlm'")
     return config, MedVLMProcessor.from_pretrained(folder), ckpt

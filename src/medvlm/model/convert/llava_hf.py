@@ -13,7 +13,14 @@ The result loads with plain transformers (``LlavaForConditionalGeneration.from_p
   centre crop, ``square`` = resize shortest edge + centre crop. The export checks this on a test image
   and refuses if the pixels differ.
 - the chat template is ``ChatTemplate.to_jinja()`` (one ``<image>`` per image part; the processor
-  expands it to ``image_seq_length`` tokens).
+  expands it to ``image_seq_length`` tokens). It writes BOS itself (when the format has one), and the
+  exported tokenizer adds no special tokens of its own (:func:`export_tokenizer`), so the three ways
+  people call a llava-hf model give medvlm's ids: the model-card usage
+  (``processor(images=..., text=processor.apply_chat_template(msgs, add_generation_prompt=True))``, which
+  tokenizes with ``add_special_tokens=True``), ``apply_chat_template(tokenize=True)`` and vLLM's chat path
+  (template rendered, tokenized with ``add_special_tokens=False``). Published llava-hf checkpoints leave BOS
+  to the tokenizer instead, which gives vLLM's chat path no BOS at all; BOS in the template is the one
+  arrangement all three paths agree on.
 
 Refused (the layout cannot hold them): ``linear`` and ``cluster`` projectors (llava-hf's projector is
 always Linear-act-Linear), and ``<im_start>``/``<im_end>`` models (the llava-hf processor never inserts them).
@@ -65,6 +72,29 @@ def llava_hf_refusal(config: MedVLMConfig) -> str | None:
     if config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
         return f"vision tower type {config.vision_config.model_type!r} is not supported by the llava-hf export"
     return None
+
+
+def export_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` that adds no BOS/EOS of its own: ``tok(text)`` == ``tok(text, add_special_tokens=False)``.
+
+    medvlm always tokenizes with ``add_special_tokens=False`` and lets the template write BOS; the copy makes
+    the default call agree, so the model-card usage cannot put a second BOS before the template's.
+    """
+    import copy
+
+    probe = "a b"
+    if tokenizer(probe)["input_ids"] == tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        return tokenizer  # adds nothing already (SmolLM2, Qwen-style tokenizers)
+    tok = copy.deepcopy(tokenizer)
+    if not hasattr(tok, "update_post_processor"):
+        raise MedvlmError(f"{type(tokenizer).__name__} adds special tokens and cannot be told not to (a fast "
+                          "tokenizer is needed for the llava-hf export)")
+    tok.add_bos_token = False  # the setters rebuild the post-processor
+    tok.add_eos_token = False
+    if tok(probe)["input_ids"] != tok(probe, add_special_tokens=False)["input_ids"]:
+        raise MedvlmError(f"{type(tokenizer).__name__} still adds special tokens after add_bos_token=False; "
+                          "refusing an export whose model-card usage would differ from medvlm")
+    return tok
 
 
 def llava_strategy(config: MedVLMConfig) -> tuple[str, int]:
@@ -179,10 +209,11 @@ def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, not
         'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
         'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does the image show?"}]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
-        'inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")',
+        'inputs = processor(images=image, text=prompt, return_tensors="pt")',
         "```", "",
-        "The chat template writes the BOS token itself when the format has one: tokenize its output with "
-        "`add_special_tokens=False` (processor.apply_chat_template(tokenize=True) does this).",
+        "The chat template writes the BOS token itself when the format has one, and the tokenizer adds no "
+        "special tokens of its own, so this usage, `processor.apply_chat_template(..., tokenize=True)` and "
+        "vLLM's chat endpoint all give the token ids medvlm trained with.",
     ]
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
@@ -214,7 +245,7 @@ def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike,
     template = get_template(config.template)
     hf_processor = LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=processor.tokenizer,
+        tokenizer=export_tokenizer(processor.tokenizer),
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=extra,

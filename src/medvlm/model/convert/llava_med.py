@@ -269,7 +269,7 @@ def export_llava_med_v15(src: str | os.PathLike, dst: str | os.PathLike, vision_
         tokenizer.save_pretrained(str(tmp))
         if drop:
             _strip_token_files(tmp, tokenizer.convert_ids_to_tokens(config.image_token_id))
-            check = AutoTokenizer.from_pretrained(str(tmp), local_files_only=True)
+            check = AutoTokenizer.from_pretrained(str(tmp), local_files_only=True, trust_remote_code=False)
             if len(check) != keep:
                 raise MedvlmError(f"could not remove {IMAGE_TOKEN} from the exported tokenizer ({len(check)} != {keep})")
         write_json_atomic(tmp / "generation_config.json", {

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor, CLIPVisionConfig, Pretr
 from medvlm.errors import MedvlmError
 from medvlm.model.build import image_processor_for
 from medvlm.model.convert.shards import SafetensorsCheckpoint, check_weights_folder
+from medvlm.model.safe_load import refusing_remote_code
 
 STORED_TOWER_PREFIX = "model.vision_tower.vision_tower."
 # Buffers older transformers versions saved with the weights; today's models recompute them.
@@ -76,7 +77,8 @@ def _vision_config(cfg: PretrainedConfig, where: str) -> PretrainedConfig:
 
 def _processor_of(folder: Path | None, vision_config: PretrainedConfig) -> Any:
     if folder is not None and (folder / "preprocessor_config.json").is_file():
-        return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        with refusing_remote_code(folder, "image processor"):
+            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     return image_processor_for(vision_config)
 
 
@@ -86,7 +88,8 @@ def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
     stored = [k for k in llava.keys() if k.startswith(STORED_TOWER_PREFIX)]
     if vision_tower is not None:
         folder = check_weights_folder(vision_tower, "vision tower")
-        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with refusing_remote_code(folder, "vision tower"):
+            cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         vision_config = _vision_config(cfg, str(folder))
         keys = SafetensorsCheckpoint(folder, "vision tower").keys()
         if cfg.model_type in _FULL_TO_VISION:  # a full CLIP/SigLIP: its vision half only
@@ -108,7 +111,9 @@ def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
         folder = None
     elif (Path(mm_vision_tower) / "config.json").is_file():
         folder = Path(mm_vision_tower)
-        vision_config = _vision_config(AutoConfig.from_pretrained(str(folder), local_files_only=True), str(folder))
+        with refusing_remote_code(folder, "vision tower"):
+            cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        vision_config = _vision_config(cfg, str(folder))
     else:
         raise MedvlmError(
             f"mm_vision_tower {mm_vision_tower!r} is neither a known tower ({', '.join(KNOWN_TOWERS)}) nor a local "
