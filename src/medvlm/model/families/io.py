@@ -93,7 +93,8 @@ def load_family_processor(path: str | os.PathLike, template: str | None = None) 
     meta = read_json(folder / FAMILY_FILE) if (folder / FAMILY_FILE).is_file() else {}
     _check_processor_class(folder, spec)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    image_processor = _image_processor_class(folder, spec).from_pretrained(str(folder), local_files_only=True)
+    image_processor = _image_processor_class(folder, spec).from_pretrained(str(folder), local_files_only=True,
+                                                                     trust_remote_code=False)
     try:
         processor = _processor_class(spec).from_pretrained(
             str(folder), tokenizer=tokenizer, image_processor=image_processor, local_files_only=True,
