@@ -123,7 +123,7 @@ def vqa_scores(model_dir: Path, data: Path, out: Path) -> dict:
 def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path, beta: float) -> dict:
     """Share of pairs whose chosen answer gains more log-probability than the rejected one (policy vs reference)."""
     from medvlm.model.build import load_pretrained
-    from medvlm.train.dpo import build_preference_dataset
+    from medvlm.train.preference import build_preference_dataset
     from medvlm.train.dpo_ref import compute_ref_logps
 
     policy, proc = load_pretrained(policy_dir)

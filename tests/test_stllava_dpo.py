@@ -10,10 +10,11 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.model.build import build_preset, save_checkpoint
-from medvlm.train.dpo import (
-    METRIC_KEYS, DPOCollator, build_preference_dataset, dpo_loss, prepare_dpo, reference_logps, sequence_logps,
-)
 from medvlm.train.dpo_ref import compute_ref_logps, load_ref_logps
+from medvlm.train.preference import (
+    METRIC_KEYS, DPOCollator, build_preference_dataset, dpo_loss, reference_logps, sequence_logps,
+)
+from medvlm.train.recipes.dpo import prepare_dpo
 from medvlm.train.run import run_training
 
 from train_helpers import make_demo, small_config, state

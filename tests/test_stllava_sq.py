@@ -11,7 +11,7 @@ from medvlm.errors import MedvlmError
 from medvlm.model.build import build_preset, load_pretrained
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters, lora_parameter_names
 from medvlm.train.run import run_training
-from medvlm.train.sq import self_training_groups
+from medvlm.train.self_training import self_training_groups
 
 from train_helpers import changed, make_demo, small_config, state
 
@@ -181,7 +181,7 @@ def test_sq_dataset_redraws_each_epoch_and_learns_more_tokens(demo):
 
     from medvlm.train.config import DataSource
     from medvlm.train.data import build_dataset
-    from medvlm.train.sq import EpochCallback, SelfQuestioningDataset
+    from medvlm.train.self_training import EpochCallback, SelfQuestioningDataset
 
     _, proc = build_preset("tiny", template="v1_sq", projector="cluster")
     base, _ = build_dataset([DataSource(str(demo / "instruct.json"))], proc, image_folder=str(demo / "images"),

@@ -32,3 +32,40 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     from medvlm.model.build import load_pretrained
 
     load_pretrained(tmp_path / "fsdp")
+
+
+def test_ddp_fsdp2_and_deepspeed_two_processes_match_one_process_on_a_model_family(tmp_path):
+    """A tiny Qwen2.5-VL (image grids and ``mm_token_type_ids`` in every batch) under torchrun DDP, FSDP2 and DeepSpeed
+    ZeRO-2 equals one process."""
+    import json
+
+    from train_helpers import make_demo
+
+    from medvlm.model.families.io import load_family
+    from medvlm.model.families.tiny import init_tiny_family
+    from medvlm.train.run import run_training
+
+    demo = make_demo(tmp_path)
+    data = tmp_path / "train16.json"
+    data.write_text(json.dumps(json.loads((demo / "vqa" / "train.json").read_text())[:16]))
+    start = init_tiny_family("tiny-qwen2_5_vl", tmp_path / "start")
+    common = dict(data_path=str(data), max_steps=4, learning_rate=3e-3, weight_decay=0.01, preset=None,
+                  model_name_or_path=str(start), family="qwen2_5_vl")
+    single = run_training(small_config(demo, tmp_path / "single", per_device_train_batch_size=4, **common))
+    want = [h["loss"] for h in single.log_history if "loss" in h]
+    assert len(want) == 4
+    ddp = torchrun_two(tmp_path, config_keys(small_config(demo, tmp_path / "ddp", per_device_train_batch_size=2,
+                                                          **common)), "fam")
+    assert [r["world"] for r in ddp] == [2, 2]
+    for r in ddp:
+        assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)
+    load_family(tmp_path / "ddp")  # rank 0 saved a loadable family checkpoint
+
+    for mode in ("fsdp2_cpu", "deepspeed_cpu"):  # the CPU sharded loops carry the family's tensors as well
+        runs = torchrun_two(tmp_path, config_keys(small_config(demo, tmp_path / mode, per_device_train_batch_size=2,
+                                                               distributed=mode, **common)), f"fam-{mode}")
+        for r in runs:
+            assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (mode, r["losses"], want)
+        if mode == "fsdp2_cpu":  # really sharded
+            assert any(s["local"] != s["global"] for s in runs[0]["shards"].values())
+        load_family(tmp_path / mode)

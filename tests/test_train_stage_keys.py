@@ -28,7 +28,7 @@ SAMPLES = {
     "pretrain_projector": "stage1", "image_folder": "images", "feature_cache_dir": "cache", "ref_logps": "auto",
     "model_kwargs": {"image_aspect": "square"}, "resume_from_checkpoint": False, "data_weights": [2.0],
     "lora_target_modules": ["q_proj"], "vit_lora_target_modules": ["q_proj"], "report_to": [],
-    "training_args": {"eval_steps": 7},
+    "training_args": {"eval_steps": 7}, "family": "qwen2_5_vl",
 }
 
 
@@ -131,6 +131,6 @@ def test_template_switches_the_model_and_is_recorded(tmp_path, shared_dir):
     assert out_model.config.template == "v1_sq" and out_proc.template == "v1_sq"
     assert load_pretrained(src)[0].config.template == "vicuna_v1"  # the starting checkpoint is untouched
     with pytest.raises(MedvlmError, match="only stage 'align' trains with it, not 'sft'"):
-        from medvlm.train.run import training_processor
+        from medvlm.train.setup import training_processor
 
         training_processor(_load("sft", template="plain"), model, processor)

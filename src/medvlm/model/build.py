@@ -239,7 +239,7 @@ def _build_smol(vision_config: CLIPVisionConfig, projector: str, template: str, 
     return model, processor
 
 
-def _check_weights(folder: Path, what: str) -> None:
+def check_weights(folder: Path, what: str) -> None:
     """Refuse folders without safetensors weights (pickled ``.bin``/``.pt`` are never loaded)."""
     if not folder.is_dir():
         raise MedvlmError(f"{what} folder {folder} not found")
@@ -260,7 +260,7 @@ def _load_tower(vision_path: Path, dtype: torch.dtype | None) -> torch.nn.Module
     """A vision tower from a folder holding a vision model or a full CLIP/SigLIP model (its vision part)."""
     from transformers import AutoModel
 
-    _check_weights(vision_path, "vision tower")
+    check_weights(vision_path, "vision tower")
     cfg = AutoConfig.from_pretrained(str(vision_path), local_files_only=True, trust_remote_code=False)
     if cfg.model_type in _FULL_TO_VISION:
         from transformers import CLIPVisionModel, SiglipVisionModel
@@ -294,7 +294,7 @@ def compose(
     torch_dtype = resolve_dtype(dtype)
     with refusing_remote_code(vision_path, "vision tower"):
         tower = _load_tower(vision_path, torch_dtype)
-    _check_weights(lm_path, "language model")
+    check_weights(lm_path, "language model")
     with refusing_remote_code(lm_path, "language model"):
         lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
                                                   local_files_only=True, trust_remote_code=False)
@@ -326,7 +326,7 @@ def load_pretrained(
 ) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     """Load a medvlm checkpoint folder (safetensors only) -> ``(model, processor)`` in eval mode."""
     folder = Path(path)
-    _check_weights(folder, "checkpoint")
+    check_weights(folder, "checkpoint")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"checkpoint folder {folder} has no {PROCESSOR_FILE} (not saved by medvlm?)")
     with refusing_remote_code(folder, "checkpoint"):

@@ -65,6 +65,10 @@ class TrainConfig:
     """Chat template the run trains in (default: the model's own). Another template switches the model to it and
     the output checkpoint records it (STLLaVA-Med's ``--version v1_sq``); ``plain`` only in ``align`` (LLaVA's
     stage-1 image + caption format; the checkpoint keeps its chat template)."""
+    family: str | None = None
+    """Model family of ``model_name_or_path`` when it is a transformers image-text-to-text checkpoint (``qwen2_5_vl``,
+    ``qwen3_vl``, ``gemma3``, ``idefics3``, ``llava``, ``llava_onevision``; :mod:`medvlm.model.families`): must equal
+    the checkpoint's declared family. None: taken from the checkpoint (``medvlm_family.json`` / ``model_type``)."""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str | list[Any] | None = None
@@ -132,7 +136,7 @@ class TrainConfig:
     global_batch_size: int | None = None
     """If set, ``gradient_accumulation_steps`` = global / (per-device batch x processes); must divide exactly."""
 
-    # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.sq / medvlm.train.dpo ----
+    # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.recipes.sq / .dpo ----
     sq_r: float = 0.5
     """Stage ``sq``: probability that a user turn after the first becomes a VUSER question (re-drawn each epoch, seeded)."""
     vit_lora: bool = True
@@ -299,6 +303,7 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     # what to train
     "stage": _ALL, "model_name_or_path": _ALL, "preset": _ALL, "vision_tower_path": _ALL, "language_model_path": _ALL,
     "projector_type": _ALL, "model_kwargs": _ALL, "pretrain_projector": _ALL, "template": _ALL,
+    "family": _ALL,
     # data
     "data_path": _ALL, "data_weights": _ALL, "data_format": _ALL, "image_folder": _ALL, "max_length": _ALL,
     "skip_missing_images": ("align", "sft", "sq"), "group_by_modality_length": _ALL, "packing": _ALIGN_SFT,

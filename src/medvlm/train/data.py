@@ -26,6 +26,7 @@ from medvlm.data.readers.stream import RecordFile, iter_raw_records
 from medvlm.data.schema import Sample
 from medvlm.data.templates import Encoded, ImageTruncationError
 from medvlm.errors import MedvlmError
+from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.train.config import DataSource
 
@@ -87,8 +88,15 @@ def resolve_image(rel: str, image_folder: str | None) -> Path:
     return p if p.is_absolute() or image_folder is None else Path(image_folder) / p
 
 
-def text_encode(sample: Sample, processor: MedVLMProcessor, max_length: int) -> Encoded:
-    """Tokenise a sample's conversation exactly as :meth:`MedVLMProcessor.encode` does, without images."""
+def text_encode(sample: Sample, processor: MedVLMProcessor | FamilyProcessor, max_length: int,
+                image_folder: str | None = None) -> Encoded:
+    """Tokenise a sample's conversation exactly as ``processor.encode`` does, without decoding images.
+
+    A model family's image token count depends on each image's size, which its processor reads from
+    the image file headers (hence ``image_folder``); the native model's count is fixed.
+    """
+    if isinstance(processor, FamilyProcessor):
+        return processor.encode_text(sample, max_length=max_length, image_folder=image_folder)
     return processor.encode_text(sample, max_length=max_length)
 
 
@@ -166,7 +174,7 @@ def _draw(n: int, weight: float, rng: random.Random) -> list[int]:
 
 def build_dataset(
     sources: list[DataSource],
-    processor: MedVLMProcessor,
+    processor: MedVLMProcessor | FamilyProcessor,
     *,
     image_folder: str | None,
     max_length: int,
@@ -210,7 +218,7 @@ def build_dataset(
                         missing_examples.append(f"{where}: {resolve_image(absent[0], image_folder)}")
                     continue
             try:
-                enc = text_encode(sample, processor, max_length)
+                enc = text_encode(sample, processor, max_length, image_folder)
             except ImageTruncationError:
                 dropped["image_truncated"] += 1
                 continue

@@ -37,11 +37,22 @@ def fingerprint(checkpoint: str | os.PathLike, dataset) -> str:
     for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
-    h.update(json.dumps(dataset.processor.to_dict(), sort_keys=True).encode())
-    h.update(json.dumps(dataset.processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
+    for settings in processor_settings(dataset.processor):
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for pair, enc in zip(dataset.pairs, dataset.encoded):
         h.update(json.dumps([pair.id, list(pair.images), enc], sort_keys=True).encode())
     return h.hexdigest()
+
+
+def processor_settings(processor) -> list[dict[str, Any]]:
+    """What of a processor decides the encoded pairs: its settings and its image processor's (a family: also its
+    chat template)."""
+    from medvlm.model.families.processing import FamilyProcessor
+
+    if isinstance(processor, FamilyProcessor):
+        return [{"family": processor.spec.name, "chat_template": processor.chat_template, "template": processor.template},
+                processor.processor.image_processor.to_dict()]
+    return [processor.to_dict(), processor.image_processor.to_dict()]
 
 
 def compute_ref_logps(ref_model, dataset, batch_size: int = 4, pad_token_id: int | None = None,
@@ -49,10 +60,10 @@ def compute_ref_logps(ref_model, dataset, batch_size: int = 4, pad_token_id: int
     """``{pair key: (chosen, rejected)}`` summed answer log-probs of the frozen reference (eval mode, no grad)."""
     from tqdm.auto import tqdm
 
-    from medvlm.train.dpo import DPOCollator, reference_logps
+    from medvlm.train.preference import DPOCollator, reference_logps
 
     saved, dataset.ref_logps = dataset.ref_logps, None
-    collate = DPOCollator(pad_token_id if pad_token_id is not None else dataset.processor.pad_token_id)
+    collate = DPOCollator(pad_token_id) if pad_token_id is not None else dataset.collator()
     device = device or next(ref_model.parameters()).device
     ref_model.eval()
     out: dict[str, tuple[float, float]] = {}

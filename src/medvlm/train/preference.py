@@ -1,4 +1,4 @@
-"""STLLaVA-Med stage 2b: DPO on preference pairs (``stage: dpo``), on the HF Trainer with our own loss.
+"""DPO's data, loss and trainer (the recipe is :mod:`medvlm.train.recipes.dpo`), for native and family models.
 
 Sigmoid DPO (Rafailov et al.): ``loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))`` where
 each log-probability is the fp32 sum over the compared answer's tokens (its text and end token; the
@@ -13,11 +13,14 @@ reproduces that. Reference log-probabilities can be computed once before trainin
 TRL's ``DPOTrainer`` is not used: it cannot precompute reference log-probs for image data nor give
 the reference a different visual path. The preference files are TRL-compatible
 (``prompt``/``chosen``/``rejected`` + ``images``) or STLLaVA-Med's format; both are read here.
+
+A model family (:class:`~medvlm.model.families.processing.FamilyProcessor`) encodes each side with its own
+processor (its image tokens, ``image_grid_thw``, ``mm_token_type_ids``, ... travel with the batch and reach the
+policy and the reference unchanged); its reference always uses its own frozen visual path.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,37 +32,52 @@ from medvlm.data.readers import read_preferences
 from medvlm.data.schema import PreferenceSample, Sample
 from medvlm.data.templates import IGNORE_INDEX, ImageTruncationError, encode_conversation
 from medvlm.errors import MedvlmError
+from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.processing import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
-from medvlm.train.config import TrainConfig
 from medvlm.train.data import resolve_image, text_encode
-from medvlm.train.sq import SelfTrainingTrainer
+from medvlm.train.self_training import SelfTrainingTrainer
 
 REF_VISUAL_PATHS: tuple[str, ...] = ("frozen", "policy")
+NOT_MODEL_INPUTS = ("pair_labels", "pair_ids", "ref_logps")
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
 RPO_METRIC_KEYS = ("nll/chosen",)  # logged as well when dpo_rpo_alpha is set
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def encode_pair(pair: PreferenceSample, processor, max_length: int) -> dict[str, list[int]] | None:
-    """Token ids and labels of prompt+chosen and prompt+rejected; labels only on the continuation.
-
-    Returns None when truncation leaves either side without a learned token. Raises a MedvlmError when
-    the tokenised prompt is not a prefix of a full conversation (a template/tokenizer mismatch).
-    """
+def prompt_ids(pair: PreferenceSample, processor, image_folder: str | None = None) -> list[int]:
+    """Token ids of the pair's prompt up to the answer (the generation prompt)."""
     prompt = Sample(pair.id, list(pair.prompt), list(pair.images))
-    p_ids = encode_conversation(
+    if isinstance(processor, FamilyProcessor):
+        return processor.encode_text(prompt, add_generation_prompt=True, image_folder=image_folder).input_ids
+    return encode_conversation(
         prompt.messages, processor.tokenizer, processor.chat_template, image_seq_length=processor.image_seq_length,
         image_token=IMAGE_TOKEN, im_start_token=IM_START_TOKEN if processor.mm_use_im_start_end else None,
         im_end_token=IM_END_TOKEN if processor.mm_use_im_start_end else None, add_generation_prompt=True,
     ).input_ids
+
+
+def side_sample(pair: PreferenceSample, side: str) -> Sample:
+    """The full conversation of one side: prompt + the chosen or rejected continuation."""
+    return Sample(pair.id, list(pair.prompt) + list(getattr(pair, side)), list(pair.images))
+
+
+def encode_pair(pair: PreferenceSample, processor, max_length: int,
+                image_folder: str | None = None) -> dict[str, list[int]] | None:
+    """Token ids and labels of prompt+chosen and prompt+rejected; labels only on the continuation.
+
+    Returns None when truncation leaves either side without a learned token. Raises a MedvlmError when
+    the tokenised prompt is not a prefix of a full conversation (a template/tokenizer mismatch).
+    ``image_folder`` resolves a model family's images (their sizes decide its image token counts).
+    """
+    p_ids = prompt_ids(pair, processor, image_folder)
     out: dict[str, list[int]] = {}
-    for side, cont in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        enc = text_encode(Sample(pair.id, list(pair.prompt) + list(cont), list(pair.images)), processor, max_length)
+    for side in ("chosen", "rejected"):
+        enc = text_encode(side_sample(pair, side), processor, max_length, image_folder)
         n = min(len(p_ids), len(enc.input_ids))
         if enc.input_ids[:n] != p_ids[:n]:
             raise MedvlmError(f"pair {pair.id!r}: the tokenised prompt is not a prefix of the {side} conversation "
-                              f"(template {processor.template}); cannot tell answer tokens apart")
+                              f"(template {processor.template or processor.spec.name}); cannot tell answer tokens apart")
         labels = [IGNORE_INDEX] * n + enc.labels[n:]
         if all(x == IGNORE_INDEX for x in labels):
             return None
@@ -80,11 +98,14 @@ class PairReport:
 class PreferenceDataset(torch.utils.data.Dataset):
     """Encoded preference pairs (text encoded at build time, images loaded lazily per item)."""
 
-    def __init__(self, pairs: list[PreferenceSample], encoded: list[dict[str, list[int]]], processor, image_folder: str | None):
+    def __init__(self, pairs: list[PreferenceSample], encoded: list[dict[str, list[int]]], processor, image_folder: str | None,
+                 max_length: int | None = None):
         self.pairs = pairs
         self.encoded = encoded
         self.processor = processor
         self.image_folder = image_folder
+        self.max_length = max_length
+        """A model family's truncation length (its items are re-encoded with the images)."""
         self.ref_logps: dict[str, tuple[float, float]] | None = None
         """Precomputed reference log-probs by pair id (set by the run when ``ref_logps`` is used)."""
         self.lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) * (1 if p.images else -1)
@@ -93,13 +114,36 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def collator(self):
+        """The collator of this dataset's items (native :class:`DPOCollator` or :class:`FamilyDPOCollator`)."""
+        if isinstance(self.processor, FamilyProcessor):
+            return FamilyDPOCollator(self.processor)
+        return DPOCollator(self.processor.pad_token_id)
+
+    def family_item(self, i: int) -> dict[str, Any]:
+        """A model family's pair: each side's full feature dict (image tensors included), answer-only labels."""
+        pair, enc = self.pairs[i], self.encoded[i]
+        images = self.processor.load_images(Sample(pair.id, list(pair.prompt), list(pair.images)), self.image_folder)
+        item: dict[str, Any] = {}
+        for side in ("chosen", "rejected"):
+            feat = self.processor.encode(side_sample(pair, side), max_length=self.max_length, images=images)
+            if feat["input_ids"].tolist() != enc[f"{side}_input_ids"]:
+                raise MedvlmError(f"pair {pair.id!r}: the {side} tokens differ from those indexed from the image headers "
+                                  "(an image file changed while training?)")
+            feat["labels"] = torch.tensor(enc[f"{side}_labels"], dtype=torch.long)  # [L] the answer only
+            item[side] = feat
+        return item
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         pair, enc = self.pairs[i], self.encoded[i]
-        item: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in enc.items()}
-        item["pixel_values"] = None
-        if pair.images:
-            sample = Sample(pair.id, list(pair.prompt), list(pair.images))
-            item["pixel_values"] = self.processor.preprocess_images(self.processor.load_images(sample, self.image_folder))
+        if isinstance(self.processor, FamilyProcessor):
+            item = self.family_item(i)
+        else:
+            item = {k: torch.tensor(v, dtype=torch.long) for k, v in enc.items()}
+            item["pixel_values"] = None
+            if pair.images:
+                sample = Sample(pair.id, list(pair.prompt), list(pair.images))
+                item["pixel_values"] = self.processor.preprocess_images(self.processor.load_images(sample, self.image_folder))
         item["pair_id"] = pair.id
         if self.ref_logps is not None:
             if pair.id not in self.ref_logps:
@@ -133,7 +177,7 @@ def build_preference_dataset(paths: list[str], processor, image_folder: str | No
                 if not resolve_image(rel, image_folder).is_file():
                     raise MedvlmError(f"{path} pair {pair.id!r}: image file {resolve_image(rel, image_folder)} not found")
             try:
-                enc = encode_pair(pair, processor, max_length)
+                enc = encode_pair(pair, processor, max_length, image_folder)
             except ImageTruncationError:
                 dropped["image_truncated"] += 1
                 continue
@@ -145,7 +189,7 @@ def build_preference_dataset(paths: list[str], processor, image_folder: str | No
     if not pairs:
         raise MedvlmError(f"data_path {paths}: no usable preference pair (dropped: {dropped})")
     report = PairReport(list(paths), len(pairs), sum(1 for p in pairs if p.images), {k: v for k, v in dropped.items() if v})
-    return PreferenceDataset(pairs, encoded, processor, image_folder), report
+    return PreferenceDataset(pairs, encoded, processor, image_folder, max_length), report
 
 
 class DPOCollator:
@@ -173,6 +217,28 @@ class DPOCollator:
             batch["ref_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features]
                                               + [f["ref_rejected_logps"] for f in features], dtype=torch.float32)  # [2B]
         return batch
+
+
+class FamilyDPOCollator:
+    """A model family's pairs as one ``[2B, T]`` batch (chosen rows first) through the family's own collator:
+    every per-token tensor is padded with the text, the image tensors are concatenated chosen-then-rejected."""
+
+    def __init__(self, processor: FamilyProcessor):
+        self.base = processor.collator("right")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base([f["chosen"] for f in features] + [f["rejected"] for f in features])
+        batch["pair_labels"] = batch.pop("labels")  # [2B, T]
+        batch["pair_ids"] = [f["pair_id"] for f in features]
+        if "ref_chosen_logps" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features]
+                                              + [f["ref_rejected_logps"] for f in features], dtype=torch.float32)  # [2B]
+        return batch
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's inputs of a DPO batch: ids, mask, pixels and a family's image / token tensors (not the labels)."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS and v is not None}
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -224,7 +290,7 @@ def reference_logps(ref_model, batch: dict[str, Any], visual_features: torch.Ten
     with torch.no_grad():
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if visual_features is None:
-            out = ref_model(input_ids=ids, attention_mask=mask, pixel_values=batch.get("pixel_values"))
+            out = ref_model(**model_inputs(batch))
         else:
             embeds = ref_model.get_input_embeddings()(ids)  # [2B, T, H]
             image_mask = (ids == ref_model.config.image_token_id).unsqueeze(-1).expand_as(embeds)  # [2B, T, H]
@@ -251,17 +317,12 @@ class DPOTrainer(SelfTrainingTrainer):
             ref_model.to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("pair_labels")
-        inputs.pop("pair_ids", None)
-        ref_pre = inputs.pop("ref_logps", None)
-        pixels = inputs.pop("pixel_values", None)
-        fwd: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        if pixels is not None:
-            if self.vit_lora_grad == "published":
-                fwd["vision_features"] = self.published_features(model, pixels)
-            else:
-                fwd["pixel_values"] = pixels
+        labels = inputs["pair_labels"]
+        ref_pre = inputs.get("ref_logps")
+        fwd = model_inputs(inputs)  # ids, mask, pixels (and a family's image / token tensors)
+        pixels = fwd.get("pixel_values")
+        if pixels is not None and self.vit_lora_grad == "published":
+            fwd["vision_features"] = self.published_features(model, fwd.pop("pixel_values"))
         out = model(**fwd)
         pi = sequence_logps(out.logits, labels)  # [2B]
         if ref_pre is not None:
@@ -273,9 +334,7 @@ class DPOTrainer(SelfTrainingTrainer):
             if self.ref_visual_path == "policy" and pixels is not None:
                 with torch.no_grad():
                     feats = self._vlm(model).get_image_features(pixels)  # [2 n_img, S, H], the policy's visual path
-            batch = {"input_ids": fwd["input_ids"], "attention_mask": fwd["attention_mask"],
-                     "pixel_values": pixels, "pair_labels": labels}
-            ref = reference_logps(self.ref_model, batch, feats)
+            ref = reference_logps(self.ref_model, inputs, feats)
         n_tokens = target_mask(labels).sum(-1)  # [2B] the tokens sequence_logps summed, per row
         loss, stats = dpo_loss(pi, ref, self.beta, self.rpo_alpha, n_tokens)
         if model.training:
@@ -289,87 +348,3 @@ class DPOTrainer(SelfTrainingTrainer):
                 logs[k] = sum(vals) / len(vals)
                 vals.clear()
         super().log(logs, start_time)
-
-
-# ---- the run ---------------------------------------------------------------------------------------
-def check_dpo(cfg: TrainConfig) -> None:
-    """DPO-specific checks (a MedvlmError naming the key)."""
-    if cfg.ref_visual_path not in REF_VISUAL_PATHS:
-        raise MedvlmError(f"ref_visual_path: unknown value {cfg.ref_visual_path!r}; choose one of {', '.join(REF_VISUAL_PATHS)}")
-    if cfg.dpo_beta <= 0:
-        raise MedvlmError(f"dpo_beta must be > 0, got {cfg.dpo_beta}")
-    if cfg.dpo_rpo_alpha is not None and cfg.dpo_rpo_alpha < 0:
-        raise MedvlmError(f"dpo_rpo_alpha must be >= 0 (or null for plain DPO), got {cfg.dpo_rpo_alpha}")
-    if cfg.ref_logps and cfg.ref_visual_path == "policy":
-        raise MedvlmError("ref_logps cannot be precomputed with ref_visual_path: policy (the policy's visual path changes "
-                          "while training); use ref_visual_path: frozen or drop ref_logps")
-    if not cfg.model_name_or_path:
-        raise MedvlmError("stage 'dpo' starts from a stage-1 checkpoint: set model_name_or_path")
-    if any(s.weight != 1.0 for s in cfg.sources()):
-        raise MedvlmError("stage 'dpo' uses every preference pair once per epoch; data_path weights are not supported")
-
-
-@dataclass
-class DPORun:
-    """Everything a DPO run trains with (``prepare_dpo``), before ``trainer.train()``."""
-
-    trainer: DPOTrainer
-    processor: Any
-    dataset: PreferenceDataset
-    report: PairReport
-    config_yaml: str
-    manifest: dict
-    resume: str | None
-
-
-def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None) -> DPORun:
-    """Load policy and reference, read and encode the pairs, reference log-probs, the trainer."""
-    from transformers import set_seed
-
-    from medvlm.model.build import load_pretrained
-    from medvlm.train.callbacks import RunArtifactsCallback
-    from medvlm.train.checkpoint import load_start, resolve_resume
-    from medvlm.train.dpo_ref import ensure_ref_logps
-    from medvlm.train.run import build_training_args, resolve_accumulation, training_processor, world_size
-    from medvlm.train.sq import apply_self_training_stage, check_self_training
-
-    check_self_training(cfg)
-    check_dpo(cfg)
-    world = world_size()
-    accumulation = resolve_accumulation(cfg, world)
-    resume = resolve_resume(cfg)
-    set_seed(cfg.seed)
-    model, processor = load_start(cfg)
-    train_proc = training_processor(cfg, model, processor)
-    dataset, report = build_preference_dataset([s.path for s in cfg.sources()], train_proc, cfg.image_folder,
-                                               cfg.max_length, cfg.data_format)
-    ref_model = None
-    if cfg.ref_logps:  # the stored values are the reference: the model is loaded only to compute them
-        dataset.ref_logps = ensure_ref_logps(cfg, lambda: load_pretrained(cfg.model_name_or_path)[0], dataset)
-    else:
-        ref_model = load_pretrained(cfg.model_name_or_path)[0]
-    model = apply_self_training_stage(model, cfg)
-    args = build_training_args(cfg, accumulation, find_unused=world > 1 and 0 < report.image_pairs < report.pairs)
-    manifest = {"preference_files": report.files, "pairs": report.pairs, "image_pairs": report.image_pairs,
-                "dropped": report.dropped, "template": train_proc.template, "max_length": cfg.max_length}
-    config_yaml = cfg.to_yaml()
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=DPOCollator(train_proc.pad_token_id),
-        processing_class=processor,
-        callbacks=[RunArtifactsCallback(config_yaml, manifest, f"dpo: {Path(cfg.output_dir).name}"), *(callbacks or [])],
-        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
-        projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad,
-        ref_model=ref_model, beta=cfg.dpo_beta, ref_visual_path=cfg.ref_visual_path, rpo_alpha=cfg.dpo_rpo_alpha,
-    )
-    return DPORun(trainer, processor, dataset, report, config_yaml, manifest, resume)
-
-
-def run_dpo(cfg: TrainConfig, callbacks: list | None = None):
-    """Stage ``dpo``; returns a :class:`~medvlm.train.run.TrainResult` (its log history carries the DPO metrics)."""
-    from medvlm.train.sq import finish_run
-
-    started = time.time()
-    run = prepare_dpo(cfg, callbacks)
-    out = run.trainer.train(resume_from_checkpoint=run.resume)
-    return finish_run(cfg, run.trainer, run.processor, run.config_yaml, run.manifest,
-                      f"dpo: {Path(cfg.output_dir).name}", out, started)

@@ -1,25 +1,26 @@
-"""STLLaVA-Med stage 1, self-questioning instruction tuning (``stage: sq``), and what DPO shares with it.
+"""What STLLaVA-Med's two stages share (``stage: sq`` self-questioning, ``stage: dpo``), for the recipes
+:mod:`medvlm.train.recipes.sq` and :mod:`medvlm.train.recipes.dpo`.
 
-- Data: the training files are read as in ``sft``; while a multimodal sample is loaded its later
+- Data (``sq``): the training files are read as in ``sft``; while a multimodal sample is loaded its later
   user turns become VUSER turns with probability ``sq_r`` (re-drawn each epoch, seeded), see
-  :mod:`medvlm.data.sq`. The model's template must be ``v1_sq`` (VUSER questions are learned).
+  :mod:`medvlm.data.sq`. A native model's template must be ``v1_sq`` (VUSER questions are learned); a model
+  family's template learns VUSER turns by construction.
 - Parameters: LoRA on the LM (``tune: lora``; or the whole LM with ``tune: full``), the projector
-  fully trained, and ViT-LoRA on the tower (:mod:`medvlm.model.vit_lora`). Gradients reach the
-  ViT-LoRA; ``vit_lora_grad: published`` reproduces the published code, whose tower runs under
-  ``no_grad`` so its ViT-LoRA never trains. ``tune_vision_tower: true`` with ``vit_lora: false``
-  trains the whole tower instead (at ``vision_lr``; a named deviation for towers that must still learn
-  to see, e.g. a randomly initialised one).
+  fully trained, and ViT-LoRA on the tower (:mod:`medvlm.model.vit_lora`; families:
+  :mod:`medvlm.train.family_stage`). Gradients reach the ViT-LoRA; ``vit_lora_grad: published`` reproduces
+  the published code, whose tower runs under ``no_grad`` so its ViT-LoRA never trains (native model only).
+  ``tune_vision_tower: true`` with ``vit_lora: false`` trains the whole tower instead (at ``vision_lr``; a
+  named deviation for towers that must still learn to see, e.g. a randomly initialised one).
 - Optimiser: three learning rates (``learning_rate`` for the LM/LM-LoRA, ``projector_lr``,
   ``vision_lr``), weight decay never on biases / norms.
-- Output: LM-LoRA merged into the LM and ViT-LoRA into the tower: a plain medvlm checkpoint; the
+- Output: LM-LoRA merged into the LM and ViT-LoRA into the tower: a plain checkpoint; the
   adapters are kept in ``adapter/``.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,10 +30,8 @@ from medvlm.data.sq import sq_rng, to_self_questioning
 from medvlm.data.schema import Sample
 from medvlm.errors import MedvlmError
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
-from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, RunArtifactsCallback, plot_loss_curve
 from medvlm.train.config import TrainConfig
 from medvlm.train.data import SupervisedDataset
-from medvlm.train.run import TrainResult
 from medvlm.train.trainer import MedVLMTrainer
 
 VIT_LORA_GRAD_MODES: tuple[str, ...] = ("trained", "published")
@@ -82,8 +81,6 @@ def check_self_training(cfg: TrainConfig) -> None:
     if cfg.tune_vision_tower and cfg.vit_lora:
         raise MedvlmError("stage 'sq': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is redundant; "
                           "set vit_lora: false (STLLaVA-Med's recipe is vit_lora: true, tune_vision_tower: false)")
-    if cfg.distributed == "fsdp2_cpu":
-        raise MedvlmError(f"stage {cfg.stage!r} runs on the HF Trainer (DDP/FSDP/DeepSpeed via accelerate); distributed: fsdp2_cpu is not supported")
     if not 0.0 <= cfg.sq_r <= 1.0:
         raise MedvlmError(f"sq_r must be in [0, 1], got {cfg.sq_r}")
 
@@ -135,8 +132,10 @@ def part_of(name: str) -> str:
 
 
 def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_lr: float | None,
-                         vision_lr: float | None) -> list[dict[str, Any]]:
-    """Torch param groups: LM (the run's lr), projector (``projector_lr``), vision (``vision_lr``), decay split."""
+                         vision_lr: float | None, part: Callable[[str], str] = part_of) -> list[dict[str, Any]]:
+    """Torch param groups: LM (the run's lr), projector (``projector_lr``), vision (``vision_lr``), decay split.
+
+    ``part`` maps a parameter name to ``vision`` / ``projector`` / ``lm`` (a family's: ``family_part_of``)."""
     lrs = {"lm": None, "projector": projector_lr, "vision": vision_lr}
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
@@ -145,7 +144,7 @@ def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_
             continue
         seen.add(id(p))
         decay = weight_decay > 0 and not _no_decay(name, p)
-        groups.setdefault((part_of(name), decay), []).append(p)
+        groups.setdefault((part(name), decay), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):
         g: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": f"{part}_{'decay' if decay else 'no_decay'}"}
@@ -158,17 +157,19 @@ def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_
 class SelfTrainingTrainer(MedVLMTrainer):
     """``MedVLMTrainer`` with three learning rates and the ``published`` (no-grad tower) reproduction switch."""
 
-    def __init__(self, *args: Any, vision_lr: float | None = None, vit_lora_grad: str = "trained", **kwargs: Any):
+    def __init__(self, *args: Any, vision_lr: float | None = None, vit_lora_grad: str = "trained",
+                 part: Callable[[str], str] = part_of, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.vision_lr = vision_lr
         self.vit_lora_grad = vit_lora_grad
+        self.part = part
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             from transformers import Trainer
 
             target = model if model is not None else self.model
-            groups = self_training_groups(target, self.args.weight_decay, self.projector_lr, self.vision_lr)
+            groups = self_training_groups(target, self.args.weight_decay, self.projector_lr, self.vision_lr, self.part)
             for g in groups:
                 g.pop("name")
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, target)
@@ -187,70 +188,15 @@ class SelfTrainingTrainer(MedVLMTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-# ---- the run ---------------------------------------------------------------------------------------
-def check_sq_template(model) -> None:
-    """Stage ``sq`` needs a model whose template is ``v1_sq`` (VUSER turns)."""
-    if model.config.template != SQ_TEMPLATE:
+# ---- checks of the starting model ----------------------------------------------------------------
+def check_sq_template(model, processor, family: str | None) -> None:
+    """Stage ``sq`` needs a template that learns VUSER turns: ``v1_sq`` (native, llava family) or a family's own."""
+    template = processor.template if family is not None else model.config.template
+    if family is not None and template is None:
+        return  # the family's marked chat template learns VUSER turns (rendered as user turns)
+    if template != SQ_TEMPLATE:
+        where = (f"set template: {SQ_TEMPLATE} (the run switches the model to it and the output checkpoint keeps it)"
+                 if family is None else
+                 f"build the llava checkpoint with template {SQ_TEMPLATE} (medvlm model init --template {SQ_TEMPLATE})")
         raise MedvlmError(f"stage 'sq' needs a model with template {SQ_TEMPLATE!r} (VUSER turns); the starting model "
-                          f"uses {model.config.template!r}: set template: {SQ_TEMPLATE} (the run switches the model "
-                          "to it and the output checkpoint keeps it)")
-
-
-def run_sq(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Stage ``sq``: self-questioning instruction tuning; returns the run's :class:`~medvlm.train.run.TrainResult`."""
-    from transformers import set_seed
-
-    from medvlm.train.checkpoint import load_start, resolve_resume
-    from medvlm.train.data import build_dataset
-    from medvlm.train.run import build_training_args, resolve_accumulation, training_processor, world_size
-    from medvlm.train.trainer import TrainCollator
-
-    started = time.time()
-    check_self_training(cfg)
-    world = world_size()
-    accumulation = resolve_accumulation(cfg, world)
-    resume = resolve_resume(cfg)
-    set_seed(cfg.seed)
-    model, processor = load_start(cfg)
-    train_proc = training_processor(cfg, model, processor)  # template: v1_sq switches the model to it
-    check_sq_template(model)
-    base, manifest = build_dataset(
-        cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
-        data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
-    )
-    dataset = SelfQuestioningDataset(base, cfg.sq_r, cfg.seed)
-    model = apply_self_training_stage(model, cfg)
-    find_unused = world > 1 and manifest.text_samples > 0 and manifest.image_samples > 0
-    args = build_training_args(cfg, accumulation, find_unused)
-    config_yaml = cfg.to_yaml()
-    manifest_dict = manifest.to_dict()
-    title = f"sq: {Path(cfg.output_dir).name}"
-    trainer = SelfTrainingTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=TrainCollator(train_proc.pad_token_id),
-        processing_class=processor,
-        callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), EpochCallback(dataset), *(callbacks or [])],
-        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
-        projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad,
-    )
-    out = trainer.train(resume_from_checkpoint=resume)
-    return finish_run(cfg, trainer, processor, config_yaml, manifest_dict, title, out, started)
-
-
-def finish_run(cfg: TrainConfig, trainer, processor, config_yaml: str, manifest_dict: dict, title: str, out,
-               started: float) -> TrainResult:
-    """Save the merged checkpoint (adapters in ``adapter/``) and the loss curve on rank 0; build the result."""
-    from medvlm.train.checkpoint import save_final
-
-    history = list(trainer.state.log_history)
-    if trainer.is_world_process_zero():
-        final_model = trainer.accelerator.unwrap_model(trainer.model)
-        lora = hasattr(final_model, "merge_and_unload")
-        save_final(final_model, processor, cfg.output_dir, {CONFIG_FILE: config_yaml, MANIFEST_FILE: manifest_dict}, lora=lora)
-        plot_loss_curve(history, Path(cfg.output_dir) / LOSS_PNG, title)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    losses = [h["loss"] for h in history if "loss" in h]
-    return TrainResult(
-        output_dir=str(cfg.output_dir), final_loss=losses[-1] if losses else (out.training_loss if out else None),
-        log_history=history, steps=trainer.state.global_step, seconds=time.time() - started, manifest=manifest_dict,
-    )
+                          f"uses {template!r}: {where}")

@@ -1,59 +1,23 @@
-"""Sharded training on CPU clusters with PyTorch FSDP2 (``fully_shard``), launched by ``torchrun``.
+"""The Trainer-equivalent training loop of the CPU multi-process recipes (``fsdp2_cpu``, ``deepspeed_cpu``).
 
-On GPUs the standard path is the HF Trainer under ``accelerate launch --config_file
-configs/accelerate/fsdp.yaml`` (FSDP2, auto-wrapping the layer classes named by the model's
-``_no_split_modules``). accelerate refuses FSDP on CPU (it silently falls back to DDP), so
-``distributed: fsdp2_cpu`` runs this loop instead: the same model, data, sampler, parameter groups,
-scheduler, clipping and token-level loss normalisation as the Trainer, with every decoder and
-vision-encoder layer and then the whole model sharded over a gloo process group. Parameters are
-``DTensor`` shards (each rank holds 1/world of every sharded tensor); the final checkpoint is
-gathered as a full state dict on rank 0. Scope: ``tune: full``, no feature cache, no mid-run resume
-(use the Trainer path for those).
-
-The loop itself (:func:`manual_train_loop`) is shared with ``distributed: deepspeed_cpu``; the two
-paths differ only in how a micro-batch's loss is back-propagated and how the optimizer steps, which
-each supplies as a :class:`StepStrategy` (:class:`FSDPStep` here, ``DeepSpeedStep`` in
-``medvlm.train.deepspeed_cpu``).
+accelerate cannot run FSDP or DeepSpeed on CPU, so those two recipes (:mod:`medvlm.train.recipes.fsdp2_cpu`,
+:mod:`medvlm.train.recipes.deepspeed_cpu`) drive this loop: the same model, data, sampler, parameter groups,
+scheduler, clipping and token-level loss normalisation as the Trainer. The two recipes differ only in how a
+micro-batch's loss is back-propagated and how the optimizer steps, which each supplies as a
+:class:`StepStrategy` (``FSDPStep`` / ``DeepSpeedStep``). Setup and teardown are :mod:`medvlm.train.setup`'s.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
-
-
-def shard_model(model: nn.Module, mesh) -> list[str]:
-    """``fully_shard`` every layer whose class is in ``model._no_split_modules``, then the root; returns the classes."""
-    from torch.distributed.fsdp import fully_shard
-
-    classes = set(model._no_split_modules or [])
-    wrapped = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in classes})
-    for m in list(model.modules()):
-        if type(m).__name__ in classes:
-            fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return wrapped
-
-
-def shard_report(model: nn.Module) -> dict[str, Any]:
-    """Per parameter: local shard shape vs global shape, and a checksum of the local shard."""
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            local = p.to_local()
-            out[name] = {"local": list(local.shape), "global": list(p.shape), "sum": float(local.double().sum())}
-    return out
 
 
 def local_batches(dataset, collate, chunk: list[int], micro: int, world: int, rank: int, accumulation: int) -> list[dict]:
@@ -71,9 +35,16 @@ def learned_tokens(batches: list[dict]) -> int:
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
-def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False) -> torch.Tensor:
+def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False,
+                 family: bool = False) -> torch.Tensor:
     """Micro-batch CE sum / ``n_items`` (padded or packed batch; no KV cache in training); with
-    ``labelled_logits_only`` the LM head runs at labelled positions only (same loss)."""
+    ``labelled_logits_only`` the LM head runs at labelled positions only (same loss). A ``family`` model gets every
+    tensor of its batch (image grids, per-token types) and its loss is computed from the logits."""
+    if family:
+        from medvlm.train.family_stage import family_lm_loss
+
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return family_lm_loss(model(**inputs, use_cache=False), batch["labels"], n_items)
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
     out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items,
                 labelled_logits_only=labelled_logits_only)
@@ -84,6 +55,10 @@ def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only
 class ManualRun:
     """What the FSDP2 and DeepSpeed CPU loops build identically from the config (see :func:`prepare_manual_run`)."""
 
+    start: Any
+    """The run's :class:`medvlm.train.setup.RunStart` (start time, processor saved with the checkpoint, family)."""
+    model_class: type
+    """The model's class before sharding / wrapping (the gathered weights are loaded into a fresh one)."""
     model: nn.Module
     """The staged model in train mode, not yet sharded or wrapped."""
     processor: Any
@@ -114,41 +89,37 @@ class ManualRun:
     """Output directory (created on rank 0)."""
 
 
-def prepare_manual_run(cfg: TrainConfig, world: int, rank: int) -> ManualRun:
+def prepare_manual_run(cfg: TrainConfig, world: int, rank: int, family: str | None = None) -> ManualRun:
     """Seed, load the start model, build the data, apply the stage and size the schedule, as the Trainer path does.
 
     Call after the process group is up; every rank builds the same (unsharded) model.
     """
-    from transformers import set_seed
-
-    from medvlm.train.checkpoint import load_start
-    from medvlm.train.data import build_dataset
-    from medvlm.train.run import resolve_accumulation, training_processor
     from medvlm.train.sampler import ModalityLengthGroupedSampler
+    from medvlm.train.setup import load_sft_data, start_run
     from medvlm.train.stages import apply_stage
     from medvlm.train.trainer import TrainCollator
 
-    accumulation = resolve_accumulation(cfg, world)
-    set_seed(cfg.seed)
-    model, processor = load_start(cfg)
-    train_proc = training_processor(cfg, model, processor)
-    dataset, manifest = build_dataset(
-        cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
-        data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
-    )
-    model, _, row_masked = apply_stage(model, cfg)
+    start = start_run(cfg, family, world=world, resume=False)
+    dataset, manifest = load_sft_data(cfg, start)
+    if family is None:
+        model, _, row_masked = apply_stage(start.model, cfg)
+        collate = TrainCollator(start.train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
+    else:
+        from medvlm.train.family_stage import apply_family_stage
+
+        model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
+        row_masked, collate = set(), start.processor.collator("right")
     model.train()
-    micro = cfg.per_device_train_batch_size
+    micro, accumulation = cfg.per_device_train_batch_size, start.accumulation
     steps_per_epoch = max(1, len(dataset) // (micro * world) // accumulation)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     sampler = ModalityLengthGroupedSampler(dataset.lengths, micro * world, accumulation, cfg.seed,
                                            cfg.group_by_modality_length)
-    collate = TrainCollator(train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
     out_dir = Path(cfg.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    return ManualRun(model, processor, dataset, manifest, row_masked, collate, sampler, world, rank, accumulation,
-                     micro, steps_per_epoch, total, out_dir)
+    return ManualRun(start, type(model), model, start.processor, dataset, manifest, row_masked, collate, sampler, world, rank,
+                     accumulation, micro, steps_per_epoch, total, out_dir)
 
 
 def build_adamw(cfg: TrainConfig, model: nn.Module, row_masked) -> torch.optim.AdamW:
@@ -186,44 +157,6 @@ class StepStrategy(Protocol):
         """The learning rate of the first parameter group after the last step."""
 
 
-@dataclass
-class FSDPStep:
-    """FSDP2: plain autograd backward, then ``clip_grad_norm_`` + ``opt.step()`` + ``sched.step()`` + ``zero_grad``."""
-
-    model: nn.Module
-    """The ``fully_shard``-ed model."""
-    opt: torch.optim.Optimizer
-    """AdamW over the sharded (DTensor) parameters."""
-    sched: Any
-    """The learning-rate scheduler of ``opt``."""
-    world: int
-    """Number of ranks."""
-    max_grad_norm: float
-    """Clipping threshold (``cfg.max_grad_norm``)."""
-    _norm: Any = field(default=None, repr=False)
-
-    def micro_step(self, loss: torch.Tensor) -> None:
-        """``(loss * world).backward()``: x world because FSDP averages gradients over ranks."""
-        (loss * self.world).backward()
-
-    def optimizer_step(self) -> None:
-        """Clip the accumulated gradients, step optimizer and scheduler, drop the gradients."""
-        self._norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                    self.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def grad_norm(self) -> float | None:
-        """The clipped-over norm; a ``DTensor`` norm is materialised with ``full_tensor()`` (a collective)."""
-        n = self._norm
-        return float(n.full_tensor() if hasattr(n, "full_tensor") else n)
-
-    def last_lr(self) -> float:
-        """The scheduler's current learning rate (first group)."""
-        return self.sched.get_last_lr()[0]
-
-
 def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) -> tuple[list[dict[str, Any]], int]:
     """The Trainer-equivalent loop of the sharded CPU paths; returns (logged rows, steps done).
 
@@ -254,7 +187,8 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
             dist.all_reduce(n_items)  # learned tokens of the whole global batch (Trainer: num_items_in_batch)
             loss_sum = torch.zeros(())
             for b in batches:
-                loss = forward_loss(strategy.model, b, n_items, cfg.labelled_logits_only)  # this micro-batch's CE sum / global tokens
+                # this micro-batch's CE sum / global tokens
+                loss = forward_loss(strategy.model, b, n_items, cfg.labelled_logits_only, run.start.family is not None)
                 strategy.micro_step(loss)
                 loss_sum += loss.detach()
             strategy.optimizer_step()
@@ -275,53 +209,20 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
 
 
 def finish_manual_run(cfg: TrainConfig, run: ManualRun, config, full: dict[str, torch.Tensor] | None,
-                      history: list[dict[str, Any]], steps: int, started: float, shards: dict[str, Any], label: str):
-    """Rank 0 saves the gathered ``full`` state dict as a plain checkpoint and the loss plot; all ranks sync.
+                      history: list[dict[str, Any]], steps: int, shards: dict[str, Any], label: str):
+    """Rank 0 loads the gathered ``full`` state dict into a plain model; :func:`medvlm.train.setup.finish_run` saves it.
 
     ``config`` is the model config; ``label`` names the path in the plot title. Returns a ``TrainResult``.
     """
-    import torch.distributed as dist
+    from medvlm.train.callbacks import CONFIG_FILE, MANIFEST_FILE
+    from medvlm.train.setup import finish_run
 
-    from medvlm.model.modeling import MedVLMForConditionalGeneration
-    from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, plot_loss_curve
-    from medvlm.train.checkpoint import save_final
-    from medvlm.train.run import TrainResult
-
-    out_dir = run.out_dir
+    plain = None
     if run.rank == 0:
-        plain = MedVLMForConditionalGeneration(config)
+        plain = run.model_class(config)
         plain.load_state_dict(full)
-        save_final(plain, run.processor, out_dir, {CONFIG_FILE: cfg.to_yaml(), MANIFEST_FILE: run.manifest.to_dict()},
-                   lora=False)
-        plot_loss_curve(history, out_dir / LOSS_PNG, f"{cfg.stage} ({label}): {out_dir.name}")
-    dist.barrier()
-    return TrainResult(str(out_dir), history[-1]["loss"] if history else None, history, steps,
-                       time.time() - started, run.manifest.to_dict(), shards=shards)
-
-
-def run_fsdp2_cpu(cfg: TrainConfig):
-    """Train with FSDP2 over the ``torchrun`` process group (gloo); returns a :class:`TrainResult`."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from medvlm.train.run import world_size
-
-    if cfg.tune != "full":
-        raise MedvlmError(f"distributed: fsdp2_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
-    if cfg.feature_cache == "on":
-        raise MedvlmError("distributed: fsdp2_cpu does not use the feature cache; set feature_cache: off")
-    if world_size() < 2:
-        raise MedvlmError("distributed: fsdp2_cpu needs a multi-process launch: torchrun --nproc_per_node N -m medvlm train ...")
-    started = time.time()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    run = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank())
-    model = run.model
-    shard_model(model, init_device_mesh("cpu", (run.world,)))
-    shards = shard_report(model)
-    opt = build_adamw(cfg, model, run.row_masked)  # over the DTensor shards, so after shard_model
-    sched = build_scheduler(cfg, opt, run.total)
-    history, steps = manual_train_loop(cfg, run, FSDPStep(model, opt, sched, run.world, cfg.max_grad_norm))
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return finish_manual_run(cfg, run, model.config, full, history, steps, started, shards, "fsdp2_cpu")
+    manifest = run.manifest.to_dict()
+    return finish_run(cfg, run.start, main=run.rank == 0, model=plain,
+                      extra_files={CONFIG_FILE: cfg.to_yaml(), MANIFEST_FILE: manifest},
+                      title=f"{cfg.stage} ({label}): {run.out_dir.name}", history=history, steps=steps,
+                      manifest=manifest, shards=shards)

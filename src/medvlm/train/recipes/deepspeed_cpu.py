@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 training on CPU clusters, launched by ``torchrun`` (``distributed: deepspeed_cpu``).
+"""Recipe ``align`` / ``sft`` with ``distributed: deepspeed_cpu``: DeepSpeed ZeRO-2 / ZeRO-3 training on CPU
+clusters, launched by ``torchrun``.
 
 On GPUs the standard path is the HF Trainer under ``accelerate launch --config_file
 configs/accelerate/deepspeed_zero{2,3}.yaml``. On CPU that integration stops at start-up
@@ -9,16 +10,15 @@ token-level loss normalisation as the Trainer: every micro-batch's loss is its C
 learned tokens of the whole global batch, so the curve equals a 1-process run at the same global
 batch. ZeRO-2 partitions optimizer state and gradients; ZeRO-3 also partitions the parameters
 (each rank's ``param.ds_tensor`` holds ~1/world of every tensor, gathered layer by layer in forward
-and backward). The final checkpoint is gathered on rank 0. Scope: ``tune: full``, no feature cache,
-no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
+and backward). The final checkpoint is gathered on rank 0. Scope: native and family models, ``tune: full``, no
+feature cache, no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
 
-The loop is :func:`medvlm.train.distributed.manual_train_loop` (shared with ``fsdp2_cpu``); this module
+The loop is :func:`medvlm.train.manual_loop.manual_train_loop` (shared with ``fsdp2_cpu``); this module
 supplies :class:`DeepSpeedStep`, the engine's backward / step / clipping / scheduler.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,17 +103,19 @@ class DeepSpeedStep:
         return self.sched.get_last_lr()[0]
 
 
-def run_deepspeed_cpu(cfg: TrainConfig):
+def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train with the DeepSpeed engine over the ``torchrun`` process group (gloo); returns a ``TrainResult``."""
+    if callbacks:
+        raise MedvlmError("distributed: deepspeed_cpu runs its own loop: Trainer callbacks are not supported")
     try:
         import deepspeed
     except ImportError as e:
         raise MedvlmError("distributed: deepspeed_cpu needs DeepSpeed: pip install 'medvlm[deepspeed]'") from e
     import torch.distributed as dist
 
-    from medvlm.train.distributed import (build_adamw, build_scheduler, finish_manual_run, manual_train_loop,
+    from medvlm.train.manual_loop import (build_adamw, build_scheduler, finish_manual_run, manual_train_loop,
                                           prepare_manual_run)
-    from medvlm.train.run import world_size
+    from medvlm.train.setup import world_size
 
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: deepspeed_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
@@ -124,16 +126,15 @@ def run_deepspeed_cpu(cfg: TrainConfig):
     if world_size() < 2:
         raise MedvlmError("distributed: deepspeed_cpu needs a multi-process launch: "
                           "torchrun --nproc_per_node N -m medvlm train ...")
-    started = time.time()
     deepspeed.init_distributed(dist_backend="gloo")
-    run = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank())
-    opt = build_adamw(cfg, run.model, run.row_masked)
+    job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank(), family)
+    opt = build_adamw(cfg, job.model, job.row_masked)
     engine, _, _, sched = deepspeed.initialize(
-        model=run.model, optimizer=opt, config=ds_config(cfg, run.micro, run.accumulation, run.world),
-        lr_scheduler=lambda o: build_scheduler(cfg, o, run.total),
+        model=job.model, optimizer=opt, config=ds_config(cfg, job.micro, job.accumulation, job.world),
+        lr_scheduler=lambda o: build_scheduler(cfg, o, job.total),
     )
     shards = partition_report(engine.module)
-    history, steps = manual_train_loop(cfg, run, DeepSpeedStep(engine, sched, run.world))
+    history, steps = manual_train_loop(cfg, job, DeepSpeedStep(engine, sched, job.world))
     full = gathered_state_dict(engine, cfg.deepspeed_zero_stage)
-    return finish_manual_run(cfg, run, engine.module.config, full, history, steps, started, shards,
+    return finish_manual_run(cfg, job, engine.module.config, full, history, steps, shards,
                              f"deepspeed_cpu ZeRO-{cfg.deepspeed_zero_stage}")
