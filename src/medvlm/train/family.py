@@ -13,7 +13,7 @@ prefixes (:func:`medvlm.model.families.spec.part_of`):
 
 Options that do not apply to families yet are refused before anything is loaded (stages sq/dpo, QLoRA,
 packing, the feature cache, the CPU multi-process loops, native-only model keys). ``labelled_logits_only``
-is a native-model optimisation: a family model computes full logits (same loss).
+applies the LM head at labelled positions only (:mod:`medvlm.train.family_loss`; same loss).
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ def run_family(cfg: TrainConfig, family: str, callbacks: list | None = None) -> 
     from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, RunArtifactsCallback, plot_loss_curve
     from medvlm.train.checkpoint import resolve_resume
     from medvlm.train.data import build_dataset
+    from medvlm.train.family_loss import family_collator
     from medvlm.train.run import TrainResult, build_training_args, resolve_accumulation, world_size
     from medvlm.train.trainer import MedVLMTrainer
 
@@ -177,7 +178,8 @@ def run_family(cfg: TrainConfig, family: str, callbacks: list | None = None) -> 
     manifest_dict = manifest.to_dict()
     title = f"{cfg.stage} ({family}): {Path(cfg.output_dir).name}"
     trainer = MedVLMTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=processor.collator("right"),
+        model=model, args=args, train_dataset=dataset,
+        data_collator=family_collator(processor.collator("right"), cfg.labelled_logits_only),
         processing_class=processor.processor,
         callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), *(callbacks or [])],
         lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length, labelled_logits_only=False,
