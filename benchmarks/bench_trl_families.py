@@ -1,7 +1,11 @@
 """medvlm ``sft`` on a model family against TRL ``SFTTrainer`` on the same Qwen2.5-VL, data, order and settings.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_trl_families.py [--images 24] [--steps 6] [--batch 8] \
-        [--work /tmp/medvlm_bench_trl_families]
+        [--image-size 336] [--sides trl,medvlm] [--work /tmp/medvlm_bench_trl_families]
+
+Sides (``--sides``, the first is the baseline the others are compared with): ``trl`` (TRL defaults),
+``trl_fusedadamw`` (TRL with ``optim: adamw_torch_fused``, medvlm's default optimizer), ``medvlm`` (defaults),
+``medvlm_fulllogits`` (``labelled_logits_only: false``). The recorded run uses all four.
 
 Model: a transformers ``Qwen2_5_VLForConditionalGeneration`` built offline with random weights (seed 0): vision
 tower hidden 384, depth 4, patch 14, merge 2; LM hidden 384, 4 layers, 6 heads / 2 KV heads, MLP 1024; the
@@ -9,15 +13,17 @@ tower hidden 384, depth 4, patch 14, merge 2; LM hidden 384, 4 layers, 6 heads /
 offline BPE with Qwen's special tokens (ids < 1k; the other embedding rows exist but are never the input, as
 in the real checkpoints whose embedding matrix is larger than the tokenizer). The parameter count is printed.
 
-Data: ``medvlm data synth`` at 224 px, ``vqa/train.json``: 4 questions per image, single-turn, one-word
-answers; 224 px -> 256 patches -> 64 image tokens per sample, ~80-90 tokens in all, ~3 learned tokens.
+Data: ``medvlm data synth`` at ``--image-size`` px, ``vqa/train.json``: 4 questions per image, single-turn,
+one-word answers; 336 px -> 576 patches -> 144 image tokens of ~195 per sample (Qwen's default system prompt
+included), ~3 learned tokens (answer + ``<|im_end|>``).
 
 Both sides: stage ``sft`` with the LM and the merger trained fully and the vision tower frozen, fp32, batch
 ``--batch``, lr 2e-5, cosine schedule, no warmup, no weight decay, no gradient checkpointing, the **same batches
 in the same order** (medvlm's length-grouped sampler order, written out as TRL's streamed dataset, so TRL reads
 the same samples in the same order without shuffling) and the same learned tokens (the family's marked chat
 template, which TRL's ``assistant_only_loss`` uses through its ``{% generation %}`` markers). Optimizer:
-each side's default AdamW (medvlm ``adamw_torch_fused``, TRL ``adamw_torch``; same betas, eps, lr).
+each side's default AdamW (medvlm ``adamw_torch_fused``, TRL ``adamw_torch``; same betas, eps, lr;
+``trl_fusedadamw`` gives TRL medvlm's).
 
 medvlm: ``run_training`` (``medvlm train``) with its defaults (labelled-positions LM head,
 :mod:`medvlm.train.family_loss`); ablation ``medvlm_fulllogits``: the same with ``labelled_logits_only: false``. TRL 1.16: ``SFTTrainer`` with ``DataCollatorForVisionLanguageModeling``
@@ -41,7 +47,7 @@ import time
 from pathlib import Path
 
 VOCAB = 151_936  # Qwen2.5-VL's embedding rows
-SIDES = ("trl", "medvlm", "medvlm_fulllogits")
+SIDES = ("trl", "trl_fusedadamw", "medvlm", "medvlm_fulllogits")
 
 
 def cpu_seconds() -> float:
@@ -69,16 +75,18 @@ def prepare(args) -> dict:
     from medvlm.model.families.spec import get_family
     from medvlm.model.families.tiny import build_tiny_family
 
-    demo = args.work / "demo"
+    demo = args.work / f"demo_{args.image_size}"
     if not demo.exists():
-        generate_synth(demo, n_images=args.images + 8, seed=0, image_size=224, test_fraction=0.1, qa50_images=2)
-    ckpt = args.work / "qwen2_5_vl"
+        generate_synth(demo, n_images=args.images + 8, seed=0, image_size=args.image_size, test_fraction=0.1,
+                       qa50_images=2)
+    ckpt = args.work / f"qwen2_5_vl_{args.image_size}"
     spec = get_family("qwen2_5_vl")
     if not (ckpt / "config.json").is_file():
         _, tiny_proc, _ = build_tiny_family("qwen2_5_vl", seed=0)
         tok = tiny_proc.tokenizer
         image_processor = tf.Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                                      min_pixels=56 * 56, max_pixels=224 * 224)
+                                                      min_pixels=56 * 56,
+                                                      max_pixels=args.image_size ** 2)
         processor = getattr(processors, spec.processor_class)(image_processor=image_processor, tokenizer=tok,
                                                               chat_template=tiny_proc.chat_template)
         ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
@@ -109,8 +117,9 @@ def _config(args, out: Path):
     from medvlm.train.config import load_config
 
     return load_config(None, dict(
-        stage="sft", tune="full", model_name_or_path=str(args.work / "qwen2_5_vl"),
-        data_path=str(args.work / "demo" / "vqa" / "train.json"), image_folder=str(args.work / "demo" / "images"),
+        stage="sft", tune="full", model_name_or_path=str(args.work / f"qwen2_5_vl_{args.image_size}"),
+        data_path=str(args.work / f"demo_{args.image_size}" / "vqa" / "train.json"),
+        image_folder=str(args.work / f"demo_{args.image_size}" / "images"),
         output_dir=str(out), per_device_train_batch_size=args.batch, learning_rate=2e-5, max_steps=args.steps,
         lr_scheduler_type="cosine", warmup_ratio=0.0, weight_decay=0.0, logging_steps=1, save_strategy="no",
         report_to=[], disable_tqdm=True, max_length=1024, feature_cache="off", seed=0))
@@ -182,26 +191,30 @@ def side(args) -> dict:
                           learning_rate=2e-5, max_steps=args.steps, lr_scheduler_type="cosine", warmup_steps=0,
                           weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], bf16=False,
                           gradient_checkpointing=False, use_cpu=True, max_length=None, assistant_only_loss=True,
-                          disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                          disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                          **({"optim": "adamw_torch_fused"} if args.side == "trl_fusedadamw" else {}))
         stream = datasets.IterableDataset.from_generator(rows)
         trainer = SFTTrainer(model=model, args=sargs, train_dataset=stream, processing_class=processor,
                              callbacks=[timer])
         trainer.train()
         history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    probe = order[:32]  # shape statistics over the first samples
     cpu = timer.cpu[-1] - timer.cpu[0]
     wall = timer.wall[-1] - timer.wall[0]
     return {"side": args.side, "first_loss": losses[0], "losses": losses, "tokens_timed": tokens,
             "timed_steps": args.steps - 1, "cpu_seconds": cpu, "wall_seconds": wall,
             "tokens_per_cpu_s": tokens / cpu, "tokens_per_s": tokens / wall,
-            "learned_tokens_per_sample": sum(int((dataset[i]["labels"] != -100).sum()) for i in order[:32]) / 32,
+            "learned_tokens_per_sample": sum(int((dataset[i]["labels"] != -100).sum()) for i in probe) / len(probe),
+            "image_tokens_per_sample": sum(int((dataset[i]["input_ids"] == model.config.image_token_id).sum())
+                                           for i in probe) / len(probe),
             "tokens_per_sample": sum(abs(n) for n in dataset.lengths) / len(dataset),
             "threads": torch.get_num_threads(), **peak_rss()}
 
 
 def run(args, what: str) -> dict:
     cmd = [sys.executable, __file__, "--side", what, "--work", str(args.work), "--images", str(args.images),
-           "--steps", str(args.steps), "--batch", str(args.batch)]
+           "--steps", str(args.steps), "--batch", str(args.batch), "--image-size", str(args.image_size)]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -217,6 +230,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=24, help="synthetic training images (4 questions each)")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per side; steps 2..N are timed")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=336, help="synthetic image side (px); 336 -> 144 image tokens")
+    ap.add_argument("--sides", default="trl,medvlm",
+                    help=f"comma-separated, run in this order; the first is the baseline (all: {','.join(SIDES)})")
     ap.add_argument("--work", type=Path, default=Path("/tmp/medvlm_bench_trl_families"))
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -229,18 +245,22 @@ def main() -> None:
     print(f"model: Qwen2_5_VLForConditionalGeneration, {info['params'] / 1e6:.1f}M parameters "
           f"(vision tower {info['vision_params'] / 1e6:.1f}M, vocabulary {VOCAB})", flush=True)
     results = {}
-    for what in SIDES:
+    sides = args.sides.split(",")
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or len(sides) < 2:
+        raise SystemExit(f"--sides: unknown {unknown} or fewer than two; choose from {', '.join(SIDES)}")
+    for what in sides:
         results[what] = run(args, what)
         print(what, json.dumps(results[what]), flush=True)
-    t = results["trl"]
-    print("\nsummary")
-    for name in SIDES[1:]:
+    t = results[sides[0]]
+    print(f"\nsummary (baseline: {sides[0]})")
+    for name in sides[1:]:
         m = results[name]
         diff = abs(t["first_loss"] - m["first_loss"])
-        print(f"{name}: step-1 loss {m['first_loss']:.7f} vs TRL {t['first_loss']:.7f}, |diff| {diff:.2e} "
-              f"({'OK' if diff < 1e-5 else 'NOT within 1e-5'}); last loss {m['losses'][-1]:.6f} vs TRL "
+        print(f"{name}: step-1 loss {m['first_loss']:.7f} vs {sides[0]} {t['first_loss']:.7f}, |diff| {diff:.2e} "
+              f"({'OK' if diff < 1e-5 else 'NOT within 1e-5'}); last loss {m['losses'][-1]:.6f} vs "
               f"{t['losses'][-1]:.6f}")
-        print(f"    tokens / CPU-s: {m['tokens_per_cpu_s']:.1f} vs TRL {t['tokens_per_cpu_s']:.1f} -> "
+        print(f"    tokens / CPU-s: {m['tokens_per_cpu_s']:.1f} vs {t['tokens_per_cpu_s']:.1f} -> "
               f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x; tokens / s (wall): {m['tokens_per_s']:.1f} vs "
               f"{t['tokens_per_s']:.1f} -> {m['tokens_per_s'] / t['tokens_per_s']:.2f}x")
     for name, r in results.items():
