@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, single_sample, tiny
 
 from medvlm.data.schema import Sample
@@ -82,3 +83,32 @@ def test_batches_without_learned_tokens_or_labels_keep_full_logits():
     assert "logits_to_keep" not in add_labelled_positions({"input_ids": ids})
     base = object()
     assert family_collator(base, labelled_logits_only=False) is base
+
+
+class _Collator(TrainerCallback):
+    """Records the training dataloader's collate function."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.collate = train_dataloader.collate_fn
+
+
+def test_family_run_uses_the_labelled_head_and_follows_the_full_logits_losses(tmp_path):
+    """Wiring: `medvlm train` on a family passes labelled_logits_only to the collator; the loss curve is unchanged."""
+    from train_helpers import make_demo, small_config
+
+    from medvlm.model.families.tiny import init_tiny_family
+    from medvlm.train.family_loss import LabelledPositionsCollator
+    from medvlm.train.run import run_training
+
+    demo = make_demo(tmp_path, n_images=10)
+    start = init_tiny_family("tiny-qwen2_5_vl", tmp_path / "start")
+    runs = {}
+    for on in (True, False):
+        seen = _Collator()
+        cfg = small_config(demo, tmp_path / f"run_{on}", model_name_or_path=str(start), preset=None,
+                           labelled_logits_only=on, group_by_modality_length=False)
+        result = run_training(cfg, callbacks=[seen])
+        assert isinstance(seen.collate, LabelledPositionsCollator) is on
+        runs[on] = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(runs[True]) == 3
+    assert all(abs(a - b) < 1e-5 for a, b in zip(runs[True], runs[False], strict=True)), runs
