@@ -26,8 +26,9 @@ each side's default AdamW (medvlm ``adamw_torch_fused``, TRL ``adamw_torch``; sa
 ``trl_fusedadamw`` gives TRL medvlm's).
 
 medvlm: ``run_training`` (``medvlm train``) with its defaults (labelled-positions LM head,
-:mod:`medvlm.train.family_loss`); ablation ``medvlm_fulllogits``: the same with ``labelled_logits_only: false``. TRL 1.16: ``SFTTrainer`` with ``DataCollatorForVisionLanguageModeling``
-(``messages`` + ``images`` rows, ``assistant_only_loss=True``), its defaults otherwise.
+:mod:`medvlm.train.family_loss`); ablation ``medvlm_fulllogits``: the same with ``labelled_logits_only: false``.
+TRL 1.16: ``SFTTrainer`` with ``DataCollatorForVisionLanguageModeling`` (``messages`` + ``images`` rows,
+``assistant_only_loss=True``), its defaults otherwise.
 
 Each side runs in its own subprocess. Measured: the step-1 loss (must agree within 1e-5), tokens (non-pad,
 steps 2..N) per CPU-second of the process (user + sys of the process and its children, ``getrusage``) and per
@@ -109,7 +110,7 @@ def prepare(args) -> dict:
 
     model, _ = load_family(ckpt)
     n = sum(p.numel() for p in model.parameters())
-    n_vision = sum(p.numel() for name, p in model.named_parameters() if ".visual." in name or name.startswith("model.visual"))
+    n_vision = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.visual."))
     return {"params": n, "vision_params": n_vision}
 
 
