@@ -244,7 +244,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     info = run(args, "prepare")
     print(f"model: Qwen2_5_VLForConditionalGeneration, {info['params'] / 1e6:.1f}M parameters "
-          f"(vision tower {info['vision_params'] / 1e6:.1f}M, vocabulary {VOCAB})", flush=True)
+          f"(vision tower + merger {info['vision_params'] / 1e6:.1f}M, vocabulary {VOCAB})", flush=True)
     results = {}
     sides = args.sides.split(",")
     unknown = [s for s in sides if s not in SIDES]
