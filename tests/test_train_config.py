@@ -12,7 +12,8 @@ from medvlm.train.config import STAGES, TrainConfig, load_config, parse_override
 from medvlm.train.run import resolve_accumulation
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "configs" / "llava_med").glob("*.yaml")) + sorted((ROOT / "configs" / "debug").glob("*.yaml"))
+RECIPE_DIRS = ("llava_med", "debug", "stllava_med", "bases")
+RECIPES = [p for d in RECIPE_DIRS for p in sorted((ROOT / "configs" / d).glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -23,6 +24,22 @@ def test_every_shipped_recipe_loads_and_names_its_run_command(path: Path):
     cfg = load_config(path)
     assert cfg.stage in STAGES
     assert cfg.output_dir
+
+
+def test_every_recipe_folder_is_loaded():
+    """A new configs/ folder of training YAMLs must be added to RECIPE_DIRS (accelerate configs are not recipes)."""
+    assert {p.name for p in (ROOT / "configs").iterdir() if p.is_dir()} == {*RECIPE_DIRS, "accelerate"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "bases").glob("*.yaml")), ids=lambda p: p.name)
+def test_base_recipes_declare_a_family_and_pass_the_family_checks(path: Path):
+    from medvlm.model.families.spec import get_family
+    from medvlm.train.family_stage import check_family_config
+
+    cfg = load_config(path)
+    assert cfg.family is not None and get_family(cfg.family).name == cfg.family
+    assert (cfg.stage, cfg.tune, cfg.bf16) == ("sft", "lora", True)
+    check_family_config(cfg, cfg.family)  # nothing the family path would refuse
 
 
 def test_paper_settings_in_llava_med_recipes():

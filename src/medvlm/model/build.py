@@ -321,12 +321,28 @@ def compose(
     return model, processor
 
 
+def not_native_message(folder: Path, model_type: str) -> str:
+    """Why a folder whose ``config.json`` names ``model_type`` is not a native medvlm checkpoint, and what loads it."""
+    from medvlm.model.families.spec import get_family
+
+    try:
+        get_family(model_type)
+    except MedvlmError as e:
+        return f"{folder} is not a native medvlm checkpoint (config.json model_type {model_type!r}), and {e}"
+    return (f"{folder} is a {model_type} checkpoint (a transformers model family), not a native medvlm one "
+            "(model_type medvlm): load it with medvlm.model.families.io.load_family; `medvlm model info` and "
+            "`medvlm train` take it as it is")
+
+
 def load_pretrained(
     path: str | os.PathLike, dtype: str | torch.dtype | None = None
 ) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     """Load a medvlm checkpoint folder (safetensors only) -> ``(model, processor)`` in eval mode."""
     folder = Path(path)
     check_weights(folder, "checkpoint")
+    model_type = read_json(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
+    if isinstance(model_type, str) and model_type != "medvlm":
+        raise MedvlmError(not_native_message(folder, model_type))
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"checkpoint folder {folder} has no {PROCESSOR_FILE} (not saved by medvlm?)")
     with refusing_remote_code(folder, "checkpoint"):

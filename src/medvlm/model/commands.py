@@ -62,7 +62,12 @@ def info_cmd(path: Path = typer.Argument(..., help="A medvlm checkpoint folder."
     from medvlm.model.card import architecture_summary
     from medvlm.model.parts import PARTS, parameter_counts
     from medvlm.notice import SHORT_NOTICE
+    from medvlm.utils.io import read_json
 
+    config_file = path / "config.json"
+    if config_file.is_file() and read_json(config_file).get("model_type") not in (None, "medvlm"):
+        _family_info(path)
+        return
     model, processor = load_pretrained(path)
     arch = Table(title=f"{path}", show_header=False)
     arch.add_column("field", style="bold")
@@ -86,6 +91,45 @@ def info_cmd(path: Path = typer.Argument(..., help="A medvlm checkpoint folder."
     if saved:
         parts = [name for name in PARTS if saved.get(name, (0, 0))[0] > 0]
         console.print(f"trainable parts when saved: {', '.join(parts) if parts else 'none'}")
+    console.print(SHORT_NOTICE)
+
+
+def _family_info(path: Path) -> None:
+    """``model info`` for a model-family checkpoint (transformers hub layout): family, classes, parameters per part."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medvlm.model.families.io import family_of, load_family
+    from medvlm.model.families.spec import part_of
+    from medvlm.notice import SHORT_NOTICE
+
+    family = family_of(path)  # an unsupported model_type fails here, listing the supported families
+    model, processor = load_family(path)
+    spec = processor.spec
+    arch = Table(title=f"{path}", show_header=False)
+    arch.add_column("field", style="bold")
+    arch.add_column("value")
+    arch.add_row("family", family)
+    arch.add_row("model class", type(model).__name__)
+    arch.add_row("processor", f"{type(processor.processor).__name__}, image processor "
+                              f"{type(processor.processor.image_processor).__name__}")
+    arch.add_row("chat template", f"medvlm {processor.template}" if processor.template else f"{family} (marked)")
+    arch.add_row("end of turn", spec.end_of_turn)
+    arch.add_row("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
+    counts = {"vision_tower": 0, "connector": 0, "language_model": 0}
+    for name, p in model.named_parameters():
+        counts[part_of(spec, name)] += p.numel()
+    params = Table(title="parameters")
+    params.add_column("part")
+    params.add_column("parameters", justify="right")
+    for name, n in counts.items():
+        params.add_row(name, f"{n:,}")
+    params.add_row("total", f"{sum(counts.values()):,}")
+    console = Console(width=max(100, Console().width))
+    console.print(arch)
+    console.print(params)
+    if (path / "adapter").is_dir():
+        console.print("LoRA adapter (language model) saved in adapter/; the weights above are merged")
     console.print(SHORT_NOTICE)
 
 

@@ -199,7 +199,15 @@ def family_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tens
     """
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    logits = outputs["logits"]  # [B, T, V]
+    from medvlm.train.family_loss import labelled_positions
+
+    logits = outputs["logits"]  # [B, T, V], or [N, V] from the labelled-positions head (train.family_loss)
+    if logits.dim() == 2:
+        # the batch carried a boolean ``logits_to_keep``: rows are the positions whose next token is learned,
+        # in row-major order; their targets come from the same labels
+        _, targets = labelled_positions(labels)
+        return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch,
+                               shift_labels=targets)
     return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 

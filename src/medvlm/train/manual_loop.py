@@ -43,7 +43,7 @@ def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only
     if family:
         from medvlm.train.family_stage import family_lm_loss
 
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
         return family_lm_loss(model(**inputs, use_cache=False), batch["labels"], n_items)
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
     out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items,
@@ -108,7 +108,9 @@ def prepare_manual_run(cfg: TrainConfig, world: int, rank: int, family: str | No
         from medvlm.train.family_stage import apply_family_stage
 
         model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
-        row_masked, collate = set(), start.processor.collator("right")
+        from medvlm.train.family_loss import family_collator
+
+        row_masked, collate = set(), family_collator(start.processor.collator("right"), cfg.labelled_logits_only)
     model.train()
     micro, accumulation = cfg.per_device_train_batch_size, start.accumulation
     steps_per_epoch = max(1, len(dataset) // (micro * world) // accumulation)

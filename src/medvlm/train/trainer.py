@@ -117,6 +117,9 @@ class MedVLMTrainer(Trainer):
         if self.labelled_logits_only and not return_outputs and "labels" in inputs:
             # Only the loss is used here (evaluation asks for outputs, and gets full logits).
             inputs["labelled_logits_only"] = True
+        if self.compute_loss_func is not None:
+            # a family's loss function derives the shifted targets from the labels itself (train.family_loss)
+            inputs.pop("shift_labels", None)
         flags = inputs.pop("image_is_cached", None)
         keys = inputs.pop("image_keys", None)
         cached = inputs.pop("cached_features", None)

@@ -46,8 +46,11 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         from medvlm.train.family_stage import apply_family_stage, family_lm_loss
 
         model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
+        from medvlm.train.family_loss import family_collator
+
         loss_func = family_lm_loss
-        collator = start.processor.collator("right")
+        # labelled-positions head: the batch carries logits_to_keep, family_lm_loss takes the flattened rows
+        collator = family_collator(start.processor.collator("right"), cfg.labelled_logits_only)
         title = f"{cfg.stage} ({family}): {Path(cfg.output_dir).name}"
     # Text-only batches leave the projector without gradients on that rank: DDP must tolerate it.
     find_unused = start.world > 1 and manifest.text_samples > 0 and manifest.image_samples > 0
@@ -60,7 +63,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), *(callbacks or [])],
         lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
         projector_lr=cfg.projector_lr, row_masked=row_masked, feature_cache=cache,
-        # a family model computes full logits (same loss): the labelled-only head is the native model's
+        # the native model's own labelled-only head; a family's goes through its collator (above)
         labelled_logits_only=cfg.labelled_logits_only and family is None,
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )

@@ -39,7 +39,10 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
 
         model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
         loss_func = family_lm_loss
-        collator, part = start.processor.collator("right"), family_part_of(start.processor.spec)
+        from medvlm.train.family_loss import family_collator
+
+        collator = family_collator(start.processor.collator("right"), cfg.labelled_logits_only)
+        part = family_part_of(start.processor.spec)
         title = f"sq ({family}): {Path(cfg.output_dir).name}"
     find_unused = start.world > 1 and manifest.text_samples > 0 and manifest.image_samples > 0
     args = build_training_args(cfg, start.accumulation, find_unused)
