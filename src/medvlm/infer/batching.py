@@ -26,10 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
+from medvlm.data.schema import IMAGE_PLACEHOLDER, Sample
 from medvlm.errors import MedvlmError
 from medvlm.infer.decoding import GenerationSettings, TokenChooser, ends_with_any, visible_text
 from medvlm.infer.kv import Layers, compact_row, concat_rows, image_digest, select_rows
+from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 
 
 @dataclass
@@ -76,6 +79,38 @@ def make_prompt(processor: Any, input_ids: torch.Tensor, pixel_values: torch.Ten
         spans.append((start, end))
     digests = tuple(image_digest(pixel_values[k]) for k in range(n_img))
     return PreparedPrompt(input_ids=ids, pixel_values=pixel_values, spans=tuple(spans), digests=digests)
+
+
+def prepare_sample(engine: Any, sample: Sample, images: list[Image.Image] | None = None,
+                   image_folder: str | None = None) -> PreparedPrompt:
+    """Encode a conversation (ending with a user turn) as :meth:`InferenceEngine.generate` does."""
+    return engine.prepare(sample, images=images, image_folder=image_folder)
+
+
+def prepare_text(engine: Any, prompt: str, images: list[Image.Image]) -> PreparedPrompt:
+    """Encode an already rendered prompt string whose ``<image>`` placeholders mark the images (LLaVA workers).
+
+    Each placeholder is expanded to the model's image token layout and the string is tokenised once
+    without added special tokens (templates write BOS themselves), as ``encode_conversation`` does.
+    """
+    proc = engine.processor
+    n = prompt.count(IMAGE_PLACEHOLDER)
+    if n != len(images):
+        raise MedvlmError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given")
+    for tok in (IM_START_TOKEN, IM_END_TOKEN):
+        if tok in prompt:
+            raise MedvlmError(f"the prompt contains {tok!r}; mark images with {IMAGE_PLACEHOLDER} only")
+    layout = IMAGE_TOKEN * proc.image_seq_length
+    if proc.mm_use_im_start_end:
+        layout = IM_START_TOKEN + layout + IM_END_TOKEN
+    text = prompt.replace(IMAGE_PLACEHOLDER, layout)  # IMAGE_PLACEHOLDER is the image token text itself
+    ids = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise MedvlmError("the prompt is empty")
+    if sum(1 for t in ids if t == proc.image_token_id) != n * proc.image_seq_length:
+        raise MedvlmError("the prompt's image placeholders did not tokenise as image tokens")
+    pixels = proc.preprocess_images(images) if images else None  # [n_img, 3, H, W]
+    return make_prompt(proc, torch.tensor(ids, dtype=torch.long), pixels)
 
 
 @dataclass
@@ -285,19 +320,20 @@ class ContinuousBatcher:
                 for row in g:
                     row.start, row.past = p.split, prefix
         logits, layers, mask = self._chunk_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
+        # Counted before any row can finish (and answer its client).
+        self.admitted += len(rows)
+        self.largest_batch = max(self.largest_batch, len(self.rows) + len(rows))
         keep = []
         for b, row in enumerate(rows):
             row.past = None
             row.pos = row.req.prompt.num_tokens
             if not self._accept(row, b, logits[b], layers, mask):
                 keep.append(b)
-        self.admitted += len(rows)
         if keep:
             new = select_rows(layers, mask, torch.tensor(keep, dtype=torch.long))
             old = [(self.layers, self.mask)] if self.rows else []
             self.layers, self.mask = concat_rows(old + [new])
             self.rows += [rows[b] for b in keep]
-            self.largest_batch = max(self.largest_batch, len(self.rows))
 
     def _decode(self) -> None:
         rows = self.rows

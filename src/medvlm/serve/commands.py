@@ -32,6 +32,12 @@ def _limits(max_image_mb: float, max_image_pixels: int, allow_remote: bool = Fal
                        allow_remote=allow_remote, remote_timeout_s=remote_timeout)
 
 
+def _mib(mb: float) -> int:
+    if mb < 0:
+        raise MedvlmError(f"--prefix-cache-mb must be >= 0 (got {mb})")
+    return int(mb * 1024 * 1024)
+
+
 @app.command("api")
 def api(
     model: Path = typer.Option(..., "--model", help="A medvlm checkpoint folder."),
@@ -39,8 +45,9 @@ def api(
     port: int = typer.Option(8000, "--port"),
     api_key_env: str | None = typer.Option(None, "--api-key-env", help="Environment variable holding the required API key."),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model name for clients (default: folder name)."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests per generate call (1 = one at a time)."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a request waits for others to batch with."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together (1 = one at a time)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="When idle, how long a first request waits for others to prefill with."),
+    prefix_cache_mb: float = typer.Option(1024.0, "--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests in flight before 503."),
     max_image_mb: float = typer.Option(20.0, "--max-image-mb", help="Largest image (MiB)."),
     max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", help="Largest image in pixels."),
@@ -58,7 +65,8 @@ def api(
                        batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
                        limits=_limits(max_image_mb, max_image_pixels, allow_remote_images, remote_timeout),
                        max_images=max_images, log_prompts=log_prompts)
-    run_api(load_engine(str(model), dtype=dtype, batch_size=max_batch), config, host=host, port=port)
+    run_api(load_engine(str(model), dtype=dtype, batch_size=max_batch, prefix_cache_bytes=_mib(prefix_cache_mb)), config,
+            host=host, port=port)
 
 
 @app.command("controller")
@@ -87,7 +95,8 @@ def worker(
     worker_address: str | None = typer.Option(None, "--worker-address", help="Address the controller calls (default http://HOST:PORT)."),
     model_name: str | None = typer.Option(None, "--model-name", help="Name to serve under (default: folder name)."),
     limit_concurrency: int = typer.Option(5, "--limit-concurrency", help="Requests in flight."),
-    max_batch: int = typer.Option(8, "--max-batch"),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
+    prefix_cache_mb: float = typer.Option(1024.0, "--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off)."),
     heart_beat_interval: float = typer.Option(15.0, "--heart-beat-interval", help="Seconds between heart beats."),
     no_register: bool = typer.Option(False, "--no-register", help="Do not register with the controller."),
     max_image_mb: float = typer.Option(20.0, "--max-image-mb"),
@@ -105,7 +114,8 @@ def worker(
                           model_name=model_name or model.resolve().name, register=not no_register,
                           heart_beat_interval=heart_beat_interval, limit_concurrency=limit_concurrency,
                           batcher=BatcherConfig(max_batch=max_batch), limits=_limits(max_image_mb, max_image_pixels))
-    app_ = create_worker_app(load_engine(str(model), dtype=dtype, batch_size=max_batch), config)
+    app_ = create_worker_app(load_engine(str(model), dtype=dtype, batch_size=max_batch,
+                                         prefix_cache_bytes=_mib(prefix_cache_mb)), config)
     typer.echo(f"medvlm worker {config.model_name!r} on {config.worker_url}. {SHORT_NOTICE}")
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
