@@ -31,7 +31,7 @@ from PIL import Image
 from medvlm.data.schema import IMAGE_PLACEHOLDER, Sample
 from medvlm.errors import MedvlmError
 from medvlm.infer.decoding import GenerationSettings, TokenChooser, ends_with_any, visible_text
-from medvlm.infer.kv import Layers, compact_row, concat_rows, image_digest, select_rows
+from medvlm.infer.kv import KVBuffer, Layers, compact_row, concat_rows, image_digest, select_rows
 from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 
 
@@ -151,6 +151,10 @@ class BatchRequest:
         self.cancelled.set()
 
 
+PAD_SLACK = 1.25
+"""Prompt chunks are prefilled in buckets whose padded size is at most this multiple of their real tokens."""
+
+
 class _Row:
     def __init__(self, req: BatchRequest, engine: Any):
         s = req.settings
@@ -184,7 +188,7 @@ class ContinuousBatcher:
         self.remember_answers = remember_answers
         self.waiting: deque[BatchRequest] = deque()
         self.rows: list[_Row] = []
-        self.layers: Layers | None = None
+        self.kv: KVBuffer | None = None
         self.mask: torch.Tensor | None = None  # [B, T] bool
         self.steps = 0
         """Decoding steps run (for stats)."""
@@ -229,7 +233,7 @@ class ContinuousBatcher:
     def fail_all(self, exc: BaseException) -> None:
         """Report ``exc`` to every running and waiting request and empty the batch."""
         reqs = [r.req for r in self.rows] + list(self.waiting)
-        self.rows, self.layers, self.mask = [], None, None
+        self.rows, self.kv, self.mask = [], None, None
         self.waiting.clear()
         for req in reqs:
             if req.on_error is not None:
@@ -253,9 +257,10 @@ class ContinuousBatcher:
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
-            self.layers, self.mask = None, None
+            self.kv, self.mask = None, None
             return
-        self.layers, self.mask = select_rows(self.layers, self.mask, torch.tensor(keep, dtype=torch.long))
+        layers, self.mask = select_rows(self.kv.layers(), self.mask, torch.tensor(keep, dtype=torch.long))
+        self.kv = KVBuffer(layers, room=self._room())
 
     def _chunk_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
         """Prefill ``prompt[start:end]`` of each row after its cached ``past`` (``start`` columns), batched.
@@ -294,6 +299,28 @@ class ContinuousBatcher:
         logits, layers = self.family.prefill(ids, pixel_values, mask, pos, past_layers)
         return logits, layers, mask
 
+    def _bucketed_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
+        """:meth:`_chunk_forward` in buckets of similar chunk length (padding costs compute), results in item order."""
+        order = sorted(range(len(items)), key=lambda i: items[i][2] - items[i][1])
+        buckets: list[list[int]] = [[]]
+        for i in order:
+            trial = buckets[-1] + [i]
+            widths = [items[j][2] - items[j][1] for j in trial]
+            if buckets[-1] and max(widths) * len(trial) > PAD_SLACK * sum(widths):
+                buckets.append([i])
+            else:
+                buckets[-1] = trial
+        if len(buckets) == 1:
+            return self._chunk_forward(items)
+        outs = [self._chunk_forward([items[i] for i in b]) for b in buckets]
+        logits = torch.cat([o[0] for o in outs])
+        layers, mask = concat_rows([(o[1], o[2]) for o in outs])
+        flat = [i for b in buckets for i in b]
+        back = torch.empty(len(flat), dtype=torch.long)
+        back[torch.tensor(flat)] = torch.arange(len(flat))
+        layers, mask = select_rows(layers, mask, back)
+        return logits.index_select(0, back), layers, mask
+
     def _admit(self, reqs: list[BatchRequest]) -> None:
         rows = [_Row(r, self.engine) for r in reqs]
         cache = self.cache
@@ -319,7 +346,7 @@ class ContinuousBatcher:
                     cache.insert(p.input_ids[: p.split], p.spans, p.digests, prefix)
                 for row in g:
                     row.start, row.past = p.split, prefix
-        logits, layers, mask = self._chunk_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
+        logits, layers, mask = self._bucketed_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
         # Counted before any row can finish (and answer its client).
         self.admitted += len(rows)
         self.largest_batch = max(self.largest_batch, len(self.rows) + len(rows))
@@ -331,22 +358,29 @@ class ContinuousBatcher:
                 keep.append(b)
         if keep:
             new = select_rows(layers, mask, torch.tensor(keep, dtype=torch.long))
-            old = [(self.layers, self.mask)] if self.rows else []
-            self.layers, self.mask = concat_rows(old + [new])
+            old = [(self.kv.layers(), self.mask)] if self.rows else []
             self.rows += [rows[b] for b in keep]
+            layers, self.mask = concat_rows(old + [new])
+            self.kv = KVBuffer(layers, room=self._room())
+
+    def _room(self) -> int:
+        """Spare columns for a rebuilt cache: the most tokens any row may still generate (capped)."""
+        left = max(r.req.settings.max_new_tokens - len(r.ids) for r in self.rows)
+        return max(1, min(left, 256))
 
     def _decode(self) -> None:
         rows = self.rows
         ids = torch.tensor([[r.sampled[-1]] for r in rows], dtype=torch.long)
         pos = torch.tensor([[r.pos] for r in rows], dtype=torch.long)
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
-        logits, self.layers = self.family.decode(ids, mask, pos, self.layers)
+        logits = self.family.decode(ids, mask, pos, self.kv)
         self.mask = mask
         self.steps += 1
         keep = []
+        layers = self.kv.layers()
         for b, row in enumerate(rows):
             row.pos += 1
-            if not self._accept(row, b, logits[b], self.layers, self.mask):
+            if not self._accept(row, b, logits[b], layers, self.mask):
                 keep.append(b)
         if len(keep) != len(rows):
             self._keep(keep)

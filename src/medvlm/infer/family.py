@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from medvlm.errors import MedvlmError
-from medvlm.infer.kv import Layers
+from medvlm.infer.kv import KVBuffer, Layers
 
 
 class ModelFamily(Protocol):
@@ -33,8 +33,11 @@ class ModelFamily(Protocol):
         ...
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               past: Layers) -> tuple[torch.Tensor, Layers]:
-        """One token per row (``input_ids`` ``[B, 1]``); same contract as :meth:`prefill` without images."""
+               past: KVBuffer) -> torch.Tensor:
+        """One token per row (``input_ids`` ``[B, 1]``, no images) after ``past``, which grows by one column in place.
+
+        ``attention_mask`` is ``[B, past.length + 1]``. Returns the logits ``[B, V]``.
+        """
         ...
 
 
@@ -60,7 +63,31 @@ class NativeLlavaFamily:
         return out.logits[:, -1, :], layers
 
     def decode(self, input_ids, attention_mask, position_ids, past):
-        return self.prefill(input_ids, None, attention_mask, position_ids, past)
+        start = past.length
+        cache = Cache(layers=[_BufferLayer(past, i, start) for i in range(len(past.keys))])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        past.length = start + input_ids.shape[1]
+        return out.logits[:, -1, :]
+
+
+class _BufferLayer(DynamicLayer):
+    """A transformers cache layer whose keys/values live in a :class:`KVBuffer` (appends write in place).
+
+    Subclassing the layer type is transformers' own extension point for cache storage (``Cache(layers=...)``).
+    """
+
+    def __init__(self, buf: KVBuffer, index: int, start: int):
+        super().__init__()
+        self.buf, self.index, self.start = buf, index, start
+        self.keys = buf.keys[index][:, :, :start]
+        self.values = buf.values[index][:, :, :start]
+        self.device = self.keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = self.buf.append(self.index, key_states, value_states, self.start)
+        return self.keys, self.values
 
 
 FAMILIES = {"medvlm": NativeLlavaFamily}

@@ -212,3 +212,42 @@ class PrefixCache:
             return {"budget_bytes": self.budget_bytes, "bytes": self.nbytes, "entries": len(self._entries),
                     "hits": s.hits, "misses": s.misses, "hit_tokens": s.hit_tokens, "inserts": s.inserts,
                     "evictions": s.evictions, "rejected": s.rejected}
+
+
+class KVBuffer:
+    """A running batch's cache with spare columns: a decoding step writes its column in place.
+
+    Appending by concatenation would copy the whole cache at every step (a fifth of a decoding step's
+    time on a CPU); here the past is copied only when the capacity doubles or rows join or leave.
+    """
+
+    def __init__(self, layers: Layers, room: int = 64):
+        n = layers_len(layers)
+        self.length = n
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for k, v in layers:
+            kb = k.new_empty(k.shape[0], k.shape[1], n + room, k.shape[3])
+            vb = v.new_empty(v.shape[0], v.shape[1], n + room, v.shape[3])
+            kb[:, :, :n] = k
+            vb[:, :, :n] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+
+    def layers(self) -> Layers:
+        """Views of the filled columns."""
+        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values)]
+
+    def append(self, i: int, key: torch.Tensor, value: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key``/``value`` ``[B, H, n, D]`` of layer ``i`` at column ``start``; returns the filled views."""
+        end = start + key.shape[2]
+        if end > self.keys[i].shape[2]:  # grow: double the capacity
+            cap = max(end, 2 * self.keys[i].shape[2])
+            for bufs in (self.keys, self.values):
+                old = bufs[i]
+                new = old.new_empty(old.shape[0], old.shape[1], cap, old.shape[3])
+                new[:, :, :start] = old[:, :, :start]
+                bufs[i] = new
+        self.keys[i][:, :, start:end] = key
+        self.values[i][:, :, start:end] = value
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
