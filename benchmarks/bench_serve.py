@@ -10,8 +10,10 @@ and each server's peak RSS.
 
 Model: a trained checkpoint whose answers end at different lengths (``--model``): what the numbers in
 ``benchmarks/README.md`` used is ``medvlm demo --fast --out DEMO`` (the demo's curriculum at 1000 images)
-and ``--model DEMO/models/stage2_sft --questions DEMO/data/vqa/test.json --image-folder DEMO/data/images``:
-yes/no answers, one-word answers and longer descriptions.
+then one epoch more on the demo's own instruction conversations (``DEMO/data/instruct.json``, sentence answers)
+mixed with its VQA train split (one-word answers), so the model answers VQA questions in a word and chat
+questions in a sentence; clients interleave ``--questions DEMO/data/vqa/test.json --questions DEMO/data/qa50.jsonl``
+(``--image-folder DEMO/data/images``).
 
     .venv/bin/python benchmarks/bench_serve.py --model DIR --questions test.json --image-folder DIR
         [--requests-per-client 4] [--max-tokens 48]
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -30,6 +33,14 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+
+def tiny_model(folder: Path) -> Path:
+    """A random tiny ``mlp2x_gelu`` checkpoint (answers run to their token limit: use ``--max-tokens-range``)."""
+    from medvlm.model.build import build_preset, save_checkpoint
+
+    model, processor = build_preset("tiny", projector="mlp2x_gelu", seed=7)
+    return save_checkpoint(model, processor, folder / "tiny-med")
 
 
 def start_server(model: Path, max_batch: int, port: int) -> subprocess.Popen:
@@ -47,21 +58,28 @@ def start_server(model: Path, max_batch: int, port: int) -> subprocess.Popen:
     raise RuntimeError("server did not start")
 
 
-def load_questions(path: Path, image_folder: Path) -> list[tuple[str, str]]:
-    """(question, image data URL) pairs of a converted VQA test file."""
+def load_questions(paths: list[Path], image_folder: Path) -> list[tuple[str, str]]:
+    """(question, image data URL) pairs of converted VQA test files (JSON) or qa50-style files (JSONL), interleaved."""
     urls: dict[str, str] = {}
-    out = []
-    for rec in json.loads(path.read_text()):
-        q = rec["conversations"][0]["value"].replace("<image>", "").strip()
-        img = rec["image"]
-        if img not in urls:
-            data = (image_folder / img).read_bytes()
-            urls[img] = "data:image/png;base64," + base64.b64encode(data).decode()
-        out.append((q, urls[img]))
-    return out
+    sources = []
+    for path in paths:
+        text = path.read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+        pairs = []
+        for rec in records:
+            q = (rec["conversations"][0]["value"] if "conversations" in rec else rec["text"]).replace("<image>", "").strip()
+            img = rec["image"]
+            if img not in urls:
+                urls[img] = "data:image/png;base64," + base64.b64encode((image_folder / img).read_bytes()).decode()
+            pairs.append((q, urls[img]))
+        sources.append(pairs)
+    return [p for group in zip(*sources) for p in group]
 
 
-def run_clients(port: int, clients: int, per_client: int, max_tokens: int, questions, offset: int):
+def run_clients(port: int, clients: int, per_client: int, max_tokens, questions, offset: int):
+    """``max_tokens``: an int, or (low, high) for a per-request limit drawn from that range (the same draws on
+    every server)."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     lat: list[float] = []
     ttft: list[float] = []
@@ -73,7 +91,9 @@ def run_clients(port: int, clients: int, per_client: int, max_tokens: int, quest
         with httpx.Client(timeout=600) as http:
             for i in range(per_client):
                 q, image = questions[(offset + k * per_client + i) % len(questions)]
-                body = {"model": "m", "max_tokens": max_tokens, "stream": True, "temperature": 0,
+                limit = max_tokens if isinstance(max_tokens, int) else \
+                    random.Random(offset + k * 1000 + i).randint(*max_tokens)
+                body = {"model": "m", "max_tokens": limit, "stream": True, "temperature": 0,
                         "stream_options": {"include_usage": True},
                         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                                   {"type": "text", "text": q}]}]}
@@ -137,23 +157,32 @@ class PeakRss:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--questions", type=Path, required=True)
+    ap.add_argument("--model", type=Path, help="A checkpoint (default: a random tiny model, built on the spot).")
+    ap.add_argument("--questions", type=Path, action="append", required=True,
+                    help="Converted VQA JSON or qa50 JSONL; repeat to interleave several (short and long answers).")
     ap.add_argument("--image-folder", type=Path, required=True)
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens-range", default=None,
+                    help="LOW,HIGH: each request's max_tokens drawn from this range (same draws for both servers); "
+                         "for a model whose answers do not end on their own (random weights).")
     ap.add_argument("--clients", default="8,32")
     args = ap.parse_args()
     from medvlm.serve.server import free_port
 
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+    model = args.model or tiny_model(Path(tmp.name))
     questions = load_questions(args.questions, args.image_folder)
+    limits = tuple(int(x) for x in args.max_tokens_range.split(",")) if args.max_tokens_range else args.max_tokens
     print(f"{len(questions)} questions; {args.requests_per_client} streamed requests per client, "
-          f"max_tokens {args.max_tokens}, greedy", flush=True)
+          f"max_tokens {limits}, greedy", flush=True)
     for clients in [int(c) for c in args.clients.split(",")]:
         servers = {}
         for name, max_batch in (("continuous", clients), ("one at a time", 1)):
             port = free_port()
-            servers[name] = (start_server(args.model, max_batch, port), port)
+            servers[name] = (start_server(model, max_batch, port), port)
         rows = {}
         try:
             for name, (proc, port) in servers.items():
@@ -162,7 +191,7 @@ def main() -> None:
             for name in ("continuous", "one at a time"):
                 proc, port = servers[name]
                 rss = PeakRss(proc.pid)
-                wall, lat, ttft, lengths, errs = run_clients(port, clients, args.requests_per_client, args.max_tokens,
+                wall, lat, ttft, lengths, errs = run_clients(port, clients, args.requests_per_client, limits,
                                                              questions, offset)
                 health = httpx.get(f"http://127.0.0.1:{port}/health").json()
                 rows[name] = (len(lat) / wall, lat, ttft, lengths, errs, rss.stop(), health, wall)

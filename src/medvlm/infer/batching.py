@@ -221,7 +221,11 @@ class ContinuousBatcher:
                 else:
                     batch.append(req)
             if batch:
-                self._admit(batch)
+                try:
+                    self._admit(batch)
+                except BaseException:
+                    self.waiting.extendleft(reversed(batch))  # still owed an answer: fail_all reports them
+                    raise
             if self.rows:
                 self._decode()
 

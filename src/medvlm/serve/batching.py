@@ -179,15 +179,15 @@ class DynamicBatcher:
         b = self._batcher
         while True:
             new = self._take_incoming()
-            if new is None:
-                for row in b.rows:
-                    row.req.cancel()
-                for req in b.waiting:
+            if new is None:  # stopping: every request in flight ends as cancelled
+                with self._cond:
+                    for req in self._incoming:
+                        b.add(req)
+                    self._incoming.clear()
+                for req in [r.req for r in b.rows] + list(b.waiting):
                     req.cancel()
-                try:
-                    b.step()  # reports every request as cancelled
-                except Exception:  # noqa: BLE001 - shutting down; the requests are settled below
-                    b.fail_all(MedvlmError("the server is shutting down"))
+                while not b.idle:
+                    b.step()  # cancelled rows and requests are reported without running the model
                 return
             b.max_batch = self.config.max_batch
             for req in new:
