@@ -168,6 +168,12 @@ def test_prefix_cache_stays_within_its_budget_and_evicts_lru() -> None:
     cache.insert(torch.arange(10) + 900, (), (), _entry(10))  # evicts entry 1, the least recently used
     assert cache.lookup(torch.arange(10) + 100, (), (), limit=9)[0] == 0
     assert cache.lookup(torch.arange(10), (), (), limit=9)[0] == 9
+    # An entry that extends another replaces it (a chat's next turn): one entry, still serving the shorter prompt.
+    cache = PrefixCache(budget_bytes=100 * per_token)
+    cache.insert(torch.arange(10), (), (), _entry(10))
+    cache.insert(torch.arange(25), (), (), _entry(25))
+    assert len(cache) == 1 and cache.nbytes == 25 * per_token
+    assert cache.lookup(torch.arange(12), (), (), limit=11)[0] == 11
 
 
 def test_usable_prefix_never_reuses_another_image_or_cuts_one() -> None:

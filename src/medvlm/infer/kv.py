@@ -179,7 +179,7 @@ class PrefixCache:
         return (best, crop(best_entry.layers, best)) if best_entry is not None else (0, None)
 
     def insert(self, ids: torch.Tensor, spans, digests, layers: Layers) -> bool:
-        """Store a compact single-row cache of ``ids``; returns False if it alone exceeds the budget."""
+        """Store a compact single-row cache of ``ids`` (dropping entries it extends); False if it alone exceeds the budget."""
         if layers_len(layers) != int(ids.shape[0]):
             raise MedvlmError(f"prefix cache: {layers_len(layers)} cached columns for {int(ids.shape[0])} tokens")
         nbytes = layers_nbytes(layers)
@@ -191,6 +191,12 @@ class PrefixCache:
             if nbytes > self.budget_bytes:
                 self.stats.rejected += 1
                 return False
+            # An entry the new one extends (a chat's previous turn, an image prefix) is redundant: lookups
+            # match common prefixes, so the longer entry serves everything it served.
+            n = int(ids.shape[0])
+            for old_key in [k for k, e in self._entries.items() if int(e.ids.shape[0]) <= n and
+                            usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, n) == int(e.ids.shape[0])]:
+                self.nbytes -= self._entries.pop(old_key).nbytes
             while self._entries and self.nbytes + nbytes > self.budget_bytes:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes
