@@ -38,6 +38,8 @@ from medvlm.utils.io import read_json, write_json_atomic, write_text_atomic
 DECODING_FILE = "decoding.json"
 ANSWER_FIELDS: tuple[str, ...] = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 # shortuuid's alphabet (no 0/1/I/O/l): answer ids look like the original's 22-character random ids.
+EVAL_PREFIX_CACHE_BYTES = 256 << 20
+"""Prefix-cache budget of ``eval vqa``'s engine (256 MiB of keys/values)."""
 CHUNK_BATCHES = 4
 """Questions per engine call (and per append to the answer file), in multiples of ``batch_size``."""
 _SHORTUUID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -227,7 +229,8 @@ def load_engine(model: str | os.PathLike, batch_size: int, self_question: int = 
     from medvlm.model.build import load_pretrained
 
     m, processor = load_pretrained(model)
-    engine = InferenceEngine(m, processor, batch_size=batch_size)
+    # Questions arrive grouped by image, so an image prefix is rarely needed after its group: a small budget.
+    engine = InferenceEngine(m, processor, batch_size=batch_size, prefix_cache_bytes=EVAL_PREFIX_CACHE_BYTES)
     if self_question:
         from medvlm.infer.self_question import SelfQuestioningAnswerer
 
