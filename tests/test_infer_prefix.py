@@ -185,3 +185,24 @@ def test_usable_prefix_never_reuses_another_image_or_cuts_one() -> None:
     other = torch.tensor([1, 2, 9, 9, 9, 3, 7, 7])
     assert usable_prefix(ids, spans, digests, other, spans, digests, limit=7) == 6
     assert usable_prefix(ids, (), (), torch.tensor([8, 1]), (), (), limit=1) == 0
+
+
+def test_rows_leave_as_they_end_and_waiting_requests_take_their_place_in_order(shared_dir: Path) -> None:
+    model, processor = build_preset("tiny", projector="mlp2x_gelu", seed=5)
+    engine = InferenceEngine(model, processor, prefix_cache_bytes=0)
+    folder = shared_dir / "images"
+    samples = mixed_samples()
+    finished: list[tuple[int, int, str]] = []  # (request, decoding step it ended at, reason)
+    b = engine.batcher(max_batch=2)
+    limits = [3, 12, 3, 3]
+    for i, n in enumerate(limits):
+        def done(res: BatchResult, i: int = i) -> None:
+            finished.append((i, b.steps, res.finish_reason))
+        b.add(BatchRequest(prompt=engine.prepare(samples[i], image_folder=folder),
+                           settings=GenerationSettings(max_new_tokens=n), on_done=done))
+    b.run()
+    assert [f[2] for f in finished] == ["length"] * 4
+    # The short requests do not wait for the long one: each takes the row freed by the one before it (FIFO).
+    assert [f[0] for f in finished] == [0, 2, 3, 1]
+    # A freed row is refilled in the very next step (first token at admission, then one per decoding step).
+    assert [f[1] for f in finished] == [2, 4, 6, 11]
