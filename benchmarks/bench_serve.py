@@ -1,22 +1,32 @@
-"""Benchmark ``medvlm serve api``: dynamic batching vs one request at a time, and a 32-client soak.
+"""Benchmark ``medvlm serve api``: continuous batching + prefix cache vs the same server one request at a time.
 
-Runs the server as a subprocess on 127.0.0.1 (``medvlm serve api``), clients are threads with httpx.
-1. 8 concurrent clients against ``--max-batch 8`` and against ``--max-batch 1``: throughput ratio,
-   p50 / p99 latency.
-2. 32 concurrent clients, a bounded number of requests: errors and the server's RSS over time.
+Two servers run at once as subprocesses on 127.0.0.1 (``medvlm serve api``): ``--max-batch 8`` (or 32)
+and ``--max-batch 1``. Load phases alternate between them (8 clients on the batched server, 8 on the
+one-at-a-time server, then 32 clients on each), so other jobs on a shared machine load both. Clients
+are threads with httpx, each sending ``--requests-per-client`` streamed requests one after another:
+a question about an image from the model's test set, base64 in the request. Measured per phase:
+throughput, p50 / p99 latency (request to ``[DONE]``), p50 / p99 time to first token, answer lengths,
+and each server's peak RSS.
 
-    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--requests-per-client 6] [--max-tokens 32]
+Model: a trained checkpoint whose answers end at different lengths (``--model``): what the numbers in
+``benchmarks/README.md`` used is ``medvlm demo --fast --out DEMO`` (the demo's curriculum at 1000 images)
+then one epoch more on the demo's own instruction conversations (``DEMO/data/instruct.json``, sentence answers)
+mixed with its VQA train split (one-word answers), so the model answers VQA questions in a word and chat
+questions in a sentence; clients interleave ``--questions DEMO/data/vqa/test.json --questions DEMO/data/qa50.jsonl``
+(``--image-folder DEMO/data/images``).
+
+    .venv/bin/python benchmarks/bench_serve.py --model DIR --questions test.json --image-folder DIR
+        [--requests-per-client 4] [--max-tokens 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import io
-import statistics
+import json
+import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,18 +36,18 @@ import psutil
 
 
 def tiny_model(folder: Path) -> Path:
+    """A random tiny ``mlp2x_gelu`` checkpoint (answers run to their token limit: use ``--max-tokens-range``)."""
     from medvlm.model.build import build_preset, save_checkpoint
 
     model, processor = build_preset("tiny", projector="mlp2x_gelu", seed=7)
     return save_checkpoint(model, processor, folder / "tiny-med")
 
 
-def start_server(model: Path, max_batch: int, port: int, max_wait_ms: float) -> subprocess.Popen:
+def start_server(model: Path, max_batch: int, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "medvlm", "serve", "api", "--model", str(model), "--port", str(port),
-           "--max-batch", str(max_batch), "--served-model-name", "m", "--max-queue", "256",
-           "--max-wait-ms", str(max_wait_ms)]
+           "--max-batch", str(max_batch), "--served-model-name", "m", "--max-queue", "256", "--max-wait-ms", "5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -48,61 +58,75 @@ def start_server(model: Path, max_batch: int, port: int, max_wait_ms: float) -> 
     raise RuntimeError("server did not start")
 
 
-def _image_url() -> str:
-    from PIL import Image
+def load_questions(paths: list[Path], image_folder: Path) -> list[tuple[str, str]]:
+    """(question, image data URL) pairs of converted VQA test files (JSON) or qa50-style files (JSONL), interleaved."""
+    urls: dict[str, str] = {}
+    sources = []
+    for path in paths:
+        text = path.read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+        pairs = []
+        for rec in records:
+            q = (rec["conversations"][0]["value"] if "conversations" in rec else rec["text"]).replace("<image>", "").strip()
+            img = rec["image"]
+            if img not in urls:
+                urls[img] = "data:image/png;base64," + base64.b64encode((image_folder / img).read_bytes()).decode()
+            pairs.append((q, urls[img]))
+        sources.append(pairs)
+    return [p for group in zip(*sources) for p in group]
 
-    buf = io.BytesIO()
-    Image.new("RGB", (96, 80), (120, 40, 60)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
-
-def run_clients(port: int, clients: int, per_client: int, max_tokens: int, sample_rss_of: int | None = None):
+def run_clients(port: int, clients: int, per_client: int, max_tokens, questions, offset: int):
+    """``max_tokens``: an int, or (low, high) for a per-request limit drawn from that range (the same draws on
+    every server)."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    image = _image_url()
-    latencies: list[float] = []
+    lat: list[float] = []
+    ttft: list[float] = []
+    lengths: list[int] = []
     errors: list[str] = []
-    rss: list[float] = []
     lock = threading.Lock()
-    stop = threading.Event()
 
     def client(k: int) -> None:
-        with httpx.Client(timeout=300) as http:
+        with httpx.Client(timeout=600) as http:
             for i in range(per_client):
-                content = [{"type": "text", "text": f"Question {k}-{i}: describe the findings."}]
-                if (k + i) % 2 == 0:
-                    content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-                body = {"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
-                t = time.monotonic()
+                q, image = questions[(offset + k * per_client + i) % len(questions)]
+                limit = max_tokens if isinstance(max_tokens, int) else \
+                    random.Random(offset + k * 1000 + i).randint(*max_tokens)
+                body = {"model": "m", "max_tokens": limit, "stream": True, "temperature": 0,
+                        "stream_options": {"include_usage": True},
+                        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                                  {"type": "text", "text": q}]}]}
+                t0 = time.monotonic()
+                first = None
+                tokens = 0
                 try:
-                    r = http.post(url, json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError as e:
-                    ok, r = False, e
-                with lock:
-                    if ok:
-                        latencies.append(time.monotonic() - t)
-                    else:
-                        errors.append(str(getattr(r, "status_code", r)))
-
-    def sampler() -> None:
-        p = psutil.Process(sample_rss_of)
-        while not stop.wait(0.5):
-            rss.append(p.memory_info().rss / 2**20)
+                    with http.stream("POST", url, json=body) as r:
+                        if r.status_code != 200:
+                            raise RuntimeError(f"HTTP {r.status_code}")
+                        for line in r.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            if chunk.get("usage"):
+                                tokens = chunk["usage"]["completion_tokens"]
+                            if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                                first = time.monotonic() - t0
+                    with lock:
+                        lat.append(time.monotonic() - t0)
+                        ttft.append(first if first is not None else time.monotonic() - t0)
+                        lengths.append(tokens)
+                except (httpx.HTTPError, RuntimeError) as e:
+                    with lock:
+                        errors.append(str(e))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    mon = threading.Thread(target=sampler) if sample_rss_of else None
     t0 = time.monotonic()
-    if mon:
-        mon.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
-    stop.set()
-    if mon:
-        mon.join()
-    return wall, latencies, errors, rss
+    return time.monotonic() - t0, lat, ttft, lengths, errors
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -110,48 +134,85 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
+class PeakRss:
+    """Samples a process's RSS every 0.2 s."""
+
+    def __init__(self, pid: int):
+        self.proc, self.peak, self._stop = psutil.Process(pid), 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
+            except psutil.Error:
+                return
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path)
-    ap.add_argument("--requests-per-client", type=int, default=6)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--soak-requests-per-client", type=int, default=4)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="A checkpoint (default: a random tiny model, built on the spot).")
+    ap.add_argument("--questions", type=Path, action="append", required=True,
+                    help="Converted VQA JSON or qa50 JSONL; repeat to interleave several (short and long answers).")
+    ap.add_argument("--image-folder", type=Path, required=True)
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens-range", default=None,
+                    help="LOW,HIGH: each request's max_tokens drawn from this range (same draws for both servers); "
+                         "for a model whose answers do not end on their own (random weights).")
+    ap.add_argument("--clients", default="8,32")
     args = ap.parse_args()
     from medvlm.serve.server import free_port
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or tiny_model(Path(tmp))
-        rows = {}
-        for max_batch in (8, 1):
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+    model = args.model or tiny_model(Path(tmp.name))
+    questions = load_questions(args.questions, args.image_folder)
+    limits = tuple(int(x) for x in args.max_tokens_range.split(",")) if args.max_tokens_range else args.max_tokens
+    print(f"{len(questions)} questions; {args.requests_per_client} streamed requests per client, "
+          f"max_tokens {limits}, greedy", flush=True)
+    for clients in [int(c) for c in args.clients.split(",")]:
+        servers = {}
+        for name, max_batch in (("continuous", clients), ("one at a time", 1)):
             port = free_port()
-            proc = start_server(model, max_batch, port, args.max_wait_ms)
-            try:
-                run_clients(port, 2, 1, 4)  # warm-up
-                wall, lat, errs, _ = run_clients(port, 8, args.requests_per_client, args.max_tokens)
-                stats = httpx.get(f"http://127.0.0.1:{port}/health").json()
-                print(f"max_batch={max_batch}: mean batch {stats['requests_run'] / max(stats['batches_run'], 1):.2f}, "
-                      f"largest {stats['largest_batch']}", flush=True)
-            finally:
+            servers[name] = (start_server(model, max_batch, port), port)
+        rows = {}
+        try:
+            for name, (proc, port) in servers.items():
+                run_clients(port, 2, 1, 4, questions, 10_000)  # warm-up
+            offset = 0
+            for name in ("continuous", "one at a time"):
+                proc, port = servers[name]
+                rss = PeakRss(proc.pid)
+                wall, lat, ttft, lengths, errs = run_clients(port, clients, args.requests_per_client, limits,
+                                                             questions, offset)
+                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                rows[name] = (len(lat) / wall, lat, ttft, lengths, errs, rss.stop(), health, wall)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
-            n = len(lat)
-            rows[max_batch] = (n / wall, pct(lat, 0.5), pct(lat, 0.99), len(errs))
-            print(f"max_batch={max_batch}: {n} requests in {wall:.2f} s = {n / wall:.2f} req/s, "
-                  f"p50 {rows[max_batch][1]:.2f} s, p99 {rows[max_batch][2]:.2f} s, errors {len(errs)}", flush=True)
-        print(f"throughput ratio batched / one-at-a-time: {rows[8][0] / rows[1][0]:.2f}x")
-        port = free_port()
-        proc = start_server(model, 8, port, args.max_wait_ms)
-        try:
-            run_clients(port, 2, 1, 4)
-            wall, lat, errs, rss = run_clients(port, 32, args.soak_requests_per_client, args.max_tokens, proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        q = max(1, len(rss) // 4)
-        print(f"32 clients: {len(lat)} ok, {len(errs)} errors in {wall:.2f} s; p50 {pct(lat, 0.5):.2f} s, "
-              f"p99 {pct(lat, 0.99):.2f} s; server RSS first quarter {statistics.mean(rss[:q]):.0f} MiB, "
-              f"last quarter {statistics.mean(rss[-q:]):.0f} MiB, peak {max(rss):.0f} MiB")
+        print(f"\n{clients} concurrent clients ({clients * args.requests_per_client} requests per server)")
+        print(f"{'server':<24}{'req/s':>7}{'p50 s':>8}{'p99 s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens':>12}"
+              f"{'peak RSS MiB':>14}{'errors':>8}")
+        for name, (tput, lat, ttft, lengths, errs, peak, health, wall) in rows.items():
+            label = f"{name} (max-batch {clients if name == 'continuous' else 1})"
+            print(f"{label:<24}{tput:>7.2f}{pct(lat, .5):>8.2f}{pct(lat, .99):>8.2f}{pct(ttft, .5):>10.2f}"
+                  f"{pct(ttft, .99):>10.2f}{f'{min(lengths)}-{max(lengths)}' if lengths else '-':>12}"
+                  f"{peak:>14.0f}{len(errs):>8}")
+        h = rows["continuous"][6]
+        pc = h.get("prefix_cache") or {}
+        print(f"continuous server: largest batch {h['largest_batch']}, {h['decode_steps']} decode steps, prefix cache "
+              f"{pc.get('hits')} hits / {pc.get('misses')} misses ({pc.get('hit_tokens')} prompt tokens reused)")
+        print(f"throughput ratio continuous / one at a time: {rows['continuous'][0] / rows['one at a time'][0]:.2f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

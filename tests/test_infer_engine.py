@@ -11,7 +11,8 @@ from medvlm.data.images import load_image
 from medvlm.data.schema import Message, Sample
 from medvlm.data.templates import stop_token_id_sequences
 from medvlm.errors import MedvlmError
-from medvlm.infer.engine import GenerationSettings, InferenceEngine, StopOnTokenSequences, visible_text
+from medvlm.infer.decoding import ends_with_any
+from medvlm.infer.engine import GenerationSettings, InferenceEngine, visible_text
 from medvlm.model.build import build_preset
 
 QUESTIONS = [
@@ -93,10 +94,9 @@ def test_sampling_is_reproducible_with_a_seed(engine: InferenceEngine, shared_di
     assert a == b
 
 
-def test_stop_on_token_sequences_per_row() -> None:
-    crit = StopOnTokenSequences([[7, 8], [9], []], prompt_length=2)
-    ids = torch.tensor([[1, 2, 5, 7, 8], [1, 2, 3, 4, 9], [1, 2, 8, 7, 5], [7, 8, 0, 0, 0]])
-    assert crit(ids, None).tolist() == [True, True, False, False]  # row 3: the match is in the prompt only
+def test_stop_token_sequences_match_the_answer_tail() -> None:
+    seqs = [[7, 8], [9], []]  # an empty sequence never stops anything
+    assert [ends_with_any(ids, seqs) for ids in ([5, 7, 8], [3, 4, 9], [8, 7, 5], [], [8])] == [True, True, False, False, False]
 
 
 def test_template_stop_sequences_cover_eos_and_stop_strings(engine: InferenceEngine) -> None:

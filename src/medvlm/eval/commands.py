@@ -118,7 +118,7 @@ def vqa(
     out: Annotated[Path, typer.Option("--out", help="Answer file (JSONL); decoding.json is written beside it. "
                                                     "Resumable: answered questions are skipped.")],
     image_folder: Annotated[Optional[Path], typer.Option("--image-folder", help="Folder the image paths are relative to.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions decoded together (rows of the continuous batch).")] = 16,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass when sampling.")] = 1.0,

@@ -6,7 +6,9 @@ model sees ``<image>\\n`` + question (LLaVA-Med's ``model_vqa``). Answers are wr
 format (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``), in question order,
 with a ``decoding.json`` beside them describing the run.
 
-Resumable: answers are appended per batch, so a killed run loses at most one batch; a rerun keeps every
+Questions about the same image are answered together: the engine prefills each image prefix once and
+reuses its KV cache for every question on it, decoding continuously (rows join as others finish).
+Resumable: answers are appended per chunk (4 batches), so a killed run loses at most one chunk; a rerun keeps every
 complete line (a torn last line is dropped), answers only the missing questions and rewrites the file in
 question order at the end. ``processes > 1`` splits the missing questions into K contiguous chunks answered
 by K subprocesses (each with ``cores / K`` torch threads, LLaVA's ``--num-chunks``) and merges them in order;
@@ -36,6 +38,10 @@ from medvlm.utils.io import read_json, write_json_atomic, write_text_atomic
 DECODING_FILE = "decoding.json"
 ANSWER_FIELDS: tuple[str, ...] = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 # shortuuid's alphabet (no 0/1/I/O/l): answer ids look like the original's 22-character random ids.
+EVAL_PREFIX_CACHE_BYTES = 256 << 20
+"""Prefix-cache budget of ``eval vqa``'s engine (256 MiB of keys/values)."""
+CHUNK_BATCHES = 4
+"""Questions per engine call (and per append to the answer file), in multiples of ``batch_size``."""
 _SHORTUUID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
@@ -193,11 +199,22 @@ def write_ordered(path: str | os.PathLike, questions: list[VQAQuestion], rows: d
 def answer_into(engine: Any, questions: list[VQAQuestion], out: str | os.PathLike, settings: Any, model_id: str,
                 batch_size: int, image_folder: str | os.PathLike | None = None,
                 on_batch: Callable[[int], None] | None = None) -> int:
-    """Answer ``questions`` with an :class:`~medvlm.infer.engine.InferenceEngine`, appending each batch to ``out``."""
+    """Answer ``questions`` with an :class:`~medvlm.infer.engine.InferenceEngine`, appending each chunk to ``out``.
+
+    Questions about the same image(s) are answered together (first-appearance order of each image), so the
+    engine prefills each image prefix once and reuses it for all its questions; a chunk is
+    ``CHUNK_BATCHES * batch_size`` questions, decoded continuously ``batch_size`` rows at a time. The file
+    is rewritten in question order at the end of the run.
+    """
     sdict = settings_dict(settings)
+    groups: dict[tuple[str, ...], list[VQAQuestion]] = {}
+    for q in questions:
+        groups.setdefault(tuple(q.images), []).append(q)
+    ordered = [q for g in groups.values() for q in g]
+    step = CHUNK_BATCHES * batch_size
     done = 0
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
+    for start in range(0, len(ordered), step):
+        chunk = ordered[start : start + step]
         texts = engine.generate([q.sample() for q in chunk], settings, image_folder=image_folder)
         append_rows(out, [answer_row(q, t, model_id, sdict) for q, t in zip(chunk, texts)])
         done += len(chunk)
@@ -212,7 +229,8 @@ def load_engine(model: str | os.PathLike, batch_size: int, self_question: int = 
     from medvlm.model.build import load_pretrained
 
     m, processor = load_pretrained(model)
-    engine = InferenceEngine(m, processor, batch_size=batch_size)
+    # Questions arrive grouped by image, so an image prefix is rarely needed after its group: a small budget.
+    engine = InferenceEngine(m, processor, batch_size=batch_size, prefix_cache_bytes=EVAL_PREFIX_CACHE_BYTES)
     if self_question:
         from medvlm.infer.self_question import SelfQuestioningAnswerer
 

@@ -1,37 +1,37 @@
-"""Many independent requests in one ``generate`` call: per-row limits, stops, streaming and cancellation.
+"""Continuous (iteration-level) batching with shared-prefix reuse: the one decoding loop of medvlm.
 
-The serving layer batches requests that arrive at about the same time. They may differ in
-``max_new_tokens``, stop strings and whether they stream; they must share the *sampling* settings
-(temperature, top-p, top-k, seed, repetition penalty: one ``generate`` call has one logits pipeline and
-one RNG). :func:`sampling_key` gives the key a batcher groups by.
+:class:`ContinuousBatcher` keeps a running batch of rows, each with its own prompt, settings, stops,
+callbacks and cancel event. Every :meth:`~ContinuousBatcher.step`:
 
-Per row, a :class:`BatchRequest` carries its own token limit, stop strings, delta callback and a
-cancel event. A streamer that sees every new column of token ids (it runs inside ``generate``, before
-the stopping criteria of the same step) decodes each live row, delivers text deltas, and marks the
-row finished on EOS, on a stop string, at its token limit or when cancelled; a stopping criterion then
-tells ``generate`` that the row is done, so the call ends as soon as every row is finished. A row's
-``on_done`` fires the moment it finishes, not when the whole batch ends.
+1. drops cancelled rows (their cache rows are freed at once);
+2. admits waiting requests, oldest first, into free rows (so no request waits behind more than one
+   batch's worth of steps): each prompt reuses the longest cached prefix (:class:`~medvlm.infer.kv.PrefixCache`,
+   token ids + image digests), its image prefix (everything up to the end of its last image) is
+   prefilled once for all admitted rows that share it, then only the rest of each prompt is run, with
+   its true position ids and a column mask that hides the holes between prefix and question;
+3. runs one decoding step for every row and lets finished rows leave.
 
-Prompts are encoded exactly as :meth:`InferenceEngine.generate` encodes them (``processor.encode`` with
-the generation prompt, left-padded by ``VLMCollator``) and decoded with the same ``visible_text``
-rule, so under greedy decoding a batched answer equals the one-at-a-time answer.
+Rows live in one cache whose columns are left-padded; positions are per row, so a row's computation
+does not depend on its neighbours (under greedy decoding a batched answer equals the answer alone).
+``remember_answers`` stores each finished conversation (prompt + answer) in the prefix cache, so the
+next chat turn only computes its new tokens.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
 
-from medvlm.data.collate import VLMCollator
 from medvlm.data.schema import IMAGE_PLACEHOLDER, Sample
 from medvlm.errors import MedvlmError
-from medvlm.infer.engine import GenerationSettings, InferenceEngine, visible_text
+from medvlm.infer.decoding import GenerationSettings, TokenChooser, ends_with_any, visible_text
+from medvlm.infer.kv import KVBuffer, Layers, compact_row, concat_rows, image_digest, select_rows
 from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 
 
@@ -43,64 +43,51 @@ class PreparedPrompt:
     """LongTensor[L]: the prompt ending with the generation prompt, image tokens expanded."""
     pixel_values: torch.Tensor | None
     """FloatTensor[n_img, 3, H, W] or None for text-only prompts."""
+    spans: tuple[tuple[int, int], ...] = ()
+    """(start, end) columns of each image block (im_start/im_end included)."""
+    digests: tuple[str, ...] = ()
+    """Content digest of each image (prefix-cache key)."""
 
     @property
     def num_tokens(self) -> int:
         """Prompt length in tokens (image tokens included)."""
         return int(self.input_ids.shape[0])
 
-
-@dataclass
-class BatchResult:
-    """The outcome of one request."""
-
-    text: str
-    """The answer (stop text cut, outer whitespace stripped)."""
-    finish_reason: str
-    """``stop`` (EOS or a stop string), ``length`` (token limit) or ``cancelled``."""
-    prompt_tokens: int
-    """Prompt length in tokens."""
-    completion_tokens: int
-    """Tokens generated for this row (up to and including its stop)."""
+    @property
+    def split(self) -> int:
+        """End of the last image block: the image prefix that questions about the same images share."""
+        return self.spans[-1][1] if self.spans else 0
 
 
-@dataclass
-class BatchRequest:
-    """One request inside a batch."""
-
-    prompt: PreparedPrompt
-    """The encoded prompt."""
-    max_new_tokens: int = 64
-    """This row's token limit."""
-    stop: tuple[str, ...] = ()
-    """This row's extra stop strings (the template's stops always apply)."""
-    on_delta: Callable[[str], None] | None = None
-    """Called with each new piece of answer text (from the generating thread)."""
-    on_done: Callable[[BatchResult], None] | None = None
-    """Called once with the result when this row finishes (from the generating thread)."""
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    """Set it to stop this row (e.g. the client disconnected); the rest of the batch goes on."""
-
-
-def sampling_key(settings: GenerationSettings) -> tuple:
-    """Requests whose settings give equal keys can share one ``generate`` call.
-
-    Greedy decoding ignores temperature/top-p/top-k/seed, so all greedy requests share a key.
-    """
-    if settings.temperature == 0:
-        return ("greedy", settings.repetition_penalty)
-    return ("sample", settings.temperature, settings.top_p, settings.top_k, settings.seed, settings.repetition_penalty)
+def make_prompt(processor: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> PreparedPrompt:
+    """A :class:`PreparedPrompt` with its image blocks located and digested."""
+    ids = input_ids.reshape(-1).long()
+    seq = processor.image_seq_length
+    where = (ids == processor.image_token_id).nonzero().squeeze(1).tolist()
+    n_img = 0 if pixel_values is None else int(pixel_values.shape[0])
+    if len(where) != n_img * seq:
+        raise MedvlmError(f"the prompt has {len(where)} image tokens for {n_img} image(s) x {seq}")
+    spans = []
+    for k in range(n_img):
+        start, end = where[k * seq], where[(k + 1) * seq - 1] + 1
+        if end - start != seq:
+            raise MedvlmError(f"image {k + 1}: its {seq} image tokens are not contiguous")
+        if processor.im_start_token_id is not None and start > 0 and int(ids[start - 1]) == processor.im_start_token_id:
+            start -= 1
+        if processor.im_end_token_id is not None and end < len(ids) and int(ids[end]) == processor.im_end_token_id:
+            end += 1
+        spans.append((start, end))
+    digests = tuple(image_digest(pixel_values[k]) for k in range(n_img))
+    return PreparedPrompt(input_ids=ids, pixel_values=pixel_values, spans=tuple(spans), digests=digests)
 
 
-def prepare_sample(engine: InferenceEngine, sample: Sample, images: list[Image.Image] | None = None,
+def prepare_sample(engine: Any, sample: Sample, images: list[Image.Image] | None = None,
                    image_folder: str | None = None) -> PreparedPrompt:
     """Encode a conversation (ending with a user turn) as :meth:`InferenceEngine.generate` does."""
-    prompt = engine.prompt_sample(sample)
-    feats = engine.processor.encode(prompt, image_folder=image_folder, add_generation_prompt=True, images=images)
-    return PreparedPrompt(input_ids=feats["input_ids"], pixel_values=feats["pixel_values"])
+    return engine.prepare(sample, images=images, image_folder=image_folder)
 
 
-def prepare_text(engine: InferenceEngine, prompt: str, images: list[Image.Image]) -> PreparedPrompt:
+def prepare_text(engine: Any, prompt: str, images: list[Image.Image]) -> PreparedPrompt:
     """Encode an already rendered prompt string whose ``<image>`` placeholders mark the images (LLaVA workers).
 
     Each placeholder is expanded to the model's image token layout and the string is tokenised once
@@ -123,118 +110,322 @@ def prepare_text(engine: InferenceEngine, prompt: str, images: list[Image.Image]
     if sum(1 for t in ids if t == proc.image_token_id) != n * proc.image_seq_length:
         raise MedvlmError("the prompt's image placeholders did not tokenise as image tokens")
     pixels = proc.preprocess_images(images) if images else None  # [n_img, 3, H, W]
-    return PreparedPrompt(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=pixels)
+    return make_prompt(proc, torch.tensor(ids, dtype=torch.long), pixels)
 
 
-class _RowState:
-    """Decoding state of one row."""
+@dataclass
+class BatchResult:
+    """The outcome of one request."""
 
-    def __init__(self, req: BatchRequest, stops: list[str], eos: int | None):
+    text: str
+    """The answer (stop text cut, outer whitespace stripped)."""
+    finish_reason: str
+    """``stop`` (EOS or a stop string), ``length`` (token limit) or ``cancelled``."""
+    prompt_tokens: int
+    """Prompt length in tokens."""
+    completion_tokens: int
+    """Tokens generated for this row (its stop token included)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys/values came from the prefix cache (not recomputed)."""
+
+
+@dataclass
+class BatchRequest:
+    """One request: prompt, settings (token limit, stops, sampling) and callbacks."""
+
+    prompt: PreparedPrompt
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    """Per-request decoding settings (validated when added)."""
+    seed: int | None = None
+    """This row's sampling seed (None: ``settings.seed``)."""
+    on_delta: Callable[[str], None] | None = None
+    """Called with each new piece of answer text (from the decoding thread)."""
+    on_done: Callable[[BatchResult], None] | None = None
+    """Called once when the request ends (from the decoding thread)."""
+    on_error: Callable[[BaseException], None] | None = None
+    """Called if the batch fails (the server reports it and keeps serving)."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set it (:meth:`cancel`) to end this request at the next step; its row is freed at once."""
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+PAD_SLACK = 1.25
+"""Prompt chunks are prefilled in buckets whose padded size is at most this multiple of their real tokens."""
+
+
+class _Row:
+    def __init__(self, req: BatchRequest, engine: Any):
+        s = req.settings
         self.req = req
-        self.stops = stops
-        self.eos = eos
-        self.ids: list[int] = []
+        self.stops = engine.stop_strings(s)
+        self.stop_seqs = engine.stop_sequences(s)
+        self.chooser = TokenChooser(s, engine.suppress_ids, req.seed if req.seed is not None else s.seed)
+        self.ids: list[int] = []  # answer tokens (EOS excluded)
+        self.sampled: list[int] = []  # every chosen token; the cache holds prompt + sampled[:-1]
         self.emitted = ""
-        self.done = False
+        self.pos = 0  # position id of the next token fed
+        self.start = 0  # prompt tokens already cached before this row's own prefill
+        self.past: Layers | None = None
+        self.cached = 0
+
+    def seen(self) -> torch.Tensor:
+        return torch.cat([self.req.prompt.input_ids, torch.tensor(self.sampled, dtype=torch.long)])
 
 
-class _BatchStreamer(BaseStreamer):
-    """Sees each new column of tokens [B] and drives every row: deltas, finishing, callbacks."""
+class ContinuousBatcher:
+    """Iteration-level batching over an engine (see the module doc). Not thread-safe: one thread steps it."""
 
-    def __init__(self, engine: InferenceEngine, rows: list[_RowState]):
+    def __init__(self, engine: Any, max_batch: int = 8, remember_answers: bool = False):
+        if max_batch < 1:
+            raise MedvlmError(f"max_batch must be >= 1 (got {max_batch})")
         self.engine = engine
-        self.rows = rows
-        self._prompt_seen = False
+        self.family = engine.family
+        self.processor = engine.processor
+        self.cache = engine.prefix_cache
+        self.max_batch = max_batch
+        self.remember_answers = remember_answers
+        self.waiting: deque[BatchRequest] = deque()
+        self.rows: list[_Row] = []
+        self.kv: KVBuffer | None = None
+        self.mask: torch.Tensor | None = None  # [B, T] bool
+        self.steps = 0
+        """Decoding steps run (for stats)."""
+        self.admitted = 0
+        """Requests that entered the batch."""
+        self.largest_batch = 0
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first call carries the prompts
-            self._prompt_seen = True
-            return
-        column = value.reshape(-1).tolist()  # [B] token ids of this step
-        for row, tok in zip(self.rows, column):
-            if row.done:
-                continue
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting
+
+    def add(self, req: BatchRequest) -> None:
+        """Queue a request (it joins at the next step with a free row)."""
+        req.settings.validate()
+        if req.prompt.num_tokens < 1:
+            raise MedvlmError("the prompt is empty")
+        self.waiting.append(req)
+
+    # -- stepping ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Drop cancelled rows, admit waiting requests into free rows, decode one token for every row."""
+        with torch.inference_mode():
+            self._drop_cancelled()
+            free = self.max_batch - len(self.rows)
+            batch: list[BatchRequest] = []
+            while free > len(batch) and self.waiting:
+                req = self.waiting.popleft()
+                if req.cancelled.is_set():
+                    self._report(req, BatchResult("", "cancelled", req.prompt.num_tokens, 0))
+                else:
+                    batch.append(req)
+            if batch:
+                try:
+                    self._admit(batch)
+                except BaseException:
+                    self.waiting.extendleft(reversed(batch))  # still owed an answer: fail_all reports them
+                    raise
+            if self.rows:
+                self._decode()
+
+    def run(self) -> None:
+        """Step until nothing is running or waiting."""
+        while not self.idle:
+            self.step()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Report ``exc`` to every running and waiting request and empty the batch."""
+        reqs = [r.req for r in self.rows] + list(self.waiting)
+        self.rows, self.kv, self.mask = [], None, None
+        self.waiting.clear()
+        for req in reqs:
+            if req.on_error is not None:
+                req.on_error(exc)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _report(self, req: BatchRequest, result: BatchResult) -> None:
+        if req.on_done is not None:
+            req.on_done(result)
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for i, row in enumerate(self.rows):
             if row.req.cancelled.is_set():
-                self.finish(row, "cancelled")
-                continue
-            if tok == row.eos:
-                self.finish(row, "stop")
-                continue
+                self._finish(row, "cancelled", None, None, i)
+            else:
+                keep.append(i)
+        if len(keep) != len(self.rows):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.kv, self.mask = None, None
+            return
+        layers, self.mask = select_rows(self.kv.layers(), self.mask, torch.tensor(keep, dtype=torch.long))
+        self.kv = KVBuffer(layers, room=self._room())
+
+    def _chunk_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
+        """Prefill ``prompt[start:end]`` of each row after its cached ``past`` (``start`` columns), batched.
+
+        Pasts are left-padded to a common width, chunks too: the holes are masked out and each token
+        gets its true position. Returns last-column logits ``[B, V]``, the cache and its column mask.
+        """
+        pad = self.processor.pad_token_id
+        past_w = max(start for _, start, _, _ in items)
+        chunk_w = max(end - start for _, start, end, _ in items)
+        ref = next((p for _, _, _, p in items if p is not None), None)
+        ids = torch.full((len(items), chunk_w), pad, dtype=torch.long)
+        pos = torch.zeros((len(items), chunk_w), dtype=torch.long)
+        mask = torch.zeros((len(items), past_w + chunk_w), dtype=torch.bool)
+        pixels, pasts = [], []
+        for b, (row, start, end, past) in enumerate(items):
+            prompt = row.req.prompt
+            n = end - start
+            ids[b, chunk_w - n:] = prompt.input_ids[start:end]
+            pos[b, chunk_w - n:] = torch.arange(start, end)
+            pos[b, : chunk_w - n] = start  # holes: any position, they are never attended to
+            mask[b, past_w - start: past_w] = True
+            mask[b, past_w + chunk_w - n:] = True
+            for k, (s, e) in enumerate(prompt.spans):
+                if start <= s and e <= end:
+                    pixels.append(prompt.pixel_values[k : k + 1])
+                elif s < start < e or s < end < e:
+                    raise MedvlmError("internal: a prompt chunk cuts through an image")
+            if past_w:
+                if past is None:
+                    past = [(k.new_zeros(1, k.shape[1], 0, k.shape[3]), v.new_zeros(1, v.shape[1], 0, v.shape[3]))
+                            for k, v in ref]
+                pasts.append((past, torch.ones(1, start, dtype=torch.bool)))
+        past_layers = concat_rows(pasts)[0] if past_w else None
+        pixel_values = torch.cat(pixels) if pixels else None
+        logits, layers = self.family.prefill(ids, pixel_values, mask, pos, past_layers)
+        return logits, layers, mask
+
+    def _bucketed_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
+        """:meth:`_chunk_forward` in buckets of similar chunk length (padding costs compute), results in item order."""
+        order = sorted(range(len(items)), key=lambda i: items[i][2] - items[i][1])
+        buckets: list[list[int]] = [[]]
+        for i in order:
+            trial = buckets[-1] + [i]
+            widths = [items[j][2] - items[j][1] for j in trial]
+            if buckets[-1] and max(widths) * len(trial) > PAD_SLACK * sum(widths):
+                buckets.append([i])
+            else:
+                buckets[-1] = trial
+        if len(buckets) == 1:
+            return self._chunk_forward(items)
+        outs = [self._chunk_forward([items[i] for i in b]) for b in buckets]
+        logits = torch.cat([o[0] for o in outs])
+        layers, mask = concat_rows([(o[1], o[2]) for o in outs])
+        flat = [i for b in buckets for i in b]
+        back = torch.empty(len(flat), dtype=torch.long)
+        back[torch.tensor(flat)] = torch.arange(len(flat))
+        layers, mask = select_rows(layers, mask, back)
+        return logits.index_select(0, back), layers, mask
+
+    def _admit(self, reqs: list[BatchRequest]) -> None:
+        rows = [_Row(r, self.engine) for r in reqs]
+        cache = self.cache
+        for row in rows:
+            p = row.req.prompt
+            if cache is not None:
+                row.start, row.past = cache.lookup(p.input_ids, p.spans, p.digests, limit=p.num_tokens - 1)
+                row.cached = row.start
+        # Image prefixes: computed once per distinct (ids, images) among the admitted rows.
+        groups: dict[tuple, list[_Row]] = {}
+        for row in rows:
+            p = row.req.prompt
+            if 0 < p.split < p.num_tokens and row.start < p.split:
+                groups.setdefault((tuple(p.input_ids[: p.split].tolist()), p.digests), []).append(row)
+        todo = [g for g in groups.values() if len(g) > 1 or cache is not None]
+        if todo:
+            items = [(g[0], g[0].start, g[0].req.prompt.split, g[0].past) for g in todo]
+            _, layers, mask = self._chunk_forward(items)
+            for b, g in enumerate(todo):
+                p = g[0].req.prompt
+                prefix = compact_row(layers, mask, b)
+                if cache is not None:
+                    cache.insert(p.input_ids[: p.split], p.spans, p.digests, prefix)
+                for row in g:
+                    row.start, row.past = p.split, prefix
+        logits, layers, mask = self._bucketed_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
+        # Counted before any row can finish (and answer its client).
+        self.admitted += len(rows)
+        self.largest_batch = max(self.largest_batch, len(self.rows) + len(rows))
+        keep = []
+        for b, row in enumerate(rows):
+            row.past = None
+            row.pos = row.req.prompt.num_tokens
+            if not self._accept(row, b, logits[b], layers, mask):
+                keep.append(b)
+        if keep:
+            new = select_rows(layers, mask, torch.tensor(keep, dtype=torch.long))
+            old = [(self.kv.layers(), self.mask)] if self.rows else []
+            self.rows += [rows[b] for b in keep]
+            layers, self.mask = concat_rows(old + [new])
+            self.kv = KVBuffer(layers, room=self._room())
+
+    def _room(self) -> int:
+        """Spare columns for a rebuilt cache: the most tokens any row may still generate (capped)."""
+        left = max(r.req.settings.max_new_tokens - len(r.ids) for r in self.rows)
+        return max(1, min(left, 256))
+
+    def _decode(self) -> None:
+        rows = self.rows
+        ids = torch.tensor([[r.sampled[-1]] for r in rows], dtype=torch.long)
+        pos = torch.tensor([[r.pos] for r in rows], dtype=torch.long)
+        mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
+        logits = self.family.decode(ids, mask, pos, self.kv)
+        self.mask = mask
+        self.steps += 1
+        keep = []
+        layers = self.kv.layers()
+        for b, row in enumerate(rows):
+            row.pos += 1
+            if not self._accept(row, b, logits[b], layers, self.mask):
+                keep.append(b)
+        if len(keep) != len(rows):
+            self._keep(keep)
+
+    def _accept(self, row: _Row, b: int, logits: torch.Tensor, layers: Layers, mask: torch.Tensor) -> bool:
+        """Choose and take row ``b``'s next token; True when the row has finished (callbacks done)."""
+        if row.req.cancelled.is_set():
+            self._finish(row, "cancelled", layers, mask, b)
+            return True
+        seen = row.seen() if row.req.settings.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+        tok = row.chooser(logits, seen)
+        row.sampled.append(tok)
+        reason = None
+        if tok == self.processor.tokenizer.eos_token_id:
+            reason = "stop"
+        else:
             row.ids.append(tok)
-            raw = self.engine.processor.decode(row.ids)
-            if any(s in raw for s in row.stops):
-                self.finish(row, "stop")
-                continue
-            if len(row.ids) >= row.req.max_new_tokens:
-                self.finish(row, "length")
-                continue
-            self._emit(row, visible_text(raw, row.stops, final=False))
+            raw = self.processor.decode(row.ids)
+            if ends_with_any(row.ids, row.stop_seqs) or any(s in raw for s in row.stops):
+                reason = "stop"
+            elif len(row.ids) >= row.req.settings.max_new_tokens:
+                reason = "length"
+            else:
+                self._emit(row, visible_text(raw, row.stops, final=False))
+        if reason is None:
+            return False
+        self._finish(row, reason, layers, mask, b)
+        return True
 
-    def end(self) -> None:
-        for row in self.rows:
-            if not row.done:
-                self.finish(row, "cancelled" if row.req.cancelled.is_set() else "length")
-
-    def _emit(self, row: _RowState, text: str) -> None:
+    def _emit(self, row: _Row, text: str) -> None:
         if text.startswith(row.emitted) and len(text) > len(row.emitted):
             delta, row.emitted = text[len(row.emitted):], text
             if row.req.on_delta is not None:
                 row.req.on_delta(delta)
 
-    def finish(self, row: _RowState, reason: str) -> None:
-        row.done = True
-        final = visible_text(self.engine.processor.decode(row.ids), row.stops, final=True)
+    def _finish(self, row: _Row, reason: str, layers: Layers | None, mask: torch.Tensor | None, b: int) -> None:
+        final = visible_text(self.processor.decode(row.ids), row.stops, final=True)
         if reason != "cancelled":
             self._emit(row, final)
-        completion = len(row.ids) + (1 if reason == "stop" and len(row.ids) < row.req.max_new_tokens else 0)
-        result = BatchResult(text=final, finish_reason=reason, prompt_tokens=row.req.prompt.num_tokens,
-                             completion_tokens=min(completion, row.req.max_new_tokens))
-        if row.req.on_done is not None:
-            row.req.on_done(result)
-
-
-class _RowsDone(StoppingCriteria):
-    """Tells ``generate`` which rows are finished (decided by the streamer) or cancelled."""
-
-    def __init__(self, rows: list[_RowState]):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        flags = [r.done or r.req.cancelled.is_set() for r in self.rows]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)  # [B]
-
-
-def generate_batch(engine: InferenceEngine, requests: list[BatchRequest],
-                   settings: GenerationSettings | None = None) -> list[BatchResult]:
-    """Answer ``requests`` in one ``generate`` call with the shared sampling ``settings``.
-
-    ``settings.max_new_tokens`` and ``settings.stop`` are ignored: each request has its own. Results
-    come back in order (and through each request's ``on_done`` as soon as its row finishes).
-    """
-    if not requests:
-        return []
-    for i, r in enumerate(requests):
-        if r.max_new_tokens < 1:
-            raise MedvlmError(f"request {i}: max_new_tokens must be >= 1 (got {r.max_new_tokens})")
-    base = replace(settings or GenerationSettings(), stop=(),
-                   max_new_tokens=max(r.max_new_tokens for r in requests)).validate()
-    template_stops = engine.stop_strings(base)
-    eos = engine.processor.tokenizer.eos_token_id
-    rows = [_RowState(r, template_stops + [s for s in r.stop if s], eos) for r in requests]
-    results: list[BatchResult | None] = [None] * len(rows)
-    for i, row in enumerate(rows):
-        user_done = row.req.on_done
-
-        def record(res: BatchResult, i: int = i, user_done=user_done) -> None:
-            results[i] = res
-            if user_done is not None:
-                user_done(res)
-
-        row.req = replace(row.req, on_done=record)
-    collate = VLMCollator(pad_token_id=engine.processor.pad_token_id, padding_side="left")
-    # input_ids / attention_mask [B, T] left padded; pixel_values [n_img, 3, H, W] in row order
-    batch = collate([{"input_ids": r.prompt.input_ids, "pixel_values": r.prompt.pixel_values} for r in requests])
-    streamer = _BatchStreamer(engine, rows)
-    engine.run_batch(batch, base, extra_criteria=(_RowsDone(rows),), streamer=streamer)
-    streamer.end()
-    return [r for r in results if r is not None]
+            if self.remember_answers and self.cache is not None and layers is not None:
+                p = row.req.prompt
+                seen = torch.cat([p.input_ids, torch.tensor(row.sampled[:-1], dtype=torch.long)])
+                self.cache.insert(seen, p.spans, p.digests, compact_row(layers, mask, b))
+        self._report(row.req, BatchResult(final, reason, row.req.prompt.num_tokens, len(row.sampled), row.cached))

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 from medvlm.infer.batching import BatchResult, prepare_sample
-from medvlm.infer.engine import GenerationSettings, InferenceEngine
+from medvlm.infer.engine import DEFAULT_PREFIX_CACHE_BYTES, GenerationSettings, InferenceEngine
 from medvlm.notice import NOTICE
 from medvlm.serve.admission import (
     Admission,
@@ -294,9 +294,8 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:
-        return {"status": "ok", "queue_length": batcher.queue_length, "batches_run": batcher.batches_run,
-                "requests_run": batcher.requests_run, "largest_batch": batcher.largest_batch,
-                "preparing": service.admission.preparing, "decoding": service.gate.active, "notice": NOTICE}
+        return {"status": "ok", **batcher.stats(), "preparing": service.admission.preparing,
+                "decoding": service.gate.active, "notice": NOTICE}
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]})
     async def list_models() -> ModelList:
@@ -387,12 +386,13 @@ def banner(config: ApiConfig, host: str, port: int) -> str:
             f"max batch {config.batcher.max_batch})\n{NOTICE}")
 
 
-def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8) -> InferenceEngine:
-    """Load a checkpoint into an inference engine."""
+def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8,
+                prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> InferenceEngine:
+    """Load a checkpoint into an inference engine (``prefix_cache_bytes``: its prefix-cache budget, 0 = off)."""
     from medvlm.model.build import load_pretrained
 
     model, processor = load_pretrained(model_dir, dtype=dtype)
-    return InferenceEngine(model, processor, batch_size=batch_size)
+    return InferenceEngine(model, processor, batch_size=batch_size, prefix_cache_bytes=prefix_cache_bytes)
 
 
 def run_api(engine: InferenceEngine, config: ApiConfig, host: str = "127.0.0.1", port: int = 8000,

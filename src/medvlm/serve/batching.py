@@ -1,13 +1,14 @@
-"""Dynamic batching of concurrent requests on one shared inference engine.
+"""Continuous batching of concurrent requests on one shared inference engine.
 
-One thread owns the model. Requests wait in a bounded queue; when one arrives the thread waits at
-most ``max_wait_ms`` for more, then runs the oldest request together with up to ``max_batch - 1``
-other waiting requests that have the same sampling key (:func:`medvlm.infer.batching.sampling_key`):
-all greedy requests batch together whatever their ``max_tokens`` / ``stop`` (handled per row);
-sampling requests batch only with identical temperature / top-p / top-k / seed, because one
-``generate`` call has one sampler and one RNG. Requests with another key wait for the next round
-(the oldest request always goes first, so nobody starves). A full queue is refused at once
-(:class:`QueueFullError`, HTTP 503), and a cancelled request leaves its batch at the next token.
+One thread owns the model and steps a :class:`~medvlm.infer.batching.ContinuousBatcher`: a request
+joins the running batch at the next decoding step that has a free row (up to ``max_batch`` rows,
+oldest request first, so nobody waits behind more than one batch's worth of steps) and leaves it the
+moment it ends, streaming included. Rows may differ in every setting (token limit, stops,
+temperature, top-p/top-k, seed): each row chooses its tokens with its own settings and generator.
+Prompts reuse the engine's prefix cache (an image asked about again, a chat's earlier turns), and
+each finished conversation is remembered for the next turn. When the batch is empty the first
+request waits at most ``max_wait_ms`` for others to prefill with it. A full queue is refused at once
+(:class:`QueueFullError`, HTTP 503); a cancelled request (client gone) frees its row at the next step.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from medvlm.errors import MedvlmError
-from medvlm.infer.batching import BatchRequest, BatchResult, PreparedPrompt, generate_batch, sampling_key
+from medvlm.infer.batching import BatchRequest, BatchResult, PreparedPrompt
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
 
 log = logging.getLogger("medvlm.serve")
@@ -32,57 +33,63 @@ class QueueFullError(MedvlmError):
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    """How requests are grouped."""
+    """How requests share the model."""
 
     max_batch: int = 8
-    """Most requests in one ``generate`` call (1 = one request at a time)."""
+    """Most requests decoded together (1 = one request at a time)."""
     max_wait_ms: float = 5.0
-    """How long the first waiting request waits for others to join its batch."""
+    """When nothing is running, how long the first request waits for others to prefill with it."""
     max_queue: int = 64
     """Most requests waiting or running; more are refused with 503."""
 
 
 @dataclass
 class Job:
-    """A submitted request: its prompt, settings and callbacks."""
+    """A submitted request."""
 
     request: BatchRequest
-    """The per-row request (prompt, limit, stops, callbacks, cancel event)."""
-    settings: GenerationSettings
-    """Sampling settings (grouping key)."""
-    on_error: Callable[[BaseException], None] | None = None
-    """Called if generation fails."""
-    key: tuple = field(default=())
+    """The row's prompt, settings, callbacks and cancel event."""
 
     def cancel(self) -> None:
-        """Stop this request (dropped if still queued, its row ends if running)."""
-        self.request.cancelled.set()
+        """Stop this request (dropped if still queued, its row freed at the next step if running)."""
+        self.request.cancel()
 
 
 class DynamicBatcher:
-    """Owns the engine's model in one thread and feeds it batches of compatible requests."""
+    """Owns the engine's model in one thread and decodes every request in flight continuously."""
 
     def __init__(self, engine: InferenceEngine, config: BatcherConfig | None = None):
         self.engine = engine
         self.config = config or BatcherConfig()
         if self.config.max_batch < 1 or self.config.max_queue < 1:
             raise MedvlmError("max_batch and max_queue must be >= 1")
-        self._pending: deque[Job] = deque()
-        self._running = 0
+        self._incoming: deque[BatchRequest] = deque()
+        self._inflight = 0
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self.batches_run = 0
-        """How many ``generate`` calls started (for stats and tests)."""
-        self.largest_batch = 0
-        """The largest batch started so far."""
-        self.requests_run = 0
-        """Requests sent to ``generate`` (requests_run / batches_run = mean batch size)."""
+        self._batcher = engine.batcher(max_batch=self.config.max_batch, remember_answers=True)
+
+    @property
+    def requests_run(self) -> int:
+        """Requests that entered the running batch."""
+        return self._batcher.admitted
+
+    @property
+    def largest_batch(self) -> int:
+        """Most rows decoded together so far."""
+        return self._batcher.largest_batch
+
+    @property
+    def batches_run(self) -> int:
+        """Decoding steps run (each step decodes every running row once)."""
+        return self._batcher.steps
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "DynamicBatcher":
         """Start the model thread (idempotent)."""
         if self._thread is None:
+            self._stopped = False
             self._thread = threading.Thread(target=self._loop, name="medvlm-batcher", daemon=True)
             self._thread.start()
         return self
@@ -91,8 +98,8 @@ class DynamicBatcher:
         """Cancel waiting and running requests and stop the thread."""
         with self._cond:
             self._stopped = True
-            for job in self._pending:
-                job.cancel()
+            for req in self._incoming:
+                req.cancel()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -102,7 +109,15 @@ class DynamicBatcher:
     def queue_length(self) -> int:
         """Requests waiting or running."""
         with self._cond:
-            return len(self._pending) + self._running
+            return self._inflight
+
+    def stats(self) -> dict:
+        """Counters for ``/health``: batching and the prefix cache."""
+        cache = self.engine.prefix_cache
+        return {"queue_length": self.queue_length, "decode_steps": self.batches_run,
+                "requests_run": self.requests_run, "largest_batch": self.largest_batch,
+                "running": len(self._batcher.rows), "max_batch": self.config.max_batch,
+                "prefix_cache": cache.info() if cache is not None else None}
 
     # -- submitting ------------------------------------------------------------------------
     def submit(self, prompt: PreparedPrompt, settings: GenerationSettings, *,
@@ -111,69 +126,75 @@ class DynamicBatcher:
                on_error: Callable[[BaseException], None] | None = None) -> Job:
         """Queue a request; raises :class:`QueueFullError` when ``max_queue`` requests are in flight."""
         settings.validate()
-        req = BatchRequest(prompt=prompt, max_new_tokens=settings.max_new_tokens, stop=tuple(settings.stop),
-                           on_delta=on_delta, on_done=on_done)
-        job = Job(request=req, settings=settings, on_error=on_error, key=sampling_key(settings))
+        settled = threading.Event()
+
+        def settle() -> None:
+            if not settled.is_set():
+                settled.set()
+                with self._cond:
+                    self._inflight -= 1
+
+        def done(result: BatchResult) -> None:
+            settle()
+            if on_done is not None:
+                on_done(result)
+
+        def failed(exc: BaseException) -> None:
+            settle()
+            if on_error is not None:
+                on_error(exc)
+
+        req = BatchRequest(prompt=prompt, settings=settings, on_delta=on_delta, on_done=done, on_error=failed)
         with self._cond:
             if self._stopped:
                 raise QueueFullError("the server is shutting down")
-            if len(self._pending) + self._running >= self.config.max_queue:
+            if self._inflight >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} requests); retry later")
-            self._pending.append(job)
+            self._inflight += 1
+            self._incoming.append(req)
             self._cond.notify_all()
-        return job
+        return Job(request=req)
 
     # -- the model thread ------------------------------------------------------------------
-    def _take_batch(self) -> list[Job]:
-        """Wait for work, give late requests ``max_wait_ms`` to join, and pick one compatible group."""
+    def _take_incoming(self) -> list[BatchRequest] | None:
+        """New requests (waiting for work when idle, ``max_wait_ms`` for company when the batch is empty); None = stop."""
+        b = self._batcher
         with self._cond:
-            while not self._stopped and not self._pending:
+            while not self._stopped and not self._incoming and b.idle:
                 self._cond.wait(0.5)
             if self._stopped:
-                return []
-            deadline = time.monotonic() + self.config.max_wait_ms / 1000.0
-            while len(self._pending) < self.config.max_batch and not self._stopped:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            while self._pending and self._pending[0].request.cancelled.is_set():
-                self._pending.popleft()  # left before it started
-            if not self._pending:
-                return []
-            key = self._pending[0].key
-            batch, rest = [], deque()
-            for job in self._pending:
-                if job.request.cancelled.is_set():
-                    continue
-                if job.key == key and len(batch) < self.config.max_batch:
-                    batch.append(job)
-                else:
-                    rest.append(job)
-            self._pending = rest
-            self._running = len(batch)
-            return batch
+                return None
+            if b.idle and self._incoming:
+                deadline = time.monotonic() + self.config.max_wait_ms / 1000.0
+                while len(self._incoming) < self.config.max_batch and not self._stopped:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            new = list(self._incoming)
+            self._incoming.clear()
+            return new
 
     def _loop(self) -> None:
+        b = self._batcher
         while True:
-            batch = self._take_batch()
-            if not batch:
+            new = self._take_incoming()
+            if new is None:  # stopping: every request in flight ends as cancelled
                 with self._cond:
-                    if self._stopped:
-                        return
-                continue
-            # Counted when the batch starts: answers reach their clients inside generate_batch, so stats
-            # counted afterwards could lag behind an answer a client already holds.
-            self.batches_run += 1
-            self.requests_run += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
+                    for req in self._incoming:
+                        b.add(req)
+                    self._incoming.clear()
+                for req in [r.req for r in b.rows] + list(b.waiting):
+                    req.cancel()
+                while not b.idle:
+                    b.step()  # cancelled rows and requests are reported without running the model
+                return
+            b.max_batch = self.config.max_batch
+            for req in new:
+                b.add(req)
             try:
-                generate_batch(self.engine, [j.request for j in batch], batch[0].settings)
+                b.step()
             except Exception as e:  # reported to each request; the server keeps serving
-                log.error("generation failed for a batch of %d: %s: %s", len(batch), type(e).__name__, e)
-                for job in batch:
-                    if job.on_error is not None:
-                        job.on_error(e)
-            finally:
-                with self._cond:
-                    self._running = 0
+                log.error("generation failed for a batch of %d: %s: %s", len(b.rows) + len(b.waiting),
+                          type(e).__name__, e)
+                b.fail_all(e)

@@ -64,6 +64,12 @@ def _positive(**values: float) -> None:
 INSECURE_HELP = "Allow a non-loopback --host without a key/secret (anyone who can reach the port can use it)."
 
 
+def _mib(mb: float) -> int:
+    if mb < 0:
+        raise MedvlmError(f"--prefix-cache-mb must be >= 0 (got {mb})")
+    return int(mb * 1024 * 1024)
+
+
 @app.command("api")
 def api(
     model: Path = typer.Option(..., "--model", help="A medvlm checkpoint folder."),
@@ -71,8 +77,9 @@ def api(
     port: int = typer.Option(8000, "--port"),
     api_key_env: str | None = typer.Option(None, "--api-key-env", help="Environment variable holding the required API key."),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model name for clients (default: folder name)."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests per generate call (1 = one at a time)."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a request waits for others to batch with."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together (1 = one at a time)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="When idle, how long a first request waits for others to prefill with."),
+    prefix_cache_mb: float = typer.Option(1024.0, "--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests in flight before 503."),
     max_image_mb: float = typer.Option(20.0, "--max-image-mb", help="Largest image (MiB)."),
     max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", help="Largest image in pixels."),
@@ -102,8 +109,8 @@ def api(
                                       remote_allow_network),
                        max_images=max_images, log_prompts=log_prompts, max_prompt_chars=max_prompt_chars,
                        max_decoded_bytes=int(max_decoded_mb * 2**20), max_concurrent_decodes=max_concurrent_decodes)
-    run_api(load_engine(str(model), dtype=dtype, batch_size=max_batch), config, host=host, port=port,
-            insecure_no_auth=insecure_no_auth)
+    run_api(load_engine(str(model), dtype=dtype, batch_size=max_batch, prefix_cache_bytes=_mib(prefix_cache_mb)),
+            config, host=host, port=port, insecure_no_auth=insecure_no_auth)
 
 
 @app.command("controller")
@@ -139,7 +146,8 @@ def worker(
     worker_address: str | None = typer.Option(None, "--worker-address", help="Address the controller calls (default http://HOST:PORT)."),
     model_name: str | None = typer.Option(None, "--model-name", help="Name to serve under (default: folder name)."),
     limit_concurrency: int = typer.Option(5, "--limit-concurrency", help="Requests in flight."),
-    max_batch: int = typer.Option(8, "--max-batch"),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
+    prefix_cache_mb: float = typer.Option(1024.0, "--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off)."),
     heart_beat_interval: float = typer.Option(15.0, "--heart-beat-interval", help="Seconds between heart beats."),
     no_register: bool = typer.Option(False, "--no-register", help="Do not register with the controller."),
     max_image_mb: float = typer.Option(20.0, "--max-image-mb"),
@@ -170,7 +178,8 @@ def worker(
                           batcher=BatcherConfig(max_batch=max_batch), limits=_limits(max_image_mb, max_image_pixels),
                           secret=secret, max_images=max_images, max_prompt_chars=max_prompt_chars,
                           max_decoded_bytes=int(max_decoded_mb * 2**20), max_concurrent_decodes=max_concurrent_decodes)
-    app_ = create_worker_app(load_engine(str(model), dtype=dtype, batch_size=max_batch), config)
+    app_ = create_worker_app(load_engine(str(model), dtype=dtype, batch_size=max_batch,
+                                         prefix_cache_bytes=_mib(prefix_cache_mb)), config)
     typer.echo(f"medvlm worker {config.model_name!r} on {config.worker_url}. {SHORT_NOTICE}")
     uvicorn.run(app_, host=host, port=port, log_level="info")
 

@@ -1,0 +1,102 @@
+"""Model families: how the engine runs one forward chunk of a model with a KV cache.
+
+The engine's scheduler (:mod:`medvlm.infer.batching`) only needs two hooks from a family:
+``prefill`` (a chunk of prompt tokens, possibly holding images, on top of cached keys/values) and
+``decode`` (one new token per row). Both take an explicit 2-D column mask and per-token position ids,
+and return the logits of each row's last column with the grown cache as plain per-layer tensors
+(:data:`medvlm.infer.kv.Layers`). A family is chosen by the model config's ``model_type`` (a named
+field); medvlm's own LLaVA family is the only one today.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from medvlm.errors import MedvlmError
+from medvlm.infer.kv import KVBuffer, Layers
+
+
+class ModelFamily(Protocol):
+    """The hooks a model family supplies to the engine."""
+
+    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past: Layers | None) -> tuple[torch.Tensor, Layers]:
+        """Run prompt tokens ``[B, C]`` (images in row order) after ``past`` (``[B, H, P, D]`` per layer).
+
+        ``attention_mask`` is ``[B, P + C]`` (False = a hole), ``position_ids`` ``[B, C]``.
+        Returns the last column's logits ``[B, V]`` and the cache ``[B, H, P + C, D]`` per layer.
+        """
+        ...
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               past: KVBuffer) -> torch.Tensor:
+        """One token per row (``input_ids`` ``[B, 1]``, no images) after ``past``, which grows by one column in place.
+
+        ``attention_mask`` is ``[B, past.length + 1]``. Returns the logits ``[B, V]``.
+        """
+        ...
+
+
+class NativeLlavaFamily:
+    """medvlm's own LLaVA family (``model_type`` ``medvlm``): image tokens are replaced by projected features
+    inside ``MedVLMForConditionalGeneration.forward``; the language model keeps a ``DynamicCache``."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def prefill(self, input_ids, pixel_values, attention_mask, position_ids, past):
+        # A cache object is always passed: without one transformers would read position ids that jump
+        # (a prefix reused after a hole) as packed sequences.
+        cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        layers = []
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise MedvlmError(f"the engine supports full-attention caches only; this model's cache has a "
+                                  f"{type(layer).__name__}")
+            layers.append((layer.keys, layer.values))
+        return out.logits[:, -1, :], layers
+
+    def decode(self, input_ids, attention_mask, position_ids, past):
+        start = past.length
+        cache = Cache(layers=[_BufferLayer(past, i, start) for i in range(len(past.keys))])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        past.length = start + input_ids.shape[1]
+        return out.logits[:, -1, :]
+
+
+class _BufferLayer(DynamicLayer):
+    """A transformers cache layer whose keys/values live in a :class:`KVBuffer` (appends write in place).
+
+    Subclassing the layer type is transformers' own extension point for cache storage (``Cache(layers=...)``).
+    """
+
+    def __init__(self, buf: KVBuffer, index: int, start: int):
+        super().__init__()
+        self.buf, self.index, self.start = buf, index, start
+        self.keys = buf.keys[index][:, :, :start]
+        self.values = buf.values[index][:, :, :start]
+        self.device = self.keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = self.buf.append(self.index, key_states, value_states, self.start)
+        return self.keys, self.values
+
+
+FAMILIES = {"medvlm": NativeLlavaFamily}
+"""Family by the model config's ``model_type``."""
+
+
+def family_for(model: Any) -> ModelFamily:
+    """The family serving ``model``, by its config's ``model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise MedvlmError(f"no inference family for model_type {model_type!r} (known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[model_type](model)

@@ -1,0 +1,259 @@
+"""KV-cache rows as plain tensors, and a bounded LRU cache of shared prompt prefixes.
+
+The engine keeps a running batch's cache as one ``[B, H, T, D]`` key and value tensor per layer with
+a boolean column mask ``[B, T]``: a row's real tokens may sit anywhere (left padding, and holes
+between a reused prefix and its question), every row ends at the last column, and each row carries
+its own position counter. Rotary positions are applied before keys are cached, so moving a row's
+columns (padding, compacting, cropping) never changes what attention computes over them.
+
+:class:`PrefixCache` keeps compact single-row caches keyed by their token ids and the digests of
+the images inside them; a lookup returns the longest usable shared prefix of a new prompt (never
+cutting through an image, never reusing an image whose pixels differ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from medvlm.errors import MedvlmError
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per decoder layer: (keys, values), each ``[B, H, T, D]``."""
+
+
+def layers_nbytes(layers: Layers) -> int:
+    """Bytes held by the key/value tensors."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
+def layers_len(layers: Layers) -> int:
+    """Cached columns (T)."""
+    return int(layers[0][0].shape[2]) if layers else 0
+
+
+def pad_left(layers: Layers, mask: torch.Tensor, n: int) -> tuple[Layers, torch.Tensor]:
+    """Prepend ``n`` masked-out columns (zeros) to every row."""
+    if n <= 0:
+        return layers, mask
+    out = []
+    for k, v in layers:
+        zk = k.new_zeros(k.shape[0], k.shape[1], n, k.shape[3])
+        zv = v.new_zeros(v.shape[0], v.shape[1], n, v.shape[3])
+        out.append((torch.cat([zk, k], dim=2), torch.cat([zv, v], dim=2)))
+    return out, torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
+
+
+def concat_rows(parts: list[tuple[Layers, torch.Tensor]]) -> tuple[Layers, torch.Tensor]:
+    """Stack batches of rows (each ``(layers, mask)``), left-padding the shorter ones to a common length."""
+    parts = [p for p in parts if p[1].shape[0] > 0]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p[1].shape[1] for p in parts)
+    padded = [pad_left(layers, mask, width - mask.shape[1]) for layers, mask in parts]
+    n_layers = len(padded[0][0])
+    layers = [(torch.cat([p[0][i][0] for p in padded], dim=0), torch.cat([p[0][i][1] for p in padded], dim=0))
+              for i in range(n_layers)]
+    return layers, torch.cat([p[1] for p in padded], dim=0)
+
+
+def select_rows(layers: Layers, mask: torch.Tensor, index: torch.Tensor) -> tuple[Layers, torch.Tensor]:
+    """Keep (or repeat) rows by index, then drop the columns no remaining row uses."""
+    layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
+    mask = mask.index_select(0, index)
+    used = mask.any(dim=0)  # [T]
+    if mask.shape[0] and not bool(used.all()):
+        cols = used.nonzero().squeeze(1)
+        layers = [(k.index_select(2, cols), v.index_select(2, cols)) for k, v in layers]
+        mask = mask.index_select(1, cols)
+    return layers, mask
+
+
+def compact_row(layers: Layers, mask: torch.Tensor, row: int) -> Layers:
+    """One row's real columns only, as a ``[1, H, n, D]`` cache (copies)."""
+    cols = mask[row].nonzero().squeeze(1)
+    return [(k[row : row + 1].index_select(2, cols), v[row : row + 1].index_select(2, cols)) for k, v in layers]
+
+
+def crop(layers: Layers, n: int) -> Layers:
+    """The first ``n`` columns (views)."""
+    return [(k[:, :, :n], v[:, :, :n]) for k, v in layers]
+
+
+def image_digest(pixels: torch.Tensor) -> str:
+    """A content digest of one preprocessed image ``[3, H, W]`` (what the model actually sees)."""
+    data = pixels.detach().to("cpu").contiguous()
+    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass
+class PrefixEntry:
+    """One cached prefix: a compact single-row cache of ``ids``."""
+
+    ids: torch.Tensor
+    """LongTensor[n]: the token ids the cache holds."""
+    spans: tuple[tuple[int, int], ...]
+    """(start, end) token columns of each image block inside ``ids`` (image tokens and im_start/im_end)."""
+    digests: tuple[str, ...]
+    """Digest of each image in ``spans`` order."""
+    layers: Layers
+    nbytes: int
+
+
+@dataclass
+class PrefixStats:
+    """Counters shown on the servers' ``/health``."""
+
+    hits: int = 0
+    """Lookups that reused at least one cached token."""
+    misses: int = 0
+    """Lookups that found nothing to reuse."""
+    hit_tokens: int = 0
+    """Prompt tokens served from the cache (not recomputed)."""
+    inserts: int = 0
+    evictions: int = 0
+    rejected: int = 0
+    """Entries larger than the whole budget (never stored)."""
+
+
+def usable_prefix(entry_ids: torch.Tensor, entry_spans, entry_digests, ids: torch.Tensor, spans, digests,
+                  limit: int) -> int:
+    """How many leading tokens of a prompt (``ids``, image ``spans`` and ``digests``) an entry can supply.
+
+    The longest common token prefix, cut before the first image whose pixels (digest) or placement
+    differ, never inside an image block, and at most ``limit``.
+    """
+    m = min(int(entry_ids.shape[0]), int(ids.shape[0]), limit)
+    if m <= 0:
+        return 0
+    diff = (entry_ids[:m] != ids[:m]).nonzero()
+    n = int(diff[0, 0]) if diff.numel() else m
+    for k, (start, end) in enumerate(entry_spans):
+        if start >= n:
+            break
+        same = k < len(spans) and spans[k] == (start, end) and digests[k] == entry_digests[k]
+        if not same or end > n:  # a different image, or the cut falls inside this image block
+            return start
+    return n
+
+
+class PrefixCache:
+    """A bounded LRU of prompt-prefix KV caches (token ids + image digests -> keys/values).
+
+    ``budget_bytes`` bounds the keys and values held; inserting evicts least recently used entries
+    first, and an entry larger than the whole budget is not stored. Thread-safe.
+    """
+
+    def __init__(self, budget_bytes: int):
+        if budget_bytes < 0:
+            raise MedvlmError(f"prefix cache budget must be >= 0 bytes (got {budget_bytes})")
+        self.budget_bytes = int(budget_bytes)
+        self._entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.stats = PrefixStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True) -> tuple[int, Layers | None]:
+        """The longest reusable prefix of a prompt: ``(n, layers cropped to n)`` or ``(0, None)``."""
+        best, best_entry, best_key = 0, None, None
+        with self._lock:
+            for key, e in self._entries.items():
+                n = usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, limit)
+                if n > best:
+                    best, best_entry, best_key = n, e, key
+            if best_entry is not None:
+                self._entries.move_to_end(best_key)
+            if count:
+                if best:
+                    self.stats.hits += 1
+                    self.stats.hit_tokens += best
+                else:
+                    self.stats.misses += 1
+        return (best, crop(best_entry.layers, best)) if best_entry is not None else (0, None)
+
+    def insert(self, ids: torch.Tensor, spans, digests, layers: Layers) -> bool:
+        """Store a compact single-row cache of ``ids`` (dropping entries it extends); False if it alone exceeds the budget."""
+        if layers_len(layers) != int(ids.shape[0]):
+            raise MedvlmError(f"prefix cache: {layers_len(layers)} cached columns for {int(ids.shape[0])} tokens")
+        nbytes = layers_nbytes(layers)
+        key = (tuple(ids.tolist()), tuple(digests))
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return True
+            if nbytes > self.budget_bytes:
+                self.stats.rejected += 1
+                return False
+            # An entry the new one extends (a chat's previous turn, an image prefix) is redundant: lookups
+            # match common prefixes, so the longer entry serves everything it served.
+            n = int(ids.shape[0])
+            for old_key in [k for k, e in self._entries.items() if int(e.ids.shape[0]) <= n and
+                            usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, n) == int(e.ids.shape[0])]:
+                self.nbytes -= self._entries.pop(old_key).nbytes
+            while self._entries and self.nbytes + nbytes > self.budget_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.nbytes
+                self.stats.evictions += 1
+            self._entries[key] = PrefixEntry(ids.clone(), tuple(spans), tuple(digests), layers, nbytes)
+            self.nbytes += nbytes
+            self.stats.inserts += 1
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def info(self) -> dict:
+        """Budget, size and counters (JSON-ready)."""
+        with self._lock:
+            s = self.stats
+            return {"budget_bytes": self.budget_bytes, "bytes": self.nbytes, "entries": len(self._entries),
+                    "hits": s.hits, "misses": s.misses, "hit_tokens": s.hit_tokens, "inserts": s.inserts,
+                    "evictions": s.evictions, "rejected": s.rejected}
+
+
+class KVBuffer:
+    """A running batch's cache with spare columns: a decoding step writes its column in place.
+
+    Appending by concatenation would copy the whole cache at every step (a fifth of a decoding step's
+    time on a CPU); here the past is copied only when the capacity doubles or rows join or leave.
+    """
+
+    def __init__(self, layers: Layers, room: int = 64):
+        n = layers_len(layers)
+        self.length = n
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for k, v in layers:
+            kb = k.new_empty(k.shape[0], k.shape[1], n + room, k.shape[3])
+            vb = v.new_empty(v.shape[0], v.shape[1], n + room, v.shape[3])
+            kb[:, :, :n] = k
+            vb[:, :, :n] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+
+    def layers(self) -> Layers:
+        """Views of the filled columns."""
+        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values)]
+
+    def append(self, i: int, key: torch.Tensor, value: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key``/``value`` ``[B, H, n, D]`` of layer ``i`` at column ``start``; returns the filled views."""
+        end = start + key.shape[2]
+        if end > self.keys[i].shape[2]:  # grow: double the capacity
+            cap = max(end, 2 * self.keys[i].shape[2])
+            for bufs in (self.keys, self.values):
+                old = bufs[i]
+                new = old.new_empty(old.shape[0], old.shape[1], cap, old.shape[3])
+                new[:, :, :start] = old[:, :, :start]
+                bufs[i] = new
+        self.keys[i][:, :, start:end] = key
+        self.values[i][:, :, start:end] = value
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
