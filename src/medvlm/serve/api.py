@@ -389,9 +389,9 @@ def banner(config: ApiConfig, host: str, port: int) -> str:
 def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8,
                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> InferenceEngine:
     """Load a checkpoint into an inference engine (``prefix_cache_bytes``: its prefix-cache budget, 0 = off)."""
-    from medvlm.model.build import load_pretrained
+    from medvlm.infer.loading import load_for_inference
 
-    model, processor = load_pretrained(model_dir, dtype=dtype)
+    model, processor = load_for_inference(model_dir, dtype=dtype)
     return InferenceEngine(model, processor, batch_size=batch_size, prefix_cache_bytes=prefix_cache_bytes)
 
 
