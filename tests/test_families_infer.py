@@ -94,3 +94,72 @@ def test_load_for_inference_picks_the_family_by_model_type(qwen_ckpt, tmp_path):
     (bad / "config.json").write_text(json.dumps({"model_type": "mllama"}))
     with pytest.raises(MedvlmError, match="qwen2_5_vl"):
         load_for_inference(bad)
+
+
+def test_eval_vqa_cli_with_a_family_checkpoint_batched_equals_one_at_a_time(qwen_ckpt, tmp_path):
+    from medvlm.cli import main
+    from medvlm.data.synth import generate_synth
+
+    data = tmp_path / "synth"
+    generate_synth(data, n_images=10, seed=3, image_size=64, qa50_images=0)
+    outs = {}
+    for bs in ("1", "8"):
+        out = tmp_path / f"bs{bs}" / "answers.jsonl"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "vqa", "--model", str(qwen_ckpt), "--questions", str(data / "vqa" / "test.json"),
+                  "--image-folder", str(data / "images"), "--out", str(out), "--batch-size", bs,
+                  "--max-new-tokens", "4"])
+        assert exit_info.value.code in (0, None)
+        outs[bs] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(outs["1"]) == len(json.loads((data / "vqa" / "test.json").read_text())) > 1
+    assert outs["1"] == outs["8"]
+    assert all(r["model_id"] == "qwen" for r in outs["1"])
+
+
+def test_serve_api_answers_the_openai_client_with_an_image(qwen_ckpt, shared_dir):
+    import openai
+
+    from medvlm.data.images import load_image
+    from medvlm.serve.api import ApiConfig, create_app, load_engine
+    from medvlm.serve.batching import BatcherConfig
+    from medvlm.serve.server import BackgroundServer
+    from serve_helpers import data_url
+
+    engine = load_engine(str(qwen_ckpt))
+    image = shared_dir / "images" / "synpic42202.jpg"
+    question = "Is there evidence of an aortic aneurysm?"
+    expected = engine.generate([Sample("x", msgs(("user", "<image>\n" + question)), images=["i"])],
+                               GenerationSettings(max_new_tokens=8), images=[[load_image(image)]])[0]
+    config = ApiConfig(model_name="tiny-qwen", api_key="k-123", max_images=2,
+                       batcher=BatcherConfig(max_batch=4, max_wait_ms=20))
+    with BackgroundServer(create_app(engine, config)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="k-123", max_retries=0, timeout=60)
+        content = [{"type": "image_url", "image_url": {"url": data_url(image.read_bytes(), "image/jpeg")}},
+                   {"type": "text", "text": question}]
+        r = client.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": content}],
+                                           max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == expected and expected
+        chunks = list(client.chat.completions.create(model="tiny-qwen", max_tokens=8, stream=True,
+                                                     messages=[{"role": "user", "content": content}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_chat_cli_with_a_family_checkpoint_says_what_plain_transformers_generates(qwen_ckpt, shared_dir, capsys):
+    import transformers
+
+    from medvlm.cli import main
+    from medvlm.data.images import load_image
+    from medvlm.model.families.io import load_family_processor
+
+    image = shared_dir / "images" / "synpic42202.jpg"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(qwen_ckpt), "--image", str(image), "--prompt", "<image>\nWhat organ?",
+              "--max-new-tokens", str(MAX_NEW)])
+    assert exit_info.value.code in (0, None)
+    said = capsys.readouterr().out.strip()
+    # Plain transformers on the saved folder (its own class and processor), greedy.
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(qwen_ckpt), use_safetensors=True,
+                                                                     trust_remote_code=False).eval()
+    processor = load_family_processor(qwen_ckpt)
+    sample = Sample("c", msgs(("user", "<image>\nWhat organ?")), images=["i"])
+    assert said == processor.decode(hf_greedy(model, processor, sample, [load_image(image)])).strip() and said
