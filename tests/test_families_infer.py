@@ -173,3 +173,11 @@ def test_serve_worker_refuses_a_family_checkpoint_up_front(qwen_ckpt):
         create_worker_app(load_engine(str(qwen_ckpt)), WorkerConfig(controller_url="http://127.0.0.1:1",
                                                                     worker_url="http://127.0.0.1:2", model_name="q",
                                                                     register=False))
+
+
+def test_self_question_on_a_family_checkpoint_is_refused_up_front():
+    from medvlm.infer.self_question import SelfQuestioningAnswerer
+
+    model, processor = tiny("idefics3")
+    with pytest.raises(MedvlmError, match="native medvlm checkpoints only"):
+        SelfQuestioningAnswerer(InferenceEngine(model, processor), k=1)
