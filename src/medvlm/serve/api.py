@@ -404,5 +404,8 @@ def run_api(engine: InferenceEngine, config: ApiConfig, host: str = "127.0.0.1",
     if not config.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s WITHOUT an API key (--insecure-no-auth)", host)
     print(banner(config, host, port), flush=True)
+    if not engine.family.reuses_prefixes:
+        print(f"prefix cache: off ({engine.model.config.model_type} checkpoints prefill every prompt whole; "
+              "--prefix-cache-mb has no effect)", flush=True)
     uvicorn.run(create_app(engine, replace(config)), host=host, port=port, log_level=log_level,
                 access_log=True, timeout_graceful_shutdown=5)
