@@ -226,9 +226,9 @@ def answer_into(engine: Any, questions: list[VQAQuestion], out: str | os.PathLik
 def load_engine(model: str | os.PathLike, batch_size: int, self_question: int = 0) -> Any:
     """Load a saved medvlm model and wrap it in an inference engine (``self_question`` > 0: test-time self-questioning)."""
     from medvlm.infer.engine import InferenceEngine
-    from medvlm.model.build import load_pretrained
+    from medvlm.infer.loading import load_for_inference
 
-    m, processor = load_pretrained(model)
+    m, processor = load_for_inference(model)
     # Questions arrive grouped by image, so an image prefix is rarely needed after its group: a small budget.
     engine = InferenceEngine(m, processor, batch_size=batch_size, prefix_cache_bytes=EVAL_PREFIX_CACHE_BYTES)
     if self_question:

@@ -47,6 +47,11 @@ class PreparedPrompt:
     """(start, end) columns of each image block (im_start/im_end included)."""
     digests: tuple[str, ...] = ()
     """Content digest of each image (prefix-cache key)."""
+    extras: dict[str, Any] | None = None
+    """Other processor outputs the model needs at prefill (transformers families: ``pixel_values`` of any shape,
+    ``image_grid_thw``, ``token_type_ids``, ...; batch dim 1), passed to the family with the whole prompt."""
+    position_offset: int = 0
+    """Added to the prompt length to get the first generated token's position (M-RoPE families)."""
 
     @property
     def num_tokens(self) -> int:
@@ -279,10 +284,11 @@ class ContinuousBatcher:
         ids = torch.full((len(items), chunk_w), pad, dtype=torch.long)
         pos = torch.zeros((len(items), chunk_w), dtype=torch.long)
         mask = torch.zeros((len(items), past_w + chunk_w), dtype=torch.bool)
-        pixels, pasts = [], []
+        pixels, pasts, extras = [], [], []
         for b, (row, start, end, past) in enumerate(items):
             prompt = row.req.prompt
             n = end - start
+            extras.append(prompt.extras if start == 0 else None)
             ids[b, chunk_w - n:] = prompt.input_ids[start:end]
             pos[b, chunk_w - n:] = torch.arange(start, end)
             pos[b, : chunk_w - n] = start  # holes: any position, they are never attended to
@@ -300,7 +306,9 @@ class ContinuousBatcher:
                 pasts.append((past, torch.ones(1, start, dtype=torch.bool)))
         past_layers = concat_rows(pasts)[0] if past_w else None
         pixel_values = torch.cat(pixels) if pixels else None
-        logits, layers = self.family.prefill(ids, pixel_values, mask, pos, past_layers)
+        has_extras = any(e is not None for e in extras)
+        logits, layers = self.family.prefill(ids, pixel_values, mask, pos, past_layers,
+                                             **({"extras": extras} if has_extras else {}))
         return logits, layers, mask
 
     def _bucketed_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
@@ -357,7 +365,7 @@ class ContinuousBatcher:
         keep = []
         for b, row in enumerate(rows):
             row.past = None
-            row.pos = row.req.prompt.num_tokens
+            row.pos = row.req.prompt.num_tokens + row.req.prompt.position_offset
             if not self._accept(row, b, logits[b], layers, mask):
                 keep.append(b)
         if keep:

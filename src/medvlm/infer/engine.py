@@ -18,9 +18,8 @@ from typing import Any
 from PIL import Image
 
 from medvlm.data.schema import Sample
-from medvlm.data.templates import stop_token_id_sequences
 from medvlm.errors import MedvlmError
-from medvlm.infer.batching import BatchRequest, BatchResult, ContinuousBatcher, PreparedPrompt, make_prompt
+from medvlm.infer.batching import BatchRequest, BatchResult, ContinuousBatcher, PreparedPrompt
 from medvlm.infer.decoding import GenerationSettings, visible_text
 from medvlm.infer.family import ModelFamily, family_for
 from medvlm.infer.kv import PrefixCache
@@ -42,15 +41,14 @@ class InferenceEngine:
         self.processor = processor
         self.batch_size = batch_size
         """Most rows decoded together."""
-        self.family = family or family_for(model)
-        self.prefix_cache: PrefixCache | None = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        """Shared prompt prefixes (None when the budget is 0)."""
-        tok = processor.tokenizer
-        self._template_stops = stop_token_id_sequences(tok, processor.chat_template)
-        self._template_stop_strings = [s for s in processor.chat_template.stop_strings if s]
+        self.family = family or family_for(model, processor)
+        reuse = prefix_cache_bytes > 0 and self.family.reuses_prefixes
+        self.prefix_cache: PrefixCache | None = PrefixCache(prefix_cache_bytes) if reuse else None
+        """Shared prompt prefixes (None when the budget is 0 or the family prefills whole prompts)."""
+        self._template_stops = self.family.stop_sequences()
+        self._template_stop_strings = self.family.stop_strings()
         # The model must never emit image-layout tokens as text.
-        self.suppress_ids = [i for i in (processor.image_token_id, processor.im_start_token_id,
-                                         processor.im_end_token_id) if i is not None]
+        self.suppress_ids = self.family.suppress_ids()
 
     # -- building blocks (the serving batcher and preference generation reuse them) -------------------
     def stop_strings(self, settings: GenerationSettings) -> list[str]:
@@ -77,11 +75,14 @@ class InferenceEngine:
     def prepare(self, sample: Sample, images: list[Image.Image] | None = None,
                 image_folder: str | os.PathLike | None = None) -> PreparedPrompt:
         """Encode a conversation (answering its last question) for the batcher."""
+        if images is not None and len(images) != sample.num_image_parts:
+            raise MedvlmError(f"sample {sample.id!r}: the conversation has {sample.num_image_parts} image part(s) but "
+                              f"{len(images)} image(s) were given")
         prompt = self.prompt_sample(sample)
         if images is not None:
             images = images[: prompt.num_image_parts]
         feats = self.processor.encode(prompt, image_folder=image_folder, add_generation_prompt=True, images=images)
-        return make_prompt(self.processor, feats["input_ids"], feats["pixel_values"])
+        return self.family.prompt(feats)
 
     def batcher(self, max_batch: int | None = None, remember_answers: bool = False) -> ContinuousBatcher:
         """A continuous batcher over this engine (the server steps one in its model thread)."""

@@ -16,16 +16,40 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from medvlm.data.templates import stop_token_id_sequences
 from medvlm.errors import MedvlmError
+from medvlm.infer.batching import PreparedPrompt, make_prompt
 from medvlm.infer.kv import KVBuffer, Layers
 
 
 class ModelFamily(Protocol):
     """The hooks a model family supplies to the engine."""
 
+    reuses_prefixes: bool
+    """Whether prompts may start from a cached prefix (False: every prompt is prefilled whole, no prefix cache)."""
+
+    def stop_sequences(self) -> list[list[int]]:
+        """Token-id sequences that end an answer."""
+        ...
+
+    def stop_strings(self) -> list[str]:
+        """Strings that end an answer (cut from it)."""
+        ...
+
+    def suppress_ids(self) -> list[int]:
+        """Token ids never generated (image layout)."""
+        ...
+
+    def prompt(self, feats: dict[str, Any]) -> PreparedPrompt:
+        """A batchable prompt from the processor's ``encode(..., add_generation_prompt=True)`` features."""
+        ...
+
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, past: Layers | None) -> tuple[torch.Tensor, Layers]:
+                position_ids: torch.Tensor, past: Layers | None,
+                extras: list[dict[str, Any] | None] | None = None) -> tuple[torch.Tensor, Layers]:
         """Run prompt tokens ``[B, C]`` (images in row order) after ``past`` (``[B, H, P, D]`` per layer).
+
+        ``extras[b]`` holds row ``b``'s other processor outputs (:attr:`PreparedPrompt.extras`), if any.
 
         ``attention_mask`` is ``[B, P + C]`` (False = a hole), ``position_ids`` ``[B, C]``.
         Returns the last column's logits ``[B, V]`` and the cache ``[B, H, P + C, D]`` per layer.
@@ -45,10 +69,31 @@ class NativeLlavaFamily:
     """medvlm's own LLaVA family (``model_type`` ``medvlm``): image tokens are replaced by projected features
     inside ``MedVLMForConditionalGeneration.forward``; the language model keeps a ``DynamicCache``."""
 
-    def __init__(self, model: Any):
-        self.model = model
+    reuses_prefixes = True
+    """Prompt prefixes (image prefix, earlier chat turns) are served from the engine's prefix cache."""
 
-    def prefill(self, input_ids, pixel_values, attention_mask, position_ids, past):
+    def __init__(self, model: Any, processor: Any = None):
+        self.model = model
+        self.processor = processor
+
+    def stop_sequences(self) -> list[list[int]]:
+        """Token-id sequences that end an answer (EOS and the template's stops)."""
+        return stop_token_id_sequences(self.processor.tokenizer, self.processor.chat_template)
+
+    def stop_strings(self) -> list[str]:
+        """The template's stop strings."""
+        return [s for s in self.processor.chat_template.stop_strings if s]
+
+    def suppress_ids(self) -> list[int]:
+        """Image-layout tokens (the model must never emit them as text)."""
+        p = self.processor
+        return [i for i in (p.image_token_id, p.im_start_token_id, p.im_end_token_id) if i is not None]
+
+    def prompt(self, feats: dict[str, Any]) -> PreparedPrompt:
+        """A prompt from the processor's features (``input_ids``, ``pixel_values``)."""
+        return make_prompt(self.processor, feats["input_ids"], feats["pixel_values"])
+
+    def prefill(self, input_ids, pixel_values, attention_mask, position_ids, past, extras=None):
         # A cache object is always passed: without one transformers would read position ids that jump
         # (a prefix reused after a hole) as packed sequences.
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
@@ -90,13 +135,20 @@ class _BufferLayer(DynamicLayer):
         return self.keys, self.values
 
 
-FAMILIES = {"medvlm": NativeLlavaFamily}
-"""Family by the model config's ``model_type``."""
+def family_for(model: Any, processor: Any) -> ModelFamily:
+    """The family serving ``model``, by its config's ``model_type`` (``medvlm``: native; a registered transformers
+    family: :class:`~medvlm.infer.family_hf.TransformersFamily`, which needs the family's processor)."""
+    from medvlm.infer.family_hf import TransformersFamily
+    from medvlm.model.families.processing import FamilyProcessor
+    from medvlm.model.families.spec import FAMILIES
 
-
-def family_for(model: Any) -> ModelFamily:
-    """The family serving ``model``, by its config's ``model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise MedvlmError(f"no inference family for model_type {model_type!r} (known: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[model_type](model)
+    if model_type == "medvlm":
+        return NativeLlavaFamily(model, processor)
+    if model_type in FAMILIES:
+        if not isinstance(processor, FamilyProcessor) or processor.spec.name != model_type:
+            raise MedvlmError(f"a {model_type} model needs its family's processor (load both with "
+                              "medvlm.model.families.io.load_family)")
+        return TransformersFamily(model, processor)
+    raise MedvlmError(f"no inference family for model_type {model_type!r} (known: medvlm, "
+                      f"{', '.join(FAMILIES)})")

@@ -15,6 +15,7 @@ from typing import Any
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
+from medvlm.infer.family import NativeLlavaFamily
 from medvlm.infer.prefs import DESCRIBE_PROMPT, SelfQuestioningEngine
 
 
@@ -25,6 +26,9 @@ class SelfQuestioningAnswerer:
                  aux_tokens: int = 128):
         if k < 0:
             raise MedvlmError(f"self_question must be >= 0, got {k}")
+        if not isinstance(engine.family, NativeLlavaFamily):
+            raise MedvlmError(f"test-time self-questioning runs on native medvlm checkpoints only; this is a "
+                              f"{engine.model.config.model_type} checkpoint (evaluate it without --self-question)")
         if engine.processor.chat_template.vuser is None:
             raise MedvlmError(f"self-questioning needs a model with a VUSER role (template v1_sq); this model uses "
                               f"{engine.processor.template!r}")

@@ -389,9 +389,9 @@ def banner(config: ApiConfig, host: str, port: int) -> str:
 def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8,
                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> InferenceEngine:
     """Load a checkpoint into an inference engine (``prefix_cache_bytes``: its prefix-cache budget, 0 = off)."""
-    from medvlm.model.build import load_pretrained
+    from medvlm.infer.loading import load_for_inference
 
-    model, processor = load_pretrained(model_dir, dtype=dtype)
+    model, processor = load_for_inference(model_dir, dtype=dtype)
     return InferenceEngine(model, processor, batch_size=batch_size, prefix_cache_bytes=prefix_cache_bytes)
 
 
@@ -404,5 +404,8 @@ def run_api(engine: InferenceEngine, config: ApiConfig, host: str = "127.0.0.1",
     if not config.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s WITHOUT an API key (--insecure-no-auth)", host)
     print(banner(config, host, port), flush=True)
+    if not engine.family.reuses_prefixes:
+        print(f"prefix cache: off ({engine.model.config.model_type} checkpoints prefill every prompt whole; "
+              "--prefix-cache-mb has no effect)", flush=True)
     uvicorn.run(create_app(engine, replace(config)), host=host, port=port, log_level=log_level,
                 access_log=True, timeout_graceful_shutdown=5)

@@ -132,12 +132,12 @@ def main(
 ) -> None:
     """Answer a question about image(s), or chat interactively without --prompt (research use only)."""
     from medvlm.infer.engine import GenerationSettings, InferenceEngine
-    from medvlm.model.build import load_pretrained
+    from medvlm.infer.loading import load_for_inference
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     if prompt is not None:
         sample = build_chat_sample(prompt, image)
-        m, processor = load_pretrained(model)
+        m, processor = load_for_inference(model)
         answer = InferenceEngine(m, processor).generate([sample], settings, image_folder=image_folder)[0]
         typer.echo(answer)
         return
@@ -146,5 +146,5 @@ def main(
     settings.validate()
     paths = [Path(p) if Path(p).is_absolute() or image_folder is None else image_folder / p for p in image]
     images = [load_image(p) for p in paths]  # bad paths fail before the model loads
-    m, processor = load_pretrained(model)
+    m, processor = load_for_inference(model)
     interactive_chat(InferenceEngine(m, processor), settings, images, image_folder=image_folder)

@@ -45,6 +45,7 @@ from medvlm.data.schema import IMAGE_PLACEHOLDER
 from medvlm.errors import MedvlmError
 from medvlm.infer.batching import prepare_text
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
+from medvlm.infer.family import NativeLlavaFamily
 from medvlm.notice import NOTICE
 from medvlm.serve.admission import DecodeGate, RequestRefused, body_cap, check_image_count, check_prompt_chars
 from medvlm.serve.batching import BatcherConfig, DynamicBatcher, QueueFullError
@@ -258,6 +259,11 @@ class ModelWorker:
 
 def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
     """The worker's FastAPI app (registers with the controller when it starts)."""
+    if not isinstance(engine.family, NativeLlavaFamily):
+        # The worker protocol sends prompts already rendered in a LLaVA template with <image> placeholders.
+        raise MedvlmError(f"serve worker speaks LLaVA's rendered-prompt protocol and serves native medvlm checkpoints "
+                          f"only; this is a {engine.model.config.model_type} checkpoint: serve it with "
+                          "`medvlm serve api` (OpenAI protocol)")
     worker = ModelWorker(engine, config)
 
     @asynccontextmanager

@@ -54,6 +54,9 @@ class FamilySpec:
     template writes other text is refused at load. False: medvlm's own format is used on purpose (LLaVA-OneVision:
     llava-hf's template trains ``'assistant ' + '\\n' + answer`` but prompts with ``'assistant\\n'``; medvlm writes
     ``'assistant\\n'`` in both, so training and generation see the same tokens)."""
+    rope_index: bool = False
+    """Positions come from the model's ``get_rope_index`` (M-RoPE: an image takes fewer positions than tokens),
+    so the first generated token's position is the prompt's largest position + 1, not its length."""
     notes: dict[str, str] = field(default_factory=dict)
     """Anything a user should know (shown in errors and ``model info``)."""
 
@@ -86,6 +89,7 @@ FAMILIES: dict[str, FamilySpec] = {
             image_markers=_QWEN_MARKERS,
             question_header="<|im_start|>user\n",
             template_file="qwen2_5_vl.jinja",
+            rope_index=True,
         ),
         FamilySpec(
             name="qwen3_vl",
@@ -102,6 +106,7 @@ FAMILIES: dict[str, FamilySpec] = {
             image_markers=_QWEN_MARKERS,
             question_header="<|im_start|>user\n",
             template_file="qwen3_vl.jinja",
+            rope_index=True,
         ),
         FamilySpec(
             name="gemma3",
