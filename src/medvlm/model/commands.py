@@ -22,11 +22,11 @@ app = typer.Typer(
 
 @app.command("init")
 def init_cmd(
-    preset: str = typer.Option("tiny", "--preset", help="tiny (random, offline) or smol (SmolLM2-135M + small random tower)."),
+    preset: str = typer.Option("tiny", "--preset", help="tiny (~0.8M, random, offline), small (~23M, random, offline) or smol (SmolLM2-135M + small random tower)."),
     projector: str = typer.Option("mlp2x_gelu", "--projector", help="linear, mlp2x_gelu or cluster."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (replaced atomically)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Tower input side in pixels (multiple of 16)."),
-    template: str | None = typer.Option(None, "--template", help="Chat template (default: vicuna_v1 for tiny, chatml for smol)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Tower input side in pixels (a multiple of the patch: 8 for tiny/small, 16 for smol)."),
+    template: str | None = typer.Option(None, "--template", help="Chat template (default: vicuna_v1 for tiny/small, chatml for smol)."),
     aspect: str = typer.Option("pad", "--aspect", help="Image aspect mode: square, pad or resize."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
 ) -> None:

@@ -46,7 +46,9 @@ class TrainConfig:
     # --- what to train ------------------------------------------------------------------------
     stage: str = "sft"
     """``align`` (stage 1: projector only, tower and LM frozen), ``sft`` (stage 2 / VQA fine-tuning: projector + LM),
-    ``sq`` (STLLaVA-Med self-questioning tuning) or ``dpo`` (STLLaVA-Med DPO on preference pairs)."""
+    ``sq`` (STLLaVA-Med self-questioning tuning) or ``dpo`` (STLLaVA-Med DPO on preference pairs). A model whose
+    ``config.scratch_parts`` lists parts that started random (the ``tiny`` / ``small`` presets) trains those parts in
+    ``align`` and ``sft`` too (a deviation from LLaVA-Med, whose parts come pretrained; see :mod:`medvlm.train.stages`)."""
     model_name_or_path: str | None = None
     """A medvlm checkpoint folder (ours, a previous stage's output, or an imported LLaVA-Med checkpoint)."""
     preset: str | None = None
@@ -75,6 +77,17 @@ class TrainConfig:
     """Folder the samples' relative image paths resolve against (required when any sample has images)."""
     max_length: int = 2048
     """Maximum tokens per sample (LLaVA's ``model_max_length``); samples whose image tokens would be cut are dropped and counted."""
+    group_by_image: bool = True
+    """Stages ``align``/``sft``: merge the single-question samples of each image into one multi-turn conversation
+    before training (:mod:`medvlm.data.group`, LLaVA-1.5's format for VQA data; the merged file is written to
+    ``output_dir/grouped/``). Every answer is still learned, but the image is encoded once for all its questions.
+    LLaVA-Med's published VQA fine-tunes train one question per sample (``group_by_image: false``); captions and
+    multi-turn conversations pass through unchanged. Applies with ``data_format: auto`` (the merged file is LLaVA JSON)."""
+    eval_data_path: str | None = None
+    """A converted-VQA file (``answer_type``, ``question_type``) answered and scored (``llava-med`` protocol) after
+    a stage ``align``/``sft`` run by ``medvlm train``: the per-kind accuracy is printed next to the image-blind
+    baseline learned from the training files, and written to ``output_dir/eval_scores.json``. Images resolve
+    against ``image_folder``. (Library callers use ``medvlm.eval.train_eval.train_and_evaluate``.)"""
     skip_missing_images: bool = False
     """Drop (and count) samples whose image file is missing instead of stopping with an error."""
     group_by_modality_length: bool = True
@@ -88,13 +101,15 @@ class TrainConfig:
     tune: str = "full"
     """``full``, ``lora`` (PEFT adapters on the LM, projector fully trained) or ``qlora`` (4-bit base; CUDA only).
     LoRA runs end with merged full weights in ``output_dir`` (loadable like any checkpoint) and the adapter in ``adapter/``."""
-    tune_vision_tower: bool = False
-    """Also train the vision tower (frozen in both LLaVA-Med stages). Stage ``sq``: the whole tower at ``vision_lr``
-    instead of ViT-LoRA (needs ``vit_lora: false``; a deviation from STLLaVA-Med); refused in ``dpo``."""
+    tune_vision_tower: bool | None = None
+    """Also train the vision tower (frozen in both LLaVA-Med stages). Default: no, except in ``align``/``sft`` when
+    the tower started random (``config.scratch_parts``: the ``tiny``/``small``/``smol`` presets' towers). Stage ``sq``:
+    the whole tower at ``vision_lr`` instead of ViT-LoRA (needs ``vit_lora: false``; a deviation from STLLaVA-Med);
+    refused in ``dpo``."""
     tune_projector: bool | None = None
     """Train the projector; default: yes in both stages (a stage-1 run with it frozen is an error)."""
     tune_language_model: bool | None = None
-    """Train the LM; default: no in ``align``, yes in ``sft``."""
+    """Train the LM; default: no in ``align`` (yes when the LM started random, ``config.scratch_parts``), yes in ``sft``."""
     tune_im_start_end: bool | None = None
     """Train the ``<im_start>``/``<im_end>`` embedding rows (only those rows); default: in ``align`` when the model uses them."""
     lora_r: int = 128
@@ -164,12 +179,19 @@ class TrainConfig:
     # --- HF TrainingArguments (same names) --------------------------------------------------------
     output_dir: str | None = None
     """Run folder: checkpoints, logs, the loss curve; at the end a loadable medvlm checkpoint."""
-    num_train_epochs: float = 1.0
-    """Epochs over the (mixed) training set."""
+    num_train_epochs: float | None = None
+    """Epochs over the (mixed, grouped) training set. Default: 1 (LLaVA-Med's stages), except in ``align``/``sft`` with
+    parts trained from scratch: enough epochs for ``scratch_samples`` samples (a small dataset is seen many times)."""
+    scratch_samples: int = 10000
+    """Stages ``align``/``sft`` with parts trained from scratch and no ``num_train_epochs``: train for this many samples
+    (grouped conversations) per stage, i.e. ``ceil(scratch_samples / records)`` epochs - ~25 epochs of 400 images'
+    grouped questions, ~4 minutes of the ``tiny`` preset per stage on 2 CPU cores."""
     max_steps: int = -1
     """If > 0, stop after this many optimizer steps (overrides epochs)."""
-    learning_rate: float = 2e-5
-    """Peak learning rate."""
+    learning_rate: float | None = None
+    """Peak learning rate. Default: ``align`` 2e-3 (LLaVA-Med v1.5 stage 1, projector only), other stages 2e-5
+    (LLaVA-Med stage 2); with parts trained from scratch (``config.scratch_parts``) ``align`` 1e-3 and ``sft`` 5e-4,
+    the rates the demo measured for a random tower and LM (deviations from LLaVA-Med, whose parts come pretrained)."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases, norms or the im_start/end rows)."""
     per_device_train_batch_size: int = 4

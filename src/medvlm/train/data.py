@@ -241,3 +241,32 @@ def build_dataset(
     dataset = SupervisedDataset(files, formats, items, lengths, processor, image_folder, max_length)
     manifest = DataManifest(reports, len(items), n_img, n_txt, max_length, processor.template, image_folder)
     return dataset, manifest
+
+
+def grouped_sources(cfg: Any) -> list[DataSource]:
+    """``cfg.sources()``, each file's single-question samples merged per image when ``cfg.group_by_image`` applies.
+
+    Only stages ``align``/``sft`` with ``data_format: auto`` (the merged file is LLaVA JSON). A file where no image has two questions is used as it is; otherwise the merged
+    conversations are written (atomically) to ``output_dir/grouped/<index>_<name>.json`` and that file is trained on.
+    """
+    from medvlm.data.group import GroupStats, group_by_image
+    from medvlm.data.readers import read_samples, sample_to_llava
+    from medvlm.utils.io import write_json_atomic
+
+    sources = cfg.sources()
+    if not cfg.group_by_image or cfg.stage not in ("align", "sft") or cfg.data_format != "auto":
+        return sources
+    out: list[DataSource] = []
+    for i, src in enumerate(sources):
+        path = Path(src.path)
+        if not path.is_file():
+            raise MedvlmError(f"data_path {path}: file not found")
+        stats = GroupStats()
+        grouped = group_by_image(list(read_samples(path)), seed=cfg.seed, stats=stats)
+        if stats.conversations == stats.merged:  # no image had two questions: nothing merged
+            out.append(src)
+            continue
+        dest = Path(cfg.output_dir) / "grouped" / f"{i}_{path.stem}.json"
+        write_json_atomic(dest, [sample_to_llava(s) for s in grouped], indent=None)
+        out.append(DataSource(str(dest), src.weight))
+    return out

@@ -122,10 +122,10 @@ def prepare_manual_run(cfg: TrainConfig, world: int, rank: int) -> ManualRun:
     from transformers import set_seed
 
     from medvlm.train.checkpoint import load_start
-    from medvlm.train.data import build_dataset
+    from medvlm.train.data import build_dataset, grouped_sources
     from medvlm.train.run import resolve_accumulation, training_processor
     from medvlm.train.sampler import ModalityLengthGroupedSampler
-    from medvlm.train.stages import apply_stage
+    from medvlm.train.stages import apply_stage, resolve_epochs
     from medvlm.train.trainer import TrainCollator
 
     accumulation = resolve_accumulation(cfg, world)
@@ -133,9 +133,10 @@ def prepare_manual_run(cfg: TrainConfig, world: int, rank: int) -> ManualRun:
     model, processor = load_start(cfg)
     train_proc = training_processor(cfg, model, processor)
     dataset, manifest = build_dataset(
-        cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
+        grouped_sources(cfg), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
         data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
     )
+    resolve_epochs(cfg, len(dataset))
     model, _, row_masked = apply_stage(model, cfg)
     model.train()
     micro = cfg.per_device_train_batch_size

@@ -133,12 +133,22 @@ def use_feature_cache(cfg: TrainConfig, tower_trains: bool) -> bool:
     return True
 
 
-def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks: list | None = None, *, evaluated_by_caller: bool = False) -> TrainResult:
     """Train as configured; returns the output folder, final loss, log history, steps and seconds.
 
     ``callbacks`` are extra ``transformers.TrainerCallback`` s (progress hooks of a caller such as the demo).
+    Defaults left None (tower / LM training, learning rate, epochs) are resolved first
+    (:func:`medvlm.train.stages.resolve_stage_defaults`) and written back to ``cfg``. ``eval_data_path`` is
+    evaluated by the layer above (``medvlm.eval.train_eval.train_and_evaluate``, which passes
+    ``evaluated_by_caller``); called alone with it set, this refuses rather than ignore it.
     """
+    from medvlm.train.stages import resolve_stage_defaults
+
     cfg.validate()
+    if cfg.eval_data_path and not evaluated_by_caller:
+        raise MedvlmError("eval_data_path is evaluated after training by `medvlm train` or "
+                          "medvlm.eval.train_eval.train_and_evaluate(cfg); run_training alone does not evaluate")
+    resolve_stage_defaults(cfg)
     if cfg.stage in ("sq", "dpo"):  # STLLaVA-Med's stages have their own data, adapters and loss
         from medvlm.train.dpo import run_dpo
         from medvlm.train.sq import run_sq
@@ -157,9 +167,9 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
 
     from medvlm.train.callbacks import CONFIG_FILE, LOSS_PNG, MANIFEST_FILE, RunArtifactsCallback, plot_loss_curve
     from medvlm.train.checkpoint import load_start, resolve_resume, save_final
-    from medvlm.train.data import build_dataset
+    from medvlm.train.data import build_dataset, grouped_sources
     from medvlm.train.feature_cache import FeatureCache, cache_settings, default_cache_root
-    from medvlm.train.stages import apply_stage, check_qlora_platform, plan_stage
+    from medvlm.train.stages import apply_stage, check_qlora_platform, plan_stage, resolve_epochs
     from medvlm.train.trainer import MedVLMTrainer, TrainCollator
 
     started = time.time()
@@ -173,9 +183,10 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult
     train_proc = training_processor(cfg, model, processor)
     plan = plan_stage(cfg, model.config)  # validate the stage before reading any data
     dataset, manifest = build_dataset(
-        cfg.sources(), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
+        grouped_sources(cfg), train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
         data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
     )
+    resolve_epochs(cfg, len(dataset))
     model, plan, row_masked = apply_stage(model, cfg)
     cache = None
     if use_feature_cache(cfg, plan.vision_tower) and manifest.image_samples:
