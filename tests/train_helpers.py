@@ -26,6 +26,11 @@ def small_config(demo: Path, out: Path, **over) -> TrainConfig:
         "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [],
         "warmup_ratio": 0.0, "disable_tqdm": True, "max_length": 512, "feature_cache": "off",
     }
+    # These tests check LLaVA-Med's stage semantics on the tiny preset: switch off what the preset's random parts
+    # would otherwise turn on (tower / LM training in both stages, image augmentation, per-image grouping).
+    keys.update({"tune_vision_tower": False, "image_augment": False, "group_by_image": False})
+    if over.get("stage") == "align":
+        keys["tune_language_model"] = False
     keys.update(over)
     return load_config(None, keys)
 

@@ -88,6 +88,11 @@ class TrainConfig:
     a stage ``align``/``sft`` run by ``medvlm train``: the per-kind accuracy is printed next to the image-blind
     baseline learned from the training files, and written to ``output_dir/eval_scores.json``. Images resolve
     against ``image_folder``. (Library callers use ``medvlm.eval.train_eval.train_and_evaluate``.)"""
+    image_augment: bool | None = None
+    """Stages ``align``/``sft``: each time a training image is read, shift it by up to 6 % and jitter brightness and
+    contrast by up to 10 % (:func:`medvlm.train.data.augment_image`; no flips or crops, so sides and counts hold).
+    Default: on when the vision tower trains from scratch (``config.scratch_parts``): a random tower fitted to a few
+    hundred images otherwise memorises them. LLaVA-Med does not augment (its tower is pretrained and frozen)."""
     skip_missing_images: bool = False
     """Drop (and count) samples whose image file is missing instead of stopping with an error."""
     group_by_modality_length: bool = True
@@ -182,10 +187,10 @@ class TrainConfig:
     num_train_epochs: float | None = None
     """Epochs over the (mixed, grouped) training set. Default: 1 (LLaVA-Med's stages), except in ``align``/``sft`` with
     parts trained from scratch: enough epochs for ``scratch_samples`` samples (a small dataset is seen many times)."""
-    scratch_samples: int = 10000
+    scratch_samples: int = 6000
     """Stages ``align``/``sft`` with parts trained from scratch and no ``num_train_epochs``: train for this many samples
-    (grouped conversations) per stage, i.e. ``ceil(scratch_samples / records)`` epochs - ~25 epochs of 400 images'
-    grouped questions, ~4 minutes of the ``tiny`` preset per stage on 2 CPU cores."""
+    (grouped conversations) per stage, i.e. ``ceil(scratch_samples / records)`` epochs: 15 epochs of 400 images'
+    grouped questions, a few minutes per stage for the ``tiny`` preset on 2 CPU cores (``benchmarks/README.md``)."""
     max_steps: int = -1
     """If > 0, stop after this many optimizer steps (overrides epochs)."""
     learning_rate: float | None = None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageEnhance
 
 from medvlm.data.readers.formats import convert_record, detect_format
 from medvlm.data.readers.stream import RecordFile, iter_raw_records
@@ -118,6 +119,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.image_folder = image_folder
         self.max_length = max_length
         self.feature_cache = None  # set by the trainer when the frozen-tower cache is on
+        self.augment = False  # set by the trainer (TrainConfig.image_augment): fresh random shift + jitter per read
 
     def __len__(self) -> int:
         return len(self._file_of)
@@ -148,10 +150,34 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "pixel_values": None,
                 "vision_features": cached,  # [n_img, L, D]
             }
+        if self.augment and images is None and sample.images:
+            images = [augment_image(im) for im in self.processor.load_images(sample, self.image_folder)]
         feats = self.processor.encode(sample, image_folder=self.image_folder, max_length=self.max_length, images=images)
         if keys:
             feats["image_keys"] = keys
         return feats
+
+
+AUGMENT_SHIFT = 0.06
+"""Largest shift of the image content, as a fraction of each side."""
+AUGMENT_JITTER = 0.1
+"""Largest relative change of brightness and of contrast."""
+
+
+def augment_image(img: Image.Image) -> Image.Image:
+    """A random small shift (up to 6 % of each side; the uncovered border takes the corner pixel's colour) and
+    brightness / contrast jitter (up to 10 %), drawn from torch's RNG (seeded by the trainer).
+
+    Label-preserving for VQA: nothing is flipped, rotated, cropped away or rescaled, so left stays left, counts,
+    sizes and colours hold (the content stays well inside the image for lesions not touching its border).
+    """
+    r = torch.rand(4).tolist()
+    w, h = img.size
+    dx, dy = round((2 * r[0] - 1) * AUGMENT_SHIFT * w), round((2 * r[1] - 1) * AUGMENT_SHIFT * h)
+    rgb = img.convert("RGB")
+    out = rgb.transform(rgb.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=rgb.getpixel((0, 0)))
+    out = ImageEnhance.Brightness(out).enhance(1 + (2 * r[2] - 1) * AUGMENT_JITTER)
+    return ImageEnhance.Contrast(out).enhance(1 + (2 * r[3] - 1) * AUGMENT_JITTER)
 
 
 def _draw(n: int, weight: float, rng: random.Random) -> list[int]:

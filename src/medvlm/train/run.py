@@ -130,6 +130,11 @@ def use_feature_cache(cfg: TrainConfig, tower_trains: bool) -> bool:
         if cfg.feature_cache == "on":
             raise MedvlmError("feature_cache: on needs a frozen vision tower (tune_vision_tower is true)")
         return False
+    if cfg.image_augment and cfg.stage in ("align", "sft"):  # every read is a new image: nothing to cache
+        if cfg.feature_cache == "on":
+            raise MedvlmError("feature_cache: on caches each image's features once; image_augment: true changes the "
+                              "image at every read. Set one of them off")
+        return False
     return True
 
 
@@ -187,6 +192,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, *, evaluated_b
         data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
     )
     resolve_epochs(cfg, len(dataset))
+    dataset.augment = bool(cfg.image_augment) and cfg.stage in ("align", "sft")
     model, plan, row_masked = apply_stage(model, cfg)
     cache = None
     if use_feature_cache(cfg, plan.vision_tower) and manifest.image_samples:

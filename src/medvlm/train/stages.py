@@ -74,6 +74,8 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.tune_vision_tower = "vision_tower" in scratch
     if cfg.tune_language_model is None and cfg.stage == "align" and "language_model" in scratch:
         cfg.tune_language_model = True
+    if cfg.image_augment is None:
+        cfg.image_augment = "vision_tower" in scratch
     if cfg.learning_rate is None:
         cfg.learning_rate = SCRATCH_LR[cfg.stage] if scratch else PUBLISHED_LR[cfg.stage]
     if cfg.num_train_epochs is None and not scratch:
