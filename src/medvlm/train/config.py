@@ -432,6 +432,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """Read a YAML recipe (optional), apply ``--key value`` overrides, validate.
 
     Without a YAML, the overrides alone must give ``stage``, a starting point, ``data_path`` and ``output_dir``.
+    Stage/model-dependent defaults left None are resolved (:func:`medvlm.train.stages.resolve_stage_defaults`).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -451,4 +452,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     data.update(overrides or {})
-    return config_from_dict(data, source=str(path) if path else "command line").validate()
+    from medvlm.train.stages import resolve_stage_defaults  # (stages imports this module)
+
+    # Defaults that depend on the stage and the starting model are filled in here (and again, idempotently, by
+    # run_training for configs built directly), so every later reader sees concrete values.
+    return resolve_stage_defaults(config_from_dict(data, source=str(path) if path else "command line").validate())
