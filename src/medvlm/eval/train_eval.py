@@ -92,8 +92,9 @@ def evaluate_checkpoint(model: str | Path, eval_path: str | Path, image_folder: 
     scores = score_files(eval_path, answers, PROTOCOL)
     vqa_files = vqa_train_files(train_files)
     blind = blind_baseline(vqa_files, eval_path) if vqa_files else None
-    result = {"protocol": PROTOCOL, "closed_accuracy": scores["closed"]["accuracy"],
-              "open_recall": scores["open"]["recall"], "by_kind": per_kind(scores),
+    counts = scores["counts"]
+    result = {"protocol": PROTOCOL, "closed_accuracy": scores["closed"]["accuracy"] if counts["closed"] else None,
+              "open_recall": scores["open"]["recall"] if counts["open"] else None, "by_kind": per_kind(scores),
               "blind": blind, "blind_from": vqa_files, "eval_data_path": str(eval_path)}
     write_json_atomic(out_dir / EVAL_FILE, result)
     return result
@@ -117,10 +118,14 @@ def train_and_evaluate(cfg: Any, callbacks: list | None = None, console: Any = N
     ev = evaluate_checkpoint(cfg.output_dir, cfg.eval_data_path, cfg.image_folder,
                              [s.path for s in cfg.sources()], cfg.output_dir)
     console.print(kind_table(ev["by_kind"], ev["blind"], f"{cfg.eval_data_path} ({PROTOCOL}, x100)"))
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None or v != v else f"{v:.1f}"  # None / NaN: no question of that type
+
     blind = ev["blind"]
-    tail = (f" (image-blind {100 * blind['closed']:.1f} / {100 * blind['open_recall']:.1f})" if blind
+    tail = (f" (image-blind {fmt(100 * blind['closed'])} / {fmt(100 * blind['open_recall'])})" if blind
             else " (no converted-VQA training file: no blind baseline)")
-    console.print(f"closed accuracy {ev['closed_accuracy']:.1f}, open recall {ev['open_recall']:.1f}{tail}",
+    console.print(f"closed accuracy {fmt(ev['closed_accuracy'])}, open recall {fmt(ev['open_recall'])}{tail}",
                   highlight=False)
     return result, ev
 
