@@ -38,7 +38,8 @@ def test_scratch_presets_train_every_part_with_their_own_rates(tmp_path: Path) -
     assert resolve_epochs(sft, 400).num_train_epochs == float(-(-sft.scratch_samples // 400))
     # smol: a pretrained LM, a random tower
     smol = resolve_stage_defaults(_cfg(tmp_path, stage="align", preset="smol"))
-    assert (smol.tune_vision_tower, smol.tune_language_model) == (True, None)
+    assert (smol.tune_vision_tower, smol.tune_language_model, smol.learning_rate) == (True, None, 1e-3)
+    assert resolve_stage_defaults(_cfg(tmp_path, preset="smol")).learning_rate == 2e-5  # its LM is pretrained
     # explicit keys always win
     own = resolve_stage_defaults(_cfg(tmp_path, stage="align", tune_vision_tower=False, learning_rate=3e-3,
                                       num_train_epochs=2, image_augment=False))

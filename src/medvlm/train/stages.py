@@ -13,9 +13,12 @@ the defaults of ``align`` and ``sft`` (:func:`resolve_stage_defaults`); every on
 - such a part trains in both stages (LLaVA-Med freezes tower and LM because they come pretrained; a random part
   frozen in stage 1 leaves the projector aligning to noise, and a random tower frozen in stage 2 never learns to
   see the lesions: measured by the demo, :mod:`medvlm.demo`);
-- learning rate: ``align`` 1e-3 and ``sft`` 5e-4 (LLaVA-Med: 2e-3 for the projector alone, 2e-5 for a pretrained LM);
+- learning rate: ``align`` 1e-3 and ``sft`` 5e-4 (LLaVA-Med: 2e-3 for the projector alone, 2e-5 for a pretrained LM;
+  ``sft`` keeps 2e-5 when the LM itself is pretrained, as in the ``smol`` preset);
 - epochs: enough for ``scratch_samples`` conversations per stage (LLaVA-Med: 1 epoch of 600k captions, 3 of 60k
-  conversations); a user's first dataset has hundreds of images, not hundreds of thousands.
+  conversations); a user's first dataset has hundreds of images, not hundreds of thousands;
+- a tower trained from scratch sees each training image slightly shifted and jittered (``image_augment``; LLaVA-Med
+  does not augment): fitted to a few hundred images, a random tower otherwise memorises them.
 
 A tower that trains never learns the parts after the feature layer (the last layer(s) and CLIP's
 ``post_layernorm`` feed only the pooled output); they are frozen explicitly so DDP does not wait for
@@ -77,7 +80,8 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.image_augment is None:
         cfg.image_augment = "vision_tower" in scratch
     if cfg.learning_rate is None:
-        cfg.learning_rate = SCRATCH_LR[cfg.stage] if scratch else PUBLISHED_LR[cfg.stage]
+        fast = bool(scratch) if cfg.stage == "align" else "language_model" in scratch
+        cfg.learning_rate = SCRATCH_LR[cfg.stage] if fast else PUBLISHED_LR[cfg.stage]
     if cfg.num_train_epochs is None and not scratch:
         cfg.num_train_epochs = 1.0
     return cfg
