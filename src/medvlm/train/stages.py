@@ -90,6 +90,8 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
 def resolve_epochs(cfg: TrainConfig, records: int) -> TrainConfig:
     """``num_train_epochs`` left None (parts trained from scratch): ``ceil(scratch_samples / records)`` epochs."""
     if cfg.num_train_epochs is None:
+        if cfg.scratch_samples < 1:
+            raise MedvlmError(f"scratch_samples must be >= 1, got {cfg.scratch_samples}")
         cfg.num_train_epochs = float(max(1, math.ceil(cfg.scratch_samples / max(1, records))))
     return cfg
 
