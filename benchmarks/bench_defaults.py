@@ -108,16 +108,14 @@ def report(results: list[dict]) -> None:
         print(f"| {r['generator']} | {r['seed']} | {r['closed']:.1f} | {r['open']:.1f} | "
               f"{r['blind_closed']:.1f} / {r['blind_open']:.1f} | {r['train_seconds']:.0f} "
               f"({r['align_seconds']:.0f} + {r['sft_seconds']:.0f}) | {'yes' if r['meets'] else 'no'} |")
-    kinds = sorted({(r["generator"], k) for r in results for k in r["kinds"]})
-    seeds = [(r["generator"], r["seed"]) for r in results]
-    print("\n| generator | kind | " + " | ".join(f"seed {s}: model / blind" for g, s in seeds) + " |")
-    print("|---|---|" + "---|" * len(seeds))
-    for g, k in kinds:
-        cells = []
-        for r in results:
-            row = r["kinds"].get(k) if r["generator"] == g else None
-            cells.append(f"{row['score']:.1f} / {row['blind']:.1f}" if row else "")
-        print(f"| {g} | {k} | " + " | ".join(cells) + " |")
+    for g in sorted({r["generator"] for r in results}):
+        runs = [r for r in results if r["generator"] == g]
+        print(f"\n| {g}: kind | " + " | ".join(f"seed {r['seed']}: model / blind" for r in runs) + " |")
+        print("|---|" + "---|" * len(runs))
+        for k in sorted({k for r in runs for k in r["kinds"]}):
+            cells = [f"{r['kinds'][k]['score']:.1f} / {r['kinds'][k]['blind']:.1f}" if k in r["kinds"] else ""
+                     for r in runs]
+            print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
