@@ -59,7 +59,8 @@ def test_documented_cli_sequence_beats_the_image_blind_baseline(tmp_path: Path) 
     assert abs(closed - ev["closed_accuracy"]) < 1e-9  # train's own evaluation = the documented eval commands
     blind = 100 * ev["blind"]["closed"]
     # Margin 15 points over n = 300 fair yes/no questions: an image-blind model reaches 65 % with probability
-    # P(Binomial(300, 1/2) >= 195) < 1e-7 (z = 15 / sqrt(2500 / 300) = 5.2). The blind baseline (majority per kind,
+    # P(Binomial(300, 1/2) >= 195) = 1.1e-7 (z = 15 / sqrt(2500 / 300) = 5.2). The blind baseline (majority per kind,
     # learned on train) is itself ~50 here; the assert is against 50 + 15 and against the measured baseline + 12.
+    # Measured (seed 0, 1 thread): closed 67.0 - modality yes/no 82, side yes/no 59.5 - in ~75 s on 2 cores.
     assert closed >= 65.0, (closed, blind, ev["by_kind"])
     assert closed >= blind + 12.0, (closed, blind)
