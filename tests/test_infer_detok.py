@@ -77,7 +77,7 @@ def test_real_tokenizer_matches_full_decode():
     text = " The lesion, épaisse (≈ 2 cm), is benign 🩺.\nASSISTANT: no"
     ids = proc.tokenizer.encode(text, add_special_tokens=False)
     deltas, stop, inc = feed(proc.decode, ids, ["ASSISTANT:"])
-    assert stop is not None
+    assert stop is not None and not inc.full_mode
     assert inc.final() == visible_text(proc.decode(ids), ["ASSISTANT:"], final=True)
     assert "".join(deltas) == inc.final()[: len("".join(deltas))]
 
