@@ -21,6 +21,8 @@ from collections.abc import Callable
 from medvlm.infer.decoding import visible_text
 
 REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 16
+"""A decoding window grows to at most about this many tokens before it moves up (one decode a step, mostly)."""
 
 
 class IncrementalText:
@@ -68,8 +70,12 @@ class IncrementalText:
         if self.pending and not self.pending.endswith(REPLACEMENT):
             self.text += self.pending
             self.pending = ""
-            self.prefix, self.read = self.read, len(self.ids)
-            self.before = self.decode(self.ids[self.prefix:self.read])
+            if len(self.ids) - self.prefix > CONTEXT_TOKENS and self.read > self.prefix:
+                # Move the context window up to the previous commit (a character boundary): one extra decode.
+                self.prefix, self.read = self.read, len(self.ids)
+                self.before = self.decode(self.ids[self.prefix:self.read])
+            else:  # same window: its text is what was just decoded
+                self.read, self.before = len(self.ids), now
         return delta
 
     def _push_full(self) -> str:
