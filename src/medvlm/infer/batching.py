@@ -9,7 +9,10 @@ callbacks and cancel event. Every :meth:`~ContinuousBatcher.step`:
    token ids + image digests), its image prefix (everything up to the end of its last image) is
    prefilled once for all admitted rows that share it, then only the rest of each prompt is run, with
    its true position ids and a column mask that hides the holes between prefix and question;
-3. runs one decoding step for every row and lets finished rows leave.
+3. runs one decoding step for every row and lets finished rows leave. Plain-greedy rows take their
+   tokens from one batched argmax; each row's text grows by :class:`~medvlm.infer.detok.IncrementalText`
+   (only the new tokens are decoded and searched for stop strings), so a step's cost does not grow
+   with the answers' length.
 
 Rows live in one cache whose columns are left-padded; positions are per row, so a row's computation
 does not depend on its neighbours (under greedy decoding a batched answer equals the answer alone).
