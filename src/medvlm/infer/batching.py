@@ -9,7 +9,10 @@ callbacks and cancel event. Every :meth:`~ContinuousBatcher.step`:
    token ids + image digests), its image prefix (everything up to the end of its last image) is
    prefilled once for all admitted rows that share it, then only the rest of each prompt is run, with
    its true position ids and a column mask that hides the holes between prefix and question;
-3. runs one decoding step for every row and lets finished rows leave.
+3. runs one decoding step for every row and lets finished rows leave. Plain-greedy rows take their
+   tokens from one batched argmax; each row's text grows by :class:`~medvlm.infer.detok.IncrementalText`
+   (only the new tokens are decoded and searched for stop strings), so a step's cost does not grow
+   with the answers' length.
 
 Rows live in one cache whose columns are left-padded; positions are per row, so a row's computation
 does not depend on its neighbours (under greedy decoding a batched answer equals the answer alone).
@@ -30,7 +33,8 @@ from PIL import Image
 
 from medvlm.data.schema import IMAGE_PLACEHOLDER, Sample
 from medvlm.errors import MedvlmError
-from medvlm.infer.decoding import GenerationSettings, TokenChooser, ends_with_any, visible_text
+from medvlm.infer.decoding import GenerationSettings, TokenChooser, ends_with_any
+from medvlm.infer.detok import IncrementalText
 from medvlm.infer.kv import KVBuffer, Layers, compact_row, concat_rows, image_digest, select_rows
 from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 
@@ -167,9 +171,12 @@ class _Row:
         self.stops = engine.stop_strings(s)
         self.stop_seqs = engine.stop_sequences(s)
         self.chooser = TokenChooser(s, engine.suppress_ids, req.seed if req.seed is not None else s.seed)
-        self.ids: list[int] = []  # answer tokens (EOS excluded)
+        self.text = IncrementalText(engine.processor.decode, self.stops)
+        self.ids = self.text.ids  # answer tokens (EOS excluded)
         self.sampled: list[int] = []  # every chosen token; the cache holds prompt + sampled[:-1]
         self.emitted = ""
+        # Greedy without a repetition penalty: the next token is an argmax the batch computes for all such rows at once.
+        self.plain_greedy = s.temperature == 0 and s.repetition_penalty == 1.0
         self.pos = 0  # position id of the next token fed
         self.start = 0  # prompt tokens already cached before this row's own prefill
         self.past: Layers | None = None
@@ -363,10 +370,11 @@ class ContinuousBatcher:
         self.admitted += len(rows)
         self.largest_batch = max(self.largest_batch, len(self.rows) + len(rows))
         keep = []
+        greedy = self._greedy(logits, rows)
         for b, row in enumerate(rows):
             row.past = None
             row.pos = row.req.prompt.num_tokens + row.req.prompt.position_offset
-            if not self._accept(row, b, logits[b], layers, mask):
+            if not self._accept(row, b, logits[b], layers, mask, greedy[b]):
                 keep.append(b)
         if keep:
             new = select_rows(layers, mask, torch.tensor(keep, dtype=torch.long))
@@ -390,33 +398,55 @@ class ContinuousBatcher:
         self.steps += 1
         keep = []
         layers = self.kv.layers()
+        greedy = self._greedy(logits, rows)
         for b, row in enumerate(rows):
             row.pos += 1
-            if not self._accept(row, b, logits[b], layers, self.mask):
+            if not self._accept(row, b, logits[b], layers, self.mask, greedy[b]):
                 keep.append(b)
         if len(keep) != len(rows):
             self._keep(keep)
 
-    def _accept(self, row: _Row, b: int, logits: torch.Tensor, layers: Layers, mask: torch.Tensor) -> bool:
-        """Choose and take row ``b``'s next token; True when the row has finished (callbacks done)."""
+    def _greedy(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
+        """The argmax token of every plain-greedy row (suppressed ids excluded) in one batched op; None for the others.
+
+        The same scores per row as :class:`~medvlm.infer.decoding.TokenChooser` (float32, suppressed ids at
+        -inf, first maximum), so answers do not change.
+        """
+        if not any(r.plain_greedy for r in rows):
+            return [None] * len(rows)
+        scores = logits.float()
+        suppress = self.engine.suppress_ids
+        if suppress:
+            scores = scores.clone()
+            scores[:, suppress] = -float("inf")
+        best = scores.argmax(dim=-1).tolist()
+        return [t if r.plain_greedy else None for t, r in zip(best, rows)]
+
+    def _accept(self, row: _Row, b: int, logits: torch.Tensor, layers: Layers, mask: torch.Tensor,
+                greedy: int | None = None) -> bool:
+        """Choose (unless ``greedy`` already did) and take row ``b``'s next token; True when the row has finished."""
         if row.req.cancelled.is_set():
             self._finish(row, "cancelled", layers, mask, b)
             return True
-        seen = row.seen() if row.req.settings.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-        tok = row.chooser(logits, seen)
+        if greedy is not None:
+            tok = greedy
+        else:
+            seen = row.seen() if row.req.settings.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+            tok = row.chooser(logits, seen)
         row.sampled.append(tok)
         reason = None
         if tok == self.processor.tokenizer.eos_token_id:
             reason = "stop"
         else:
-            row.ids.append(tok)
-            raw = self.processor.decode(row.ids)
-            if ends_with_any(row.ids, row.stop_seqs) or any(s in raw for s in row.stops):
+            delta = row.text.push(tok)  # appends to row.ids; decodes only the new tokens
+            if row.text.stopped or ends_with_any(row.ids, row.stop_seqs):
                 reason = "stop"
             elif len(row.ids) >= row.req.settings.max_new_tokens:
                 reason = "length"
-            else:
-                self._emit(row, visible_text(raw, row.stops, final=False))
+            elif delta:
+                row.emitted += delta
+                if row.req.on_delta is not None:
+                    row.req.on_delta(delta)
         if reason is None:
             return False
         self._finish(row, reason, layers, mask, b)
@@ -429,7 +459,7 @@ class ContinuousBatcher:
                 row.req.on_delta(delta)
 
     def _finish(self, row: _Row, reason: str, layers: Layers | None, mask: torch.Tensor | None, b: int) -> None:
-        final = visible_text(self.processor.decode(row.ids), row.stops, final=True)
+        final = row.text.final()
         if reason != "cancelled":
             self._emit(row, final)
             if self.remember_answers and self.cache is not None and layers is not None:

@@ -50,17 +50,18 @@ class GenerationSettings:
         return self
 
 
-def visible_text(raw: str, stops: list[str], final: bool) -> str:
+def visible_text(raw: str, stops: list[str], final: bool, strip_left: bool = True) -> str:
     """The part of decoded text that is answer: cut at the first stop string, outer whitespace stripped.
 
     While streaming (``final`` False) a tail that could still become a stop string, trailing
     whitespace and an incomplete multi-byte character are held back, so the streamed text always
-    extends to exactly the final answer.
+    extends to exactly the final answer. ``strip_left`` False keeps leading whitespace (for a tail of
+    the text, whose start is not the answer's start).
     """
     cut = min((i for i in (raw.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
         raw, final = raw[:cut], True
-    text = raw.lstrip()
+    text = raw.lstrip() if strip_left else raw
     if final:
         return text.rstrip()
     # A trailing U+FFFD is an incomplete multi-byte character that the next token completes.
