@@ -39,7 +39,7 @@ from medvlm.model.parts import trainable_summary
 from medvlm.model.processing import PROCESSOR_FILE, MedVLMProcessor
 from medvlm.model.safe_load import refusing_remote_code
 from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
-from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
+from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
 PRESETS: tuple[str, ...] = ("tiny", "smol")
 PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "smol": "chatml"}
@@ -382,13 +382,7 @@ def save_checkpoint(
         write_text_atomic(tmp / "README.md", render_model_card(model, title=title or out.name))
         write_json_atomic(tmp / PARTS_FILE, {name: {"trainable": t, "total": n}
                                              for name, (t, n) in trainable_summary(model).items()})
-        for name, content in (extra_files or {}).items():
-            if Path(name).name != name:
-                raise MedvlmError(f"extra file name {name!r} must be a plain file name")
-            if isinstance(content, dict):
-                write_json_atomic(tmp / name, content)
-            else:
-                write_text_atomic(tmp / name, content)
+        write_named_files(tmp, extra_files)
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 import re
 import shutil
@@ -141,15 +143,14 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     return str(p)
 
 
-def save_final(model: torch.nn.Module, processor: Any, output_dir: str | os.PathLike,
-               extra_files: dict[str, str | dict], lora: bool) -> Path:
-    """Make ``output_dir`` itself a loadable medvlm checkpoint (LoRA: merged weights, adapter in ``adapter/``).
+def save_final(model: torch.nn.Module, output_dir: str | os.PathLike, lora: bool,
+               write: Callable[[torch.nn.Module, Path, str], None]) -> Path:
+    """Make ``output_dir`` itself a loadable checkpoint (LoRA: merged weights, adapter in ``adapter/``).
 
-    The files are written into a temporary folder by ``build.save_checkpoint`` and moved in one by one
+    ``write(model, folder, title)`` writes the checkpoint files (``build.save_checkpoint`` for the native model,
+    ``families.io.save_family`` for a model family) into a temporary folder; they are moved in one by one
     (each an atomic rename), leaving ``checkpoint-*`` folders and logs in place.
     """
-    from medvlm.model import build
-
     out = Path(output_dir)
     staging = out / ".final.tmp"
     if staging.exists():
@@ -163,7 +164,7 @@ def save_final(model: torch.nn.Module, processor: Any, output_dir: str | os.Path
             shutil.rmtree(out / "adapter")
         os.replace(adapter_tmp, out / "adapter")
         model = model.merge_and_unload()
-    build.save_checkpoint(model, processor, staging, extra_files=extra_files, title=out.name)
+    write(model, staging, out.name)
     for f in staging.iterdir():
         os.replace(f, out / f.name)
     staging.rmdir()

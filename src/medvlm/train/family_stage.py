@@ -22,16 +22,13 @@ optimisation: a family model computes full logits (same loss).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from medvlm.errors import MedvlmError
-from medvlm.model.families.io import family_of, save_family
-from medvlm.model.families.processing import FamilyProcessor
+from medvlm.model.families.io import family_of
 from medvlm.model.families.spec import FamilySpec, part_of
 from medvlm.model.vit_lora import LoraSpec
 from medvlm.train.config import VIT_LINEAR_NAMES, TrainConfig
@@ -219,26 +216,3 @@ def family_part_of(spec: FamilySpec):
         return names[part_of(spec, name.removeprefix("base_model.model."))]
 
     return part
-
-
-def save_family_final(model: torch.nn.Module, processor: FamilyProcessor, output_dir: str | os.PathLike,
-                      extra_files: dict[str, str | dict], lora: bool) -> Path:
-    """Make ``output_dir`` a loadable family checkpoint (LoRA: merged weights, the LM adapters in ``adapter/``)."""
-    out = Path(output_dir)
-    staging = out / ".final.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    if lora:
-        adapter_tmp = out / ".adapter.tmp"
-        if adapter_tmp.exists():
-            shutil.rmtree(adapter_tmp)
-        model.save_pretrained(str(adapter_tmp))  # PEFT adapter (the connector is in the merged weights)
-        if (out / "adapter").exists():
-            shutil.rmtree(out / "adapter")
-        os.replace(adapter_tmp, out / "adapter")
-        model = model.merge_and_unload()
-    save_family(model, processor, staging, title=out.name, extra_files=extra_files)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()
-    return out

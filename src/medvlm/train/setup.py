@@ -228,14 +228,19 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
     from medvlm.train.callbacks import LOSS_PNG, plot_loss_curve
 
     if main:
+        from medvlm.train.checkpoint import save_final
+
         if start.family is not None:
-            from medvlm.train.family_stage import save_family_final
+            from medvlm.model.families.io import save_family
 
-            save_family_final(model, start.processor, cfg.output_dir, extra_files, lora=is_peft(model))
+            def write(m, folder, title):
+                save_family(m, start.processor, folder, title=title, extra_files=extra_files)
         else:
-            from medvlm.train.checkpoint import save_final
+            from medvlm.model.build import save_checkpoint
 
-            save_final(model, start.processor, cfg.output_dir, extra_files, lora=is_peft(model))
+            def write(m, folder, title):
+                save_checkpoint(m, start.processor, folder, extra_files=extra_files, title=title)
+        save_final(model, cfg.output_dir, is_peft(model), write)
         plot_loss_curve(history, Path(cfg.output_dir) / LOSS_PNG, title)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -81,6 +81,17 @@ def write_jsonl_atomic(dest: str | os.PathLike, rows: list[dict]) -> None:
     write_text_atomic(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def write_named_files(folder: str | os.PathLike, files: dict[str, str | dict] | None) -> None:
+    """Write ``{file name: text or JSON object}`` into ``folder`` (atomically each; plain file names only)."""
+    for name, content in (files or {}).items():
+        if Path(name).name != name:
+            raise MedvlmError(f"extra file name {name!r} must be a plain file name")
+        if isinstance(content, dict):
+            write_json_atomic(Path(folder) / name, content)
+        else:
+            write_text_atomic(Path(folder) / name, content)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; errors name the file, line and column."""
     path = Path(path)

@@ -20,7 +20,7 @@ from medvlm.model.families import processors as image_only
 from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.families.spec import FAMILIES, FamilySpec, get_family
 from medvlm.notice import NOTICE
-from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
+from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
 FAMILY_FILE = "medvlm_family.json"
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -193,13 +193,7 @@ def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLi
             meta["template"] = processor.template
         write_json_atomic(tmp / FAMILY_FILE, meta)
         write_text_atomic(tmp / "README.md", family_card(model, processor, title or out.name))
-        for name, content in (extra_files or {}).items():
-            if Path(name).name != name:
-                raise MedvlmError(f"extra file name {name!r} must be a plain file name")
-            if isinstance(content, dict):
-                write_json_atomic(tmp / name, content)
-            else:
-                write_text_atomic(tmp / name, content)
+        write_named_files(tmp, extra_files)
     return out
 
 
