@@ -43,10 +43,11 @@ from medvlm.utils.io import atomic_dir, write_json_atomic
 # medvlm modules copied into medvlm_scoring/ (package-relative file -> copy name) and the import rewrites.
 SCORING_SOURCES: tuple[tuple[str, str], ...] = (
     ("errors.py", "errors.py"), ("utils/io.py", "io.py"), ("eval/normalize.py", "normalize.py"),
-    ("eval/metrics.py", "metrics.py"), ("eval/protocols.py", "protocols.py"))
+    ("eval/metrics.py", "metrics.py"), ("eval/bootstrap.py", "bootstrap.py"), ("eval/protocols.py", "protocols.py"))
 IMPORT_REWRITES: tuple[tuple[str, str], ...] = (
     ("from medvlm.errors import", "from .errors import"), ("from medvlm.utils.io import", "from .io import"),
-    ("from medvlm.eval.normalize import", "from .normalize import"), ("from medvlm.eval import metrics as M", "from . import metrics as M"))
+    ("from medvlm.eval.normalize import", "from .normalize import"), ("from medvlm.eval import metrics as M", "from . import metrics as M"),
+    ("from medvlm.eval.bootstrap import", "from .bootstrap import"))
 
 
 def task_name(task: str, protocol: str) -> str:
