@@ -16,8 +16,12 @@ Outputs: ``OUT`` in STLLaVA-Med's DPO format (``image``, ``chosen_conversations`
 model's description. Progress is appended per finished image to ``OUT.progress.jsonl`` and LLM
 replies are cached in ``OUT.llm_cache.sqlite``: a rerun skips finished images and re-judges failed
 ones from the cache (no request is paid twice); every image failure is reported, never fatal.
-Images reach the model through the processor, so they are padded to square exactly as in training
-and evaluation (the model's ``image_aspect``).
+Images reach the model through the processor, so they are prepared exactly as in training and
+evaluation (a native model's ``image_aspect``; a family's own image processor).
+
+The model is a native medvlm checkpoint with a VUSER template (``v1_sq``) or a model-family checkpoint
+(:mod:`medvlm.model.families`) that asks questions: its VUSER prompt is the conversation + the family's
+``question_header``, the tokens the family's ``sq`` stage learned each question after.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class PrefsConfig:
     """Inputs, sampling and judging settings of preference generation."""
 
     model: Path
-    """A medvlm checkpoint with a VUSER-capable template (``v1_sq``): the stage-1 model."""
+    """The stage-1 (``sq``) model: a native medvlm checkpoint with a VUSER template (``v1_sq``), or a model-family
+    checkpoint that asks questions (every family but ``llava`` without ``v1_sq``)."""
     images: Path
     """Folder of unlabeled images (searched recursively); pairs name images relative to it."""
     out: Path
@@ -137,6 +142,21 @@ class SelfQuestioningEngine(InferenceEngine):
         if sample.messages and sample.messages[-1].role == "assistant":
             return sample
         return InferenceEngine.prompt_sample(sample)
+
+
+def require_questions(processor: Any, source: str | Path) -> None:
+    """Refuse a model that cannot be prompted for a VUSER question (the error names ``source``)."""
+    from medvlm.model.families.processing import FamilyProcessor
+
+    if isinstance(processor, FamilyProcessor):
+        if not processor.asks_questions:
+            raise MedvlmError(f"{source}: this {processor.spec.name} checkpoint's template {processor.template!r} has "
+                              "no VUSER role; self-questioning needs a stage-'sq' model (the llava family: template "
+                              "v1_sq)")
+        return
+    if processor.chat_template.vuser is None:
+        raise MedvlmError(f"{source}: template {processor.template!r} has no VUSER role; self-questioning needs a "
+                          "stage-'sq' model (template v1_sq)")
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[str]:
@@ -285,12 +305,10 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
     engine: InferenceEngine | None = None
     if todo:
         if model is None:
-            from medvlm.model.build import load_pretrained
+            from medvlm.infer.loading import load_for_inference
 
-            model, processor = load_pretrained(cfg.model)
-        if processor.chat_template.vuser is None:
-            raise MedvlmError(f"{cfg.model}: template {processor.template!r} has no VUSER role; preference generation "
-                              "needs a self-questioning (stage 'sq', template v1_sq) model")
+            model, processor = load_for_inference(cfg.model)  # native or a model family, by config.json model_type
+        require_questions(processor, cfg.model)
         engine = SelfQuestioningEngine(model, processor, batch_size=cfg.batch_size)
         if client is None:
             if llm.cache_path is None:  # a copy: the caller's config may serve other outputs with their own caches

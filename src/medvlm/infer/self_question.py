@@ -2,7 +2,8 @@
 
 Before answering a question about an image, the model describes the image, then asks (at a VUSER
 turn) and answers ``k`` questions of its own; the real question is then asked as a USER turn with
-that dialogue as context. All auxiliary turns are greedy, so the result is deterministic; the final
+that dialogue as context (native ``v1_sq`` models and model families that ask questions, see
+:func:`medvlm.infer.prefs.require_questions`). All auxiliary turns are greedy, so the result is deterministic; the final
 answer uses the caller's settings. :class:`SelfQuestioningAnswerer` has the engine's ``generate``
 signature, so evaluation code can use it in place of an :class:`~medvlm.infer.engine.InferenceEngine`.
 """
@@ -15,8 +16,7 @@ from typing import Any
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
-from medvlm.infer.family import NativeLlavaFamily
-from medvlm.infer.prefs import DESCRIBE_PROMPT, SelfQuestioningEngine
+from medvlm.infer.prefs import DESCRIBE_PROMPT, SelfQuestioningEngine, require_questions
 
 
 class SelfQuestioningAnswerer:
@@ -26,12 +26,7 @@ class SelfQuestioningAnswerer:
                  aux_tokens: int = 128):
         if k < 0:
             raise MedvlmError(f"self_question must be >= 0, got {k}")
-        if not isinstance(engine.family, NativeLlavaFamily):
-            raise MedvlmError(f"test-time self-questioning runs on native medvlm checkpoints only; this is a "
-                              f"{engine.model.config.model_type} checkpoint (evaluate it without --self-question)")
-        if engine.processor.chat_template.vuser is None:
-            raise MedvlmError(f"self-questioning needs a model with a VUSER role (template v1_sq); this model uses "
-                              f"{engine.processor.template!r}")
+        require_questions(engine.processor, f"--self-question {k}")
         self.engine = SelfQuestioningEngine(engine.model, engine.processor, batch_size=engine.batch_size)
         self.k = k
         self.describe_prompt = describe_prompt

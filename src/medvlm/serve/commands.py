@@ -159,8 +159,9 @@ def worker(
     secret_env: str | None = typer.Option(None, "--secret-env", help="Environment variable holding the controller's shared secret."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP),
     dtype: str | None = typer.Option(None, "--dtype"),
+    template: str | None = typer.Option(None, "--template", help="Chat template clients render prompts in (model families; default: the checkpoint's, else vicuna_v1)."),
 ) -> None:
-    """LLaVA's model worker: serves one model to a controller."""
+    """LLaVA's model worker: serves one model (native or a model family) to a controller."""
     import uvicorn
 
     from medvlm.serve.api import load_engine
@@ -177,7 +178,8 @@ def worker(
                           heart_beat_interval=heart_beat_interval, limit_concurrency=limit_concurrency,
                           batcher=BatcherConfig(max_batch=max_batch), limits=_limits(max_image_mb, max_image_pixels),
                           secret=secret, max_images=max_images, max_prompt_chars=max_prompt_chars,
-                          max_decoded_bytes=int(max_decoded_mb * 2**20), max_concurrent_decodes=max_concurrent_decodes)
+                          max_decoded_bytes=int(max_decoded_mb * 2**20), max_concurrent_decodes=max_concurrent_decodes,
+                          template=template)
     app_ = create_worker_app(load_engine(str(model), dtype=dtype, batch_size=max_batch,
                                          prefix_cache_bytes=_mib(prefix_cache_mb)), config)
     typer.echo(f"medvlm worker {config.model_name!r} on {config.worker_url}. {SHORT_NOTICE}")

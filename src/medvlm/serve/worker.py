@@ -14,7 +14,17 @@ max_new_tokens, stop}``. As in the original:
 
 Differences: answers end on the template's stop tokens as well as ``stop``; concurrent requests
 are batched on the one model (:mod:`medvlm.serve.batching`) within ``limit_concurrency``; the status
-also carries ``template`` (the model's chat-template name; LLaVA clients ignore extra fields).
+also carries ``template``: the chat template the prompts must be rendered in (medvlm's clients and
+web UI render with it; LLaVA clients ignore extra fields and pick theirs by model name).
+
+Model families (:mod:`medvlm.model.families`: Qwen2.5-VL, Gemma 3, SmolVLM, ...) render conversations with
+their own chat template, so their worker reads the prompt back into turns
+(:func:`medvlm.data.template_parse.parse_generation_prompt`, in the template named by
+``WorkerConfig.template``: never guessed from the text) and encodes those turns and the images with the
+family's processor, exactly as ``medvlm chat`` and ``serve api`` do: greedy answers are the same. The LLaVA
+template's default system prompt is the client's, not the user's, so it is dropped (the family's own default
+applies, as in ``serve api``); another system prompt is passed on. A prompt that does not render back
+identically in that template is refused (error code 1).
 The worker registers with the controller at start and sends a heart beat every
 ``heart_beat_interval`` seconds (15 s, as the original), re-registering if the controller forgot it.
 
@@ -41,9 +51,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from medvlm.data.schema import IMAGE_PLACEHOLDER
+from medvlm.data.schema import IMAGE_PLACEHOLDER, Sample
+from medvlm.data.template_parse import parse_generation_prompt
+from medvlm.data.templates import get_template
 from medvlm.errors import MedvlmError
-from medvlm.infer.batching import prepare_text
+from medvlm.infer.batching import PreparedPrompt, prepare_text
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
 from medvlm.infer.family import NativeLlavaFamily
 from medvlm.notice import NOTICE
@@ -54,6 +66,8 @@ from medvlm.serve.guard import RequestGuard, bearer
 from medvlm.serve.images import ImageInputError, ImageLimits, decode_base64, decode_probe, probe_image_bytes
 
 log = logging.getLogger("medvlm.serve.worker")
+DEFAULT_FAMILY_TEMPLATE = "vicuna_v1"
+"""The template a model-family worker reads prompts in when neither the option nor the checkpoint names one."""
 EXCEEDS_MSG = "Exceeds max token length. Please start a new conversation, thanks."
 
 
@@ -87,6 +101,11 @@ class WorkerConfig:
     """Estimated memory for decoding and preprocessing all images of one request."""
     max_concurrent_decodes: int = 2
     """Requests decoding images at the same time."""
+    template: str | None = None
+    """Chat template the clients render prompts in (a medvlm template name, reported by ``/worker_get_status``).
+    None: a native checkpoint's own template; for a model family, the medvlm template its checkpoint names
+    (``llava``), else ``vicuna_v1`` (LLaVA v1.5 / LLaVA-Med v1.5's conversation format). A native checkpoint reads
+    prompts in its own template only (another one is refused at start); ``plain`` cannot be read back."""
 
     @property
     def max_body_bytes(self) -> int:
@@ -111,6 +130,8 @@ class ModelWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.gate = DecodeGate(config.max_decoded_bytes, config.max_concurrent_decodes)
+        self.template, self.reads_turns = worker_template(engine, config.template)
+        """The template prompts arrive in; whether they are read back into turns (model families)."""
 
     # -- controller link -------------------------------------------------------------------
     def queue_length(self) -> int:
@@ -121,7 +142,7 @@ class ModelWorker:
 
     def get_status(self) -> dict:
         return {"model_names": [self.config.model_name], "speed": 1, "queue_length": self.queue_length(),
-                "template": self.engine.processor.template}
+                "template": self.template}
 
     def register_to_controller(self) -> None:
         data = {"worker_name": self.config.worker_url, "check_heart_beat": True, "worker_status": self.get_status()}
@@ -190,6 +211,7 @@ class ModelWorker:
         if n != len(raw_images):
             raise MedvlmError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(raw_images)} "
                               "image(s) were given")
+        sample = self.turns_of(prompt) if self.reads_turns else None  # before any image is decoded
         limits = self.config.limits
         probes = [probe_image_bytes(decode_base64(b.split(",", 1)[1] if b.startswith("data:") else b, limits,
                                                   f"image {k + 1}"), limits, f"image {k + 1}")
@@ -199,16 +221,30 @@ class ModelWorker:
             with self.gate.slot():
                 images = [decode_probe(p, f"image {k + 1}") for k, p in enumerate(probes)]
                 del probes
-                prepared = prepare_text(self.engine, prompt, images)
+                prepared = self.encode(prompt, sample, images)
                 del images
         else:
-            prepared = prepare_text(self.engine, prompt, [])
+            prepared = self.encode(prompt, sample, [])
         max_new = min(max_new, self.context - prepared.num_tokens)
         settings = None
         if max_new >= 1:
             settings = GenerationSettings(max_new_tokens=max_new, temperature=temperature if temperature > 0.001 else 0.0,
                                           top_p=top_p, stop=stops).validate()
         return prompt, prepared, settings
+
+    def turns_of(self, prompt: str) -> Sample:
+        """The conversation a prompt rendered in :attr:`template` holds (model families)."""
+        messages = parse_generation_prompt(prompt, self.template)
+        if messages[0].role == "system" and not messages[0].text.strip():
+            messages = messages[1:]  # no system prompt (the template's default comes back as none): the family's applies
+        n = sum(m.num_images for m in messages)
+        return Sample("request", messages, images=[f"image {k + 1}" for k in range(n)])
+
+    def encode(self, prompt: str, sample: Sample | None, images: list) -> PreparedPrompt:
+        """The batchable prompt: the rendered text as is (native), or the turns through the family's processor."""
+        if sample is None:
+            return prepare_text(self.engine, prompt, images)
+        return self.engine.prepare(sample, images=images)
 
     async def generate_stream(self, params: dict):
         """The NUL-delimited JSON stream of ``/worker_generate_stream``."""
@@ -257,13 +293,29 @@ class ModelWorker:
             job.cancel()
 
 
+def worker_template(engine: InferenceEngine, template: str | None) -> tuple[str, bool]:
+    """``(template name, reads turns)`` of a worker over ``engine`` (see :attr:`WorkerConfig.template`).
+
+    Raises MedvlmError up front for a template the model cannot read prompts in.
+    """
+    processor = engine.processor
+    if isinstance(engine.family, NativeLlavaFamily):
+        # A native model is fed the rendered text itself: only its own template is meaningful.
+        if template is not None and template != processor.template:
+            raise MedvlmError(f"template {template!r}: this native checkpoint reads prompts in its own template "
+                              f"{processor.template!r} only; drop the template option (or pass {processor.template})")
+        return processor.template, False
+    name = template or getattr(processor, "template", None) or DEFAULT_FAMILY_TEMPLATE
+    tpl = get_template(name)  # an unknown name lists the known ones
+    if not tpl.prompt_text:
+        raise MedvlmError(f"template {name!r} drops the question text, so the worker cannot read the turns back for "
+                          f"this {engine.model.config.model_type} checkpoint; use another one (e.g. "
+                          f"{DEFAULT_FAMILY_TEMPLATE})")
+    return name, True
+
+
 def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
     """The worker's FastAPI app (registers with the controller when it starts)."""
-    if not isinstance(engine.family, NativeLlavaFamily):
-        # The worker protocol sends prompts already rendered in a LLaVA template with <image> placeholders.
-        raise MedvlmError(f"serve worker speaks LLaVA's rendered-prompt protocol and serves native medvlm checkpoints "
-                          f"only; this is a {engine.model.config.model_type} checkpoint: serve it with "
-                          "`medvlm serve api` (OpenAI protocol)")
     worker = ModelWorker(engine, config)
 
     @asynccontextmanager

@@ -22,13 +22,16 @@ from PIL import Image
 from medvlm.data.collate import VLMCollator
 from medvlm.data.images import load_image
 from medvlm.data.schema import Message, Sample
-from medvlm.data.templates import IGNORE_INDEX, Encoded, ImageTruncationError, render
+from medvlm.data.templates import IGNORE_INDEX, Encoded, ImageTruncationError, get_template, render
 from medvlm.errors import MedvlmError
 from medvlm.model.families.spec import FamilySpec
 
 
-def _check_conversation(messages: list[Message], add_generation_prompt: bool) -> None:
-    """Roles, order and image placement every family template relies on (the templates do not check)."""
+def _check_conversation(messages: list[Message], add_generation_prompt: bool, asks_questions: bool = False) -> None:
+    """Roles, order and image placement every family template relies on (the templates do not check).
+
+    ``asks_questions``: a generation prompt may follow an answer (the next turn is a VUSER question).
+    """
     turns = messages[1:] if messages and messages[0].role == "system" else messages
     offset = len(messages) - len(turns)
     if messages and messages[0].role == "system" and messages[0].num_images:
@@ -52,8 +55,9 @@ def _check_conversation(messages: list[Message], add_generation_prompt: bool) ->
     if turns[0].role == "vuser":
         raise MedvlmError(f"message {offset}: the first turn must be a user turn, not a vuser turn")
     last = turns[-1].role
-    if add_generation_prompt and last == "assistant":
-        raise MedvlmError("add_generation_prompt needs the conversation to end with a user turn")
+    if add_generation_prompt and last == "assistant" and not asks_questions:
+        raise MedvlmError("add_generation_prompt needs the conversation to end with a user turn (this processor has "
+                          "no VUSER question prompt)")
     if not add_generation_prompt and last != "assistant":
         raise MedvlmError(f"a training conversation must end with an assistant turn (message {len(messages) - 1} "
                           f"is {last!r}); pass add_generation_prompt=True for a prompt")
@@ -86,6 +90,14 @@ class FamilyProcessor:
     def tokenizer(self) -> Any:
         """The family's tokenizer."""
         return self.processor.tokenizer
+
+    @property
+    def asks_questions(self) -> bool:
+        """Whether a conversation ending with an answer can be continued with a VUSER question (STLLaVA-Med
+        self-questioning): the family declares its ``question_header``, or its medvlm template has a VUSER role."""
+        if self.spec.question_header:
+            return True
+        return self.template is not None and get_template(self.template).vuser is not None
 
     @property
     def pad_token_id(self) -> int:
@@ -150,6 +162,11 @@ class FamilyProcessor:
         """Features of one sample: ``input_ids`` [L], ``attention_mask`` [L], ``labels`` [L] (not for a
         generation prompt), the family's per-token tensors [L] and its image tensors as the processor returns them.
 
+        A generation prompt after an answer (the conversation ends with an assistant turn; :attr:`asks_questions`)
+        prompts a VUSER question: the conversation as trained, then the family's ``question_header`` (the text a
+        learned VUSER question follows; a medvlm template writes its VUSER tag itself), so the prompt's tokens are
+        exactly those the ``sq`` stage trained before each question.
+
         Raises :class:`ImageTruncationError` when ``max_length`` would cut an image's tokens; otherwise
         the text is truncated from the end.
         """
@@ -158,18 +175,23 @@ class FamilyProcessor:
         if n_parts != n_images:
             raise MedvlmError(f"sample {sample.id!r}: the conversation has {n_parts} image part(s) but "
                               f"{n_images} image(s) were given")
+        asks = add_generation_prompt and bool(sample.messages) and sample.messages[-1].role == "assistant"
         try:
-            _check_conversation(sample.messages, add_generation_prompt)
+            _check_conversation(sample.messages, add_generation_prompt, self.asks_questions)
             if self.template is not None:  # a medvlm template also checks what it allows (vuser only in v1_sq)
                 render(sample.messages, self.template, add_generation_prompt)
-            conv = self.conversation(sample.messages, [] if not n_images else
-                                     (images if images is not None else self.load_images(sample, image_folder)))
+            pils = [] if not n_images else (images if images is not None else self.load_images(sample, image_folder))
+            conv = self.conversation(sample.messages, pils)
         except MedvlmError as e:
             raise type(e)(f"sample {sample.id!r}: {e}") from e
         try:
-            out = self.processor.apply_chat_template(
-                conv, chat_template=self.chat_template, tokenize=True, return_dict=True, return_tensors="pt",
-                add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=not add_generation_prompt)
+            if asks and self.spec.question_header:
+                out = self._question_prompt(conv, pils)
+            else:
+                out = self.processor.apply_chat_template(
+                    conv, chat_template=self.chat_template, tokenize=True, return_dict=True, return_tensors="pt",
+                    add_generation_prompt=add_generation_prompt,
+                    return_assistant_tokens_mask=not add_generation_prompt)
         except (ValueError, TemplateError) as e:  # the template's or processor's own checks
             raise MedvlmError(f"sample {sample.id!r}: the {self.spec.name} processor refused it ({e})") from e
         feature: dict[str, Any] = {}
@@ -197,6 +219,15 @@ class FamilyProcessor:
                 if key in feature:
                     feature[key] = feature[key][:max_length]
         return feature
+
+    def _question_prompt(self, conv: list[dict], images: list[Image.Image]) -> Any:
+        """The VUSER prompt: the rendered conversation + ``question_header``, tokenised with its images in one call
+        (as ``apply_chat_template`` tokenises its own rendering: no BOS added when the text starts with it)."""
+        text = self.processor.apply_chat_template(conv, chat_template=self.chat_template, tokenize=False)
+        text += self.spec.question_header
+        bos = self.tokenizer.bos_token
+        kwargs = {"add_special_tokens": False} if bos is not None and text.startswith(bos) else {}
+        return self.processor(text=[text], images=[images] if images else None, return_tensors="pt", **kwargs)
 
     def encode_text(self, sample: Sample, add_generation_prompt: bool = False, max_length: int | None = None,
                     image_folder: str | os.PathLike | None = None) -> Encoded:
