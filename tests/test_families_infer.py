@@ -163,21 +163,3 @@ def test_chat_cli_with_a_family_checkpoint_says_what_plain_transformers_generate
     processor = load_family_processor(qwen_ckpt)
     sample = Sample("c", msgs(("user", "<image>\nWhat organ?")), images=["i"])
     assert said == processor.decode(hf_greedy(model, processor, sample, [load_image(image)])).strip() and said
-
-
-def test_serve_worker_refuses_a_family_checkpoint_up_front(qwen_ckpt):
-    from medvlm.serve.api import load_engine
-    from medvlm.serve.worker import WorkerConfig, create_worker_app
-
-    with pytest.raises(MedvlmError, match="serve api"):
-        create_worker_app(load_engine(str(qwen_ckpt)), WorkerConfig(controller_url="http://127.0.0.1:1",
-                                                                    worker_url="http://127.0.0.1:2", model_name="q",
-                                                                    register=False))
-
-
-def test_self_question_on_a_family_checkpoint_is_refused_up_front():
-    from medvlm.infer.self_question import SelfQuestioningAnswerer
-
-    model, processor = tiny("idefics3")
-    with pytest.raises(MedvlmError, match="native medvlm checkpoints only"):
-        SelfQuestioningAnswerer(InferenceEngine(model, processor), k=1)
