@@ -68,12 +68,12 @@ def test_llava_family_without_a_vuser_template_is_refused():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("fam-prefs"), n_images=8)
+    return make_demo(tmp_path_factory.mktemp("fam-prefs"), n_images=10)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_prefs_generate_on_a_family_checkpoint_feeds_family_dpo(family, demo, tmp_path, openai_server_factory):  # noqa: F811
-    start = init_tiny_family(f"tiny-{family}", tmp_path / "start")
+    start = init_tiny_family(f"tiny-{family}", tmp_path / "start", template="v1_sq" if family == "llava" else None)
     server = openai_server_factory(prefer_longer)
     out = tmp_path / "prefs" / "prefs.json"
     cfg = PrefsConfig(model=start, images=demo / "images", out=out, questions_per_image=2, ties="second", limit=2,
