@@ -26,7 +26,7 @@ _LLM = "Judge endpoint"
 
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[Path, typer.Option("--model", help="Stage-1 (sq) medvlm checkpoint with the v1_sq template.")],
+    model: Annotated[Path, typer.Option("--model", help="Stage-1 (sq) checkpoint: native with the v1_sq template, or a model family.")],
     images: Annotated[Path, typer.Option("--images", help="Folder of unlabeled images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", help="prefs.json (STLLaVA-Med format); prefs.trl.jsonl is written beside it.")],
     questions_per_image: Annotated[int, typer.Option("--questions-per-image", help="Questions the model asks per image.")] = 5,
