@@ -150,3 +150,15 @@ def test_worker_templates_are_checked_up_front(tmp_path):
     assert create_worker_app(native, config(None)).state.worker.get_status()["template"] == "vicuna_v1"
     with pytest.raises(MedvlmError, match="its own template 'vicuna_v1' only"):
         create_worker_app(native, config("chatml"))
+
+
+def test_worker_cli_takes_the_template_option(tmp_path, capsys):
+    from medvlm.cli import main
+    from medvlm.model.families.tiny import init_tiny_family
+
+    start = init_tiny_family("tiny-idefics3", tmp_path / "idefics3")
+    with pytest.raises(SystemExit) as exit_info:  # refused before the server binds or registers
+        main(["serve", "worker", "--controller", "http://127.0.0.1:1", "--model", str(start), "--no-register",
+              "--template", "plain"])
+    assert exit_info.value.code == 2
+    assert "drops the question text" in capsys.readouterr().err
