@@ -3,9 +3,10 @@
 Before answering a question about an image, the model describes the image, then asks (at a VUSER
 turn) and answers ``k`` questions of its own; the real question is then asked as a USER turn with
 that dialogue as context (native ``v1_sq`` models and model families that ask questions, see
-:func:`medvlm.infer.prefs.require_questions`). All auxiliary turns are greedy, so the result is deterministic; the final
-answer uses the caller's settings. :class:`SelfQuestioningAnswerer` has the engine's ``generate``
-signature, so evaluation code can use it in place of an :class:`~medvlm.infer.engine.InferenceEngine`.
+:func:`medvlm.infer.prefs.require_questions`). All auxiliary turns are greedy, so the result is
+deterministic; the final answer uses the caller's settings. :class:`SelfQuestioningAnswerer` has the
+engine's ``generate`` signature, so evaluation code can use it in place of an
+:class:`~medvlm.infer.engine.InferenceEngine`.
 """
 
 from __future__ import annotations

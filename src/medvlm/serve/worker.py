@@ -236,7 +236,7 @@ class ModelWorker:
         """The conversation a prompt rendered in :attr:`template` holds (model families)."""
         messages = parse_generation_prompt(prompt, self.template)
         if messages[0].role == "system" and not messages[0].text.strip():
-            messages = messages[1:]  # no system prompt (the template's default comes back as none): the family's applies
+            messages = messages[1:]  # none (the template's default comes back as none): the family's own applies
         n = sum(m.num_images for m in messages)
         return Sample("request", messages, images=[f"image {k + 1}" for k in range(n)])
 
@@ -308,8 +308,8 @@ def worker_template(engine: InferenceEngine, template: str | None) -> tuple[str,
     name = template or getattr(processor, "template", None) or DEFAULT_FAMILY_TEMPLATE
     tpl = get_template(name)  # an unknown name lists the known ones
     if not tpl.prompt_text:
-        raise MedvlmError(f"template {name!r} drops the question text, so the worker cannot read the turns back for "
-                          f"this {engine.model.config.model_type} checkpoint; use another one (e.g. "
+        raise MedvlmError(f"template {name!r} drops the question text, so the worker cannot read the turns back "
+                          f"for this {engine.model.config.model_type} checkpoint; use another one (e.g. "
                           f"{DEFAULT_FAMILY_TEMPLATE})")
     return name, True
 
