@@ -129,7 +129,7 @@ def vqa(
     data_format: Annotated[str, typer.Option("--format", help="Questions file format (auto, vqa_test, qa50, ...).")] = "auto",
     self_question: Annotated[int, typer.Option("--self-question", help="STLLaVA-Med test-time self-questioning: the model "
                                                                        "describes the image and asks/answers K questions "
-                                                                       "first (v1_sq models).")] = 0,
+                                                                       "first (v1_sq models and model families).")] = 0,
 ) -> None:
     """Answer a VQA test set with a model: batched, resumable, in the original answer-file format."""
     from medvlm.eval.vqa import run_vqa
