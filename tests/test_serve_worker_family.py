@@ -96,10 +96,9 @@ def test_family_worker_answers_the_llava_protocol_and_the_web_ui_like_the_engine
     assert expected["first"]
 
     port = free_port()
-    wcfg = WorkerConfig(controller_url="", worker_url=f"http://127.0.0.1:{port}", model_name=f"tiny-{family}",
-                        heart_beat_interval=0.5, batcher=BatcherConfig(max_batch=4, max_wait_ms=5))
     with BackgroundServer(create_controller_app(ControllerConfig(heart_beat_expiration=5.0))) as ctrl:
-        wcfg = WorkerConfig(**{**wcfg.__dict__, "controller_url": ctrl.url})
+        wcfg = WorkerConfig(controller_url=ctrl.url, worker_url=f"http://127.0.0.1:{port}", model_name=f"tiny-{family}",
+                            heart_beat_interval=0.5, batcher=BatcherConfig(max_batch=4, max_wait_ms=5))
         with BackgroundServer(create_worker_app(engine, wcfg), port=port) as worker, \
                 BackgroundServer(create_app(engine, ApiConfig(model_name=f"tiny-{family}"))) as api:
             assert client.list_models(ctrl.url) == [f"tiny-{family}"]
