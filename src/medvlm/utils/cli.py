@@ -1,7 +1,7 @@
 """Renamed CLI spellings: the one mechanism every verb uses to keep an old option name for one release.
 
 A command built with ``cls=renamed({...})`` accepts each old spelling as a hidden alias: the old flag is
-rewritten to the new one before click parses the line, and one ``warning: ... deprecated ...`` line naming
+rewritten to the new one before typer (click) parses the line, and one ``warning: ... deprecated ...`` line naming
 the new spelling goes to stderr. ``--help`` shows only the new spellings. A positional argument that became
 an option (``SRC DST`` -> ``SRC --out DST``) stays a hidden ``typer.Argument`` that the command ignores: its
 value is handed to the option (the body reads only the option).
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -32,13 +31,13 @@ class RenamedCommand(TyperCommand):
     renamed_positional: dict[str, str] = {}
     """Name of a hidden positional parameter -> the option that replaces it, e.g. ``{"dst": "--out"}``."""
 
-    def _option(self, flag: str) -> click.Parameter:
+    def _option(self, flag: str) -> Any:
         for param in self.params:
             if flag in getattr(param, "opts", ()) or flag in getattr(param, "secondary_opts", ()):
                 return param
         raise RuntimeError(f"{self.name}: renamed to {flag}, which the command does not declare")
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         """Rewrite old flags, parse, then move deprecated positional values to their options."""
         rewritten: list[str] = []
         warned: set[str] = set()
@@ -65,8 +64,8 @@ class RenamedCommand(TyperCommand):
                 if not isinstance(value, str):
                     continue
                 if self._option(flag).name in raw:
-                    raise click.UsageError(f"give {flag} only ({name.upper()} is its deprecated positional spelling)",
-                                           ctx)
+                    raise typer.BadParameter(f"give {flag} only ({name.upper()} is its deprecated positional "
+                                             "spelling)", ctx=ctx, param=self._option(flag))
                 typer.echo(deprecation_line(ctx.command_path, f"{name.upper()} (positional)", f"{flag} {name.upper()}"),
                            err=True)
                 rewritten = [flag, value, *rewritten]  # in front: a `--` in the line would make it positional
@@ -75,7 +74,7 @@ class RenamedCommand(TyperCommand):
             ctx.params[name] = None  # its value went to the option
         return rest
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         """The usage line without the deprecated positionals."""
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
