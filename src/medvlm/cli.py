@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 
 # (verb, module, name): name "app" adds the module's Typer sub-app; any other name registers that function as one
-# command, with the module's NAME_SETTINGS (e.g. CHAT_SETTINGS; MAIN_SETTINGS for `main`) as app.command settings.
+# command, with the module's NAME_SETTINGS if it has them (MAIN_SETTINGS for `main`) as app.command settings.
 _VERBS: list[tuple[str, str, str]] = [  # in pipeline order, as `medvlm --help` lists them
     ("demo", "medvlm.demo", "main"),
     ("data", "medvlm.data.commands", "app"),

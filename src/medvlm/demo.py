@@ -121,7 +121,7 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
-    """The demo's final numbers (what ``--json-out`` writes, plus paths)."""
+    """The demo's final numbers (what ``--summary-out`` writes, plus paths)."""
 
     scores: dict[str, Any]
     """The ``llava-med`` scores.json object of the trained model."""
@@ -141,7 +141,7 @@ class DemoResult:
     report: str
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json-out`` object: ``scores``, ``strict``, ``blind``, ``seconds`` (+ untrained, losses)."""
+        """The ``--summary-out`` object: ``scores``, ``strict``, ``blind``, ``seconds`` (+ untrained, losses)."""
         return {"scores": self.scores, "strict": self.strict, "blind": self.blind, "seconds": self.seconds,
                 "untrained": self.untrained, "losses": self.losses}
 

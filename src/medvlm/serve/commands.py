@@ -257,10 +257,7 @@ def web(
                insecure_no_auth=insecure_no_auth)
 
 
-CHAT_SETTINGS: dict = {}
-"""Extra ``app.command`` settings of the top-level ``medvlm chat`` verb (registered by :mod:`medvlm.cli`)."""
-
-
+# `medvlm chat`: a top-level verb (registered by medvlm.cli), beside the serving verbs it shares the engine with.
 def chat(
     model: Annotated[Path, typer.Option("--model", help="A medvlm checkpoint folder.")],
     image: Annotated[list[str], typer.Option("--image", help="Image file (repeatable; relative to --image-folder if given).")] = [],
