@@ -110,8 +110,8 @@ def download_images_cmd(
     urls: Annotated[str, typer.Option("--urls", help="llava_med_image_urls.jsonl (pmc_tar_url, image_file_path, pair_id).")],
     out: Annotated[str, typer.Option("--out", help="Output folder: images/{pair_id}{ext} and manifest.jsonl.")],
     workers: Annotated[int, typer.Option("--workers", help="Archives fetched at the same time.")] = 16,
-    url_map: Annotated[list[str], typer.Option("--url-map", help="OLD_PREFIX=NEW_PREFIX rewrite of archive URLs "
-                                      "(repeatable): a mirror, the moved PMC layout, or file:///local/folder/.")] = [],
+    url_map: Annotated[list[str] | None, typer.Option("--url-map", help="OLD_PREFIX=NEW_PREFIX rewrite of archive URLs "
+                                      "(repeatable): a mirror, the moved PMC layout, or file:///local/folder/.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N pairs.")] = None,
     keep_archives: Annotated[bool, typer.Option("--keep-archives", help="Also save each archive under OUT/archives (reused on reruns).")] = False,
     retries: Annotated[int, typer.Option("--retries", help="Extra attempts after resets, timeouts, 5xx and truncated archives.")] = 4,
@@ -122,7 +122,7 @@ def download_images_cmd(
     """Download the PMC figures of an image-URL list: each tarball streamed once, resumable, safe."""
     from medvlm.data.download import DownloadConfig, download_images, parse_url_map
 
-    cfg = DownloadConfig(workers=workers, retries=retries, timeout=timeout, url_map=parse_url_map(url_map),
+    cfg = DownloadConfig(workers=workers, retries=retries, timeout=timeout, url_map=parse_url_map(url_map or []),
                          limit=limit, keep_archives=keep_archives, verify_existing=verify_existing, progress=progress)
     summary = download_images(urls, out, cfg)
     typer.echo(summary.format())

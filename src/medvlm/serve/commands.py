@@ -91,7 +91,7 @@ def api(
     max_images: Annotated[int, typer.Option("--max-images", help="Most images per request.")] = 4,
     allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs (public addresses only).")] = False,
     remote_timeout: Annotated[float, typer.Option("--remote-timeout", help="Total seconds allowed per remote image (all redirects).")] = 10.0,
-    remote_allow_network: Annotated[list[str], typer.Option("--remote-allow-network", help="Non-public network (CIDR) remote images may come from (repeatable).")] = [],
+    remote_allow_network: Annotated[list[str] | None, typer.Option("--remote-allow-network", help="Non-public network (CIDR) remote images may come from (repeatable).")] = None,
     max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Most characters of text per request (checked before tokenising).")] = 200_000,
     max_decoded_mb: Annotated[float, typer.Option("--max-decoded-mb", help="Estimated decode + preprocessing memory for one request's images (MiB).")] = 512.0,
     max_concurrent_decodes: Annotated[int, typer.Option("--max-concurrent-decodes", help="Requests decoding images at once.")] = 2,
@@ -230,13 +230,14 @@ def web(
     log_file: Annotated[Path, typer.Option("--log-file", help="Votes and flags (JSONL).")] = Path("medvlm_web_log.jsonl"),
     log_images: Annotated[bool, typer.Option("--log-images", help="Also log images with votes/flags.")] = False,
     max_images: Annotated[int, typer.Option("--max-images", help="Images per conversation.")] = 1,
-    example: Annotated[list[Path], typer.Option("--example", help="Extra example image (repeatable).")] = [],
+    example: Annotated[list[Path] | None, typer.Option("--example", help="Extra example image (repeatable).")] = None,
 ) -> None:
     """A Gradio chat page (research use only)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from medvlm.serve.web import WebConfig, launch_web
     from medvlm.serve.web_backends import ApiBackend, ControllerBackend
 
+    example = example or []
     if (controller_url is None) == (api_url is None):
         raise MedvlmError("give exactly one of --controller URL or --api URL")
     for p in example:
@@ -260,7 +261,7 @@ def web(
 # `medvlm chat`: a top-level verb (registered by medvlm.cli), beside the serving verbs it shares the engine with.
 def chat(
     model: Annotated[Path, typer.Option("--model", help="A medvlm checkpoint folder.")],
-    image: Annotated[list[str], typer.Option("--image", help="Image file (repeatable; relative to --image-folder if given).")] = [],
+    image: Annotated[list[str] | None, typer.Option("--image", help="Image file (repeatable; relative to --image-folder if given).")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="The question (without it: interactive chat). Put <image> where an image goes (default: images first).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
@@ -271,6 +272,7 @@ def chat(
     from medvlm.infer.loading import load_for_inference
     from medvlm.serve.chat import build_chat_sample, interactive_chat
 
+    image = image or []
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     if prompt is not None:
         sample = build_chat_sample(prompt, image)
