@@ -9,7 +9,7 @@ value is handed to the option (the body reads only the option).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import typer
 from typer.core import TyperCommand
@@ -25,10 +25,10 @@ def deprecation_line(command_path: str, old: str, new: str) -> str:
 class RenamedCommand(TyperCommand):
     """A typer command that accepts old option spellings (see :func:`renamed`)."""
 
-    renamed_options: dict[str, str] = {}
+    renamed_options: ClassVar[dict[str, str]] = {}
     """Old flag -> its replacement, e.g. ``{"--model-name": "--served-model-name"}``; a replacement may carry a
     value (``{"--json": "--out -"}``) when an old flag became an option with a value."""
-    renamed_positional: dict[str, str] = {}
+    renamed_positional: ClassVar[dict[str, str]] = {}
     """Name of a hidden positional parameter -> the option that replaces it, e.g. ``{"dst": "--out"}``."""
 
     def _option(self, flag: str) -> Any:
@@ -81,6 +81,7 @@ class RenamedCommand(TyperCommand):
             if param.name not in self.renamed_positional:
                 pieces += param.get_usage_pieces(ctx)
         return pieces
+
 
 def renamed(options: dict[str, str] | None = None, positional: dict[str, str] | None = None) -> type[RenamedCommand]:
     """A command class for ``app.command(cls=...)`` that keeps the given old spellings as hidden aliases."""
