@@ -203,7 +203,7 @@ def test_vision_tower_path_replaces_stored_weights(v15, tmp_path, capsys):
     other = tmp_path / "clip-other"
     tower = _full_clip_folder(other, seed=7)
     with pytest.raises(SystemExit) as e:
-        cli_main(["model", "import", "--from", "llava-med-v1.5", str(src), str(tmp_path / "m"),
+        cli_main(["model", "import", "--from", "llava-med-v1.5", str(src), "--out", str(tmp_path / "m"),
                   "--vision-tower", str(other)])
     out = capsys.readouterr().out
     assert e.value.code == 0
@@ -283,7 +283,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     with pytest.raises(MedvlmError, match="folder .*nope not found"):
         import_checkpoint(tmp_path / "nope", tmp_path / "o", "llava-med-v1.5")
     with pytest.raises(SystemExit) as e:
-        cli_main(["model", "import", "--from", "llava-1.6", str(src), str(tmp_path / "o")])
+        cli_main(["model", "import", "--from", "llava-1.6", str(src), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unknown import format (--from) 'llava-1.6'" in err and "llava-med-v1.5" in err
     assert not (tmp_path / "o").exists()

@@ -65,7 +65,7 @@ def test_stats_tables_and_json(shared_dir):
     f = str(shared_dir / "data" / "llava_med_eval" / "llava_med_eval_qa50_qa.jsonl")
     r = _run("stats", f)
     assert r.exit_code == 0 and "detailed_description" in r.output and "193" in r.output
-    r = _run("stats", f, "--json")
+    r = _run("stats", f, "--out", "-")
     st = json.loads(r.output)
     assert st["records"] == 193 and st["types"] == {"conversation": 143, "detailed_description": 50}
 
@@ -78,10 +78,10 @@ def test_convert_vqa_rad(tmp_path):
            "question_type": "ABN", "phrase_type": "test_freeform"}
     (src / "VQA_RAD Dataset Public.json").write_text(json.dumps([rec, dict(rec, qid=2, phrase_type="freeform")]))
     out = tmp_path / "out"
-    r = _run("convert", "vqa-rad", "--src", str(src), "--out", str(out), "--closed-options")
+    r = _run("convert", "vqa-rad", "--in", str(src), "--out", str(out), "--closed-options")
     assert r.exit_code == 0, r.output
     assert "train: 1" in r.output and "test: 1" in r.output
     (t,) = json.loads((out / "test.json").read_text())
     assert t["conversations"][0]["value"] == "<image>\nIs it normal? Please choose from the following two options: [yes, no]"
-    r = _run("convert", "vqa-rad", "--src", str(src), "--out", str(out))
+    r = _run("convert", "vqa-rad", "--in", str(src), "--out", str(out))
     assert r.exit_code != 0 and "not empty" in str(r.exception)

@@ -97,7 +97,7 @@ def test_group_file_and_cli_write_llava_json_atomically(tmp_path, capsys):
             for i in range(4)]
     src.write_text(json.dumps(recs))
     with pytest.raises(SystemExit) as e:
-        main(["data", "group", str(src), "--out", str(tmp_path / "grouped.json"), "--seed", "2"])
+        main(["data", "group", "--in", str(src), "--out", str(tmp_path / "grouped.json"), "--seed", "2"])
     assert e.value.code in (0, None)
     assert "4 samples -> 2 conversations over 2 images" in capsys.readouterr().out
     back = list(read_samples(tmp_path / "grouped.json"))

@@ -92,8 +92,8 @@ def test_cli_round_trip_in_bfloat16(tmp_path, capsys):
               PROJ_B: torch.randn(8, generator=g).bfloat16()}
     b = _write(tmp_path / "b", base, {})
     t = _write(tmp_path / "t", target, {})
-    for argv in (["make-delta", "--base", str(b), "--target", str(t), "--delta", str(tmp_path / "d"), "--dtype", "float32"],
-                 ["apply-delta", "--base", str(b), "--delta", str(tmp_path / "d"), "--target", str(tmp_path / "out")]):
+    for argv in (["make-delta", "--base", str(b), "--target", str(t), "--out", str(tmp_path / "d"), "--dtype", "float32"],
+                 ["apply-delta", "--base", str(b), "--delta", str(tmp_path / "d"), "--out", str(tmp_path / "out")]):
         with pytest.raises(SystemExit) as e:
             cli_main(["model", *argv])
         assert e.value.code == 0, capsys.readouterr().err

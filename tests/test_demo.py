@@ -23,7 +23,7 @@ def test_demo_runs_the_whole_pipeline_and_learns(tmp_path, capsys):
 
     out, json_out = tmp_path / "demo", tmp_path / "final.json"
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--out", str(out), "--n-images", "100", "--json-out", str(json_out)])
+        main(["demo", "--out", str(out), "--n-images", "100", "--summary-out", str(json_out)])
     assert exit_info.value.code in (0, None)
     captured = capsys.readouterr()
     printed = captured.out

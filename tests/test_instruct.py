@@ -200,7 +200,7 @@ def test_cli_generate_then_postprocess(openai_server_factory, tmp_path, shared_d
     gen, out = tmp_path / "gen.jsonl", tmp_path / "instruct.json"
     runner = CliRunner()
     res = runner.invoke(cli_app, ["instruct", "generate", "--captions", str(shared_dir / "formats" / "fig_captions_sample.json"),
-                                  "--out", str(gen), "--max-samples", "2", "--inline-mentions", "--model", "gpt-4o",
+                                  "--out", str(gen), "--max-samples", "2", "--inline-mentions", "--llm-model", "gpt-4o",
                                   "--base-url", server.base_url, "--api-key-env", "MEDVLM_TEST_KEY", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "generated 2" in res.output and "cost: $" in res.output

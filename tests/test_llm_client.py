@@ -7,6 +7,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import typer
@@ -216,7 +217,7 @@ def test_shared_typer_options_build_the_config():
 
     @app.command()
     @llm_options(model="judge-model", concurrency=2)
-    def judge(answers: str = typer.Option(..., "--answers"), *, llm: LLMConfig) -> None:
+    def judge(answers: Annotated[str, typer.Option("--answers")], *, llm: LLMConfig) -> None:
         got["answers"], got["llm"] = answers, llm
 
     res = CliRunner().invoke(app, ["--answers", "a.jsonl", "--base-url", "http://x/v1", "--temperature", "0.3",
@@ -228,6 +229,10 @@ def test_shared_typer_options_build_the_config():
         "judge-model", 2, "http://x/v1", 0.3, Path("c.sqlite"), False)
     assert llm.max_tokens_field == "max_completion_tokens"
     assert json.dumps(llm.extra_params) == "{}"
+    # the LLM's name is --llm-model: --model means a medvlm checkpoint everywhere in the CLI
+    assert CliRunner().invoke(app, ["--answers", "a", "--llm-model", "other"]).exit_code == 0
+    assert got["llm"].model == "other"
+    assert CliRunner().invoke(app, ["--answers", "a", "--model", "other"]).exit_code == 2
 
 
 def test_request_body_fields(openai_server_factory):

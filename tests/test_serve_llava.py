@@ -22,7 +22,7 @@ from serve_helpers import tiny_checkpoint
 
 def _start_worker(controller: str, checkpoint: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "medvlm", "serve", "worker", "--controller", controller, "--model", str(checkpoint),
-           "--port", str(port), "--model-name", "tiny-med", "--heart-beat-interval", "0.5", "--limit-concurrency", "3"]
+           "--port", str(port), "--served-model-name", "tiny-med", "--heart-beat-interval", "0.5", "--limit-concurrency", "3"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -69,7 +69,7 @@ def test_controller_workers_and_test_message(cluster, shared_dir: Path) -> None:
     answer = send_test_message(ctrl.url, "tiny-med", "Describe the chest radiograph.", max_new_tokens=8,
                           temperature=0, on_text=pieces.append)
     assert answer and "".join(pieces).strip() == answer
-    res = CliRunner().invoke(app, ["serve", "test-message", "--controller", ctrl.url, "--model", "tiny-med",
+    res = CliRunner().invoke(app, ["serve", "test-message", "--controller", ctrl.url, "--served-model-name", "tiny-med",
                                    "--max-new-tokens", "6"])
     assert res.exit_code == 0, res.output
     assert "Models: ['tiny-med']" in res.output and "worker_addr: http://127.0.0.1:" in res.output

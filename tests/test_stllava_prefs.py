@@ -150,7 +150,7 @@ def test_cli_reports_bad_options(env, tmp_path):
 
     demo, _, _ = env
     with pytest.raises(SystemExit) as e:
-        main(["prefs", "generate", "--model", str(tmp_path), "--images", str(demo / "images"),
+        main(["prefs", "generate", "--model", str(tmp_path), "--image-folder", str(demo / "images"),
               "--out", str(tmp_path / "p.json"), "--ties", "first"])
     assert e.value.code == 2
 

@@ -135,7 +135,7 @@ def test_cli_without_yaml_reaches_the_run_and_reports_errors(tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "medvlm", "train", "--stage", "sft", "--preset", "tiny",
-           "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "o"), "--report_to", "[]"]
+           "--data_path", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o"), "--report_to", "[]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: data_path {tmp_path / 'missing.json'}: file not found" in proc.stderr

@@ -24,27 +24,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# (verb, module, kind): kind "group" adds a Typer sub-app; "command" registers a single function `main`.
+# (verb, module, name): name "app" adds the module's Typer sub-app; any other name registers that function as one
+# command, with the module's NAME_SETTINGS if it has them (MAIN_SETTINGS for `main`) as app.command settings.
 _VERBS: list[tuple[str, str, str]] = [  # in pipeline order, as `medvlm --help` lists them
-    ("demo", "medvlm.demo", "command"),
-    ("data", "medvlm.data.commands", "group"),
-    ("instruct", "medvlm.data.instruct.commands", "group"),
-    ("model", "medvlm.model.commands", "group"),
-    ("train", "medvlm.train.commands", "command"),
-    ("prefs", "medvlm.infer.prefs_commands", "group"),
-    ("eval", "medvlm.eval.commands", "group"),
-    ("chat", "medvlm.serve.chat", "command"),
-    ("serve", "medvlm.serve.commands", "group"),
+    ("demo", "medvlm.demo", "main"),
+    ("data", "medvlm.data.commands", "app"),
+    ("instruct", "medvlm.data.instruct.commands", "app"),
+    ("model", "medvlm.model.commands", "app"),
+    ("train", "medvlm.train.commands", "main"),
+    ("prefs", "medvlm.infer.commands", "app"),
+    ("eval", "medvlm.eval.commands", "app"),
+    ("chat", "medvlm.serve.commands", "chat"),
+    ("serve", "medvlm.serve.commands", "app"),
 ]
 
 
 def _register() -> None:
-    for verb, module, kind in _VERBS:
+    for verb, module, name in _VERBS:
         mod = importlib.import_module(module)
-        if kind == "group":
+        if name == "app":
             app.add_typer(mod.app, name=verb)
         else:
-            app.command(name=verb, **getattr(mod, "COMMAND_SETTINGS", {}))(mod.main)
+            app.command(name=verb, **getattr(mod, f"{name.upper()}_SETTINGS", {}))(getattr(mod, name))
 
 
 _register()

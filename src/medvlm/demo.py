@@ -54,6 +54,7 @@ import typer
 
 from medvlm.errors import MedvlmError
 from medvlm.notice import NOTICE, SHORT_NOTICE
+from medvlm.utils.cli import renamed
 from medvlm.utils.io import read_json, write_json_atomic
 
 MARKER = "medvlm_demo.json"
@@ -120,7 +121,7 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
-    """The demo's final numbers (what ``--json-out`` writes, plus paths)."""
+    """The demo's final numbers (what ``--summary-out`` writes, plus paths)."""
 
     scores: dict[str, Any]
     """The ``llava-med`` scores.json object of the trained model."""
@@ -140,7 +141,7 @@ class DemoResult:
     report: str
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json-out`` object: ``scores``, ``strict``, ``blind``, ``seconds`` (+ untrained, losses)."""
+        """The ``--summary-out`` object: ``scores``, ``strict``, ``blind``, ``seconds`` (+ untrained, losses)."""
         return {"scores": self.scores, "strict": self.strict, "blind": self.blind, "seconds": self.seconds,
                 "untrained": self.untrained, "losses": self.losses}
 
@@ -374,6 +375,10 @@ def _save_untrained(parts: tuple[Path, Path], stage1: dict, dest: Path) -> None:
     save_checkpoint(model, processor, dest, title="medvlm demo: untrained")
 
 
+MAIN_SETTINGS = {"cls": renamed({"--json-out": "--summary-out"})}
+"""``app.command`` settings of the ``medvlm demo`` verb (registered by :mod:`medvlm.cli`)."""
+
+
 def main(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("medvlm_demo"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, weights and training order.")] = 0,
@@ -381,10 +386,10 @@ def main(
         "--n-images", help="Synthetic images (default 8400, 400 of them test; 1000 with --fast).")] = None,
     fast: Annotated[bool, typer.Option(
         "--fast", help="A smaller, quicker run (1000 images; below the accuracy targets).")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write the final numbers as JSON here.")] = None,
+    summary_out: Annotated[Optional[Path], typer.Option("--summary-out", help="Also write the final numbers as JSON here.")] = None,
 ) -> None:
     """Train and evaluate a tiny LLaVA-Med-style model on synthetic data end to end (minutes on a CPU)."""
     res = run_demo(DemoConfig(out=str(out), seed=seed, n_images=n_images, fast=fast))
-    if json_out is not None:
-        write_json_atomic(json_out, res.to_json())
-        typer.echo(f"wrote {json_out}")
+    if summary_out is not None:
+        write_json_atomic(summary_out, res.to_json())
+        typer.echo(f"wrote {summary_out}")

@@ -29,7 +29,7 @@ def cluster(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory)
     ctrl_args = ["controller", "--secret-env", "MEDVLM_SEC_SECRET", "--heart-beat-expiration", "2"]
     with ServerProcess(ctrl_args, env=ENV, probe="/list_models") as ctrl:
-        worker_args = ["worker", "--controller", ctrl.url, "--model", str(ckpt), "--model-name", "tiny-med",
+        worker_args = ["worker", "--controller", ctrl.url, "--model", str(ckpt), "--served-model-name", "tiny-med",
                        "--secret-env", "MEDVLM_SEC_SECRET", "--heart-beat-interval", "0.5"]
         with ServerProcess(worker_args, env=ENV, probe="/worker_get_status") as worker:
             deadline = time.monotonic() + 60

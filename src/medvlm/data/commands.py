@@ -5,9 +5,12 @@ Each command only calls library functions in :mod:`medvlm.data`; heavy imports l
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+from medvlm.utils.cli import renamed
 
 app = typer.Typer(
     name="data",
@@ -32,10 +35,10 @@ def _print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 @app.command("validate")
 def validate_cmd(
-    file: str = typer.Argument(..., help="Data file (JSON array, JSON lines or the fig-captions object)."),
-    image_folder: str | None = typer.Option(None, "--image-folder", help="Folder the records' image paths are relative to; checks every image exists and decodes."),
-    format: str = typer.Option("auto", "--format", help="Record format (auto decides by the first record's keys)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable lines/records, list them, and check the rest."),
+    file: Annotated[str, typer.Argument(help="Data file (JSON array, JSON lines or the fig-captions object).")],
+    image_folder: Annotated[str | None, typer.Option("--image-folder", help="Folder the records' image paths are relative to; checks every image exists and decodes.")] = None,
+    format: Annotated[str, typer.Option("--format", help="Record format (auto decides by the first record's keys).")] = "auto",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable lines/records, list them, and check the rest.")] = False,
 ) -> None:
     """Check a data file: alternating roles, <image> placeholders vs images, empty turns, image files."""
     from medvlm.data.validate import validate_file
@@ -54,22 +57,26 @@ def validate_cmd(
         raise typer.Exit(1)
 
 
-@app.command("stats")
+@app.command("stats", cls=renamed({"--json": "--out -"}))
 def stats_cmd(
-    file: str = typer.Argument(..., help="Data file."),
-    format: str = typer.Option("auto", "--format", help="Record format (auto decides by the first record's keys)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable lines/records."),
-    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON instead of tables."),
+    file: Annotated[str, typer.Argument(help="Data file.")],
+    format: Annotated[str, typer.Option("--format", help="Record format (auto decides by the first record's keys).")] = "auto",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable lines/records.")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", help="Write the counts as JSON to this file ('-': print "
+                                                             "the JSON instead of tables).")] = None,
 ) -> None:
     """Print the counts the LLaVA-Med paper reports: records, QA pairs, images, per domain/type."""
     import json
 
     from medvlm.data.stats import dataset_stats
+    from medvlm.utils.io import write_json_atomic
 
     st = dataset_stats(file, format=format, skip_bad=skip_bad)
-    if as_json:
+    if out == "-":
         typer.echo(json.dumps(st, indent=2))
         return
+    if out is not None:
+        write_json_atomic(Path(out), st)
     keys = ("records", "turns", "questions", "qa_pairs", "images", "bad_records")
     _print_table(f"{file} ({st['format']})", ["", "count"], [[k, st[k]] for k in keys if k in st])
     if st.get("domains"):
@@ -78,43 +85,44 @@ def stats_cmd(
     for key, title in (("domain_flags", "domain flags (multi-label)"), ("types", "type"), ("answer_types", "answer_type")):
         if st.get(key):
             _print_table(title, [key, "records"], [[k, v] for k, v in st[key].items()])
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
-@app.command("convert")
+@app.command("convert", cls=renamed({"--src": "--in"}))
 def convert_cmd(
-    dataset: str = typer.Argument(..., help="vqa-rad | slake | pathvqa"),
-    src: str = typer.Option(..., "--src", help="The public release folder, the Hugging Face hub files (parquet; SLAKE's "
-                                             "JSON + imgs.zip) or a hub / datasets cache."),
-    out: str = typer.Option(..., "--out", help="Output folder (train.json, test.json, images/, train_open_answers.json)."),
-    closed_options: bool = typer.Option(False, "--closed-options", help="Append ' Please choose from the following two options: [yes, no]' to yes/no questions."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
+    dataset: Annotated[str, typer.Argument(help="vqa-rad | slake | pathvqa")],
+    inp: Annotated[str, typer.Option("--in", help="The public release folder, the Hugging Face hub files (parquet; SLAKE's "
+                                             "JSON + imgs.zip) or a hub / datasets cache.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder (train.json, test.json, images/, train_open_answers.json).")],
+    closed_options: Annotated[bool, typer.Option("--closed-options", help="Append ' Please choose from the following two options: [yes, no]' to yes/no questions.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
 ) -> None:
     """Convert VQA-RAD / SLAKE / PathVQA to LLaVA-Med's VQA format (written atomically)."""
     from medvlm.data.hub import convert_benchmark
 
-    counts, info = convert_benchmark(dataset, src, out, closed_options=closed_options, overwrite=overwrite)
+    counts, info = convert_benchmark(dataset, inp, out, closed_options=closed_options, overwrite=overwrite)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out} (read {info.layout} files in {info.folder})")
 
 
 @app.command("download-images")
 def download_images_cmd(
-    urls: str = typer.Option(..., "--urls", help="llava_med_image_urls.jsonl (pmc_tar_url, image_file_path, pair_id)."),
-    out: str = typer.Option(..., "--out", help="Output folder: images/{pair_id}{ext} and manifest.jsonl."),
-    workers: int = typer.Option(16, "--workers", help="Archives fetched at the same time."),
-    url_map: list[str] = typer.Option([], "--url-map", help="OLD_PREFIX=NEW_PREFIX rewrite of archive URLs "
-                                      "(repeatable): a mirror, the moved PMC layout, or file:///local/folder/."),
-    limit: int | None = typer.Option(None, "--limit", help="Only the first N pairs."),
-    keep_archives: bool = typer.Option(False, "--keep-archives",
-                                       help="Also save each archive under OUT/archives (reused on reruns)."),
-    retries: int = typer.Option(4, "--retries", help="Extra attempts after resets, timeouts, 5xx and truncated archives."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for a connection or the next bytes."),
-    verify_existing: bool = typer.Option(False, "--verify-existing", help="On rerun, re-hash files done earlier."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    urls: Annotated[str, typer.Option("--urls", help="llava_med_image_urls.jsonl (pmc_tar_url, image_file_path, pair_id).")],
+    out: Annotated[str, typer.Option("--out", help="Output folder: images/{pair_id}{ext} and manifest.jsonl.")],
+    workers: Annotated[int, typer.Option("--workers", help="Archives fetched at the same time.")] = 16,
+    url_map: Annotated[list[str] | None, typer.Option("--url-map", help="OLD_PREFIX=NEW_PREFIX rewrite of archive URLs "
+                                      "(repeatable): a mirror, the moved PMC layout, or file:///local/folder/.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N pairs.")] = None,
+    keep_archives: Annotated[bool, typer.Option("--keep-archives", help="Also save each archive under OUT/archives (reused on reruns).")] = False,
+    retries: Annotated[int, typer.Option("--retries", help="Extra attempts after resets, timeouts, 5xx and truncated archives.")] = 4,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a connection or the next bytes.")] = 60.0,
+    verify_existing: Annotated[bool, typer.Option("--verify-existing", help="On rerun, re-hash files done earlier.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Download the PMC figures of an image-URL list: each tarball streamed once, resumable, safe."""
     from medvlm.data.download import DownloadConfig, download_images, parse_url_map
 
-    cfg = DownloadConfig(workers=workers, retries=retries, timeout=timeout, url_map=parse_url_map(url_map),
+    cfg = DownloadConfig(workers=workers, retries=retries, timeout=timeout, url_map=parse_url_map(url_map or []),
                          limit=limit, keep_archives=keep_archives, verify_existing=verify_existing, progress=progress)
     summary = download_images(urls, out, cfg)
     typer.echo(summary.format())
@@ -122,17 +130,15 @@ def download_images_cmd(
 
 @app.command("synth")
 def synth_cmd(
-    out: str = typer.Option(..., "--out", help="Output folder (images/, alignment.json, instruct.json, vqa/, qa50.jsonl, ...)."),
-    n_images: int = typer.Option(2000, "--n-images", help="Images in all (train + held-out test)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same arguments give byte-identical files."),
-    image_size: int = typer.Option(128, "--image-size", help="Side of the square images in pixels (48-1024)."),
-    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of images held out for vqa/test.json and qa50.jsonl."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing synthetic dataset in --out."),
-    train_extra_closed: int = typer.Option(
-        0, "--train-extra-closed", help="Closed questions (0-3) of kinds not asked yet added to each train image."),
-    train_closed_kinds: str = typer.Option(
-        "", "--train-closed-kinds", help="Comma-separated closed kinds (e.g. COUNT,POS): one more closed question of "
-        "each added to each train image."),
+    out: Annotated[str, typer.Option("--out", help="Output folder (images/, alignment.json, instruct.json, vqa/, qa50.jsonl, ...).")],
+    n_images: Annotated[int, typer.Option("--n-images", help="Images in all (train + held-out test).")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same arguments give byte-identical files.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Side of the square images in pixels (48-1024).")] = 128,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of images held out for vqa/test.json and qa50.jsonl.")] = 0.2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing synthetic dataset in --out.")] = False,
+    train_extra_closed: Annotated[int, typer.Option("--train-extra-closed", help="Closed questions (0-3) of kinds not asked yet added to each train image.")] = 0,
+    train_closed_kinds: Annotated[str, typer.Option("--train-closed-kinds", help="Comma-separated closed kinds (e.g. COUNT,POS): one more closed question of "
+        "each added to each train image.")] = "",
 ) -> None:
     """Generate the synthetic biomedical demo dataset (answers decided by the pixels) and print its blind baseline."""
     from rich.console import Console
@@ -147,16 +153,17 @@ def synth_cmd(
     Console().print(baseline_table(m.blind_baseline))
 
 
-@app.command("group")
+@app.command("group", cls=renamed(positional={"src": "--in"}))
 def group_cmd(
-    src: str = typer.Argument(..., help="Sample file with one question per record (VQA train split, any format)."),
-    out: str = typer.Option(..., "--out", help="Output LLaVA JSON with one multi-turn conversation per image."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="At most this many questions per conversation (default: all of the image's)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the question order within each image."),
+    inp: Annotated[str, typer.Option("--in", help="Sample file with one question per record (VQA train split, any format).")],
+    out: Annotated[str, typer.Option("--out", help="Output LLaVA JSON with one multi-turn conversation per image.")],
+    max_questions: Annotated[Optional[int], typer.Option("--max-questions", help="At most this many questions per conversation (default: all of the image's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the question order within each image.")] = 0,
+    src: Annotated[Optional[str], typer.Argument(hidden=True, help="Deprecated spelling of --in.")] = None,
 ) -> None:
     """Merge each image's single-question samples into one conversation (LLaVA-1.5's VQA training format)."""
     from medvlm.data.group import group_file
 
-    st = group_file(src, out, max_questions=max_questions, seed=seed)
+    st = group_file(inp, out, max_questions=max_questions, seed=seed)
     typer.echo(f"{st.samples_in} samples -> {st.conversations} conversations over {st.images} images "
                f"({st.merged} questions merged, {st.passed_through} samples kept as they were) -> {out}")

@@ -9,6 +9,7 @@ import typer
 
 from medvlm.llm import LLMConfig, llm_options
 from medvlm.notice import SHORT_NOTICE
+from medvlm.utils.cli import renamed
 
 app = typer.Typer(help=f"Evaluate answers: VQA scoring protocols, the GPT-judged chat benchmark, reports. {SHORT_NOTICE}",
                   no_args_is_help=True)
@@ -58,23 +59,20 @@ def score(
         console.print(f"wrote {out}")
 
 
-@app.command()
-@llm_options(model="gpt-4o")
+@app.command(cls=renamed({"--model": "--judge-model"}))
+@llm_options(model_flag="--judge-model", model="gpt-4o")
 def chat(
     questions: Annotated[Path, typer.Option("--questions", help="llava_med_eval_qa50_qa.jsonl.")],
     answers: Annotated[Path, typer.Option("--answers", help="Model answers JSONL (question_id, text).")],
     out: Annotated[Path, typer.Option("--out", help="Judged JSONL (resumable: scored questions are skipped). The LLM "
                                                     "response cache defaults to OUT.llm_cache.sqlite beside it.")],
     llm: LLMConfig,
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model name (same as --model; wins when both are given).")] = None,
     swap: Annotated[bool, typer.Option("--swap/--no-swap", help="Also judge with the answers in reverse order and average.")] = False,
     parse_retries: Annotated[int, typer.Option("--parse-retries", help="Follow-up requests when a reply's scores cannot be read.")] = 2,
 ) -> None:
     """Ask an LLM judge to score the model's answers against the GPT-4 references (LLaVA-Med's chat benchmark)."""
     from medvlm.eval.judge import judge_chat
 
-    if judge_model:
-        llm.model = judge_model
     if llm.cache_path is None:
         llm.cache_path = out.with_name(out.name + ".llm_cache.sqlite")
     res = judge_chat(questions, answers, out, llm, swap=swap, parse_retries=parse_retries)
@@ -111,7 +109,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Folder with scores*.jso
     typer.echo(f"wrote {write_report(run_dir)}")
 
 
-@app.command()
+@app.command(cls=renamed({"--model-id": "--served-model-name"}))
 def vqa(
     model: Annotated[Path, typer.Option("--model", help="A saved medvlm model folder.")],
     questions: Annotated[Path, typer.Option("--questions", help="Converted VQA test.json or qa50-style JSONL (text).")],
@@ -125,7 +123,8 @@ def vqa(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
     processes: Annotated[int, typer.Option("--processes", help="Split the questions into K chunks answered by K "
                                                                "processes (cores/K threads each), merged in order.")] = 1,
-    model_id: Annotated[Optional[str], typer.Option("--model-id", help="model_id of the answers (default: the model folder name).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the answers "
+                                                                                   "(model_id; default: the model folder name).")] = None,
     data_format: Annotated[str, typer.Option("--format", help="Questions file format (auto, vqa_test, qa50, ...).")] = "auto",
     self_question: Annotated[int, typer.Option("--self-question", help="STLLaVA-Med test-time self-questioning: the model "
                                                                        "describes the image and asks/answers K questions "
@@ -137,12 +136,12 @@ def vqa(
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     res = run_vqa(model, questions, out, image_folder, settings, batch_size=batch_size, processes=processes,
-                  model_id=model_id, format=data_format, self_question=self_question)
+                  model_id=served_model_name, format=data_format, self_question=self_question)
     typer.echo(f"answered {res.answered} question(s) ({res.resumed} already in {out}) of {res.total} in "
                f"{res.seconds:.1f} s; wrote {res.out} and {res.decoding}")
 
 
-@app.command()
+@app.command(cls=renamed({"--model-id": "--served-model-name"}))
 def bench(
     task: Annotated[str, typer.Option("--task", help="vqa-rad | slake | pathvqa | all.")],
     model: Annotated[Path, typer.Option("--model", help="A saved medvlm model folder.")],
@@ -161,7 +160,8 @@ def bench(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generate call.")] = 16,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
     processes: Annotated[int, typer.Option("--processes", help="Answering processes (see eval vqa).")] = 1,
-    model_id: Annotated[Optional[str], typer.Option("--model-id", help="model_id of the answers (default: folder name).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the answers "
+                                                                                   "(model_id; default: folder name).")] = None,
 ) -> None:
     """Answer and score VQA-RAD / SLAKE / PathVQA with every protocol, with bootstrap CI95; writes bench.json and report.md."""
     from medvlm.eval.bench import TASKS, BenchConfig, resolve_data, run_bench
@@ -171,7 +171,7 @@ def bench(
     cfg = BenchConfig(tasks=tasks, model=model, data=resolve_data(tasks, data), out=out, split=split, bootstrap=bootstrap,
                       seed=seed, prompt_suffix=prompt_suffix.replace("\\n", "\n"), closed_options=closed_options,
                       settings=GenerationSettings(max_new_tokens=max_new_tokens), batch_size=batch_size,
-                      processes=processes, model_id=model_id)
+                      processes=processes, model_id=served_model_name)
     res = run_bench(cfg)
     for t, r in res["tasks"].items():
         typer.echo(f"{t}: {r['n_questions']} questions, {r['answered_this_run']} answered now, "

@@ -107,7 +107,7 @@ class PrefsConfig:
         if self.parse_retries < 0:
             raise MedvlmError(f"parse_retries must be >= 0, got {self.parse_retries}")
         if not self.images.is_dir():
-            raise MedvlmError(f"--images {self.images}: folder not found")
+            raise MedvlmError(f"--image-folder {self.images}: folder not found")
         return self
 
 
@@ -164,7 +164,7 @@ def list_images(folder: Path, limit: int | None = None) -> list[str]:
     found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
-        raise MedvlmError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise MedvlmError(f"--image-folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return found[:limit] if limit is not None else found
 
 
@@ -315,7 +315,7 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
                 llm = dataclasses.replace(llm, cache_path=cfg.default_cache_path())
             client = LLMClient(llm)
     try:
-        bar = tqdm(total=len(todo), desc="images", unit="img")
+        bar = tqdm(total=len(todo), desc="images", unit="img", disable=not llm.progress)
         for start in range(0, len(todo), chunk_images):
             _run_chunk(todo[start:start + chunk_images], cfg, engine, client, progress, report)
             bar.update(len(todo[start:start + chunk_images]))

@@ -6,8 +6,10 @@ Usage::
     @llm_options(model="gpt-4o", concurrency=8)     # per-command defaults (optional)
     def generate(captions: Path, llm: LLMConfig) -> None: ...
 
-The decorated command gets the ``--model/--base-url/--api-key-env/--azure-*/--temperature/...``
+The decorated command gets the ``--llm-model/--base-url/--api-key-env/--azure-*/--temperature/...``
 options (shown in their own help panel) and receives them as one :class:`LLMConfig` named ``llm``.
+``--model`` is never the LLM: across the CLI it is a medvlm / Hugging Face checkpoint, so the LLM's
+name is ``--llm-model`` (a judge: ``llm_options(model_flag="--judge-model")``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # LLMConfig field -> (option flag, type, help)
 _SPECS: dict[str, tuple[str, Any, str]] = {
-    "model": ("--model", str, "Model name (Azure: deployment unless --azure-deployment is given)."),
+    "model": ("--llm-model", str, "LLM name (Azure: deployment unless --azure-deployment is given)."),
     "base_url": ("--base-url", Optional[str], "OpenAI-compatible endpoint (vLLM, Ollama, a proxy ...); default: OpenAI."),
     "api_key_env": ("--api-key-env", Optional[str],
                     "Environment variable holding the API key (default OPENAI_API_KEY / AZURE_OPENAI_API_KEY; '' = none)."),
@@ -50,8 +52,12 @@ _SPECS: dict[str, tuple[str, Any, str]] = {
 }
 
 
-def llm_options(**defaults: Any) -> Callable[[F], F]:
-    """Add the shared LLM options to a typer command whose ``llm: LLMConfig`` parameter receives them."""
+def llm_options(model_flag: str = "--llm-model", **defaults: Any) -> Callable[[F], F]:
+    """Add the shared LLM options to a typer command whose ``llm: LLMConfig`` parameter receives them.
+
+    ``model_flag`` names the LLM-name option (``--judge-model`` where the LLM judges); ``defaults`` are
+    per-command defaults by :class:`LLMConfig` field name.
+    """
     unknown = set(defaults) - set(_SPECS)
     if unknown:
         raise ValueError(f"llm_options: unknown defaults {sorted(unknown)}")
@@ -62,11 +68,12 @@ def llm_options(**defaults: Any) -> Callable[[F], F]:
             raise TypeError(f"{func.__name__}: a command decorated with llm_options needs an `llm` parameter")
         own = [p for p in sig.parameters.values() if p.name != "llm"]
         base = LLMConfig()
+        specs = dict(_SPECS, model=(model_flag, *_SPECS["model"][1:]))
         added = [
             inspect.Parameter(f"llm_{name}", inspect.Parameter.KEYWORD_ONLY,
                               annotation=Annotated[typ, typer.Option(flag, help=help_, rich_help_panel="LLM endpoint")],
                               default=defaults.get(name, getattr(base, name)))
-            for name, (flag, typ, help_) in _SPECS.items()]
+            for name, (flag, typ, help_) in specs.items()]
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

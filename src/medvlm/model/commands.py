@@ -1,15 +1,19 @@
 """``medvlm model ...``: create and inspect model checkpoints.
 
 Each command only calls library functions of :mod:`medvlm.model`; torch/transformers are imported
-inside the bodies so ``medvlm --help`` stays fast. More verbs (export, import, delta) are added to
-this same ``app``.
+inside the bodies so ``medvlm --help`` stays fast. The delta verbs name each folder by one role in
+both directions: ``--base`` the base LLM, ``--delta`` the delta weights, ``--target`` the full
+checkpoint (base + delta), and ``--out`` whatever the verb writes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+from medvlm.utils.cli import renamed
 
 app = typer.Typer(
     name="model",
@@ -22,16 +26,16 @@ app = typer.Typer(
 
 @app.command("init")
 def init_cmd(
-    preset: str = typer.Option("tiny", "--preset", help="tiny (random, offline), smol (SmolLM2-135M + small random "
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (replaced atomically).")],
+    preset: Annotated[str, typer.Option("--preset", help="tiny (random, offline), smol (SmolLM2-135M + small random "
                                "tower), or tiny-<family> (qwen2_5_vl, qwen3_vl, gemma3, idefics3, llava, llava_onevision: "
-                               "a tiny random model of that transformers family, hub layout)."),
-    projector: str | None = typer.Option(None, "--projector", help="linear, mlp2x_gelu (default) or cluster."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (replaced atomically)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Tower input side in pixels (multiple of 16)."),
-    template: str | None = typer.Option(None, "--template", help="Chat template (default: vicuna_v1 for tiny and "
-                                        "tiny-llava, chatml for smol; other families use their own)."),
-    aspect: str | None = typer.Option(None, "--aspect", help="Image aspect mode: square, pad (default) or resize."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+                               "a tiny random model of that transformers family, hub layout).")] = "tiny",
+    projector: Annotated[str | None, typer.Option("--projector", help="linear, mlp2x_gelu (default) or cluster.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Tower input side in pixels (multiple of 16).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Chat template (default: vicuna_v1 for tiny and "
+                                        "tiny-llava, chatml for smol; other families use their own).")] = None,
+    aspect: Annotated[str | None, typer.Option("--aspect", help="Image aspect mode: square, pad (default) or resize.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random initialisation.")] = 0,
 ) -> None:
     """Build a new model from a preset and save it as a checkpoint folder."""
     if preset.startswith("tiny-"):
@@ -53,7 +57,7 @@ def init_cmd(
 
 
 @app.command("info")
-def info_cmd(path: Path = typer.Argument(..., help="A medvlm checkpoint folder.")) -> None:
+def info_cmd(path: Annotated[Path, typer.Argument(help="A medvlm checkpoint folder.")]) -> None:
     """Show the architecture, template, image layout and parameter counts of a checkpoint."""
     from rich.console import Console
     from rich.table import Table
@@ -133,61 +137,63 @@ def _family_info(path: Path) -> None:
     console.print(SHORT_NOTICE)
 
 
-@app.command("export")
+@app.command("export", cls=renamed(positional={"dst": "--out"}))
 def export_cmd(
-    src: Path = typer.Argument(..., help="A medvlm checkpoint folder."),
-    dst: Path = typer.Argument(..., help="Output folder (written atomically)."),
-    to: str = typer.Option(..., "--to", help="llava-hf (transformers LlavaForConditionalGeneration / vLLM) or llava-med-v1.5."),
-    vision_tower_name: str | None = typer.Option(None, "--vision-tower-name", help="llava-med-v1.5 only: the mm_vision_tower name to record."),
+    src: Annotated[Path, typer.Argument(help="A medvlm checkpoint folder.")],
+    to: Annotated[str, typer.Option("--to", help="llava-hf (transformers LlavaForConditionalGeneration / vLLM) or llava-med-v1.5.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (written atomically).")],
+    vision_tower_name: Annotated[str | None, typer.Option("--vision-tower-name", help="llava-med-v1.5 only: the mm_vision_tower name to record.")] = None,
+    dst: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated spelling of --out.")] = None,
 ) -> None:
     """Export a medvlm checkpoint to another checkpoint layout."""
     from medvlm.model.convert import export_checkpoint
 
-    typer.echo(f"wrote {export_checkpoint(src, dst, to, vision_tower_name=vision_tower_name)}")
+    typer.echo(f"wrote {export_checkpoint(src, out, to, vision_tower_name=vision_tower_name)}")
 
 
-@app.command("import")
+@app.command("import", cls=renamed(positional={"dst": "--out"}))
 def import_cmd(
-    src: Path = typer.Argument(..., help="A checkpoint folder in the --from layout (safetensors)."),
-    dst: Path = typer.Argument(..., help="medvlm checkpoint folder to write (atomically)."),
-    from_: str = typer.Option(..., "--from", help="llava-med-v1.5 or llava-med-v1.0."),
-    vision_tower: Path | None = typer.Option(None, "--vision-tower", help="Local CLIP folder to take the tower from instead of stored weights (needed for v1.0)."),
-    template: str | None = typer.Option(None, "--template", help="Chat template (default: mistral_instruct for v1.5, llava_med_v0 for v1.0)."),
+    src: Annotated[Path, typer.Argument(help="A checkpoint folder in the --from layout (safetensors).")],
+    from_: Annotated[str, typer.Option("--from", help="llava-med-v1.5 or llava-med-v1.0.")],
+    out: Annotated[Path, typer.Option("--out", help="medvlm checkpoint folder to write (atomically).")],
+    vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="Local CLIP folder to take the tower from instead of stored weights (needed for v1.0).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Chat template (default: mistral_instruct for v1.5, llava_med_v0 for v1.0).")] = None,
+    dst: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated spelling of --out.")] = None,
 ) -> None:
     """Import a published LLaVA-Med checkpoint as a medvlm checkpoint."""
     from medvlm.model.convert import import_checkpoint
 
-    record = import_checkpoint(src, dst, from_, vision_tower=vision_tower, template=template)
+    record = import_checkpoint(src, out, from_, vision_tower=vision_tower, template=template)
     typer.echo(f"vision tower: {record['vision_tower']}")
-    typer.echo(f"wrote {dst}")
+    typer.echo(f"wrote {out}")
 
 
-@app.command("apply-delta")
+@app.command("apply-delta", cls=renamed({"--target": "--out"}))
 def apply_delta_cmd(
-    base: Path = typer.Option(..., "--base", help="Base LLaMA checkpoint folder (safetensors)."),
-    delta: Path = typer.Option(..., "--delta", help="LLaVA-Med v1.0 delta folder (safetensors)."),
-    target: Path = typer.Option(..., "--target", help="Output folder: the full v1.0 checkpoint (written atomically)."),
+    base: Annotated[Path, typer.Option("--base", help="Base LLaMA checkpoint folder (safetensors).")],
+    delta: Annotated[Path, typer.Option("--delta", help="LLaVA-Med v1.0 delta folder (safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write: the full (target) v1.0 checkpoint, atomically.")],
 ) -> None:
-    """Add LLaVA-Med v1.0 delta weights to a base LLaMA (then `medvlm model import --from llava-med-v1.0`)."""
+    """Add LLaVA-Med v1.0 delta weights to a base LLaMA: BASE + DELTA -> OUT (then `medvlm model import --from llava-med-v1.0`)."""
     from medvlm.model.convert.delta import apply_delta
 
-    counts = apply_delta(base, delta, target)
-    typer.echo(f"wrote {target} ({counts['added_to_base']} tensors added to the base, "
+    counts = apply_delta(base, delta, out)
+    typer.echo(f"wrote {out} ({counts['added_to_base']} tensors added to the base, "
                f"{counts['kept_as_stored']} kept as stored)")
 
 
-@app.command("make-delta")
+@app.command("make-delta", cls=renamed({"--delta": "--out"}))
 def make_delta_cmd(
-    base: Path = typer.Option(..., "--base", help="Base LLaMA checkpoint folder (safetensors)."),
-    target: Path = typer.Option(..., "--target", help="Full checkpoint folder in the v1.0 layout (safetensors)."),
-    delta: Path = typer.Option(..., "--delta", help="Output delta folder (written atomically)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="Store differences as float32/float64 (default: each target tensor's dtype)."),
+    base: Annotated[Path, typer.Option("--base", help="Base LLaMA checkpoint folder (safetensors).")],
+    target: Annotated[Path, typer.Option("--target", help="Full (target) checkpoint folder in the v1.0 layout (safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write: the delta weights, atomically.")],
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Store differences as float32/float64 (default: each target tensor's dtype).")] = None,
 ) -> None:
-    """Write target - base as delta weights (the inverse of apply-delta)."""
+    """Write TARGET - BASE as delta weights to OUT (the inverse of apply-delta)."""
     from medvlm.model.convert.delta import make_delta
 
-    counts = make_delta(base, target, delta, dtype=dtype)
-    typer.echo(f"wrote {delta} ({counts['differences']} differences, {counts['kept_as_stored']} kept as stored)")
+    counts = make_delta(base, target, out, dtype=dtype)
+    typer.echo(f"wrote {out} ({counts['differences']} differences, {counts['kept_as_stored']} kept as stored)")
     if counts["inexact_elements"]:
         typer.echo(f"warning: {counts['inexact_elements']} element(s) will not round-trip exactly in the stored "
                    "dtype; use --dtype float64 for an exact delta", err=True)

@@ -1,4 +1,5 @@
-"""``medvlm chat``: one question with ``--prompt`` (prints only the answer), or an interactive session.
+"""The logic of ``medvlm chat`` (the verb is in :mod:`medvlm.serve.commands`): one question with
+``--prompt`` (prints only the answer), or an interactive session.
 
 Interactive (no ``--prompt``): multi-turn, answers stream token by token and end on the chat
 template's stop (EOS / stop string, not after the first word as LLaVA v1.5's CLI did); the whole
@@ -13,13 +14,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import typer
-
 from medvlm.data.schema import IMAGE_PLACEHOLDER, Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 from medvlm.notice import NOTICE
 
-COMMAND_SETTINGS: dict = {}
 HELP_TEXT = "Commands: /image FILE (new conversation about FILE), /reset (start over), /exit (or Ctrl-D)."
 
 
@@ -120,31 +118,3 @@ def interactive_chat(engine, settings, images: list, *, read: Callable[[str], st
             out(f"\nerror: {e}\n")
             continue
         out("\n")
-
-
-def main(
-    model: Path = typer.Option(..., "--model", help="A medvlm checkpoint folder."),
-    image: list[str] = typer.Option([], "--image", help="Image file (repeatable; relative to --image-folder if given)."),
-    prompt: str | None = typer.Option(None, "--prompt", help="The question (without it: interactive chat). Put <image> where an image goes (default: images first)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Upper bound on answer tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
-    image_folder: Path | None = typer.Option(None, "--image-folder", help="Folder that relative --image paths are in."),
-) -> None:
-    """Answer a question about image(s), or chat interactively without --prompt (research use only)."""
-    from medvlm.infer.engine import GenerationSettings, InferenceEngine
-    from medvlm.infer.loading import load_for_inference
-
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
-    if prompt is not None:
-        sample = build_chat_sample(prompt, image)
-        m, processor = load_for_inference(model)
-        answer = InferenceEngine(m, processor).generate([sample], settings, image_folder=image_folder)[0]
-        typer.echo(answer)
-        return
-    from medvlm.data.images import load_image
-
-    settings.validate()
-    paths = [Path(p) if Path(p).is_absolute() or image_folder is None else image_folder / p for p in image]
-    images = [load_image(p) for p in paths]  # bad paths fail before the model loads
-    m, processor = load_for_inference(model)
-    interactive_chat(InferenceEngine(m, processor), settings, images, image_folder=image_folder)

@@ -1,14 +1,19 @@
-"""``medvlm serve``: OpenAI-compatible API, LLaVA controller / worker / test client, and the web UI."""
+"""``medvlm serve``: OpenAI-compatible API, LLaVA controller / worker / test client, and the web UI; ``medvlm chat``.
+
+A served model's name is ``--served-model-name`` everywhere (vLLM's spelling).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from medvlm.errors import MedvlmError
 from medvlm.notice import SHORT_NOTICE
+from medvlm.utils.cli import renamed
 
 app = typer.Typer(help=f"Serve a medvlm model: OpenAI-compatible API, LLaVA controller/workers, web UI. {SHORT_NOTICE}",
                   no_args_is_help=True)
@@ -72,27 +77,27 @@ def _mib(mb: float) -> int:
 
 @app.command("api")
 def api(
-    model: Path = typer.Option(..., "--model", help="A medvlm checkpoint folder."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, "--port"),
-    api_key_env: str | None = typer.Option(None, "--api-key-env", help="Environment variable holding the required API key."),
-    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model name for clients (default: folder name)."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together (1 = one at a time)."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="When idle, how long a first request waits for others to prefill with."),
-    prefix_cache_mb: float = typer.Option(1024.0, "--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests in flight before 503."),
-    max_image_mb: float = typer.Option(20.0, "--max-image-mb", help="Largest image (MiB)."),
-    max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", help="Largest image in pixels."),
-    max_images: int = typer.Option(4, "--max-images", help="Most images per request."),
-    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (public addresses only)."),
-    remote_timeout: float = typer.Option(10.0, "--remote-timeout", help="Total seconds allowed per remote image (all redirects)."),
-    remote_allow_network: list[str] = typer.Option([], "--remote-allow-network", help="Non-public network (CIDR) remote images may come from (repeatable)."),
-    max_prompt_chars: int = typer.Option(200_000, "--max-prompt-chars", help="Most characters of text per request (checked before tokenising)."),
-    max_decoded_mb: float = typer.Option(512.0, "--max-decoded-mb", help="Estimated decode + preprocessing memory for one request's images (MiB)."),
-    max_concurrent_decodes: int = typer.Option(2, "--max-concurrent-decodes", help="Requests decoding images at once."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP),
-    log_prompts: bool = typer.Option(False, "--log-prompts", help="Log message text (never images)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16."),
+    model: Annotated[Path, typer.Option("--model", help="A medvlm checkpoint folder.")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="Environment variable holding the required API key.")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="Model name for clients (default: folder name).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most requests decoded together (1 = one at a time).")] = 8,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="When idle, how long a first request waits for others to prefill with.")] = 5.0,
+    prefix_cache_mb: Annotated[float, typer.Option("--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off).")] = 1024.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests in flight before 503.")] = 64,
+    max_image_mb: Annotated[float, typer.Option("--max-image-mb", help="Largest image (MiB).")] = 20.0,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", help="Largest image in pixels.")] = 40_000_000,
+    max_images: Annotated[int, typer.Option("--max-images", help="Most images per request.")] = 4,
+    allow_remote_images: Annotated[bool, typer.Option("--allow-remote-images", help="Fetch http(s) image URLs (public addresses only).")] = False,
+    remote_timeout: Annotated[float, typer.Option("--remote-timeout", help="Total seconds allowed per remote image (all redirects).")] = 10.0,
+    remote_allow_network: Annotated[list[str] | None, typer.Option("--remote-allow-network", help="Non-public network (CIDR) remote images may come from (repeatable).")] = None,
+    max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Most characters of text per request (checked before tokenising).")] = 200_000,
+    max_decoded_mb: Annotated[float, typer.Option("--max-decoded-mb", help="Estimated decode + preprocessing memory for one request's images (MiB).")] = 512.0,
+    max_concurrent_decodes: Annotated[int, typer.Option("--max-concurrent-decodes", help="Requests decoding images at once.")] = 2,
+    insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help=INSECURE_HELP)] = False,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log message text (never images).")] = False,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32 | bfloat16 | float16.")] = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions API (research use only)."""
     from medvlm.serve.api import ApiConfig, load_engine, run_api
@@ -115,13 +120,13 @@ def api(
 
 @app.command("controller")
 def controller(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(21001, "--port"),
-    dispatch: str = typer.Option("shortest_queue", "--dispatch", help="shortest_queue | lottery."),
-    heart_beat_expiration: float = typer.Option(30.0, "--heart-beat-expiration", help="Drop workers silent this long (s)."),
-    secret_env: str | None = typer.Option(None, "--secret-env", help="Environment variable holding the secret shared with workers and clients."),
-    max_workers: int = typer.Option(256, "--max-workers", help="Most registered workers."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP),
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 21001,
+    dispatch: Annotated[str, typer.Option("--dispatch", help="shortest_queue | lottery.")] = "shortest_queue",
+    heart_beat_expiration: Annotated[float, typer.Option("--heart-beat-expiration", help="Drop workers silent this long (s).")] = 30.0,
+    secret_env: Annotated[str | None, typer.Option("--secret-env", help="Environment variable holding the secret shared with workers and clients.")] = None,
+    max_workers: Annotated[int, typer.Option("--max-workers", help="Most registered workers.")] = 256,
+    insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help=INSECURE_HELP)] = False,
 ) -> None:
     """LLaVA's controller: workers register here, clients ask it where to send requests."""
     import uvicorn
@@ -137,29 +142,29 @@ def controller(
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
-@app.command("worker")
+@app.command("worker", cls=renamed({"--model-name": "--served-model-name"}))
 def worker(
-    controller_url: str = typer.Option(..., "--controller", help="Controller URL, e.g. http://127.0.0.1:21001."),
-    model: Path = typer.Option(..., "--model", help="A medvlm checkpoint folder."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(21002, "--port"),
-    worker_address: str | None = typer.Option(None, "--worker-address", help="Address the controller calls (default http://HOST:PORT)."),
-    model_name: str | None = typer.Option(None, "--model-name", help="Name to serve under (default: folder name)."),
-    limit_concurrency: int = typer.Option(5, "--limit-concurrency", help="Requests in flight."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
-    prefix_cache_mb: float = typer.Option(1024.0, "--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off)."),
-    heart_beat_interval: float = typer.Option(15.0, "--heart-beat-interval", help="Seconds between heart beats."),
-    no_register: bool = typer.Option(False, "--no-register", help="Do not register with the controller."),
-    max_image_mb: float = typer.Option(20.0, "--max-image-mb"),
-    max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels"),
-    max_images: int = typer.Option(4, "--max-images", help="Most images per request."),
-    max_prompt_chars: int = typer.Option(200_000, "--max-prompt-chars", help="Most prompt characters (checked before tokenising)."),
-    max_decoded_mb: float = typer.Option(512.0, "--max-decoded-mb", help="Estimated decode + preprocessing memory for one request's images (MiB)."),
-    max_concurrent_decodes: int = typer.Option(2, "--max-concurrent-decodes", help="Requests decoding images at once."),
-    secret_env: str | None = typer.Option(None, "--secret-env", help="Environment variable holding the controller's shared secret."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP),
-    dtype: str | None = typer.Option(None, "--dtype"),
-    template: str | None = typer.Option(None, "--template", help="Chat template clients render prompts in (model families; default: the checkpoint's, else vicuna_v1)."),
+    controller_url: Annotated[str, typer.Option("--controller", help="Controller URL, e.g. http://127.0.0.1:21001.")],
+    model: Annotated[Path, typer.Option("--model", help="A medvlm checkpoint folder.")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 21002,
+    worker_address: Annotated[str | None, typer.Option("--worker-address", help="Address the controller calls (default http://HOST:PORT).")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="Name to serve under (default: folder name).")] = None,
+    limit_concurrency: Annotated[int, typer.Option("--limit-concurrency", help="Requests in flight.")] = 5,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most requests decoded together.")] = 8,
+    prefix_cache_mb: Annotated[float, typer.Option("--prefix-cache-mb", help="Prefix KV-cache budget in MiB (0 = off).")] = 1024.0,
+    heart_beat_interval: Annotated[float, typer.Option("--heart-beat-interval", help="Seconds between heart beats.")] = 15.0,
+    no_register: Annotated[bool, typer.Option("--no-register", help="Do not register with the controller.")] = False,
+    max_image_mb: Annotated[float, typer.Option("--max-image-mb")] = 20.0,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels")] = 40_000_000,
+    max_images: Annotated[int, typer.Option("--max-images", help="Most images per request.")] = 4,
+    max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Most prompt characters (checked before tokenising).")] = 200_000,
+    max_decoded_mb: Annotated[float, typer.Option("--max-decoded-mb", help="Estimated decode + preprocessing memory for one request's images (MiB).")] = 512.0,
+    max_concurrent_decodes: Annotated[int, typer.Option("--max-concurrent-decodes", help="Requests decoding images at once.")] = 2,
+    secret_env: Annotated[str | None, typer.Option("--secret-env", help="Environment variable holding the controller's shared secret.")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help=INSECURE_HELP)] = False,
+    dtype: Annotated[str | None, typer.Option("--dtype")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Chat template clients render prompts in (model families; default: the checkpoint's, else vicuna_v1).")] = None,
 ) -> None:
     """LLaVA's model worker: serves one model (native or a model family) to a controller."""
     import uvicorn
@@ -174,7 +179,7 @@ def worker(
     secret = _api_key(secret_env, "--secret-env")
     check_bind(host, secret is not None, insecure_no_auth, "medvlm serve worker", "--secret-env VAR")
     config = WorkerConfig(controller_url=controller_url.rstrip("/"), worker_url=worker_address or f"http://{host}:{port}",
-                          model_name=model_name or model.resolve().name, register=not no_register,
+                          model_name=served_model_name or model.resolve().name, register=not no_register,
                           heart_beat_interval=heart_beat_interval, limit_concurrency=limit_concurrency,
                           batcher=BatcherConfig(max_batch=max_batch), limits=_limits(max_image_mb, max_image_pixels),
                           secret=secret, max_images=max_images, max_prompt_chars=max_prompt_chars,
@@ -186,15 +191,15 @@ def worker(
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
-@app.command("test-message")
+@app.command("test-message", cls=renamed({"--model": "--served-model-name"}))
 def test_message(
-    controller_url: str = typer.Option(..., "--controller", help="Controller URL."),
-    model: str = typer.Option(..., "--model", help="Model name (see the controller's list)."),
-    message: str | None = typer.Option(None, "--message"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    template: str | None = typer.Option(None, "--template", help="Chat template (default: what the worker reports)."),
-    secret_env: str | None = typer.Option(None, "--secret-env", help="Environment variable holding the controller's shared secret."),
+    controller_url: Annotated[str, typer.Option("--controller", help="Controller URL.")],
+    served_model_name: Annotated[str, typer.Option("--served-model-name", help="The worker's served model name (see the controller's list).")],
+    message: Annotated[str | None, typer.Option("--message")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.7,
+    template: Annotated[str | None, typer.Option("--template", help="Chat template (default: what the worker reports).")] = None,
+    secret_env: Annotated[str | None, typer.Option("--secret-env", help="Environment variable holding the controller's shared secret.")] = None,
 ) -> None:
     """Stream one reply through the controller (LLaVA's test_message.py)."""
     from medvlm.serve import client
@@ -202,11 +207,11 @@ def test_message(
     secret = _api_key(secret_env, "--secret-env")
     models = client.list_models(controller_url, secret=secret)
     typer.echo(f"Models: {models}")
-    worker_ = client.worker_address(controller_url, model, secret=secret)
+    worker_ = client.worker_address(controller_url, served_model_name, secret=secret)
     typer.echo(f"worker_addr: {worker_}")
     msg = message or client.DEFAULT_TEST_MESSAGE
     typer.echo(f"USER: {msg}\nASSISTANT: ", nl=False)
-    client.send_test_message(controller_url, model, msg, max_new_tokens=max_new_tokens, temperature=temperature,
+    client.send_test_message(controller_url, served_model_name, msg, max_new_tokens=max_new_tokens, temperature=temperature,
                         template=template, worker=worker_ or None, secret=secret,
                         on_text=lambda t: typer.echo(t, nl=False))
     typer.echo("")
@@ -214,26 +219,27 @@ def test_message(
 
 @app.command("web")
 def web(
-    controller_url: str | None = typer.Option(None, "--controller", help="A LLaVA controller URL."),
-    api_url: str | None = typer.Option(None, "--api", help="An OpenAI-compatible API URL (medvlm serve api, vLLM)."),
-    api_key_env: str | None = typer.Option(None, "--api-key-env", help="Environment variable with the API key."),
-    secret_env: str | None = typer.Option(None, "--secret-env", help="Environment variable with the controller's shared secret."),
-    auth_env: str | None = typer.Option(None, "--auth-env", help="Environment variable holding user:password for the page's login."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without a login (refused anyway when the page holds a key or secret)."),
-    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest uploaded image (MiB)."),
-    template: str | None = typer.Option(None, "--template", help="Chat template for workers that do not report one."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(7860, "--port"),
-    log_file: Path = typer.Option(Path("medvlm_web_log.jsonl"), "--log-file", help="Votes and flags (JSONL)."),
-    log_images: bool = typer.Option(False, "--log-images", help="Also log images with votes/flags."),
-    max_images: int = typer.Option(1, "--max-images", help="Images per conversation."),
-    example: list[Path] = typer.Option([], "--example", help="Extra example image (repeatable)."),
+    controller_url: Annotated[str | None, typer.Option("--controller", help="A LLaVA controller URL.")] = None,
+    api_url: Annotated[str | None, typer.Option("--api", help="An OpenAI-compatible API URL (medvlm serve api, vLLM).")] = None,
+    api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="Environment variable with the API key.")] = None,
+    secret_env: Annotated[str | None, typer.Option("--secret-env", help="Environment variable with the controller's shared secret.")] = None,
+    auth_env: Annotated[str | None, typer.Option("--auth-env", help="Environment variable holding user:password for the page's login.")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Allow a non-loopback --host without a login (refused anyway when the page holds a key or secret).")] = False,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest uploaded image (MiB).")] = 20.0,
+    template: Annotated[str | None, typer.Option("--template", help="Chat template for workers that do not report one.")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 7860,
+    log_file: Annotated[Path, typer.Option("--log-file", help="Votes and flags (JSONL).")] = Path("medvlm_web_log.jsonl"),
+    log_images: Annotated[bool, typer.Option("--log-images", help="Also log images with votes/flags.")] = False,
+    max_images: Annotated[int, typer.Option("--max-images", help="Images per conversation.")] = 1,
+    example: Annotated[list[Path] | None, typer.Option("--example", help="Extra example image (repeatable).")] = None,
 ) -> None:
     """A Gradio chat page (research use only)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from medvlm.serve.web import WebConfig, launch_web
     from medvlm.serve.web_backends import ApiBackend, ControllerBackend
 
+    example = example or []
     if (controller_url is None) == (api_url is None):
         raise MedvlmError("give exactly one of --controller URL or --api URL")
     for p in example:
@@ -252,3 +258,34 @@ def web(
                        max_upload_bytes=int(max_upload_mb * 2**20))
     launch_web(backend, config, host=host, port=port, block=True, lends_key=key is not None,
                insecure_no_auth=insecure_no_auth)
+
+
+# `medvlm chat`: a top-level verb (registered by medvlm.cli), beside the serving verbs it shares the engine with.
+def chat(
+    model: Annotated[Path, typer.Option("--model", help="A medvlm checkpoint folder.")],
+    image: Annotated[list[str] | None, typer.Option("--image", help="Image file (repeatable; relative to --image-folder if given).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The question (without it: interactive chat). Put <image> where an image goes (default: images first).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
+    image_folder: Annotated[Path | None, typer.Option("--image-folder", help="Folder that relative --image paths are in.")] = None,
+) -> None:
+    """Answer a question about image(s), or chat interactively without --prompt (research use only)."""
+    from medvlm.infer.engine import GenerationSettings, InferenceEngine
+    from medvlm.infer.loading import load_for_inference
+    from medvlm.serve.chat import build_chat_sample, interactive_chat
+
+    image = image or []
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    if prompt is not None:
+        sample = build_chat_sample(prompt, image)
+        m, processor = load_for_inference(model)
+        answer = InferenceEngine(m, processor).generate([sample], settings, image_folder=image_folder)[0]
+        typer.echo(answer)
+        return
+    from medvlm.data.images import load_image
+
+    settings.validate()
+    paths = [Path(p) if Path(p).is_absolute() or image_folder is None else image_folder / p for p in image]
+    images = [load_image(p) for p in paths]  # bad paths fail before the model loads
+    m, processor = load_for_inference(model)
+    interactive_chat(InferenceEngine(m, processor), settings, images, image_folder=image_folder)

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-COMMAND_SETTINGS = {
+from medvlm.utils.cli import renamed
+
+MAIN_SETTINGS = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
     "help": "Train a medvlm model (stage 'align', 'sft', or STLLaVA-Med's 'sq' / 'dpo') from a YAML recipe; "
-            "any key can be overridden with --key value (e.g. --learning_rate 1e-4). Without a YAML, give --stage, "
-            "--model_name_or_path (or --preset), --data_path and --output_dir.",
+            "any key can be overridden with --key value (e.g. --learning_rate 1e-4). The checkpoint folder is --out "
+            "(the recipe's output_dir). Without a YAML, give --stage, --model_name_or_path (or --preset), "
+            "--data_path and --out.",
+    # --output_dir on the command line is the CLI's old spelling of --out (the YAML key stays output_dir).
+    "cls": renamed({"--output_dir": "--out", "--output-dir": "--out"}),
 }
 
 
 def main(
     ctx: typer.Context,
-    config: str = typer.Argument(None, help="YAML recipe (configs/llava_med/*.yaml, configs/debug/*.yaml)."),
+    config: Annotated[Optional[str], typer.Argument(help="YAML recipe (configs/llava_med/*.yaml, configs/debug/*.yaml).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint folder to write (overrides the recipe's output_dir).")] = None,
 ) -> None:
     """Train a medvlm model from a YAML recipe plus ``--key value`` overrides."""
     from medvlm.train.config import load_config
@@ -24,6 +33,8 @@ def main(
     if config is not None and config.startswith("--"):
         args.insert(0, config)  # no YAML: the first override landed in the positional slot
         config = None
+    if out is not None:
+        args += ["--output_dir", str(out)]
     cfg = load_config(config, args)
     result = run_training(cfg)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"

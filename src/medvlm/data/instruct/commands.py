@@ -14,6 +14,7 @@ import typer
 from medvlm.llm.config import LLMConfig
 from medvlm.llm.options import llm_options
 from medvlm.notice import SHORT_NOTICE
+from medvlm.utils.cli import renamed
 
 app = typer.Typer(
     name="instruct",
@@ -24,7 +25,7 @@ app = typer.Typer(
 )
 
 
-@app.command("generate")
+@app.command("generate", cls=renamed({"--model": "--llm-model"}))
 @llm_options()
 def generate_cmd(
     captions: Annotated[Path, typer.Option("--captions", help="llava_med_instruct_fig_captions.json (object of lists per domain).")],
@@ -55,14 +56,14 @@ def generate_cmd(
         raise typer.Exit(1)
 
 
-@app.command("postprocess")
+@app.command("postprocess", cls=renamed({"--report": "--report-out"}))
 def postprocess_cmd(
     inp: Annotated[Path, typer.Option("--in", help="Generation output JSONL.")],
     out: Annotated[Path, typer.Option("--out", help="LLaVA-Med instruct JSON to write.")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the <image> start/end choice.")] = 0,
     image_folder: Annotated[Optional[Path], typer.Option("--image-folder", help="Use the real image file names found here.")] = None,
     image_ext: Annotated[str, typer.Option("--image-ext", help="Image extension when there is no --image-folder.")] = ".jpg",
-    report: Annotated[Optional[Path], typer.Option("--report", help="Also write the drop counts as JSON.")] = None,
+    report_out: Annotated[Optional[Path], typer.Option("--report-out", help="Also write the drop counts as JSON here.")] = None,
 ) -> None:
     """Parse, clean and filter generated conversations into the LLaVA-Med instruct format."""
     from medvlm.data.instruct.postprocess import PostprocessConfig, postprocess_file
@@ -73,5 +74,5 @@ def postprocess_cmd(
         typer.echo(f"skipped: {msg}", err=True)
     typer.echo(f"read {rep.samples_read} samples, wrote {rep.samples_written} to {out} ({rep.pairs_kept} QA pairs)")
     typer.echo(f"dropped pairs: {dict(rep.pair_drops) or 'none'}; skipped samples: {dict(rep.sample_drops) or 'none'}")
-    if report is not None:
-        write_json_atomic(report, rep.as_dict())
+    if report_out is not None:
+        write_json_atomic(report_out, rep.as_dict())
