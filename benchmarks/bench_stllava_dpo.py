@@ -8,7 +8,7 @@
 1. **Stage 1, ``stage: sq``** (self-questioning tuning) with the demo's data and stage-2 recipe (read from
    :class:`medvlm.demo.DemoConfig`): 8400 images (8000 train, 400 test) seen few times, each train image's
    six VQA questions (2 + 2, plus one closed count and one closed side question) merged into one
-   conversation (:mod:`medvlm.data.group`; ``--sq-data grouped``), 4800 steps of 8 conversations
+   conversation (:mod:`medvlm.data.benchmarks.group`; ``--sq-data grouped``), 4800 steps of 8 conversations
    (4.8 epochs), lr 5e-4 cosine, the LM fully tuned (``--sq-tune full``; ``lora`` = r 128, alpha 256, the
    recipe's values); the whole tower (``--sq-vision full``: ``tune_vision_tower`` with ``vit_lora: false``,
    needed on a tower that starts random) or ViT-LoRA (``lora``: r 32, alpha 64, dropout 0.2, the paper's
@@ -73,8 +73,8 @@ def load() -> str:
 def write_sq_data(data: Path, seed: int) -> Path:
     """Two conversations per VQA-train image: describe (gold description) + its four VQA questions, and the
     four questions alone (the first one carries the image, as in evaluation); questions in random order."""
-    from medvlm.data.synth_render import Factors
-    from medvlm.data.synth_text import DETAIL_PROMPTS, description
+    from medvlm.data.synth.render import Factors
+    from medvlm.data.synth.text import DETAIL_PROMPTS, description
     from medvlm.infer.prefs import DESCRIBE_PROMPT
     from medvlm.utils.io import write_json_atomic
 
@@ -244,7 +244,7 @@ def main() -> None:
     ap.add_argument("--align-epochs", type=float, default=2.4, help="epochs of alignment (the demo's: 600 steps of 32 on 8000 images)")
     ap.add_argument("--sq-epochs", type=float, default=4.8, help="epochs of stage 1 (4.8 x 8000 / 8 = the demo's 4800 steps)")
     ap.add_argument("--sq-data", default="grouped", choices=["grouped", "describe"],
-                    help="stage-1 data: each image's VQA questions merged into one conversation (medvlm.data.group, "
+                    help="stage-1 data: each image's VQA questions merged into one conversation (medvlm.data.benchmarks.group, "
                          "the demo's stage 2), or two conversations per image, one opening with the gold description")
     ap.add_argument("--sq-tune", default="full", choices=["lora", "full"],
                     help="the LM in stage 1: LoRA r 128 (recipe) or fully (measured to learn the yes/no questions faster)")
@@ -284,7 +284,7 @@ def main() -> None:
 
     from openai_test_server import FakeOpenAIServer
 
-    from medvlm.data.group import group_file
+    from medvlm.data.benchmarks.group import group_file
     from medvlm.data.synth import generate_synth
     from medvlm.demo import MODEL_KWARGS, DemoConfig, blind_scores, build_parts, stage_configs
     from medvlm.llm import LLMConfig

@@ -28,8 +28,8 @@ class PixelJudge:
     def __init__(self, data: Path):
         # The question templates and truth functions of the synthetic generator (private names: this judge
         # must agree with the generator exactly, so it reuses its definitions instead of copying them).
-        from medvlm.data.synth_render import Factors
-        from medvlm.data.synth_text import (
+        from medvlm.data.synth.render import Factors
+        from medvlm.data.synth.text import (
             _CLOSED_PREDICATES, _OPEN_TEMPLATES, _closed_templates, closed_truth, open_answer,
         )
 

@@ -11,7 +11,7 @@ from openai_test_server import Fault, last_user_text, openai_server_factory  # n
 from typer.testing import CliRunner
 
 from medvlm.cli import app as cli_app
-from medvlm.data.figures import read_fig_captions
+from medvlm.data.readers.figures import read_fig_captions
 from medvlm.data.instruct import (
     GenerateConfig,
     PostprocessConfig,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvlm.data.figures import DOMAINS, read_fig_captions
+from medvlm.data.readers.figures import DOMAINS, read_fig_captions
 from medvlm.data.synth import blind_baseline, generate_synth
 from medvlm.errors import MedvlmError
 from medvlm.notice import NOTICE

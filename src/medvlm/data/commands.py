@@ -90,7 +90,7 @@ def convert_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
 ) -> None:
     """Convert VQA-RAD / SLAKE / PathVQA to LLaVA-Med's VQA format (written atomically)."""
-    from medvlm.data.hub import convert_benchmark
+    from medvlm.data.benchmarks.hub import convert_benchmark
 
     counts, info = convert_benchmark(dataset, src, out, closed_options=closed_options, overwrite=overwrite)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out} (read {info.layout} files in {info.folder})")
@@ -155,7 +155,7 @@ def group_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the question order within each image."),
 ) -> None:
     """Merge each image's single-question samples into one conversation (LLaVA-1.5's VQA training format)."""
-    from medvlm.data.group import group_file
+    from medvlm.data.benchmarks.group import group_file
 
     st = group_file(src, out, max_questions=max_questions, seed=seed)
     typer.echo(f"{st.samples_in} samples -> {st.conversations} conversations over {st.images} images "

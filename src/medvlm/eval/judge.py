@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvlm.data.figures import normalize_mentions, primary_domain
+from medvlm.data.readers.figures import normalize_mentions, primary_domain
 from medvlm.errors import MedvlmError
 from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult
 from medvlm.eval.protocols import read_predictions

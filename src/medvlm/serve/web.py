@@ -45,7 +45,7 @@ EXAMPLE_QUESTIONS: dict[str, str] = {
     "histology": "Describe the tissue shown in this histology image.",
     "ct": "How many lesions are visible in this CT slice?",
 }
-"""Example questions for the generated example images (synthetic, drawn by medvlm.data.synth_render)."""
+"""Example questions for the generated example images (synthetic, drawn by medvlm.data.synth.render)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def generated_examples(folder: Path) -> list[list[str]]:
     """Small synthetic example images (written into ``folder``) with a question each."""
     import numpy as np
 
-    from medvlm.data.synth_render import Factors, render
+    from medvlm.data.synth.render import Factors, render
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

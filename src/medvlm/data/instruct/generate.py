@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvlm.data.figures import FigureRecord, read_fig_captions
+from medvlm.data.readers.figures import FigureRecord, read_fig_captions
 from medvlm.data.instruct.prompts import PromptSet, build_messages, load_prompts
 from medvlm.errors import MedvlmError
 from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult

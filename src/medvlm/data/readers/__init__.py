@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medvlm.data.figures import read_fig_captions
+from medvlm.data.readers.figures import read_fig_captions
 from medvlm.data.readers.formats import (FORMATS, PREFERENCE_FORMATS, SAMPLE_FORMATS, check_format, convert_record,
                                          detect_format, turn_field)
 from medvlm.data.readers.preferences import convert_preference, split_shared_prompt

@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 from tqdm import tqdm
 
-from medvlm.data.download_archive import (
+from medvlm.data.download.archive import (
     Cancelled,
     FetchError,
     Limits,
@@ -41,7 +41,7 @@ from medvlm.data.download_archive import (
     open_archive,
     write_member,
 )
-from medvlm.data.download_manifest import (
+from medvlm.data.download.manifest import (
     ManifestWriter,
     PairTask,
     is_done,
@@ -50,7 +50,7 @@ from medvlm.data.download_manifest import (
     read_manifest,
 )
 from medvlm.data.readers import read_image_urls
-from medvlm.data.tar_guard import MAX_TAR_HEADER_BYTES
+from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_path
 

@@ -1,6 +1,6 @@
 """Questions, answers, captions and conversations of the synthetic demo dataset (:mod:`medvlm.data.synth`).
 
-Answers are functions of :class:`~medvlm.data.synth_render.Factors`, which the renderer draws.
+Answers are functions of :class:`~medvlm.data.synth.render.Factors`, which the renderer draws.
 Closed (yes/no) answers are balanced *per question text*: an image's closed questions and their
 answers are drawn first and its factors are then sampled conditioned on them, so a model that reads
 only the question cannot beat ~0.5 on closed questions. Open answers follow the factor distribution
@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from medvlm.data.synth_render import COUNTS, INTENSITIES, MODALITIES, SIDES, SIZES, Factors
+from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, SIDES, SIZES, Factors
 
 NUM_WORD = {1: "one", 2: "two", 3: "three"}
 MODALITY_ANSWER = {"xray": "x-ray", "ct": "ct", "mri": "mri", "histology": "histology", "gross": "gross"}

@@ -9,7 +9,7 @@ Hub copies (what ``huggingface-cli download`` / ``datasets.load_dataset`` fetch)
 - ``flaviagiammarino/path-vqa``: the same schema, ``data/{train,validation,test}-*.parquet``.
 - ``BoKelvin/SLAKE``: the release's JSON files (``train.json``, ``validation.json`` (``validate.json``
   in the release and old revisions), ``test.json``) with the images as ``imgs.zip``; read by
-  :mod:`medvlm.data.convert` (which takes ``imgs/`` or ``imgs.zip``).
+  :mod:`medvlm.data.benchmarks.convert` (which takes ``imgs/`` or ``imgs.zip``).
 
 A source path may be the folder holding the files, a hub cache (``~/.cache/huggingface/hub``, or its
 ``datasets--OWNER--NAME`` folder: the snapshot ``refs/main`` points at is used), or a ``datasets``
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvlm.data.convert import VQA_RAD_IMAGE_DIRS, VQA_RAD_PUBLIC, ImageSink, VQAItem, convert_vqa
+from medvlm.data.benchmarks.convert import VQA_RAD_IMAGE_DIRS, VQA_RAD_PUBLIC, ImageSink, VQAItem, convert_vqa
 from medvlm.errors import MedvlmError
 
 HUB_REPOS: dict[str, str] = {"vqa-rad": "flaviagiammarino/vqa-rad", "slake": "BoKelvin/SLAKE",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlm.data.images import open_image
-from medvlm.data.zip_images import ZipImages
+from medvlm.data.benchmarks.zip_images import ZipImages
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic
 
@@ -273,7 +273,7 @@ def convert_vqa(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *,
     """Convert a VQA dataset's public release in ``src`` to LLaVA-Med's format in ``out``.
 
     ``reader(src, tmp_out)`` replaces the public-release reader of ``dataset`` (the hub-parquet
-    readers of :mod:`medvlm.data.hub` pass theirs); it returns the items per split and writes the
+    readers of :mod:`medvlm.data.benchmarks.hub` pass theirs); it returns the items per split and writes the
     images under ``tmp_out/images`` (an :class:`ImageSink`).
 
     Returns the question count per split (plus ``images`` and ``open_answers``). Nothing is left
