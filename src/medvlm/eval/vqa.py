@@ -319,7 +319,7 @@ def run_vqa(
         part.unlink()
     pending = [q for q in qs if q.key not in done]
     if pending and processes == 1:
-        bar = _progress(len(pending), progress)
+        bar = progress_bar(len(pending), progress)
         engine = load_engine(model_dir, batch_size, self_question)
         answer_into(engine, pending, out, settings, mid, batch_size, image_folder, on_batch=bar.update)
         bar.close()
@@ -339,7 +339,8 @@ def run_vqa(
                         resumed=resumed, seconds=time.time() - started)
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr counting answered questions (shown only when ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="answering", unit="q", disable=not enabled, file=sys.stderr)
