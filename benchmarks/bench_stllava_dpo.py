@@ -139,9 +139,10 @@ def question_pairs(model_dir: Path, data: Path, pool: Path, split: str, out: Pat
     """Fallback pairs: the VQA questions (``vqa/{split}.json``) of the pool images, two sampled answers each."""
     from medvlm.data.schema import Message, Sample, image_part, text_part
     from medvlm.infer.engine import GenerationSettings, InferenceEngine
-    from medvlm.infer.prefs import JudgeJob, decide, judge_jobs, pair_records
+    from medvlm.infer.prefs import decide, pair_records
     from medvlm.infer.prefs_judge import image_data_url, judge_messages
     from medvlm.llm import LLMClient
+    from medvlm.llm.judge import ScoreJob, ask_for_scores
     from medvlm.model.build import load_pretrained
     from medvlm.utils.io import write_json_atomic
 
@@ -157,14 +158,16 @@ def question_pairs(model_dir: Path, data: Path, pool: Path, split: str, out: Pat
     for i, (r, q) in enumerate(zip(recs, qs)):
         cands.append({"question": q, "answers": [answers[0][i], answers[1][i]]})
         if answers[0][i] != answers[1][i]:
-            jobs.append(JudgeJob(r["image"], i, judge_messages(image_data_url(pool / r["image"]), q, *cands[-1]["answers"])))
+            jobs.append(ScoreJob(judge_messages(image_data_url(pool / r["image"]), q, *cands[-1]["answers"]),
+                                 tag=(r["image"], i)))
     with LLMClient(llm) as client:
-        judge_jobs(client, jobs, 2)
+        ask_for_scores(client, jobs, 2)
     records = []
     for j in jobs:
         chosen = decide(j.scores, "drop") if j.scores else None
         if chosen is not None:
-            records.append(pair_records(j.rel, j.index, cands[j.index], "", j, chosen, llm.model)[0])
+            rel, i = j.tag
+            records.append(pair_records(rel, i, cands[i], "", j, chosen, llm.model)[0])
     write_json_atomic(out, records)
     return {"questions": len(recs), "identical_dropped": len(recs) - len(jobs), "ties_dropped": len(jobs) - len(records),
             "pairs": len(records)}

@@ -10,7 +10,7 @@ import pytest
 from medvlm.data.readers import read_preferences
 from medvlm.errors import MedvlmError
 from medvlm.infer.prefs import PrefsConfig, decide, generate_preferences
-from medvlm.infer.prefs_judge import RETRY_PROMPT
+from medvlm.llm.judge import RETRY_PROMPT
 from medvlm.llm import LLMConfig
 from medvlm.model.build import build_preset
 
