@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medvlm.data.images import apply_aspect, check_aspect, load_image, mean_color
+from medvlm.data.images import apply_aspect, check_aspect, load_sample_images, mean_color
 from medvlm.data.schema import Sample
 from medvlm.data.templates import Encoded, encode_conversation, get_template
 from medvlm.errors import MedvlmError
@@ -81,16 +81,7 @@ class MedVLMProcessor:
     # -- images ------------------------------------------------------------------------------
     def load_images(self, sample: Sample, image_folder: str | os.PathLike | None = None) -> list[Image.Image]:
         """Load the sample's images (paths relative to ``image_folder`` unless absolute)."""
-        out = []
-        for rel in sample.images:
-            p = Path(rel)
-            if not p.is_absolute() and image_folder is not None:
-                p = Path(image_folder) / p
-            try:
-                out.append(load_image(p))
-            except MedvlmError as e:
-                raise MedvlmError(f"sample {sample.id!r}: {e}") from e
-        return out
+        return load_sample_images(sample, image_folder)
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.FloatTensor:
         """Aspect mode, then the image processor: ``FloatTensor[n, 3, H, W]``."""
