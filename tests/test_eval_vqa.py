@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from medvlm.errors import MedvlmError
-from medvlm.eval.vqa import ANSWER_FIELDS, DECODING_FILE, load_answers, read_questions, run_vqa, split_contiguous
+from medvlm.eval.vqa import ANSWER_FIELDS, load_answers, read_questions, run_vqa, split_contiguous
+from medvlm.utils.artifacts import DECODING_FILE
 from medvlm.infer.engine import GenerationSettings
 
 SETTINGS = GenerationSettings(max_new_tokens=6)

@@ -14,6 +14,7 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import read_json
+from medvlm.utils.artifacts import CONFIG_FILE
 
 
 def load_for_inference(path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
@@ -25,7 +26,7 @@ def load_for_inference(path: str | os.PathLike, dtype: str | torch.dtype | None 
     from medvlm.model.build import load_pretrained
 
     folder = Path(path)
-    cfg = folder / "config.json"
+    cfg = folder / CONFIG_FILE
     if not cfg.is_file():
         raise MedvlmError(f"{folder}: config.json not found (not a checkpoint folder)")
     model_type = read_json(cfg).get("model_type")

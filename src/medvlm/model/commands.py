@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from medvlm.utils.artifacts import CONFIG_FILE
 
 app = typer.Typer(
     name="model",
@@ -64,7 +65,7 @@ def info_cmd(path: Path = typer.Argument(..., help="A medvlm checkpoint folder."
     from medvlm.notice import SHORT_NOTICE
     from medvlm.utils.io import read_json
 
-    config_file = path / "config.json"
+    config_file = path / CONFIG_FILE
     if config_file.is_file() and read_json(config_file).get("model_type") not in (None, "medvlm"):
         _family_info(path)
         return

@@ -23,8 +23,8 @@ from medvlm.errors import MedvlmError
 from medvlm.utils.io import read_json, write_json_atomic
 
 from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
+from medvlm.utils.artifacts import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, TOKENIZER_CONFIG_FILE
 
-PROCESSOR_FILE = "medvlm_processor.json"
 
 
 def input_side(image_processor: Any) -> int:
@@ -165,7 +165,7 @@ class MedVLMProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         d = Path(path)
-        for name in (PROCESSOR_FILE, "preprocessor_config.json", "tokenizer_config.json"):
+        for name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, TOKENIZER_CONFIG_FILE):
             if not (d / name).is_file():
                 raise MedvlmError(f"{d}: {name} is missing (not a medvlm processor folder)")
         fields = read_json(d / PROCESSOR_FILE)

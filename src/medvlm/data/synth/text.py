@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, SIDES, SIZES, Factors
+from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, SIZES, Factors
 
 NUM_WORD = {1: "one", 2: "two", 3: "three"}
 MODALITY_ANSWER = {"xray": "x-ray", "ct": "ct", "mri": "mri", "histology": "histology", "gross": "gross"}

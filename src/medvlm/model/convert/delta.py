@@ -37,10 +37,10 @@ from medvlm.model.convert.shards import (
     ShardWriter,
 )
 from medvlm.utils.io import atomic_dir, write_json_atomic
+from medvlm.utils.artifacts import DELTA_FILE
 
 BLOCK_KEYS: tuple[str, ...] = ("model.embed_tokens.weight", "lm_head.weight")
 TARGET_DTYPE_META = "target_dtype."
-DELTA_FILE = "delta.json"
 
 
 def _block(key: str, base_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int]:
