@@ -35,7 +35,7 @@ class PixelJudge:
 
         self.truth, self.answer = closed_truth, open_answer
         self.questions: dict[str, tuple[str, object, object]] = {}
-        for kind, preds in CLOSED_PREDICATES.items():
+        for preds in CLOSED_PREDICATES.values():
             for pred, param in preds:
                 for q in closed_templates(pred, param):
                     self.questions[norm(q)] = ("closed", pred, param)

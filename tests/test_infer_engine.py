@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from medvlm.data.images import load_image
 from medvlm.data.schema import Message, Sample

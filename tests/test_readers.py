@@ -330,7 +330,7 @@ def test_streaming_memory_stays_well_below_file_size(tmp_path):
     tracemalloc.start()
     try:
         count = 0
-        for s in read_samples(f):
+        for _ in read_samples(f):
             count += 1
         _, peak = tracemalloc.get_traced_memory()
     finally:

@@ -69,7 +69,7 @@ def _modality_from_pixels(a: np.ndarray) -> str:
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     if ((r > 200) & (g < r - 30)).mean() > 0.4:
         return "histology"
-    if ((b > r + 40)).mean() > 0.15:
+    if (b > r + 40).mean() > 0.15:
         return "gross"
     corner = a[:3, :3].mean()
     if corner < 5:

@@ -91,7 +91,7 @@ class PrefsConfig:
         """The LLM response cache when the LLM config names none."""
         return self.out.with_name(self.out.name + ".llm_cache.sqlite")
 
-    def validate(self) -> "PrefsConfig":
+    def validate(self) -> PrefsConfig:
         """Raise a MedvlmError naming the bad setting."""
         if self.ties not in TIE_POLICIES:
             raise MedvlmError(f"ties: unknown policy {self.ties!r}; choose one of {', '.join(TIE_POLICIES)}")

@@ -48,33 +48,34 @@ def ask_for_scores(client: LLMClient, jobs: list[ScoreJob], parse_retries: int, 
                    on_done: Callable[[ScoreJob], None] | None = None, desc: str = "judging") -> int:
     """Send every job, re-asking unreadable replies up to ``parse_retries`` times; returns the re-asks sent.
 
-    ``on_done(job)`` is called as each job finishes (in the client's callback thread), so a caller can write
+    ``on_done(job)`` is called as each job finishes (in the calling thread), so a caller can write
     its results as they come.
     """
     retries = 0
     pending = list(jobs)
+    again: list[ScoreJob] = []  # the jobs of the next round, filled by on_result
+
+    def on_result(res: LLMResult) -> None:
+        job: ScoreJob = res.tag
+        if not res.ok:
+            job.error = res.error
+        else:
+            job.reply, job.scores = res.text, parse_scores(res.text or "")
+            if job.scores is None and job.tries < parse_retries:
+                job.tries += 1
+                job.messages = job.messages + [{"role": "assistant", "content": res.text},
+                                               {"role": "user", "content": RETRY_PROMPT}]
+                again.append(job)
+                return
+            if job.scores is None:
+                job.error = f"unreadable judge scores after {job.tries + 1} replies: {(res.text or '')[:80]!r}"
+        if on_done is not None:
+            on_done(job)
+
     while pending:
-        again: list[ScoreJob] = []
-
-        def on_result(res: LLMResult) -> None:
-            job: ScoreJob = res.tag
-            if not res.ok:
-                job.error = res.error
-            else:
-                job.reply, job.scores = res.text, parse_scores(res.text or "")
-                if job.scores is None and job.tries < parse_retries:
-                    job.tries += 1
-                    job.messages = job.messages + [{"role": "assistant", "content": res.text},
-                                                   {"role": "user", "content": RETRY_PROMPT}]
-                    again.append(job)
-                    return
-                if job.scores is None:
-                    job.error = f"unreadable judge scores after {job.tries + 1} replies: {(res.text or '')[:80]!r}"
-            if on_done is not None:
-                on_done(job)
-
         client.complete_many([LLMRequest(messages=j.messages, tag=j) for j in pending], on_result=on_result,
                              keep_results=False, desc=desc)
         retries += len(again)
-        pending = again
+        pending = list(again)
+        again.clear()
     return retries

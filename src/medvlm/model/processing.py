@@ -160,7 +160,7 @@ class MedVLMProcessor:
         write_json_atomic(out / PROCESSOR_FILE, self.to_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "MedVLMProcessor":
+    def from_pretrained(cls, path: str | os.PathLike) -> MedVLMProcessor:
         """Load a processor saved by :meth:`save_pretrained` (local folder only)."""
         from transformers import AutoImageProcessor, AutoTokenizer
 

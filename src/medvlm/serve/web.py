@@ -228,7 +228,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
 
         def respond(st, m, t, p, n):
             try:
-                for st in chat.answer(st, m, sampling(t, p, n)):
+                for st in chat.answer(st, m, sampling(t, p, n)):  # noqa: B020 - each state replaces the last
                     yield st, _chat_view(st["turns"])
             except MedvlmError as e:
                 if isinstance(e, BackendError):
@@ -261,7 +261,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
             try:
                 st = chat.add_question(chat.new_state(), text, img)
                 final = ""
-                for st in chat.answer(st, m, sampling(t, p, n)):
+                for st in chat.answer(st, m, sampling(t, p, n)):  # noqa: B020 - each state replaces the last
                     final = st["turns"][-1].answer or ""
             except BackendError as e:
                 logger.warning("backend error: %s", e)

@@ -10,7 +10,7 @@ only the question cannot beat ~0.5 on closed questions. Open answers follow the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, cache
 
 import numpy as np
 
@@ -125,7 +125,7 @@ def _combos() -> tuple[list[Factors], np.ndarray]:
     return combos, np.array(weights)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _truth_mask(pred: str, param: object) -> np.ndarray:
     combos, _ = _combos()
     return np.array([closed_truth(pred, param, c) for c in combos])
