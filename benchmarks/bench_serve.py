@@ -173,9 +173,9 @@ def main() -> None:
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (both servers alike).")
     args = ap.parse_args()
-    from medvlm.serve.server import free_port
-
     import tempfile
+
+    from medvlm.serve.server import free_port
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     model = args.model or tiny_model(Path(tmp.name))

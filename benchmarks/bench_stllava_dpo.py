@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the reusable fake OpenAI-compatible s
 
 from pixel_judge import PixelJudge, norm  # noqa: E402 - beside this script
 
+
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -123,8 +124,8 @@ def vqa_scores(model_dir: Path, data: Path, out: Path) -> dict:
 def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path, beta: float) -> dict:
     """Share of pairs whose chosen answer gains more log-probability than the rejected one (policy vs reference)."""
     from medvlm.model.build import load_pretrained
-    from medvlm.train.preference import build_preference_dataset
     from medvlm.train.dpo_ref import compute_ref_logps
+    from medvlm.train.preference import build_preference_dataset
 
     policy, proc = load_pretrained(policy_dir)
     ref, _ = load_pretrained(ref_dir)
@@ -285,14 +286,13 @@ def main() -> None:
 
     import tempfile
 
-    from openai_test_server import FakeOpenAIServer
-
     from medvlm.data.benchmarks.group import group_file
     from medvlm.data.synth import generate_synth
     from medvlm.demo import MODEL_KWARGS, DemoConfig, blind_scores, build_parts, stage_configs
     from medvlm.llm import LLMConfig
     from medvlm.train.config import load_config
     from medvlm.train.run import run_training
+    from openai_test_server import FakeOpenAIServer
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_stllava_"))
     root.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,11 @@ class PixelJudge:
         # the generator exactly, so it reuses its definitions instead of copying them).
         from medvlm.data.synth.render import Factors
         from medvlm.data.synth.text import (
-            CLOSED_PREDICATES, OPEN_TEMPLATES, closed_templates, closed_truth, open_answer,
+            CLOSED_PREDICATES,
+            OPEN_TEMPLATES,
+            closed_templates,
+            closed_truth,
+            open_answer,
         )
 
         self.truth, self.answer = closed_truth, open_answer

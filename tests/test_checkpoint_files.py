@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 
 from family_helpers import tiny
-from train_helpers import make_demo, small_config
-
 from medvlm.model.families.io import save_family
 from medvlm.train.run import run_training
 from medvlm.utils import artifacts
+from train_helpers import make_demo, small_config
 
 NATIVE_MODEL = {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
                 "tokenizer.json", "tokenizer_config.json", "medvlm_processor.json", "trainable_parts.json", "README.md"}

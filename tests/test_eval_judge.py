@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai_test_server import last_user_text, openai_server_factory  # noqa: F401  (pytest fixture)
 from typer.testing import CliRunner
 
 from medvlm.eval.chat_summary import GROUPS, summarize_judged, summarize_records
 from medvlm.eval.commands import app
 from medvlm.eval.judge import judge_chat, judge_messages, read_chat_questions
+from medvlm.llm import LLMConfig
 from medvlm.llm.judge import RETRY_PROMPT
 from medvlm.llm.scores import parse_scores
-from medvlm.llm import LLMConfig
+from openai_test_server import last_user_text, openai_server_factory  # noqa: F401  (pytest fixture)
 
 DOMAIN_ORDER = ["chest_xray", "mri", "histology", "gross", "ct_scan"]
 

@@ -10,8 +10,8 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.eval.vqa import ANSWER_FIELDS, load_answers, read_questions, run_vqa, split_contiguous
-from medvlm.utils.artifacts import DECODING_FILE
 from medvlm.infer.engine import GenerationSettings
+from medvlm.utils.artifacts import DECODING_FILE
 
 SETTINGS = GenerationSettings(max_new_tokens=6)
 

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
 import lmms_eval  # noqa: E402,F401  (install: pip install 'medvlm[lmms]' && pip install --no-deps 'lmms-eval==0.6.1')
+import pytest
 
 from bench_helpers import tiny_model, write_all  # noqa: E402
 from lmms_helpers import lmms_keys, read_docs, scripted_answer, write_answers  # noqa: E402

@@ -8,9 +8,21 @@ import tracemalloc
 
 import pytest
 
-from medvlm.data.readers import (FORMATS, LazySamples, RecordFile, images_first, index_json_array, index_jsonl,
-                                 iter_json_array, read_image_urls, read_preferences, read_record_at, read_samples,
-                                 resolve_format, sample_to_llava)
+from medvlm.data.readers import (
+    FORMATS,
+    LazySamples,
+    RecordFile,
+    images_first,
+    index_json_array,
+    index_jsonl,
+    iter_json_array,
+    read_image_urls,
+    read_preferences,
+    read_record_at,
+    read_samples,
+    resolve_format,
+    sample_to_llava,
+)
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
 

@@ -12,7 +12,6 @@ from medvlm.model.build import build_preset, load_pretrained
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters, lora_parameter_names
 from medvlm.train.run import run_training
 from medvlm.train.self_training import self_training_groups
-
 from train_helpers import changed, make_demo, small_config, state
 
 

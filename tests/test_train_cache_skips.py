@@ -9,7 +9,6 @@ from transformers import TrainerCallback
 
 import medvlm.data.images as images
 from medvlm.train.run import run_training
-
 from train_helpers import make_demo, small_config
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from medvlm.model.build import load_pretrained
-
 from train_helpers import config_keys, one_process_baseline, small_config, torchrun_two
 
 

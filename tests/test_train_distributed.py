@@ -41,11 +41,10 @@ def test_ddp_fsdp2_and_deepspeed_two_processes_match_one_process_on_a_model_fami
     ZeRO-2 equals one process."""
     import json
 
-    from train_helpers import make_demo
-
     from medvlm.model.families.io import load_family
     from medvlm.model.families.tiny import init_tiny_family
     from medvlm.train.run import run_training
+    from train_helpers import make_demo
 
     demo = make_demo(tmp_path)
     data = tmp_path / "train16.json"

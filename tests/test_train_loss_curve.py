@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_helpers import make_demo, small_config
-
 from medvlm.train.run import run_training
+from train_helpers import make_demo, small_config
 
 PINNED = {
     "align": [6.915308475494385, 6.929321765899658, 6.902356147766113, 6.87705659866333, 6.899692535400391],

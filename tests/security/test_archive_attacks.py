@@ -14,12 +14,19 @@ import os
 import tarfile
 from pathlib import Path
 
-from data_attack_helpers import (end_of_archive, gzip_with_zero_run, member, pad, pax_records, peak_rss_growth,
-                                 tar_header)
+from data_attack_helpers import (
+    end_of_archive,
+    gzip_with_zero_run,
+    member,
+    pad,
+    pax_records,
+    peak_rss_growth,
+    tar_header,
+)
 from PIL import Image
 
-from medvlm.data.download import archive as download_archive
 from medvlm.data.download import DownloadConfig, download_images
+from medvlm.data.download import archive as download_archive
 from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES
 
 PREFIX = "https://ftp.ncbi.nlm.nih.gov/pub/pmc/"

@@ -20,8 +20,8 @@ from typing import Any
 
 from medvlm.data.readers.figures import normalize_mentions, primary_domain
 from medvlm.errors import MedvlmError
-from medvlm.llm import LLMClient, LLMConfig
 from medvlm.eval.protocols import read_predictions
+from medvlm.llm import LLMClient, LLMConfig
 from medvlm.llm.judge import ScoreJob, ask_for_scores
 from medvlm.utils.io import append_jsonl, iter_jsonl, write_jsonl_atomic
 

@@ -33,8 +33,8 @@ from medvlm.data.readers import iter_typed_records
 from medvlm.data.readers.formats import convert_record
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
-from medvlm.utils.io import read_json, write_json_atomic, write_text_atomic
 from medvlm.utils.artifacts import DECODING_FILE
+from medvlm.utils.io import read_json, write_json_atomic, write_text_atomic
 
 ANSWER_FIELDS: tuple[str, ...] = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 # shortuuid's alphabet (no 0/1/I/O/l): answer ids look like the original's 22-character random ids.

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from medvlm.errors import MedvlmError
-from medvlm.utils.io import read_json
 from medvlm.utils.artifacts import CONFIG_FILE
+from medvlm.utils.io import read_json
 
 
 def load_for_inference(path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:

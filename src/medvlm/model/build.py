@@ -39,8 +39,8 @@ from medvlm.model.parts import trainable_summary
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.model.safe_load import refusing_remote_code
 from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
-from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 from medvlm.utils.artifacts import CONFIG_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD_FILE, PARTS_FILE, PROCESSOR_FILE
+from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
 PRESETS: tuple[str, ...] = ("tiny", "smol")
 PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "smol": "chatml"}

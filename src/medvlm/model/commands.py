@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from medvlm.utils.artifacts import CONFIG_FILE
 
 app = typer.Typer(

@@ -20,11 +20,9 @@ from medvlm.data.images import apply_aspect, check_aspect, load_sample_images, m
 from medvlm.data.schema import Sample
 from medvlm.data.templates import Encoded, encode_conversation, get_template
 from medvlm.errors import MedvlmError
-from medvlm.utils.io import read_json, write_json_atomic
-
 from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
 from medvlm.utils.artifacts import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, TOKENIZER_CONFIG_FILE
-
+from medvlm.utils.io import read_json, write_json_atomic
 
 
 def input_side(image_processor: Any) -> int:

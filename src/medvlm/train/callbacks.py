@@ -15,9 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from medvlm.utils.io import append_jsonl, atomic_path, write_json_atomic, write_text_atomic
 from medvlm.utils.artifacts import DATA_MANIFEST_FILE, LOSS_CURVE_FILE, TRAIN_CONFIG_FILE, TRAIN_LOG_FILE
-
+from medvlm.utils.io import append_jsonl, atomic_path, write_json_atomic, write_text_atomic
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], dest: str | os.PathLike, title: str = "training loss") -> bool:

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from medvlm.errors import MedvlmError
-from medvlm.utils.io import atomic_path
 from medvlm.utils.artifacts import CONFIG_FILE, REF_LOGPS_FILE
-
+from medvlm.utils.io import atomic_path
 
 
 def fingerprint(checkpoint: str | os.PathLike, dataset) -> str:

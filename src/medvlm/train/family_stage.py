@@ -32,8 +32,8 @@ from medvlm.model.families.io import family_of
 from medvlm.model.families.spec import FamilySpec, part_of
 from medvlm.model.vit_lora import LoraSpec
 from medvlm.train.config import VIT_LINEAR_NAMES, TrainConfig
-from medvlm.utils.io import read_json
 from medvlm.utils.artifacts import CONFIG_FILE
+from medvlm.utils.io import read_json
 
 SELF_TRAINING = ("sq", "dpo")
 

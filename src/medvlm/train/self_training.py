@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medvlm.data.sq import sq_rng, to_self_questioning
 from medvlm.data.schema import Sample
+from medvlm.data.sq import sq_rng, to_self_questioning
 from medvlm.errors import MedvlmError
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
 from medvlm.train.config import TrainConfig

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvlm.data.images import open_image
 from medvlm.data.benchmarks.zip_images import ZipImages
+from medvlm.data.images import open_image
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic
 

@@ -23,8 +23,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvlm.data.benchmarks.convert import (VQA_RAD_IMAGE_DIRS, VQA_RAD_PUBLIC, ImageSink, VQAItem, convert_vqa,
-                                             table_items)
+from medvlm.data.benchmarks.convert import (
+    VQA_RAD_IMAGE_DIRS,
+    VQA_RAD_PUBLIC,
+    ImageSink,
+    VQAItem,
+    convert_vqa,
+    table_items,
+)
 from medvlm.errors import MedvlmError
 
 HUB_REPOS: dict[str, str] = {"vqa-rad": "flaviagiammarino/vqa-rad", "slake": "BoKelvin/SLAKE",

@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from medvlm.data.images import open_image
 from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES, TarHeaderError, TarHeaderGuard
+from medvlm.data.images import open_image
 
 GZIP_MAGIC = b"\x1f\x8b"
 _OUT_CHUNK = 1 << 18  # largest piece of unpacked data produced per decompress call (bounds memory)

@@ -21,9 +21,9 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -48,8 +48,8 @@ from medvlm.data.download.manifest import (
     pair_id_problem,
     read_manifest,
 )
-from medvlm.data.readers import read_image_urls
 from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES
+from medvlm.data.readers import read_image_urls
 from medvlm.errors import MedvlmError
 from medvlm.utils.backoff import backoff_delay
 from medvlm.utils.io import atomic_path

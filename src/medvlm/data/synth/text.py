@@ -10,7 +10,7 @@ only the question cannot beat ~0.5 on closed questions. Open answers follow the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -41,7 +41,7 @@ CLOSED_KINDS: tuple[str, ...] = ("MODALITY", "COUNT", "POS", "SIZE", "ATTRIB")
 # Binary size is asked less often, so the blind open baseline stays near 1/3.
 _OPEN_WEIGHTS = np.array([1.0, 1.0, 1.0, 0.6])
 
-OPEN_TEMPLATES = {
+OPEN_TEMPLATES: dict[str, tuple[str, ...]] = {  # the wordings of each open question kind
     "MODALITY": ("What modality is this?", "What imaging modality is shown?", "What type of image is this?",
                  "What kind of image is this?"),
     "COUNT": ("How many lesions are there?", "How many lesions are visible?", "What is the number of lesions?"),
@@ -49,6 +49,7 @@ OPEN_TEMPLATES = {
             "Which side contains the abnormality?"),
     "SIZE": ("What is the size of the lesions?", "How large are the lesions?", "What size are the lesions?"),
 }
+# the (predicate, parameter) pairs each closed kind asks about; closed_truth decides them from the factors
 CLOSED_PREDICATES: dict[str, tuple[tuple[str, object], ...]] = {
     "MODALITY": tuple(("is", m) for m in MODALITIES),
     "COUNT": tuple(("count", n) for n in COUNTS),
@@ -59,6 +60,7 @@ CLOSED_PREDICATES: dict[str, tuple[tuple[str, object], ...]] = {
 
 
 def closed_templates(pred: str, param: object) -> tuple[str, ...]:
+    """The yes/no wordings of one closed predicate (the answer comes from :func:`closed_truth`)."""
     if pred == "is":
         noun = _MOD_NOUN[str(param)]
         return (f"Is this {noun}?", f"Is this image {noun}?", f"Does this image show {noun}?")

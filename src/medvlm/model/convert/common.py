@@ -22,8 +22,8 @@ from medvlm.model.convert.shards import DEFAULT_SHARD_BYTES, DTYPE_NAMES, Safete
 from medvlm.model.modeling import MedVLMForConditionalGeneration
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.model.safe_load import refusing_remote_code
-from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 from medvlm.utils.artifacts import CONFIG_FILE, CONVERSION_FILE, MODEL_CARD_FILE, PROCESSOR_FILE
+from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("medvlm.model.convert")
 

@@ -53,8 +53,8 @@ from medvlm.model.convert.common import (
 from medvlm.model.convert.shards import DEFAULT_SHARD_BYTES, DTYPE_NAMES, SafetensorsCheckpoint
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.notice import NOTICE
-from medvlm.utils.io import atomic_dir, write_text_atomic
 from medvlm.utils.artifacts import MODEL_CARD_FILE
+from medvlm.utils.io import atomic_dir, write_text_atomic
 
 # Image-processor fields copied from medvlm's processor into the LlavaImageProcessor.
 _IMAGE_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",

@@ -48,8 +48,14 @@ from medvlm.model.convert.towers import BUFFER_SUFFIXES, STORED_TOWER_PREFIX, re
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.model.tokenizer import IMAGE_TOKEN
 from medvlm.notice import NOTICE
+from medvlm.utils.artifacts import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    MODEL_CARD_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
-from medvlm.utils.artifacts import CONFIG_FILE, GENERATION_CONFIG_FILE, MODEL_CARD_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 LLAVA_MED_VERSIONS: tuple[str, ...] = ("v1.5", "v1.0")
 # config.json model_type of LLaVA checkpoints -> language-model config class.

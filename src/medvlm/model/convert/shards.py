@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medvlm.errors import MedvlmError
-from medvlm.utils.io import read_json, write_json_atomic
 from medvlm.utils.artifacts import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from medvlm.utils.io import read_json, write_json_atomic
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size ("5GB")

@@ -20,8 +20,8 @@ from medvlm.model.families import processors as image_only
 from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.families.spec import FAMILIES, FamilySpec, get_family
 from medvlm.notice import NOTICE
-from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 from medvlm.utils.artifacts import CONFIG_FILE, FAMILY_FILE, HF_PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD_FILE
+from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
 _PROCESSOR_FILES = (HF_PROCESSOR_FILE, IMAGE_PROCESSOR_FILE)
 

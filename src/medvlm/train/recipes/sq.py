@@ -17,8 +17,15 @@ from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train stage ``sq``; returns a :class:`~medvlm.train.setup.TrainResult`."""
     from medvlm.train.callbacks import RunArtifactsCallback
-    from medvlm.train.self_training import (EpochCallback, SelfQuestioningDataset, SelfTrainingTrainer,
-                                            apply_self_training_stage, check_self_training, check_sq_template, part_of)
+    from medvlm.train.self_training import (
+        EpochCallback,
+        SelfQuestioningDataset,
+        SelfTrainingTrainer,
+        apply_self_training_stage,
+        check_self_training,
+        check_sq_template,
+        part_of,
+    )
     from medvlm.train.setup import build_training_args, finish_trainer, load_sft_data, start_run
     from medvlm.train.trainer import TrainCollator
 
