@@ -173,9 +173,9 @@ def main() -> None:
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (both servers alike).")
     args = ap.parse_args()
-    from medvlm.serve.server import free_port
-
     import tempfile
+
+    from medvlm.serve.server import free_port
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     model = args.model or tiny_model(Path(tmp.name))
@@ -190,7 +190,7 @@ def main() -> None:
             servers[name] = (start_server(model, max_batch, port, args.threads), port)
         rows = {}
         try:
-            for name, (proc, port) in servers.items():
+            for _proc, port in servers.values():
                 run_clients(port, 2, 1, 4, questions, 10_000)  # warm-up
             offset = 0
             for name in ("continuous", "one at a time"):
@@ -207,7 +207,7 @@ def main() -> None:
         print(f"\n{clients} concurrent clients ({clients * args.requests_per_client} requests per server)")
         print(f"{'server':<24}{'req/s':>7}{'p50 s':>8}{'p99 s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens':>12}"
               f"{'peak RSS MiB':>14}{'errors':>8}")
-        for name, (tput, lat, ttft, lengths, errs, peak, health, wall) in rows.items():
+        for name, (tput, lat, ttft, lengths, errs, peak, _health, _wall) in rows.items():
             label = f"{name} (max-batch {clients if name == 'continuous' else 1})"
             print(f"{label:<24}{tput:>7.2f}{pct(lat, .5):>8.2f}{pct(lat, .99):>8.2f}{pct(ttft, .5):>10.2f}"
                   f"{pct(ttft, .99):>10.2f}{f'{min(lengths)}-{max(lengths)}' if lengths else '-':>12}"

@@ -8,7 +8,7 @@
 1. **Stage 1, ``stage: sq``** (self-questioning tuning) with the demo's data and stage-2 recipe (read from
    :class:`medvlm.demo.DemoConfig`): 8400 images (8000 train, 400 test) seen few times, each train image's
    six VQA questions (2 + 2, plus one closed count and one closed side question) merged into one
-   conversation (:mod:`medvlm.data.group`; ``--sq-data grouped``), 4800 steps of 8 conversations
+   conversation (:mod:`medvlm.data.benchmarks.group`; ``--sq-data grouped``), 4800 steps of 8 conversations
    (4.8 epochs), lr 5e-4 cosine, the LM fully tuned (``--sq-tune full``; ``lora`` = r 128, alpha 256, the
    recipe's values); the whole tower (``--sq-vision full``: ``tune_vision_tower`` with ``vit_lora: false``,
    needed on a tower that starts random) or ViT-LoRA (``lora``: r 32, alpha 64, dropout 0.2, the paper's
@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the reusable fake OpenAI-compatible s
 
 from pixel_judge import PixelJudge, norm  # noqa: E402 - beside this script
 
+
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -73,8 +74,8 @@ def load() -> str:
 def write_sq_data(data: Path, seed: int) -> Path:
     """Two conversations per VQA-train image: describe (gold description) + its four VQA questions, and the
     four questions alone (the first one carries the image, as in evaluation); questions in random order."""
-    from medvlm.data.synth_render import Factors
-    from medvlm.data.synth_text import DETAIL_PROMPTS, description
+    from medvlm.data.synth.render import Factors
+    from medvlm.data.synth.text import DETAIL_PROMPTS, description
     from medvlm.infer.prefs import DESCRIBE_PROMPT
     from medvlm.utils.io import write_json_atomic
 
@@ -123,8 +124,8 @@ def vqa_scores(model_dir: Path, data: Path, out: Path) -> dict:
 def reward_accuracy(policy_dir: Path, ref_dir: Path, prefs: Path, images: Path, beta: float) -> dict:
     """Share of pairs whose chosen answer gains more log-probability than the rejected one (policy vs reference)."""
     from medvlm.model.build import load_pretrained
-    from medvlm.train.preference import build_preference_dataset
     from medvlm.train.dpo_ref import compute_ref_logps
+    from medvlm.train.preference import build_preference_dataset
 
     policy, proc = load_pretrained(policy_dir)
     ref, _ = load_pretrained(ref_dir)
@@ -139,9 +140,10 @@ def question_pairs(model_dir: Path, data: Path, pool: Path, split: str, out: Pat
     """Fallback pairs: the VQA questions (``vqa/{split}.json``) of the pool images, two sampled answers each."""
     from medvlm.data.schema import Message, Sample, image_part, text_part
     from medvlm.infer.engine import GenerationSettings, InferenceEngine
-    from medvlm.infer.prefs import JudgeJob, decide, judge_jobs, pair_records
+    from medvlm.infer.prefs import decide, pair_records
     from medvlm.infer.prefs_judge import image_data_url, judge_messages
     from medvlm.llm import LLMClient
+    from medvlm.llm.judge import ScoreJob, ask_for_scores
     from medvlm.model.build import load_pretrained
     from medvlm.utils.io import write_json_atomic
 
@@ -157,14 +159,16 @@ def question_pairs(model_dir: Path, data: Path, pool: Path, split: str, out: Pat
     for i, (r, q) in enumerate(zip(recs, qs)):
         cands.append({"question": q, "answers": [answers[0][i], answers[1][i]]})
         if answers[0][i] != answers[1][i]:
-            jobs.append(JudgeJob(r["image"], i, judge_messages(image_data_url(pool / r["image"]), q, *cands[-1]["answers"])))
+            jobs.append(ScoreJob(judge_messages(image_data_url(pool / r["image"]), q, *cands[-1]["answers"]),
+                                 tag=(r["image"], i)))
     with LLMClient(llm) as client:
-        judge_jobs(client, jobs, 2)
+        ask_for_scores(client, jobs, 2)
     records = []
     for j in jobs:
         chosen = decide(j.scores, "drop") if j.scores else None
         if chosen is not None:
-            records.append(pair_records(j.rel, j.index, cands[j.index], "", j, chosen, llm.model)[0])
+            rel, i = j.tag
+            records.append(pair_records(rel, i, cands[i], "", j, chosen, llm.model)[0])
     write_json_atomic(out, records)
     return {"questions": len(recs), "identical_dropped": len(recs) - len(jobs), "ties_dropped": len(jobs) - len(records),
             "pairs": len(records)}
@@ -244,7 +248,7 @@ def main() -> None:
     ap.add_argument("--align-epochs", type=float, default=2.4, help="epochs of alignment (the demo's: 600 steps of 32 on 8000 images)")
     ap.add_argument("--sq-epochs", type=float, default=4.8, help="epochs of stage 1 (4.8 x 8000 / 8 = the demo's 4800 steps)")
     ap.add_argument("--sq-data", default="grouped", choices=["grouped", "describe"],
-                    help="stage-1 data: each image's VQA questions merged into one conversation (medvlm.data.group, "
+                    help="stage-1 data: each image's VQA questions merged into one conversation (medvlm.data.benchmarks.group, "
                          "the demo's stage 2), or two conversations per image, one opening with the gold description")
     ap.add_argument("--sq-tune", default="full", choices=["lora", "full"],
                     help="the LM in stage 1: LoRA r 128 (recipe) or fully (measured to learn the yes/no questions faster)")
@@ -282,14 +286,13 @@ def main() -> None:
 
     import tempfile
 
-    from openai_test_server import FakeOpenAIServer
-
-    from medvlm.data.group import group_file
+    from medvlm.data.benchmarks.group import group_file
     from medvlm.data.synth import generate_synth
     from medvlm.demo import MODEL_KWARGS, DemoConfig, blind_scores, build_parts, stage_configs
     from medvlm.llm import LLMConfig
     from medvlm.train.config import load_config
     from medvlm.train.run import run_training
+    from openai_test_server import FakeOpenAIServer
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_stllava_"))
     root.mkdir(parents=True, exist_ok=True)

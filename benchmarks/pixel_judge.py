@@ -26,20 +26,24 @@ class PixelJudge:
     """A gold judge: image by content hash -> generating factors; question by template -> gold answer."""
 
     def __init__(self, data: Path):
-        # The question templates and truth functions of the synthetic generator (private names: this judge
-        # must agree with the generator exactly, so it reuses its definitions instead of copying them).
-        from medvlm.data.synth_render import Factors
-        from medvlm.data.synth_text import (
-            _CLOSED_PREDICATES, _OPEN_TEMPLATES, _closed_templates, closed_truth, open_answer,
+        # The question templates and truth functions of the synthetic generator (this judge must agree with
+        # the generator exactly, so it reuses its definitions instead of copying them).
+        from medvlm.data.synth.render import Factors
+        from medvlm.data.synth.text import (
+            CLOSED_PREDICATES,
+            OPEN_TEMPLATES,
+            closed_templates,
+            closed_truth,
+            open_answer,
         )
 
         self.truth, self.answer = closed_truth, open_answer
         self.questions: dict[str, tuple[str, object, object]] = {}
-        for kind, preds in _CLOSED_PREDICATES.items():
+        for preds in CLOSED_PREDICATES.values():
             for pred, param in preds:
-                for q in _closed_templates(pred, param):
+                for q in closed_templates(pred, param):
                     self.questions[norm(q)] = ("closed", pred, param)
-        for kind, qs in _OPEN_TEMPLATES.items():
+        for kind, qs in OPEN_TEMPLATES.items():
             for q in qs:
                 self.questions[norm(q)] = ("open", kind, None)
         self.factors: dict[str, object] = {}

@@ -16,7 +16,7 @@ FAMILY_NAMES = list(FAMILIES)
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(family: str):
     """``(model, FamilyProcessor)`` of a tiny random build (cached: build once per test session)."""
     model, processor, extras = build_tiny_family(family, seed=0)

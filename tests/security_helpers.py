@@ -39,7 +39,7 @@ class RssWatch:
         self.pid = pid
         self.growth = 0
 
-    def __enter__(self) -> "RssWatch":
+    def __enter__(self) -> RssWatch:
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")
         self.before = _status_kb(self.pid, "VmRSS")
         return self
@@ -66,7 +66,7 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -130,7 +130,7 @@ def send_chunked(url: str, path: str, headers: dict[str, str], total: int, chunk
             data += more
         if data.startswith(b"HTTP/1.1 "):
             status = int(data.split()[1])
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     finally:
         sock.close()
@@ -168,7 +168,7 @@ class Recorder(http.server.ThreadingHTTPServer):
         super().__init__((host, free_port(host)), Handler)
         self.url = f"http://{host}:{self.server_address[1]}"
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 
@@ -198,7 +198,7 @@ class DripServer:
             try:
                 self.sock.settimeout(0.2)
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
 
@@ -217,7 +217,7 @@ class DripServer:
             self.closed_after.append(time.monotonic() - started)
             conn.close()
 
-    def __enter__(self) -> "DripServer":
+    def __enter__(self) -> DripServer:
         threading.Thread(target=self._serve, daemon=True).start()
         return self
 

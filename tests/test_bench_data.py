@@ -10,10 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from bench_helpers import PATH, RAD, write_datasets_arrow, write_hub_cache, write_hub_parquet, write_rad_public, write_slake
-from medvlm.data.convert import convert_vqa
-from medvlm.data.hub import HUB_REPOS, convert_benchmark, locate
-from medvlm.data.zip_images import ZipImages
+from bench_helpers import (
+    PATH,
+    RAD,
+    write_datasets_arrow,
+    write_hub_cache,
+    write_hub_parquet,
+    write_rad_public,
+    write_slake,
+)
+from medvlm.data.benchmarks.convert import convert_vqa
+from medvlm.data.benchmarks.hub import HUB_REPOS, convert_benchmark, locate
+from medvlm.data.benchmarks.zip_images import ZipImages
 from medvlm.errors import MedvlmError
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from medvlm.data.convert import CLOSED_OPTIONS_SUFFIX, convert_vqa
+from medvlm.data.benchmarks.convert import CLOSED_OPTIONS_SUFFIX, convert_vqa
 from medvlm.data.readers import read_samples, resolve_format
 from medvlm.data.validate import validate_file
 from medvlm.errors import MedvlmError

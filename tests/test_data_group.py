@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from medvlm.data.group import GroupStats, group_by_image, group_file
+from medvlm.data.benchmarks.group import GroupStats, group_by_image, group_file
 from medvlm.data.readers import read_samples
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError

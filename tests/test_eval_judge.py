@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai_test_server import last_user_text, openai_server_factory  # noqa: F401  (pytest fixture)
 from typer.testing import CliRunner
 
 from medvlm.eval.chat_summary import GROUPS, summarize_judged, summarize_records
 from medvlm.eval.commands import app
-from medvlm.eval.judge import RETRY_PROMPT, judge_chat, judge_messages, parse_scores, read_chat_questions
+from medvlm.eval.judge import judge_chat, judge_messages, read_chat_questions
 from medvlm.llm import LLMConfig
+from medvlm.llm.judge import RETRY_PROMPT
+from medvlm.llm.scores import parse_scores
+from openai_test_server import last_user_text, openai_server_factory  # noqa: F401  (pytest fixture)
 
 DOMAIN_ORDER = ["chest_xray", "mri", "histology", "gross", "ct_scan"]
 
@@ -140,7 +142,7 @@ def test_eval_chat_end_to_end(tmp_path, shared_dir, openai_server_factory):  # n
     assert [r["question_id"] for r in recs] == [q.question_id for q in questions]
     by_q = {r["question"]: r for r in recs}
     assert by_q[UNSURE_Q]["scores"]["forward"] == [7, 5] and by_q[UNSURE_Q]["error"] is None
-    assert by_q[HOPELESS_Q]["error"].startswith("forward: unreadable scores after 2 replies")
+    assert by_q[HOPELESS_Q]["error"].startswith("forward: unreadable judge scores after 2 replies")
     assert by_q[HOPELESS_Q]["reference_score"] is None
     assert by_q["What is the organ in the image?"]["reference_score"] == 8
     assert "judged 7 question(s)" in res.output and "1 question(s) left without scores" in res.output

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from medvlm.errors import MedvlmError
-from medvlm.eval.vqa import ANSWER_FIELDS, DECODING_FILE, load_answers, read_questions, run_vqa, split_contiguous
+from medvlm.eval.vqa import ANSWER_FIELDS, load_answers, read_questions, run_vqa, split_contiguous
 from medvlm.infer.engine import GenerationSettings
+from medvlm.utils.artifacts import DECODING_FILE
 
 SETTINGS = GenerationSettings(max_new_tokens=6)
 

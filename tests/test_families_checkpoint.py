@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 import torch
-from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, tiny
 
+from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, tiny
 from medvlm.data.schema import Sample
 from medvlm.errors import MedvlmError
-from medvlm.model.families.io import FAMILY_FILE, family_of, load_family, save_family
+from medvlm.model.families.io import family_of, load_family, save_family
+from medvlm.utils.artifacts import FAMILY_FILE
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from medvlm.data.images import load_image
 from medvlm.data.schema import Message, Sample
@@ -92,6 +92,12 @@ def test_sampling_is_reproducible_with_a_seed(engine: InferenceEngine, shared_di
     a = engine.generate(_samples()[:2], settings, image_folder=folder)
     b = engine.generate(_samples()[:2], settings, image_folder=folder)
     assert a == b
+    # it samples: other seeds give other answers, and the seeded answers are not the greedy ones
+    others = [engine.generate(_samples()[:2], dataclasses.replace(settings, seed=s), image_folder=folder)
+              for s in (1, 2, 3)]
+    assert any(o != a for o in others), (a, others)
+    greedy = engine.generate(_samples()[:2], GenerationSettings(max_new_tokens=12), image_folder=folder)
+    assert any(x != greedy for x in [a, *others]), greedy
 
 
 def test_stop_token_sequences_match_the_answer_tail() -> None:

@@ -7,11 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from openai_test_server import Fault, last_user_text, openai_server_factory  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from medvlm.cli import app as cli_app
-from medvlm.data.figures import read_fig_captions
 from medvlm.data.instruct import (
     GenerateConfig,
     PostprocessConfig,
@@ -24,8 +22,10 @@ from medvlm.data.instruct import (
 )
 from medvlm.data.instruct.postprocess import image_at_start
 from medvlm.data.instruct.prompts import render_conversation
+from medvlm.data.readers.figures import read_fig_captions
 from medvlm.errors import MedvlmError
 from medvlm.llm import LLMConfig
+from openai_test_server import Fault, last_user_text, openai_server_factory  # noqa: F401  (fixture)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "instruct_gen.jsonl"
 DOMAINS = ("chest_xray", "mri", "histology", "gross", "ct_scan")

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
 import lmms_eval  # noqa: E402,F401  (install: pip install 'medvlm[lmms]' && pip install --no-deps 'lmms-eval==0.6.1')
+import pytest
 
 from bench_helpers import tiny_model, write_all  # noqa: E402
 from lmms_helpers import lmms_keys, read_docs, scripted_answer, write_answers  # noqa: E402
-from medvlm.data.hub import convert_benchmark  # noqa: E402
+from medvlm.data.benchmarks.hub import convert_benchmark  # noqa: E402
 from medvlm.eval.lmms_export import export_lmms_task, task_name  # noqa: E402
 from medvlm.eval.protocols import score_files  # noqa: E402
 from medvlm.serve.server import free_port  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 
 from bench_helpers import write_all
 from lmms_helpers import lmms_keys, load_task_yaml, read_docs, scripted_answer, write_answers
-from medvlm.data.hub import convert_benchmark
+from medvlm.data.benchmarks.hub import convert_benchmark
 from medvlm.errors import MedvlmError
 from medvlm.eval.lmms_export import SCORING_SOURCES, export_lmms_task, scoring_copy_sources, task_name
 from medvlm.eval.protocols import score_files

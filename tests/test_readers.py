@@ -8,9 +8,21 @@ import tracemalloc
 
 import pytest
 
-from medvlm.data.readers import (FORMATS, LazySamples, RecordFile, images_first, index_json_array, index_jsonl,
-                                 iter_json_array, read_image_urls, read_preferences, read_record_at, read_samples,
-                                 resolve_format, sample_to_llava)
+from medvlm.data.readers import (
+    FORMATS,
+    LazySamples,
+    RecordFile,
+    images_first,
+    index_json_array,
+    index_jsonl,
+    iter_json_array,
+    read_image_urls,
+    read_preferences,
+    read_record_at,
+    read_samples,
+    resolve_format,
+    sample_to_llava,
+)
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
 
@@ -330,7 +342,7 @@ def test_streaming_memory_stays_well_below_file_size(tmp_path):
     tracemalloc.start()
     try:
         count = 0
-        for s in read_samples(f):
+        for _ in read_samples(f):
             count += 1
         _, peak = tracemalloc.get_traced_memory()
     finally:

@@ -10,10 +10,9 @@ import pytest
 from medvlm.data.readers import read_preferences
 from medvlm.errors import MedvlmError
 from medvlm.infer.prefs import PrefsConfig, decide, generate_preferences
-from medvlm.infer.prefs_judge import RETRY_PROMPT
 from medvlm.llm import LLMConfig
+from medvlm.llm.judge import RETRY_PROMPT
 from medvlm.model.build import build_preset
-
 from openai_test_server import last_user_text, openai_server_factory  # noqa: F401  (fixture)
 from train_helpers import make_demo
 

@@ -12,7 +12,6 @@ from medvlm.model.build import build_preset, load_pretrained
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters, lora_parameter_names
 from medvlm.train.run import run_training
 from medvlm.train.self_training import self_training_groups
-
 from train_helpers import changed, make_demo, small_config, state
 
 
@@ -44,8 +43,8 @@ def test_vuser_conversion_rate_first_turn_and_seeding():
     assert vuser_turns(to_self_questioning(sample, 0.0, sq_rng(0, 0, 0))) == 0
     assert vuser_turns(to_self_questioning(sample, 1.0, sq_rng(0, 0, 0))) == 9
     # Same (seed, epoch, index): same draw; a new epoch re-draws.
-    draws = lambda seed, epoch: [[m.role for m in to_self_questioning(sample, 0.5, sq_rng(seed, epoch, i)).messages]
-                                 for i in range(20)]
+    def draws(seed, epoch):
+        return [[m.role for m in to_self_questioning(sample, 0.5, sq_rng(seed, epoch, i)).messages] for i in range(20)]
     assert draws(3, 0) == draws(3, 0)
     assert draws(3, 0) != draws(3, 1)
     text_only = Sample("t", [Message("user", [text_part("q")]), Message("assistant", [text_part("a")]),
@@ -187,7 +186,8 @@ def test_sq_dataset_redraws_each_epoch_and_learns_more_tokens(demo):
     base, _ = build_dataset([DataSource(str(demo / "instruct.json"))], proc, image_folder=str(demo / "images"),
                             max_length=512)
     ds = SelfQuestioningDataset(base, 0.5, seed=1)
-    labels = lambda: [int((ds[i]["labels"] != -100).sum()) for i in range(len(ds))]
+    def labels():
+        return [int((ds[i]["labels"] != -100).sum()) for i in range(len(ds))]
     plain = [int((base[i]["labels"] != -100).sum()) for i in range(len(ds))]
     epoch0 = labels()
     assert labels() == epoch0  # reproducible within an epoch

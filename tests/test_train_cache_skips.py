@@ -7,9 +7,8 @@ import json
 
 from transformers import TrainerCallback
 
-import medvlm.model.processing as processing
+import medvlm.data.images as images
 from medvlm.train.run import run_training
-
 from train_helpers import make_demo, small_config
 
 
@@ -38,13 +37,13 @@ def test_cached_epochs_decode_no_image_and_skip_the_tower(tmp_path, monkeypatch)
     data = tmp_path / "align8.json"
     data.write_text(json.dumps(json.loads((demo / "alignment.json").read_text())[:8]))
     work = WorkPerEpoch()
-    real_load = processing.load_image
+    real_load = images.load_image  # what every processor's image loading calls (data.images.load_sample_images)
 
     def counting_load(path):
         work.count(work.decodes)
         return real_load(path)
 
-    monkeypatch.setattr(processing, "load_image", counting_load)
+    monkeypatch.setattr(images, "load_image", counting_load)
     r = run_training(small_config(demo, tmp_path / "run", stage="align", data_path=str(data), max_steps=-1,
                                   num_train_epochs=3, feature_cache="on", feature_cache_dir=str(tmp_path / "features")),
                      callbacks=[work])

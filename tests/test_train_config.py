@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,23 +13,60 @@ from medvlm.train.config import STAGES, TrainConfig, load_config, parse_override
 from medvlm.train.run import resolve_accumulation
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE_DIRS = ("llava_med", "debug", "stllava_med", "bases")
-RECIPES = [p for d in RECIPE_DIRS for p in sorted((ROOT / "configs" / d).glob("*.yaml"))]
+CONFIGS = ROOT / "configs"
+ACCELERATE = CONFIGS / "accelerate"
+# every training recipe, however deep under configs/ (accelerate's launcher configs are not recipes)
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if ACCELERATE not in p.parents)
+ACCELERATE_YAMLS = sorted(ACCELERATE.rglob("*.yaml"))
+DEEPSPEED_JSONS = sorted(ACCELERATE.rglob("*.json"))
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_shipped_recipe_loads_and_names_its_run_command(path: Path):
     first = path.read_text(encoding="utf-8").splitlines()[:6]
     assert first[0].startswith("#")
-    assert any(f"medvlm train configs/{path.parent.name}/{path.name}" in line for line in first), first
+    assert any(f"medvlm train {path.relative_to(ROOT).as_posix()}" in line for line in first), first
     cfg = load_config(path)
     assert cfg.stage in STAGES
     assert cfg.output_dir
 
 
-def test_every_recipe_folder_is_loaded():
-    """A new configs/ folder of training YAMLs must be added to RECIPE_DIRS (accelerate configs are not recipes)."""
-    assert {p.name for p in (ROOT / "configs").iterdir() if p.is_dir()} == {*RECIPE_DIRS, "accelerate"}
+def test_every_file_under_configs_is_loaded_by_a_test():
+    """Recipes, accelerate configs and DeepSpeed JSONs are all walked recursively; nothing else may hide there."""
+    files = {p for p in CONFIGS.rglob("*") if p.is_file()}
+    assert files == {*RECIPES, *ACCELERATE_YAMLS, *DEEPSPEED_JSONS}, sorted(map(str, files))
+    assert {p.parent.name for p in RECIPES} >= {"llava_med", "stllava_med", "debug", "bases"}
+    assert len(ACCELERATE_YAMLS) == 4 and len(DEEPSPEED_JSONS) == 2
+
+
+@pytest.mark.parametrize("path", ACCELERATE_YAMLS, ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerates_own_loader(path: Path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    first = path.read_text(encoding="utf-8").splitlines()[:6]
+    assert any(f"accelerate launch --config_file {path.relative_to(ROOT).as_posix()}" in line for line in first), first
+    cfg = load_config_from_file(str(path))  # unknown keys or a bad distributed_type raise here
+    assert cfg.distributed_type in (DistributedType.MULTI_GPU, DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.distributed_type == DistributedType.DEEPSPEED:
+        ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]
+        assert ds_file in DEEPSPEED_JSONS  # the path is relative to the repo root, where the run command is given
+        stage = int(path.stem[-1])
+        assert cfg.deepspeed_config["zero3_init_flag"] is (stage == 3)
+        assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == stage
+    if cfg.distributed_type == DistributedType.FSDP:
+        assert cfg.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
+def test_deepspeed_configs_parse_with_the_hf_deepspeed_config(path: Path):
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    ds = HfDeepSpeedConfig(str(path))
+    assert ds.is_zero3() is (path.stem == "zero3")
+    # batch sizes and clipping come from the medvlm config through the HF Trainer, never from the JSON
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds.get_value(key) == "auto", key
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "bases").glob("*.yaml")), ids=lambda p: p.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from train_helpers import config_keys, one_process_baseline, small_config, torchrun_two
 
 
@@ -13,14 +15,14 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     ddp = torchrun_two(tmp_path, ddp_keys, "ddp")
     assert [r["world"] for r in ddp] == [2, 2]
     for r in ddp:
-        assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)
+        assert r["losses"] == pytest.approx(want, abs=1e-4), (r["losses"], want)
 
     fsdp_keys = config_keys(small_config(demo, tmp_path / "fsdp", per_device_train_batch_size=2,
                                          distributed="fsdp2_cpu", **common))
     fsdp = torchrun_two(tmp_path, fsdp_keys, "fsdp")
     for r in fsdp:
         assert len(r["losses"]) == 4
-        assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)
+        assert r["losses"] == pytest.approx(want, abs=1e-4), (r["losses"], want)
     # Really sharded: each rank holds half of every decoder-layer weight, and the halves differ.
     s0, s1 = fsdp[0]["shards"], fsdp[1]["shards"]
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
@@ -39,11 +41,10 @@ def test_ddp_fsdp2_and_deepspeed_two_processes_match_one_process_on_a_model_fami
     ZeRO-2 equals one process."""
     import json
 
-    from train_helpers import make_demo
-
     from medvlm.model.families.io import load_family
     from medvlm.model.families.tiny import init_tiny_family
     from medvlm.train.run import run_training
+    from train_helpers import make_demo
 
     demo = make_demo(tmp_path)
     data = tmp_path / "train16.json"
@@ -58,14 +59,14 @@ def test_ddp_fsdp2_and_deepspeed_two_processes_match_one_process_on_a_model_fami
                                                           **common)), "fam")
     assert [r["world"] for r in ddp] == [2, 2]
     for r in ddp:
-        assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (r["losses"], want)
+        assert r["losses"] == pytest.approx(want, abs=1e-4), (r["losses"], want)
     load_family(tmp_path / "ddp")  # rank 0 saved a loadable family checkpoint
 
     for mode in ("fsdp2_cpu", "deepspeed_cpu"):  # the CPU sharded loops carry the family's tensors as well
         runs = torchrun_two(tmp_path, config_keys(small_config(demo, tmp_path / mode, per_device_train_batch_size=2,
                                                                distributed=mode, **common)), f"fam-{mode}")
         for r in runs:
-            assert max(abs(a - b) for a, b in zip(r["losses"], want)) < 1e-4, (mode, r["losses"], want)
+            assert r["losses"] == pytest.approx(want, abs=1e-4), (mode, r["losses"], want)
         if mode == "fsdp2_cpu":  # really sharded
             assert any(s["local"] != s["global"] for s in runs[0]["shards"].values())
         load_family(tmp_path / mode)

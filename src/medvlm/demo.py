@@ -24,7 +24,7 @@ Why the tiny model is built and trained differently from LLaVA's recipe (all mea
   rare, so with 1600 train images seen 24 times the model memorised the train answers of the rarer
   wordings (train loss 0.01, those wordings at chance on the test split); 8000 images seen ~5 times
   generalise for the same compute.
-- Stage 2 trains on each image's questions merged into one conversation (:mod:`medvlm.data.group`,
+- Stage 2 trains on each image's questions merged into one conversation (:mod:`medvlm.data.benchmarks.group`,
   LLaVA-1.5's format for VQA data): the image is encoded once for all its questions, so the same compute sees
   ~2x the questions (closed accuracy 81 -> 88 on the 1600-image set at equal steps).
 - Stage 2 uses small batches (8 conversations): the yes/no questions, balanced per question text by the
@@ -96,7 +96,7 @@ class DemoConfig:
     """Train the tower in stage 2 too (False: only stage 1 trains it; stage 2 trains projector and LM)."""
     stage2_group_by_image: bool = True
     """Train stage 2 on the VQA questions merged per image into one conversation (LLaVA-1.5's format for VQA
-    data, :mod:`medvlm.data.group`): each image is encoded once per 6 questions instead of 6 times."""
+    data, :mod:`medvlm.data.benchmarks.group`): each image is encoded once per 6 questions instead of 6 times."""
     stage1_lr: float = 1e-3
     """Peak learning rate of stage 1 (cosine schedule)."""
     stage2_lr: float = 5e-4
@@ -309,7 +309,7 @@ def run_demo(config: DemoConfig | None = None, console: Any = None) -> DemoResul
 def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
     from rich.console import Console
 
-    from medvlm.data.group import group_file
+    from medvlm.data.benchmarks.group import group_file
     from medvlm.data.synth import generate_synth
     from medvlm.eval.report import write_report
 

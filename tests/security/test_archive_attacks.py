@@ -1,7 +1,7 @@
 """Tar header attacks on ``data download-images``, sent for real (issue 15, items 8 and 15).
 
 ``tarfile`` reads a pax header, a GNU long name and sparse maps whole; the downloader's
-:class:`~medvlm.data.tar_guard.TarHeaderGuard` sees each header first and refuses one over
+:class:`~medvlm.data.download.tar_guard.TarHeaderGuard` sees each header first and refuses one over
 ``DownloadConfig.max_header_bytes`` (default ``MAX_TAR_HEADER_BYTES`` = 1 MiB) with ``tar_header_too_large``.
 The archives are built by hand from raw 512-byte header blocks.
 """
@@ -14,13 +14,20 @@ import os
 import tarfile
 from pathlib import Path
 
-from data_attack_helpers import (end_of_archive, gzip_with_zero_run, member, pad, pax_records, peak_rss_growth,
-                                 tar_header)
+from data_attack_helpers import (
+    end_of_archive,
+    gzip_with_zero_run,
+    member,
+    pad,
+    pax_records,
+    peak_rss_growth,
+    tar_header,
+)
 from PIL import Image
 
-from medvlm.data import download_archive
 from medvlm.data.download import DownloadConfig, download_images
-from medvlm.data.tar_guard import MAX_TAR_HEADER_BYTES
+from medvlm.data.download import archive as download_archive
+from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES
 
 PREFIX = "https://ftp.ncbi.nlm.nih.gov/pub/pmc/"
 

@@ -31,7 +31,7 @@ eps, folder = Path(sys.argv[1]), Path(sys.argv[2])
 out = {}
 from medvlm.data.images import load_image
 from medvlm.data.validate import image_status
-from medvlm.data.download_archive import check_image
+from medvlm.data.download.archive import check_image
 from medvlm.errors import MedvlmError
 try:
     load_image(eps)

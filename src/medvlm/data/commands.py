@@ -99,7 +99,7 @@ def convert_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output folder.")] = False,
 ) -> None:
     """Convert VQA-RAD / SLAKE / PathVQA to LLaVA-Med's VQA format (written atomically)."""
-    from medvlm.data.hub import convert_benchmark
+    from medvlm.data.benchmarks.hub import convert_benchmark
 
     counts, info = convert_benchmark(dataset, inp, out, closed_options=closed_options, overwrite=overwrite)
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out} (read {info.layout} files in {info.folder})")
@@ -162,7 +162,7 @@ def group_cmd(
     src: Annotated[Optional[str], typer.Argument(hidden=True, help="Deprecated spelling of --in.")] = None,
 ) -> None:
     """Merge each image's single-question samples into one conversation (LLaVA-1.5's VQA training format)."""
-    from medvlm.data.group import group_file
+    from medvlm.data.benchmarks.group import group_file
 
     st = group_file(inp, out, max_questions=max_questions, seed=seed)
     typer.echo(f"{st.samples_in} samples -> {st.conversations} conversations over {st.images} images "

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
 from medvlm.errors import MedvlmError
+
+if TYPE_CHECKING:
+    from medvlm.data.schema import Sample
 
 ASPECT_MODES: tuple[str, ...] = ("square", "pad", "resize")
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
@@ -80,6 +83,20 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
             raise MedvlmError(f"{p}: too many pixels ({e})") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise MedvlmError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def load_sample_images(sample: Sample, image_folder: str | os.PathLike | None = None) -> list[Image.Image]:
+    """Load a sample's images (paths relative to ``image_folder`` unless absolute); an error names the sample."""
+    out = []
+    for rel in sample.images:
+        p = Path(rel)
+        if not p.is_absolute() and image_folder is not None:
+            p = Path(image_folder) / p
+        try:
+            out.append(load_image(p))
+        except MedvlmError as e:
+            raise MedvlmError(f"sample {sample.id!r}: {e}") from e
+    return out
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -51,7 +51,7 @@ class Message:
         return sum(1 for p in self.content if p.get("type") == "image")
 
     @classmethod
-    def from_text(cls, role: str, text: str, placeholder: str = IMAGE_PLACEHOLDER) -> "Message":
+    def from_text(cls, role: str, text: str, placeholder: str = IMAGE_PLACEHOLDER) -> Message:
         """Build a message from legacy text in which ``placeholder`` marks image positions.
 
         Whitespace (one newline) adjacent to a placeholder is absorbed, as LLaVA's
@@ -87,7 +87,7 @@ class Message:
         return {"role": self.role, "content": copy.deepcopy(self.content)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Message":
+    def from_dict(cls, d: dict) -> Message:
         content = d["content"]
         if isinstance(content, str):
             return cls.from_text(d["role"], content)
@@ -119,7 +119,7 @@ class Sample:
                 "meta": copy.deepcopy(self.meta)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Sample":
+    def from_dict(cls, d: dict) -> Sample:
         return cls(id=str(d["id"]), messages=[Message.from_dict(m) for m in d["messages"]],
                    images=list(d.get("images", [])), meta=dict(d.get("meta", {})))
 

@@ -12,9 +12,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from medvlm.data.figures import primary_domain
-from medvlm.data.readers import (PREFERENCE_FORMATS, read_image_urls, read_preferences, read_samples,
-                                 resolve_format)
+from medvlm.data.readers import PREFERENCE_FORMATS, read_image_urls, read_preferences, read_samples, resolve_format
+from medvlm.data.readers.figures import primary_domain
 from medvlm.data.schema import Message, Sample
 
 _USERLIKE = ("user", "vuser")

@@ -58,7 +58,7 @@ _CONTENT_MACRO = (
 )
 
 
-def _learned_turn(fmt: "RoleFormat") -> str:
+def _learned_turn(fmt: RoleFormat) -> str:
     return (
         _out(fmt.prefix)
         + "{%- generation -%}{{ "
@@ -70,7 +70,7 @@ def _learned_turn(fmt: "RoleFormat") -> str:
     )
 
 
-def template_to_jinja(tpl: "ChatTemplate") -> str:
+def template_to_jinja(tpl: ChatTemplate) -> str:
     """The Jinja chat template of ``tpl`` (see the module docstring)."""
     keep = "true" if tpl.prompt_text else "false"
     before, _, after = tpl.system_format.partition("{system}")

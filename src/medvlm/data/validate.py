@@ -17,10 +17,18 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from medvlm.data.figures import primary_domain
 from medvlm.data.images import DICOM_SUFFIXES, open_image
-from medvlm.data.readers import (PREFERENCE_FORMATS, convert_preference, convert_record, fig_caption_samples,
-                                 iter_typed_records, read_image_urls, resolve_format, turn_field)
+from medvlm.data.readers import (
+    PREFERENCE_FORMATS,
+    convert_preference,
+    convert_record,
+    fig_caption_samples,
+    iter_typed_records,
+    read_image_urls,
+    resolve_format,
+    turn_field,
+)
+from medvlm.data.readers.figures import primary_domain
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
 

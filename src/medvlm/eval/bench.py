@@ -1,7 +1,7 @@
 """``medvlm eval bench``: VQA-RAD / SLAKE / PathVQA in one command, every protocol, with bootstrap CIs.
 
 For each task: find the data (public release, hub parquet / JSON + zip, or a Hugging Face cache;
-:mod:`medvlm.data.hub`), convert it once into ``OUT/TASK/data`` (reused while the source files'
+:mod:`medvlm.data.benchmarks.hub`), convert it once into ``OUT/TASK/data`` (reused while the source files'
 hashes are unchanged), answer the split with the batched, resumable answerer of
 :mod:`medvlm.eval.vqa` (a rerun answers only what is missing), score with every named protocol,
 add percentile-bootstrap intervals (:mod:`medvlm.eval.bootstrap`) and per question type / modality
@@ -126,7 +126,7 @@ def resolve_data(tasks: list[str], data: list[str]) -> dict[str, Path]:
 
 def _prepare_data(task: str, src: Path, tdir: Path, closed_options: bool, split: str, old: dict[str, Any]) -> dict[str, Any]:
     """Convert (or reuse) the task's data; returns the source record for bench.json."""
-    from medvlm.data.hub import convert_benchmark, locate
+    from medvlm.data.benchmarks.hub import convert_benchmark, locate
 
     info = locate(task, src)
     cache = {str(info.folder / k): v for k, v in ((old.get("source") or {}).get("files") or {}).items()}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medvlm.data.figures import DOMAINS
+from medvlm.data.readers.figures import DOMAINS
 from medvlm.errors import MedvlmError
 from medvlm.eval.judge import load_judged
 from medvlm.utils.io import write_json_atomic

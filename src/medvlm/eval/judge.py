@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvlm.data.figures import normalize_mentions, primary_domain
+from medvlm.data.readers.figures import normalize_mentions, primary_domain
 from medvlm.errors import MedvlmError
-from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult
 from medvlm.eval.protocols import read_predictions
-from medvlm.llm.scores import parse_scores
+from medvlm.llm import LLMClient, LLMConfig
+from medvlm.llm.judge import ScoreJob, ask_for_scores
 from medvlm.utils.io import append_jsonl, iter_jsonl, write_jsonl_atomic
 
 SYSTEM_PROMPT = (
@@ -38,12 +38,6 @@ INSTRUCTION = (
     "score of Assistant 1, a space, the score of Assistant 2 (for example: 7 9). From the second line on, "
     "explain your scores. Do not let the order of the answers or their length sway you."
 )
-
-RETRY_PROMPT = (
-    "Your reply did not begin with the two scores. Reply again: the first line must hold only the score "
-    "of Assistant 1 and the score of Assistant 2, numbers from 1 to 10 separated by a space; then explain."
-)
-
 
 @dataclass
 class ChatQuestion:
@@ -108,21 +102,6 @@ def judge_messages(q: ChatQuestion, answer_1: str, answer_2: str) -> list[dict]:
 
 
 @dataclass
-class _Direction:
-    """One ordering of the two answers for one question, through its parse retries."""
-
-    qid: str
-    name: str
-    """``forward`` (reference = Assistant 1) or ``swapped`` (model answer = Assistant 1)."""
-    messages: list[dict]
-    tries: int = 0
-    scores: tuple[float, float] | None = None
-    reply: str | None = None
-    error: str | None = None
-    done: bool = False
-
-
-@dataclass
 class ChatJudgeResult:
     """What a ``judge_chat`` run did."""
 
@@ -138,13 +117,14 @@ class ChatJudgeResult:
     """The LLM client's request/token/cost summary."""
 
 
-def _record(q: ChatQuestion, answer: str, dirs: dict[str, _Direction], judge_model: str, swap: bool) -> dict:
+def _record(q: ChatQuestion, answer: str, dirs: dict[str, ScoreJob], judge_model: str, swap: bool) -> dict:
+    """The output line of one question from its ``forward`` (and ``swapped``) judge jobs."""
     rec: dict[str, Any] = {"question_id": q.question_id, "type": q.type, "domain": q.domain, "domains": q.domains,
                            "question": q.question, "answer": answer, "judge_model": judge_model, "swap": swap,
-                           "reviews": {d.name: d.reply for d in dirs.values()},
-                           "scores": {d.name: list(d.scores) if d.scores else None for d in dirs.values()},
+                           "reviews": {name: d.reply for name, d in dirs.items()},
+                           "scores": {name: list(d.scores) if d.scores else None for name, d in dirs.items()},
                            "reference_score": None, "model_score": None, "error": None}
-    errors = [f"{d.name}: {d.error}" for d in dirs.values() if d.error]
+    errors = [f"{name}: {d.error}" for name, d in dirs.items() if d.error]
     if errors:
         rec["error"] = "; ".join(errors)
         return rec
@@ -198,50 +178,31 @@ def judge_chat(questions_path: str | os.PathLike, answers_path: str | os.PathLik
     todo = [q for q in questions if str(q.question_id) not in done or done[str(q.question_id)].get("error") is not None]
     result.resumed = len(questions) - len(todo)
     by_id = {str(q.question_id): q for q in todo}
-    dirs: dict[str, dict[str, _Direction]] = {}
+    # one job per question and answer order: ``forward`` (reference = Assistant 1), ``swapped`` (model answer first)
+    dirs: dict[str, dict[str, ScoreJob]] = {}
     for q in todo:
         key, ans = str(q.question_id), answers[str(q.question_id)]
-        dirs[key] = {"forward": _Direction(key, "forward", judge_messages(q, q.reference, ans))}
+        dirs[key] = {"forward": ScoreJob(judge_messages(q, q.reference, ans), tag=key)}
         if swap:
-            dirs[key]["swapped"] = _Direction(key, "swapped", judge_messages(q, ans, q.reference))
+            dirs[key]["swapped"] = ScoreJob(judge_messages(q, ans, q.reference), tag=key)
     own_client = client is None
     client = client or LLMClient(llm)
     try:
-        pending = [d for qd in dirs.values() for d in qd.values()]
-        while pending:
-            retry_next: list[_Direction] = []
+        def on_done(job: ScoreJob) -> None:  # a question is written once all its orders are done
+            qd = dirs[job.tag]
+            if not all(x.done for x in qd.values()):
+                return
+            q = by_id[job.tag]
+            rec = _record(q, answers[job.tag], qd, client.config.model, swap)
+            append_jsonl(out_path, rec)
+            done[job.tag] = rec
+            if rec["error"]:
+                result.failed.append(f"{q.question_id}: {rec['error']}")
+            else:
+                result.judged += 1
 
-            def on_result(res: LLMResult) -> None:
-                d: _Direction = res.tag
-                if not res.ok:
-                    d.error, d.done = res.error, True
-                else:
-                    d.reply = res.text
-                    d.scores = parse_scores(res.text or "")
-                    if d.scores is not None:
-                        d.done = True
-                    elif d.tries < parse_retries:
-                        d.tries += 1
-                        d.messages = d.messages + [{"role": "assistant", "content": res.text},
-                                                   {"role": "user", "content": RETRY_PROMPT}]
-                        retry_next.append(d)
-                    else:
-                        d.error, d.done = f"unreadable scores after {d.tries + 1} replies: {(res.text or '')[:80]!r}", True
-                qd = dirs[d.qid]
-                if all(x.done for x in qd.values()):
-                    q = by_id[d.qid]
-                    rec = _record(q, answers[d.qid], qd, client.config.model, swap)
-                    append_jsonl(out_path, rec)
-                    done[d.qid] = rec
-                    if rec["error"]:
-                        result.failed.append(f"{q.question_id}: {rec['error']}")
-                    else:
-                        result.judged += 1
-
-            client.complete_many([LLMRequest(messages=d.messages, tag=d) for d in pending], on_result=on_result,
-                                 keep_results=False, desc="judging")
-            result.parse_retries += len(retry_next)
-            pending = retry_next
+        result.parse_retries = ask_for_scores(client, [d for qd in dirs.values() for d in qd.values()], parse_retries,
+                                              on_done=on_done)
         result.usage = client.usage.summary(client.config)
     finally:
         # compact: one line per question in question order (the appended lines are the crash-safe copy)

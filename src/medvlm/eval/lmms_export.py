@@ -201,7 +201,7 @@ def export_lmms_task(task: str, protocol: str, data: str | os.PathLike, out: str
                      prompt_suffix: str = "", closed_options: bool = False, max_new_tokens: int = 64,
                      overwrite: bool = False) -> dict[str, Any]:
     """Convert ``task`` from ``data`` and write the lmms-eval task folder ``out``; returns a summary."""
-    from medvlm.data.hub import HUB_REPOS, convert_benchmark
+    from medvlm.data.benchmarks.hub import HUB_REPOS, convert_benchmark
 
     if task not in HUB_REPOS:
         raise MedvlmError(f"unknown task {task!r}; choose one of {', '.join(HUB_REPOS)}")

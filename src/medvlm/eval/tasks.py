@@ -18,7 +18,7 @@ def run_chunk(job_path: str | Path, progress: bool = False) -> int:
     """Answer one chunk job; returns the number of answers written."""
     import torch
 
-    from medvlm.eval.vqa import ChunkJob, _progress, answer_into, load_engine, read_questions
+    from medvlm.eval.vqa import ChunkJob, answer_into, load_engine, progress_bar, read_questions
     from medvlm.infer.engine import GenerationSettings
 
     job = ChunkJob(**read_json(job_path))
@@ -31,7 +31,7 @@ def run_chunk(job_path: str | Path, progress: bool = False) -> int:
     if len(questions) != len(wanted):
         raise MedvlmError(f"{job.questions}: {len(wanted) - len(questions)} question(s) of the chunk are gone")
     engine = load_engine(job.model, job.batch_size, int(job.extra.get("self_question", 0)))
-    bar = _progress(len(questions), progress)
+    bar = progress_bar(len(questions), progress)
     n = answer_into(engine, questions, job.out, gen, job.model_id, job.batch_size, job.image_folder,
                     on_batch=bar.update)
     bar.close()

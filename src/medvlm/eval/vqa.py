@@ -33,9 +33,9 @@ from medvlm.data.readers import iter_typed_records
 from medvlm.data.readers.formats import convert_record
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
+from medvlm.utils.artifacts import DECODING_FILE
 from medvlm.utils.io import read_json, write_json_atomic, write_text_atomic
 
-DECODING_FILE = "decoding.json"
 ANSWER_FIELDS: tuple[str, ...] = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 # shortuuid's alphabet (no 0/1/I/O/l): answer ids look like the original's 22-character random ids.
 EVAL_PREFIX_CACHE_BYTES = 256 << 20
@@ -319,7 +319,7 @@ def run_vqa(
         part.unlink()
     pending = [q for q in qs if q.key not in done]
     if pending and processes == 1:
-        bar = _progress(len(pending), progress)
+        bar = progress_bar(len(pending), progress)
         engine = load_engine(model_dir, batch_size, self_question)
         answer_into(engine, pending, out, settings, mid, batch_size, image_folder, on_batch=bar.update)
         bar.close()
@@ -339,7 +339,8 @@ def run_vqa(
                         resumed=resumed, seconds=time.time() - started)
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr counting answered questions (shown only when ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="answering", unit="q", disable=not enabled, file=sys.stderr)

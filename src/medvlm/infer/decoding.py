@@ -35,7 +35,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     """HF repetition penalty over prompt and answer tokens (1.0 = off)."""
 
-    def validate(self) -> "GenerationSettings":
+    def validate(self) -> GenerationSettings:
         """Raise a MedvlmError naming the bad field."""
         if self.max_new_tokens < 1:
             raise MedvlmError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")

@@ -99,13 +99,7 @@ class NativeLlavaFamily:
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        layers = []
-        for layer in cache.layers:
-            if type(layer) is not DynamicLayer:
-                raise MedvlmError(f"the engine supports full-attention caches only; this model's cache has a "
-                                  f"{type(layer).__name__}")
-            layers.append((layer.keys, layer.values))
-        return out.logits[:, -1, :], layers
+        return out.logits[:, -1, :], cache_layers(cache)
 
     def decode(self, input_ids, attention_mask, position_ids, past):
         start = past.length
@@ -114,6 +108,17 @@ class NativeLlavaFamily:
                          use_cache=True, logits_to_keep=1)
         past.length = start + input_ids.shape[1]
         return out.logits[:, -1, :]
+
+
+def cache_layers(cache: DynamicCache) -> Layers:
+    """The ``(keys, values)`` of each layer of a prefill's cache; a sliding-window or other layer is refused."""
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise MedvlmError(f"the engine supports full-attention caches only; this model's cache has a "
+                              f"{type(layer).__name__}")
+        layers.append((layer.keys, layer.values))
+    return layers
 
 
 class _BufferLayer(DynamicLayer):

@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from medvlm.errors import MedvlmError
 from medvlm.infer.batching import PreparedPrompt
-from medvlm.infer.family import NativeLlavaFamily
+from medvlm.infer.family import NativeLlavaFamily, cache_layers
 from medvlm.infer.kv import KVBuffer, Layers, concat_rows
 
 
@@ -85,14 +84,8 @@ class TransformersFamily:
             cache = DynamicCache()
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **(extras[b] or {}), cache=cache,
                              use_cache=True, logits_to_keep=1)
-            layers = []
-            for layer in cache.layers:
-                if type(layer) is not DynamicLayer:
-                    raise MedvlmError(f"the engine supports full-attention caches only; this model's cache has a "
-                                      f"{type(layer).__name__}")
-                layers.append((layer.keys, layer.values))
             logits.append(out.logits[:, -1, :])
-            parts.append((layers, torch.ones(1, n, dtype=torch.bool)))
+            parts.append((cache_layers(cache), torch.ones(1, n, dtype=torch.bool)))
         layers, mask = concat_rows(parts)
         if mask.shape != attention_mask.shape or not bool((mask == attention_mask).all()):
             raise MedvlmError("internal: prefill expects right-aligned prompts without holes")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from medvlm.errors import MedvlmError
+from medvlm.utils.artifacts import CONFIG_FILE
 from medvlm.utils.io import read_json
 
 
@@ -25,7 +26,7 @@ def load_for_inference(path: str | os.PathLike, dtype: str | torch.dtype | None 
     from medvlm.model.build import load_pretrained
 
     folder = Path(path)
-    cfg = folder / "config.json"
+    cfg = folder / CONFIG_FILE
     if not cfg.is_file():
         raise MedvlmError(f"{folder}: config.json not found (not a checkpoint folder)")
     model_type = read_json(cfg).get("model_type")

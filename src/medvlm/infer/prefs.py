@@ -37,9 +37,9 @@ from medvlm.data.images import DICOM_SUFFIXES, load_image
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
-from medvlm.infer.prefs_judge import RETRY_PROMPT, image_data_url, judge_messages, reasons_of
-from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult
-from medvlm.llm.scores import parse_scores
+from medvlm.infer.prefs_judge import image_data_url, judge_messages, reasons_of
+from medvlm.llm import LLMClient, LLMConfig
+from medvlm.llm.judge import ScoreJob, ask_for_scores
 from medvlm.notice import SHORT_NOTICE
 from medvlm.utils.io import append_jsonl, iter_jsonl, write_json_atomic, write_jsonl_atomic
 
@@ -96,7 +96,7 @@ class PrefsConfig:
         """The LLM response cache when the LLM config names none."""
         return self.out.with_name(self.out.name + ".llm_cache.sqlite")
 
-    def validate(self) -> "PrefsConfig":
+    def validate(self) -> PrefsConfig:
         """Raise a MedvlmError naming the bad setting."""
         if self.ties not in TIE_POLICIES:
             raise MedvlmError(f"ties: unknown policy {self.ties!r}; choose one of {', '.join(TIE_POLICIES)}")
@@ -207,19 +207,6 @@ def model_candidates(engine: InferenceEngine, rel: str, image, cfg: PrefsConfig)
     return {"description": description, "questions_asked": len(raw_q), "candidates": candidates}
 
 
-@dataclass
-class JudgeJob:
-    """One question's judge request through its parse retries (``scores``/``reply`` or ``error`` when done)."""
-
-    rel: str
-    index: int
-    messages: list[dict]
-    tries: int = 0
-    scores: tuple[float, float] | None = None
-    reply: str | None = None
-    error: str | None = None
-
-
 def decide(scores: tuple[float, float], ties: str) -> int | None:
     """Index (0/1) of the chosen answer, or None for a dropped tie."""
     if scores[0] > scores[1]:
@@ -229,7 +216,7 @@ def decide(scores: tuple[float, float], ties: str) -> int | None:
     return 1 if ties == "second" else None
 
 
-def pair_records(rel: str, idx: int, cand: dict, description: str, j: JudgeJob, chosen: int,
+def pair_records(rel: str, idx: int, cand: dict, description: str, j: ScoreJob, chosen: int,
                  judge_model: str) -> tuple[dict, dict]:
     """The pair in STLLaVA-Med's and in TRL's format, with the judge's scores and reasons beside it."""
     q, answers = cand["question"], cand["answers"]
@@ -255,36 +242,6 @@ def _load_progress(path: Path) -> dict[str, dict]:
     rows = [rec for _, rec in iter_jsonl(path, skip_bad=True, bad=[]) if isinstance(rec, dict) and "image" in rec]
     write_jsonl_atomic(path, rows)  # appending after a torn last line would corrupt the next record
     return {rec["image"]: rec for rec in rows}
-
-
-def judge_jobs(client: LLMClient, jobs: list[JudgeJob], parse_retries: int) -> int:
-    """Send every job to the judge, re-asking unreadable replies up to ``parse_retries`` times; returns the re-asks."""
-    retries = 0
-    pending = list(jobs)
-    while pending:
-        again: list[JudgeJob] = []
-
-        def on_result(res: LLMResult) -> None:
-            j: JudgeJob = res.tag
-            if not res.ok:
-                j.error = res.error
-                return
-            j.reply, j.scores = res.text, parse_scores(res.text or "")
-            if j.scores is not None:
-                return
-            if j.tries < parse_retries:
-                j.tries += 1
-                j.messages = j.messages + [{"role": "assistant", "content": res.text},
-                                           {"role": "user", "content": RETRY_PROMPT}]
-                again.append(j)
-            else:
-                j.error = f"unreadable judge scores after {j.tries + 1} replies: {(res.text or '')[:80]!r}"
-
-        client.complete_many([LLMRequest(messages=j.messages, tag=j) for j in pending], on_result=on_result,
-                             keep_results=False, desc="judging")
-        retries += len(again)
-        pending = again
-    return retries
 
 
 def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, processor=None,
@@ -332,7 +289,7 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
 def _run_chunk(chunk: list[str], cfg: PrefsConfig, engine: InferenceEngine, client: LLMClient,
                progress: dict[str, dict], report: PrefsReport) -> None:
     gen: dict[str, dict] = {}
-    jobs: list[JudgeJob] = []
+    jobs: list[ScoreJob] = []
     for rel in chunk:
         try:
             image = load_image(cfg.images / rel)
@@ -345,11 +302,12 @@ def _run_chunk(chunk: list[str], cfg: PrefsConfig, engine: InferenceEngine, clie
         for i, cand in enumerate(gen[rel]["candidates"]):
             if cand["answers"][0] == cand["answers"][1]:
                 continue  # identical answers carry no preference; counted when the image is recorded
-            jobs.append(JudgeJob(rel, i, judge_messages(url, cand["question"], *cand["answers"])))
-    report.parse_retries += judge_jobs(client, jobs, cfg.parse_retries)
-    by_image: dict[str, dict[int, JudgeJob]] = {}
+            jobs.append(ScoreJob(judge_messages(url, cand["question"], *cand["answers"]), tag=(rel, i)))
+    report.parse_retries += ask_for_scores(client, jobs, cfg.parse_retries)
+    by_image: dict[str, dict[int, ScoreJob]] = {}
     for j in jobs:
-        by_image.setdefault(j.rel, {})[j.index] = j
+        rel, i = j.tag
+        by_image.setdefault(rel, {})[i] = j
     for rel, g in gen.items():
         pairs, trl, errors, ties, identical = [], [], [], 0, 0
         for i, cand in enumerate(g["candidates"]):

@@ -4,7 +4,7 @@ The judge sees the image itself (a data-URL content part), the question and both
 writes two 1-10 scores on its first line (the same reply contract as the chat-benchmark judge, read
 by :func:`medvlm.llm.scores.parse_scores`), then its reasons. The wording is ours: a medical-expert
 framing, correctness against the image first, and an explicit instruction that the answers' order
-and length must not matter. Replies without readable scores are re-asked with a follow-up message.
+and length must not matter. Replies without readable scores are re-asked (:mod:`medvlm.llm.judge`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,6 @@ INSTRUCTION = (
     "than a short correct one. The answers are shown in an arbitrary order: their position must not affect your "
     "scores, and neither must their length. Write the two scores on the first line and nothing else: the score of "
     "Assistant 1, a space, the score of Assistant 2 (for example: 3 8). From the second line on, give your reasons."
-)
-
-RETRY_PROMPT = (
-    "Your reply did not begin with the two scores. Reply again: the first line must hold only the score of "
-    "Assistant 1 and the score of Assistant 2, numbers from 1 to 10 separated by a space; then give your reasons."
 )
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}

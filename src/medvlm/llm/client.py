@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from medvlm.errors import MedvlmError
 from medvlm.llm.cache import ResponseCache, request_key
 from medvlm.llm.config import LLMConfig
+from medvlm.utils.backoff import backoff_delay
 
 
 class LLMFatalError(MedvlmError):
@@ -218,8 +219,7 @@ class LLMClient:
         return not self._stop.wait(seconds)
 
     def _backoff(self, retry: int) -> float:
-        d = min(self.config.backoff_max, self.config.backoff_base * (2 ** retry))
-        return d / 2 + self._rng.uniform(0, d / 2)
+        return backoff_delay(retry, self.config.backoff_base, self.config.backoff_max, rng=self._rng)
 
     def complete(self, messages: list[dict], params: dict | None = None, *, tag: Any = None) -> LLMResult:
         """Send one chat request (cache first); never raises for API failures: see ``LLMResult.error``."""

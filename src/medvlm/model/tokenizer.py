@@ -42,7 +42,7 @@ def build_tiny_tokenizer(
     corpus: Iterable[str] | None = None,
     vocab_size: int = 1024,
     extra_special_tokens: Iterable[str] = (),
-) -> "PreTrainedTokenizerFast":
+) -> PreTrainedTokenizerFast:
     """Train the tiny byte-level BPE tokenizer offline and wrap it as a transformers fast tokenizer.
 
     Deterministic: the same corpus and arguments give the same vocabulary and merges every call.
@@ -95,7 +95,7 @@ def build_tiny_tokenizer(
     return hf
 
 
-def add_image_tokens(tokenizer: "PreTrainedTokenizerBase", use_im_start_end: bool) -> list[str]:
+def add_image_tokens(tokenizer: PreTrainedTokenizerBase, use_im_start_end: bool) -> list[str]:
     """Register ``<image>`` (and ``<im_start>``/``<im_end>`` when ``use_im_start_end``) as special tokens.
 
     Works on any transformers tokenizer. Returns the tokens that were newly added to the vocabulary

@@ -86,7 +86,7 @@ class DynamicBatcher:
         return self._batcher.steps
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "DynamicBatcher":
+    def start(self) -> DynamicBatcher:
         """Start the model thread (idempotent)."""
         if self._thread is None:
             self._stopped = False

@@ -39,7 +39,7 @@ class BackgroundServer:
         """``http://host:port``."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         """Start and wait until the server accepts connections."""
         self._thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
         self._thread.start()
@@ -57,7 +57,7 @@ class BackgroundServer:
             self._thread.join(timeout)
             self._thread = None
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

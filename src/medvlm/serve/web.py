@@ -45,7 +45,7 @@ EXAMPLE_QUESTIONS: dict[str, str] = {
     "histology": "Describe the tissue shown in this histology image.",
     "ct": "How many lesions are visible in this CT slice?",
 }
-"""Example questions for the generated example images (synthetic, drawn by medvlm.data.synth_render)."""
+"""Example questions for the generated example images (synthetic, drawn by medvlm.data.synth.render)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def generated_examples(folder: Path) -> list[list[str]]:
     """Small synthetic example images (written into ``folder``) with a question each."""
     import numpy as np
 
-    from medvlm.data.synth_render import Factors, render
+    from medvlm.data.synth.render import Factors, render
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -228,7 +228,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
 
         def respond(st, m, t, p, n):
             try:
-                for st in chat.answer(st, m, sampling(t, p, n)):
+                for st in chat.answer(st, m, sampling(t, p, n)):  # noqa: B020 - each state replaces the last
                     yield st, _chat_view(st["turns"])
             except MedvlmError as e:
                 if isinstance(e, BackendError):
@@ -261,7 +261,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
             try:
                 st = chat.add_question(chat.new_state(), text, img)
                 final = ""
-                for st in chat.answer(st, m, sampling(t, p, n)):
+                for st in chat.answer(st, m, sampling(t, p, n)):  # noqa: B020 - each state replaces the last
                     final = st["turns"][-1].answer or ""
             except BackendError as e:
                 logger.warning("backend error: %s", e)

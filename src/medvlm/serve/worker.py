@@ -126,6 +126,7 @@ class ModelWorker:
         self.batcher = DynamicBatcher(engine, config.batcher)
         self.semaphore: asyncio.Semaphore | None = None
         self.waiting = 0
+        self.running = 0
         self.context = int(engine.model.config.text_config.max_position_embeddings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,9 +137,23 @@ class ModelWorker:
     # -- controller link -------------------------------------------------------------------
     def queue_length(self) -> int:
         """Requests running or waiting for a slot (what LLaVA reports)."""
-        if self.semaphore is None:
-            return 0
-        return self.config.limit_concurrency - self.semaphore._value + self.waiting
+        return self.running + self.waiting
+
+    async def acquire_slot(self) -> None:
+        """Wait for one of ``limit_concurrency`` slots, counted as waiting, then as running, in the queue length."""
+        assert self.semaphore is not None
+        self.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1  # no await between the decrement and this: the count never drops a request
+
+    def release_slot(self) -> None:
+        """Give back a slot taken by :meth:`acquire_slot`."""
+        assert self.semaphore is not None
+        self.running -= 1
+        self.semaphore.release()
 
     def get_status(self) -> dict:
         return {"model_names": [self.config.model_name], "speed": 1, "queue_length": self.queue_length(),
@@ -332,15 +347,10 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
-        assert worker.semaphore is not None
         if worker.waiting >= config.batcher.max_queue:  # before the body is read: a waiting request costs nothing
             return Response(frame(f"{SERVER_ERROR_MSG}\n\n(the worker's queue is full; retry later)", 1),
                             status_code=503, headers={"Retry-After": "1"})
-        worker.waiting += 1
-        try:
-            await worker.semaphore.acquire()
-        finally:
-            worker.waiting -= 1
+        await worker.acquire_slot()
         try:
             try:
                 params = await request.json()
@@ -348,13 +358,13 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
                 params = None
             prepared_all = await run_in_threadpool(worker.prepare, params if isinstance(params, dict) else {})
         except (RequestRefused, ImageInputError) as e:
-            worker.semaphore.release()
+            worker.release_slot()
             return Response(frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1), status_code=e.status)
         except MedvlmError as e:
-            worker.semaphore.release()
+            worker.release_slot()
             return Response(frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1), status_code=400)
         except BaseException:
-            worker.semaphore.release()
+            worker.release_slot()
             raise
 
         released = False
@@ -363,7 +373,7 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
             nonlocal released
             if not released:
                 released = True
-                worker.semaphore.release()
+                worker.release_slot()
 
         async def body():
             try:

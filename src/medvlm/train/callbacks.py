@@ -15,12 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from medvlm.utils.artifacts import DATA_MANIFEST_FILE, LOSS_CURVE_FILE, TRAIN_CONFIG_FILE, TRAIN_LOG_FILE
 from medvlm.utils.io import append_jsonl, atomic_path, write_json_atomic, write_text_atomic
-
-CONFIG_FILE = "train_config.yaml"
-MANIFEST_FILE = "data_manifest.json"
-LOSS_PNG = "loss_curve.png"
-LOG_FILE = "train_log.jsonl"
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], dest: str | os.PathLike, title: str = "training loss") -> bool:
@@ -59,22 +55,22 @@ class RunArtifactsCallback(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                write_text_atomic(ckpt / CONFIG_FILE, self.config_yaml)
-                write_json_atomic(ckpt / MANIFEST_FILE, self.manifest)
-            plot_loss_curve(state.log_history, Path(args.output_dir) / LOSS_PNG, self.title)
+                write_text_atomic(ckpt / TRAIN_CONFIG_FILE, self.config_yaml)
+                write_json_atomic(ckpt / DATA_MANIFEST_FILE, self.manifest)
+            plot_loss_curve(state.log_history, Path(args.output_dir) / LOSS_CURVE_FILE, self.title)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             row = {"step": state.global_step, "epoch": state.epoch}
             row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
-            append_jsonl(Path(args.output_dir) / LOG_FILE, row)
+            append_jsonl(Path(args.output_dir) / TRAIN_LOG_FILE, row)
         return control
 
 
 def read_log(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of ``train_log.jsonl`` (a torn last line from a killed run is skipped)."""
-    path = Path(output_dir) / LOG_FILE
+    path = Path(output_dir) / TRAIN_LOG_FILE
     if not path.is_file():
         return []
     rows = []

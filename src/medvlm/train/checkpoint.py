@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
+from medvlm.utils.artifacts import TRAINER_STATE_FILE
 
 # medvlm config field names accepted in ``model_kwargs`` -> the builder's argument names.
 _BUILD_ALIASES = {"image_aspect": "aspect", "vision_feature_layer": "feature_layer",
@@ -120,7 +120,7 @@ def find_last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     best = None
     for p in d.iterdir():
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+        if m and p.is_dir() and (p / TRAINER_STATE_FILE).is_file():
             if best is None or int(m.group(1)) > best[0]:
                 best = (int(m.group(1)), p)
     return str(best[1]) if best else None
@@ -138,7 +138,7 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     if value in ("auto", True, "true", "last"):
         return last
     p = Path(str(value))
-    if not (p / "trainer_state.json").is_file():
+    if not (p / TRAINER_STATE_FILE).is_file():
         raise MedvlmError(f"resume_from_checkpoint {p}: not a checkpoint folder (no trainer_state.json)")
     return str(p)
 

@@ -245,7 +245,7 @@ class TrainConfig:
             out.append(src)
         return out
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check choices and required keys; raise a MedvlmError naming the key."""
         _choice(self.stage, STAGES, "stage")
         _choice(self.tune, TUNES, "tune")

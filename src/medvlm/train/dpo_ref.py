@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from medvlm.errors import MedvlmError
+from medvlm.utils.artifacts import CONFIG_FILE, REF_LOGPS_FILE
 from medvlm.utils.io import atomic_path
-
-AUTO_FILE = "ref_logps.safetensors"
 
 
 def fingerprint(checkpoint: str | os.PathLike, dataset) -> str:
@@ -34,7 +33,7 @@ def fingerprint(checkpoint: str | os.PathLike, dataset) -> str:
 
     h = hashlib.sha256()
     folder = Path(checkpoint)
-    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+    for f in sorted(folder.glob("*.safetensors")) + [folder / CONFIG_FILE]:
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
     for settings in processor_settings(dataset.processor):
@@ -120,7 +119,7 @@ def ensure_ref_logps(cfg, load_reference: Callable[[], Any], dataset) -> dict[st
     path is created when missing and refused when it belongs to other data or another reference.
     """
     auto = cfg.ref_logps == "auto"
-    path = Path(cfg.output_dir) / AUTO_FILE if auto else Path(cfg.ref_logps)
+    path = Path(cfg.output_dir) / REF_LOGPS_FILE if auto else Path(cfg.ref_logps)
     fp = fingerprint(cfg.model_name_or_path, dataset)
     if path.is_file():
         values, stored_fp = load_ref_logps(path)

@@ -32,6 +32,7 @@ from medvlm.model.families.io import family_of
 from medvlm.model.families.spec import FamilySpec, part_of
 from medvlm.model.vit_lora import LoraSpec
 from medvlm.train.config import VIT_LINEAR_NAMES, TrainConfig
+from medvlm.utils.artifacts import CONFIG_FILE
 from medvlm.utils.io import read_json
 
 SELF_TRAINING = ("sq", "dpo")
@@ -40,12 +41,12 @@ SELF_TRAINING = ("sq", "dpo")
 def start_family(cfg: TrainConfig) -> str | None:
     """The family of the run's starting checkpoint, or None for the native model (checked against ``family``)."""
     path = cfg.model_name_or_path
-    if path is None or not (Path(path) / "config.json").is_file():
+    if path is None or not (Path(path) / CONFIG_FILE).is_file():
         if cfg.family is not None:
             raise MedvlmError(f"family: {cfg.family} needs model_name_or_path to be a checkpoint folder of that family "
                               "(build a tiny one with: medvlm model init --preset tiny-<family> --out DIR)")
         return None
-    if read_json(Path(path) / "config.json").get("model_type") == "medvlm":
+    if read_json(Path(path) / CONFIG_FILE).get("model_type") == "medvlm":
         if cfg.family is not None:
             raise MedvlmError(f"family: {cfg.family}, but {path} is a native medvlm checkpoint (model_type medvlm)")
         return None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medvlm.train.config import TrainConfig
+from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE, TRAIN_LOG_FILE
 
 
 def local_batches(dataset, collate, chunk: list[int], micro: int, world: int, rank: int, accumulation: int) -> list[dict]:
@@ -165,11 +166,10 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
     Each optimizer step takes this rank's slice of the sampler's global batch, divides every micro-batch's CE
     sum by the learned tokens of the whole global batch (all-reduced), back-propagates it with ``strategy``
     and steps; the logged loss is the all-reduced global token-mean, averaged over ``logging_steps``.
-    Rows go to ``LOG_FILE`` on rank 0.
+    Rows go to ``TRAIN_LOG_FILE`` on rank 0.
     """
     import torch.distributed as dist
 
-    from medvlm.train.callbacks import LOG_FILE
     from medvlm.utils.io import append_jsonl
 
     micro, world, rank, accumulation = run.micro, run.world, run.rank, run.accumulation
@@ -205,7 +205,7 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
                 window = []
                 if rank == 0:
                     print(f"step {step}/{total} loss {row['loss']:.4f} lr {row['learning_rate']:.3g}", flush=True)
-                    append_jsonl(run.out_dir / LOG_FILE, row)
+                    append_jsonl(run.out_dir / TRAIN_LOG_FILE, row)
         epoch += 1
     return history, step
 
@@ -216,7 +216,6 @@ def finish_manual_run(cfg: TrainConfig, run: ManualRun, config, full: dict[str, 
 
     ``config`` is the model config; ``label`` names the path in the plot title. Returns a ``TrainResult``.
     """
-    from medvlm.train.callbacks import CONFIG_FILE, MANIFEST_FILE
     from medvlm.train.setup import finish_run
 
     plain = None
@@ -225,6 +224,6 @@ def finish_manual_run(cfg: TrainConfig, run: ManualRun, config, full: dict[str, 
         plain.load_state_dict(full)
     manifest = run.manifest.to_dict()
     return finish_run(cfg, run.start, main=run.rank == 0, model=plain,
-                      extra_files={CONFIG_FILE: cfg.to_yaml(), MANIFEST_FILE: manifest},
+                      extra_files={TRAIN_CONFIG_FILE: cfg.to_yaml(), DATA_MANIFEST_FILE: manifest},
                       title=f"{cfg.stage} ({label}): {run.out_dir.name}", history=history, steps=steps,
                       manifest=manifest, shards=shards)

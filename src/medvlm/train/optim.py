@@ -28,8 +28,9 @@ class ParamGroupSpec:
     """Learning rate if different from the run's."""
 
 
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    # Biases, norm scales and other 1-D parameters (cluster projector's sim_alpha/beta) never decay.
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """True for parameters kept out of weight decay: biases, norm scales and every other 1-D parameter."""
+    # 1-D includes the cluster projector's sim_alpha/beta; the name test catches norm weights stored 2-D.
     lowered = name.lower()
     return param.ndim < 2 or "norm" in lowered or lowered.endswith(".bias")
 
@@ -53,7 +54,7 @@ def param_groups(
             continue
         seen.add(id(p))
         is_proj = projector_lr is not None and (name.startswith("projector.") or ".projector." in name)
-        decay = weight_decay > 0 and not _no_decay(name, p) and id(p) not in row_masked
+        decay = weight_decay > 0 and not no_weight_decay(name, p) and id(p) not in row_masked
         groups.setdefault((is_proj, decay), []).append(p)
     out = []
     for (is_proj, decay), params in sorted(groups.items()):

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medvlm.data.sq import sq_rng, to_self_questioning
 from medvlm.data.schema import Sample
+from medvlm.data.sq import sq_rng, to_self_questioning
 from medvlm.errors import MedvlmError
 from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
 from medvlm.train.config import TrainConfig
 from medvlm.train.data import SupervisedDataset
+from medvlm.train.optim import no_weight_decay
 from medvlm.train.trainer import MedVLMTrainer
 
 VIT_LORA_GRAD_MODES: tuple[str, ...] = ("trained", "published")
@@ -116,11 +117,6 @@ def apply_self_training_stage(model: torch.nn.Module, cfg: TrainConfig) -> torch
     return apply_lora_adapters(model, lm, vision, modules_to_save=save or None)
 
 
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    lowered = name.lower()
-    return param.ndim < 2 or "norm" in lowered or lowered.endswith(".bias")
-
-
 def part_of(name: str) -> str:
     """``vision``, ``projector`` or ``lm`` for a (possibly PEFT-prefixed) parameter name."""
     dotted = f".{name}"
@@ -143,7 +139,7 @@ def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        decay = weight_decay > 0 and not _no_decay(name, p)
+        decay = weight_decay > 0 and not no_weight_decay(name, p)
         groups.setdefault((part(name), decay), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):

@@ -22,6 +22,7 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
+from medvlm.utils.artifacts import LOSS_CURVE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
     ``model`` is unwrapped (no DDP); a PEFT model is merged (adapters kept in ``adapter/``). ``result`` holds the
     extra :class:`TrainResult` fields (``cache_stats``, ``cache_by_epoch``, ``shards``).
     """
-    from medvlm.train.callbacks import LOSS_PNG, plot_loss_curve
+    from medvlm.train.callbacks import plot_loss_curve
 
     if main:
         from medvlm.train.checkpoint import save_final
@@ -241,7 +242,7 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
             def write(m, folder, title):
                 save_checkpoint(m, start.processor, folder, extra_files=extra_files, title=title)
         save_final(model, cfg.output_dir, is_peft(model), write)
-        plot_loss_curve(history, Path(cfg.output_dir) / LOSS_PNG, title)
+        plot_loss_curve(history, Path(cfg.output_dir) / LOSS_CURVE_FILE, title)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     losses = [h["loss"] for h in history if "loss" in h]

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvlm.data.figures import FigureRecord, read_fig_captions
 from medvlm.data.instruct.prompts import PromptSet, build_messages, load_prompts
+from medvlm.data.readers.figures import FigureRecord, read_fig_captions
 from medvlm.errors import MedvlmError
 from medvlm.llm import LLMClient, LLMConfig, LLMRequest, LLMResult
 from medvlm.utils.io import append_jsonl, iter_jsonl, write_jsonl_atomic

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from medvlm.data.figures import FigureRecord, normalize_mentions
+from medvlm.data.readers.figures import FigureRecord, normalize_mentions
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import read_json
 

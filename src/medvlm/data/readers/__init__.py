@@ -25,13 +25,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medvlm.data.figures import read_fig_captions
-from medvlm.data.readers.formats import (FORMATS, PREFERENCE_FORMATS, SAMPLE_FORMATS, check_format, convert_record,
-                                         detect_format, turn_field)
+from medvlm.data.readers.figures import read_fig_captions
+from medvlm.data.readers.formats import (
+    FORMATS,
+    PREFERENCE_FORMATS,
+    SAMPLE_FORMATS,
+    check_format,
+    convert_record,
+    detect_format,
+    turn_field,
+)
 from medvlm.data.readers.preferences import convert_preference, split_shared_prompt
-from medvlm.data.readers.stream import (RawRecord, RecordFile, container_kind, index_json_array, index_jsonl,
-                                        index_records, iter_json_array, iter_jsonl_records, iter_raw_records,
-                                        read_record_at)
+from medvlm.data.readers.stream import (
+    RawRecord,
+    RecordFile,
+    container_kind,
+    index_json_array,
+    index_jsonl,
+    index_records,
+    iter_json_array,
+    iter_jsonl_records,
+    iter_raw_records,
+    read_record_at,
+)
 from medvlm.data.schema import Message, PreferenceSample, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
 

@@ -82,7 +82,7 @@ def _str(rec: dict, key: str, where: str, *, required: bool = True) -> str | Non
     return str(v)
 
 
-def _images(rec: dict, where: str, key: str = "image") -> list[str]:
+def record_images(rec: dict, where: str, key: str = "image") -> list[str]:
     """``image``: a path, a list of paths, or absent/null."""
     v = rec.get(key)
     if v is None:
@@ -94,7 +94,8 @@ def _images(rec: dict, where: str, key: str = "image") -> list[str]:
     raise MedvlmError(f"{where}: field {key!r}: expected an image path or a list of paths, got {type(v).__name__}")
 
 
-def _record_id(rec: dict, index: int, *keys: str) -> str:
+def record_id(rec: dict, index: int, *keys: str) -> str:
+    """The first of ``keys`` present with a scalar value, as a string; else the record's index."""
     for k in keys:
         v = rec.get(k)
         if v is not None and not isinstance(v, (dict, list)):
@@ -102,7 +103,8 @@ def _record_id(rec: dict, index: int, *keys: str) -> str:
     return str(index)
 
 
-def _meta(rec: dict, used: set[str]) -> dict[str, Any]:
+def record_meta(rec: dict, used: set[str]) -> dict[str, Any]:
+    """Every field of ``rec`` the reader did not consume (kept in ``Sample.meta``)."""
     return {k: v for k, v in rec.items() if k not in used}
 
 
@@ -136,8 +138,8 @@ def _llava(rec: dict, index: int, where: str) -> Sample:
     key = conversation_key(rec)
     if key is None:
         raise MedvlmError(f"{where}: field 'conversations' is missing")
-    return Sample(id=_record_id(rec, index, "id"), messages=llava_turns(rec[key], f"{where}: {key}"),
-                  images=_images(rec, where), meta=_meta(rec, {"id", "image", key}))
+    return Sample(id=record_id(rec, index, "id"), messages=llava_turns(rec[key], f"{where}: {key}"),
+                  images=record_images(rec, where), meta=record_meta(rec, {"id", "image", key}))
 
 
 def _vqa_test(rec: dict, index: int, where: str) -> Sample:
@@ -197,31 +199,31 @@ def chat_messages(msgs: Any, where: str, inline_images: list[str]) -> list[Messa
 def _messages(rec: dict, index: int, where: str) -> Sample:
     inline: list[str] = []
     messages = chat_messages(rec.get("messages"), f"{where}: messages", inline)
-    images = _images(rec, where, "images") if "images" in rec else _images(rec, where, "image")
+    images = record_images(rec, where, "images") if "images" in rec else record_images(rec, where, "image")
     if inline and images:
         raise MedvlmError(f"{where}: images are given both inside the messages and in the 'images' column")
     meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
-    meta.update(_meta(rec, {"id", "messages", "images", "image", "meta"}))
-    return Sample(id=_record_id(rec, index, "id"), messages=messages, images=inline or images, meta=meta)
+    meta.update(record_meta(rec, {"id", "messages", "images", "image", "meta"}))
+    return Sample(id=record_id(rec, index, "id"), messages=messages, images=inline or images, meta=meta)
 
 
 def _qa50(rec: dict, index: int, where: str) -> Sample:
     text = _str(rec, "text", where)
-    return Sample(id=_record_id(rec, index, "question_id"), messages=[Message.from_text("user", text)],
-                  images=_images(rec, where), meta=_meta(rec, {"question_id", "image", "text"}) | {"question_id": rec["question_id"]})
+    return Sample(id=record_id(rec, index, "question_id"), messages=[Message.from_text("user", text)],
+                  images=record_images(rec, where), meta=record_meta(rec, {"question_id", "image", "text"}) | {"question_id": rec["question_id"]})
 
 
 def _vqa_flat(rec: dict, index: int, where: str) -> Sample:
     question = _str(rec, "question", where)
     answer = _str(rec, "answer", where)
-    images = _images(rec, where)
+    images = record_images(rec, where)
     user = Message.from_text("user", question)
     if images and user.num_images == 0:
         user.content.insert(0, image_part())  # flat rows carry no placeholder: the image goes first, as LLaVA does
-    meta = _meta(rec, {"id", "qid", "question_id", "image", "question"})
+    meta = record_meta(rec, {"id", "qid", "question_id", "image", "question"})
     if isinstance(meta.get("answer_type"), str):
         meta["answer_type"] = meta["answer_type"].strip().upper()
-    return Sample(id=_record_id(rec, index, "id", "qid", "question_id"),
+    return Sample(id=record_id(rec, index, "id", "qid", "question_id"),
                   messages=[user, Message("assistant", [text_part(answer)])], images=images, meta=meta)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medvlm.data.readers.formats import _images, _meta, _record_id, chat_messages, llava_turns
+from medvlm.data.readers.formats import chat_messages, llava_turns, record_id, record_images, record_meta
 from medvlm.data.schema import Message, PreferenceSample, text_part
 from medvlm.errors import MedvlmError
 
@@ -42,8 +42,8 @@ def _stllava(rec: dict, index: int, where: str) -> PreferenceSample:
     chosen = llava_turns(rec["chosen_conversations"], f"{where}: chosen_conversations")
     rejected = llava_turns(rec[rkey], f"{where}: {rkey}")
     prompt, c, r = split_shared_prompt(chosen, rejected, where)
-    return PreferenceSample(id=_record_id(rec, index, "id"), prompt=prompt, chosen=c, rejected=r,
-                            images=_images(rec, where), meta=_meta(rec, {"id", "image", "chosen_conversations", rkey}))
+    return PreferenceSample(id=record_id(rec, index, "id"), prompt=prompt, chosen=c, rejected=r,
+                            images=record_images(rec, where), meta=record_meta(rec, {"id", "image", "chosen_conversations", rkey}))
 
 
 def _side(value: Any, where: str, inline: list[str]) -> list[Message]:
@@ -65,11 +65,11 @@ def _trl(rec: dict, index: int, where: str) -> PreferenceSample:
         prompt = chat_messages(prompt_value, f"{where}: prompt", inline)
     if [m.to_dict() for m in chosen] == [m.to_dict() for m in rejected]:
         raise MedvlmError(f"{where}: chosen and rejected are identical")
-    images = _images(rec, where, "images") if "images" in rec else _images(rec, where, "image")
+    images = record_images(rec, where, "images") if "images" in rec else record_images(rec, where, "image")
     if inline and images:
         raise MedvlmError(f"{where}: images are given both inside the messages and in the 'images' column")
-    return PreferenceSample(id=_record_id(rec, index, "id"), prompt=prompt, chosen=chosen, rejected=rejected,
-                            images=inline or images, meta=_meta(rec, {"id", "prompt", "chosen", "rejected", "images", "image"}))
+    return PreferenceSample(id=record_id(rec, index, "id"), prompt=prompt, chosen=chosen, rejected=rejected,
+                            images=inline or images, meta=record_meta(rec, {"id", "prompt", "chosen", "rejected", "images", "image"}))
 
 
 PREFERENCE_CONVERTERS = {"stllava_dpo": _stllava, "trl_preference": _trl}

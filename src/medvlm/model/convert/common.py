@@ -20,20 +20,20 @@ from medvlm.model.card import render_model_card
 from medvlm.model.config import MedVLMConfig
 from medvlm.model.convert.shards import DEFAULT_SHARD_BYTES, DTYPE_NAMES, SafetensorsCheckpoint, ShardWriter
 from medvlm.model.modeling import MedVLMForConditionalGeneration
-from medvlm.model.processing import PROCESSOR_FILE, MedVLMProcessor
+from medvlm.model.processing import MedVLMProcessor
 from medvlm.model.safe_load import refusing_remote_code
+from medvlm.utils.artifacts import CONFIG_FILE, CONVERSION_FILE, MODEL_CARD_FILE, PROCESSOR_FILE
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("medvlm.model.convert")
 
-CONVERSION_FILE = "conversion.json"
 
 
 def read_medvlm(folder: str | os.PathLike) -> tuple[MedVLMConfig, MedVLMProcessor, SafetensorsCheckpoint]:
     """Config, processor and a lazy view of the weights of a medvlm checkpoint (no model is built)."""
     folder = Path(folder)
     ckpt = SafetensorsCheckpoint(folder, "medvlm checkpoint")
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise MedvlmError(f"medvlm checkpoint folder {folder} has no config.json")
     if not (folder / PROCESSOR_FILE).is_file():
         raise MedvlmError(f"{folder} has no {PROCESSOR_FILE}; export needs a medvlm checkpoint (see `medvlm model import`)")
@@ -145,7 +145,7 @@ def write_medvlm_checkpoint(
         config.save_pretrained(str(tmp))
         generation_config_for(processor.tokenizer).save_pretrained(str(tmp))
         processor.save_pretrained(tmp)
-        write_text_atomic(tmp / "README.md", render_model_card(model, title=title, notes=notes))
+        write_text_atomic(tmp / MODEL_CARD_FILE, render_model_card(model, title=title, notes=notes))
         write_json_atomic(tmp / CONVERSION_FILE, record)
     return out
 

@@ -31,16 +31,15 @@ from medvlm.model.convert.shards import (
     DEFAULT_SHARD_BYTES,
     DTYPE_NAMES,
     DTYPES_BY_NAME,
-    INDEX_FILE,
     PICKLE_SUFFIXES,
     SafetensorsCheckpoint,
     ShardWriter,
 )
+from medvlm.utils.artifacts import DELTA_FILE, WEIGHTS_INDEX_FILE
 from medvlm.utils.io import atomic_dir, write_json_atomic
 
 BLOCK_KEYS: tuple[str, ...] = ("model.embed_tokens.weight", "lm_head.weight")
 TARGET_DTYPE_META = "target_dtype."
-DELTA_FILE = "delta.json"
 
 
 def _block(key: str, base_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int]:
@@ -64,7 +63,7 @@ def _combine(key: str, x: torch.Tensor, base: torch.Tensor, sign: float) -> torc
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Copy config, tokenizer and other non-weight files (weights are written by the caller)."""
-    skip = {INDEX_FILE, DELTA_FILE}
+    skip = {WEIGHTS_INDEX_FILE, DELTA_FILE}
     for p in sorted(src.iterdir()):
         if p.is_file() and p.suffix != ".safetensors" and p.name not in skip and p.suffix not in PICKLE_SUFFIXES:
             shutil.copy2(p, dst / p.name)

@@ -53,6 +53,7 @@ from medvlm.model.convert.common import (
 from medvlm.model.convert.shards import DEFAULT_SHARD_BYTES, DTYPE_NAMES, SafetensorsCheckpoint
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.notice import NOTICE
+from medvlm.utils.artifacts import MODEL_CARD_FILE
 from medvlm.utils.io import atomic_dir, write_text_atomic
 
 # Image-processor fields copied from medvlm's processor into the LlavaImageProcessor.
@@ -273,6 +274,6 @@ def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike,
         generation.save_pretrained(str(tmp))
         hf_processor.save_pretrained(str(tmp))
         image_processor.save_pretrained(str(tmp))  # preprocessor_config.json too, for older loaders
-        write_text_atomic(tmp / "README.md", _model_card(config, processor, src, notes))
+        write_text_atomic(tmp / MODEL_CARD_FILE, _model_card(config, processor, src, notes))
     log.info("exported %s to llava-hf layout at %s", src, dst)
     return dst

@@ -48,6 +48,13 @@ from medvlm.model.convert.towers import BUFFER_SUFFIXES, STORED_TOWER_PREFIX, re
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.model.tokenizer import IMAGE_TOKEN
 from medvlm.notice import NOTICE
+from medvlm.utils.artifacts import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    MODEL_CARD_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
 LLAVA_MED_VERSIONS: tuple[str, ...] = ("v1.5", "v1.0")
@@ -183,12 +190,12 @@ def _v15_refusal(config: MedVLMConfig, aspect: str) -> str | None:
 
 def _strip_token_files(folder: Path, token: str) -> None:
     """Remove an added token from saved tokenizer files (transformers has no API to remove a token)."""
-    tok_json = folder / "tokenizer.json"
+    tok_json = folder / TOKENIZER_FILE
     if tok_json.is_file():
         data = read_json(tok_json)
         data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != token]
         write_json_atomic(tok_json, data, indent=None)
-    cfg_json = folder / "tokenizer_config.json"
+    cfg_json = folder / TOKENIZER_CONFIG_FILE
     if cfg_json.is_file():
         data = read_json(cfg_json)
         decoder = data.get("added_tokens_decoder") or {}
@@ -265,17 +272,17 @@ def export_llava_med_v15(src: str | os.PathLike, dst: str | os.PathLike, vision_
         for key, t in tensors():
             writer.add(key, t)
         writer.close()
-        write_json_atomic(tmp / "config.json", out_cfg)
+        write_json_atomic(tmp / CONFIG_FILE, out_cfg)
         tokenizer.save_pretrained(str(tmp))
         if drop:
             _strip_token_files(tmp, tokenizer.convert_ids_to_tokens(config.image_token_id))
             check = AutoTokenizer.from_pretrained(str(tmp), local_files_only=True, trust_remote_code=False)
             if len(check) != keep:
                 raise MedvlmError(f"could not remove {IMAGE_TOKEN} from the exported tokenizer ({len(check)} != {keep})")
-        write_json_atomic(tmp / "generation_config.json", {
+        write_json_atomic(tmp / GENERATION_CONFIG_FILE, {
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id})
-        write_text_atomic(tmp / "README.md", "\n".join([
+        write_text_atomic(tmp / MODEL_CARD_FILE, "\n".join([
             f"# {src.name} (LLaVA-Med v1.5 layout)", "", f"> **Research use only.** {NOTICE}", "",
             f"Exported by `medvlm model export --to llava-med-v1.5` ({arch}). Chat template used in training: "
             f"`{config.template}` (LLaVA chooses the conversation mode at run time). Vision tower: `{name}` "

@@ -19,10 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medvlm.errors import MedvlmError
+from medvlm.utils.artifacts import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from medvlm.utils.io import read_json, write_json_atomic
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size ("5GB")
 
@@ -51,8 +50,8 @@ class SafetensorsCheckpoint:
         self.what = what
         if not self.folder.is_dir():
             raise MedvlmError(f"{what} folder {self.folder} not found")
-        index = self.folder / INDEX_FILE
-        single = self.folder / SINGLE_FILE
+        index = self.folder / WEIGHTS_INDEX_FILE
+        single = self.folder / WEIGHTS_FILE
         if index.is_file():
             data = read_json(index)
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -64,13 +63,13 @@ class SafetensorsCheckpoint:
                 raise MedvlmError(f"{index} lists shard file(s) that are missing: {', '.join(missing)}")
         elif single.is_file():
             with safe_open(str(single), "pt") as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+                self.weight_map = {k: WEIGHTS_FILE for k in f.keys()}
         else:
             pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
                 raise MedvlmError(f"{what} folder {self.folder} only has pickled weights ({', '.join(pickles)}). "
                                   + PICKLE_HELP)
-            raise MedvlmError(f"{what} folder {self.folder} has no {SINGLE_FILE} and no {INDEX_FILE}")
+            raise MedvlmError(f"{what} folder {self.folder} has no {WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}")
         self._handles: dict[str, object] = {}
 
     def _handle(self, file: str):
@@ -137,7 +136,7 @@ def check_weights_folder(folder: str | os.PathLike, what: str) -> Path:
     p = Path(folder)
     if not p.is_dir():
         raise MedvlmError(f"{what} folder {p} not found")
-    if not (p / "config.json").is_file():
+    if not (p / CONFIG_FILE).is_file():
         raise MedvlmError(f"{what} folder {p} has no config.json")
     SafetensorsCheckpoint(p, what)  # validates weights / refuses pickles
     return p
@@ -188,8 +187,8 @@ class ShardWriter:
             raise MedvlmError("no tensors were written")
         n = len(self._written)
         if n == 1:
-            os.replace(self.folder / self._written[0][0], self.folder / SINGLE_FILE)
-            return [SINGLE_FILE]
+            os.replace(self.folder / self._written[0][0], self.folder / WEIGHTS_FILE)
+            return [WEIGHTS_FILE]
         weight_map: dict[str, str] = {}
         names = []
         for i, (tmp, keys) in enumerate(self._written, start=1):
@@ -197,7 +196,7 @@ class ShardWriter:
             os.replace(self.folder / tmp, self.folder / final)
             names.append(final)
             weight_map.update({k: final for k in keys})
-        write_json_atomic(self.folder / INDEX_FILE,
+        write_json_atomic(self.folder / WEIGHTS_INDEX_FILE,
                           {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
         return names
 
@@ -211,7 +210,7 @@ def iter_tensors(ckpt: SafetensorsCheckpoint) -> Iterator[tuple[str, torch.Tenso
 
 def read_config_json(folder: str | os.PathLike, what: str) -> dict:
     """``config.json`` of a folder as a dict (clear errors for missing / malformed files)."""
-    path = Path(folder) / "config.json"
+    path = Path(folder) / CONFIG_FILE
     if not Path(folder).is_dir():
         raise MedvlmError(f"{what} folder {folder} not found")
     if not path.is_file():

@@ -23,6 +23,7 @@ from medvlm.errors import MedvlmError
 from medvlm.model.build import image_processor_for
 from medvlm.model.convert.shards import SafetensorsCheckpoint, check_weights_folder
 from medvlm.model.safe_load import refusing_remote_code
+from medvlm.utils.artifacts import CONFIG_FILE, IMAGE_PROCESSOR_FILE
 
 STORED_TOWER_PREFIX = "model.vision_tower.vision_tower."
 # Buffers older transformers versions saved with the weights; today's models recompute them.
@@ -76,7 +77,7 @@ def _vision_config(cfg: PretrainedConfig, where: str) -> PretrainedConfig:
 
 
 def _processor_of(folder: Path | None, vision_config: PretrainedConfig) -> Any:
-    if folder is not None and (folder / "preprocessor_config.json").is_file():
+    if folder is not None and (folder / IMAGE_PROCESSOR_FILE).is_file():
         with refusing_remote_code(folder, "image processor"):
             return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     return image_processor_for(vision_config)
@@ -109,7 +110,7 @@ def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
     if mm_vision_tower in KNOWN_TOWERS:
         vision_config: PretrainedConfig = CLIPVisionConfig(**KNOWN_TOWERS[mm_vision_tower])
         folder = None
-    elif (Path(mm_vision_tower) / "config.json").is_file():
+    elif (Path(mm_vision_tower) / CONFIG_FILE).is_file():
         folder = Path(mm_vision_tower)
         with refusing_remote_code(folder, "vision tower"):
             cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)

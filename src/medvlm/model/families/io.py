@@ -20,16 +20,16 @@ from medvlm.model.families import processors as image_only
 from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.families.spec import FAMILIES, FamilySpec, get_family
 from medvlm.notice import NOTICE
+from medvlm.utils.artifacts import CONFIG_FILE, FAMILY_FILE, HF_PROCESSOR_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD_FILE
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
-FAMILY_FILE = "medvlm_family.json"
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_PROCESSOR_FILES = (HF_PROCESSOR_FILE, IMAGE_PROCESSOR_FILE)
 
 
 def family_of(path: str | os.PathLike) -> str:
     """The family of a checkpoint folder (``medvlm_family.json``, else ``config.json`` ``model_type``)."""
     folder = Path(path)
-    cfg_file = folder / "config.json"
+    cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
         raise MedvlmError(f"{folder}: config.json not found (not a checkpoint folder)")
     model_type = read_json(cfg_file).get("model_type")
@@ -74,7 +74,7 @@ def _image_processor_class(folder: Path, spec: FamilySpec) -> Any:
 
 
 def _check_processor_class(folder: Path, spec: FamilySpec) -> None:
-    f = folder / "processor_config.json"
+    f = folder / HF_PROCESSOR_FILE
     if not f.is_file():
         return
     named = read_json(f).get("processor_class")
@@ -183,7 +183,7 @@ def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLi
         model.save_pretrained(str(tmp))
         processor.processor.save_pretrained(str(tmp))
         # Hub checkpoints name the stock processor class; medvlm's image-only subclass loads that too.
-        pc = tmp / "processor_config.json"
+        pc = tmp / HF_PROCESSOR_FILE
         if pc.is_file():
             d = read_json(pc)
             d["processor_class"] = spec.stock_processor_class
@@ -192,7 +192,7 @@ def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLi
         if processor.template is not None:
             meta["template"] = processor.template
         write_json_atomic(tmp / FAMILY_FILE, meta)
-        write_text_atomic(tmp / "README.md", family_card(model, processor, title or out.name))
+        write_text_atomic(tmp / MODEL_CARD_FILE, family_card(model, processor, title or out.name))
         write_named_files(tmp, extra_files)
     return out
 

@@ -20,7 +20,7 @@ from jinja2.exceptions import TemplateError
 from PIL import Image
 
 from medvlm.data.collate import VLMCollator
-from medvlm.data.images import load_image
+from medvlm.data.images import load_image, load_sample_images
 from medvlm.data.schema import Message, Sample
 from medvlm.data.templates import IGNORE_INDEX, Encoded, ImageTruncationError, get_template, render
 from medvlm.errors import MedvlmError
@@ -121,16 +121,7 @@ class FamilyProcessor:
     # -- samples -> chat -------------------------------------------------------------------
     def load_images(self, sample: Sample, image_folder: str | os.PathLike | None = None) -> list[Image.Image]:
         """Load the sample's images (paths relative to ``image_folder`` unless absolute)."""
-        out = []
-        for rel in sample.images:
-            p = Path(rel)
-            if not p.is_absolute() and image_folder is not None:
-                p = Path(image_folder) / p
-            try:
-                out.append(load_image(p))
-            except MedvlmError as e:
-                raise MedvlmError(f"sample {sample.id!r}: {e}") from e
-        return out
+        return load_sample_images(sample, image_folder)
 
     def conversation(self, messages: list[Message], images: list[Image.Image]) -> list[dict]:
         """The family's chat format: HF message dicts whose image parts carry the PIL images in order."""

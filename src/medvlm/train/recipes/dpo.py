@@ -14,6 +14,7 @@ from typing import Any
 
 from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
+from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE
 
 
 def check_dpo(cfg: TrainConfig) -> None:
@@ -116,10 +117,9 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None, family: str | N
 
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train stage ``dpo``; returns a :class:`~medvlm.train.setup.TrainResult` (its log history has the DPO metrics)."""
-    from medvlm.train.callbacks import CONFIG_FILE, MANIFEST_FILE
     from medvlm.train.setup import finish_trainer
 
     job = prepare_dpo(cfg, callbacks, family)
     out = job.trainer.train(resume_from_checkpoint=job.start.resume)
-    return finish_trainer(cfg, job.start, job.trainer, out, {CONFIG_FILE: job.config_yaml, MANIFEST_FILE: job.manifest},
+    return finish_trainer(cfg, job.start, job.trainer, out, {TRAIN_CONFIG_FILE: job.config_yaml, DATA_MANIFEST_FILE: job.manifest},
                           job.title, job.manifest)

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from medvlm.train.config import TrainConfig
+from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE
 
 
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train ``align`` / ``sft``; returns a :class:`~medvlm.train.setup.TrainResult`."""
-    from medvlm.train.callbacks import CONFIG_FILE, MANIFEST_FILE, RunArtifactsCallback
+    from medvlm.train.callbacks import RunArtifactsCallback
     from medvlm.train.setup import build_training_args, finish_trainer, load_sft_data, start_run, use_feature_cache
     from medvlm.train.trainer import MedVLMTrainer, TrainCollator
 
@@ -68,6 +69,6 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
     out = trainer.train(resume_from_checkpoint=start.resume)
-    return finish_trainer(cfg, start, trainer, out, {CONFIG_FILE: config_yaml, MANIFEST_FILE: manifest_dict}, title,
+    return finish_trainer(cfg, start, trainer, out, {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict}, title,
                           manifest_dict, cache_stats=dict(trainer.cache_stats),
                           cache_by_epoch=dict(trainer.cache_by_epoch))

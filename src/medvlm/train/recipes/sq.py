@@ -11,13 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from medvlm.train.config import TrainConfig
+from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE
 
 
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train stage ``sq``; returns a :class:`~medvlm.train.setup.TrainResult`."""
-    from medvlm.train.callbacks import CONFIG_FILE, MANIFEST_FILE, RunArtifactsCallback
-    from medvlm.train.self_training import (EpochCallback, SelfQuestioningDataset, SelfTrainingTrainer,
-                                            apply_self_training_stage, check_self_training, check_sq_template, part_of)
+    from medvlm.train.callbacks import RunArtifactsCallback
+    from medvlm.train.self_training import (
+        EpochCallback,
+        SelfQuestioningDataset,
+        SelfTrainingTrainer,
+        apply_self_training_stage,
+        check_self_training,
+        check_sq_template,
+        part_of,
+    )
     from medvlm.train.setup import build_training_args, finish_trainer, load_sft_data, start_run
     from medvlm.train.trainer import TrainCollator
 
@@ -57,5 +65,5 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
     out = trainer.train(resume_from_checkpoint=start.resume)
-    return finish_trainer(cfg, start, trainer, out, {CONFIG_FILE: config_yaml, MANIFEST_FILE: manifest_dict}, title,
+    return finish_trainer(cfg, start, trainer, out, {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict}, title,
                           manifest_dict)

@@ -1,6 +1,6 @@
 """Questions, answers, captions and conversations of the synthetic demo dataset (:mod:`medvlm.data.synth`).
 
-Answers are functions of :class:`~medvlm.data.synth_render.Factors`, which the renderer draws.
+Answers are functions of :class:`~medvlm.data.synth.render.Factors`, which the renderer draws.
 Closed (yes/no) answers are balanced *per question text*: an image's closed questions and their
 answers are drawn first and its factors are then sampled conditioned on them, so a model that reads
 only the question cannot beat ~0.5 on closed questions. Open answers follow the factor distribution
@@ -10,11 +10,11 @@ only the question cannot beat ~0.5 on closed questions. Open answers follow the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
-from medvlm.data.synth_render import COUNTS, INTENSITIES, MODALITIES, SIDES, SIZES, Factors
+from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, SIZES, Factors
 
 NUM_WORD = {1: "one", 2: "two", 3: "three"}
 MODALITY_ANSWER = {"xray": "x-ray", "ct": "ct", "mri": "mri", "histology": "histology", "gross": "gross"}
@@ -41,7 +41,7 @@ CLOSED_KINDS: tuple[str, ...] = ("MODALITY", "COUNT", "POS", "SIZE", "ATTRIB")
 # Binary size is asked less often, so the blind open baseline stays near 1/3.
 _OPEN_WEIGHTS = np.array([1.0, 1.0, 1.0, 0.6])
 
-_OPEN_TEMPLATES = {
+OPEN_TEMPLATES: dict[str, tuple[str, ...]] = {  # the wordings of each open question kind
     "MODALITY": ("What modality is this?", "What imaging modality is shown?", "What type of image is this?",
                  "What kind of image is this?"),
     "COUNT": ("How many lesions are there?", "How many lesions are visible?", "What is the number of lesions?"),
@@ -49,7 +49,8 @@ _OPEN_TEMPLATES = {
             "Which side contains the abnormality?"),
     "SIZE": ("What is the size of the lesions?", "How large are the lesions?", "What size are the lesions?"),
 }
-_CLOSED_PREDICATES: dict[str, tuple[tuple[str, object], ...]] = {
+# the (predicate, parameter) pairs each closed kind asks about; closed_truth decides them from the factors
+CLOSED_PREDICATES: dict[str, tuple[tuple[str, object], ...]] = {
     "MODALITY": tuple(("is", m) for m in MODALITIES),
     "COUNT": tuple(("count", n) for n in COUNTS),
     "POS": (("has", "left"), ("has", "right"), ("both", None), ("only", "left"), ("only", "right")),
@@ -58,7 +59,8 @@ _CLOSED_PREDICATES: dict[str, tuple[tuple[str, object], ...]] = {
 }
 
 
-def _closed_templates(pred: str, param: object) -> tuple[str, ...]:
+def closed_templates(pred: str, param: object) -> tuple[str, ...]:
+    """The yes/no wordings of one closed predicate (the answer comes from :func:`closed_truth`)."""
     if pred == "is":
         noun = _MOD_NOUN[str(param)]
         return (f"Is this {noun}?", f"Is this image {noun}?", f"Does this image show {noun}?")
@@ -125,7 +127,7 @@ def _combos() -> tuple[list[Factors], np.ndarray]:
     return combos, np.array(weights)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _truth_mask(pred: str, param: object) -> np.ndarray:
     combos, _ = _combos()
     return np.array([closed_truth(pred, param, c) for c in combos])
@@ -153,7 +155,7 @@ def sample_item(rng: np.random.Generator, n_closed: int = 2, n_open: int = 2) ->
         mask = np.ones(len(combos), dtype=bool)
         for k in kinds:
             kind = CLOSED_KINDS[int(k)]
-            preds = _CLOSED_PREDICATES[kind]
+            preds = CLOSED_PREDICATES[kind]
             pred, param = preds[int(rng.integers(len(preds)))]
             yes = bool(rng.integers(2))
             truth = _truth_mask(pred, param)
@@ -165,11 +167,11 @@ def sample_item(rng: np.random.Generator, n_closed: int = 2, n_open: int = 2) ->
     f = combos[int(rng.choice(len(combos), p=w / w.sum()))]
     qas = []
     for kind, pred, param, yes in chosen:
-        templates = _closed_templates(pred, param)
+        templates = closed_templates(pred, param)
         qas.append(QA(kind, "CLOSED", templates[int(rng.integers(len(templates)))], "yes" if yes else "no"))
     for k in rng.choice(len(OPEN_KINDS), size=n_open, replace=False, p=_OPEN_WEIGHTS / _OPEN_WEIGHTS.sum()):
         kind = OPEN_KINDS[int(k)]
-        templates = _OPEN_TEMPLATES[kind]
+        templates = OPEN_TEMPLATES[kind]
         qas.append(QA(kind, "OPEN", templates[int(rng.integers(len(templates)))], open_answer(kind, f)))
     order = rng.permutation(len(qas))
     return f, [qas[int(i)] for i in order]
@@ -194,12 +196,12 @@ def closed_items_of_kinds(f: Factors, kinds: list[str] | tuple[str, ...], rng: n
     """
     out = []
     for kind in kinds:
-        if kind not in _CLOSED_PREDICATES:
+        if kind not in CLOSED_PREDICATES:
             raise ValueError(f"unknown closed question kind {kind!r}; choose from {', '.join(CLOSED_KINDS)}")
         yes = bool(rng.integers(2))
-        preds = [pp for pp in _CLOSED_PREDICATES[kind] if closed_truth(pp[0], pp[1], f) == yes]
+        preds = [pp for pp in CLOSED_PREDICATES[kind] if closed_truth(pp[0], pp[1], f) == yes]
         pred, param = preds[int(rng.integers(len(preds)))]
-        templates = _closed_templates(pred, param)
+        templates = closed_templates(pred, param)
         out.append(QA(kind, "CLOSED", templates[int(rng.integers(len(templates)))], "yes" if yes else "no"))
     return out
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvlm.data.benchmarks.zip_images import ZipImages
 from medvlm.data.images import open_image
-from medvlm.data.zip_images import ZipImages
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic
 
@@ -220,24 +220,56 @@ def _slake_splits(src: Path, image: Callable[[str, str], str]) -> dict[str, list
     return out_items
 
 
-def _parquet_rows(files: list[Path]) -> Iterator[tuple[Path, int, dict]]:
+TABLE_COLUMNS: tuple[str, ...] = ("image", "question", "answer")
+
+
+def iter_table_rows(files: list[Path]) -> Iterator[tuple[Path, int, dict]]:
+    """``(file, row, record)`` of every row of hub parquet files or a ``datasets`` cache's Arrow IPC streams.
+
+    Only :data:`TABLE_COLUMNS` are read, in batches (a large split is never decoded whole); a file without them, or
+    one pyarrow cannot read, raises :class:`MedvlmError` naming it.
+    """
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise MedvlmError("converting PathVQA needs pyarrow: pip install 'medvlm[parquet]'") from e
+        raise MedvlmError("reading the hub's parquet / arrow files needs pyarrow: pip install 'medvlm[parquet]'") from e
     for f in files:
         try:
-            pf = pq.ParquetFile(f)
-            missing = {"image", "question", "answer"} - set(pf.schema_arrow.names)
+            if f.suffix == ".parquet":
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+            else:  # the datasets library writes Arrow IPC streams
+                reader = pa.ipc.open_stream(pa.memory_map(str(f)))
+                names = set(reader.schema.names)
+            missing = set(TABLE_COLUMNS) - names
             if missing:
-                raise MedvlmError(f"{f}: missing columns {sorted(missing)}")
+                raise MedvlmError(f"{f}: missing columns {sorted(missing)} (expected {', '.join(TABLE_COLUMNS)})")
+            batches = (pf.iter_batches(batch_size=256, columns=list(TABLE_COLUMNS)) if f.suffix == ".parquet"
+                       else (b.select(list(TABLE_COLUMNS)) for b in reader))
             row = 0
-            for batch in pf.iter_batches(batch_size=256, columns=["image", "question", "answer"]):
+            for batch in batches:
                 for rec in batch.to_pylist():
                     yield f, row, rec
                     row += 1
         except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on a corrupt file
-            raise MedvlmError(f"{f}: unreadable parquet file ({e})") from e
+            raise MedvlmError(f"{f}: unreadable {f.suffix[1:]} file ({e})") from e
+
+
+def table_items(files: list[Path], split: str, sink: ImageSink) -> list[VQAItem]:
+    """The questions of one split's table files (``image{bytes}``, ``question``, ``answer``); images go to ``sink``."""
+    items: list[VQAItem] = []
+    for f, row, r in iter_table_rows(files):
+        where = f"{f}: row {row}"
+        img = r.get("image")
+        data = img.get("bytes") if isinstance(img, dict) else None
+        if not data:
+            raise MedvlmError(f"{where}: field 'image.bytes' is missing or empty")
+        answer = _text(r, "answer", where)
+        n = len(items)
+        items.append(VQAItem(id=n, image=sink.write(data, f"{split}_{n:06d}", where), question=_text(r, "question", where),
+                             answer=answer, answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN"))
+    return items
 
 
 def _pathvqa(src: Path, out: Path) -> dict[str, list[VQAItem]]:
@@ -249,18 +281,7 @@ def _pathvqa(src: Path, out: Path) -> dict[str, list[VQAItem]]:
             if split == "validation":
                 continue
             raise MedvlmError(f"{src}: no {split}-*.parquet files")
-        items = []
-        for f, row, r in _parquet_rows(files):
-            where = f"{f}: row {row}"
-            img = r.get("image")
-            data = img.get("bytes") if isinstance(img, dict) else None
-            if not data:
-                raise MedvlmError(f"{where}: field 'image.bytes' is missing or empty")
-            answer = _text(r, "answer", where)
-            n = len(items)
-            items.append(VQAItem(id=n, image=sink.write(data, f"{split}_{n:06d}", where), question=_text(r, "question", where),
-                                 answer=answer, answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN"))
-        out_items[split] = items
+        out_items[split] = table_items(files, split, sink)
     return out_items
 
 
@@ -273,7 +294,7 @@ def convert_vqa(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *,
     """Convert a VQA dataset's public release in ``src`` to LLaVA-Med's format in ``out``.
 
     ``reader(src, tmp_out)`` replaces the public-release reader of ``dataset`` (the hub-parquet
-    readers of :mod:`medvlm.data.hub` pass theirs); it returns the items per split and writes the
+    readers of :mod:`medvlm.data.benchmarks.hub` pass theirs); it returns the items per split and writes the
     images under ``tmp_out/images`` (an :class:`ImageSink`).
 
     Returns the question count per split (plus ``images`` and ``open_answers``). Nothing is left

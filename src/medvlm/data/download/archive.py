@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
+from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES, TarHeaderError, TarHeaderGuard
 from medvlm.data.images import open_image
-from medvlm.data.tar_guard import MAX_TAR_HEADER_BYTES, TarHeaderError, TarHeaderGuard
 
 GZIP_MAGIC = b"\x1f\x8b"
 _OUT_CHUNK = 1 << 18  # largest piece of unpacked data produced per decompress call (bounds memory)
@@ -72,7 +72,7 @@ class ArchiveReader:
     ``tarfile.open(fileobj=reader, mode="r|")`` reads the plain tar from it. Raises :class:`FetchError`
     when the gzip stream ends early (``truncated_archive``), is corrupt (``bad_archive``), exceeds
     the caps (``archive_too_large``) or holds a tar header over ``max_header_bytes`` or a sparse member
-    (``tar_header_too_large``, seen by :class:`~medvlm.data.tar_guard.TarHeaderGuard` before tarfile reads it).
+    (``tar_header_too_large``, seen by :class:`~medvlm.data.download.tar_guard.TarHeaderGuard` before tarfile reads it).
     """
 
     def __init__(self, chunks: Iterator[bytes], limits: Limits, tee: BinaryIO | None = None,

@@ -17,20 +17,19 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import fcntl
-import random
 import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import httpx
 from tqdm import tqdm
 
-from medvlm.data.download_archive import (
+from medvlm.data.download.archive import (
     Cancelled,
     FetchError,
     Limits,
@@ -41,7 +40,7 @@ from medvlm.data.download_archive import (
     open_archive,
     write_member,
 )
-from medvlm.data.download_manifest import (
+from medvlm.data.download.manifest import (
     ManifestWriter,
     PairTask,
     is_done,
@@ -49,9 +48,10 @@ from medvlm.data.download_manifest import (
     pair_id_problem,
     read_manifest,
 )
+from medvlm.data.download.tar_guard import MAX_TAR_HEADER_BYTES
 from medvlm.data.readers import read_image_urls
-from medvlm.data.tar_guard import MAX_TAR_HEADER_BYTES
 from medvlm.errors import MedvlmError
+from medvlm.utils.backoff import backoff_delay
 from medvlm.utils.io import atomic_path
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -66,7 +66,7 @@ class DownloadConfig:
     retries: int = 4
     """Extra attempts per archive after a reset, timeout, 5xx/429 or truncated/corrupt archive."""
     backoff_base: float = 1.0
-    """First retry delay in seconds; doubled per attempt, times a random factor in [0.5, 1.5)."""
+    """First retry delay in seconds; doubled per attempt up to ``backoff_max``, jittered to [half, whole]."""
     backoff_max: float = 60.0
     """Upper bound of one retry delay in seconds (also caps a server's Retry-After)."""
     timeout: float = 60.0
@@ -213,10 +213,7 @@ class _Run:
 
     def delay(self, attempt: int, hint: float | None) -> float:
         """Backoff before retry ``attempt`` (0-based): exponential with jitter, at least a Retry-After hint."""
-        d = self.cfg.backoff_base * (2**attempt) * random.uniform(0.5, 1.5)
-        if hint is not None:
-            d = max(d, hint)
-        return min(d, self.cfg.backoff_max)
+        return backoff_delay(attempt, self.cfg.backoff_base, self.cfg.backoff_max, hint=hint)
 
     def process_archive(self, url: str, tasks: list[PairTask]) -> None:
         """Fetch one archive (with retries) and record an outcome for every task."""

@@ -3,8 +3,8 @@
 ``generate_synth(out, n_images, seed, image_size)`` draws ``n_images`` small images in five
 modalities (chest x-ray, CT, MRI, H&E histology, gross photograph), each with one to three big,
 high-contrast lesions on the left, right or both sides, small or large, bright or dark
-(:mod:`medvlm.data.synth_render`), and writes every file a LLaVA-Med-style pipeline consumes
-(:mod:`medvlm.data.synth_text` writes the text):
+(:mod:`medvlm.data.synth.render`), and writes every file a LLaVA-Med-style pipeline consumes
+(:mod:`medvlm.data.synth.text` writes the text):
 
 ``images/*.png``, ``alignment.json`` (captions for the ``plain`` template), ``instruct.json``
 (multi-turn conversations with ``domain``), ``vqa/train.json`` / ``vqa/test.json`` (converted
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from medvlm.data.figures import DOMAINS
-from medvlm.data.synth_render import COUNTS, INTENSITIES, MODALITIES, MODALITY_DOMAIN, SIDES, SIZES, render
-from medvlm.data.synth_text import (
+from medvlm.data.readers.figures import DOMAINS
+from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, MODALITY_DOMAIN, SIDES, SIZES, render
+from medvlm.data.synth.text import (
     CHAT_KINDS, DETAIL_PROMPTS, alignment_turns, caption, chat_answer, chat_question, description, instruct_turns,
     CLOSED_KINDS, closed_items_of_kinds, extra_closed_items, mention, sample_item,
 )

@@ -9,7 +9,7 @@ Hub copies (what ``huggingface-cli download`` / ``datasets.load_dataset`` fetch)
 - ``flaviagiammarino/path-vqa``: the same schema, ``data/{train,validation,test}-*.parquet``.
 - ``BoKelvin/SLAKE``: the release's JSON files (``train.json``, ``validation.json`` (``validate.json``
   in the release and old revisions), ``test.json``) with the images as ``imgs.zip``; read by
-  :mod:`medvlm.data.convert` (which takes ``imgs/`` or ``imgs.zip``).
+  :mod:`medvlm.data.benchmarks.convert` (which takes ``imgs/`` or ``imgs.zip``).
 
 A source path may be the folder holding the files, a hub cache (``~/.cache/huggingface/hub``, or its
 ``datasets--OWNER--NAME`` folder: the snapshot ``refs/main`` points at is used), or a ``datasets``
@@ -20,16 +20,21 @@ library cache (``~/.cache/huggingface/datasets``, or its ``OWNER___NAME`` folder
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvlm.data.convert import VQA_RAD_IMAGE_DIRS, VQA_RAD_PUBLIC, ImageSink, VQAItem, convert_vqa
+from medvlm.data.benchmarks.convert import (
+    VQA_RAD_IMAGE_DIRS,
+    VQA_RAD_PUBLIC,
+    ImageSink,
+    VQAItem,
+    convert_vqa,
+    table_items,
+)
 from medvlm.errors import MedvlmError
 
 HUB_REPOS: dict[str, str] = {"vqa-rad": "flaviagiammarino/vqa-rad", "slake": "BoKelvin/SLAKE",
                              "pathvqa": "flaviagiammarino/path-vqa"}
-TABLE_COLUMNS: tuple[str, ...] = ("image", "question", "answer")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
@@ -134,41 +139,6 @@ def locate(dataset: str, path: str | os.PathLike) -> SourceInfo:
     return SourceInfo(dataset, layout, folder, files)
 
 
-def _iter_table(files: list[Path]) -> Iterator[tuple[Path, int, dict]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise MedvlmError("reading the hub's parquet / arrow files needs pyarrow: pip install 'medvlm[parquet]'") from e
-    for f in files:
-        try:
-            if f.suffix == ".parquet":
-                pf = pq.ParquetFile(f)
-                names = set(pf.schema_arrow.names)
-            else:  # the datasets library writes Arrow IPC streams
-                reader = pa.ipc.open_stream(pa.memory_map(str(f)))
-                names = set(reader.schema.names)
-            missing = set(TABLE_COLUMNS) - names
-            if missing:
-                raise MedvlmError(f"{f}: missing columns {sorted(missing)} (expected {', '.join(TABLE_COLUMNS)})")
-            batches = (pf.iter_batches(batch_size=256, columns=list(TABLE_COLUMNS)) if f.suffix == ".parquet"
-                       else (b.select(list(TABLE_COLUMNS)) for b in reader))
-            row = 0
-            for batch in batches:
-                for rec in batch.to_pylist():
-                    yield f, row, rec
-                    row += 1
-        except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on a corrupt file
-            raise MedvlmError(f"{f}: unreadable {f.suffix[1:]} file ({e})") from e
-
-
-def _field(rec: dict, key: str, where: str) -> str:
-    v = rec.get(key)
-    if not isinstance(v, str) or not v.strip():
-        raise MedvlmError(f"{where}: field {key!r} is missing or empty")
-    return v.strip()
-
-
 def read_table_splits(info: SourceInfo, out: Path) -> dict[str, list[VQAItem]]:
     """Questions per split of a parquet / arrow layout (image bytes written under ``out/images``)."""
     sink = ImageSink(out)
@@ -179,18 +149,7 @@ def read_table_splits(info: SourceInfo, out: Path) -> dict[str, list[VQAItem]]:
             if split == "validation":
                 continue
             raise MedvlmError(f"{info.folder}: no {split} split ({split}-*.parquet or *-{split}.arrow)")
-        items: list[VQAItem] = []
-        for f, row, r in _iter_table(files):
-            where = f"{f}: row {row}"
-            img = r.get("image")
-            data = img.get("bytes") if isinstance(img, dict) else None
-            if not data:
-                raise MedvlmError(f"{where}: field 'image.bytes' is missing or empty")
-            answer = _field(r, "answer", where)
-            n = len(items)
-            items.append(VQAItem(id=n, image=sink.write(data, f"{split}_{n:06d}", where), question=_field(r, "question", where),
-                                 answer=answer, answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN"))
-        splits[split] = items
+        splits[split] = table_items(files, split, sink)
     return splits
 
 
