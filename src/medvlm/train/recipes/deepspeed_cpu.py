@@ -119,6 +119,9 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
 
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: deepspeed_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
+    if cfg.vit_lora_on():
+        raise MedvlmError("distributed: deepspeed_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
+                          "(distributed: auto under accelerate launch / torchrun)")
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: deepspeed_cpu does not use the feature cache; set feature_cache: off")
     if cfg.deepspeed_zero_stage not in (2, 3):

@@ -100,6 +100,9 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         raise MedvlmError("distributed: fsdp2_cpu runs its own loop: Trainer callbacks are not supported")
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: fsdp2_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
+    if cfg.vit_lora_on():
+        raise MedvlmError("distributed: fsdp2_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
+                          "(distributed: auto under accelerate launch / torchrun)")
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: fsdp2_cpu does not use the feature cache; set feature_cache: off")
     if world_size() < 2:
