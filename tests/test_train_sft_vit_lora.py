@@ -180,7 +180,8 @@ def test_default_sft_leaves_the_tower_untouched(demo, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        assert not [k for k in f.keys() if "vision_tower" in k]
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "vision_tower" in k]
 
 
 # ---- defaults and refusals -----------------------------------------------------------------------------

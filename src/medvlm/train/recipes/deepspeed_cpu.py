@@ -10,8 +10,9 @@ token-level loss normalisation as the Trainer: every micro-batch's loss is its C
 learned tokens of the whole global batch, so the curve equals a 1-process run at the same global
 batch. ZeRO-2 partitions optimizer state and gradients; ZeRO-3 also partitions the parameters
 (each rank's ``param.ds_tensor`` holds ~1/world of every tensor, gathered layer by layer in forward
-and backward). The final checkpoint is gathered on rank 0. Scope: native and family models, ``tune: full``, no
-feature cache, no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
+and backward). The final checkpoint is gathered on rank 0. Scope: native and family models, ``tune: full``
+(no adapters, so no ``vit_lora``), no feature cache, no mid-run resume (use the Trainer path for those).
+Needs ``pip install 'medvlm[deepspeed]'``.
 
 The loop is :func:`medvlm.train.manual_loop.manual_train_loop` (shared with ``fsdp2_cpu``); this module
 supplies :class:`DeepSpeedStep`, the engine's backward / step / clipping / scheduler.
