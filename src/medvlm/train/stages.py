@@ -41,10 +41,10 @@ class StagePlan:
     language_model: bool
     """Full LM training (False under LoRA: only the adapters learn)."""
     lora: bool
-    vit_lora: bool = False
-    """LoRA adapters on the vision tower's linear layers (``vit_lora``), trained with the rest."""
     im_rows: list[int] = field(default_factory=list)
     """Embedding rows trained while the rest of the LM is frozen (``<im_start>``/``<im_end>`` in stage 1)."""
+    vit_lora: bool = False
+    """LoRA adapters on the vision tower's linear layers (``vit_lora``), trained with the rest."""
 
 
 def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
@@ -58,7 +58,7 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
         if use_rows and not model_config.mm_use_im_start_end:
             raise MedvlmError("tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)")
         rows = [model_config.im_start_token_id, model_config.im_end_token_id] if use_rows and not lm else []
-        return StagePlan(cfg.tune_vision_tower, True, lm, False, rows)
+        return StagePlan(cfg.tune_vision_tower, True, lm, False, im_rows=rows)
     lora = cfg.tune in ("lora", "qlora")
     lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
     if lora and cfg.tune_language_model is False:
@@ -66,7 +66,7 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
     vit = cfg.vit_lora_on()
     if not (projector or lm or lora or cfg.tune_vision_tower or vit):
         raise MedvlmError("nothing to train: projector, language model and vision tower are all frozen")
-    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, vit, [])
+    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, vit_lora=vit)
 
 
 def vit_spec(cfg: TrainConfig) -> LoraSpec | None:
