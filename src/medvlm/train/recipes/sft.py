@@ -27,7 +27,8 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     if family is None:
         from medvlm.train.stages import apply_stage, plan_stage
 
-        plan_stage(cfg, start.model.config)  # validate the stage before reading any data
+        early = plan_stage(cfg, start.model.config)  # validate the stage before reading any data
+        use_feature_cache(cfg, early.vision_tower or early.vit_lora)  # feature_cache: on with a training tower
     dataset, manifest = load_sft_data(cfg, start)
     cache, row_masked, loss_func = None, set(), None
     if family is None:
