@@ -80,10 +80,11 @@ def vit_target_regex(model: nn.Module, targets: list[str]) -> str:
 
 
 def apply_lora_adapters(model: nn.Module, lm: LoraSpec | None, vision: LoraSpec | None,
-                        modules_to_save: list[str] | None = None) -> nn.Module:
+                        modules_to_save: list[str] | None = None, bias: str = "none") -> nn.Module:
     """Wrap a medvlm model in PEFT with LoRA on the LM (``lm``) and/or the tower (``vision``).
 
-    ``modules_to_save`` (e.g. ``["projector"]``) are trained fully and saved with the adapter.
+    ``modules_to_save`` (e.g. ``["projector"]``) are trained fully and saved with the adapter; ``bias`` is
+    PEFT's (``none`` | ``all`` | ``lora_only``).
     Returns the ``PeftModel``; only adapters and ``modules_to_save`` are trainable.
     """
     from peft import LoraConfig, get_peft_model
@@ -106,7 +107,7 @@ def apply_lora_adapters(model: nn.Module, lm: LoraSpec | None, vision: LoraSpec 
         target_modules="^(?:" + "|".join(patterns) + ")$",
         rank_pattern={vit_key: vision.r} if vision is not None and lm is not None else {},
         alpha_pattern={vit_key: vision.alpha} if vision is not None and lm is not None else {},
-        modules_to_save=modules_to_save or None,
+        modules_to_save=modules_to_save or None, bias=bias,
     )
     peft_model = get_peft_model(model, cfg)
     if vision is not None and lm is not None and vision.dropout != lm.dropout:

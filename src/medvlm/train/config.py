@@ -139,14 +139,17 @@ class TrainConfig:
     # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.recipes.sq / .dpo ----
     sq_r: float = 0.5
     """Stage ``sq``: probability that a user turn after the first becomes a VUSER question (re-drawn each epoch, seeded)."""
-    vit_lora: bool = True
-    """Stages ``sq``/``dpo``: LoRA on the vision tower's encoder layers (STLLaVA-Med's ViT-LoRA)."""
+    vit_lora: bool | None = None
+    """LoRA on the vision tower's linear layers (STLLaVA-Med's ViT-LoRA), trained with the LM (or its LoRA) and the
+    projector. None = the stage's default: on in ``sq``/``dpo`` (STLLaVA-Med), off in ``sft`` (LLaVA-Med); an
+    explicit value always applies (``sft``: with ``tune: lora`` or alone beside a fully trained LM); refused in
+    ``align`` (projector only). Read through :meth:`vit_lora_on`."""
     vit_lora_r: int = 32
     """ViT-LoRA rank."""
     vit_lora_alpha: int = 64
     """ViT-LoRA scaling numerator."""
     vit_lora_dropout: float | None = None
-    """ViT-LoRA dropout; default 0.2 in ``sq`` and 0.1 in ``dpo``."""
+    """ViT-LoRA dropout; default 0.2 in ``sq``, 0.1 in ``dpo`` (STLLaVA-Med) and ``lora_dropout`` in ``sft``."""
     vit_lora_target_modules: list[str] = field(default_factory=lambda: list(VIT_LINEAR_NAMES))
     """Tower linear layers that get ViT-LoRA (in every encoder layer that feeds the features)."""
     vit_lora_grad: str = "trained"
@@ -245,6 +248,10 @@ class TrainConfig:
             out.append(src)
         return out
 
+    def vit_lora_on(self) -> bool:
+        """Whether this run adds ViT-LoRA: ``vit_lora`` if set, else the stage's default (``sq``/``dpo`` yes, else no)."""
+        return self.vit_lora if self.vit_lora is not None else self.stage in _SELF_TRAINING
+
     def validate(self) -> TrainConfig:
         """Check choices and required keys; raise a MedvlmError naming the key."""
         _choice(self.stage, STAGES, "stage")
@@ -269,6 +276,12 @@ class TrainConfig:
                 raise MedvlmError("stage 'align' trains the projector: tune_projector: false leaves nothing to align")
             if self.tune != "full":
                 raise MedvlmError(f"stage 'align' trains the projector fully; tune: {self.tune} applies to sft")
+            if self.vit_lora is not None:
+                raise MedvlmError("vit_lora: stage 'align' trains only the projector (tower and LM frozen); remove "
+                                  "vit_lora, or adapt the tower in stage sft (vit_lora: true, with tune: lora or full)")
+        if self.stage == "sft" and self.vit_lora and self.tune_vision_tower:
+            raise MedvlmError("stage 'sft': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is "
+                              "redundant; set vit_lora: false (or tune_vision_tower: false to adapt it with LoRA)")
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
             if getattr(self, key) < 1:
                 raise MedvlmError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -317,8 +330,9 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "deepspeed_zero_stage": _ALIGN_SFT, "labelled_logits_only": _ALIGN_SFT, "projector_lr": _ALL,
     "global_batch_size": _ALL,
     # STLLaVA-Med
-    "sq_r": ("sq",), "vit_lora": _SELF_TRAINING, "vit_lora_r": _SELF_TRAINING, "vit_lora_alpha": _SELF_TRAINING,
-    "vit_lora_dropout": _SELF_TRAINING, "vit_lora_target_modules": _SELF_TRAINING, "vit_lora_grad": _SELF_TRAINING,
+    # ViT-LoRA: on by default in sq/dpo, optional in sft (TrainConfig.vit_lora); align trains the projector only
+    "sq_r": ("sq",), "vit_lora": _LORA, "vit_lora_r": _LORA, "vit_lora_alpha": _LORA,
+    "vit_lora_dropout": _LORA, "vit_lora_target_modules": _LORA, "vit_lora_grad": _SELF_TRAINING,
     "vision_lr": _SELF_TRAINING, "dpo_beta": ("dpo",), "dpo_rpo_alpha": ("dpo",), "ref_visual_path": ("dpo",),
     "ref_logps": ("dpo",),
     # HF TrainingArguments: every stage runs a transformers Trainer (or medvlm's loop with the same meaning)

@@ -7,9 +7,10 @@ The family's checkpoint, processor and collator replace the native model's; the 
 - ``align``: the connector only (Qwen merger, Gemma 3 / LLaVA ``multi_modal_projector``, Idefics3
   connector), unless ``tune_language_model`` / ``tune_vision_tower`` add parts;
 - ``sft``: connector + LM fully (``tune: full``), or PEFT LoRA adapters on the LM's linear layers with the
-  connector fully trained (``tune: lora``); the vision tower stays frozen unless ``tune_vision_tower``;
+  connector fully trained (``tune: lora``); the vision tower stays frozen unless ``tune_vision_tower`` (all of
+  it) or ``vit_lora: true`` (LoRA on its linear layers as in ``sq``/``dpo`` below, in the same adapter);
 - ``sq`` / ``dpo``: as STLLaVA-Med on the native model: LM-LoRA (or the whole LM with ``tune: full``), the
-  connector fully trained (unless ``tune_projector: false``) and, with ``vit_lora`` (default), LoRA on the
+  connector fully trained (unless ``tune_projector: false``) and, with ``vit_lora`` (their default), LoRA on the
   vision tower's linear layers (``vit_lora_r`` / ``_alpha`` / ``_dropout``; ``vit_lora_target_modules`` at its
   default means every linear layer of the tower, since each family names them differently; an explicit list
   names the layers). ``sq`` may train the whole tower instead (``tune_vision_tower: true``, ``vit_lora: false``).
@@ -32,6 +33,7 @@ from medvlm.model.families.io import family_of
 from medvlm.model.families.spec import FamilySpec, part_of
 from medvlm.model.vit_lora import LoraSpec
 from medvlm.train.config import VIT_LINEAR_NAMES, TrainConfig
+from medvlm.train.stages import vit_spec
 from medvlm.utils.artifacts import CONFIG_FILE
 from medvlm.utils.io import read_json
 
@@ -93,8 +95,6 @@ def family_plan(cfg: TrainConfig) -> tuple[dict[str, bool], LoraSpec | None, Lor
     lora = cfg.tune == "lora"
     lm_lora = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if lora else None
     if cfg.stage in SELF_TRAINING:
-        from medvlm.train.self_training import vit_spec
-
         parts = {"connector": cfg.tune_projector is not False, "vision_tower": vision, "language_model": not lora}
         tower = vit_spec(cfg)
         if not (any(parts.values()) or lm_lora or tower):
@@ -103,9 +103,10 @@ def family_plan(cfg: TrainConfig) -> tuple[dict[str, bool], LoraSpec | None, Lor
     if lora and cfg.tune_language_model is False:
         raise MedvlmError("tune: lora adds adapters to the language model; tune_language_model: false contradicts it")
     lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
-    if not (connector or lm or lora or vision):
+    tower = vit_spec(cfg)  # sft: off unless vit_lora: true
+    if not (connector or lm or lora or vision or tower):
         raise MedvlmError("nothing to train: connector, language model and vision tower are all frozen")
-    return {"connector": connector, "vision_tower": vision, "language_model": lm}, lm_lora, None
+    return {"connector": connector, "vision_tower": vision, "language_model": lm}, lm_lora, tower
 
 
 def _linear_modules(model: torch.nn.Module, spec: FamilySpec, part: str) -> list[str]:

@@ -33,10 +33,10 @@ from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
 from medvlm.train.config import TrainConfig
 from medvlm.train.data import SupervisedDataset
 from medvlm.train.optim import no_weight_decay
+from medvlm.train.stages import vit_spec
 from medvlm.train.trainer import MedVLMTrainer
 
 VIT_LORA_GRAD_MODES: tuple[str, ...] = ("trained", "published")
-DEFAULT_VIT_DROPOUT: dict[str, float] = {"sq": 0.2, "dpo": 0.1}
 SQ_TEMPLATE = "v1_sq"
 
 
@@ -79,19 +79,11 @@ def check_self_training(cfg: TrainConfig) -> None:
     if cfg.tune_vision_tower and cfg.stage != "sq":
         raise MedvlmError(f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is "
                           "only supported in stage 'sq'")
-    if cfg.tune_vision_tower and cfg.vit_lora:
+    if cfg.tune_vision_tower and cfg.vit_lora_on():
         raise MedvlmError("stage 'sq': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is redundant; "
                           "set vit_lora: false (STLLaVA-Med's recipe is vit_lora: true, tune_vision_tower: false)")
     if not 0.0 <= cfg.sq_r <= 1.0:
         raise MedvlmError(f"sq_r must be in [0, 1], got {cfg.sq_r}")
-
-
-def vit_spec(cfg: TrainConfig) -> LoraSpec | None:
-    """The ViT-LoRA of this run (dropout default 0.2 in ``sq``, 0.1 in ``dpo``), or None with ``vit_lora: false``."""
-    if not cfg.vit_lora:
-        return None
-    dropout = cfg.vit_lora_dropout if cfg.vit_lora_dropout is not None else DEFAULT_VIT_DROPOUT[cfg.stage]
-    return LoraSpec(cfg.vit_lora_r, cfg.vit_lora_alpha, dropout, list(cfg.vit_lora_target_modules))
 
 
 def apply_self_training_stage(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:

@@ -144,7 +144,8 @@ def use_feature_cache(cfg: TrainConfig, tower_trains: bool) -> bool:
         return False
     if tower_trains:
         if cfg.feature_cache == "on":
-            raise MedvlmError("feature_cache: on needs a frozen vision tower (tune_vision_tower is true)")
+            raise MedvlmError("feature_cache: on needs a frozen vision tower (tune_vision_tower or vit_lora trains it); "
+                              "set feature_cache: auto or off")
         return False
     return True
 

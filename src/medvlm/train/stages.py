@@ -5,7 +5,9 @@
   every other row bit-identical; the matrix gets no weight decay, see :mod:`medvlm.train.optim`).
 - ``sft`` (stage 2 / VQA fine-tuning): projector + LM, fully (``full``) or with PEFT adapters on
   the LM (``lora``; the projector fully trained through ``modules_to_save``); ``qlora`` adds a 4-bit
-  base and needs CUDA + bitsandbytes. The tower stays frozen unless ``tune_vision_tower``.
+  base and needs CUDA + bitsandbytes. The tower stays frozen unless ``tune_vision_tower`` (all of it) or
+  ``vit_lora: true`` (LoRA on its linear layers, :mod:`medvlm.model.vit_lora`, in the same PEFT adapter as
+  the LM's; off by default, as in LLaVA-Med). The adapters are merged into the final checkpoint.
 
 A tower that trains never learns the parts after the feature layer (the last layer(s) and CLIP's
 ``post_layernorm`` feed only the pooled output); they are frozen explicitly so DDP does not wait for
@@ -23,7 +25,11 @@ from torch import nn
 
 from medvlm.errors import MedvlmError
 from medvlm.model.parts import set_trainable
+from medvlm.model.vit_lora import LoraSpec, apply_lora_adapters
 from medvlm.train.config import TrainConfig
+
+DEFAULT_VIT_DROPOUT: dict[str, float] = {"sq": 0.2, "dpo": 0.1}
+"""STLLaVA-Med's ViT-LoRA dropout per self-training stage (``sft`` uses ``lora_dropout``)."""
 
 
 @dataclass
@@ -37,6 +43,8 @@ class StagePlan:
     lora: bool
     im_rows: list[int] = field(default_factory=list)
     """Embedding rows trained while the rest of the LM is frozen (``<im_start>``/``<im_end>`` in stage 1)."""
+    vit_lora: bool = False
+    """LoRA adapters on the vision tower's linear layers (``vit_lora``), trained with the rest."""
 
 
 def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
@@ -50,14 +58,27 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
         if use_rows and not model_config.mm_use_im_start_end:
             raise MedvlmError("tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)")
         rows = [model_config.im_start_token_id, model_config.im_end_token_id] if use_rows and not lm else []
-        return StagePlan(cfg.tune_vision_tower, True, lm, False, rows)
+        return StagePlan(cfg.tune_vision_tower, True, lm, False, im_rows=rows)
     lora = cfg.tune in ("lora", "qlora")
     lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
     if lora and cfg.tune_language_model is False:
         raise MedvlmError(f"tune: {cfg.tune} adds adapters to the language model; tune_language_model: false contradicts it")
-    if not (projector or lm or lora or cfg.tune_vision_tower):
+    vit = cfg.vit_lora_on()
+    if not (projector or lm or lora or cfg.tune_vision_tower or vit):
         raise MedvlmError("nothing to train: projector, language model and vision tower are all frozen")
-    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, [])
+    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, vit_lora=vit)
+
+
+def vit_spec(cfg: TrainConfig) -> LoraSpec | None:
+    """The run's ViT-LoRA, or None when off (:meth:`TrainConfig.vit_lora_on`).
+
+    Dropout default: 0.2 in ``sq`` and 0.1 in ``dpo`` (STLLaVA-Med's), the LM's ``lora_dropout`` in ``sft``."""
+    if not cfg.vit_lora_on():
+        return None
+    dropout = cfg.vit_lora_dropout
+    if dropout is None:
+        dropout = DEFAULT_VIT_DROPOUT.get(cfg.stage, cfg.lora_dropout)
+    return LoraSpec(cfg.vit_lora_r, cfg.vit_lora_alpha, dropout, list(cfg.vit_lora_target_modules))
 
 
 def freeze_unused_tower_parts(model: nn.Module) -> list[str]:
@@ -102,10 +123,16 @@ def lora_target_regex(model: nn.Module, targets: list[str]) -> str:
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig, plan: StagePlan) -> nn.Module:
-    """Wrap ``model`` with PEFT LoRA adapters on the LM; the projector (and a tuned tower) fully trained."""
+    """Wrap ``model`` with PEFT LoRA adapters on the LM and/or the tower; the projector (and a tuned tower or
+    a fully trained LM) trained fully through ``modules_to_save``."""
     from peft import LoraConfig, get_peft_model
 
     save = (["projector"] if plan.projector else []) + (["vision_tower"] if plan.vision_tower else [])
+    if plan.vit_lora:  # one adapter for both (own rank / alpha / dropout on the tower): merged together at the end
+        lm = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if plan.lora else None
+        if plan.language_model:
+            save.append("language_model")
+        return apply_lora_adapters(model, lm, vit_spec(cfg), modules_to_save=save or None, bias=cfg.lora_bias)
     lcfg = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -134,7 +161,7 @@ def apply_stage(model: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, StagePla
     row_masked: set[int] = set()
     if plan.im_rows:
         row_masked.add(id(mask_embedding_rows(model, plan.im_rows)))
-    if plan.lora:
+    if plan.lora or plan.vit_lora:
         if cfg.tune == "qlora":
             from peft import prepare_model_for_kbit_training
 

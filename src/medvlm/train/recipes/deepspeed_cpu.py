@@ -10,8 +10,9 @@ token-level loss normalisation as the Trainer: every micro-batch's loss is its C
 learned tokens of the whole global batch, so the curve equals a 1-process run at the same global
 batch. ZeRO-2 partitions optimizer state and gradients; ZeRO-3 also partitions the parameters
 (each rank's ``param.ds_tensor`` holds ~1/world of every tensor, gathered layer by layer in forward
-and backward). The final checkpoint is gathered on rank 0. Scope: native and family models, ``tune: full``, no
-feature cache, no mid-run resume (use the Trainer path for those). Needs ``pip install 'medvlm[deepspeed]'``.
+and backward). The final checkpoint is gathered on rank 0. Scope: native and family models, ``tune: full``
+(no adapters, so no ``vit_lora``), no feature cache, no mid-run resume (use the Trainer path for those).
+Needs ``pip install 'medvlm[deepspeed]'``.
 
 The loop is :func:`medvlm.train.manual_loop.manual_train_loop` (shared with ``fsdp2_cpu``); this module
 supplies :class:`DeepSpeedStep`, the engine's backward / step / clipping / scheduler.
@@ -119,6 +120,9 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
 
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: deepspeed_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
+    if cfg.vit_lora_on():
+        raise MedvlmError("distributed: deepspeed_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
+                          "(distributed: auto under accelerate launch / torchrun)")
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: deepspeed_cpu does not use the feature cache; set feature_cache: off")
     if cfg.deepspeed_zero_stage not in (2, 3):

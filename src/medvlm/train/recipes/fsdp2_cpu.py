@@ -7,8 +7,8 @@ configs/accelerate/fsdp.yaml`` (FSDP2, auto-wrapping the layer classes named by 
 ``distributed: fsdp2_cpu`` runs :func:`medvlm.train.manual_loop.manual_train_loop` instead, with every decoder and
 vision-encoder layer and then the whole model sharded over a gloo process group. Parameters are
 ``DTensor`` shards (each rank holds 1/world of every sharded tensor); the final checkpoint is
-gathered as a full state dict on rank 0. Scope: native and family models, ``tune: full``, no feature cache, no
-mid-run resume (use the Trainer path for those).
+gathered as a full state dict on rank 0. Scope: native and family models, ``tune: full`` (no adapters, so no
+``vit_lora``), no feature cache, no mid-run resume (use the Trainer path for those).
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         raise MedvlmError("distributed: fsdp2_cpu runs its own loop: Trainer callbacks are not supported")
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: fsdp2_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
+    if cfg.vit_lora_on():
+        raise MedvlmError("distributed: fsdp2_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
+                          "(distributed: auto under accelerate launch / torchrun)")
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: fsdp2_cpu does not use the feature cache; set feature_cache: off")
     if world_size() < 2:

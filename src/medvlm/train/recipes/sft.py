@@ -28,15 +28,16 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     if family is None:
         from medvlm.train.stages import apply_stage, plan_stage
 
-        plan_stage(cfg, start.model.config)  # validate the stage before reading any data
+        early = plan_stage(cfg, start.model.config)  # validate the stage before reading any data
+        use_feature_cache(cfg, early.vision_tower or early.vit_lora)  # feature_cache: on with a training tower
     dataset, manifest = load_sft_data(cfg, start)
     cache, row_masked, loss_func = None, set(), None
     if family is None:
         model, plan, row_masked = apply_stage(start.model, cfg)
-        if use_feature_cache(cfg, plan.vision_tower) and manifest.image_samples:
+        if use_feature_cache(cfg, plan.vision_tower or plan.vit_lora) and manifest.image_samples:
             from medvlm.train.feature_cache import FeatureCache, cache_settings, default_cache_root
 
-            vlm = model.get_base_model() if plan.lora else model
+            vlm = model.get_base_model() if plan.lora or plan.vit_lora else model
             dtype = next(vlm.vision_tower.parameters()).dtype
             cache = FeatureCache(cfg.feature_cache_dir or default_cache_root(),
                                  cache_settings(vlm, start.train_proc, dtype))
