@@ -160,13 +160,18 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True) -> tuple[int, Layers | None]:
-        """The longest reusable prefix of a prompt: ``(n, layers cropped to n)`` or ``(0, None)``."""
+    def lookup(self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True,
+               floor: int = 0) -> tuple[int, Layers | None]:
+        """The longest reusable prefix of a prompt: ``(n, layers cropped to n)`` or ``(0, None)``.
+
+        A usable prefix shorter than ``floor`` tokens counts as none (a family that must prefill a prompt's
+        images from its start passes the end of its last image).
+        """
         best, best_entry, best_key = 0, None, None
         with self._lock:
             for key, e in self._entries.items():
                 n = usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, limit)
-                if n > best:
+                if n > best and n >= floor:
                     best, best_entry, best_key = n, e, key
             if best_entry is not None:
                 self._entries.move_to_end(best_key)
