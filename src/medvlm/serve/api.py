@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -166,6 +167,7 @@ class ChatService:
         self.context = config.context_length or int(engine.model.config.text_config.max_position_embeddings)
         self.admission = Admission(config.batcher.max_queue)
         self.gate = DecodeGate(config.max_decoded_bytes, config.max_concurrent_decodes)
+        self._mailbox: LoopMailbox | None = None
 
     def settings_for(self, req: ChatCompletionRequest, prompt_tokens: int) -> GenerationSettings:
         room = self.context - prompt_tokens
@@ -214,16 +216,13 @@ class ChatService:
 
     def submit(self, prompt, settings: GenerationSettings) -> tuple[Any, asyncio.Queue]:
         """Queue a generation; events ``("delta", str)``, ``("done", BatchResult)``, ``("error", exc)`` arrive."""
-        loop = asyncio.get_running_loop()
+        mailbox = self.mailbox()
         events: asyncio.Queue = asyncio.Queue()
         holder: dict[str, Any] = {}
 
         def push(kind: str, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
-                if "job" in holder:
-                    holder["job"].cancel()
+            if not mailbox.post(events, (kind, value)) and "job" in holder:
+                holder["job"].cancel()  # the event loop is gone (shutdown): nobody is listening any more
 
         try:
             job = self.batcher.submit(prompt, settings, on_delta=lambda d: push("delta", d),
@@ -232,6 +231,50 @@ class ChatService:
             raise ApiError(503, str(e), "server_overloaded", "queue_full", headers={"Retry-After": "1"}) from None
         holder["job"] = job
         return job, events
+
+    def mailbox(self) -> "LoopMailbox":
+        """The running event loop's mailbox (one per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = LoopMailbox(loop)
+        return self._mailbox
+
+
+class LoopMailbox:
+    """Events from the model thread to the event loop, with at most one wake-up pending.
+
+    A decoding step emits one event per running row; waking the loop for each (``call_soon_threadsafe``
+    writes to its self-pipe) cost the model thread a system call per row per token. Events posted while a
+    wake-up is pending ride along with it, in order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+        self._pending = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> bool:
+        """Deliver ``item`` to ``queue`` on the loop; False when the loop is closed."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._pending:
+                return True
+            self._pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+                self._pending = False
+            return False
+        return True
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._pending = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _completion(cid: str, created: int, model: str, result: BatchResult) -> dict:
