@@ -107,3 +107,44 @@ def test_health_reports_the_prefix_cache_and_repeated_images_hit_it() -> None:
     assert cache["misses"] == 1 and cache["hits"] == 2 and cache["hit_tokens"] > 2 * processor.image_seq_length
     assert 0 < cache["bytes"] <= cache["budget_bytes"] == budget
     assert health["queue_length"] == 0 and health["requests_run"] == 3
+
+
+def test_loop_mailbox_delivers_every_event_in_order_with_few_wakeups_and_refuses_after_close() -> None:
+    import asyncio
+
+    from medvlm.serve.api import LoopMailbox
+
+    async def run() -> tuple[list, list, int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(cb, *args):
+            nonlocal wakeups
+            wakeups += 1
+            return real(cb, *args)
+
+        loop.call_soon_threadsafe = counting  # instance attribute on this test's own loop only
+        box = LoopMailbox(loop)
+        qa, qb = asyncio.Queue(), asyncio.Queue()
+
+        def model_thread() -> None:  # two rows, 200 steps: one event per row per step
+            for i in range(200):
+                assert box.post(qa, ("delta", i))
+                assert box.post(qb, ("delta", -i))
+
+        t = threading.Thread(target=model_thread)
+        t.start()
+        got_a = [(await qa.get())[1] for _ in range(200)]
+        got_b = [(await qb.get())[1] for _ in range(200)]
+        t.join()
+        return got_a, got_b, wakeups
+
+    got_a, got_b, wakeups = asyncio.run(run())
+    assert got_a == list(range(200)) and got_b == [-i for i in range(200)]
+    assert 1 <= wakeups < 400  # events posted while a wake-up is pending share it
+
+    loop = asyncio.new_event_loop()
+    box = LoopMailbox(loop)
+    loop.close()
+    assert box.post(asyncio.Queue(), ("delta", "x")) is False  # the server's loop is gone: the row gets cancelled
