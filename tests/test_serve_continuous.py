@@ -109,7 +109,7 @@ def test_health_reports_the_prefix_cache_and_repeated_images_hit_it() -> None:
     assert health["queue_length"] == 0 and health["requests_run"] == 3
 
 
-def test_loop_mailbox_delivers_every_event_in_order_with_few_wakeups_and_refuses_after_close() -> None:
+def test_loop_mailbox_delivers_each_step_in_one_wakeup_in_order_and_refuses_after_close() -> None:
     import asyncio
 
     from medvlm.serve.api import LoopMailbox
@@ -128,21 +128,23 @@ def test_loop_mailbox_delivers_every_event_in_order_with_few_wakeups_and_refuses
         box = LoopMailbox(loop)
         qa, qb = asyncio.Queue(), asyncio.Queue()
 
-        def model_thread() -> None:  # two rows, 200 steps: one event per row per step
-            for i in range(200):
+        def model_thread() -> None:  # two rows, 50 steps: one event per row per step, a flush after each step
+            for i in range(50):
                 assert box.post(qa, ("delta", i))
                 assert box.post(qb, ("delta", -i))
+                box.flush()
+            box.flush()  # nothing new: no wake-up
 
         t = threading.Thread(target=model_thread)
         t.start()
-        got_a = [(await qa.get())[1] for _ in range(200)]
-        got_b = [(await qb.get())[1] for _ in range(200)]
+        got_a = [(await qa.get())[1] for _ in range(50)]
+        got_b = [(await qb.get())[1] for _ in range(50)]
         t.join()
         return got_a, got_b, wakeups
 
     got_a, got_b, wakeups = asyncio.run(run())
-    assert got_a == list(range(200)) and got_b == [-i for i in range(200)]
-    assert 1 <= wakeups < 400  # events posted while a wake-up is pending share it
+    assert got_a == list(range(50)) and got_b == [-i for i in range(50)]
+    assert wakeups == 50  # one per step, not one per row per step
 
     loop = asyncio.new_event_loop()
     box = LoopMailbox(loop)

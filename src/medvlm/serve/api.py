@@ -233,46 +233,51 @@ class ChatService:
         return job, events
 
     def mailbox(self) -> "LoopMailbox":
-        """The running event loop's mailbox (one per loop)."""
+        """The running event loop's mailbox (one per loop), flushed after every step of the model thread."""
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
-            self._mailbox = LoopMailbox(loop)
+            old, self._mailbox = self._mailbox, LoopMailbox(loop)
+            if old is not None and old.flush in self.batcher.after_step:
+                self.batcher.after_step.remove(old.flush)
+            self.batcher.after_step.append(self._mailbox.flush)
         return self._mailbox
 
 
 class LoopMailbox:
-    """Events from the model thread to the event loop, with at most one wake-up pending.
+    """Events from the model thread to the event loop, delivered once per decoding step.
 
-    A decoding step emits one event per running row; waking the loop for each (``call_soon_threadsafe``
-    writes to its self-pipe) cost the model thread a system call per row per token. Events posted while a
-    wake-up is pending ride along with it, in order.
+    A step emits one event per running row; waking the loop for each (``call_soon_threadsafe`` writes
+    to its self-pipe) cost the model thread a system call and a hand-over of the GIL per row per token,
+    in the middle of its step. Events are collected during the step and :meth:`flush` (called by the
+    model thread when the step ends) wakes the loop once to deliver them all, in order.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._items: list[tuple[asyncio.Queue, Any]] = []
         self._lock = threading.Lock()
-        self._pending = False
 
     def post(self, queue: asyncio.Queue, item: Any) -> bool:
-        """Deliver ``item`` to ``queue`` on the loop; False when the loop is closed."""
+        """Queue ``item`` for ``queue`` (delivered at the next :meth:`flush`); False when the loop is closed."""
+        if self.loop.is_closed():
+            return False
         with self._lock:
             self._items.append((queue, item))
-            if self._pending:
-                return True
-            self._pending = True
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:
-            with self._lock:
-                self._items.clear()
-                self._pending = False
-            return False
         return True
 
-    def _drain(self) -> None:
+    def flush(self) -> None:
+        """Wake the loop once to deliver everything posted so far (no-op when nothing is waiting)."""
         with self._lock:
-            items, self._items, self._pending = self._items, [], False
+            if not self._items:
+                return
+            items, self._items = self._items, []
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:  # the loop closed meanwhile: nobody is listening any more
+            pass
+
+    @staticmethod
+    def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
         for queue, item in items:
             queue.put_nowait(item)
 
