@@ -204,7 +204,7 @@ class DynamicBatcher:
             self._after_step()
 
     def _after_step(self) -> None:
-        for hook in self.after_step:
+        for hook in list(self.after_step):  # the event loop may register a new one meanwhile
             try:
                 hook()
             except Exception as e:  # a listener's failure must not stop the model thread
