@@ -2,7 +2,9 @@
 
 Two servers run at once as subprocesses on 127.0.0.1 (``medvlm serve api``): ``--max-batch 8`` (or 32)
 and ``--max-batch 1``. Load phases alternate between them (8 clients on the batched server, 8 on the
-one-at-a-time server, then 32 clients on each), so other jobs on a shared machine load both. Clients
+one-at-a-time server, then 32 clients on each), ``--rounds`` times in alternating order (continuous first,
+then one-at-a-time first, ...), so other jobs on a shared machine load both; throughput is all requests of a
+server over the sum of its phases' wall time. Clients
 are threads with httpx, each sending ``--requests-per-client`` streamed requests one after another:
 a question about an image from the model's test set, base64 in the request. Measured per phase:
 throughput, p50 / p99 latency (request to ``[DONE]``), p50 / p99 time to first token, answer lengths,
@@ -16,7 +18,7 @@ questions in a sentence; clients interleave ``--questions DEMO/data/vqa/test.jso
 (``--image-folder DEMO/data/images``).
 
     .venv/bin/python benchmarks/bench_serve.py --model DIR --questions test.json --image-folder DIR
-        [--requests-per-client 4] [--max-tokens 48] [--threads 1]
+        [--requests-per-client 4] [--max-tokens 48] [--threads 1] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ def main() -> None:
                          "for a model whose answers do not end on their own (random weights).")
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (both servers alike).")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="Load phases per server, alternating which server goes first (averages a shared machine's load).")
     args = ap.parse_args()
     import tempfile
 
@@ -192,19 +196,33 @@ def main() -> None:
         try:
             for _proc, port in servers.values():
                 run_clients(port, 2, 1, 4, questions, 10_000)  # warm-up
-            offset = 0
-            for name in ("continuous", "one at a time"):
-                proc, port = servers[name]
-                rss = PeakRss(proc.pid)
-                wall, lat, ttft, lengths, errs = run_clients(port, clients, args.requests_per_client, limits,
-                                                             questions, offset)
+            acc = {name: {"lat": [], "ttft": [], "lengths": [], "errors": [], "wall": 0.0} for name in servers}
+            rss = {name: PeakRss(servers[name][0].pid) for name in servers}
+            for r in range(args.rounds):
+                order = ("continuous", "one at a time") if r % 2 == 0 else ("one at a time", "continuous")
+                for name in order:
+                    _, port = servers[name]
+                    # Both servers get the same questions in every round (different ones from round to round).
+                    wall, lat, ttft, lengths, errs = run_clients(port, clients, args.requests_per_client, limits,
+                                                                 questions, r * clients * args.requests_per_client)
+                    a = acc[name]
+                    a["lat"] += lat
+                    a["ttft"] += ttft
+                    a["lengths"] += lengths
+                    a["errors"] += errs
+                    a["wall"] += wall
+                    print(f"  round {r + 1} {name}: {len(lat) / wall:.2f} req/s", flush=True)
+            for name, (_, port) in servers.items():
                 health = httpx.get(f"http://127.0.0.1:{port}/health").json()
-                rows[name] = (len(lat) / wall, lat, ttft, lengths, errs, rss.stop(), health, wall)
+                a = acc[name]
+                rows[name] = (len(a["lat"]) / a["wall"], a["lat"], a["ttft"], a["lengths"], a["errors"],
+                              rss[name].stop(), health, a["wall"])
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
-        print(f"\n{clients} concurrent clients ({clients * args.requests_per_client} requests per server)")
+        print(f"\n{clients} concurrent clients ({clients * args.requests_per_client * args.rounds} requests per server, "
+              f"{args.rounds} round(s))")
         print(f"{'server':<24}{'req/s':>7}{'p50 s':>8}{'p99 s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens':>12}"
               f"{'peak RSS MiB':>14}{'errors':>8}")
         for name, (tput, lat, ttft, lengths, errs, peak, _health, _wall) in rows.items():

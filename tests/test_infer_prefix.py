@@ -176,6 +176,41 @@ def test_prefix_cache_stays_within_its_budget_and_evicts_lru() -> None:
     assert cache.lookup(torch.arange(12), (), (), limit=11)[0] == 11
 
 
+def test_indexed_lookup_equals_a_scan_of_every_entry() -> None:
+    """Entries are indexed by first image and text head; the answer must equal checking every entry."""
+    import random
+
+    rng = random.Random(0)
+    heads = [[1, 2, 3], [1, 2, 4, 5], [], [1, 2]]
+
+    def prompt() -> tuple[torch.Tensor, tuple, tuple]:
+        head = rng.choice(heads)
+        if rng.random() < 0.2:  # text only
+            return torch.tensor(head + [rng.randrange(6, 9) for _ in range(rng.randrange(1, 5))]), (), ()
+        n_img = rng.choice([1, 1, 2])
+        ids, spans, digests = list(head), [], []
+        for _ in range(n_img):
+            spans.append((len(ids), len(ids) + 3))
+            ids += [99, 99, 99]
+            digests.append(rng.choice("abc"))
+            ids += [rng.randrange(6, 9) for _ in range(rng.randrange(0, 3))]
+        ids += [rng.randrange(6, 9) for _ in range(rng.randrange(1, 5))]
+        return torch.tensor(ids), tuple(spans), tuple(digests)
+
+    cache = PrefixCache(budget_bytes=1 << 30)
+    for _ in range(300):
+        ids, spans, digests = prompt()
+        if rng.random() < 0.5:
+            cache.insert(ids, spans, digests, _entry(len(ids)))
+            continue
+        floor = spans[-1][1] if spans and rng.random() < 0.5 else 0
+        scan = [usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, len(ids) - 1)
+                for e in cache._entries.values()]
+        expected = max([n for n in scan if n >= floor], default=0)
+        assert cache.lookup(ids, spans, digests, limit=len(ids) - 1, floor=floor)[0] == expected
+    assert len(cache) > 20 and cache.nbytes == sum(e.nbytes for e in cache._entries.values())
+
+
 def test_usable_prefix_never_reuses_another_image_or_cuts_one() -> None:
     ids = torch.tensor([1, 2, 9, 9, 9, 3, 4, 5])
     spans, digests = ((2, 5),), ("a",)

@@ -107,3 +107,46 @@ def test_health_reports_the_prefix_cache_and_repeated_images_hit_it() -> None:
     assert cache["misses"] == 1 and cache["hits"] == 2 and cache["hit_tokens"] > 2 * processor.image_seq_length
     assert 0 < cache["bytes"] <= cache["budget_bytes"] == budget
     assert health["queue_length"] == 0 and health["requests_run"] == 3
+
+
+def test_loop_mailbox_delivers_each_step_in_one_wakeup_in_order_and_refuses_after_close() -> None:
+    import asyncio
+
+    from medvlm.serve.api import LoopMailbox
+
+    async def run() -> tuple[list, list, int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(cb, *args):
+            nonlocal wakeups
+            wakeups += 1
+            return real(cb, *args)
+
+        loop.call_soon_threadsafe = counting  # instance attribute on this test's own loop only
+        box = LoopMailbox(loop)
+        qa, qb = asyncio.Queue(), asyncio.Queue()
+
+        def model_thread() -> None:  # two rows, 50 steps: one event per row per step, a flush after each step
+            for i in range(50):
+                assert box.post(qa, ("delta", i))
+                assert box.post(qb, ("delta", -i))
+                box.flush()
+            box.flush()  # nothing new: no wake-up
+
+        t = threading.Thread(target=model_thread)
+        t.start()
+        got_a = [(await qa.get())[1] for _ in range(50)]
+        got_b = [(await qb.get())[1] for _ in range(50)]
+        t.join()
+        return got_a, got_b, wakeups
+
+    got_a, got_b, wakeups = asyncio.run(run())
+    assert got_a == list(range(50)) and got_b == [-i for i in range(50)]
+    assert wakeups == 50  # one per step, not one per row per step
+
+    loop = asyncio.new_event_loop()
+    box = LoopMailbox(loop)
+    loop.close()
+    assert box.post(asyncio.Queue(), ("delta", "x")) is False  # the server's loop is gone: the row gets cancelled

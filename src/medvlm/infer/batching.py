@@ -53,9 +53,10 @@ class PreparedPrompt:
     """Content digest of each image (prefix-cache key)."""
     extras: dict[str, Any] | None = None
     """Other processor outputs the model needs at prefill (transformers families: ``pixel_values`` of any shape,
-    ``image_grid_thw``, ``token_type_ids``, ...; batch dim 1), passed to the family with the whole prompt."""
+    ``image_grid_thw``, ``token_type_ids``, ...; batch dim 1), passed to the family with a chunk that starts the
+    prompt. A prompt with extras is never resumed from a cached prefix that ends before its last image."""
     position_offset: int = 0
-    """Added to the prompt length to get the first generated token's position (M-RoPE families)."""
+    """Added to a text token's index after the last image to get its position (M-RoPE families: ``rope_deltas``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -297,12 +298,13 @@ class ContinuousBatcher:
             n = end - start
             extras.append(prompt.extras if start == 0 else None)
             ids[b, chunk_w - n:] = prompt.input_ids[start:end]
-            pos[b, chunk_w - n:] = torch.arange(start, end)
+            # Text after the last image: index + offset (M-RoPE); a chunk from before it starts at 0 (offset 0 there).
+            pos[b, chunk_w - n:] = torch.arange(start, end) + (prompt.position_offset if start >= prompt.split else 0)
             pos[b, : chunk_w - n] = start  # holes: any position, they are never attended to
             mask[b, past_w - start: past_w] = True
             mask[b, past_w + chunk_w - n:] = True
             for k, (s, e) in enumerate(prompt.spans):
-                if start <= s and e <= end:
+                if start <= s and e <= end and prompt.pixel_values is not None:
                     pixels.append(prompt.pixel_values[k : k + 1])
                 elif s < start < e or s < end < e:
                     raise MedvlmError("internal: a prompt chunk cuts through an image")
@@ -346,7 +348,9 @@ class ContinuousBatcher:
         for row in rows:
             p = row.req.prompt
             if cache is not None:
-                row.start, row.past = cache.lookup(p.input_ids, p.spans, p.digests, limit=p.num_tokens - 1)
+                # Processor extras are given whole, so such a prompt's images are prefilled in one chunk from its start.
+                floor = p.split if p.extras is not None else 0
+                row.start, row.past = cache.lookup(p.input_ids, p.spans, p.digests, limit=p.num_tokens - 1, floor=floor)
                 row.cached = row.start
         # Image prefixes: computed once per distinct (ids, images) among the admitted rows.
         groups: dict[tuple, list[_Row]] = {}

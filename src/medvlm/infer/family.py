@@ -26,7 +26,8 @@ class ModelFamily(Protocol):
     """The hooks a model family supplies to the engine."""
 
     reuses_prefixes: bool
-    """Whether prompts may start from a cached prefix (False: every prompt is prefilled whole, no prefix cache)."""
+    """Whether prompts may start from a cached prefix (False: every prompt is prefilled whole, no prefix cache; every
+    family reuses prefixes today)."""
 
     def stop_sequences(self) -> list[list[int]]:
         """Token-id sequences that end an answer."""

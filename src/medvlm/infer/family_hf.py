@@ -5,17 +5,21 @@ Prompts are encoded by the family's :class:`~medvlm.model.families.processing.Fa
 generation prompt; every tensor the processor returns (``pixel_values`` of any shape, ``image_grid_thw``,
 ``pixel_attention_mask``, ``token_type_ids``, ``mm_token_type_ids``, ...) travels with the prompt.
 
-Prefill runs each row's whole prompt alone, unpadded, exactly as the model's own forward expects it (the
-model builds its positions: M-RoPE from ``image_grid_thw``, Gemma 3's bidirectional image attention from
-``token_type_ids``); the rows' caches are then left-padded into the running batch. These families do not
-reuse prompt prefixes across questions (no prefix cache): correctness first. Decoding is batched; a
-row's position is its prompt's largest position + 1 + tokens generated so far, which is what
-``generate`` computes (``text position + rope_deltas`` for M-RoPE families, the unpadded token index
-for the others).
+Prompt prefixes are shared. A prompt's images and every token before them form one image block (from
+its first image marker to its last, with a digest of all the processor's image tensors), so a reused
+prefix always covers the whole image prefix or lies after it. A chunk holding images is run alone,
+unpadded, from the start of its prompt with the processor's tensors, exactly as the model's own forward
+expects it (the model builds its positions: M-RoPE from ``image_grid_thw``, Gemma 3's bidirectional
+image attention from ``token_type_ids``, Qwen3-VL's deepstack features); its cache is then left-padded
+into the batch. Text after the last image (questions that share an image prefix, later chat turns, the
+decoding steps) is batched, with explicit positions: a text token after the last image sits at its
+index + ``rope_deltas`` on all three M-RoPE axes (``PreparedPrompt.position_offset``; 0 for the other
+families), which is what ``generate`` computes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -30,8 +34,8 @@ from medvlm.infer.kv import KVBuffer, Layers, concat_rows
 class TransformersFamily:
     """A transformers ``*ForConditionalGeneration`` model with its :class:`FamilyProcessor`."""
 
-    reuses_prefixes = False
-    """Prefix KV reuse across questions is not implemented for these families (each prompt is prefilled whole)."""
+    reuses_prefixes = True
+    """Image prefixes and earlier chat turns are served from the engine's prefix cache (cut only after the last image)."""
 
     def __init__(self, model: Any, processor: Any):
         self.model = model
@@ -66,33 +70,78 @@ class TransformersFamily:
                 ids[None], image_grid_thw=extras["image_grid_thw"], attention_mask=torch.ones_like(ids)[None],
                 mm_token_type_ids=extras["mm_token_type_ids"])
             offset = int(deltas.reshape(-1)[0])
-        return PreparedPrompt(input_ids=ids, pixel_values=None, extras=extras, position_offset=offset)
+        spans, digests = self._image_block(ids, extras)
+        return PreparedPrompt(input_ids=ids, pixel_values=None, spans=spans, digests=digests, extras=extras,
+                              position_offset=offset)
+
+    def _image_block(self, ids: torch.Tensor, extras: dict[str, Any]) -> tuple[tuple[tuple[int, int], ...],
+                                                                              tuple[str, ...]]:
+        """All of a prompt's images as ONE block (first marker to last) with one digest of every image tensor.
+
+        Families lay image tensors out differently (Qwen's flattened patches, Idefics3's tiles), so they are
+        not split per image: a cached prefix is reused only if all its images are identical, and a prompt's
+        images are always prefilled together from its start (M-RoPE positions and Gemma 3's bidirectional
+        image attention are computed by the model over the whole image prefix).
+        """
+        markers = torch.tensor(sorted(self.processor.marker_ids), dtype=torch.long)
+        where = torch.isin(ids, markers).nonzero().squeeze(1)
+        if where.numel() == 0:
+            return (), ()
+        h = hashlib.blake2b(digest_size=16)
+        for key in self.spec.image_tensors:
+            if key in extras and isinstance(extras[key], torch.Tensor):
+                t = extras[key].detach().to("cpu").contiguous()
+                h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+                h.update(t.numpy().tobytes())
+        return ((int(where[0]), int(where[-1]) + 1),), (h.hexdigest(),)
 
     # -- forward hooks -----------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past: Layers | None,
                 extras: list[dict[str, Any] | None] | None = None) -> tuple[torch.Tensor, Layers]:
-        """Each row's whole prompt (right-aligned in ``input_ids``) run alone; caches left-padded together."""
-        if past is not None or pixel_values is not None:
-            raise MedvlmError("internal: transformers families prefill whole prompts only (no reused prefix)")
-        if extras is None or len(extras) != input_ids.shape[0]:
-            raise MedvlmError("internal: every row needs its processor outputs")
-        logits, parts = [], []
-        for b in range(input_ids.shape[0]):
+        """Rows with processor outputs (a chunk from the start of its prompt) run alone, unpadded; the other rows
+        (text after the last image, on top of ``past``) run batched with the given mask and positions."""
+        if pixel_values is not None:
+            raise MedvlmError("internal: transformers families take their images from the processor outputs")
+        extras = extras or [None] * input_ids.shape[0]
+        width = attention_mask.shape[1]
+        alone = [b for b, e in enumerate(extras) if e is not None]
+        text = [b for b, e in enumerate(extras) if e is None]
+        logits: list[torch.Tensor | None] = [None] * input_ids.shape[0]
+        parts: list[tuple[Layers, torch.Tensor] | None] = [None] * input_ids.shape[0]
+        for b in alone:
             n = int(attention_mask[b].sum())
+            if past is not None and bool(attention_mask[b, : width - input_ids.shape[1]].any()):
+                raise MedvlmError("internal: a chunk with images must start its prompt (no reused prefix)")
             ids = input_ids[b, input_ids.shape[1] - n:][None]
+            feats = {k: (v[:, :n] if k in self.spec.token_tensors else v) for k, v in extras[b].items()}
             cache = DynamicCache()
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **(extras[b] or {}), cache=cache,
-                             use_cache=True, logits_to_keep=1)
-            logits.append(out.logits[:, -1, :])
-            parts.append((cache_layers(cache), torch.ones(1, n, dtype=torch.bool)))
-        layers, mask = concat_rows(parts)
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **feats, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+            logits[b] = out.logits[:, -1, :]
+            parts[b] = (cache_layers(cache), torch.ones(1, n, dtype=torch.bool))
+        if text:
+            index = torch.tensor(text, dtype=torch.long)
+            cols = attention_mask.shape[1] - input_ids.shape[1]
+            rows_past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in past] if past else None
+            cache = DynamicCache(ddp_cache_data=rows_past) if rows_past and cols else DynamicCache()
+            # Explicit 2-D positions: M-RoPE models expand them to all three axes (text after the last image).
+            out = self.model(input_ids=input_ids.index_select(0, index),
+                             attention_mask=attention_mask.index_select(0, index),
+                             position_ids=position_ids.index_select(0, index), cache=cache, use_cache=True,
+                             logits_to_keep=1)
+            layers = cache_layers(cache)
+            for j, b in enumerate(text):
+                logits[b] = out.logits[j : j + 1, -1, :]
+                parts[b] = ([(k[j : j + 1], v[j : j + 1]) for k, v in layers], attention_mask[b : b + 1])
+        layers, mask = concat_rows(parts)  # type: ignore[arg-type]
         if mask.shape != attention_mask.shape or not bool((mask == attention_mask).all()):
-            raise MedvlmError("internal: prefill expects right-aligned prompts without holes")
-        return torch.cat(logits), layers
+            raise MedvlmError("internal: prefill expects right-aligned prompt chunks")
+        return torch.cat(logits), layers  # type: ignore[arg-type]
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                past: KVBuffer) -> torch.Tensor:
         """One batched step; ``position_ids`` ``[B, 1]`` (M-RoPE models expand them to all three axes, as in
         ``generate``'s decoding steps)."""
         return self._decoder.decode(input_ids, attention_mask, position_ids, past)
+

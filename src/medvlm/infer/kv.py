@@ -146,6 +146,12 @@ class PrefixCache:
 
     ``budget_bytes`` bounds the keys and values held; inserting evicts least recently used entries
     first, and an entry larger than the whole budget is not stored. Thread-safe.
+
+    Lookups do not scan every entry (a server remembers every finished conversation, thousands of
+    entries): entries are indexed by the digest of their first image. An entry whose first image differs
+    from the prompt's can only supply text before that image, which is the same for every entry with the
+    same text there, so one entry per distinct text head stands for them all. Text-only entries are
+    always checked. The result equals a scan of every entry.
     """
 
     def __init__(self, budget_bytes: int):
@@ -153,6 +159,8 @@ class PrefixCache:
             raise MedvlmError(f"prefix cache budget must be >= 0 bytes (got {budget_bytes})")
         self.budget_bytes = int(budget_bytes)
         self._entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()
+        self._by_image: dict[str | None, dict[tuple, None]] = {}  # first image digest (None: text only) -> keys
+        self._by_head: dict[tuple, dict[tuple, None]] = {}  # text before the first image -> keys (image entries)
         self._lock = threading.Lock()
         self.nbytes = 0
         self.stats = PrefixStats()
@@ -160,13 +168,51 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True) -> tuple[int, Layers | None]:
-        """The longest reusable prefix of a prompt: ``(n, layers cropped to n)`` or ``(0, None)``."""
+    @staticmethod
+    def _head(e: PrefixEntry) -> tuple:
+        return tuple(e.ids[: e.spans[0][0]].tolist())
+
+    def _candidates(self, digests) -> list[tuple]:
+        """Keys of the entries that can give the longest usable prefix for a prompt whose images are ``digests``."""
+        keys = dict(self._by_image.get(None, {}))
+        if digests:
+            keys.update(self._by_image.get(digests[0], {}))
+        for group in self._by_head.values():  # text before another first image: one entry speaks for its head
+            keys.setdefault(next(reversed(group)))
+        return list(keys)
+
+    def _add(self, key: tuple, e: PrefixEntry) -> None:
+        self._entries[key] = e
+        self._by_image.setdefault(e.digests[0] if e.spans else None, {})[key] = None
+        if e.spans:
+            self._by_head.setdefault(self._head(e), {})[key] = None
+        self.nbytes += e.nbytes
+
+    def _remove(self, key: tuple) -> PrefixEntry:
+        e = self._entries.pop(key)
+        groups = [(self._by_image, e.digests[0] if e.spans else None)]
+        if e.spans:
+            groups.append((self._by_head, self._head(e)))
+        for index, sub in groups:
+            del index[sub][key]
+            if not index[sub]:
+                del index[sub]
+        self.nbytes -= e.nbytes
+        return e
+
+    def lookup(self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True,
+               floor: int = 0) -> tuple[int, Layers | None]:
+        """The longest reusable prefix of a prompt: ``(n, layers cropped to n)`` or ``(0, None)``.
+
+        A usable prefix shorter than ``floor`` tokens counts as none (a family that must prefill a prompt's
+        images from its start passes the end of its last image).
+        """
         best, best_entry, best_key = 0, None, None
         with self._lock:
-            for key, e in self._entries.items():
+            for key in self._candidates(digests):
+                e = self._entries[key]
                 n = usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, limit)
-                if n > best:
+                if n > best and n >= floor:
                     best, best_entry, best_key = n, e, key
             if best_entry is not None:
                 self._entries.move_to_end(best_key)
@@ -192,23 +238,26 @@ class PrefixCache:
                 self.stats.rejected += 1
                 return False
             # An entry the new one extends (a chat's previous turn, an image prefix) is redundant: lookups
-            # match common prefixes, so the longer entry serves everything it served.
+            # match common prefixes, so the longer entry serves everything it served. Only entries without
+            # images or with the same first image can be extended.
             n = int(ids.shape[0])
-            for old_key in [k for k, e in self._entries.items() if int(e.ids.shape[0]) <= n and
-                            usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, n) == int(e.ids.shape[0])]:
-                self.nbytes -= self._entries.pop(old_key).nbytes
+            same = list(self._by_image.get(None, {})) + (list(self._by_image.get(digests[0], {})) if spans else [])
+            for old_key in [k for k in same if int(self._entries[k].ids.shape[0]) <= n and
+                            usable_prefix(self._entries[k].ids, self._entries[k].spans, self._entries[k].digests,
+                                          ids, spans, digests, n) == int(self._entries[k].ids.shape[0])]:
+                self._remove(old_key)
             while self._entries and self.nbytes + nbytes > self.budget_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= old.nbytes
+                self._remove(next(iter(self._entries)))
                 self.stats.evictions += 1
-            self._entries[key] = PrefixEntry(ids.clone(), tuple(spans), tuple(digests), layers, nbytes)
-            self.nbytes += nbytes
+            self._add(key, PrefixEntry(ids.clone(), tuple(spans), tuple(digests), layers, nbytes))
             self.stats.inserts += 1
         return True
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._by_image.clear()
+            self._by_head.clear()
             self.nbytes = 0
 
     def info(self) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -166,6 +167,7 @@ class ChatService:
         self.context = config.context_length or int(engine.model.config.text_config.max_position_embeddings)
         self.admission = Admission(config.batcher.max_queue)
         self.gate = DecodeGate(config.max_decoded_bytes, config.max_concurrent_decodes)
+        self._mailbox: LoopMailbox | None = None
 
     def settings_for(self, req: ChatCompletionRequest, prompt_tokens: int) -> GenerationSettings:
         room = self.context - prompt_tokens
@@ -214,16 +216,13 @@ class ChatService:
 
     def submit(self, prompt, settings: GenerationSettings) -> tuple[Any, asyncio.Queue]:
         """Queue a generation; events ``("delta", str)``, ``("done", BatchResult)``, ``("error", exc)`` arrive."""
-        loop = asyncio.get_running_loop()
+        mailbox = self.mailbox()
         events: asyncio.Queue = asyncio.Queue()
         holder: dict[str, Any] = {}
 
         def push(kind: str, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
-                if "job" in holder:
-                    holder["job"].cancel()
+            if not mailbox.post(events, (kind, value)) and "job" in holder:
+                holder["job"].cancel()  # the event loop is gone (shutdown): nobody is listening any more
 
         try:
             job = self.batcher.submit(prompt, settings, on_delta=lambda d: push("delta", d),
@@ -232,6 +231,55 @@ class ChatService:
             raise ApiError(503, str(e), "server_overloaded", "queue_full", headers={"Retry-After": "1"}) from None
         holder["job"] = job
         return job, events
+
+    def mailbox(self) -> "LoopMailbox":
+        """The running event loop's mailbox (one per loop), flushed after every step of the model thread."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            old, self._mailbox = self._mailbox, LoopMailbox(loop)
+            if old is not None and old.flush in self.batcher.after_step:
+                self.batcher.after_step.remove(old.flush)
+            self.batcher.after_step.append(self._mailbox.flush)
+        return self._mailbox
+
+
+class LoopMailbox:
+    """Events from the model thread to the event loop, delivered once per decoding step.
+
+    A step emits one event per running row; waking the loop for each (``call_soon_threadsafe`` writes
+    to its self-pipe) cost the model thread a system call and a hand-over of the GIL per row per token,
+    in the middle of its step. Events are collected during the step and :meth:`flush` (called by the
+    model thread when the step ends) wakes the loop once to deliver them all, in order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item: Any) -> bool:
+        """Queue ``item`` for ``queue`` (delivered at the next :meth:`flush`); False when the loop is closed."""
+        if self.loop.is_closed():
+            return False
+        with self._lock:
+            self._items.append((queue, item))
+        return True
+
+    def flush(self) -> None:
+        """Wake the loop once to deliver everything posted so far (no-op when nothing is waiting)."""
+        with self._lock:
+            if not self._items:
+                return
+            items, self._items = self._items, []
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:  # the loop closed meanwhile: nobody is listening any more
+            pass
+
+    @staticmethod
+    def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _completion(cid: str, created: int, model: str, result: BatchResult) -> dict:

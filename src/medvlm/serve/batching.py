@@ -69,6 +69,8 @@ class DynamicBatcher:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._batcher = engine.batcher(max_batch=self.config.max_batch, remember_answers=True)
+        self.after_step: list[Callable[[], None]] = []
+        """Called in the model thread after every step (the API server delivers the step's events in one go)."""
 
     @property
     def requests_run(self) -> int:
@@ -188,6 +190,7 @@ class DynamicBatcher:
                     req.cancel()
                 while not b.idle:
                     b.step()  # cancelled rows and requests are reported without running the model
+                self._after_step()
                 return
             b.max_batch = self.config.max_batch
             for req in new:
@@ -198,3 +201,11 @@ class DynamicBatcher:
                 log.error("generation failed for a batch of %d: %s: %s", len(b.rows) + len(b.waiting),
                           type(e).__name__, e)
                 b.fail_all(e)
+            self._after_step()
+
+    def _after_step(self) -> None:
+        for hook in list(self.after_step):  # the event loop may register a new one meanwhile
+            try:
+                hook()
+            except Exception as e:  # a listener's failure must not stop the model thread
+                log.error("after-step hook failed: %s: %s", type(e).__name__, e)
