@@ -252,6 +252,22 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
                        manifest=manifest or {}, **result)
 
 
+def train_resumable(trainer, start: RunStart):
+    """``trainer.train()``, resuming from ``start.resume`` with every trained weight (returns what it returns).
+
+    Adds :class:`~medvlm.train.callbacks.TrainableBaseCallback` (a LoRA run's trained base weights into each
+    ``checkpoint-N``) and, on resume, restores those weights before the Trainer restores the adapters,
+    optimizer, scheduler and RNG.
+    """
+    from medvlm.train.callbacks import TrainableBaseCallback
+    from medvlm.train.checkpoint import load_trainable_base
+
+    trainer.add_callback(TrainableBaseCallback())
+    if start.resume:
+        load_trainable_base(trainer.model, start.resume)
+    return trainer.train(resume_from_checkpoint=start.resume)
+
+
 def finish_trainer(cfg: TrainConfig, start: RunStart, trainer, out, extra_files: dict[str, Any], title: str,
                    manifest: dict[str, Any], **result: Any) -> TrainResult:
     """:func:`finish_run` for an HF Trainer run (``out`` = what ``trainer.train()`` returned)."""
