@@ -158,9 +158,10 @@ def trainable_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {}
     adapter = model.active_adapter
     held = set(get_peft_model_state_dict(model, adapter_name=adapter))
-    # PEFT drops the adapter name from its keys: "...lora_A.default.weight" -> "...lora_A.weight"
+    # PEFT drops the adapter name from its keys: "...lora_A.default.weight" -> "...lora_A.weight",
+    # "...projector.modules_to_save.default.0.weight" -> "...projector.0.weight"
     return {n: p for n, p in model.named_parameters()
-            if p.requires_grad and n.replace(f".{adapter}", "") not in held}
+            if p.requires_grad and n.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}", "") not in held}
 
 
 def save_trainable_base(model: torch.nn.Module, folder: str | os.PathLike) -> int:
