@@ -130,6 +130,24 @@ def test_family_lora_run_resumes_exactly(demo, starts, tmp_path, family, over):
     assert (resumed_dir / "adapter" / "adapter_config.json").is_file()
 
 
+def test_family_dpo_run_resumes_exactly(demo, starts, tmp_path):
+    recs = json.loads((demo / "vqa" / "train.json").read_text())[:8]
+    answers = sorted({r["conversations"][1]["value"] for r in recs})
+    prefs = [{"id": f"p{r['id']}", "image": r["image"],
+              "chosen_conversations": r["conversations"][:2],
+              "reject_conversations": [r["conversations"][0],
+                                       {"from": "gpt", "value": next(a for a in answers if a != r["conversations"][1]["value"])}]}
+             for r in recs]
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(prefs))
+    straight_cap, straight, resumed_cap, resumed_dir = _straight_and_resumed(
+        demo, tmp_path, starts["qwen2_5_vl"], stage="dpo", data_path=str(data), ref_logps="auto", dpo_beta=0.5)
+    _assert_same_run(straight_cap, straight, resumed_cap, resumed_dir)
+    spec = FAMILIES["qwen2_5_vl"]
+    with safe_open(str(resumed_dir / "checkpoint-2" / TRAINABLE_BASE_FILE), framework="pt") as f:
+        assert {part_of(spec, k.removeprefix("base_model.model.")) for k in f.keys()} == {"connector"}
+
+
 def test_native_lora_run_resumes_exactly(demo, tmp_path):
     straight_cap, straight, resumed_cap, resumed_dir = _straight_and_resumed(demo, tmp_path, None, max_length=512)
     _assert_same_run(straight_cap, straight, resumed_cap, resumed_dir)
@@ -144,3 +162,16 @@ def test_resume_without_the_trained_base_weights_is_refused(demo, starts, tmp_pa
     (out / "checkpoint-2" / TRAINABLE_BASE_FILE).unlink()  # a checkpoint written before this file existed
     with pytest.raises(MedvlmError, match="trainable_base.safetensors.*initial values"):
         run_training(_config(demo, out, starts["qwen2_5_vl"]))
+
+
+@pytest.mark.parametrize("mode", ["fsdp2_cpu", "deepspeed_cpu"])
+def test_manual_loops_refuse_resume_before_any_work(demo, tmp_path, mode):
+    """The CPU loops write no checkpoint-N: a resume they would ignore is refused, with the fix."""
+    keys = dict(distributed=mode, tune="full", save_strategy="no")
+    with pytest.raises(MedvlmError, match=f"distributed: {mode} writes no mid-run checkpoints"):
+        run_training(small_config(demo, tmp_path / "a", resume_from_checkpoint=str(tmp_path / "x"), **keys))
+    ckpt = tmp_path / "b" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    with pytest.raises(MedvlmError, match=f"holds checkpoint-3 and distributed: {mode} cannot resume"):
+        run_training(small_config(demo, tmp_path / "b", **keys))

@@ -144,6 +144,23 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     return str(p)
 
 
+def refuse_resume(cfg: TrainConfig) -> None:
+    """For a loop without mid-run checkpoints (``distributed: fsdp2_cpu`` / ``deepspeed_cpu``): refuse a resume request.
+
+    ``auto`` (the default) with nothing to resume passes; an explicit checkpoint, or a ``checkpoint-N`` already in
+    ``output_dir`` (which the loop would neither continue nor keep consistent), is a MedvlmError with the fix.
+    """
+    value = cfg.resume_from_checkpoint
+    mode = cfg.distributed
+    if value not in (None, False, "false", "no", "auto"):
+        raise MedvlmError(f"resume_from_checkpoint: {value}: distributed: {mode} writes no mid-run checkpoints and "
+                          "cannot resume; drop resume_from_checkpoint (or resume under distributed: auto)")
+    last = find_last_checkpoint(cfg.output_dir)
+    if last:
+        raise MedvlmError(f"output_dir {cfg.output_dir} already holds {Path(last).name} and distributed: {mode} cannot "
+                          "resume from it; choose a new output_dir (or resume under distributed: auto)")
+
+
 def trainable_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters of a PEFT model that its adapter file does not hold, by parameter name.
 
