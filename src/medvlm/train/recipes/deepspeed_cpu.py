@@ -115,8 +115,13 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     import torch.distributed as dist
 
     from medvlm.train.checkpoint import refuse_resume
-    from medvlm.train.manual_loop import (build_adamw, build_scheduler, finish_manual_run, manual_train_loop,
-                                          prepare_manual_run)
+    from medvlm.train.manual_loop import (
+        build_adamw,
+        build_scheduler,
+        finish_manual_run,
+        manual_train_loop,
+        prepare_manual_run,
+    )
     from medvlm.train.setup import world_size
 
     if cfg.tune != "full":
