@@ -257,11 +257,22 @@ def train_resumable(trainer, start: RunStart):
 
     Adds :class:`~medvlm.train.callbacks.TrainableBaseCallback` (a LoRA run's trained base weights into each
     ``checkpoint-N``) and, on resume, restores those weights before the Trainer restores the adapters,
-    optimizer, scheduler and RNG.
+    optimizer, scheduler and RNG. Under DeepSpeed (GPU, ``accelerate launch``) the engine's checkpoint already holds
+    them; under FSDP a resume that would lose them is refused (neither is testable on this CPU-only machine).
     """
     from medvlm.train.callbacks import TrainableBaseCallback
-    from medvlm.train.checkpoint import load_trainable_base
+    from medvlm.train.checkpoint import load_trainable_base, trainable_base_state
 
+    if trainer.is_deepspeed_enabled:
+        # DeepSpeed's engine checkpoint (in checkpoint-N) holds every trainable parameter and restores them itself
+        return trainer.train(resume_from_checkpoint=start.resume)
+    if trainer.is_fsdp_enabled:
+        # sharded parameters: neither written nor restored here, so a resume that would lose them is refused
+        if start.resume and trainable_base_state(trainer.model):
+            raise MedvlmError(f"resume_from_checkpoint {start.resume}: under FSDP a LoRA run's trained base weights "
+                              "(a family's connector, a fully tuned LM) are neither saved in checkpoint-N nor restored; "
+                              "start a fresh run in a new output_dir (DDP and DeepSpeed runs resume them)")
+        return trainer.train(resume_from_checkpoint=start.resume)
     trainer.add_callback(TrainableBaseCallback())
     if start.resume:
         load_trainable_base(trainer.model, start.resume)
