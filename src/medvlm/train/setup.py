@@ -252,7 +252,7 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
                        manifest=manifest or {}, **result)
 
 
-def train_resumable(trainer, start: RunStart):
+def train_resumable(trainer: Any, start: RunStart) -> Any:
     """``trainer.train()``, resuming from ``start.resume`` with every trained weight (returns what it returns).
 
     Adds :class:`~medvlm.train.callbacks.TrainableBaseCallback` (a LoRA run's trained base weights into each
@@ -264,7 +264,7 @@ def train_resumable(trainer, start: RunStart):
     from medvlm.train.checkpoint import load_trainable_base, trainable_base_state
 
     if trainer.is_deepspeed_enabled:
-        # DeepSpeed's engine checkpoint (in checkpoint-N) holds every trainable parameter and restores them itself
+        # the engine's checkpoint (in checkpoint-N) saves the module state and the Trainer reloads it (non-strict for PEFT)
         return trainer.train(resume_from_checkpoint=start.resume)
     if trainer.is_fsdp_enabled:
         # sharded parameters: neither written nor restored here, so a resume that would lose them is refused
