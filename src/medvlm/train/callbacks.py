@@ -68,6 +68,23 @@ class RunArtifactsCallback(TrainerCallback):
         return control
 
 
+class TrainableBaseCallback(TrainerCallback):
+    """Saves a LoRA run's trained base weights beside the adapter in each ``checkpoint-N`` (rank 0).
+
+    The Trainer's ``checkpoint-N`` of a PEFT model holds the adapter file only; a base weight trained through
+    ``requires_grad`` (a family's connector, a fully tuned LM beside tower LoRA) goes into
+    ``trainable_base.safetensors`` here and is restored on resume (:func:`medvlm.train.checkpoint.load_trainable_base`).
+    """
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from medvlm.train.checkpoint import save_trainable_base
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and model is not None and ckpt.is_dir():
+            save_trainable_base(model, ckpt)
+        return control
+
+
 def read_log(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of ``train_log.jsonl`` (a torn last line from a killed run is skipped)."""
     path = Path(output_dir) / TRAIN_LOG_FILE

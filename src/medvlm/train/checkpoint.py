@@ -13,7 +13,8 @@ import torch
 
 from medvlm.errors import MedvlmError
 from medvlm.train.config import TrainConfig
-from medvlm.utils.artifacts import TRAINER_STATE_FILE
+from medvlm.utils.artifacts import TRAINABLE_BASE_FILE, TRAINER_STATE_FILE
+from medvlm.utils.io import atomic_path
 
 # medvlm config field names accepted in ``model_kwargs`` -> the builder's argument names.
 _BUILD_ALIASES = {"image_aspect": "aspect", "vision_feature_layer": "feature_layer",
@@ -141,6 +142,88 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     if not (p / TRAINER_STATE_FILE).is_file():
         raise MedvlmError(f"resume_from_checkpoint {p}: not a checkpoint folder (no trainer_state.json)")
     return str(p)
+
+
+def refuse_resume(cfg: TrainConfig) -> None:
+    """For a loop without mid-run checkpoints (``distributed: fsdp2_cpu`` / ``deepspeed_cpu``): refuse a resume request.
+
+    ``auto`` (the default) with nothing to resume passes; an explicit checkpoint, or a ``checkpoint-N`` already in
+    ``output_dir`` (which the loop would neither continue nor keep consistent), is a MedvlmError with the fix.
+    """
+    value = cfg.resume_from_checkpoint
+    mode = cfg.distributed
+    if value not in (None, False, "false", "no", "auto"):
+        raise MedvlmError(f"resume_from_checkpoint: {value}: distributed: {mode} writes no mid-run checkpoints and "
+                          "cannot resume; drop resume_from_checkpoint (or resume under distributed: auto)")
+    last = find_last_checkpoint(cfg.output_dir)
+    if last:
+        raise MedvlmError(f"output_dir {cfg.output_dir} already holds {Path(last).name} and distributed: {mode} cannot "
+                          "resume from it; choose a new output_dir (or resume under distributed: auto)")
+
+
+def trainable_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a PEFT model that its adapter file does not hold, by parameter name.
+
+    PEFT's ``save_pretrained`` (what the Trainer writes into ``checkpoint-N``) keeps the adapters, ``modules_to_save``
+    and adapter biases; a base weight trained through ``requires_grad`` (a model family's connector, a fully tuned LM
+    beside tower LoRA) is not in it. Empty for a model without adapters (the Trainer saves all of it).
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    if not isinstance(model, PeftModel):
+        return {}
+    adapter = model.active_adapter
+    held = set(get_peft_model_state_dict(model, adapter_name=adapter))
+    # PEFT drops the adapter name from its keys: "...lora_A.default.weight" -> "...lora_A.weight",
+    # "...projector.modules_to_save.default.0.weight" -> "...projector.0.weight"
+    return {n: p for n, p in model.named_parameters()
+            if p.requires_grad and n.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}", "") not in held}
+
+
+def save_trainable_base(model: torch.nn.Module, folder: str | os.PathLike) -> int:
+    """Write :func:`trainable_base_state` into ``folder`` (safetensors, atomic) when non-empty; returns the tensor count."""
+    from safetensors.torch import save_file
+
+    state = trainable_base_state(model)
+    if not state:
+        return 0
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in state.items()}
+    with atomic_path(Path(folder) / TRAINABLE_BASE_FILE, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return len(tensors)
+
+
+def load_trainable_base(model: torch.nn.Module, checkpoint: str | os.PathLike) -> int:
+    """Restore the trained base weights of a PEFT run from ``checkpoint`` (strict); returns the tensor count.
+
+    Called before the Trainer resumes (it restores the adapters, optimizer, scheduler and RNG itself). A
+    checkpoint without the file while the run trains such weights is refused: resuming from it would silently
+    restart them from their initial values.
+    """
+    from safetensors import safe_open
+
+    want = trainable_base_state(model)
+    if not want:
+        return 0
+    path = Path(checkpoint) / TRAINABLE_BASE_FILE
+    if not path.is_file():
+        raise MedvlmError(f"resume_from_checkpoint {checkpoint}: no {TRAINABLE_BASE_FILE}, but this run trains "
+                          f"{len(want)} base weight(s) outside the adapter (e.g. {next(iter(want))}); resuming would "
+                          "restart them from their initial values; start a fresh run in a new output_dir")
+    with safe_open(str(path), framework="pt") as f:
+        have = set(f.keys())
+        missing, extra = sorted(set(want) - have), sorted(have - set(want))
+        if missing or extra:
+            raise MedvlmError(f"{path}: the trained base weights do not match this run's trainable parameters "
+                              f"(missing {missing[:4]}, unexpected {extra[:4]}); resume with the config that wrote it")
+        with torch.no_grad():
+            for name, p in want.items():
+                value = f.get_tensor(name)
+                if value.shape != p.shape:
+                    raise MedvlmError(f"{path}: {name} has shape {tuple(value.shape)}, the model needs {tuple(p.shape)}")
+                p.copy_(value.to(dtype=p.dtype, device=p.device))
+    return len(want)
 
 
 def save_final(model: torch.nn.Module, output_dir: str | os.PathLike, lora: bool,

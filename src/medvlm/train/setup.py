@@ -252,6 +252,33 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
                        manifest=manifest or {}, **result)
 
 
+def train_resumable(trainer: Any, start: RunStart) -> Any:
+    """``trainer.train()``, resuming from ``start.resume`` with every trained weight (returns what it returns).
+
+    Adds :class:`~medvlm.train.callbacks.TrainableBaseCallback` (a LoRA run's trained base weights into each
+    ``checkpoint-N``) and, on resume, restores those weights before the Trainer restores the adapters,
+    optimizer, scheduler and RNG. Under DeepSpeed (GPU, ``accelerate launch``) the engine's checkpoint already holds
+    them; under FSDP a resume that would lose them is refused (neither is testable on this CPU-only machine).
+    """
+    from medvlm.train.callbacks import TrainableBaseCallback
+    from medvlm.train.checkpoint import load_trainable_base, trainable_base_state
+
+    if trainer.is_deepspeed_enabled:
+        # the engine's checkpoint (in checkpoint-N) saves the module state and the Trainer reloads it (non-strict for PEFT)
+        return trainer.train(resume_from_checkpoint=start.resume)
+    if trainer.is_fsdp_enabled:
+        # sharded parameters: neither written nor restored here, so a resume that would lose them is refused
+        if start.resume and trainable_base_state(trainer.model):
+            raise MedvlmError(f"resume_from_checkpoint {start.resume}: under FSDP a LoRA run's trained base weights "
+                              "(a family's connector, a fully tuned LM) are neither saved in checkpoint-N nor restored; "
+                              "start a fresh run in a new output_dir (DDP and DeepSpeed runs resume them)")
+        return trainer.train(resume_from_checkpoint=start.resume)
+    trainer.add_callback(TrainableBaseCallback())
+    if start.resume:
+        load_trainable_base(trainer.model, start.resume)
+    return trainer.train(resume_from_checkpoint=start.resume)
+
+
 def finish_trainer(cfg: TrainConfig, start: RunStart, trainer, out, extra_files: dict[str, Any], title: str,
                    manifest: dict[str, Any], **result: Any) -> TrainResult:
     """:func:`finish_run` for an HF Trainer run (``out`` = what ``trainer.train()`` returned)."""

@@ -114,8 +114,14 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         raise MedvlmError("distributed: deepspeed_cpu needs DeepSpeed: pip install 'medvlm[deepspeed]'") from e
     import torch.distributed as dist
 
-    from medvlm.train.manual_loop import (build_adamw, build_scheduler, finish_manual_run, manual_train_loop,
-                                          prepare_manual_run)
+    from medvlm.train.checkpoint import refuse_resume
+    from medvlm.train.manual_loop import (
+        build_adamw,
+        build_scheduler,
+        finish_manual_run,
+        manual_train_loop,
+        prepare_manual_run,
+    )
     from medvlm.train.setup import world_size
 
     if cfg.tune != "full":
@@ -125,6 +131,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
                           "(distributed: auto under accelerate launch / torchrun)")
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: deepspeed_cpu does not use the feature cache; set feature_cache: off")
+    refuse_resume(cfg)  # this loop writes no checkpoint-N: a resume request would be ignored silently
     if cfg.deepspeed_zero_stage not in (2, 3):
         raise MedvlmError(f"deepspeed_zero_stage must be 2 or 3, got {cfg.deepspeed_zero_stage}")
     if world_size() < 2:

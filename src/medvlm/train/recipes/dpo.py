@@ -117,9 +117,9 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None, family: str | N
 
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train stage ``dpo``; returns a :class:`~medvlm.train.setup.TrainResult` (its log history has the DPO metrics)."""
-    from medvlm.train.setup import finish_trainer
+    from medvlm.train.setup import finish_trainer, train_resumable
 
     job = prepare_dpo(cfg, callbacks, family)
-    out = job.trainer.train(resume_from_checkpoint=job.start.resume)
+    out = train_resumable(job.trainer, job.start)
     return finish_trainer(cfg, job.start, job.trainer, out, {TRAIN_CONFIG_FILE: job.config_yaml, DATA_MANIFEST_FILE: job.manifest},
                           job.title, job.manifest)

@@ -92,8 +92,14 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from medvlm.train.manual_loop import (build_adamw, build_scheduler, finish_manual_run, manual_train_loop,
-                                          prepare_manual_run)
+    from medvlm.train.checkpoint import refuse_resume
+    from medvlm.train.manual_loop import (
+        build_adamw,
+        build_scheduler,
+        finish_manual_run,
+        manual_train_loop,
+        prepare_manual_run,
+    )
     from medvlm.train.setup import world_size
 
     if callbacks:
@@ -105,6 +111,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
                           "(distributed: auto under accelerate launch / torchrun)")
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: fsdp2_cpu does not use the feature cache; set feature_cache: off")
+    refuse_resume(cfg)  # this loop writes no checkpoint-N: a resume request would be ignored silently
     if world_size() < 2:
         raise MedvlmError("distributed: fsdp2_cpu needs a multi-process launch: torchrun --nproc_per_node N -m medvlm train ...")
     if not dist.is_initialized():

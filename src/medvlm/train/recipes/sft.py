@@ -17,7 +17,14 @@ from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
     """Train ``align`` / ``sft``; returns a :class:`~medvlm.train.setup.TrainResult`."""
     from medvlm.train.callbacks import RunArtifactsCallback
-    from medvlm.train.setup import build_training_args, finish_trainer, load_sft_data, start_run, use_feature_cache
+    from medvlm.train.setup import (
+        build_training_args,
+        finish_trainer,
+        load_sft_data,
+        start_run,
+        train_resumable,
+        use_feature_cache,
+    )
     from medvlm.train.trainer import MedVLMTrainer, TrainCollator
 
     if family is not None:
@@ -69,7 +76,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         labelled_logits_only=cfg.labelled_logits_only and family is None,
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
-    out = trainer.train(resume_from_checkpoint=start.resume)
+    out = train_resumable(trainer, start)
     return finish_trainer(cfg, start, trainer, out, {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict}, title,
                           manifest_dict, cache_stats=dict(trainer.cache_stats),
                           cache_by_epoch=dict(trainer.cache_by_epoch))

@@ -26,7 +26,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         check_sq_template,
         part_of,
     )
-    from medvlm.train.setup import build_training_args, finish_trainer, load_sft_data, start_run
+    from medvlm.train.setup import build_training_args, finish_trainer, load_sft_data, start_run, train_resumable
     from medvlm.train.trainer import TrainCollator
 
     check_self_training(cfg)
@@ -64,6 +64,6 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad, part=part,
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
-    out = trainer.train(resume_from_checkpoint=start.resume)
+    out = train_resumable(trainer, start)
     return finish_trainer(cfg, start, trainer, out, {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict}, title,
                           manifest_dict)
