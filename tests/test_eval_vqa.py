@@ -77,7 +77,8 @@ def test_batched_equals_one_at_a_time_through_the_cli(setup, reference):
 def test_resume_keeps_answers_drops_a_torn_line_and_finishes_in_order(setup, reference):
     out = setup["root"] / "resume" / "answers.jsonl"
     out.parent.mkdir()
-    # An interrupted run: answers to questions 7, 2 and 11 (batches may land out of order when merged), then a torn line.
+    # An interrupted run: answers to questions 7, 2 and 11 (batches may land out of order when merged),
+    # then a torn line.
     kept = [reference[7], reference[2], reference[11]]
     kept[0] = dict(kept[0], text="KEPT FROM THE FIRST RUN")
     out.write_text("".join(json.dumps(r) + "\n" for r in kept) + json.dumps(reference[3])[:25])

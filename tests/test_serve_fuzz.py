@@ -1,4 +1,7 @@
-"""schemathesis against the live API's OpenAPI schema: no input, valid or not, gets a 5xx, and the server answers after."""
+"""schemathesis against the live API's OpenAPI schema.
+
+No input, valid or not, gets a 5xx, and the server answers after.
+"""
 
 from __future__ import annotations
 

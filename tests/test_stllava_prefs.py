@@ -1,4 +1,7 @@
-"""``medvlm prefs generate`` end to end: a tiny v1_sq model asks and answers, a local OpenAI-compatible judge prefers."""
+"""``medvlm prefs generate`` end to end.
+
+A tiny v1_sq model asks and answers, a local OpenAI-compatible judge prefers.
+"""
 
 from __future__ import annotations
 

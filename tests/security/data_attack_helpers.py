@@ -165,7 +165,8 @@ def end_of_archive() -> bytes:
 
 
 def gzip_with_zero_run(prefix: bytes, zeros: int, suffix: bytes = b"") -> bytes:
-    """gzip of ``prefix + zeros x b"\\0" + suffix`` (``zeros`` a multiple of 1 MiB), built without compressing them all."""
+    """gzip of ``prefix + zeros x b"\\0" + suffix`` (``zeros`` a multiple of 1 MiB),
+    built without compressing them all."""
     import struct as _struct
 
     z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)

@@ -1,6 +1,7 @@
 """Batch collation for medvlm features (the output of ``MedVLMProcessor.encode``).
 
-A feature is ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n_img, 3, H, W] | None}``
+A feature is
+``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n_img, 3, H, W] | None}``
 (``labels`` may be absent for generation; ``pixel_values`` absent or ``None`` for text-only samples).
 The batch pads ``input_ids`` with ``pad_token_id``, ``labels`` with -100 and ``attention_mask`` with 0,
 on the right (training) or the left (generation), and concatenates all images in sample order, so

@@ -7,7 +7,8 @@ hashes are unchanged), answer the split with the batched, resumable answerer of
 add percentile-bootstrap intervals (:mod:`medvlm.eval.bootstrap`) and per question type / modality
 breakdowns, and write::
 
-    OUT/bench.json                  model, data hashes, split, prompt suffix, decoding, protocol versions, headline numbers
+    OUT/bench.json                  model, data hashes, split, prompt suffix, decoding, protocol versions,
+                                    headline numbers
     OUT/report.md, OUT/plot_*.png   the table with intervals and the plots (medvlm.eval.bench_report)
     OUT/TASK/data/                  the converted dataset (test.json, images/, train_open_answers.json, source.json)
     OUT/TASK/questions.json         what the model was asked (prompt suffix applied)
@@ -62,7 +63,8 @@ class BenchConfig:
     seed: int = 0
     """Bootstrap seed."""
     prompt_suffix: str = ""
-    """Text appended to every question the model sees (e.g. ``\\nAnswer the question using a single word or phrase.``)."""
+    """Text appended to every question the model sees
+    (e.g. ``\\nAnswer the question using a single word or phrase.``)."""
     closed_options: bool = False
     """Append LLaVA-Med's ``Please choose from the following two options: [yes, no]`` to yes/no questions."""
     settings: Any = None
@@ -102,7 +104,8 @@ def folder_sha256(root: Path) -> str:
 
 
 def resolve_data(tasks: list[str], data: list[str]) -> dict[str, Path]:
-    """``--data DIR`` (a dataset folder, a folder with one sub-folder per task, or a HF cache) or ``--data TASK=DIR``."""
+    """``--data DIR`` (a dataset folder, a folder with one sub-folder per task, or a HF cache) or
+    ``--data TASK=DIR``."""
     out: dict[str, Path] = {}
     plain: list[Path] = []
     for d in data:

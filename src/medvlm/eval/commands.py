@@ -163,7 +163,8 @@ def bench(
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the answers "
                                                                                    "(model_id; default: folder name).")] = None,
 ) -> None:
-    """Answer and score VQA-RAD / SLAKE / PathVQA with every protocol, with bootstrap CI95; writes bench.json and report.md."""
+    """Answer and score VQA-RAD / SLAKE / PathVQA with every protocol, with bootstrap CI95; writes bench.json and
+    report.md."""
     from medvlm.eval.bench import TASKS, BenchConfig, resolve_data, run_bench
     from medvlm.infer.engine import GenerationSettings
 

@@ -224,7 +224,8 @@ def answer_into(engine: Any, questions: list[VQAQuestion], out: str | os.PathLik
 
 
 def load_engine(model: str | os.PathLike, batch_size: int, self_question: int = 0) -> Any:
-    """Load a saved medvlm model and wrap it in an inference engine (``self_question`` > 0: test-time self-questioning)."""
+    """Load a saved medvlm model and wrap it in an inference engine
+    (``self_question`` > 0: test-time self-questioning)."""
     from medvlm.infer.engine import InferenceEngine
     from medvlm.infer.loading import load_for_inference
 

@@ -35,7 +35,8 @@ class TransformersFamily:
     """A transformers ``*ForConditionalGeneration`` model with its :class:`FamilyProcessor`."""
 
     reuses_prefixes = True
-    """Image prefixes and earlier chat turns are served from the engine's prefix cache (cut only after the last image)."""
+    """Image prefixes and earlier chat turns are served from the engine's prefix cache
+    (cut only after the last image)."""
 
     def __init__(self, model: Any, processor: Any):
         self.model = model

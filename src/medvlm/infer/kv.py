@@ -225,7 +225,8 @@ class PrefixCache:
         return (best, crop(best_entry.layers, best)) if best_entry is not None else (0, None)
 
     def insert(self, ids: torch.Tensor, spans, digests, layers: Layers) -> bool:
-        """Store a compact single-row cache of ``ids`` (dropping entries it extends); False if it alone exceeds the budget."""
+        """Store a compact single-row cache of ``ids`` (dropping entries it extends);
+        False if it alone exceeds the budget."""
         if layers_len(layers) != int(ids.shape[0]):
             raise MedvlmError(f"prefix cache: {layers_len(layers)} cached columns for {int(ids.shape[0])} tokens")
         nbytes = layers_nbytes(layers)

@@ -35,7 +35,8 @@ _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
 def image_data_url(path: str | os.PathLike) -> str:
-    """The image as a ``data:`` URL: PNG/JPEG bytes as they are, any other format (DICOM, TIFF ...) re-encoded as PNG."""
+    """The image as a ``data:`` URL: PNG/JPEG bytes as they are, any other format (DICOM, TIFF ...)
+    re-encoded as PNG."""
     p = Path(path)
     mime = _MIME.get(p.suffix.lower())
     if mime is not None:

@@ -77,7 +77,8 @@ class ResponseCache:
         usage = response.get("usage")
         with self._lock:
             self._conn.execute(
-                "INSERT OR REPLACE INTO responses (key, model, request, response, usage, created) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO responses (key, model, request, response, usage, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (key, str(body.get("model")), canonical_json(_shrink(body)), json.dumps(response, ensure_ascii=False),
                  json.dumps(usage) if usage is not None else None, time.time()))
 

@@ -66,7 +66,8 @@ class LLMConfig:
     concurrency: int = 4
     """Requests in flight at once."""
     retries: int = 5
-    """Retries per request after the first attempt (429, 5xx, timeouts, connection errors, malformed or empty replies)."""
+    """Retries per request after the first attempt (429, 5xx, timeouts, connection errors, malformed or
+    empty replies)."""
     timeout: float = 120.0
     """Seconds before one HTTP request is abandoned (and retried)."""
     backoff_base: float = 1.0

@@ -1,4 +1,6 @@
-"""The shared typer option set for every CLI verb that calls an LLM (instruction generation, GPT judge, preference judge).
+"""The shared typer option set for every CLI verb that calls an LLM.
+
+The verbs: instruction generation, GPT judge, preference judge.
 
 Usage::
 

@@ -1,4 +1,6 @@
-"""Reading two 1-10 scores from an LLM judge reply (shared by the chat-benchmark judge and the STLLaVA-Med preference judge).
+"""Reading two 1-10 scores from an LLM judge reply.
+
+Shared by the chat-benchmark judge and the STLLaVA-Med preference judge.
 
 Both judges ask for "the score of Assistant 1, a space, the score of Assistant 2" on the first line and
 an explanation after it; real replies drift from that, so labelled forms are accepted too.

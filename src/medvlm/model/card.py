@@ -14,13 +14,19 @@ def architecture_summary(model: nn.Module) -> dict[str, str]:
     vc, tc = cfg.vision_config, cfg.text_config
     lm = model.language_model
     return {
-        "vision tower": f"{type(model.vision_tower).__name__} ({vc.model_type}, {vc.image_size}px, patch {vc.patch_size}, "
-        f"hidden {vc.hidden_size}, {vc.num_hidden_layers} layers)",
-        "vision features": f"hidden-state layer {cfg.vision_feature_layer}, strategy {cfg.vision_feature_select_strategy}",
+        "vision tower": (
+            f"{type(model.vision_tower).__name__} ({vc.model_type}, {vc.image_size}px, patch {vc.patch_size}, "
+            f"hidden {vc.hidden_size}, {vc.num_hidden_layers} layers)"
+        ),
+        "vision features": (
+            f"hidden-state layer {cfg.vision_feature_layer}, strategy {cfg.vision_feature_select_strategy}"
+        ),
         "projector": cfg.projector_type
         + (f" ({cfg.cluster_num_centers} centres, {cfg.cluster_iters} iterations)" if cfg.projector_type == "cluster" else ""),
-        "language model": f"{type(lm).__name__} ({tc.model_type}, hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, "
-        f"vocab {tc.vocab_size}{', tied embeddings' if getattr(tc, 'tie_word_embeddings', False) else ''})",
+        "language model": (
+            f"{type(lm).__name__} ({tc.model_type}, hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, "
+            f"vocab {tc.vocab_size}{', tied embeddings' if getattr(tc, 'tie_word_embeddings', False) else ''})"
+        ),
         "chat template": cfg.template,
         "image aspect": cfg.image_aspect,
         "image tokens": f"{cfg.image_seq_length} per image (id {cfg.image_token_id})"

@@ -241,7 +241,8 @@ def _check_plain_head(text_config) -> None:
     if found:
         raise MedvlmError(
             f"labelled_logits_only: the language model ({text_config.model_type}) transforms its logits "
-            f"({', '.join(found)}), which the labelled-positions head does not reproduce; set labelled_logits_only: false"
+            f"({', '.join(found)}), which the labelled-positions head does not reproduce; "
+            "set labelled_logits_only: false"
         )
 
 

@@ -74,7 +74,10 @@ def vit_target_regex(model: nn.Module, targets: list[str]) -> str:
     """Regex of the tower linear layers named ``targets`` in the encoder layers that feed the features."""
     used = used_tower_layers(model)
     if used < 1:
-        raise MedvlmError(f"vision_feature_layer {model.config.vision_feature_layer} uses no encoder layer: ViT-LoRA has nothing to adapt")
+        raise MedvlmError(
+            f"vision_feature_layer {model.config.vision_feature_layer} uses no encoder layer: "
+            "ViT-LoRA has nothing to adapt"
+        )
     layers = "|".join(str(i) for i in range(used))
     return r"vision_tower\..*encoder\.layers\.(" + layers + r")\..*\.(" + "|".join(re.escape(t) for t in targets) + r")"
 
@@ -116,7 +119,8 @@ def apply_lora_adapters(model: nn.Module, lm: LoraSpec | None, vision: LoraSpec 
 
 
 def set_tower_lora_dropout(peft_model: nn.Module, p: float) -> int:
-    """Give every LoRA layer inside the vision tower dropout ``p`` (PEFT has one dropout per config); returns the count."""
+    """Give every LoRA layer inside the vision tower dropout ``p`` (PEFT has one dropout per config);
+    returns the count."""
     from peft.tuners.lora import LoraLayer
 
     n = 0

@@ -232,7 +232,7 @@ class ChatService:
         holder["job"] = job
         return job, events
 
-    def mailbox(self) -> "LoopMailbox":
+    def mailbox(self) -> LoopMailbox:
         """The running event loop's mailbox (one per loop), flushed after every step of the model thread."""
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:

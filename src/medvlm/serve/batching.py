@@ -159,7 +159,8 @@ class DynamicBatcher:
 
     # -- the model thread ------------------------------------------------------------------
     def _take_incoming(self) -> list[BatchRequest] | None:
-        """New requests (waiting for work when idle, ``max_wait_ms`` for company when the batch is empty); None = stop."""
+        """New requests (waiting for work when idle, ``max_wait_ms`` for company when the batch is empty);
+        None = stop."""
         b = self._batcher
         with self._cond:
             while not self._stopped and not self._incoming and b.idle:

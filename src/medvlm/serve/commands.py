@@ -264,7 +264,8 @@ def web(
 def chat(
     model: Annotated[Path, typer.Option("--model", help="A medvlm checkpoint folder.")],
     image: Annotated[list[str] | None, typer.Option("--image", help="Image file (repeatable; relative to --image-folder if given).")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="The question (without it: interactive chat). Put <image> where an image goes (default: images first).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The question (without it: interactive chat). "
+                                                                      "Put <image> where an image goes (default: images first).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Upper bound on answer tokens.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
     image_folder: Annotated[Path | None, typer.Option("--image-folder", help="Folder that relative --image paths are in.")] = None,

@@ -277,7 +277,8 @@ class Controller:
         return gone
 
     async def generate_stream(self, params: dict):
-        """Proxy ``/worker_generate_stream`` to a worker; a worker that cannot be reached is dropped and another tried."""
+        """Proxy ``/worker_generate_stream`` to a worker; a worker that cannot be reached is dropped and
+        another tried."""
         tried: set[str] = set()
         while True:
             addr = self.get_worker_address(str(params.get("model", "")), frozenset(tried))

@@ -182,7 +182,8 @@ def trainable_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable_base(model: torch.nn.Module, folder: str | os.PathLike) -> int:
-    """Write :func:`trainable_base_state` into ``folder`` (safetensors, atomic) when non-empty; returns the tensor count."""
+    """Write :func:`trainable_base_state` into ``folder`` (safetensors, atomic) when non-empty;
+    returns the tensor count."""
     from safetensors.torch import save_file
 
     state = trainable_base_state(model)

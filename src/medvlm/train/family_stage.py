@@ -190,7 +190,8 @@ def _set_tower_dropout(peft_model: torch.nn.Module, spec: FamilySpec, p: float) 
 
 
 def family_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """The Trainer's ``compute_loss_func`` for a family model: CE summed over the learned tokens / ``num_items_in_batch``.
+    """The Trainer's ``compute_loss_func`` for a family model:
+    CE summed over the learned tokens / ``num_items_in_batch``.
 
     Qwen-VL and Gemma 3 declare ``accepts_loss_kwargs = False``, so the Trainer would average per-micro-batch means
     (a DDP or accumulated step then weights short answers more than one process does). Computing the loss here

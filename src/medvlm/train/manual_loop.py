@@ -151,7 +151,8 @@ class StepStrategy(Protocol):
         """Back-propagate one micro-batch's loss (CE sum / global learned tokens)."""
 
     def optimizer_step(self) -> None:
-        """After all micro-batches of a step: clip, step optimizer and scheduler, zero gradients (if not done already)."""
+        """After all micro-batches of a step: clip, step optimizer and scheduler,
+        zero gradients (if not done already)."""
 
     def grad_norm(self) -> float | None:
         """The pre-clipping global gradient norm of the last step (collective: every rank calls it)."""

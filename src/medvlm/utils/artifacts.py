@@ -3,7 +3,8 @@
 A native checkpoint (``model_type: medvlm``) is a Hugging Face ``save_pretrained`` folder plus medvlm's processor
 and trainable-parts files and a model card; a model-family checkpoint is the hub layout of its transformers class
 plus :data:`FAMILY_FILE` and a card. A training run adds its config, data manifest, log and loss curve to the
-final checkpoint (the config and manifest to each intermediate one). ``tests/test_checkpoint_files.py`` pins the exact sets.
+final checkpoint (the config and manifest to each intermediate one). ``tests/test_checkpoint_files.py`` pins the
+exact sets.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from medvlm.utils.cli import renamed
 
 app = typer.Typer(
     name="instruct",
-    help=f"Generate LLaVA-Med-style instruction conversations from figure captions with an LLM, then clean them. {SHORT_NOTICE}",
+    help="Generate LLaVA-Med-style instruction conversations from figure captions with an LLM, then clean them. "
+    f"{SHORT_NOTICE}",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

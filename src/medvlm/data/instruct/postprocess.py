@@ -76,7 +76,8 @@ class PostprocessReport:
     samples_written: int = 0
     pairs_kept: int = 0
     pair_drops: Counter = field(default_factory=Counter)
-    """Dropped question/answer pairs by reason: ``no_image_access``, ``mentions_caption``, ``unpaired_turn``, ``empty_turn``."""
+    """Dropped question/answer pairs by reason: ``no_image_access``, ``mentions_caption``, ``unpaired_turn``,
+    ``empty_turn``."""
     sample_drops: Counter = field(default_factory=Counter)
     """Skipped samples by reason: ``parse_error``, ``no_pairs_left``, ``missing_result``, ``duplicate_id``,
     ``image_not_found``, ``bad_line``."""

@@ -19,16 +19,28 @@ from medvlm.data.readers.figures import FigureRecord, normalize_mentions
 from medvlm.errors import MedvlmError
 from medvlm.utils.io import read_json
 
-SYSTEM_PROMPT = """You are an AI assistant specialised in biomedical topics.
-
-You are given the caption of a figure from a biomedical research paper and, sometimes, sentences from the paper that refer to the figure. You cannot see the image itself. Using only this text, write a conversation between a User who asks about the image and an Assistant who answers as if both of them were looking at the image.
-
-Guidelines:
-- Write alternating turns, each on a new line starting with "User:" or "Assistant:". Write at least two or three question-answer pairs, more when the figure has more to discuss.
-- Ask diverse questions about what can be seen: the kind of image or modality, the anatomy, organ or specimen, the notable findings, their location, appearance and size, and what they may indicate. Only ask questions that the given information lets you answer with confidence.
-- Answer in the voice of someone examining the image. Never refer to a caption, a context, a description, the text or the paper, and do not copy their sentences; say things in your own words.
-- Detailed explanations that draw on background biomedical knowledge are welcome, especially for harder questions, but never invent findings the information does not support.
-- Answer responsibly: give no medical advice, no diagnosis for a real patient and no treatment instructions; when a question calls for clinical judgement, explain what is generally known and say that qualified clinicians decide."""
+SYSTEM_PROMPT = (
+    "You are an AI assistant specialised in biomedical topics.\n"
+    "\n"
+    "You are given the caption of a figure from a biomedical research paper and, sometimes, sentences "
+    "from the paper that refer to the figure. You cannot see the image itself. Using only this text, "
+    "write a conversation between a User who asks about the image and an Assistant who answers as if both "
+    "of them were looking at the image.\n"
+    "\n"
+    "Guidelines:\n"
+    '- Write alternating turns, each on a new line starting with "User:" or "Assistant:". Write at least '
+    "two or three question-answer pairs, more when the figure has more to discuss.\n"
+    "- Ask diverse questions about what can be seen: the kind of image or modality, the anatomy, organ or "
+    "specimen, the notable findings, their location, appearance and size, and what they may indicate. "
+    "Only ask questions that the given information lets you answer with confidence.\n"
+    "- Answer in the voice of someone examining the image. Never refer to a caption, a context, a "
+    "description, the text or the paper, and do not copy their sentences; say things in your own words.\n"
+    "- Detailed explanations that draw on background biomedical knowledge are welcome, especially for "
+    "harder questions, but never invent findings the information does not support.\n"
+    "- Answer responsibly: give no medical advice, no diagnosis for a real patient and no treatment "
+    "instructions; when a question calls for clinical judgement, explain what is generally known and say "
+    "that qualified clinicians decide."
+)
 
 DEFAULT_FEW_SHOT = "instruct_few_shot.json"
 FEW_SHOT_FORMAT = "medvlm.instruct_few_shot/1"
@@ -104,7 +116,8 @@ def load_prompts(path: str | os.PathLike | None = None) -> PromptSet:
 
 
 def render_context(fig_label: str, fig_caption: str, mentions: list[str], inline_mentions: bool) -> str:
-    """``Figure Caption:\\n{label}: {caption}`` plus, with ``inline_mentions``, ``Figure Context:`` and ``- {mention}`` lines."""
+    """``Figure Caption:\\n{label}: {caption}`` plus, with ``inline_mentions``, ``Figure Context:`` and
+    ``- {mention}`` lines."""
     caption = " ".join(fig_caption.split())
     head = f"{fig_label.strip()}: {caption}" if fig_label.strip() else caption
     text = f"Figure Caption:\n{head}"

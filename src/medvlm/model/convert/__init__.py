@@ -38,7 +38,8 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
 
 def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, from_: str,
                       vision_tower: str | os.PathLike | None = None, template: str | None = None) -> dict[str, Any]:
-    """Import the checkpoint ``src`` in format ``from_`` as a medvlm checkpoint ``dst``; returns the conversion record."""
+    """Import the checkpoint ``src`` in format ``from_`` as a medvlm checkpoint ``dst``;
+    returns the conversion record."""
     check_choice(from_, IMPORT_FORMATS, "import format (--from)")
     from medvlm.model.convert.llava_med import import_llava_med
 

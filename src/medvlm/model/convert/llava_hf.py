@@ -76,7 +76,8 @@ def llava_hf_refusal(config: MedVLMConfig) -> str | None:
 
 
 def export_tokenizer(tokenizer: Any) -> Any:
-    """A copy of ``tokenizer`` that adds no BOS/EOS of its own: ``tok(text)`` == ``tok(text, add_special_tokens=False)``.
+    """A copy of ``tokenizer`` that adds no BOS/EOS of its own:
+    ``tok(text)`` == ``tok(text, add_special_tokens=False)``.
 
     medvlm always tokenizes with ``add_special_tokens=False`` and lets the template write BOS; the copy makes
     the default call agree, so the model-card usage cannot put a second BOS before the template's.
@@ -186,6 +187,7 @@ def llava_config(config: MedVLMConfig, dtype: torch.dtype) -> Any:
 
 def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, notes: list[str]) -> str:
     strategy, extra = llava_strategy(config)
+    resizing = {"pad": "do_pad", "resize": "resize to square"}.get(processor.image_aspect, "resize + centre crop")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text",
         "tags: [medvlm, llava, vision-language, biomedical, research-only]", "---", "",
@@ -202,13 +204,14 @@ def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, not
         f"| language model | {config.text_config.model_type}, vocab {config.text_config.vocab_size} |",
         f"| image tokens | {config.image_seq_length} per image, token `<image>` (id {config.image_token_id}) |",
         f"| image aspect | {processor.image_aspect} (done by LlavaImageProcessor: "
-        f"{'do_pad' if processor.image_aspect == 'pad' else 'resize to square' if processor.image_aspect == 'resize' else 'resize + centre crop'}) |",
+        f"{resizing}) |",
         f"| chat template | {config.template} (chat_template.jinja renders the same text as medvlm) |", "",
         "## Use", "", "```python",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",
         'model = LlavaForConditionalGeneration.from_pretrained("path/to/this/folder")',
         'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
-        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does the image show?"}]}]',
+        'messages = [{"role": "user", "content": [{"type": "image"}, '
+        '{"type": "text", "text": "What does the image show?"}]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
         'inputs = processor(images=image, text=prompt, return_tensors="pt")',
         "```", "",

@@ -68,7 +68,8 @@ def gathered_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
 
 @dataclass
 class DeepSpeedStep:
-    """DeepSpeed: ``engine.backward`` + ``engine.step()`` per micro-batch; the engine clips and steps at the boundary."""
+    """DeepSpeed: ``engine.backward`` + ``engine.step()`` per micro-batch;
+    the engine clips and steps at the boundary."""
 
     engine: Any
     """The ``deepspeed.initialize`` engine (clipping from ``gradient_clipping`` in :func:`ds_config`)."""

@@ -87,7 +87,8 @@ class FSDPStep:
 
 
 def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = None):
-    """Train with FSDP2 over the ``torchrun`` process group (gloo); returns a :class:`~medvlm.train.setup.TrainResult`."""
+    """Train with FSDP2 over the ``torchrun`` process group (gloo);
+    returns a :class:`~medvlm.train.setup.TrainResult`."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
