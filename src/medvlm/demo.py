@@ -38,6 +38,17 @@ Why the tiny model is built and trained differently from LLaVA's recipe (all mea
   (``train_closed_kinds``) and halves stage 2's lr to 5e-4: closed 99.9 / open 100 with seed 0 at 2
   threads, 99.9-100 / 100 with seeds 0, 1, 2 at 1 thread (seed 1 at lr 1e-3 had plateaued: 79.9 / 73.1). Results are
   deterministic for a given seed and torch thread count; a different thread count is a different run.
+
+``--family qwen2_5_vl`` / ``--family idefics3`` (:data:`DEMO_FAMILIES`) run the same curriculum, data and schedule on
+a random model of that transformers class instead (:func:`medvlm.model.families.tiny.build_demo_family`, saved in
+the hub layout as ``models/untrained``), through the same public stage code as ``medvlm train`` (the family backend,
+:mod:`medvlm.train.family_stage`). The native lessons carry over as sizes of the family's own config: 64 image tokens
+per 64 px image (patch 8; Qwen with ``merge_size`` 1, Idefics3 with one tile and ``scale_factor`` 1), a 64-wide 2-layer
+tower, a 3-layer 128-wide LM initialised with std 0.1, and stage 1 trains tower, LM and connector. What differs is
+what the family defines: its chat template (Qwen's default system prompt included, Idefics3's ``User:`` /
+``Assistant:``), its connector (Qwen's merger MLP, Idefics3's linear modality projection) and Qwen's M-RoPE
+positions; a family model computes the full logits (same loss; the native model's ``labelled_logits_only`` is
+native-only). Figures per family: benchmarks/README.md, "Demo per family".
 """
 
 from __future__ import annotations
