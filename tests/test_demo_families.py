@@ -64,9 +64,13 @@ def test_demo_family_qwen2_5_vl_runs_the_curriculum_and_reads_the_pixels(tmp_pat
     untrained = _by_kind(json.loads((eval_dir / "scores_untrained_llava-med.json").read_text()))["OPEN/MODALITY"]
     blind = res["blind"]["by_kind"]["OPEN/MODALITY"]["score"]
     assert trained >= blind + 0.3 and trained >= untrained + 0.3, (trained, blind, untrained)
-    # And the trained model answers every closed question with yes / no (the untrained one answers noise).
-    closed = [i for i in res["scores"]["per_item"] if i["type"] == "closed"]
-    assert all(i["pred_norm"] in ("yes", "no") for i in closed)
+    # And it has learned the answer format: yes / no to the closed questions (the untrained model writes noise).
+    def yes_no(scores: dict) -> float:
+        closed = [i for i in scores["per_item"] if i["type"] == "closed"]
+        return sum(i["pred_norm"] in ("yes", "no") for i in closed) / len(closed)
+
+    assert yes_no(res["scores"]) >= 0.9
+    assert yes_no(json.loads((eval_dir / "scores_untrained_llava-med.json").read_text())) <= 0.5
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
