@@ -26,7 +26,6 @@ def _by_kind(scores: dict) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-@pytest.mark.timeout(900)
 def test_demo_family_qwen2_5_vl_runs_the_curriculum_and_reads_the_pixels(tmp_path, capsys):
     """A 300-image ``demo --family qwen2_5_vl`` through the CLI (~90 CPU-s): every output, and pixel-reading.
 
