@@ -38,6 +38,18 @@ Why the tiny model is built and trained differently from LLaVA's recipe (all mea
   (``train_closed_kinds``) and halves stage 2's lr to 5e-4: closed 99.9 / open 100 with seed 0 at 2
   threads, 99.9-100 / 100 with seeds 0, 1, 2 at 1 thread (seed 1 at lr 1e-3 had plateaued: 79.9 / 73.1). Results are
   deterministic for a given seed and torch thread count; a different thread count is a different run.
+
+``--family qwen2_5_vl`` / ``--family idefics3`` (:data:`DEMO_FAMILIES`) run the same curriculum, data and schedule on
+a random model of that transformers class instead (:func:`medvlm.model.families.tiny.build_demo_family`, saved in
+the hub layout as ``models/untrained``), through the same public stage code as ``medvlm train`` (the family backend,
+:mod:`medvlm.train.family_stage`). The native lessons carry over as sizes of the family's own config: 64 image tokens
+per 64 px image (patch 8; Qwen with ``merge_size`` 1, Idefics3 with one tile and ``scale_factor`` 1), a 64-wide 2-layer
+tower, a 3-layer 128-wide LM initialised with std 0.1, and stage 1 trains tower, LM and connector. What differs is
+what the family defines: its chat template (Qwen's default system prompt included, Idefics3's ``User:`` /
+``Assistant:``), its connector (Qwen's merger MLP, Idefics3's linear modality projection) and Qwen's M-RoPE
+positions. At the same data and schedule (1000 images) both families score what the native model scores; the default
+run of idefics3 (seed 0, 1 thread) reaches closed 99.8 / open 99.9 (qwen2_5_vl's default run is not measured yet).
+Figures per family: benchmarks/README.md, "Demo per family".
 """
 
 from __future__ import annotations
@@ -109,6 +121,9 @@ class DemoConfig:
     """Questions per generate call when answering the test split."""
     max_new_tokens: int = 16
     """Upper bound on answer tokens (VQA answers are a word or two)."""
+    family: str | None = None
+    """None: the native medvlm LLaVA built from parts. A model family (:data:`DEMO_FAMILIES`): the same curriculum on
+    a random demo-size model of that transformers class (:func:`medvlm.model.families.tiny.build_demo_family`)."""
 
     def images(self) -> int:
         """The number of synthetic images this run uses."""
@@ -146,6 +161,18 @@ class DemoResult:
                 "untrained": self.untrained, "losses": self.losses}
 
 
+DEMO_FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "idefics3")
+"""Model families ``--family`` builds (:data:`medvlm.model.families.tiny.DEMO_BUILDERS`); None is the native model."""
+
+
+def check_family(family: str | None) -> None:
+    """Refuse, before any work, a ``--family`` the demo has no model for (the message lists the ones it has)."""
+    if family is not None and family not in DEMO_FAMILIES:
+        raise MedvlmError(f"--family {family}: the demo builds only {', '.join(DEMO_FAMILIES)} (or leave --family out "
+                          "for the native medvlm LLaVA); other families train through medvlm train with "
+                          "medvlm model init --preset tiny-<family>")
+
+
 def _prepare_out(out: Path) -> None:
     """Refuse to write into a non-empty folder that an earlier demo did not make."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
@@ -178,17 +205,26 @@ MODEL_KWARGS: dict[str, Any] = {"template": "mistral_instruct", "image_aspect": 
 """How stage 1 composes the parts (the tower's last layer feeds the projector: a 2-layer tower has no spare layer)."""
 
 
-def stage_configs(cfg: DemoConfig, data: Path, parts: tuple[Path, Path], models: Path) -> list[tuple[str, dict]]:
-    """The two training recipes (``configs/debug/stage1_align.yaml`` / ``stage2_sft.yaml`` adapted, see module doc)."""
+def stage_configs(cfg: DemoConfig, data: Path, parts: tuple[Path, Path] | Path, models: Path) -> list[tuple[str, dict]]:
+    """The two training recipes (``configs/debug/stage1_align.yaml`` / ``stage2_sft.yaml`` adapted, see module doc).
+
+    ``parts``: the native tower and LM folders, or with ``cfg.family`` the untrained family checkpoint. A family
+    keeps its own chat template and connector, so its recipes name neither (the training config refuses them).
+    """
     common = dict(image_folder=str(data / "images"), max_length=512, lr_scheduler_type="cosine", warmup_ratio=0.03,
                   weight_decay=0.0, save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.seed,
                   resume_from_checkpoint=None, feature_cache="off", tune_vision_tower=True)
-    stage1 = dict(common, stage="align", template="plain", vision_tower_path=str(parts[0]),
-                  language_model_path=str(parts[1]), projector_type="mlp2x_gelu", model_kwargs=dict(MODEL_KWARGS),
-                  tune_language_model=True, data_path=str(data / "alignment.json"),
+    if cfg.family is None:
+        start = dict(template="plain", vision_tower_path=str(parts[0]), language_model_path=str(parts[1]),
+                     projector_type="mlp2x_gelu", model_kwargs=dict(MODEL_KWARGS))
+        family: dict[str, Any] = dict(template=MODEL_KWARGS["template"])
+    else:
+        start = dict(model_name_or_path=str(parts), family=cfg.family)
+        family = dict(family=cfg.family)
+    stage1 = dict(common, stage="align", **start, tune_language_model=True, data_path=str(data / "alignment.json"),
                   output_dir=str(models / "stage1_align"), num_train_epochs=cfg.stage1_epochs,
                   per_device_train_batch_size=cfg.stage1_batch_size, learning_rate=cfg.stage1_lr)
-    stage2 = dict(common, stage="sft", template=MODEL_KWARGS["template"], model_name_or_path=str(models / "stage1_align"),
+    stage2 = dict(common, stage="sft", **family, model_name_or_path=str(models / "stage1_align"),
                   tune="full", data_path=str(stage2_data(cfg, data)),
                   output_dir=str(models / "stage2_sft"), num_train_epochs=cfg.stage2_epochs,
                   tune_vision_tower=cfg.stage2_tune_vision_tower,
@@ -314,6 +350,7 @@ def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
     from medvlm.eval.report import write_report
 
     cfg = config or DemoConfig()
+    check_family(cfg.family)
     console = console or Console(file=sys.stdout)
     started = time.time()
     out = Path(cfg.out)
@@ -323,7 +360,7 @@ def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
     eval_dir.mkdir(parents=True, exist_ok=True)
     log_file = out / "train_log.txt"
     log_file.write_text("", encoding="utf-8")
-    console.print(f"[bold]medvlm demo[/bold] -> {out}  ({SHORT_NOTICE})")
+    console.print(f"[bold]medvlm demo[/bold] -> {out}  (model: {cfg.family or 'native medvlm LLaVA'}; {SHORT_NOTICE})")
 
     manifest = generate_synth(data, n_images=cfg.images(), seed=cfg.seed, image_size=64, overwrite=True,
                               test_fraction=cfg.test_images() / cfg.images(), train_extra_closed=cfg.train_extra_closed,
@@ -334,10 +371,17 @@ def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
     console.print(f"data: {manifest.n_train_images} train / {manifest.n_test_images} test synthetic images, "
                   f"{manifest.files['vqa/test.json']} test questions ({time.time() - started:.0f} s)")
 
-    parts = build_parts(models / "parts", cfg.seed)
-    recipes = stage_configs(cfg, data, parts, models)
     untrained_dir = models / "untrained"
-    _save_untrained(parts, recipes[0][1], untrained_dir)
+    if cfg.family is None:
+        parts: tuple[Path, Path] | Path = build_parts(models / "parts", cfg.seed)
+        recipes = stage_configs(cfg, data, parts, models)
+        _save_untrained(parts, recipes[0][1], untrained_dir)
+    else:
+        from medvlm.model.families.tiny import init_demo_family
+
+        # The family's untrained checkpoint is both stage 1's start and the before-training model.
+        init_demo_family(cfg.family, untrained_dir, seed=cfg.seed, title=f"medvlm demo ({cfg.family}): untrained")
+        recipes = stage_configs(cfg, data, untrained_dir, models)
     # The untrained model's scores go beside the trained ones, so the report plots both.
     untrained = _answer_and_score(untrained_dir, data, eval_dir / "untrained", eval_dir, cfg, "untrained_")
     console.print("untrained model: " + ", ".join(
@@ -387,9 +431,12 @@ def main(
     fast: Annotated[bool, typer.Option(
         "--fast", help="A smaller, quicker run (1000 images; below the accuracy targets).")] = False,
     summary_out: Annotated[Optional[Path], typer.Option("--summary-out", help="Also write the final numbers as JSON here.")] = None,
+    family: Annotated[Optional[str], typer.Option(
+        "--family", help=f"Run the curriculum on a demo-size model of this transformers family "
+                         f"({', '.join(DEMO_FAMILIES)}); default: the native medvlm LLaVA.")] = None,
 ) -> None:
     """Train and evaluate a tiny LLaVA-Med-style model on synthetic data end to end (minutes on a CPU)."""
-    res = run_demo(DemoConfig(out=str(out), seed=seed, n_images=n_images, fast=fast))
+    res = run_demo(DemoConfig(out=str(out), seed=seed, n_images=n_images, fast=fast, family=family))
     if summary_out is not None:
         write_json_atomic(summary_out, res.to_json())
         typer.echo(f"wrote {summary_out}")

@@ -221,6 +221,102 @@ def build_tiny_family(family: str, seed: int = 0) -> tuple[Any, Any, dict]:
 
 TINY_PRESETS: tuple[str, ...] = tuple(f"tiny-{name}" for name in _BUILDERS)
 
+# ``medvlm demo --family``: the native demo's lessons (see medvlm.demo) carried over to a family's own classes:
+# 64 image tokens per 64 px image (patch 8; 16 tokens learned only the modality), a 64-wide 2-layer tower, a
+# 3-layer 128-wide LM initialised with std 0.1 (0.02 leaves the image signal too weak at this width), and the
+# 1k BPE vocabulary of the native tiny tokenizer.
+DEMO_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, patch_size=8)
+DEMO_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+DEMO_VOCAB = 1000
+
+
+def _demo_qwen(spec: FamilySpec) -> tuple[Any, Any, dict]:
+    import transformers as tf
+
+    from medvlm.model.families import processors
+
+    tokenizer = family_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+         "<|video_pad|>"], eos="<|im_end|>", pad="<|endoftext|>", vocab_size=DEMO_VOCAB,
+        named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    v = DEMO_VISION
+    # merge_size 1: each 8 px patch is one LM token (8 x 8 = 64 at 64 px), as the native demo's patch-8 tower.
+    # min = max pixels pins every image to 64 x 64 (Qwen's smart_resize would otherwise choose the grid).
+    image_processor = tf.Qwen2VLImageProcessorPil(patch_size=v["patch_size"], merge_size=1, temporal_patch_size=2,
+                                                  min_pixels=64 * 64, max_pixels=64 * 64)
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    # M-RoPE sections split head_dim / 2 = 16 as Qwen2.5-VL's [16, 24, 24] split 64 (time, height, width).
+    text = _llama_text(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
+    text.update(DEMO_TEXT)
+    vision = dict(depth=v["num_hidden_layers"], hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                  num_heads=v["num_attention_heads"], out_hidden_size=DEMO_TEXT["hidden_size"],
+                  patch_size=v["patch_size"], spatial_merge_size=1, temporal_patch_size=2, window_size=64,
+                  fullatt_block_indexes=[1])
+    config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, initializer_range=DEMO_TEXT["initializer_range"],
+                                 **ids)
+    processor = getattr(processors, spec.processor_class)(image_processor=image_processor, tokenizer=tokenizer,
+                                                          chat_template=spec.chat_template())
+    return config, processor, {}
+
+
+def _demo_idefics3(spec: FamilySpec) -> tuple[Any, Any, dict]:
+    import transformers as tf
+
+    rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = family_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+         *rows], bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>", unk="<|endoftext|>",
+        vocab_size=DEMO_VOCAB)
+    v = DEMO_VISION
+    # One 64 px tile (no splitting: the synthetic images are 64 px), patch 8 -> 64 patches; scale_factor 1 keeps
+    # all 64 as LM tokens (SmolVLM's pixel shuffle by 4 would leave 4).
+    image_processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 64},
+                                                   do_image_splitting=False)
+    processor = tf.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=spec.chat_template(), image_seq_len=64)
+    text = _llama_text(tokenizer)
+    text.update(DEMO_TEXT)
+    config = tf.Idefics3Config(vision_config=dict(v, image_size=64), text_config=dict(model_type="llama", **text),
+                               scale_factor=1, image_token_id=processor.image_token_id)
+    return config, processor, {}
+
+
+DEMO_BUILDERS: dict[str, Callable[[FamilySpec], tuple[Any, Any, dict]]] = {
+    "qwen2_5_vl": _demo_qwen, "idefics3": _demo_idefics3}
+"""The families ``medvlm demo --family`` builds at demo size."""
+
+
+def build_demo_family(family: str, seed: int = 0) -> tuple[Any, Any, dict]:
+    """A random demo-size model of ``family`` (64 image tokens per 64 px image, ~1M parameters) and its processor."""
+    import transformers as tf
+
+    spec = get_family(family)
+    if family not in DEMO_BUILDERS:
+        raise MedvlmError(f"medvlm demo has no build for family {family!r}; demo families: {', '.join(DEMO_BUILDERS)}")
+    config, processor, extras = DEMO_BUILDERS[family](spec)
+    with _seeded(seed):
+        model = getattr(tf, spec.model_class)(config)
+    tok = processor.tokenizer
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.eval()
+    return model, processor, extras
+
+
+def init_demo_family(family: str, out_dir: str | os.PathLike, seed: int = 0, title: str | None = None) -> Path:
+    """Build the demo-size ``family`` model and save it (hub layout + medvlm metadata)."""
+    from medvlm.model.families.io import save_family
+    from medvlm.model.families.processing import FamilyProcessor
+
+    model, processor, extras = build_demo_family(family, seed=seed)
+    spec = get_family(family)
+    fp = FamilyProcessor(spec, processor, spec.chat_template(), template=extras.get("template"))
+    return save_family(model, fp, out_dir, title=title or f"medvlm demo {family}")
+
 
 def init_tiny_family(preset: str, out_dir: str | os.PathLike, seed: int = 0, template: str | None = None) -> Path:
     """Build ``tiny-<family>`` and save it (hub layout + medvlm metadata): what ``medvlm model init`` does.
