@@ -43,8 +43,10 @@ def main() -> None:
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     n_open = a.questions // 2
-    groups = {"open": {f"m{i}": rng.random(n_open).tolist() for i in range(a.metrics)},
-              "closed": {"accuracy": (rng.random(a.questions - n_open) < 0.7).astype(float).tolist()}}
+    groups = {
+        "open": {f"m{i}": rng.random(n_open).tolist() for i in range(a.metrics)},
+        "closed": {"accuracy": (rng.random(a.questions - n_open) < 0.7).astype(float).tolist()},
+    }
     t = time.perf_counter()
     fast = group_cis(groups, a.resamples, seed=0)
     t_fast = time.perf_counter() - t

@@ -17,10 +17,16 @@ import sys
 import time
 
 TURNS = [
-    "What kind of image is this?", "Which organ is shown?", "Is there anything abnormal?",
-    "Where exactly is it located?", "How large is it compared with the surrounding structures?",
-    "Could it be an artefact of the acquisition?", "What would you check next?",
-    "Is the other side normal?", "Summarise the findings in one sentence.", "Thank you. Anything else to add?",
+    "What kind of image is this?",
+    "Which organ is shown?",
+    "Is there anything abnormal?",
+    "Where exactly is it located?",
+    "How large is it compared with the surrounding structures?",
+    "Could it be an artefact of the acquisition?",
+    "What would you check next?",
+    "Is the other side normal?",
+    "Summarise the findings in one sentence.",
+    "Thank you. Anything else to add?",
 ]
 
 
@@ -44,8 +50,10 @@ def main() -> None:
     image = Image.new("RGB", (256, 256), (20, 20, 30))
     ImageDraw.Draw(image).ellipse([90, 80, 170, 160], fill=(200, 180, 160))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    sessions = {"prefix cache": ChatSession(InferenceEngine(model, processor), settings, [image]),
-                "no cache": ChatSession(InferenceEngine(model, processor, prefix_cache_bytes=0), settings, [image])}
+    sessions = {
+        "prefix cache": ChatSession(InferenceEngine(model, processor), settings, [image]),
+        "no cache": ChatSession(InferenceEngine(model, processor, prefix_cache_bytes=0), settings, [image]),
+    }
     sessions["no cache"].ask("warm-up")  # allocations, lazy inits
     sessions["no cache"].reset()
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -56,18 +64,24 @@ def main() -> None:
             t0 = time.perf_counter()
             answers[name].append(sessions[name].ask(TURNS[t % len(TURNS)]))
             times[name].append(time.perf_counter() - t0)
-    print(f"{args.turns}-turn chat about one image, smol preset (196 image tokens), max_new_tokens "
-          f"{args.max_new_tokens}, {args.threads} threads, greedy; sessions alternate turn by turn")
+    print(
+        f"{args.turns}-turn chat about one image, smol preset (196 image tokens), max_new_tokens "
+        f"{args.max_new_tokens}, {args.threads} threads, greedy; sessions alternate turn by turn"
+    )
     print(f"{'turn':>5}{'prefix cache s':>16}{'no cache s':>12}")
     for t in range(args.turns):
         print(f"{t + 1:>5}{times['prefix cache'][t]:>16.2f}{times['no cache'][t]:>12.2f}")
     for name in sessions:
-        print(f"{name}: turn {args.turns} / turn 1 latency = {times[name][-1] / times[name][0]:.2f}x, "
-              f"total {sum(times[name]):.1f} s")
+        print(
+            f"{name}: turn {args.turns} / turn 1 latency = {times[name][-1] / times[name][0]:.2f}x, "
+            f"total {sum(times[name]):.1f} s"
+        )
     info = sessions["prefix cache"].engine.prefix_cache.info()
-    print(f"prefix cache: {info['hits']} hits, {info['misses']} misses, {info['hit_tokens']} prompt tokens reused, "
-          f"{info['bytes'] / 2**20:.1f} MiB held; process peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(
+        f"prefix cache: {info['hits']} hits, {info['misses']} misses, {info['hit_tokens']} prompt tokens reused, "
+        f"{info['bytes'] / 2**20:.1f} MiB held; process peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
     same = answers["prefix cache"] == answers["no cache"]
     print(f"identical answers with and without the cache: {same}")
     if not same:

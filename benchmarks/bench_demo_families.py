@@ -31,7 +31,18 @@ def _children_cpu() -> float:
 def run_one(family: str, seed: int, work: Path, n_images: int | None) -> dict:
     """One demo run in a subprocess -> its final numbers, wall time, CPU seconds and the load around it."""
     out, json_out = work / f"{family}-s{seed}", work / f"{family}-s{seed}.json"
-    cmd = [sys.executable, "-m", "medvlm", "demo", "--out", str(out), "--seed", str(seed), "--summary-out", str(json_out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medvlm",
+        "demo",
+        "--out",
+        str(out),
+        "--seed",
+        str(seed),
+        "--summary-out",
+        str(json_out),
+    ]
     if family != "native":
         cmd += ["--family", family]
     if n_images is not None:
@@ -41,20 +52,32 @@ def run_one(family: str, seed: int, work: Path, n_images: int | None) -> dict:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall, cpu = time.time() - t0, _children_cpu() - cpu0
     res = json.loads(json_out.read_text(encoding="utf-8"))
-    return {"family": family, "seed": seed, "threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "closed": res["scores"]["closed"]["accuracy"], "open": res["scores"]["open"]["recall"],
-            "strict_closed": res["strict"]["closed"]["accuracy"], "strict_open": res["strict"]["open"]["recall"],
-            "blind_closed": res["blind"]["closed"]["accuracy"], "blind_open": res["blind"]["open"]["recall"],
-            "untrained": res["untrained"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "load_before": [round(x, 1) for x in load_before], "load_after": [round(x, 1) for x in os.getloadavg()],
-            "final_losses": {k: v[-1] for k, v in res["losses"].items()}}
+    return {
+        "family": family,
+        "seed": seed,
+        "threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "closed": res["scores"]["closed"]["accuracy"],
+        "open": res["scores"]["open"]["recall"],
+        "strict_closed": res["strict"]["closed"]["accuracy"],
+        "strict_open": res["strict"]["open"]["recall"],
+        "blind_closed": res["blind"]["closed"]["accuracy"],
+        "blind_open": res["blind"]["open"]["recall"],
+        "untrained": res["untrained"],
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "load_before": [round(x, 1) for x in load_before],
+        "load_after": [round(x, 1) for x in os.getloadavg()],
+        "final_losses": {k: v[-1] for k, v in res["losses"].items()},
+    }
 
 
 def row(r: dict) -> str:
     """A markdown row of the README's "Demo per family" table."""
-    return (f"| {r['family']} | {r['seed']} | {r['threads']} | **{r['closed']:.1f}** | **{r['open']:.1f}** | "
-            f"{r['strict_closed']:.1f} / {r['strict_open']:.1f} | {r['blind_closed']:.1f} / {r['blind_open']:.1f} | "
-            f"{r['wall_s']:.0f} s | {r['cpu_s']:.0f} | {r['load_before'][0]} -> {r['load_after'][0]} |")
+    return (
+        f"| {r['family']} | {r['seed']} | {r['threads']} | **{r['closed']:.1f}** | **{r['open']:.1f}** | "
+        f"{r['strict_closed']:.1f} / {r['strict_open']:.1f} | {r['blind_closed']:.1f} / {r['blind_open']:.1f} | "
+        f"{r['wall_s']:.0f} s | {r['cpu_s']:.0f} | {r['load_before'][0]} -> {r['load_after'][0]} |"
+    )
 
 
 def main() -> None:

@@ -40,8 +40,10 @@ def make_corpus(folder: Path, n_tars: int, n_figs: int, wanted: int, seed: int =
     rows, total = [], 0
     for t in range(n_tars):
         pmc = f"PMC{9000000 + t}"
-        files = {f"{pmc}/{pmc}.nxml": (b"<article><p>text</p></article>\n" * 600),
-                 f"{pmc}/{pmc}.pdf": rng.bytes(150_000)}
+        files = {
+            f"{pmc}/{pmc}.nxml": (b"<article><p>text</p></article>\n" * 600),
+            f"{pmc}/{pmc}.pdf": rng.bytes(150_000),
+        }
         for i in range(n_figs):
             buf = io.BytesIO()
             arr = rng.integers(0, 256, size=(160, 200, 3), dtype=np.uint8)
@@ -56,8 +58,13 @@ def make_corpus(folder: Path, n_tars: int, n_figs: int, wanted: int, seed: int =
                 tf.addfile(ti, io.BytesIO(data))
         total += path.stat().st_size
         for i in range(wanted):
-            rows.append({"pmc_tar_url": f"http://pmc.invalid/{path.relative_to(folder)}",
-                         "image_file_path": f"{pmc}/fig{i}.jpg", "pair_id": f"{9000000 + t}_F{i + 1}"})
+            rows.append(
+                {
+                    "pmc_tar_url": f"http://pmc.invalid/{path.relative_to(folder)}",
+                    "image_file_path": f"{pmc}/fig{i}.jpg",
+                    "pair_id": f"{9000000 + t}_F{i + 1}",
+                }
+            )
     urls = folder / "urls.jsonl"
     urls.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return urls, total
@@ -104,8 +111,22 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _run(which: str, urls: Path, out: Path, map_to: str, workers: int) -> dict:
-    cmd = [sys.executable, __file__, "--run", which, "--urls", str(urls), "--out", str(out),
-           "--map-from", "http://pmc.invalid/", "--map-to", map_to, "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run",
+        which,
+        "--urls",
+        str(urls),
+        "--out",
+        str(out),
+        "--map-from",
+        "http://pmc.invalid/",
+        "--map-to",
+        map_to,
+        "--workers",
+        str(workers),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -131,15 +152,27 @@ def main() -> None:
         root = Path(tmp)
         urls, total = make_corpus(root / "srv", args.tarballs, args.figures, args.wanted)
         port_file = root / "port"
-        server = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers_tarserver.py"), "--dir",
-                                   str(root / "srv"), "--latency", str(args.latency), "--port-file", str(port_file)])
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "tests" / "helpers_tarserver.py"),
+                "--dir",
+                str(root / "srv"),
+                "--latency",
+                str(args.latency),
+                "--port-file",
+                str(port_file),
+            ]
+        )
         try:
             while not port_file.exists():
                 time.sleep(0.05)
             base = f"http://127.0.0.1:{port_file.read_text()}/"
             n_rows = args.tarballs * args.wanted
-            print(f"{args.tarballs} tarballs ({total / 1e6:.1f} MB), {n_rows} rows, {args.latency * 1000:.0f} ms "
-                  f"latency per request, {os.cpu_count()} CPUs")
+            print(
+                f"{args.tarballs} tarballs ({total / 1e6:.1f} MB), {n_rows} rows, {args.latency * 1000:.0f} ms "
+                f"latency per request, {os.cpu_count()} CPUs"
+            )
             ours = _run("medvlm", urls, root / "ours", base, args.workers)
             base_res = _run("baseline", urls, root / "base", base, 1)
         finally:
@@ -149,11 +182,15 @@ def main() -> None:
         for p in (root / "base" / "images").iterdir():
             assert (root / "ours" / "images" / p.name).read_bytes() == p.read_bytes(), p.name
         print(f"{'':22}{'baseline':>12}{'medvlm':>12}{'ratio':>10}   (time: baseline/medvlm; RSS: medvlm/baseline)")
-        print(f"{'wall time (s)':22}{base_res['seconds']:>12.2f}{ours['seconds']:>12.2f}"
-              f"{base_res['seconds'] / ours['seconds']:>9.1f}x")
+        print(
+            f"{'wall time (s)':22}{base_res['seconds']:>12.2f}{ours['seconds']:>12.2f}"
+            f"{base_res['seconds'] / ours['seconds']:>9.1f}x"
+        )
         print(f"{'figures / s':22}{n_rows / base_res['seconds']:>12.1f}{n_rows / ours['seconds']:>12.1f}")
-        print(f"{'peak RSS (MB)':22}{base_res['rss_mb']:>12.1f}{ours['rss_mb']:>12.1f}"
-              f"{ours['rss_mb'] / base_res['rss_mb']:>9.2f}x")
+        print(
+            f"{'peak RSS (MB)':22}{base_res['rss_mb']:>12.1f}{ours['rss_mb']:>12.1f}"
+            f"{ours['rss_mb'] / base_res['rss_mb']:>9.2f}x"
+        )
         print(f"outputs identical: {n_rows} figures (medvlm with {args.workers} workers, baseline sequential)")
 
 

@@ -36,15 +36,23 @@ from pathlib import Path
 
 SHAPES = {"slake": 11.0, "vqa-rad": 2.2}
 QUESTIONS = [
-    "What modality is used to take this image?", "Which organ is abnormal?", "Is the lung healthy?",
-    "Where is the liver?", "Does the picture contain kidney?", "What is the largest organ in the picture?",
-    "Which part of the body does this image belong to?", "Is this a T1 weighted image?",
-    "How many lungs are shown in this image?", "What diseases are included in the picture?",
+    "What modality is used to take this image?",
+    "Which organ is abnormal?",
+    "Is the lung healthy?",
+    "Where is the liver?",
+    "Does the picture contain kidney?",
+    "What is the largest organ in the picture?",
+    "Which part of the body does this image belong to?",
+    "Is this a T1 weighted image?",
+    "How many lungs are shown in this image?",
+    "What diseases are included in the picture?",
     "Is there evidence of a pneumothorax in the right upper zone of this chest radiograph?",
     "Where is the abnormality located, and does it extend beyond the midline of the body?",
     "Looking carefully at the region of the left lower lobe near the costophrenic angle, and taking into account "
     "the history of smoking, is there any sign of a mass or a pleural effusion?",
-    "Is the heart enlarged?", "What is the shape of the lesion?", "Are there any fractures?",
+    "Is the heart enlarged?",
+    "What is the shape of the lesion?",
+    "Are there any fractures?",
     "Which side of the brain shows the hyperdense area?",
 ]
 
@@ -66,8 +74,16 @@ def make_dataset(root: Path, n_questions: int, per_image: float, seed: int = 0) 
     records = []
     for q in range(n_questions):
         image = f"img{q * n_images // n_questions:04d}.png"  # consecutive questions share an image, as in SLAKE
-        records.append({"id": q, "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)}, {"from": "gpt", "value": "yes"}]})
+        records.append(
+            {
+                "id": q,
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
+                    {"from": "gpt", "value": "yes"},
+                ],
+            }
+        )
     path = root / "test.json"
     path.write_text(json.dumps(records), encoding="utf-8")
     return path
@@ -87,7 +103,7 @@ def per_question(model, processor, samples, max_new_tokens: int, image_folder: P
             self.prompt_len = prompt_len
 
         def __call__(self, input_ids, scores, **kwargs):
-            text = tok.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+            text = tok.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
             return torch.tensor([any(k in text for k in stops)], dtype=torch.bool)
 
     answers = []
@@ -96,10 +112,18 @@ def per_question(model, processor, samples, max_new_tokens: int, image_folder: P
         ids = feat["input_ids"][None]  # [1, T]
         crit = StoppingCriteriaList([Keywords(ids.shape[1])] if stops else [])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=feat["pixel_values"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=processor.pad_token_id, suppress_tokens=suppress, stopping_criteria=crit)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=feat["pixel_values"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=processor.pad_token_id,
+                suppress_tokens=suppress,
+                stopping_criteria=crit,
+            )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         for stop in stops:
             if stop in text:
                 text = text[: text.index(stop)]
@@ -127,14 +151,18 @@ def worker(args: argparse.Namespace) -> None:
         per_question(engine.model, engine.processor, [q.sample() for q in warm], 2, images)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            answer_into(engine, warm, Path(tmp) / "a.jsonl", GenerationSettings(max_new_tokens=2), "m", args.batch_size, images)
+            answer_into(
+                engine, warm, Path(tmp) / "a.jsonl", GenerationSettings(max_new_tokens=2), "m", args.batch_size, images
+            )
         engine.prefix_cache.clear()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         part = [by_key[k] for k in parts[int(line)][args.worker]]
         t0 = time.perf_counter()
         if args.worker == "base":
-            answers = per_question(engine.model, engine.processor, [q.sample() for q in part], args.max_new_tokens, images)
+            answers = per_question(
+                engine.model, engine.processor, [q.sample() for q in part], args.max_new_tokens, images
+            )
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "answers.jsonl"
@@ -154,9 +182,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", type=int, default=4)
-    ap.add_argument("--baseline-every", type=int, default=1,
-                    help="The per-question loop answers the questions of every K-th image only (its rate is per "
-                         "question; on a busy machine the full loop takes too long). 1 = all.")
+    ap.add_argument(
+        "--baseline-every",
+        type=int,
+        default=1,
+        help="The per-question loop answers the questions of every K-th image only (its rate is per "
+        "question; on a busy machine the full loop takes too long). 1 = all.",
+    )
     ap.add_argument("--worker", choices=("base", "engine"), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--questions-file", help=argparse.SUPPRESS)
@@ -186,14 +218,32 @@ def main() -> None:
         bounds.append(len(qs))
         images = sorted({q.images[0] for q in qs})
         timed_base = {im for i, im in enumerate(images) if i % args.baseline_every == 0}
-        parts = [{"engine": [q.key for q in qs[a:b]], "base": [q.key for q in qs[a:b] if q.images[0] in timed_base]}
-                 for a, b in zip(bounds, bounds[1:]) if b > a]
+        parts = [
+            {"engine": [q.key for q in qs[a:b]], "base": [q.key for q in qs[a:b] if q.images[0] in timed_base]}
+            for a, b in zip(bounds, bounds[1:])
+            if b > a
+        ]
         (root / "parts.json").write_text(json.dumps(parts))
-        common = [sys.executable, __file__, "--model-dir", str(model_dir), "--questions-file", str(qfile),
-                  "--parts-file", str(root / "parts.json"), "--batch-size", str(args.batch_size),
-                  "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
-        procs = {w: subprocess.Popen(common + ["--worker", w], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                 for w in ("base", "engine")}
+        common = [
+            sys.executable,
+            __file__,
+            "--model-dir",
+            str(model_dir),
+            "--questions-file",
+            str(qfile),
+            "--parts-file",
+            str(root / "parts.json"),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--threads",
+            str(args.threads),
+        ]
+        procs = {
+            w: subprocess.Popen(common + ["--worker", w], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for w in ("base", "engine")
+        }
         for p in procs.values():
             json.loads(p.stdout.readline())
         seconds = {"base": 0.0, "engine": 0.0}
@@ -208,7 +258,9 @@ def main() -> None:
                 seconds[w] += res["seconds"]
                 answers[w] += res["answers"]
                 peak[w] = res["peak_rss_mib"]
-                print(f"part {k + 1}/{len(parts)} {w}: {len(parts[k][w])} questions in {res['seconds']:.1f} s", flush=True)
+                print(
+                    f"part {k + 1}/{len(parts)} {w}: {len(parts[k][w])} questions in {res['seconds']:.1f} s", flush=True
+                )
         for p in procs.values():
             p.stdin.close()
             p.wait()
@@ -220,15 +272,27 @@ def main() -> None:
     nb = len(base_keys)
     same = sum(engine_answers[k] == a for k, a in zip(base_keys, answers["base"]))
     rate = {"base": nb / seconds["base"], "engine": n / seconds["engine"]}
-    print(f"{args.shape}-shaped: {n} questions on {n_images} images ({n / n_images:.1f} per image); smol preset "
-          f"(SmolLM2-135M, 196 image tokens); max_new_tokens {args.max_new_tokens}; {args.threads} threads per side")
+    print(
+        f"{args.shape}-shaped: {n} questions on {n_images} images ({n / n_images:.1f} per image); smol preset "
+        f"(SmolLM2-135M, 196 image tokens); max_new_tokens {args.max_new_tokens}; {args.threads} threads per side"
+    )
     print(f"{'method':<44}{'questions':>10}{'seconds':>9}{'answers/s':>11}{'peak RSS MiB':>14}")
-    print(f"{'per-question generate (original model_vqa)':<44}{nb:>10}{seconds['base']:>9.1f}{rate['base']:>11.3f}"
-          f"{peak['base']:>14.0f}")
-    print(f"{'medvlm eval vqa engine, batch ' + str(args.batch_size):<44}{n:>10}{seconds['engine']:>9.1f}"
-          f"{rate['engine']:>11.3f}{peak['engine']:>14.0f}")
-    print(f"speed-up (answers/s): {rate['engine'] / rate['base']:.2f}x; identical greedy answers: {same}/{nb}"
-          + (f" (the baseline answered every {args.baseline_every}th image's questions)" if args.baseline_every > 1 else ""))
+    print(
+        f"{'per-question generate (original model_vqa)':<44}{nb:>10}{seconds['base']:>9.1f}{rate['base']:>11.3f}"
+        f"{peak['base']:>14.0f}"
+    )
+    print(
+        f"{'medvlm eval vqa engine, batch ' + str(args.batch_size):<44}{n:>10}{seconds['engine']:>9.1f}"
+        f"{rate['engine']:>11.3f}{peak['engine']:>14.0f}"
+    )
+    print(
+        f"speed-up (answers/s): {rate['engine'] / rate['base']:.2f}x; identical greedy answers: {same}/{nb}"
+        + (
+            f" (the baseline answered every {args.baseline_every}th image's questions)"
+            if args.baseline_every > 1
+            else ""
+        )
+    )
     if same != nb:
         for k, a in zip(base_keys, answers["base"]):
             if engine_answers[k] != a:

@@ -70,9 +70,11 @@ def main() -> None:
             nb, ne = nb + len(base), ne + len(qs)
             same += sum(a == b for a, b in zip(base, answers))
             print(f"image {k + 1}: per-question {tb:.1f} s / {nb} q, engine {te:.1f} s / {ne} q", flush=True)
-    print(f"per-question: {tb / nb:.2f} s/question; engine: {te / ne:.2f} s/question; speed-up "
-          f"{(tb / nb) / (te / ne):.2f}x; identical {same}/{nb}; peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(
+        f"per-question: {tb / nb:.2f} s/question; engine: {te / ne:.2f} s/question; speed-up "
+        f"{(tb / nb) / (te / ne):.2f}x; identical {same}/{nb}; peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
     if same != nb:
         sys.exit(1)
 

@@ -50,8 +50,25 @@ def start_server(model: Path, max_batch: int, port: int, threads: int) -> subpro
     # One torch thread per server by default: on a shared 2-core machine, OpenMP threads spin-wait for
     # descheduled partners and a decoding step of the tiny model took ~90 ms instead of ~7 ms.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "medvlm", "serve", "api", "--model", str(model), "--port", str(port),
-           "--max-batch", str(max_batch), "--served-model-name", "m", "--max-queue", "256", "--max-wait-ms", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medvlm",
+        "serve",
+        "api",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--served-model-name",
+        "m",
+        "--max-queue",
+        "256",
+        "--max-wait-ms",
+        "5",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -70,11 +87,18 @@ def load_questions(paths: list[Path], image_folder: Path) -> list[tuple[str, str
     sources = []
     for path in paths:
         text = path.read_text()
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+        records = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
             else json.loads(text)
+        )
         pairs = []
         for rec in records:
-            q = (rec["conversations"][0]["value"] if "conversations" in rec else rec["text"]).replace("<image>", "").strip()
+            q = (
+                (rec["conversations"][0]["value"] if "conversations" in rec else rec["text"])
+                .replace("<image>", "")
+                .strip()
+            )
             img = rec["image"]
             if img not in urls:
                 urls[img] = "data:image/png;base64," + base64.b64encode((image_folder / img).read_bytes()).decode()
@@ -97,12 +121,27 @@ def run_clients(port: int, clients: int, per_client: int, max_tokens, questions,
         with httpx.Client(timeout=600) as http:
             for i in range(per_client):
                 q, image = questions[(offset + k * per_client + i) % len(questions)]
-                limit = max_tokens if isinstance(max_tokens, int) else \
-                    random.Random(offset + k * 1000 + i).randint(*max_tokens)
-                body = {"model": "m", "max_tokens": limit, "stream": True, "temperature": 0,
-                        "stream_options": {"include_usage": True},
-                        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                                  {"type": "text", "text": q}]}]}
+                limit = (
+                    max_tokens
+                    if isinstance(max_tokens, int)
+                    else random.Random(offset + k * 1000 + i).randint(*max_tokens)
+                )
+                body = {
+                    "model": "m",
+                    "max_tokens": limit,
+                    "stream": True,
+                    "temperature": 0,
+                    "stream_options": {"include_usage": True},
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": image}},
+                                {"type": "text", "text": q},
+                            ],
+                        }
+                    ],
+                }
                 t0 = time.monotonic()
                 first = None
                 tokens = 0
@@ -164,18 +203,30 @@ class PeakRss:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="A checkpoint (default: a random tiny model, built on the spot).")
-    ap.add_argument("--questions", type=Path, action="append", required=True,
-                    help="Converted VQA JSON or qa50 JSONL; repeat to interleave several (short and long answers).")
+    ap.add_argument(
+        "--questions",
+        type=Path,
+        action="append",
+        required=True,
+        help="Converted VQA JSON or qa50 JSONL; repeat to interleave several (short and long answers).",
+    )
     ap.add_argument("--image-folder", type=Path, required=True)
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--max-tokens-range", default=None,
-                    help="LOW,HIGH: each request's max_tokens drawn from this range (same draws for both servers); "
-                         "for a model whose answers do not end on their own (random weights).")
+    ap.add_argument(
+        "--max-tokens-range",
+        default=None,
+        help="LOW,HIGH: each request's max_tokens drawn from this range (same draws for both servers); "
+        "for a model whose answers do not end on their own (random weights).",
+    )
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (both servers alike).")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="Load phases per server, alternating which server goes first (averages a shared machine's load).")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Load phases per server, alternating which server goes first (averages a shared machine's load).",
+    )
     args = ap.parse_args()
     import tempfile
 
@@ -185,8 +236,11 @@ def main() -> None:
     model = args.model or tiny_model(Path(tmp.name))
     questions = load_questions(args.questions, args.image_folder)
     limits = tuple(int(x) for x in args.max_tokens_range.split(",")) if args.max_tokens_range else args.max_tokens
-    print(f"{len(questions)} questions; {args.requests_per_client} streamed requests per client, "
-          f"max_tokens {limits}, greedy", flush=True)
+    print(
+        f"{len(questions)} questions; {args.requests_per_client} streamed requests per client, "
+        f"max_tokens {limits}, greedy",
+        flush=True,
+    )
     for clients in [int(c) for c in args.clients.split(",")]:
         servers = {}
         for name, max_batch in (("continuous", clients), ("one at a time", 1)):
@@ -203,8 +257,14 @@ def main() -> None:
                 for name in order:
                     _, port = servers[name]
                     # Both servers get the same questions in every round (different ones from round to round).
-                    wall, lat, ttft, lengths, errs = run_clients(port, clients, args.requests_per_client, limits,
-                                                                 questions, r * clients * args.requests_per_client)
+                    wall, lat, ttft, lengths, errs = run_clients(
+                        port,
+                        clients,
+                        args.requests_per_client,
+                        limits,
+                        questions,
+                        r * clients * args.requests_per_client,
+                    )
                     a = acc[name]
                     a["lat"] += lat
                     a["ttft"] += ttft
@@ -215,27 +275,45 @@ def main() -> None:
             for name, (_, port) in servers.items():
                 health = httpx.get(f"http://127.0.0.1:{port}/health").json()
                 a = acc[name]
-                rows[name] = (len(a["lat"]) / a["wall"], a["lat"], a["ttft"], a["lengths"], a["errors"],
-                              rss[name].stop(), health, a["wall"])
+                rows[name] = (
+                    len(a["lat"]) / a["wall"],
+                    a["lat"],
+                    a["ttft"],
+                    a["lengths"],
+                    a["errors"],
+                    rss[name].stop(),
+                    health,
+                    a["wall"],
+                )
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
-        print(f"\n{clients} concurrent clients ({clients * args.requests_per_client * args.rounds} requests per server, "
-              f"{args.rounds} round(s))")
-        print(f"{'server':<24}{'req/s':>7}{'p50 s':>8}{'p99 s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens':>12}"
-              f"{'peak RSS MiB':>14}{'errors':>8}")
+        print(
+            f"\n{clients} concurrent clients ({clients * args.requests_per_client * args.rounds} requests per server, "
+            f"{args.rounds} round(s))"
+        )
+        print(
+            f"{'server':<24}{'req/s':>7}{'p50 s':>8}{'p99 s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens':>12}"
+            f"{'peak RSS MiB':>14}{'errors':>8}"
+        )
         for name, (tput, lat, ttft, lengths, errs, peak, _health, _wall) in rows.items():
             label = f"{name} (max-batch {clients if name == 'continuous' else 1})"
-            print(f"{label:<24}{tput:>7.2f}{pct(lat, .5):>8.2f}{pct(lat, .99):>8.2f}{pct(ttft, .5):>10.2f}"
-                  f"{pct(ttft, .99):>10.2f}{f'{min(lengths)}-{max(lengths)}' if lengths else '-':>12}"
-                  f"{peak:>14.0f}{len(errs):>8}")
+            print(
+                f"{label:<24}{tput:>7.2f}{pct(lat, 0.5):>8.2f}{pct(lat, 0.99):>8.2f}{pct(ttft, 0.5):>10.2f}"
+                f"{pct(ttft, 0.99):>10.2f}{f'{min(lengths)}-{max(lengths)}' if lengths else '-':>12}"
+                f"{peak:>14.0f}{len(errs):>8}"
+            )
         h = rows["continuous"][6]
         pc = h.get("prefix_cache") or {}
-        print(f"continuous server: largest batch {h['largest_batch']}, {h['decode_steps']} decode steps, prefix cache "
-              f"{pc.get('hits')} hits / {pc.get('misses')} misses ({pc.get('hit_tokens')} prompt tokens reused)")
-        print(f"throughput ratio continuous / one at a time: {rows['continuous'][0] / rows['one at a time'][0]:.2f}x",
-              flush=True)
+        print(
+            f"continuous server: largest batch {h['largest_batch']}, {h['decode_steps']} decode steps, prefix cache "
+            f"{pc.get('hits')} hits / {pc.get('misses')} misses ({pc.get('hit_tokens')} prompt tokens reused)"
+        )
+        print(
+            f"throughput ratio continuous / one at a time: {rows['continuous'][0] / rows['one at a time'][0]:.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -44,18 +44,37 @@ import sys
 import time
 from pathlib import Path
 
-
 BENCH_MODELS: dict[str, dict] = {
     # (a): realistic vocabulary; (b): tower = LM in size, and a ViT-B/16 tower in front of a small LM.
-    "sft": dict(tower=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8),
-                lm=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                        num_key_value_heads=8, tie_word_embeddings=False), tokenizer="smollm2", template="chatml"),
-    "equal": dict(tower=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8),
-                  lm=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                          num_key_value_heads=8), tokenizer="tiny", template="vicuna_v1"),
-    "vitb": dict(tower=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-                 lm=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=8), tokenizer="tiny", template="vicuna_v1"),
+    "sft": dict(
+        tower=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8),
+        lm=dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+        ),
+        tokenizer="smollm2",
+        template="chatml",
+    ),
+    "equal": dict(
+        tower=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8),
+        lm=dict(
+            hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+        ),
+        tokenizer="tiny",
+        template="vicuna_v1",
+    ),
+    "vitb": dict(
+        tower=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        lm=dict(
+            hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8
+        ),
+        tokenizer="tiny",
+        template="vicuna_v1",
+    ),
 }
 
 
@@ -90,13 +109,21 @@ def build_bench_model(work: Path, name: str) -> Path:
     tower = CLIPVisionModel(CLIPVisionConfig(image_size=224, patch_size=16, **spec["tower"]))
     tower.save_pretrained(parts / "tower")
     tok = bench_tokenizer(spec["tokenizer"])
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 8, max_position_embeddings=2048,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, **spec["lm"]))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok) + 8,
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **spec["lm"],
+        )
+    )
     lm.save_pretrained(parts / "lm")
     tok.save_pretrained(parts / "lm")
-    model, processor = compose(parts / "tower", parts / "lm", projector="mlp2x_gelu", template=spec["template"],
-                               aspect="pad")
+    model, processor = compose(
+        parts / "tower", parts / "lm", projector="mlp2x_gelu", template=spec["template"], aspect="pad"
+    )
     save_checkpoint(model, processor, ckpt)
     return ckpt
 
@@ -107,22 +134,32 @@ def to_hf_llava(model):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     cfg = model.config
-    llava = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
-        image_token_index=cfg.image_token_id, vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        image_seq_length=cfg.image_seq_length, multimodal_projector_bias=True))
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=cfg.vision_config.to_dict(),
+            text_config=cfg.text_config.to_dict(),
+            image_token_index=cfg.image_token_id,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            image_seq_length=cfg.image_seq_length,
+            multimodal_projector_bias=True,
+        )
+    )
     state = {}
     for k, v in model.state_dict().items():
         if k.startswith("vision_tower."):
             state["model." + k] = v
         elif k.startswith("projector."):
-            state[k.replace("projector.0.", "model.multi_modal_projector.linear_1.")
-                  .replace("projector.2.", "model.multi_modal_projector.linear_2.")] = v
+            state[
+                k.replace("projector.0.", "model.multi_modal_projector.linear_1.").replace(
+                    "projector.2.", "model.multi_modal_projector.linear_2."
+                )
+            ] = v
         elif k.startswith("language_model.model."):
-            state["model.language_model." + k[len("language_model.model."):]] = v
+            state["model.language_model." + k[len("language_model.model.") :]] = v
         elif k.startswith("language_model.lm_head."):
-            state[k[len("language_model."):]] = v
+            state[k[len("language_model.") :]] = v
     llava.load_state_dict(state, strict=True)
     return llava
 
@@ -153,10 +190,23 @@ def matmul_rate(seconds: float = 5.0) -> tuple[float, float]:
 def _config(args, model: str, out: str, stage: str, data: str, **over):
     from medvlm.train.config import load_config
 
-    keys = dict(stage=stage, model_name_or_path=str(args.work / f"model_{model}"), data_path=data, image_folder=str(args.demo / "images"),
-                output_dir=out, per_device_train_batch_size=8, learning_rate=2e-5, num_train_epochs=args.epochs,
-                logging_steps=1, save_strategy="no", report_to=[], warmup_ratio=0.0, max_length=1024,
-                disable_tqdm=True, feature_cache="off")
+    keys = dict(
+        stage=stage,
+        model_name_or_path=str(args.work / f"model_{model}"),
+        data_path=data,
+        image_folder=str(args.demo / "images"),
+        output_dir=out,
+        per_device_train_batch_size=8,
+        learning_rate=2e-5,
+        num_train_epochs=args.epochs,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        warmup_ratio=0.0,
+        max_length=1024,
+        disable_tqdm=True,
+        feature_cache="off",
+    )
     keys.update(over)
     return load_config(None, keys)
 
@@ -193,32 +243,47 @@ def variant(args) -> dict:
         features = work / f"features_{bmodel}"
         if cache:  # epoch 1 must fill the cache, not find a previous run's (never touch it from the uncached run)
             shutil.rmtree(features, ignore_errors=True)
-        cfg = _config(args, bmodel, str(work / args.variant), "align", str(work / "align.json"), learning_rate=2e-3,
-                      template="plain", num_train_epochs=args.epochs if cache else args.nocache_epochs,
-                      feature_cache="on" if cache else "off", feature_cache_dir=str(features))
+        cfg = _config(
+            args,
+            bmodel,
+            str(work / args.variant),
+            "align",
+            str(work / "align.json"),
+            learning_rate=2e-3,
+            template="plain",
+            num_train_epochs=args.epochs if cache else args.nocache_epochs,
+            feature_cache="on" if cache else "off",
+            feature_cache_dir=str(features),
+        )
         r = run_training(cfg, callbacks=[timer])
         from medvlm.model.build import load_pretrained
 
         model, _ = load_pretrained(work / f"model_{bmodel}")
-        result["params"] = {"tower": sum(p.numel() for p in model.vision_tower.parameters()),
-                            "total": sum(p.numel() for p in model.parameters())}
+        result["params"] = {
+            "tower": sum(p.numel() for p in model.vision_tower.parameters()),
+            "total": sum(p.numel() for p in model.parameters()),
+        }
         result["epoch_seconds"] = [timer.ends[i][0] - timer.starts[i][0] for i in sorted(timer.ends)]
         result["epoch_cpu_seconds"] = [timer.ends[i][1] - timer.starts[i][1] for i in sorted(timer.ends)]
         result["cache"] = {str(k): v for k, v in r.cache_by_epoch.items()}
     else:
         from medvlm.model.build import load_pretrained
         from medvlm.train.data import build_dataset
+        from medvlm.train.packing import pack_rows
         from medvlm.train.run import run_training
+        from medvlm.train.sampler import ModalityLengthGroupedSampler
         from medvlm.train.trainer import TrainCollator
 
-        from medvlm.train.packing import pack_rows
-        from medvlm.train.sampler import ModalityLengthGroupedSampler
-
-        over = {"sft_medvlm": {}, "sft_medvlm_fulllogits": {"labelled_logits_only": False},
-                "sft_medvlm_packed": {"packing": True}, "sft_medvlm_adamw": {"optim": "adamw_torch"},
-                "sft_trl": {}}[args.variant]
-        cfg = _config(args, "sft", str(work / args.variant), "sft", str(work / "sft.json"), max_steps=args.sft_steps,
-                      **over)
+        over = {
+            "sft_medvlm": {},
+            "sft_medvlm_fulllogits": {"labelled_logits_only": False},
+            "sft_medvlm_packed": {"packing": True},
+            "sft_medvlm_adamw": {"optim": "adamw_torch"},
+            "sft_trl": {},
+        }[args.variant]
+        cfg = _config(
+            args, "sft", str(work / args.variant), "sft", str(work / "sft.json"), max_steps=args.sft_steps, **over
+        )
         model, processor = load_pretrained(work / "model_sft")
         dataset, _ = build_dataset(cfg.sources(), processor, image_folder=cfg.image_folder, max_length=cfg.max_length)
         micro = cfg.per_device_train_batch_size
@@ -226,7 +291,7 @@ def variant(args) -> dict:
             order = list(range(len(dataset)))  # TRL streams the file in order
         else:
             order = list(ModalityLengthGroupedSampler(dataset.lengths, micro, 1, cfg.seed))
-        steps = [order[k * micro:(k + 1) * micro] for k in range(args.sft_steps)]
+        steps = [order[k * micro : (k + 1) * micro] for k in range(args.sft_steps)]
         # Timed: steps 2..N (step 1 warms up allocators); tokens = non-padding tokens of those steps.
         tokens = sum(abs(dataset.lengths[i]) for st in steps[1:] for i in st)
         padded = 0  # token slots of the batches (with padding)
@@ -242,11 +307,24 @@ def variant(args) -> dict:
         else:
             from trl import SFTConfig, SFTTrainer
 
-            sargs = SFTConfig(output_dir=str(work / "trl"), per_device_train_batch_size=8, learning_rate=2e-5,
-                              num_train_epochs=cfg.num_train_epochs, logging_steps=1, save_strategy="no",
-                              report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True,
-                              remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-                              max_length=None, lr_scheduler_type="cosine", disable_tqdm=True, seed=cfg.seed)
+            sargs = SFTConfig(
+                output_dir=str(work / "trl"),
+                per_device_train_batch_size=8,
+                learning_rate=2e-5,
+                num_train_epochs=cfg.num_train_epochs,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                bf16=False,
+                gradient_checkpointing=False,
+                use_cpu=True,
+                remove_unused_columns=False,
+                dataset_kwargs={"skip_prepare_dataset": True},
+                max_length=None,
+                lr_scheduler_type="cosine",
+                disable_tqdm=True,
+                seed=cfg.seed,
+            )
             import datasets
 
             model = to_hf_llava(model)
@@ -254,9 +332,14 @@ def variant(args) -> dict:
             # TRL only takes `datasets` objects: stream our lazy dataset's items through one (same encoding).
             stream = datasets.IterableDataset.from_generator(lambda: (dataset[i] for i in range(len(dataset))))
             sargs.max_steps = args.sft_steps
-            trainer = SFTTrainer(model=model, args=sargs, train_dataset=stream,
-                                 data_collator=TrainCollator(processor.pad_token_id),
-                                 processing_class=processor.tokenizer, callbacks=[timer])
+            trainer = SFTTrainer(
+                model=model,
+                args=sargs,
+                train_dataset=stream,
+                data_collator=TrainCollator(processor.pad_token_id),
+                processing_class=processor.tokenizer,
+                callbacks=[timer],
+            )
             trainer.train()
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         seconds = time.perf_counter() - t0
@@ -264,15 +347,23 @@ def variant(args) -> dict:
         cpu_seconds = timer.step_cpu[-1] - timer.step_cpu[0]  # user + sys of all threads: robust to machine load
         n_tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
         # Matmul parameters of the text side: LM + projector + output head, not the input embedding (a lookup).
-        n_lm = (sum(p.numel() for p in model.parameters()) - n_tower
-                - model.get_input_embeddings().weight.numel())
+        n_lm = sum(p.numel() for p in model.parameters()) - n_tower - model.get_input_embeddings().weight.numel()
         flops = 6 * n_lm * tokens + 2 * n_tower * n_img * model.config.image_seq_length
-        result.update(tokens=tokens, padding_fraction=1 - tokens / padded, timed_steps=len(steps) - 1,
-                      train_seconds=train_seconds, wall_seconds=seconds,
-                      tokens_per_s=tokens / train_seconds, flops_per_s=flops / train_seconds,
-                      cpu_seconds=cpu_seconds, tokens_per_cpu_s=tokens / cpu_seconds, flops_per_cpu_s=flops / cpu_seconds,
-                      first_loss=losses[0], last_loss=losses[-1],
-                      params={"tower": n_tower, "total": sum(p.numel() for p in model.parameters())})
+        result.update(
+            tokens=tokens,
+            padding_fraction=1 - tokens / padded,
+            timed_steps=len(steps) - 1,
+            train_seconds=train_seconds,
+            wall_seconds=seconds,
+            tokens_per_s=tokens / train_seconds,
+            flops_per_s=flops / train_seconds,
+            cpu_seconds=cpu_seconds,
+            tokens_per_cpu_s=tokens / cpu_seconds,
+            flops_per_cpu_s=flops / cpu_seconds,
+            first_loss=losses[0],
+            last_loss=losses[-1],
+            params={"tower": n_tower, "total": sum(p.numel() for p in model.parameters())},
+        )
     result["matmul_flops_per_s"], result["matmul_flops_per_cpu_s"] = matmul_rate()
     result["peak_rss_mb"] = peak_rss_mb()
     result["threads"] = torch.get_num_threads()
@@ -297,29 +388,37 @@ def summarize(results: dict) -> None:
         for unit, key in (("s", "epoch_seconds"), ("CPU-s", "epoch_cpu_seconds")):
             a1, a2 = _per_epoch(off[key])
             b1, b2 = _per_epoch(on[key])
-            print(f"    {unit}: uncached epoch {a1:.1f}" + (f" / {a2:.1f}" if len(off[key]) > 1 else "")
-                  + f"; cached run epoch 1 (fill) {b1:.1f}, epochs 2+ {b2:.1f} -> {a2 / b2:.2f}x")
+            print(
+                f"    {unit}: uncached epoch {a1:.1f}"
+                + (f" / {a2:.1f}" if len(off[key]) > 1 else "")
+                + f"; cached run epoch 1 (fill) {b1:.1f}, epochs 2+ {b2:.1f} -> {a2 / b2:.2f}x"
+            )
     if "sft_trl" in results:
         t = results["sft_trl"]
-        print(f"(a) stage-2 TRL SFTTrainer: {t['tokens_per_s']:.0f} tokens/s, {t['tokens_per_cpu_s']:.0f} tokens/CPU-s, "
-              f"padding {t['padding_fraction']:.1%}, FLOP/CPU-s / matmul FLOP/CPU-s "
-              f"{t['flops_per_cpu_s'] / t['matmul_flops_per_cpu_s']:.1%}")
+        print(
+            f"(a) stage-2 TRL SFTTrainer: {t['tokens_per_s']:.0f} tokens/s, {t['tokens_per_cpu_s']:.0f} tokens/CPU-s, "
+            f"padding {t['padding_fraction']:.1%}, FLOP/CPU-s / matmul FLOP/CPU-s "
+            f"{t['flops_per_cpu_s'] / t['matmul_flops_per_cpu_s']:.1%}"
+        )
         for name in SFT_VARIANTS[1:]:
             if name in results:
                 m = results[name]
-                print(f"(a) {name}: {m['tokens_per_s']:.0f} tokens/s -> "
-                      f"{m['tokens_per_s'] / t['tokens_per_s']:.2f}x TRL; "
-                      f"{m['tokens_per_cpu_s']:.0f} tokens/CPU-s -> "
-                      f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x TRL; "
-                      f"padding {m['padding_fraction']:.1%}; FLOP/CPU-s / matmul FLOP/CPU-s "
-                      f"{m['flops_per_cpu_s'] / m['matmul_flops_per_cpu_s']:.1%}")
+                print(
+                    f"(a) {name}: {m['tokens_per_s']:.0f} tokens/s -> "
+                    f"{m['tokens_per_s'] / t['tokens_per_s']:.2f}x TRL; "
+                    f"{m['tokens_per_cpu_s']:.0f} tokens/CPU-s -> "
+                    f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x TRL; "
+                    f"padding {m['padding_fraction']:.1%}; FLOP/CPU-s / matmul FLOP/CPU-s "
+                    f"{m['flops_per_cpu_s'] / m['matmul_flops_per_cpu_s']:.1%}"
+                )
     for name, r in results.items():
         print(f"(c) peak RSS {name}: {r['peak_rss_mb']:.0f} MB")
 
 
 SFT_VARIANTS = ("sft_trl", "sft_medvlm", "sft_medvlm_fulllogits", "sft_medvlm_packed", "sft_medvlm_adamw")
-DEFAULT_VARIANTS = ("sft_trl,sft_medvlm,sft_medvlm_fulllogits,align_nocache_vitb,align_cache_vitb,"
-                    "align_nocache_equal,align_cache_equal")
+DEFAULT_VARIANTS = (
+    "sft_trl,sft_medvlm,sft_medvlm_fulllogits,align_nocache_vitb,align_cache_vitb,align_nocache_equal,align_cache_equal"
+)
 
 
 def main() -> None:
@@ -355,9 +454,22 @@ def main() -> None:
             build_bench_model(args.work, bmodel)
     results = {}
     for name in names:
-        cmd = [sys.executable, __file__, "--variant", name, "--samples", str(args.samples), "--epochs",
-               str(args.epochs), "--nocache-epochs", str(args.nocache_epochs), "--work", str(args.work),
-               "--sft-steps", str(args.sft_steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            name,
+            "--samples",
+            str(args.samples),
+            "--epochs",
+            str(args.epochs),
+            "--nocache-epochs",
+            str(args.nocache_epochs),
+            "--work",
+            str(args.work),
+            "--sft-steps",
+            str(args.sft_steps),
+        ]
         load = os.getloadavg()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

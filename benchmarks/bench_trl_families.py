@@ -59,8 +59,11 @@ def cpu_seconds() -> float:
 
 def peak_rss() -> dict:
     """``ru_maxrss`` (MB) and ``VmHWM`` (MB) of this process."""
-    hwm = next(int(ln.split()[1]) / 1024 for ln in Path("/proc/self/status").read_text().splitlines()
-               if ln.startswith("VmHWM:"))
+    hwm = next(
+        int(ln.split()[1]) / 1024
+        for ln in Path("/proc/self/status").read_text().splitlines()
+        if ln.startswith("VmHWM:")
+    )
     return {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "vmhwm_mb": hwm}
 
 
@@ -78,28 +81,54 @@ def prepare(args) -> dict:
 
     demo = args.work / f"demo_{args.image_size}"
     if not demo.exists():
-        generate_synth(demo, n_images=args.images + 8, seed=0, image_size=args.image_size, test_fraction=0.1,
-                       qa50_images=2)
+        generate_synth(
+            demo, n_images=args.images + 8, seed=0, image_size=args.image_size, test_fraction=0.1, qa50_images=2
+        )
     ckpt = args.work / f"qwen2_5_vl_{args.image_size}"
     spec = get_family("qwen2_5_vl")
     if not (ckpt / "config.json").is_file():
         _, tiny_proc, _ = build_tiny_family("qwen2_5_vl", seed=0)
         tok = tiny_proc.tokenizer
-        image_processor = tf.Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                                      min_pixels=56 * 56,
-                                                      max_pixels=args.image_size ** 2)
-        processor = getattr(processors, spec.processor_class)(image_processor=image_processor, tokenizer=tok,
-                                                              chat_template=tiny_proc.chat_template)
-        ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-        text = dict(vocab_size=VOCAB, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                    num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 8, 8]})
-        vision = dict(depth=4, hidden_size=384, intermediate_size=1024, num_heads=6, out_hidden_size=384,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[3])
+        image_processor = tf.Qwen2VLImageProcessorPil(
+            patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=args.image_size**2
+        )
+        processor = getattr(processors, spec.processor_class)(
+            image_processor=image_processor, tokenizer=tok, chat_template=tiny_proc.chat_template
+        )
+        ids = {
+            name: tok.convert_tokens_to_ids(t)
+            for name, t in (
+                ("image_token_id", "<|image_pad|>"),
+                ("video_token_id", "<|video_pad|>"),
+                ("vision_start_token_id", "<|vision_start|>"),
+                ("vision_end_token_id", "<|vision_end|>"),
+            )
+        }
+        text = dict(
+            vocab_size=VOCAB,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 8, 8]},
+        )
+        vision = dict(
+            depth=4,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_heads=6,
+            out_hidden_size=384,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[3],
+        )
         config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
         torch.manual_seed(0)
         model = tf.Qwen2_5_VLForConditionalGeneration(config)
@@ -117,13 +146,30 @@ def prepare(args) -> dict:
 def _config(args, out: Path):
     from medvlm.train.config import load_config
 
-    return load_config(None, dict(
-        stage="sft", tune="full", model_name_or_path=str(args.work / f"qwen2_5_vl_{args.image_size}"),
-        data_path=str(args.work / f"demo_{args.image_size}" / "vqa" / "train.json"),
-        image_folder=str(args.work / f"demo_{args.image_size}" / "images"),
-        output_dir=str(out), per_device_train_batch_size=args.batch, learning_rate=2e-5, max_steps=args.steps,
-        lr_scheduler_type="cosine", warmup_ratio=0.0, weight_decay=0.0, logging_steps=1, save_strategy="no",
-        report_to=[], disable_tqdm=True, max_length=1024, feature_cache="off", seed=0))
+    return load_config(
+        None,
+        dict(
+            stage="sft",
+            tune="full",
+            model_name_or_path=str(args.work / f"qwen2_5_vl_{args.image_size}"),
+            data_path=str(args.work / f"demo_{args.image_size}" / "vqa" / "train.json"),
+            image_folder=str(args.work / f"demo_{args.image_size}" / "images"),
+            output_dir=str(out),
+            per_device_train_batch_size=args.batch,
+            learning_rate=2e-5,
+            max_steps=args.steps,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.0,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            max_length=1024,
+            feature_cache="off",
+            seed=0,
+        ),
+    )
 
 
 class _Timer:
@@ -157,9 +203,10 @@ def side(args) -> dict:
         cfg.labelled_logits_only = False
     model, proc = load_family(cfg.model_name_or_path)
     dataset, _ = build_dataset(cfg.sources(), proc, image_folder=cfg.image_folder, max_length=cfg.max_length)
-    order = list(ModalityLengthGroupedSampler(dataset.lengths, args.batch, 1, cfg.seed,
-                                              group=cfg.group_by_modality_length))
-    steps = [order[k * args.batch:(k + 1) * args.batch] for k in range(args.steps)]
+    order = list(
+        ModalityLengthGroupedSampler(dataset.lengths, args.batch, 1, cfg.seed, group=cfg.group_by_modality_length)
+    )
+    steps = [order[k * args.batch : (k + 1) * args.batch] for k in range(args.steps)]
     tokens = sum(abs(dataset.lengths[i]) for st in steps[1:] for i in st)  # non-pad tokens of the timed steps
     timer = _Timer()
     if args.side.startswith("medvlm"):
@@ -180,42 +227,87 @@ def side(args) -> dict:
             for i in order:
                 r = records[i]
                 q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
-                yield {"images": [Image.open(Path(cfg.image_folder) / r["image"]).convert("RGB")],
-                       "messages": [{"role": "user", "content": q.replace("<image>\n", "").replace("<image>", "")},
-                                    {"role": "assistant", "content": a}]}
+                yield {
+                    "images": [Image.open(Path(cfg.image_folder) / r["image"]).convert("RGB")],
+                    "messages": [
+                        {"role": "user", "content": q.replace("<image>\n", "").replace("<image>", "")},
+                        {"role": "assistant", "content": a},
+                    ],
+                }
 
         processor = proc.processor
         processor.chat_template = proc.chat_template  # the marked template: TRL finds its {% generation %} markers
         for name, p in model.named_parameters():  # the same trainable set as medvlm's sft: tower frozen, merger trained
             p.requires_grad_(part_of(proc.spec, name) != "vision_tower")
-        sargs = SFTConfig(output_dir=str(args.work / "run_trl"), per_device_train_batch_size=args.batch,
-                          learning_rate=2e-5, max_steps=args.steps, lr_scheduler_type="cosine", warmup_steps=0,
-                          weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], bf16=False,
-                          gradient_checkpointing=False, use_cpu=True, max_length=None, assistant_only_loss=True,
-                          disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                          **({"optim": "adamw_torch_fused"} if args.side == "trl_fusedadamw" else {}))
+        sargs = SFTConfig(
+            output_dir=str(args.work / "run_trl"),
+            per_device_train_batch_size=args.batch,
+            learning_rate=2e-5,
+            max_steps=args.steps,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            max_length=None,
+            assistant_only_loss=True,
+            disable_tqdm=True,
+            seed=0,
+            dataloader_num_workers=0,
+            **({"optim": "adamw_torch_fused"} if args.side == "trl_fusedadamw" else {}),
+        )
         stream = datasets.IterableDataset.from_generator(rows)
-        trainer = SFTTrainer(model=model, args=sargs, train_dataset=stream, processing_class=processor,
-                             callbacks=[timer])
+        trainer = SFTTrainer(
+            model=model, args=sargs, train_dataset=stream, processing_class=processor, callbacks=[timer]
+        )
         trainer.train()
         history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     probe = order[:32]  # shape statistics over the first samples
     cpu = timer.cpu[-1] - timer.cpu[0]
     wall = timer.wall[-1] - timer.wall[0]
-    return {"side": args.side, "first_loss": losses[0], "losses": losses, "tokens_timed": tokens,
-            "timed_steps": args.steps - 1, "cpu_seconds": cpu, "wall_seconds": wall,
-            "tokens_per_cpu_s": tokens / cpu, "tokens_per_s": tokens / wall,
-            "learned_tokens_per_sample": sum(int((dataset[i]["labels"] != -100).sum()) for i in probe) / len(probe),
-            "image_tokens_per_sample": sum(int((dataset[i]["input_ids"] == model.config.image_token_id).sum())
-                                           for i in probe) / len(probe),
-            "tokens_per_sample": sum(abs(n) for n in dataset.lengths) / len(dataset),
-            "threads": torch.get_num_threads(), **peak_rss()}
+    return {
+        "side": args.side,
+        "first_loss": losses[0],
+        "losses": losses,
+        "tokens_timed": tokens,
+        "timed_steps": args.steps - 1,
+        "cpu_seconds": cpu,
+        "wall_seconds": wall,
+        "tokens_per_cpu_s": tokens / cpu,
+        "tokens_per_s": tokens / wall,
+        "learned_tokens_per_sample": sum(int((dataset[i]["labels"] != -100).sum()) for i in probe) / len(probe),
+        "image_tokens_per_sample": sum(
+            int((dataset[i]["input_ids"] == model.config.image_token_id).sum()) for i in probe
+        )
+        / len(probe),
+        "tokens_per_sample": sum(abs(n) for n in dataset.lengths) / len(dataset),
+        "threads": torch.get_num_threads(),
+        **peak_rss(),
+    }
 
 
 def run(args, what: str) -> dict:
-    cmd = [sys.executable, __file__, "--side", what, "--work", str(args.work), "--images", str(args.images),
-           "--steps", str(args.steps), "--batch", str(args.batch), "--image-size", str(args.image_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side",
+        what,
+        "--work",
+        str(args.work),
+        "--images",
+        str(args.images),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--image-size",
+        str(args.image_size),
+    ]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -232,8 +324,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per side; steps 2..N are timed")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=336, help="synthetic image side (px); 336 -> 144 image tokens")
-    ap.add_argument("--sides", default="trl,medvlm",
-                    help=f"comma-separated, run in this order; the first is the baseline (all: {','.join(SIDES)})")
+    ap.add_argument(
+        "--sides",
+        default="trl,medvlm",
+        help=f"comma-separated, run in this order; the first is the baseline (all: {','.join(SIDES)})",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/medvlm_bench_trl_families"))
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -243,8 +338,11 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     info = run(args, "prepare")
-    print(f"model: Qwen2_5_VLForConditionalGeneration, {info['params'] / 1e6:.1f}M parameters "
-          f"(vision tower + merger {info['vision_params'] / 1e6:.1f}M, vocabulary {VOCAB})", flush=True)
+    print(
+        f"model: Qwen2_5_VLForConditionalGeneration, {info['params'] / 1e6:.1f}M parameters "
+        f"(vision tower + merger {info['vision_params'] / 1e6:.1f}M, vocabulary {VOCAB})",
+        flush=True,
+    )
     results = {}
     sides = args.sides.split(",")
     unknown = [s for s in sides if s not in SIDES]
@@ -258,12 +356,16 @@ def main() -> None:
     for name in sides[1:]:
         m = results[name]
         diff = abs(t["first_loss"] - m["first_loss"])
-        print(f"{name}: step-1 loss {m['first_loss']:.7f} vs {sides[0]} {t['first_loss']:.7f}, |diff| {diff:.2e} "
-              f"({'OK' if diff < 1e-5 else 'NOT within 1e-5'}); last loss {m['losses'][-1]:.6f} vs "
-              f"{t['losses'][-1]:.6f}")
-        print(f"    tokens / CPU-s: {m['tokens_per_cpu_s']:.1f} vs {t['tokens_per_cpu_s']:.1f} -> "
-              f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x; tokens / s (wall): {m['tokens_per_s']:.1f} vs "
-              f"{t['tokens_per_s']:.1f} -> {m['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+        print(
+            f"{name}: step-1 loss {m['first_loss']:.7f} vs {sides[0]} {t['first_loss']:.7f}, |diff| {diff:.2e} "
+            f"({'OK' if diff < 1e-5 else 'NOT within 1e-5'}); last loss {m['losses'][-1]:.6f} vs "
+            f"{t['losses'][-1]:.6f}"
+        )
+        print(
+            f"    tokens / CPU-s: {m['tokens_per_cpu_s']:.1f} vs {t['tokens_per_cpu_s']:.1f} -> "
+            f"{m['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x; tokens / s (wall): {m['tokens_per_s']:.1f} vs "
+            f"{t['tokens_per_s']:.1f} -> {m['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+        )
     for name, r in results.items():
         print(f"peak RSS {name}: ru_maxrss {r['ru_maxrss_mb']:.0f} MB, VmHWM {r['vmhwm_mb']:.0f} MB")
 

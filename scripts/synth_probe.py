@@ -36,8 +36,7 @@ def load(data: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], 
         img = np.asarray(Image.open(data / "images" / r["image"]).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
         x[r["split"]].append(img.transpose(2, 0, 1))  # [3, H, W]
         y[r["split"]].append([values[f].index(str(r[f])) for f in FACTORS])
-    return ({s: torch.tensor(np.stack(v)) for s, v in x.items()},
-            {s: torch.tensor(v) for s, v in y.items()}, values)
+    return ({s: torch.tensor(np.stack(v)) for s, v in x.items()}, {s: torch.tensor(v) for s, v in y.items()}, values)
 
 
 def main() -> None:
@@ -54,8 +53,9 @@ def main() -> None:
         generate_synth(args.data, n_images=args.n_images, seed=args.seed, image_size=64)
     x, y, values = load(args.data)
     size = x["train"].shape[-1]
-    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=size, patch_size=8)
+    cfg = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=size, patch_size=8
+    )
     tower = CLIPVisionModel(cfg)
     heads = torch.nn.ModuleList(torch.nn.Linear(64, len(values[f])) for f in FACTORS)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -70,7 +70,7 @@ def main() -> None:
     for epoch in range(args.epochs):
         perm = torch.randperm(n)
         for i in range(0, n, 32):
-            idx = perm[i:i + 32]
+            idx = perm[i : i + 32]
             out = logits(x["train"][idx])
             loss = sum(torch.nn.functional.cross_entropy(o, y["train"][idx, k]) for k, o in enumerate(out))
             opt.zero_grad()

@@ -20,27 +20,52 @@ from PIL import Image
 # (image key, question, answer, answer_type, question_type, modality) per split; CLOSED answers are yes/no
 # so the hub parquet's derived answer types equal the release's.
 RAD = {
-    "train": [(0, "Is there a mass?", "yes", "CLOSED", "PRES", None), (1, "Where is the lesion?", "left lung", "OPEN", "POS", None),
-              (2, "What organ is shown?", "lung", "OPEN", "ORGAN", None), (1, "Is this normal?", "no", "CLOSED", "ABN", None)],
-    "test": [(3, "Is there an effusion?", "yes", "CLOSED", "PRES", None), (4, "What modality is this?", "ct", "OPEN", "MODALITY", None),
-             (3, "Is the heart enlarged?", "no", "CLOSED", "SIZE", None), (5, "Which side is abnormal?", "right", "OPEN", "POS", None),
-             (4, "Is there a fracture?", "no", "CLOSED", "ABN", None), (5, "What is abnormal?", "pneumothorax", "OPEN", "ABN", None)],
+    "train": [
+        (0, "Is there a mass?", "yes", "CLOSED", "PRES", None),
+        (1, "Where is the lesion?", "left lung", "OPEN", "POS", None),
+        (2, "What organ is shown?", "lung", "OPEN", "ORGAN", None),
+        (1, "Is this normal?", "no", "CLOSED", "ABN", None),
+    ],
+    "test": [
+        (3, "Is there an effusion?", "yes", "CLOSED", "PRES", None),
+        (4, "What modality is this?", "ct", "OPEN", "MODALITY", None),
+        (3, "Is the heart enlarged?", "no", "CLOSED", "SIZE", None),
+        (5, "Which side is abnormal?", "right", "OPEN", "POS", None),
+        (4, "Is there a fracture?", "no", "CLOSED", "ABN", None),
+        (5, "What is abnormal?", "pneumothorax", "OPEN", "ABN", None),
+    ],
 }
 SLAKE = {
-    "train": [(0, "Which organ is abnormal?", "Lung", "OPEN", "Organ", "CT"), (1, "Is this a CT?", "Yes", "CLOSED", "Modality", "CT"),
-              (2, "What is the largest organ?", "Liver", "OPEN", "Size", "MRI")],
+    "train": [
+        (0, "Which organ is abnormal?", "Lung", "OPEN", "Organ", "CT"),
+        (1, "Is this a CT?", "Yes", "CLOSED", "Modality", "CT"),
+        (2, "What is the largest organ?", "Liver", "OPEN", "Size", "MRI"),
+    ],
     "validation": [(1, "Does it look normal?", "No", "CLOSED", "Abnormality", "CT")],
-    "test": [(3, "Is the lung healthy?", "No", "CLOSED", "Abnormality", "X-Ray"), (4, "What modality is used?", "MRI", "OPEN", "Modality", "MRI"),
-             (3, "Where is the lesion?", "Left Lung", "OPEN", "Position", "X-Ray"), (5, "Is there a nodule?", "Yes", "CLOSED", "Abnormality", "CT"),
-             (4, "Which plane is this?", "Transverse", "OPEN", "Plane", "MRI"), (5, "Is this the abdomen?", "No", "CLOSED", "Organ", "CT")],
+    "test": [
+        (3, "Is the lung healthy?", "No", "CLOSED", "Abnormality", "X-Ray"),
+        (4, "What modality is used?", "MRI", "OPEN", "Modality", "MRI"),
+        (3, "Where is the lesion?", "Left Lung", "OPEN", "Position", "X-Ray"),
+        (5, "Is there a nodule?", "Yes", "CLOSED", "Abnormality", "CT"),
+        (4, "Which plane is this?", "Transverse", "OPEN", "Plane", "MRI"),
+        (5, "Is this the abdomen?", "No", "CLOSED", "Organ", "CT"),
+    ],
 }
 PATH = {
-    "train": [(0, "Is this tissue inflamed?", "yes", None, None, None), (1, "What is present?", "fibrosis", None, None, None),
-              (2, "What stain is used?", "h&e", None, None, None)],
+    "train": [
+        (0, "Is this tissue inflamed?", "yes", None, None, None),
+        (1, "What is present?", "fibrosis", None, None, None),
+        (2, "What stain is used?", "h&e", None, None, None),
+    ],
     "validation": [(0, "Is it benign?", "no", None, None, None)],
-    "test": [(3, "Are the cells atypical?", "yes", None, None, None), (4, "What does this show?", "necrosis", None, None, None),
-             (3, "Is there a granuloma?", "no", None, None, None), (5, "What type of tissue is this?", "liver", None, None, None),
-             (4, "Is this malignant?", "no", None, None, None), (5, "What is seen?", "steatosis", None, None, None)],
+    "test": [
+        (3, "Are the cells atypical?", "yes", None, None, None),
+        (4, "What does this show?", "necrosis", None, None, None),
+        (3, "Is there a granuloma?", "no", None, None, None),
+        (5, "What type of tissue is this?", "liver", None, None, None),
+        (4, "Is this malignant?", "no", None, None, None),
+        (5, "What is seen?", "steatosis", None, None, None),
+    ],
 }
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 50, 210), (230, 220, 20), (20, 210, 220), (200, 30, 200)]
 
@@ -59,9 +84,13 @@ def _table(rows: list[tuple]) -> object:
     import pyarrow as pa
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    return pa.table({"image": pa.array([{"bytes": jpeg(r[0]), "path": None} for r in rows], type=image_type),
-                     "question": pa.array([r[1] for r in rows], type=pa.string()),
-                     "answer": pa.array([r[2] for r in rows], type=pa.string())})
+    return pa.table(
+        {
+            "image": pa.array([{"bytes": jpeg(r[0]), "path": None} for r in rows], type=image_type),
+            "question": pa.array([r[1] for r in rows], type=pa.string()),
+            "answer": pa.array([r[2] for r in rows], type=pa.string()),
+        }
+    )
 
 
 def write_hub_parquet(root: Path, data: dict[str, list[tuple]]) -> Path:
@@ -122,8 +151,18 @@ def write_rad_public(root: Path) -> Path:
             name = f"synpic{key}.jpg"
             (root / "VQA_RAD Image Folder").mkdir(parents=True, exist_ok=True)
             (root / "VQA_RAD Image Folder" / name).write_bytes(jpeg(key))
-            recs.append({"qid": qid, "image_name": name, "question": q, "answer": a, "answer_type": at,
-                         "question_type": qt, "phrase_type": "freeform", "image_organ": "CHEST"})
+            recs.append(
+                {
+                    "qid": qid,
+                    "image_name": name,
+                    "question": q,
+                    "answer": a,
+                    "answer_type": at,
+                    "question_type": qt,
+                    "phrase_type": "freeform",
+                    "image_organ": "CHEST",
+                }
+            )
             qid += 1
         (root / f"{split}set.json").write_text(json.dumps(recs), encoding="utf-8")
     return root
@@ -132,13 +171,39 @@ def write_rad_public(root: Path) -> Path:
 def _slake_records(split: str, start: int) -> list[dict]:
     recs = []
     for i, (key, q, a, at, ct, mod) in enumerate(SLAKE[split]):
-        recs.append({"img_id": key, "img_name": f"xmlab{key}/source.jpg", "question": q, "answer": a, "q_lang": "en",
-                     "location": "Chest", "modality": mod, "answer_type": at, "base_type": "vqa", "content_type": ct,
-                     "triple": ["vhead", "_", "_"], "qid": start + i})
+        recs.append(
+            {
+                "img_id": key,
+                "img_name": f"xmlab{key}/source.jpg",
+                "question": q,
+                "answer": a,
+                "q_lang": "en",
+                "location": "Chest",
+                "modality": mod,
+                "answer_type": at,
+                "base_type": "vqa",
+                "content_type": ct,
+                "triple": ["vhead", "_", "_"],
+                "qid": start + i,
+            }
+        )
     if split == "test":  # a Chinese question: LLaVA-Med (and medvlm) evaluate the English ones only
-        recs.append({"img_id": 3, "img_name": "xmlab3/source.jpg", "question": "这是什么器官?", "answer": "肺", "q_lang": "zh",
-                     "location": "Chest", "modality": "X-Ray", "answer_type": "OPEN", "base_type": "vqa",
-                     "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": 9999})
+        recs.append(
+            {
+                "img_id": 3,
+                "img_name": "xmlab3/source.jpg",
+                "question": "这是什么器官?",
+                "answer": "肺",
+                "q_lang": "zh",
+                "location": "Chest",
+                "modality": "X-Ray",
+                "answer_type": "OPEN",
+                "base_type": "vqa",
+                "content_type": "Organ",
+                "triple": ["vhead", "_", "_"],
+                "qid": 9999,
+            }
+        )
     return recs
 
 
@@ -165,9 +230,11 @@ def write_slake(root: Path, hub: bool) -> Path:
 
 def write_all(root: Path) -> dict[str, Path]:
     """One folder per task (``ROOT/vqa-rad``, ``ROOT/slake``, ``ROOT/pathvqa``) in hub layouts."""
-    return {"vqa-rad": write_hub_parquet(root / "vqa-rad", {k: v for k, v in RAD.items()}),
-            "slake": write_slake(root / "slake", hub=True),
-            "pathvqa": write_hub_parquet(root / "pathvqa", PATH)}
+    return {
+        "vqa-rad": write_hub_parquet(root / "vqa-rad", {k: v for k, v in RAD.items()}),
+        "slake": write_slake(root / "slake", hub=True),
+        "pathvqa": write_hub_parquet(root / "pathvqa", PATH),
+    }
 
 
 def tiny_model(root: Path) -> Path:

@@ -27,8 +27,10 @@ def tiny(family: str):
 
 def images() -> list[Image.Image]:
     """Two real sample images of different shapes (from ../shared)."""
-    return [Image.open(SHARED_IMAGES / "synpic32933.jpg").convert("RGB"),
-            Image.open(SHARED_IMAGES / "bio_patch.png").convert("RGB")]
+    return [
+        Image.open(SHARED_IMAGES / "synpic32933.jpg").convert("RGB"),
+        Image.open(SHARED_IMAGES / "bio_patch.png").convert("RGB"),
+    ]
 
 
 def msgs(*turns: tuple[str, str]) -> list[Message]:
@@ -37,15 +39,19 @@ def msgs(*turns: tuple[str, str]) -> list[Message]:
 
 def multi_turn_sample(with_vuser: bool = True) -> Sample:
     """System prompt, two images (first turn and a later turn), three answers, one VUSER question."""
-    return Sample("mt", msgs(
-        ("system", "Answer briefly."),
-        ("user", "<image>\nIs there a mass?"),
-        ("assistant", "No mass is seen."),
-        ("vuser" if with_vuser else "user", "Which organ is shown?"),
-        ("assistant", "The left lung."),
-        ("user", "Compare with this one.\n<image>"),
-        ("assistant", "They look the same."),
-    ), images=["a.jpg", "b.png"])
+    return Sample(
+        "mt",
+        msgs(
+            ("system", "Answer briefly."),
+            ("user", "<image>\nIs there a mass?"),
+            ("assistant", "No mass is seen."),
+            ("vuser" if with_vuser else "user", "Which organ is shown?"),
+            ("assistant", "The left lung."),
+            ("user", "Compare with this one.\n<image>"),
+            ("assistant", "They look the same."),
+        ),
+        images=["a.jpg", "b.png"],
+    )
 
 
 def single_sample(answer: str = "Yes.", question: str = "Is it normal?") -> Sample:

@@ -167,9 +167,13 @@ def make_image(seed: int, fmt: str = "PNG", size: tuple[int, int] = (32, 24)) ->
     return buf.getvalue()
 
 
-def make_tarball(files: dict[str, bytes], symlinks: dict[str, str] | None = None,
-                 hardlinks: dict[str, str] | None = None, devices: list[str] | None = None,
-                 gz: bool = True) -> bytes:
+def make_tarball(
+    files: dict[str, bytes],
+    symlinks: dict[str, str] | None = None,
+    hardlinks: dict[str, str] | None = None,
+    devices: list[str] | None = None,
+    gz: bool = True,
+) -> bytes:
     """Build a (gzipped) tar: regular ``files``, ``symlinks`` / ``hardlinks`` name -> target, char ``devices``."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tf:

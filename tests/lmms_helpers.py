@@ -38,7 +38,9 @@ def load_task_yaml(path: Path) -> dict[str, Any]:
 
 
 def write_answers(path: Path, answers: dict[str, str]) -> Path:
-    path.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in answers.items()), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in answers.items()), encoding="utf-8"
+    )
     return path
 
 

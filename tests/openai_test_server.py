@@ -86,14 +86,21 @@ def _default_respond(body: Any) -> str:
     return "User: What does the image show?\nAssistant: It shows " + last_user_text(body)[:40]
 
 
-def completion_body(content: str | None, model: str, prompt_tokens: int = 10, completion_tokens: int | None = None,
-                    finish_reason: str = "stop") -> dict:
+def completion_body(
+    content: str | None,
+    model: str,
+    prompt_tokens: int = 10,
+    completion_tokens: int | None = None,
+    finish_reason: str = "stop",
+) -> dict:
     """A well-formed chat.completion JSON body."""
     ct = completion_tokens if completion_tokens is not None else len((content or "").split())
     return {
-        "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "finish_reason": finish_reason,
-                     "message": {"role": "assistant", "content": content}}],
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": finish_reason, "message": {"role": "assistant", "content": content}}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ct, "total_tokens": prompt_tokens + ct},
     }
 
@@ -101,11 +108,15 @@ def completion_body(content: str | None, model: str, prompt_tokens: int = 10, co
 class FakeOpenAIServer:
     """An OpenAI-compatible chat server with scripted replies and faults; see the module docstring."""
 
-    def __init__(self, respond: Callable[[Any], str | dict] | None = None, *,
-                 key_fn: Callable[[Any], str] = last_user_text,
-                 faults_by_index: dict[int, Fault] | None = None,
-                 faults_by_key: dict[str, list[Fault]] | None = None,
-                 prompt_tokens: int = 10) -> None:
+    def __init__(
+        self,
+        respond: Callable[[Any], str | dict] | None = None,
+        *,
+        key_fn: Callable[[Any], str] = last_user_text,
+        faults_by_index: dict[int, Fault] | None = None,
+        faults_by_key: dict[str, list[Fault]] | None = None,
+        prompt_tokens: int = 10,
+    ) -> None:
         self.respond = respond or _default_respond
         self.key_fn = key_fn
         self.faults_by_index: dict[int, Fault] = dict(faults_by_index or {})
@@ -184,8 +195,14 @@ class FakeOpenAIServer:
             body = raw.decode("utf-8", "replace")
         key = self.key_fn(body) if isinstance(body, dict) else ""
         with self._lock:
-            entry = LoggedRequest(index=len(self.requests), time=time.monotonic(), path=request.url.path,
-                                  body=body, headers=dict(request.headers), key=key)
+            entry = LoggedRequest(
+                index=len(self.requests),
+                time=time.monotonic(),
+                path=request.url.path,
+                body=body,
+                headers=dict(request.headers),
+                key=key,
+            )
             self.requests.append(entry)
         fault = self._take_fault(entry.index, key)
         model = model_from_path or (body.get("model") if isinstance(body, dict) else None) or "unknown"
@@ -197,8 +214,11 @@ class FakeOpenAIServer:
                     headers["retry-after"] = fault.retry_after
                 if fault.retry_after_ms is not None:
                     headers["retry-after-ms"] = fault.retry_after_ms
-                return JSONResponse({"error": {"message": f"injected {fault.status}", "type": "test", "code": None}},
-                                    status_code=fault.status, headers=headers)
+                return JSONResponse(
+                    {"error": {"message": f"injected {fault.status}", "type": "test", "code": None}},
+                    status_code=fault.status,
+                    headers=headers,
+                )
             if fault.kind == "timeout":
                 entry.outcome = "timeout"
                 await asyncio.sleep(fault.delay)

@@ -52,8 +52,14 @@ class RssWatch:
 class ServerProcess:
     """``medvlm serve VERB ...`` in a subprocess on a free loopback port; ``url``, ``pid``; stopped on exit."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 probe: str = "/", startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        probe: str = "/",
+        startup_timeout: float = 120.0,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "medvlm", "serve", *args, "--port", str(self.port)]
@@ -93,8 +99,15 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
-def send_chunked(url: str, path: str, headers: dict[str, str], total: int, chunk: int = 1 << 20,
-                 content_type: str = "application/json", prefix: bytes = b"") -> tuple[int, int]:
+def send_chunked(
+    url: str,
+    path: str,
+    headers: dict[str, str],
+    total: int,
+    chunk: int = 1 << 20,
+    content_type: str = "application/json",
+    prefix: bytes = b"",
+) -> tuple[int, int]:
     """Stream ``total`` bytes as a ``Transfer-Encoding: chunked`` POST over a raw socket (no Content-Length).
 
     ``prefix`` is sent first (e.g. a multipart part header), then spaces. Stops sending as soon as the
@@ -102,8 +115,12 @@ def send_chunked(url: str, path: str, headers: dict[str, str], total: int, chunk
     """
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
-    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Transfer-Encoding: chunked",
-            f"Content-Type: {content_type}"] + [f"{k}: {v}" for k, v in headers.items()]
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Transfer-Encoding: chunked",
+        f"Content-Type: {content_type}",
+    ] + [f"{k}: {v}" for k, v in headers.items()]
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
     if prefix:
         sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
@@ -142,8 +159,12 @@ class Recorder(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, host: str = "127.0.0.1", routes: dict[str, tuple[int, dict[str, str], bytes]] | None = None,
-                 default: tuple[int, dict[str, str], bytes] = (200, {}, b"internal secret")):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        routes: dict[str, tuple[int, dict[str, str], bytes]] | None = None,
+        default: tuple[int, dict[str, str], bytes] = (200, {}, b"internal secret"),
+    ):
         self.hits: list[str] = []
         self.routes = routes or {}
         self.default = default

@@ -6,8 +6,22 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medvlm"
-LAYERS = {"notice": 0, "errors": 0, "utils": 0, "llm": 0, "data": 1, "model": 2, "train": 3, "infer": 4,
-          "eval": 5, "serve": 6, "demo": 7, "cli": 8, "__main__": 8, "__init__": 0}
+LAYERS = {
+    "notice": 0,
+    "errors": 0,
+    "utils": 0,
+    "llm": 0,
+    "data": 1,
+    "model": 2,
+    "train": 3,
+    "infer": 4,
+    "eval": 5,
+    "serve": 6,
+    "demo": 7,
+    "cli": 8,
+    "__main__": 8,
+    "__init__": 0,
+}
 
 
 def _layer(parts: tuple[str, ...]) -> int:

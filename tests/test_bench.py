@@ -37,8 +37,26 @@ def bench(tmp_path_factory) -> dict[str, Path]:
     write_all(data)
     model = tiny_model(root)
     out = root / "run"
-    _cli(["eval", "bench", "--task", "all", "--model", str(model), "--data", str(data), "--out", str(out),
-          "--max-new-tokens", "6", "--bootstrap", "200", "--seed", "3"])
+    _cli(
+        [
+            "eval",
+            "bench",
+            "--task",
+            "all",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--bootstrap",
+            "200",
+            "--seed",
+            "3",
+        ]
+    )
     return {"root": root, "data": data, "model": model, "out": out}
 
 
@@ -46,8 +64,9 @@ def test_bench_folder_records_everything_and_scores_like_eval_score(bench):
     out = bench["out"]
     b = json.loads((out / "bench.json").read_text())
     assert set(b["tasks"]) == {"vqa-rad", "slake", "pathvqa"}
-    assert b["protocols"] == {p: {"version": PROTOCOL_VERSIONS[p], "description": b["protocols"][p]["description"]}
-                              for p in PROTOCOLS}
+    assert b["protocols"] == {
+        p: {"version": PROTOCOL_VERSIONS[p], "description": b["protocols"][p]["description"]} for p in PROTOCOLS
+    }
     assert b["decoding"]["max_new_tokens"] == 6 and b["split"] == "test" and b["prompt_suffix"] == ""
     assert b["bootstrap"]["resamples"] == 200 and b["bootstrap"]["seed"] == 3
     assert "config.json" in b["model"]["files"] and len(b["model"]["files"]["config.json"]["sha256"]) == 64
@@ -59,8 +78,12 @@ def test_bench_folder_records_everything_and_scores_like_eval_score(bench):
         assert set(t["scores"]) == set(PROTOCOLS), t["skipped_protocols"]
         for protocol, rel in t["scores"].items():
             scores = json.loads((out / rel).read_text())
-            again = score_files(out / task / "data" / "test.json", out / task / "answers.jsonl", protocol,
-                                out / task / "data" / "train_open_answers.json" if protocol == "llava-med-single" else None)
+            again = score_files(
+                out / task / "data" / "test.json",
+                out / task / "answers.jsonl",
+                protocol,
+                out / task / "data" / "train_open_answers.json" if protocol == "llava-med-single" else None,
+            )
             assert scores["open"] == again["open"] and scores["closed"] == again["closed"]
             for group, metrics in t["headline"][protocol].items():
                 g, m = group.split()
@@ -81,16 +104,25 @@ def test_report_shows_the_table_with_intervals(bench):
     rows = [line for line in report.splitlines() if line.startswith("| strict (1.0) |")]
     cell = re.compile(r"^ \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] $")
     assert len(rows) == 3 and all(sum(bool(cell.match(c)) for c in r.split("|")) == 4 for r in rows)
-    assert "| protocol (version) | open accuracy | open recall | open f1 | closed accuracy | overall accuracy |" in report
+    assert (
+        "| protocol (version) | open accuracy | open recall | open f1 | closed accuracy | overall accuracy |" in report
+    )
     assert "Accuracy per modality (protocol `strict`)" in report
 
 
 def test_rerun_answers_nothing_new_and_refuses_other_questions_or_model(bench, tmp_path):
     out = bench["out"]
     before = {t: (out / t / "answers.jsonl").read_bytes() for t in ("vqa-rad", "slake", "pathvqa")}
-    cfg = BenchConfig(tasks=["vqa-rad", "slake", "pathvqa"], model=bench["model"],
-                      data={t: bench["data"] / t for t in before}, out=out, settings=SETTINGS, bootstrap=200, seed=3,
-                      progress=False)
+    cfg = BenchConfig(
+        tasks=["vqa-rad", "slake", "pathvqa"],
+        model=bench["model"],
+        data={t: bench["data"] / t for t in before},
+        out=out,
+        settings=SETTINGS,
+        bootstrap=200,
+        seed=3,
+        progress=False,
+    )
     res = run_bench(cfg)
     assert all(t["answered_this_run"] == 0 and t["already_answered"] == 6 for t in res["tasks"].values())
     assert {t: (out / t / "answers.jsonl").read_bytes() for t in before} == before
@@ -128,14 +160,26 @@ def test_compare_flags_a_real_difference_and_not_a_relabelled_copy(bench, tmp_pa
     better = tmp_path / "better"
     shutil.copytree(a, better)
     for task in ("vqa-rad", "slake", "pathvqa"):
-        gt = {str(r["id"]): r["conversations"][1]["value"] for r in json.loads((better / task / "data" / "test.json").read_text())}
+        gt = {
+            str(r["id"]): r["conversations"][1]["value"]
+            for r in json.loads((better / task / "data" / "test.json").read_text())
+        }
         rows = [json.loads(line) for line in (better / task / "answers.jsonl").read_text().splitlines()]
         for r in rows:
             r["text"] = gt[str(r["question_id"])]
         (better / task / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_bench(BenchConfig(tasks=["vqa-rad", "slake", "pathvqa"], model=bench["model"],
-                          data={t: bench["data"] / t for t in ("vqa-rad", "slake", "pathvqa")}, out=better,
-                          settings=SETTINGS, bootstrap=200, seed=3, progress=False))
+    run_bench(
+        BenchConfig(
+            tasks=["vqa-rad", "slake", "pathvqa"],
+            model=bench["model"],
+            data={t: bench["data"] / t for t in ("vqa-rad", "slake", "pathvqa")},
+            out=better,
+            settings=SETTINGS,
+            bootstrap=200,
+            seed=3,
+            progress=False,
+        )
+    )
     diff = compare_benches(a / "bench.json", better / "bench.json")
     assert diff["any_outside_noise"]
     d = diff["tasks"]["slake"]["exact-match"]["overall accuracy"]
@@ -146,8 +190,10 @@ def test_compare_flags_a_real_difference_and_not_a_relabelled_copy(bench, tmp_pa
 
 def test_bootstrap_is_reproducible_covers_the_estimate_and_pairs():
     rng = np.random.default_rng(0)
-    groups = {"open": {"accuracy": rng.random(700).round().tolist(), "f1": rng.random(700).tolist()},
-              "closed": {"accuracy": (rng.random(300) < 0.7).astype(float).tolist()}}
+    groups = {
+        "open": {"accuracy": rng.random(700).round().tolist(), "f1": rng.random(700).tolist()},
+        "closed": {"accuracy": (rng.random(300) < 0.7).astype(float).tolist()},
+    }
     a = group_cis(groups, 1000, seed=5)
     assert a == group_cis(groups, 1000, seed=5)
     assert a != group_cis(groups, 1000, seed=6)
@@ -158,7 +204,9 @@ def test_bootstrap_is_reproducible_covers_the_estimate_and_pairs():
     pooled = (sum(groups["open"]["accuracy"]) + sum(groups["closed"]["accuracy"])) / 1000 * 100
     assert a["overall"]["accuracy"][0] <= pooled <= a["overall"]["accuracy"][1]
     # overall needs the metric in every group
-    assert group_cis({"open": {"f1": [0.5, 1.0]}, "closed": {"accuracy": [1.0]}}, 50, 0)["overall"] == {"accuracy": None}
+    assert group_cis({"open": {"f1": [0.5, 1.0]}, "closed": {"accuracy": [1.0]}}, 50, 0)["overall"] == {
+        "accuracy": None
+    }
     # paired: a constant +0.1 shift has the interval [10, 10]; identical runs [0, 0]
     x = np.asarray(groups["open"]["f1"])
     shifted = paired_difference({"f1": x}, {"f1": x + 0.1}, 500, 1)["f1"]

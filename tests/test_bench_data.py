@@ -42,8 +42,10 @@ def _converted(out: Path) -> dict[str, list[dict]]:
 
 
 def _content(recs: list[dict]) -> list[tuple]:
-    return [(r["conversations"][0]["value"], r["conversations"][1]["value"], r["answer_type"], r["image_sha256"])
-            for r in recs]
+    return [
+        (r["conversations"][0]["value"], r["conversations"][1]["value"], r["answer_type"], r["image_sha256"])
+        for r in recs
+    ]
 
 
 def test_vqa_rad_release_hub_parquet_hub_cache_and_arrow_cache_agree(tmp_path):
@@ -51,8 +53,13 @@ def test_vqa_rad_release_hub_parquet_hub_cache_and_arrow_cache_agree(tmp_path):
     hub = write_hub_parquet(tmp_path / "hub-files", RAD)
     cache = write_hub_cache(tmp_path / "hf" / "hub", HUB_REPOS["vqa-rad"], _files(hub))
     arrow = write_datasets_arrow(tmp_path / "hf" / "datasets", HUB_REPOS["vqa-rad"], RAD)
-    layouts = {"public": public, "hub-parquet": hub, "hub-cache": cache, "hub-cache-parent": tmp_path / "hf",
-               "datasets-arrow": arrow}
+    layouts = {
+        "public": public,
+        "hub-parquet": hub,
+        "hub-cache": cache,
+        "hub-cache-parent": tmp_path / "hf",
+        "datasets-arrow": arrow,
+    }
     got = {}
     for name, src in layouts.items():
         out = tmp_path / "out" / name

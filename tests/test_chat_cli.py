@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from medvlm.cli import app
 from medvlm.errors import MedvlmError
-from medvlm.serve.chat import build_chat_sample
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
 from medvlm.model.build import build_preset, load_pretrained, save_checkpoint
+from medvlm.serve.chat import build_chat_sample
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,44 @@ def test_chat_prints_exactly_the_engine_answer(checkpoint: Path, shared_dir: Pat
     prompt = "Is there evidence of an aortic aneurysm?"
     model, processor = load_pretrained(checkpoint)
     expected = InferenceEngine(model, processor).generate(
-        [build_chat_sample(prompt, [str(image)])], GenerationSettings(max_new_tokens=12))[0]
+        [build_chat_sample(prompt, [str(image)])], GenerationSettings(max_new_tokens=12)
+    )[0]
     assert expected
-    res = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", str(image), "--prompt", prompt,
-                                   "--max-new-tokens", "12", "--temperature", "0"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "chat",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(image),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout == expected + "\n"
     # Relative image path + --image-folder gives the same answer.
-    res = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", "synpic42202.jpg",
-                                   "--image-folder", str(image.parent), "--prompt", prompt, "--max-new-tokens", "12"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "chat",
+            "--model",
+            str(checkpoint),
+            "--image",
+            "synpic42202.jpg",
+            "--image-folder",
+            str(image.parent),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "12",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout == expected + "\n"
 
@@ -51,6 +80,7 @@ def test_chat_bad_image_is_a_clear_error(checkpoint: Path) -> None:
     # Without --prompt the chat is interactive; a missing image fails before the model loads.
     res = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", "/nonexistent/x.png"])
     assert isinstance(res.exception, MedvlmError) and "x.png: image file not found" in str(res.exception)
-    res = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", "/nonexistent/x.png",
-                                   "--prompt", "What?"])
+    res = CliRunner().invoke(
+        app, ["chat", "--model", str(checkpoint), "--image", "/nonexistent/x.png", "--prompt", "What?"]
+    )
     assert isinstance(res.exception, MedvlmError) and "x.png: image file not found" in str(res.exception)

@@ -14,10 +14,28 @@ from medvlm.train.run import run_training
 from medvlm.utils import artifacts
 from train_helpers import make_demo, small_config
 
-NATIVE_MODEL = {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-                "tokenizer.json", "tokenizer_config.json", "medvlm_processor.json", "trainable_parts.json", "README.md"}
-FAMILY_MODEL = {"config.json", "generation_config.json", "model.safetensors", "processor_config.json",
-                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "medvlm_family.json", "README.md"}
+NATIVE_MODEL = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "medvlm_processor.json",
+    "trainable_parts.json",
+    "README.md",
+}
+FAMILY_MODEL = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "medvlm_family.json",
+    "README.md",
+}
 RUN = {"train_config.yaml", "data_manifest.json", "train_log.jsonl", "loss_curve.png"}
 
 
@@ -47,6 +65,7 @@ def test_a_family_checkpoint_holds_exactly_these_files(tmp_path):
     assert json.loads((out / artifacts.FAMILY_FILE).read_text())["family"] == "qwen2_5_vl"
     demo = make_demo(tmp_path, n_images=16)
     run = tmp_path / "sft"
-    run_training(small_config(demo, run, stage="sft", preset=None, model_name_or_path=str(out), max_steps=2,
-                              max_length=2048))
+    run_training(
+        small_config(demo, run, stage="sft", preset=None, model_name_or_path=str(out), max_steps=2, max_length=2048)
+    )
     assert _files(run) == FAMILY_MODEL | RUN

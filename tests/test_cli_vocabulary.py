@@ -39,8 +39,17 @@ EXPECTED_RENAMES = {
 }
 
 # Spellings no verb may declare any more (each is an alias somewhere, or was a dialect).
-RETIRED = {"--json-out", "--json", "--report", "--model-name", "--model-id", "--output_dir", "--output-dir",
-           "--images", "--src"}
+RETIRED = {
+    "--json-out",
+    "--json",
+    "--report",
+    "--model-name",
+    "--model-id",
+    "--output_dir",
+    "--output-dir",
+    "--images",
+    "--src",
+}
 
 
 def _commands(group=None, path: str = ""):
@@ -82,8 +91,9 @@ def test_the_rename_table_is_complete():
     assert {(path, old) for path, _, old, _, _ in _renames()} == EXPECTED_RENAMES
 
 
-@pytest.mark.parametrize(("path", "cmd", "old", "new", "positional"), list(_renames()),
-                         ids=[f"{p} {o}" for p, _, o, _, _ in _renames()])
+@pytest.mark.parametrize(
+    ("path", "cmd", "old", "new", "positional"), list(_renames()), ids=[f"{p} {o}" for p, _, o, _, _ in _renames()]
+)
 def test_old_spelling_still_works_and_prints_one_deprecation_line(path, cmd, old, new, positional, capsys):
     flag, *fixed = new.split()
     option = _option(cmd, flag)
@@ -114,19 +124,29 @@ def test_no_verb_declares_a_retired_spelling_and_model_is_always_a_checkpoint():
             if "--model" in opts:
                 # a checkpoint folder (or hub id), never an LLM name or a served name
                 assert p.type_descriptor.annotation is Path, (path, p.type_descriptor.annotation)
-    llm_names = {path: [o for p in cmd.params for o in getattr(p, "opts", ()) if o in ("--llm-model", "--judge-model")]
-                 for path, cmd in COMMANDS.items()}
+    llm_names = {
+        path: [o for p in cmd.params for o in getattr(p, "opts", ()) if o in ("--llm-model", "--judge-model")]
+        for path, cmd in COMMANDS.items()
+    }
     assert {p: v for p, v in llm_names.items() if v} == {
-        "instruct generate": ["--llm-model"], "eval chat": ["--judge-model"], "prefs generate": ["--judge-model"]}
-    served = {path for path, cmd in COMMANDS.items()
-              for p in cmd.params if "--served-model-name" in getattr(p, "opts", ())}
+        "instruct generate": ["--llm-model"],
+        "eval chat": ["--judge-model"],
+        "prefs generate": ["--judge-model"],
+    }
+    served = {
+        path for path, cmd in COMMANDS.items() for p in cmd.params if "--served-model-name" in getattr(p, "opts", ())
+    }
     assert served == {"serve api", "serve worker", "serve test-message", "eval vqa", "eval bench"}
 
 
 def test_prefs_generate_has_the_shared_llm_options():
     opts = {o for p in COMMANDS["prefs generate"].params for o in getattr(p, "opts", ())}
-    shared = {o for p in COMMANDS["instruct generate"].params for o in getattr(p, "opts", ())
-              if getattr(p, "rich_help_panel", None) == "LLM endpoint"}
+    shared = {
+        o
+        for p in COMMANDS["instruct generate"].params
+        for o in getattr(p, "opts", ())
+        if getattr(p, "rich_help_panel", None) == "LLM endpoint"
+    }
     assert "--azure-endpoint" in shared and "--llm-model" in shared
     assert shared - {"--llm-model"} | {"--judge-model"} <= opts
 
@@ -162,8 +182,21 @@ def test_readme_table_lists_every_verb_of_medvlm_help():
 def test_old_spellings_end_to_end(tmp_path):
     runner = CliRunner()
     data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"id": f"q{i}", "image": "a.png", "conversations": [
-        {"from": "human", "value": f"<image>\nquestion {i}?"}, {"from": "gpt", "value": "yes"}]} for i in range(2)]))
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "id": f"q{i}",
+                    "image": "a.png",
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\nquestion {i}?"},
+                        {"from": "gpt", "value": "yes"},
+                    ],
+                }
+                for i in range(2)
+            ]
+        )
+    )
     old = runner.invoke(app, ["data", "stats", str(data), "--json"])
     new = runner.invoke(app, ["data", "stats", str(data), "--out", "-"])
     assert old.exit_code == new.exit_code == 0

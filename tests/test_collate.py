@@ -12,14 +12,18 @@ PAD = 3
 
 
 def feat(ids, labels=None, n_img=0, fill=0.0, size=4):
-    f = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels if labels is not None else ids),
-         "pixel_values": torch.full((n_img, 3, size, size), fill) if n_img else None}
+    f = {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels if labels is not None else ids),
+        "pixel_values": torch.full((n_img, 3, size, size), fill) if n_img else None,
+    }
     return f
 
 
 def test_right_padding_exact():
-    batch = VLMCollator(PAD)([feat([1, 4, 4, 9, 2], [-100, -100, -100, 9, 2], n_img=1, fill=1.0),
-                              feat([1, 7], [-100, 7])])
+    batch = VLMCollator(PAD)(
+        [feat([1, 4, 4, 9, 2], [-100, -100, -100, 9, 2], n_img=1, fill=1.0), feat([1, 7], [-100, 7])]
+    )
     assert batch["input_ids"].tolist() == [[1, 4, 4, 9, 2], [1, 7, PAD, PAD, PAD]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 9, 2], [-100, 7, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
@@ -54,16 +58,19 @@ def test_given_attention_mask_is_padded():
     assert batch["attention_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
 
 
-@pytest.mark.parametrize("features,match", [
-    ([], "empty"),
-    ([feat([1, 2], [1])], "'labels' has shape"),
-    ([feat([1, 2], n_img=1, size=4), feat([1, 2], n_img=1, size=8)], "image size"),
-    ([{"input_ids": [1], "labels": [1]}, {"input_ids": [1]}], "some features have labels"),
-    ([{"input_ids": [1], "pixel_values": torch.zeros(3, 4, 4)}], r"\[n_img, C, H, W\]"),
-    ([{"input_ids": []}], "non-empty 1-D"),
-    ([{"labels": [1]}], "missing 'input_ids'"),
-    ([{"input_ids": [1], "image_sizes": [4]}], "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "features,match",
+    [
+        ([], "empty"),
+        ([feat([1, 2], [1])], "'labels' has shape"),
+        ([feat([1, 2], n_img=1, size=4), feat([1, 2], n_img=1, size=8)], "image size"),
+        ([{"input_ids": [1], "labels": [1]}, {"input_ids": [1]}], "some features have labels"),
+        ([{"input_ids": [1], "pixel_values": torch.zeros(3, 4, 4)}], r"\[n_img, C, H, W\]"),
+        ([{"input_ids": []}], "non-empty 1-D"),
+        ([{"labels": [1]}], "missing 'input_ids'"),
+        ([{"input_ids": [1], "image_sizes": [4]}], "unknown keys"),
+    ],
+)
 def test_bad_features(features, match):
     with pytest.raises(MedvlmError, match=match):
         VLMCollator(PAD)(features)
@@ -83,11 +90,19 @@ def test_collates_real_encoded_conversations():
     from medvlm.model.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    convs = [[Message.from_text("user", "<image>\nWhich organ?"), Message.from_text("assistant", "The lung.")],
-             [Message.from_text("user", "What is CT?"), Message.from_text("assistant", "Computed tomography.")]]
+    convs = [
+        [Message.from_text("user", "<image>\nWhich organ?"), Message.from_text("assistant", "The lung.")],
+        [Message.from_text("user", "What is CT?"), Message.from_text("assistant", "Computed tomography.")],
+    ]
     encs = [encode_conversation(c, tok, "vicuna_v1", image_seq_length=4) for c in convs]
-    feats = [{"input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels),
-              "pixel_values": torch.zeros(e.num_images, 3, 8, 8) if e.num_images else None} for e in encs]
+    feats = [
+        {
+            "input_ids": torch.tensor(e.input_ids),
+            "labels": torch.tensor(e.labels),
+            "pixel_values": torch.zeros(e.num_images, 3, 8, 8) if e.num_images else None,
+        }
+        for e in encs
+    ]
     batch = VLMCollator(tok.pad_token_id)(feats)
     for row, e in enumerate(encs):
         n = len(e.input_ids)

@@ -20,8 +20,16 @@ def _png(path, color=(200, 10, 10), size=(6, 5)):
 
 
 def _rad(qid, img, q, a, at, phrase="freeform", qt="PRES"):
-    return {"qid": qid, "image_name": img, "question": q, "answer": a, "answer_type": at, "question_type": qt,
-            "phrase_type": phrase, "image_organ": "CHEST"}
+    return {
+        "qid": qid,
+        "image_name": img,
+        "question": q,
+        "answer": a,
+        "answer_type": at,
+        "question_type": qt,
+        "phrase_type": phrase,
+        "image_organ": "CHEST",
+    }
 
 
 def _load(path):
@@ -33,11 +41,13 @@ def rad_public(tmp_path):
     src = tmp_path / "vqa_rad"
     for n in ("synpic1.jpg", "synpic2.jpg"):
         _png(src / "VQA_RAD Image Folder" / n)
-    recs = [_rad(1, "synpic1.jpg", "Is there a mass?", "yes", "CLOSED"),
-            _rad(2, "synpic1.jpg", "Where is the lesion?", "left lung", "OPEN", "para"),
-            _rad(3, "synpic2.jpg", "What organ is shown?", "lung", "OPEN "),
-            _rad(4, "synpic2.jpg", "Is this normal?", "no", "CLOSED", "test_freeform"),
-            _rad(5, "synpic2.jpg", "How many ribs?", 12, "OPEN", "test_para")]
+    recs = [
+        _rad(1, "synpic1.jpg", "Is there a mass?", "yes", "CLOSED"),
+        _rad(2, "synpic1.jpg", "Where is the lesion?", "left lung", "OPEN", "para"),
+        _rad(3, "synpic2.jpg", "What organ is shown?", "lung", "OPEN "),
+        _rad(4, "synpic2.jpg", "Is this normal?", "no", "CLOSED", "test_freeform"),
+        _rad(5, "synpic2.jpg", "How many ribs?", 12, "OPEN", "test_para"),
+    ]
     (src / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs), encoding="utf-8")
     return src
 
@@ -48,8 +58,13 @@ def test_vqa_rad_public_split_by_phrase_type(rad_public, tmp_path):
     assert counts == {"train": 3, "test": 2, "images": 2, "open_answers": 2}
     train, test = _load(out / "train.json"), _load(out / "test.json")
     assert [r["id"] for r in train] == [1, 2, 3] and [r["id"] for r in test] == [4, 5]
-    assert train[0] == {"id": 1, "image": "synpic1.jpg", "answer_type": "CLOSED", "question_type": "PRES",
-                        "conversations": [{"from": "human", "value": "<image>\nIs there a mass?"}, {"from": "gpt", "value": "yes"}]}
+    assert train[0] == {
+        "id": 1,
+        "image": "synpic1.jpg",
+        "answer_type": "CLOSED",
+        "question_type": "PRES",
+        "conversations": [{"from": "human", "value": "<image>\nIs there a mass?"}, {"from": "gpt", "value": "yes"}],
+    }
     assert train[2]["answer_type"] == "OPEN" and test[1]["conversations"][1]["value"] == "12"
     assert _load(out / "train_open_answers.json") == {"0": ["left lung", "lung"]}
     assert sorted(p.name for p in (out / "images").iterdir()) == ["synpic1.jpg", "synpic2.jpg"]
@@ -61,8 +76,14 @@ def test_vqa_rad_public_split_by_phrase_type(rad_public, tmp_path):
 
 def test_vqa_rad_prefers_paper_split_and_closed_options(rad_public, tmp_path):
     (rad_public / "trainset.json").write_text(json.dumps([_rad(10, "synpic1.jpg", "Is it a CT?", "No", "CLOSED")]))
-    (rad_public / "testset.json").write_text(json.dumps([_rad(11, "synpic2.jpg", "Which side?", "right", "OPEN"),
-                                                         _rad(12, "synpic2.jpg", "Is it enlarged?", "yes", "CLOSED")]))
+    (rad_public / "testset.json").write_text(
+        json.dumps(
+            [
+                _rad(11, "synpic2.jpg", "Which side?", "right", "OPEN"),
+                _rad(12, "synpic2.jpg", "Is it enlarged?", "yes", "CLOSED"),
+            ]
+        )
+    )
     out = tmp_path / "out"
     convert_vqa("vqa-rad", rad_public, out, closed_options=True)
     train, test = _load(out / "train.json"), _load(out / "test.json")
@@ -79,11 +100,29 @@ def test_slake_english_only_with_validation(tmp_path):
     _png(src / "imgs" / "xmlab2" / "source.jpg", (0, 0, 255))
 
     def rec(qid, img, q, a, at, lang="en"):
-        return {"img_id": 1, "img_name": img, "question": q, "answer": a, "q_lang": lang, "answer_type": at,
-                "content_type": "Organ", "qid": qid, "location": "Lung", "modality": "CT", "base_type": "vqa"}
+        return {
+            "img_id": 1,
+            "img_name": img,
+            "question": q,
+            "answer": a,
+            "q_lang": lang,
+            "answer_type": at,
+            "content_type": "Organ",
+            "qid": qid,
+            "location": "Lung",
+            "modality": "CT",
+            "base_type": "vqa",
+        }
 
-    (src / "train.json").write_text(json.dumps([rec(1, "xmlab1/source.jpg", "Which organ?", "Lung", "OPEN"),
-                                                rec(2, "xmlab1/source.jpg", "哪个器官?", "肺", "OPEN", "zh")]), encoding="utf-8")
+    (src / "train.json").write_text(
+        json.dumps(
+            [
+                rec(1, "xmlab1/source.jpg", "Which organ?", "Lung", "OPEN"),
+                rec(2, "xmlab1/source.jpg", "哪个器官?", "肺", "OPEN", "zh"),
+            ]
+        ),
+        encoding="utf-8",
+    )
     (src / "validation.json").write_text(json.dumps([rec(3, "xmlab2/source.jpg", "Is it CT?", "Yes", "CLOSED")]))
     (src / "test.json").write_text(json.dumps([rec(4, "xmlab2/source.jpg", "Is it MRI?", "No", "CLOSED")]))
     out = tmp_path / "out"
@@ -104,8 +143,13 @@ def _write_parquet(path, rows):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({"image": pa.array([r[0] for r in rows], type=image_type),
-                      "question": [r[1] for r in rows], "answer": [r[2] for r in rows]})
+    table = pa.table(
+        {
+            "image": pa.array([r[0] for r in rows], type=image_type),
+            "question": [r[1] for r in rows],
+            "answer": [r[2] for r in rows],
+        }
+    )
     pq.write_table(table, path)
 
 
@@ -118,10 +162,16 @@ def _img_bytes(color, fmt="PNG"):
 def test_pathvqa_parquet(tmp_path):
     src = tmp_path / "path-vqa"
     a, b = _img_bytes((255, 0, 0)), _img_bytes((0, 255, 0), "JPEG")
-    _write_parquet(src / "data" / "train-00000-of-00002.parquet",
-                   [({"bytes": a, "path": None}, "Is this tissue inflamed?", "yes"),
-                    ({"bytes": a, "path": None}, "What is present?", "fibrosis")])
-    _write_parquet(src / "data" / "train-00001-of-00002.parquet", [({"bytes": b, "path": "x.jpg"}, "What stain?", "H&E")])
+    _write_parquet(
+        src / "data" / "train-00000-of-00002.parquet",
+        [
+            ({"bytes": a, "path": None}, "Is this tissue inflamed?", "yes"),
+            ({"bytes": a, "path": None}, "What is present?", "fibrosis"),
+        ],
+    )
+    _write_parquet(
+        src / "data" / "train-00001-of-00002.parquet", [({"bytes": b, "path": "x.jpg"}, "What stain?", "H&E")]
+    )
     _write_parquet(src / "data" / "test-00000-of-00001.parquet", [({"bytes": b, "path": None}, "Is it benign?", "No")])
     out = tmp_path / "out"
     counts = convert_vqa("pathvqa", src, out, closed_options=True)

@@ -56,15 +56,20 @@ def _hf_inputs(processor, image):
 def _three_usages(processor, image, n_image_tokens: int) -> dict[str, list[int]]:
     """Input ids as (a) the model card, (b) apply_chat_template(tokenize=True) and (c) vLLM's chat path build them."""
     card = _hf_inputs(processor, image)["input_ids"][0].tolist()
-    tokenized = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                              images=[image])
+    tokenized = processor.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True, images=[image]
+    )
     # vLLM: the rendered template tokenized WITHOUT special tokens, then each <image> replaced by its features
     prompt = processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     vllm: list[int] = []
     for t in processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]:
         vllm += [t] * n_image_tokens if t == image_id else [t]
-    return {"model card": card, "apply_chat_template(tokenize=True)": list(tokenized["input_ids"][0]), "vllm chat": vllm}
+    return {
+        "model card": card,
+        "apply_chat_template(tokenize=True)": list(tokenized["input_ids"][0]),
+        "vllm chat": vllm,
+    }
 
 
 def test_transformers_loads_export_with_same_inputs_and_logits(exported, hf, shared_dir):
@@ -93,8 +98,10 @@ def test_medvlm_chat_equals_transformers_generate(exported, hf, shared_dir, caps
     src, _ = exported
     hm, hp = hf
     image_path = shared_dir / "images" / "med_img_1.png"
-    code, out, err = _run_cli(["chat", "--model", str(src), "--image", str(image_path), "--prompt", QUESTION,
-                               "--max-new-tokens", "12"], capsys)
+    code, out, err = _run_cli(
+        ["chat", "--model", str(src), "--image", str(image_path), "--prompt", QUESTION, "--max-new-tokens", "12"],
+        capsys,
+    )
     assert code == 0, err
     image = Image.open(image_path).convert("RGB")
     pixel_values = _hf_inputs(hp, image)["pixel_values"]
@@ -102,9 +109,14 @@ def test_medvlm_chat_equals_transformers_generate(exported, hf, shared_dir, caps
     for usage, ids in _three_usages(hp, image, hm.config.image_seq_length).items():
         input_ids = torch.tensor([ids])
         with torch.no_grad():  # generation_config.json of the export
-            gen = hm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values,
-                              max_new_tokens=12, do_sample=False)
-        new = gen[0, len(ids):].tolist()
+            gen = hm.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=pixel_values,
+                max_new_tokens=12,
+                do_sample=False,
+            )
+        new = gen[0, len(ids) :].tolist()
         eos = hp.tokenizer.eos_token_id
         if eos in new:
             new = new[: new.index(eos)]

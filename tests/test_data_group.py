@@ -26,11 +26,24 @@ def qa_pairs(s: Sample) -> list[tuple[str, str]]:
 
 def test_questions_of_an_image_become_one_conversation_with_the_image_first():
     text_only = Sample(id="t", messages=[Message("user", [text_part("hi")]), Message("assistant", [text_part("ho")])])
-    multi = Sample(id="m", images=["b.png"], messages=[
-        Message("user", [image_part(), text_part("q1")]), Message("assistant", [text_part("a1")]),
-        Message("user", [text_part("q2")]), Message("assistant", [text_part("a2")])])
-    samples = [vqa("1", "a.png", "Is it left?", "yes"), text_only, vqa("2", "b.png", "How many?", "two"),
-               vqa("3", "a.png", "How many?", "one"), multi, vqa("4", "a.png", "Is it big?", "no")]
+    multi = Sample(
+        id="m",
+        images=["b.png"],
+        messages=[
+            Message("user", [image_part(), text_part("q1")]),
+            Message("assistant", [text_part("a1")]),
+            Message("user", [text_part("q2")]),
+            Message("assistant", [text_part("a2")]),
+        ],
+    )
+    samples = [
+        vqa("1", "a.png", "Is it left?", "yes"),
+        text_only,
+        vqa("2", "b.png", "How many?", "two"),
+        vqa("3", "a.png", "How many?", "one"),
+        multi,
+        vqa("4", "a.png", "Is it big?", "no"),
+    ]
     stats = GroupStats()
     out = group_by_image(samples, seed=0, stats=stats)
 
@@ -76,8 +89,14 @@ def test_every_answer_of_a_merged_conversation_is_learned(tmp_path):
 
     _, processor = build_preset("tiny", projector="linear", seed=0)
     Image.new("RGB", (40, 30), (90, 20, 20)).save(tmp_path / "a.png")
-    merged = group_by_image([vqa("1", "a.png", "Is it left?", "yes"), vqa("2", "a.png", "How many?", "three"),
-                             vqa("3", "a.png", "Size?", "large")], seed=0)[0]
+    merged = group_by_image(
+        [
+            vqa("1", "a.png", "Is it left?", "yes"),
+            vqa("2", "a.png", "How many?", "three"),
+            vqa("3", "a.png", "Size?", "large"),
+        ],
+        seed=0,
+    )[0]
     feats = processor.encode(merged, image_folder=tmp_path)
     ids, labels = feats["input_ids"], feats["labels"]
     assert int((ids == processor.image_token_id).sum()) == processor.image_seq_length
@@ -92,9 +111,15 @@ def test_group_file_and_cli_write_llava_json_atomically(tmp_path, capsys):
     from medvlm.cli import main
 
     src = tmp_path / "train.json"
-    recs = [{"id": str(i), "image": f"img{i % 2}.png", "answer_type": "OPEN",
-             "conversations": [{"from": "human", "value": f"<image>\nq{i}"}, {"from": "gpt", "value": f"a{i}"}]}
-            for i in range(4)]
+    recs = [
+        {
+            "id": str(i),
+            "image": f"img{i % 2}.png",
+            "answer_type": "OPEN",
+            "conversations": [{"from": "human", "value": f"<image>\nq{i}"}, {"from": "gpt", "value": f"a{i}"}],
+        }
+        for i in range(4)
+    ]
     src.write_text(json.dumps(recs))
     with pytest.raises(SystemExit) as e:
         main(["data", "group", "--in", str(src), "--out", str(tmp_path / "grouped.json"), "--seed", "2"])

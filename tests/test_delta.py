@@ -14,7 +14,12 @@ from medvlm.cli import main as cli_main
 from medvlm.errors import MedvlmError
 from medvlm.model.convert.delta import apply_delta, make_delta
 
-EMBED, HEAD, PROJ_W, PROJ_B = "model.embed_tokens.weight", "lm_head.weight", "model.mm_projector.weight", "model.mm_projector.bias"
+EMBED, HEAD, PROJ_W, PROJ_B = (
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "model.mm_projector.weight",
+    "model.mm_projector.bias",
+)
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +43,8 @@ def pair(tmp_path):
     """A tiny LLaMA base (vocab 40) and a v1.0-layout target (vocab 44, fine-tuned weights, linear projector)."""
     g = torch.Generator().manual_seed(0)
     base = {
-        EMBED: torch.randn(40, 16, generator=g), HEAD: torch.randn(40, 16, generator=g),
+        EMBED: torch.randn(40, 16, generator=g),
+        HEAD: torch.randn(40, 16, generator=g),
         "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
         "model.layers.0.mlp.down_proj.weight": torch.randn(16, 32, generator=g),
         "model.norm.weight": torch.ones(16),
@@ -48,7 +54,9 @@ def pair(tmp_path):
     target[HEAD] = torch.cat([target[HEAD], torch.randn(4, 16, generator=g)])
     target[PROJ_W], target[PROJ_B] = torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
     b = _write(tmp_path / "llama-7b", base, {"model_type": "llama", "vocab_size": 40})
-    t = _write(tmp_path / "llava-med-7b", target, {"model_type": "llava", "vocab_size": 44, "mm_use_im_start_end": True})
+    t = _write(
+        tmp_path / "llava-med-7b", target, {"model_type": "llava", "vocab_size": 44, "mm_use_im_start_end": True}
+    )
     return b, t, base, target
 
 
@@ -87,13 +95,21 @@ def test_delta_in_target_dtype_reports_what_does_not_round_trip(pair, tmp_path):
 
 def test_cli_round_trip_in_bfloat16(tmp_path, capsys):
     g = torch.Generator().manual_seed(1)
-    base = {EMBED: torch.randn(10, 8, generator=g).bfloat16(), "model.norm.weight": torch.randn(8, generator=g).bfloat16()}
-    target = {EMBED: torch.randn(12, 8, generator=g).bfloat16(), "model.norm.weight": torch.randn(8, generator=g).bfloat16(),
-              PROJ_B: torch.randn(8, generator=g).bfloat16()}
+    base = {
+        EMBED: torch.randn(10, 8, generator=g).bfloat16(),
+        "model.norm.weight": torch.randn(8, generator=g).bfloat16(),
+    }
+    target = {
+        EMBED: torch.randn(12, 8, generator=g).bfloat16(),
+        "model.norm.weight": torch.randn(8, generator=g).bfloat16(),
+        PROJ_B: torch.randn(8, generator=g).bfloat16(),
+    }
     b = _write(tmp_path / "b", base, {})
     t = _write(tmp_path / "t", target, {})
-    for argv in (["make-delta", "--base", str(b), "--target", str(t), "--out", str(tmp_path / "d"), "--dtype", "float32"],
-                 ["apply-delta", "--base", str(b), "--delta", str(tmp_path / "d"), "--out", str(tmp_path / "out")]):
+    for argv in (
+        ["make-delta", "--base", str(b), "--target", str(t), "--out", str(tmp_path / "d"), "--dtype", "float32"],
+        ["apply-delta", "--base", str(b), "--delta", str(tmp_path / "d"), "--out", str(tmp_path / "out")],
+    ):
         with pytest.raises(SystemExit) as e:
             cli_main(["model", *argv])
         assert e.value.code == 0, capsys.readouterr().err

@@ -47,8 +47,11 @@ def test_demo_runs_the_whole_pipeline_and_learns(tmp_path, capsys):
     assert (eval_dir / "decoding.json").is_file()
     # The reported scores are the scores of these answers: a whole number of closed questions right, at least
     # every answer that is the gold word itself, and the substring rule (llava-med) accepts all the strict rule does.
-    closed = [(a["text"].strip().lower().rstrip("."), g["conversations"][1]["value"].strip().lower())
-              for a, g in zip(answers, gt) if g["answer_type"] == "CLOSED"]
+    closed = [
+        (a["text"].strip().lower().rstrip("."), g["conversations"][1]["value"].strip().lower())
+        for a, g in zip(answers, gt)
+        if g["answer_type"] == "CLOSED"
+    ]
     exact = 100.0 * sum(pred == gold for pred, gold in closed) / len(closed)
     for scores in (llava, strict):
         hits = scores["closed"]["accuracy"] * len(closed) / 100.0

@@ -22,7 +22,8 @@ def _by_kind(scores: dict) -> dict[str, float]:
     acc: dict[str, list[float]] = defaultdict(list)
     for item in scores["per_item"]:
         acc[f"{item['answer_type']}/{item['question_type']}"].append(
-            item["accuracy"] if item["type"] == "closed" else item["recall"])
+            item["accuracy"] if item["type"] == "closed" else item["recall"]
+        )
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -63,6 +64,7 @@ def test_demo_family_qwen2_5_vl_runs_the_curriculum_and_reads_the_pixels(tmp_pat
     untrained = _by_kind(json.loads((eval_dir / "scores_untrained_llava-med.json").read_text()))["OPEN/MODALITY"]
     blind = res["blind"]["by_kind"]["OPEN/MODALITY"]["score"]
     assert trained >= blind + 0.3 and trained >= untrained + 0.3, (trained, blind, untrained)
+
     # And it has learned the answer format: yes / no to the closed questions (the untrained model writes noise).
     def yes_no(scores: dict) -> float:
         closed = [i for i in scores["per_item"] if i["type"] == "closed"]
@@ -85,8 +87,9 @@ def test_demo_family_build_gives_64_image_tokens_per_64px_image(family, tmp_path
     model, processor = load_family(init_demo_family(family, tmp_path / family, seed=0))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
-    text = processor.processor.apply_chat_template(msgs, chat_template=processor.spec.chat_template(),
-                                                   add_generation_prompt=True)
+    text = processor.processor.apply_chat_template(
+        msgs, chat_template=processor.spec.chat_template(), add_generation_prompt=True
+    )
     enc = processor.processor(text=[text], images=[[image]], return_tensors="pt")
     image_token = model.config.image_token_id
     assert int((enc["input_ids"] == image_token).sum()) == 64
@@ -122,7 +125,9 @@ def test_demo_family_recipes_name_no_native_only_key(tmp_path):
     recipes = stage_configs(DemoConfig(family="idefics3"), tmp_path / "data", tmp_path / "untrained", tmp_path / "m")
     for _, keys in recipes:
         assert keys["family"] == "idefics3"
-        assert not {"template", "projector_type", "model_kwargs", "vision_tower_path", "language_model_path"} & set(keys)
+        assert not {"template", "projector_type", "model_kwargs", "vision_tower_path", "language_model_path"} & set(
+            keys
+        )
     assert recipes[0][1]["model_name_or_path"] == str(tmp_path / "untrained")
     assert recipes[0][1]["tune_vision_tower"] and recipes[0][1]["tune_language_model"]
     assert Path(recipes[1][1]["model_name_or_path"]).name == "stage1_align"

@@ -100,8 +100,18 @@ def test_load_image_and_validate_dispatch_dicom(tmp_path):
     (d / "ct.dcm").write_bytes(open(_local("CT_small.dcm"), "rb").read())
     (d / "junk.dcm").write_bytes(b"not a dicom file at all" * 10)
     f = tmp_path / "d.json"
-    f.write_text(json.dumps([{"id": i, "image": n, "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
-                             for i, n in enumerate(["ct.dcm", "junk.dcm"])]))
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "id": i,
+                    "image": n,
+                    "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+                }
+                for i, n in enumerate(["ct.dcm", "junk.dcm"])
+            ]
+        )
+    )
     assert len(list(read_samples(f))) == 2
     rep = validate_file(f, image_folder=d)
     assert rep.images_found == 1 and rep.images_unreadable == 1

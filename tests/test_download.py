@@ -17,7 +17,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers_tarserver import Reset, Serve, Status, TarServer, make_image, make_tarball  # noqa: E402
-
 from medvlm.data.download import DownloadConfig, download_images, map_url, parse_url_map  # noqa: E402
 from medvlm.errors import MedvlmError  # noqa: E402
 
@@ -34,8 +33,9 @@ def _cfg(**kw) -> DownloadConfig:
 
 
 def _write_urls(path: Path, rows: list[tuple[str, str, str]]) -> Path:
-    path.write_text("".join(json.dumps({"pmc_tar_url": u, "image_file_path": m, "pair_id": p}) + "\n"
-                            for u, m, p in rows))
+    path.write_text(
+        "".join(json.dumps({"pmc_tar_url": u, "image_file_path": m, "pair_id": p}) + "\n" for u, m, p in rows)
+    )
     return path
 
 
@@ -68,8 +68,16 @@ def test_fetches_each_tarball_once_and_writes_only_the_wanted_figures(tmp_path):
         data = (out / "images" / f"{pid}.jpg").read_bytes()
         assert data == figs[member]
         row = _last(out)[pid]
-        assert row == {**row, "status": "done", "url": url, "member": member, "file": f"images/{pid}.jpg",
-                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "reason": None}
+        assert row == {
+            **row,
+            "status": "done",
+            "url": url,
+            "member": member,
+            "file": f"images/{pid}.jpg",
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "reason": None,
+        }
     assert (summary.done, summary.failed, summary.archives, summary.total) == (3, {}, 1, 3)
     assert summary.bytes_written == sum(len(figs[m]) for _, m, _ in rows)
 
@@ -88,25 +96,53 @@ def test_server_failures_are_retried_or_recorded_without_stopping(tmp_path):
             "forbidden": srv.add("/a/403.tar.gz", Status(403)),
         }
         rows = [(u[k], "PMC1/fig1.png" if k == "trunc" else "PMC1/fig0.png", k) for k in u]
-        rows += [(u["flaky500"], "PMC1/fig1.png", "flaky500_b"), (u["flaky500"], "PMC1/absent.png", "missing"),
-                 (u["flaky500"], "PMC1/PMC1.nxml", "xml")]
+        rows += [
+            (u["flaky500"], "PMC1/fig1.png", "flaky500_b"),
+            (u["flaky500"], "PMC1/absent.png", "missing"),
+            (u["flaky500"], "PMC1/PMC1.nxml", "xml"),
+        ]
         summary = download_images(_write_urls(tmp_path / "urls.jsonl", rows), tmp_path / "out", _cfg(retries=2))
         hits = {k: srv.hits(v.split(str(srv.port))[1]) for k, v in u.items()}
     # 404/410/403 are final; 5xx, resets and truncated archives are retried (1 + retries attempts at most).
-    assert hits == {"gone404": 1, "gone410": 1, "flaky500": 2, "reset": 2, "busy": 2, "down": 3, "trunc": 3,
-                    "forbidden": 1}
+    assert hits == {
+        "gone404": 1,
+        "gone410": 1,
+        "flaky500": 2,
+        "reset": 2,
+        "busy": 2,
+        "down": 3,
+        "trunc": 3,
+        "forbidden": 1,
+    }
     last = _last(tmp_path / "out")
     reasons = {pid: r["reason"] for pid, r in last.items()}
-    assert reasons == {"gone404": "http_404", "gone410": "http_410", "flaky500": None, "flaky500_b": None,
-                       "reset": None, "busy": None, "down": "http_500", "trunc": "truncated_archive",
-                       "forbidden": "http_403", "missing": "missing_member", "xml": "not_image"}
+    assert reasons == {
+        "gone404": "http_404",
+        "gone410": "http_410",
+        "flaky500": None,
+        "flaky500_b": None,
+        "reset": None,
+        "busy": None,
+        "down": "http_500",
+        "trunc": "truncated_archive",
+        "forbidden": "http_403",
+        "missing": "missing_member",
+        "xml": "not_image",
+    }
     images = tmp_path / "out" / "images"
     assert sorted(p.name for p in images.iterdir()) == ["busy.png", "flaky500.png", "flaky500_b.png", "reset.png"]
     assert (images / "reset.png").read_bytes() == figs["PMC1/fig0.png"]
     assert (images / "flaky500_b.png").read_bytes() == figs["PMC1/fig1.png"]
     assert summary.done == 4
-    assert summary.failed == {"http_404": 1, "http_410": 1, "http_500": 1, "truncated_archive": 1,
-                              "http_403": 1, "missing_member": 1, "not_image": 1}
+    assert summary.failed == {
+        "http_404": 1,
+        "http_410": 1,
+        "http_500": 1,
+        "truncated_archive": 1,
+        "http_403": 1,
+        "missing_member": 1,
+        "not_image": 1,
+    }
     assert "truncated_archive 1" in summary.format() and "done 4" in summary.format()
 
 
@@ -123,22 +159,46 @@ def test_stalled_server_times_out_and_is_retried(tmp_path):
 
 def test_hostile_archive_never_writes_outside_the_output_folder(tmp_path):
     good = make_image(7)
-    tar = make_tarball({"PMC9/fig1.png": good, "../escape.png": make_image(8), "PMC9/../../up.png": make_image(9),
-                        "/abs.png": make_image(10)},
-                       symlinks={"PMC9/link.png": "/etc/passwd", "PMC9/rel.png": "../../../../etc/hostname"},
-                       hardlinks={"PMC9/hard.png": "PMC9/fig1.png"}, devices=["PMC9/dev.png"])
+    tar = make_tarball(
+        {
+            "PMC9/fig1.png": good,
+            "../escape.png": make_image(8),
+            "PMC9/../../up.png": make_image(9),
+            "/abs.png": make_image(10),
+        },
+        symlinks={"PMC9/link.png": "/etc/passwd", "PMC9/rel.png": "../../../../etc/hostname"},
+        hardlinks={"PMC9/hard.png": "PMC9/fig1.png"},
+        devices=["PMC9/dev.png"],
+    )
     before = set(tmp_path.parent.iterdir())
     with TarServer() as srv:
         url = srv.add("/PMC9.tar.gz", Serve(tar))
-        rows = [(url, "PMC9/fig1.png", "ok"), (url, "PMC9/link.png", "sym"), (url, "PMC9/rel.png", "relsym"),
-                (url, "PMC9/hard.png", "hard"), (url, "PMC9/dev.png", "dev"), (url, "../escape.png", "dots"),
-                (url, "PMC9/../../up.png", "dots2"), (url, "/abs.png", "abs"), (url, "PMC9/fig1.png", "../evil"),
-                (url, "PMC9/fig1.png", "x" * 250)]
+        rows = [
+            (url, "PMC9/fig1.png", "ok"),
+            (url, "PMC9/link.png", "sym"),
+            (url, "PMC9/rel.png", "relsym"),
+            (url, "PMC9/hard.png", "hard"),
+            (url, "PMC9/dev.png", "dev"),
+            (url, "../escape.png", "dots"),
+            (url, "PMC9/../../up.png", "dots2"),
+            (url, "/abs.png", "abs"),
+            (url, "PMC9/fig1.png", "../evil"),
+            (url, "PMC9/fig1.png", "x" * 250),
+        ]
         summary = download_images(_write_urls(tmp_path / "urls.jsonl", rows), tmp_path / "out", _cfg())
     reasons = {pid: r["reason"] for pid, r in _last(tmp_path / "out").items()}
-    assert reasons == {"ok": None, "sym": "unsafe_member", "relsym": "unsafe_member", "hard": "unsafe_member",
-                       "dev": "unsafe_member", "dots": "unsafe_path", "dots2": "unsafe_path", "abs": "unsafe_path",
-                       "../evil": "bad_pair_id", "x" * 250: "bad_pair_id"}
+    assert reasons == {
+        "ok": None,
+        "sym": "unsafe_member",
+        "relsym": "unsafe_member",
+        "hard": "unsafe_member",
+        "dev": "unsafe_member",
+        "dots": "unsafe_path",
+        "dots2": "unsafe_path",
+        "abs": "unsafe_path",
+        "../evil": "bad_pair_id",
+        "x" * 250: "bad_pair_id",
+    }
     assert summary.done == 1
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() or p.is_symlink())
     assert files == ["out/.download.lock", "out/images/ok.png", "out/manifest.jsonl", "urls.jsonl"]
@@ -155,8 +215,11 @@ def test_size_caps_stop_oversized_members_and_decompression_bombs(tmp_path):
         u_big = srv.add("/big.tar.gz", Serve(make_tarball({"PMC4/big.png": big, "PMC4/small.png": make_image(3)})))
         u_bomb = srv.add("/bomb.tar.gz", Serve(bomb))
         rows = [(u_big, "PMC4/big.png", "big"), (u_big, "PMC4/small.png", "small"), (u_bomb, "PMC5/fig.png", "bomb")]
-        summary = download_images(_write_urls(tmp_path / "urls.jsonl", rows), tmp_path / "out",
-                                  _cfg(max_member_bytes=len(big) - 1, max_archive_bytes=1024 * 1024))
+        summary = download_images(
+            _write_urls(tmp_path / "urls.jsonl", rows),
+            tmp_path / "out",
+            _cfg(max_member_bytes=len(big) - 1, max_archive_bytes=1024 * 1024),
+        )
         assert srv.hits("/bomb.tar.gz") == 1  # a cap is final, not retried
     reasons = {pid: r["reason"] for pid, r in _last(tmp_path / "out").items()}
     assert reasons == {"big": "too_large", "small": None, "bomb": "archive_too_large"}
@@ -169,8 +232,10 @@ def test_rerun_skips_done_pairs_retries_failed_ones_and_redoes_lost_files(tmp_pa
     with TarServer() as srv:
         ua = srv.add("/PMC21.tar.gz", Serve(tar_a))
         ub = srv.add("/PMC22.tar.gz", Status(404), Serve(tar_b))  # missing on the first run, back later
-        urls = _write_urls(tmp_path / "urls.jsonl", [(ua, "PMC21/fig0.png", "a0"), (ua, "PMC21/fig1.png", "a1"),
-                                                     (ub, "PMC22/fig0.png", "b0")])
+        urls = _write_urls(
+            tmp_path / "urls.jsonl",
+            [(ua, "PMC21/fig0.png", "a0"), (ua, "PMC21/fig1.png", "a1"), (ub, "PMC22/fig0.png", "b0")],
+        )
         out = tmp_path / "out"
         s1 = download_images(urls, out, _cfg())
         assert (s1.done, s1.failed) == (2, {"http_404": 1})
@@ -200,8 +265,9 @@ def test_torn_manifest_line_is_tolerated_and_not_glued_to_new_lines(tmp_path):
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     (out / "images" / ".p0.png.abc.part").write_bytes(b"half")  # a killed run's temp file
-    (out / "manifest.jsonl").write_text('{"pair_id": "p1", "status": "failed", "reason": "http_500"}\n'
-                                        '{"pair_id": "p0", "status": "do')
+    (out / "manifest.jsonl").write_text(
+        '{"pair_id": "p1", "status": "failed", "reason": "http_500"}\n{"pair_id": "p0", "status": "do'
+    )
     with TarServer() as srv:
         url = srv.add("/PMC31.tar.gz", Serve(tar))
         urls = _write_urls(tmp_path / "urls.jsonl", [(url, "PMC31/fig0.png", "p0"), (url, "PMC31/fig1.png", "p1")])
@@ -238,13 +304,13 @@ def test_url_map_points_the_real_url_list_at_a_mirror_or_a_local_folder(tmp_path
     prefix = "https://ftp.ncbi.nlm.nih.gov/pub/pmc/"
     with TarServer() as srv:
         for u, t in tars.items():
-            srv.add("/mirror/" + u[len(prefix):], Serve(t))
+            srv.add("/mirror/" + u[len(prefix) :], Serve(t))
         s = download_images(sample, tmp_path / "http", _cfg(url_map=parse_url_map([f"{prefix}={srv.url('/mirror/')}"])))
     assert s.done == 2
     local = tmp_path / "local"
     for u, t in tars.items():
-        (local / u[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
-        (local / u[len(prefix):]).write_bytes(t)
+        (local / u[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
+        (local / u[len(prefix) :]).write_bytes(t)
     s = download_images(sample, tmp_path / "file", _cfg(url_map=[(prefix, local.as_uri() + "/")]))
     assert s.done == 2
     for pid, data in figs.items():
@@ -258,8 +324,13 @@ def test_plain_tar_dot_slash_names_duplicates_and_limit(tmp_path):
     tar = make_tarball({"./PMC51/a.png": a, "./PMC51/b.png": b}, gz=False)
     with TarServer() as srv:
         url = srv.add("/PMC51.tar", Serve(tar))
-        rows = [(url, "PMC51/a.png", "x"), (url, "PMC51/b.png", "x"), (url, "PMC51/a.png", "x"),
-                (url, "./PMC51/a.png", "twin"), (url, "PMC51/b.png", "beyond_limit")]
+        rows = [
+            (url, "PMC51/a.png", "x"),
+            (url, "PMC51/b.png", "x"),
+            (url, "PMC51/a.png", "x"),
+            (url, "./PMC51/a.png", "twin"),
+            (url, "PMC51/b.png", "beyond_limit"),
+        ]
         s = download_images(_write_urls(tmp_path / "urls.jsonl", rows), tmp_path / "out", _cfg(limit=2))
     assert (s.total, s.done, s.duplicates) == (2, 2, 1)
     assert (tmp_path / "out" / "images" / "x.png").read_bytes() == a
@@ -269,8 +340,10 @@ def test_plain_tar_dot_slash_names_duplicates_and_limit(tmp_path):
 
 def test_bad_input_and_concurrent_runs_raise_clear_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"pmc_tar_url": "http://x/a.tar.gz", "image_file_path": "A/b.jpg", "pair_id": "p"}\n'
-                   '{"pmc_tar_url": "http://x/a.tar.gz", "pair_id": "q"}\n')
+    bad.write_text(
+        '{"pmc_tar_url": "http://x/a.tar.gz", "image_file_path": "A/b.jpg", "pair_id": "p"}\n'
+        '{"pmc_tar_url": "http://x/a.tar.gz", "pair_id": "q"}\n'
+    )
     with pytest.raises(MedvlmError, match=r"bad\.jsonl: record 1 \(line 2\): field 'image_file_path'"):
         download_images(bad, tmp_path / "out", _cfg())
     with pytest.raises(MedvlmError, match="OLD_PREFIX=NEW_PREFIX"):
@@ -294,9 +367,22 @@ def test_cli_download_images(tmp_path):
     with TarServer() as srv:
         srv.add("/new/PMC61.tar.gz", Serve(tar))
         urls = _write_urls(tmp_path / "urls.jsonl", [("https://old.example/PMC61.tar.gz", "PMC61/fig0.png", "c0")])
-        res = CliRunner().invoke(app, ["data", "download-images", "--urls", str(urls), "--out", str(tmp_path / "o"),
-                                       "--workers", "2", "--url-map", f"https://old.example/={srv.url('/new/')}",
-                                       "--no-progress"])
+        res = CliRunner().invoke(
+            app,
+            [
+                "data",
+                "download-images",
+                "--urls",
+                str(urls),
+                "--out",
+                str(tmp_path / "o"),
+                "--workers",
+                "2",
+                "--url-map",
+                f"https://old.example/={srv.url('/new/')}",
+                "--no-progress",
+            ],
+        )
     assert res.exit_code == 0, res.output
     assert "done 1" in res.output and "failed 0" in res.output
     assert (tmp_path / "o" / "images" / "c0.png").read_bytes() == figs["PMC61/fig0.png"]

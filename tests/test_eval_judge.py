@@ -19,25 +19,28 @@ from openai_test_server import last_user_text, openai_server_factory  # noqa: F4
 DOMAIN_ORDER = ["chest_xray", "mri", "histology", "gross", "ct_scan"]
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("8 7\nAssistant 1 is more detailed.", (8, 7)),
-    ("8, 7", (8, 7)),
-    ("8/10 7/10", (8, 7)),
-    ("**8** **7**", (8, 7)),
-    ("Scores: 9 6", (9, 6)),
-    ("8.5 6", (8.5, 6)),
-    ("\n\n7 7\n", (7, 7)),
-    ("Assistant 1: 8 - accurate and complete.\nAssistant 2: 7 - misses the stain.", (8, 7)),
-    ("Assistant 1: 8, Assistant 2: 4", (8, 4)),
-    ("Assistant 1 score: 8/10; Assistant 2 score: 6/10", (8, 6)),
-    ("Assistant 1 (reference): 9\nAssistant 2 (model) - 3", (9, 3)),
-    ("I cannot decide.\nAssistant 1 gave 3 reasons and Assistant 2 gave 2.", None),  # numbers not scores
-    ("Both answers are fine.", None),
-    ("8", None),
-    ("7 8 9", None),
-    ("11 7", None),  # out of range
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("8 7\nAssistant 1 is more detailed.", (8, 7)),
+        ("8, 7", (8, 7)),
+        ("8/10 7/10", (8, 7)),
+        ("**8** **7**", (8, 7)),
+        ("Scores: 9 6", (9, 6)),
+        ("8.5 6", (8.5, 6)),
+        ("\n\n7 7\n", (7, 7)),
+        ("Assistant 1: 8 - accurate and complete.\nAssistant 2: 7 - misses the stain.", (8, 7)),
+        ("Assistant 1: 8, Assistant 2: 4", (8, 4)),
+        ("Assistant 1 score: 8/10; Assistant 2 score: 6/10", (8, 6)),
+        ("Assistant 1 (reference): 9\nAssistant 2 (model) - 3", (9, 3)),
+        ("I cannot decide.\nAssistant 1 gave 3 reasons and Assistant 2 gave 2.", None),  # numbers not scores
+        ("Both answers are fine.", None),
+        ("8", None),
+        ("7 8 9", None),
+        ("11 7", None),  # out of range
+        ("", None),
+    ],
+)
 def test_parse_scores(reply, expected):
     assert parse_scores(reply) == expected
 
@@ -73,8 +76,17 @@ def _hand_counts(path):
 def test_group_counts(shared_dir, rel):
     path = shared_dir / rel
     qs = read_chat_questions(path)
-    records = [{"question_id": q.question_id, "type": q.type, "domain": q.domain, "reference_score": 8.0,
-                "model_score": 6.0, "error": None} for q in qs]
+    records = [
+        {
+            "question_id": q.question_id,
+            "type": q.type,
+            "domain": q.domain,
+            "reference_score": 8.0,
+            "model_score": 6.0,
+            "error": None,
+        }
+        for q in qs
+    ]
     summary = summarize_records(records)
     assert {g: summary[g]["count"] for g in GROUPS} == _hand_counts(path)
     if rel.endswith("qa50_qa.jsonl"):
@@ -87,10 +99,27 @@ def test_group_counts(shared_dir, rel):
 
 
 def test_relative_score_is_mean_of_ratios():
-    recs = [{"question_id": i, "type": "conversation", "domain": "mri", "reference_score": r, "model_score": m,
-             "error": None} for i, (r, m) in enumerate([(8, 4), (5, 5), (10, 5)])]
-    recs.append({"question_id": 9, "type": "conversation", "domain": "mri", "reference_score": None,
-                 "model_score": None, "error": "unreadable"})
+    recs = [
+        {
+            "question_id": i,
+            "type": "conversation",
+            "domain": "mri",
+            "reference_score": r,
+            "model_score": m,
+            "error": None,
+        }
+        for i, (r, m) in enumerate([(8, 4), (5, 5), (10, 5)])
+    ]
+    recs.append(
+        {
+            "question_id": 9,
+            "type": "conversation",
+            "domain": "mri",
+            "reference_score": None,
+            "model_score": None,
+            "error": "unreadable",
+        }
+    )
     s = summarize_records(recs)["mri"]
     assert s["count"] == 3 and s["failed"] == 1
     assert s["relative_score"] == pytest.approx((0.5 + 1 + 0.5) / 3 * 100)
@@ -98,10 +127,13 @@ def test_relative_score_is_mean_of_ratios():
     assert s["reference_mean"] == pytest.approx(23 / 3) and s["model_mean"] == pytest.approx(14 / 3)
     lo, hi = s["relative_score_ci95"]
     assert lo <= s["relative_score"] <= hi
-    assert summarize_records(recs)["ct_scan"]["count"] == 0 and summarize_records(recs)["ct_scan"]["relative_score"] is None
+    assert (
+        summarize_records(recs)["ct_scan"]["count"] == 0
+        and summarize_records(recs)["ct_scan"]["relative_score"] is None
+    )
 
 
-UNSURE_Q = "Are there any inflammatory cells present?"   # question 2: first reply unreadable, then fixed
+UNSURE_Q = "Are there any inflammatory cells present?"  # question 2: first reply unreadable, then fixed
 HOPELESS_Q = "What type of cells are lining the cystic wall?"  # question 1: never readable
 
 
@@ -119,8 +151,12 @@ def _respond(body):
 
 def _answers(tmp_path, questions):
     path = tmp_path / "answers.jsonl"
-    path.write_text("".join(json.dumps({"question_id": q.question_id, "text": f"MODEL ANSWER {q.question_id}"}) + "\n"
-                            for q in questions))
+    path.write_text(
+        "".join(
+            json.dumps({"question_id": q.question_id, "text": f"MODEL ANSWER {q.question_id}"}) + "\n"
+            for q in questions
+        )
+    )
     return path
 
 
@@ -130,9 +166,26 @@ def test_eval_chat_end_to_end(tmp_path, shared_dir, openai_server_factory):  # n
     answers = _answers(tmp_path, questions)
     server = openai_server_factory(_respond)
     out = tmp_path / "judged.jsonl"
-    args = ["chat", "--questions", str(qpath), "--answers", str(answers), "--out", str(out),
-            "--judge-model", "judge-test", "--base-url", server.base_url, "--api-key-env", "", "--no-progress",
-            "--parse-retries", "1", "--backoff-base", "0"]
+    args = [
+        "chat",
+        "--questions",
+        str(qpath),
+        "--answers",
+        str(answers),
+        "--out",
+        str(out),
+        "--judge-model",
+        "judge-test",
+        "--base-url",
+        server.base_url,
+        "--api-key-env",
+        "",
+        "--no-progress",
+        "--parse-retries",
+        "1",
+        "--backoff-base",
+        "0",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     # 8 questions + 1 follow-up for UNSURE_Q + 1 follow-up for HOPELESS_Q
@@ -180,8 +233,14 @@ def test_swap_averages_both_orders(tmp_path, shared_dir, openai_server_factory):
     qpath.write_text("\n".join(lines[3:6]) + "\n")  # three questions without scripted trouble
     questions = read_chat_questions(qpath)
     server = openai_server_factory(_respond)
-    llm = LLMConfig(model="judge-test", base_url=server.base_url, api_key_env="", progress=False,
-                    cache_path=tmp_path / "cache.sqlite", backoff_base=0)
+    llm = LLMConfig(
+        model="judge-test",
+        base_url=server.base_url,
+        api_key_env="",
+        progress=False,
+        cache_path=tmp_path / "cache.sqlite",
+        backoff_base=0,
+    )
     res = judge_chat(qpath, _answers(tmp_path, questions), tmp_path / "judged.jsonl", llm, swap=True)
     assert res.judged == 3 and not res.failed and len(server.requests) == 6
     for r in (json.loads(line) for line in (tmp_path / "judged.jsonl").read_text().splitlines()):

@@ -20,31 +20,38 @@ OPEN_KEYS = ("accuracy", "f1", "precision", "recall", "exact_match")
 
 # --- metric functions ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pred, gold, f1, precision, recall", [
-    ("left left", "left lung", 0.8, 1.0, 2 / 3),            # tp counts the prediction's 2 "left"s
-    ("mass mass mass mass", "mass", 1.0, 1.0, 1.0),
-    ("mass", "mass mass", 1.0, 1.0, 1.0),                  # fn only counts gold words absent from the pred
-    ("kidney kidney liver liver liver", "kidney", 4 / 7, 0.4, 1.0),
-    ("effusion effusion effusion", "pleural effusion", 6 / 7, 1.0, 0.75),
-    ("", "liver", 0.0, 0.0, 0.0),                          # empty prediction
-    ("liver", "the", 0.0, 0.0, 0.0),                       # gold empty after normalisation
-    ("abc", "xyz", 0.0, 0.0, 0.0),                         # tp == 0
-    ("." * 38 + "liver", "liver", 0.0, 0.0, 0.0),          # the second pass leaves 6 periods
-    ("liv.er", "liver", 1.0, 1.0, 1.0),                    # ... but removes a leftover one
-])
+
+@pytest.mark.parametrize(
+    "pred, gold, f1, precision, recall",
+    [
+        ("left left", "left lung", 0.8, 1.0, 2 / 3),  # tp counts the prediction's 2 "left"s
+        ("mass mass mass mass", "mass", 1.0, 1.0, 1.0),
+        ("mass", "mass mass", 1.0, 1.0, 1.0),  # fn only counts gold words absent from the pred
+        ("kidney kidney liver liver liver", "kidney", 4 / 7, 0.4, 1.0),
+        ("effusion effusion effusion", "pleural effusion", 6 / 7, 1.0, 0.75),
+        ("", "liver", 0.0, 0.0, 0.0),  # empty prediction
+        ("liver", "the", 0.0, 0.0, 0.0),  # gold empty after normalisation
+        ("abc", "xyz", 0.0, 0.0, 0.0),  # tp == 0
+        ("." * 38 + "liver", "liver", 0.0, 0.0, 0.0),  # the second pass leaves 6 periods
+        ("liv.er", "liver", 1.0, 1.0, 1.0),  # ... but removes a leftover one
+    ],
+)
 def test_llava_f1(pred, gold, f1, precision, recall):
     got = M.llava_f1(pred, gold)
     assert got == pytest.approx((f1, precision, recall), abs=1e-12)
 
 
-@pytest.mark.parametrize("pred, gold, expected", [
-    ("left left", "left lung", 0.5),            # distinct gold words found (1) / pred words (2)
-    ("mass mass mass mass", "mass", 0.25),
-    ("kidney right kidney", "right kidney", 2 / 3),
-    ("mass", "mass mass", 1.0),
-    ("", "liver", 0.0),
-    ("liver", "", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred, gold, expected",
+    [
+        ("left left", "left lung", 0.5),  # distinct gold words found (1) / pred words (2)
+        ("mass mass mass mass", "mass", 0.25),
+        ("kidney right kidney", "right kidney", 2 / 3),
+        ("mass", "mass mass", 1.0),
+        ("", "liver", 0.0),
+        ("liver", "", 0.0),
+    ],
+)
 def test_llava_exact_match(pred, gold, expected):
     assert M.llava_exact_match(pred, gold) == pytest.approx(expected, abs=1e-12)
 
@@ -52,10 +59,12 @@ def test_llava_exact_match(pred, gold, expected):
 def test_llava_candidate_hit_first_best_wins():
     cands = M.normalize_candidates(["right", "left", "left lung", "lung", "X-Ray", "2", "the"])
     assert cands == ["right", "left", "left lung", "lung", "x ray", "2", ""]
-    assert M.llava_candidate_hit("left lung", "left lung", cands) == 0.0   # "left" (1/1) ties "left lung" (2/2), first wins
+    assert (
+        M.llava_candidate_hit("left lung", "left lung", cands) == 0.0
+    )  # "left" (1/1) ties "left lung" (2/2), first wins
     assert M.llava_candidate_hit("left lung", "left", cands) == 1.0
     assert M.llava_candidate_hit("left lung", "lung", cands) == 0.0
-    assert M.llava_candidate_hit("", "right", cands) == 1.0               # all 0: the first candidate
+    assert M.llava_candidate_hit("", "right", cands) == 1.0  # all 0: the first candidate
     assert M.llava_candidate_hit("x ray", "x ray", cands) == 1.0
     assert M.llava_candidate_hit("2", "2", cands) == 1.0
 
@@ -91,6 +100,7 @@ def test_strict_helpers():
 
 # --- the metric fixture: hand-derived values per named edge case ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fixture_results(shared_dir):
     d = shared_dir / FIX
@@ -101,29 +111,29 @@ def fixture_results(shared_dir):
 
 # closed: (llava-med accuracy, llava-med recall_closed, llava-med-single accuracy, strict accuracy)
 CLOSED_EXPECTED = {
-    900002: (1, 0, 1, 0),      # "This is not a fracture." / no: "no" inside "not"
-    900003: (1, 0, 1, 0),      # "no" inside "nodule"
-    900006: (0, 0, 0, 0),      # "None" normalises to "0"
-    900008: (1, 1, 1, 0),      # "Yes, and no." / yes: both words - original hit, strict miss
-    900009: (1, 1, 1, 0),      # "Yes, and no." / no
-    900010: (1, 0, 1, 0),      # "yes" inside "eyes"
-    900014: (0, 0, 0, 0),      # empty prediction
-    900016: (1, 1, 0, 1),      # "The lesion is on the left side." / left: no yes/no for the single scorer's gate
-    900019: (1, 1, 0, 1),      # "This is a CT scan." / ct
-    900024: (1, 0, 1, 0),      # gold "a" normalises to "" - a substring of everything
-    900025: (1, 0, 0, 0),      # gold "the", pred "maybe"
-    900026: (0, 0, 0, 0),      # "N/A" -> "n"
-    900029: (0, 0, 0, 1),      # full-width "Ｙｅｓ": only NFKC (strict) reads it
-    900031: (1, 1, 1, 1),      # NBSP around "no"
-    900037: (1, 1, 1, 0),      # "yes-no" -> "yes no"
-    900038: (1, 1, 1, 0),      # "yes - no" -> "yes no"
-    900039: (1, 1, 1, 1),      # yes + 40 periods: 8 survive the first pass, the second pass removes them
-    900040: (1, 0, 1, 1),      # yes + 70 periods: 6 survive the second pass, so recall_closed is 0
-    900047: (1, 1, 1, 1),      # "n.o." -> "no"
-    900055: (1, 0, 0, 0),      # "male" inside "female"
-    900060: (1, 0, 1, 1),      # zero-width space glues "no" to "evidence" for str.split()
-    900061: (1, 1, 1, 0),      # "Yes. ... there is no evidence ..." names both options
-    900065: (1, 1, 1, 1),      # "1,000 yes"
+    900002: (1, 0, 1, 0),  # "This is not a fracture." / no: "no" inside "not"
+    900003: (1, 0, 1, 0),  # "no" inside "nodule"
+    900006: (0, 0, 0, 0),  # "None" normalises to "0"
+    900008: (1, 1, 1, 0),  # "Yes, and no." / yes: both words - original hit, strict miss
+    900009: (1, 1, 1, 0),  # "Yes, and no." / no
+    900010: (1, 0, 1, 0),  # "yes" inside "eyes"
+    900014: (0, 0, 0, 0),  # empty prediction
+    900016: (1, 1, 0, 1),  # "The lesion is on the left side." / left: no yes/no for the single scorer's gate
+    900019: (1, 1, 0, 1),  # "This is a CT scan." / ct
+    900024: (1, 0, 1, 0),  # gold "a" normalises to "" - a substring of everything
+    900025: (1, 0, 0, 0),  # gold "the", pred "maybe"
+    900026: (0, 0, 0, 0),  # "N/A" -> "n"
+    900029: (0, 0, 0, 1),  # full-width "Ｙｅｓ": only NFKC (strict) reads it
+    900031: (1, 1, 1, 1),  # NBSP around "no"
+    900037: (1, 1, 1, 0),  # "yes-no" -> "yes no"
+    900038: (1, 1, 1, 0),  # "yes - no" -> "yes no"
+    900039: (1, 1, 1, 1),  # yes + 40 periods: 8 survive the first pass, the second pass removes them
+    900040: (1, 0, 1, 1),  # yes + 70 periods: 6 survive the second pass, so recall_closed is 0
+    900047: (1, 1, 1, 1),  # "n.o." -> "no"
+    900055: (1, 0, 0, 0),  # "male" inside "female"
+    900060: (1, 0, 1, 1),  # zero-width space glues "no" to "evidence" for str.split()
+    900061: (1, 1, 1, 0),  # "Yes. ... there is no evidence ..." names both options
+    900065: (1, 1, 1, 1),  # "1,000 yes"
 }
 
 # open: llava-med (accuracy, f1, precision, recall, exact_match)
@@ -131,33 +141,33 @@ OPEN_EXPECTED = {
     900071: (0, 0.8, 1, 2 / 3, 0.5),
     900072: (0, 6 / 7, 1, 0.75, 1 / 3),
     900073: (1, 1, 1, 1, 0.25),
-    900075: (1, 1, 1, 1, 1),            # "x - ray" vs "x-ray"
-    900076: (0, 0, 0, 0, 0),            # one spaced hyphen deletes all: "xray"
+    900075: (1, 1, 1, 1, 1),  # "x - ray" vs "x-ray"
+    900076: (0, 0, 0, 0, 0),  # one spaced hyphen deletes all: "xray"
     900077: (1, 0.5, 1 / 3, 1, 1 / 3),  # "1,000"
     900078: (0, 0.8, 2 / 3, 1, 2 / 3),  # "3, 4 cm" vs "3 cm"
-    900079: (0, 0, 0, 0, 0),            # "1.5cm" kept glued
+    900079: (0, 0, 0, 0, 0),  # "1.5cm" kept glued
     900080: (1, 0.8, 2 / 3, 1, 2 / 3),
-    900081: (1, 0, 0, 0, 0),            # ".5" is a substring of "0.5"
-    900082: (1, 1, 1, 1, 1),            # none -> 0
-    900089: (1, 0, 0, 0, 0),            # gold "a" -> ""
-    900090: (1, 0, 0, 0, 0),            # gold "the", empty prediction
+    900081: (1, 0, 0, 0, 0),  # ".5" is a substring of "0.5"
+    900082: (1, 1, 1, 1, 1),  # none -> 0
+    900089: (1, 0, 0, 0, 0),  # gold "a" -> ""
+    900090: (1, 0, 0, 0, 0),  # gold "the", empty prediction
     900092: (0, 0, 0, 0, 0),
     900095: (1, 0.8, 2 / 3, 1, 2 / 3),  # "dont know" -> "don't know"
-    900097: (0, 0, 0, 0, 0),            # "im" never expands
-    900124: (1, 1, 1, 1, 1),            # 33 leading periods: ".liver" after one pass, "liver" after two
-    900125: (0, 1, 1, 1, 1),            # "liv.er" after one pass
-    900126: (1, 0, 0, 0, 0),            # 70 leading periods: 6 remain after two passes
-    900129: (1, 0, 0, 0, 0),            # "ear" inside "clear"
-    900140: (0, 1, 1, 1, 1),            # word order
+    900097: (0, 0, 0, 0, 0),  # "im" never expands
+    900124: (1, 1, 1, 1, 1),  # 33 leading periods: ".liver" after one pass, "liver" after two
+    900125: (0, 1, 1, 1, 1),  # "liv.er" after one pass
+    900126: (1, 0, 0, 0, 0),  # 70 leading periods: 6 remain after two passes
+    900129: (1, 0, 0, 0, 0),  # "ear" inside "clear"
+    900140: (0, 1, 1, 1, 1),  # word order
     900142: (0, 0.8, 2 / 3, 1, 2 / 3),  # gold "liver\nspleen"
-    900146: (0, 1, 1, 1, 1),            # gold "mass mass", pred "mass"
-    900147: (1, 1, 1, 1, 0.002),        # 500 x "left"
-    900155: (1, 1, 1, 1, 1),            # "somebody'd" -> "somebodyd"
+    900146: (0, 1, 1, 1, 1),  # gold "mass mass", pred "mass"
+    900147: (1, 1, 1, 1, 0.002),  # 500 x "left"
+    900155: (1, 1, 1, 1, 1),  # "somebody'd" -> "somebodyd"
     900168: (1, 0.5, 1 / 3, 1, 1 / 3),  # emoji tokens count
-    900174: (1, 0, 0, 0, 0),            # "mass.mass.mass" -> "massmassmass"
+    900174: (1, 0, 0, 0, 0),  # "mass.mass.mass" -> "massmassmass"
     900177: (1, 4 / 7, 0.4, 1, 0.2),
     900178: (1, 1, 1, 1, 2 / 3),
-    900196: (1, 0, 0, 0, 0),            # "3,3" -> "33"
+    900196: (1, 0, 0, 0, 0),  # "3,3" -> "33"
     900197: (1, 1, 1, 1, 1),
 }
 
@@ -166,23 +176,43 @@ SINGLE_OPEN_EXPECTED = {
     900131: 0,  # "left lung": "left" ties "left lung" and comes first
     900093: 1,  # empty prediction: first candidate "right" == gold
     900092: 0,
-    900180: 1, 900181: 0, 900132: 1, 900133: 1, 900134: 0, 900179: 0, 900182: 1, 900183: 1,
+    900180: 1,
+    900181: 0,
+    900132: 1,
+    900133: 1,
+    900134: 0,
+    900179: 0,
+    900182: 1,
+    900183: 1,
     900184: 0,  # "with contrast" (2/2) comes before "contrast"
-    900185: 1, 900187: 0,
+    900185: 1,
+    900187: 0,
 }
 
 # strict open (accuracy, exact_match, f1)
 STRICT_OPEN_EXPECTED = {
-    900071: (0, 0, 0.5), 900073: (1, 0, 0.4), 900076: (1, 0, 4 / 7), 900089: (0, 0, 0), 900108: (1, 1, 1),
-    900120: (1, 0, 2 / 3), 900129: (0, 0, 0), 900130: (0, 0, 0), 900151: (1, 1, 1), 900169: (1, 1, 1),
+    900071: (0, 0, 0.5),
+    900073: (1, 0, 0.4),
+    900076: (1, 0, 4 / 7),
+    900089: (0, 0, 0),
+    900108: (1, 1, 1),
+    900120: (1, 0, 2 / 3),
+    900129: (0, 0, 0),
+    900130: (0, 0, 0),
+    900151: (1, 1, 1),
+    900169: (1, 1, 1),
 }
 
 
 def test_fixture_closed_cases(fixture_results):
     _, by_id = fixture_results
     for qid, (acc, rec, single, strict) in CLOSED_EXPECTED.items():
-        got = (by_id["llava-med"][qid]["accuracy"], by_id["llava-med"][qid]["recall"],
-               by_id["llava-med-single"][qid]["accuracy"], by_id["strict"][qid]["accuracy"])
+        got = (
+            by_id["llava-med"][qid]["accuracy"],
+            by_id["llava-med"][qid]["recall"],
+            by_id["llava-med-single"][qid]["accuracy"],
+            by_id["strict"][qid]["accuracy"],
+        )
         assert got == pytest.approx((acc, rec, single, strict)), qid
 
 
@@ -205,9 +235,9 @@ def test_fixture_open_cases(fixture_results):
 def test_fixture_exact_match_protocol(fixture_results):
     _, by_id = fixture_results
     em = by_id["exact-match"]
-    assert em[900011]["accuracy"] == 1      # "YES" / yes
-    assert em[900061]["accuracy"] == 0      # a sentence is not an exact answer
-    assert em[900082]["accuracy"] == 1      # "0" / none
+    assert em[900011]["accuracy"] == 1  # "YES" / yes
+    assert em[900061]["accuracy"] == 0  # a sentence is not an exact answer
+    assert em[900082]["accuracy"] == 1  # "0" / none
     assert em[900071]["exact_match"] == 0
 
 
@@ -229,21 +259,38 @@ def test_fixture_aggregates_are_plain_means(fixture_results):
 
 # --- pairing, answer types, aggregation on a hand-sized file ----------------------------------------
 
+
 def _write_small(tmp_path, reverse_preds=False):
     def conv(q, a, typo=False):
-        return {("conversatons" if typo else "conversations"): [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        return {
+            ("conversatons" if typo else "conversations"): [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        }
+
     gt = [
         {"id": 1, "answer_type": "OPEN", **conv("Where?", "left lung")},
         {"id": 2, "answer_type": "OPEN", **conv("What?", "mass", typo=True)},
-        {"id": 3, "answer_type": "CLOSED", **conv("Is it? Please choose from the following two options: [yes, no]", "yes")},
+        {
+            "id": 3,
+            "answer_type": "CLOSED",
+            **conv("Is it? Please choose from the following two options: [yes, no]", "yes"),
+        },
         {"id": 4, "answer_type": "CLOSED", **conv("Is it?", "no")},
         {"id": 5, "answer_type": "yes/no", **conv("Is it?", "no")},
         {"id": 6, "answer_type": "other", **conv("Which organ?", "liver")},
         {"id": 7, "answer_type": "weird", **conv("?", "x")},
     ]
-    preds = [{"question_id": i, "text": t} for i, t in
-             [(1, "left left"), (2, "mass mass mass mass"), (3, "Yes, and no."), (4, "not sure"), (5, "No"),
-              (6, "the liver"), (7, "whatever")]]
+    preds = [
+        {"question_id": i, "text": t}
+        for i, t in [
+            (1, "left left"),
+            (2, "mass mass mass mass"),
+            (3, "Yes, and no."),
+            (4, "not sure"),
+            (5, "No"),
+            (6, "the liver"),
+            (7, "whatever"),
+        ]
+    ]
     if reverse_preds:
         preds.reverse()
     (tmp_path / "gt.json").write_text(json.dumps(gt))
@@ -259,10 +306,10 @@ def test_small_file_by_hand(tmp_path):
     assert r["open"]["recall"] == pytest.approx((2 / 3 + 1 + 1) / 3 * 100)
     assert r["open"]["exact_match"] == pytest.approx((0.5 + 0.25 + 1) / 3 * 100)
     assert r["open"]["accuracy"] == pytest.approx(2 / 3 * 100)
-    assert r["closed"]["accuracy"] == pytest.approx(100.0)       # "no" in "not sure" counts
+    assert r["closed"]["accuracy"] == pytest.approx(100.0)  # "no" in "not sure" counts
     assert r["closed"]["recall"] == pytest.approx(2 / 3 * 100)
     s = score_files(gt, pred, "strict")
-    assert s["closed"]["accuracy"] == pytest.approx(100 / 3)     # only "No" is a clean answer
+    assert s["closed"]["accuracy"] == pytest.approx(100 / 3)  # only "No" is a clean answer
     assert [it["id"] for it in r["per_item"]] == [1, 2, 3, 4, 5, 6]  # gt file order
     # pairing is by id: the answer file's order does not matter
     (tmp_path / "rev").mkdir()
@@ -302,7 +349,9 @@ def test_pairing_errors(tmp_path):
         score_files(gt, pred, "llava-med-single")
     with pytest.raises(MedvlmError, match="unknown protocol 'vqa'"):
         score_files(gt, pred, "vqa")
-    (tmp_path / "bad_gt.json").write_text(json.dumps([{"id": 1, "answer_type": "OPEN", "conversations": [{"value": "q"}]}]))
+    (tmp_path / "bad_gt.json").write_text(
+        json.dumps([{"id": 1, "answer_type": "OPEN", "conversations": [{"value": "q"}]}])
+    )
     with pytest.raises(MedvlmError, match="record 0 .*at least 2 turns"):
         score_files(tmp_path / "bad_gt.json", pred, "llava-med")
     (tmp_path / "cands.json").write_text(json.dumps({"0": ["a", 1.5]}))
@@ -316,6 +365,7 @@ def test_candidates_ints_cast(shared_dir):
 
 
 # --- real answer files ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["instruct", "finetuned_1epoch", "llava_zeroshot"])
 def test_real_vqa_rad_answer_files(tmp_path, shared_dir, name):
@@ -344,12 +394,36 @@ def test_real_vqa_rad_answer_files(tmp_path, shared_dir, name):
 def test_cli_score_writes_json(tmp_path, shared_dir):
     d = shared_dir / FIX
     out = tmp_path / "scores.json"
-    res = CliRunner().invoke(app, ["score", "--gt", str(d / "gt_test.json"), "--pred", str(d / "pred_answers.jsonl"),
-                                   "--protocol", "llava-med", "--out", str(out), "--bootstrap", "50"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--gt",
+            str(d / "gt_test.json"),
+            "--pred",
+            str(d / "pred_answers.jsonl"),
+            "--protocol",
+            "llava-med",
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["protocol"] == "llava-med" and data["counts"] == {"open": 306, "closed": 342}
-    assert set(data["open"]) == {"recall", "precision", "f1", "exact_match", "bleu", "bleu_1", "bleu_2", "bleu_3", "accuracy"}
+    assert set(data["open"]) == {
+        "recall",
+        "precision",
+        "f1",
+        "exact_match",
+        "bleu",
+        "bleu_1",
+        "bleu_2",
+        "bleu_3",
+        "accuracy",
+    }
     assert set(data["closed"]) == {"accuracy", "recall"} and data["ci95"]["resamples"] == 50
     assert f"{data['open']['accuracy']:.4f}" in res.output
 

@@ -23,9 +23,17 @@ def run_dir(tmp_path, shared_dir):
     for proto, name in (("llava-med", "scores.json"), ("strict", "scores_strict.json")):
         r = score_files(d / "gt_test.json", d / "pred_answers.jsonl", proto, bootstrap=100)
         (tmp_path / name).write_text(json.dumps(r))
-    recs = [{"question_id": i, "type": t, "domain": dom, "reference_score": 8.0, "model_score": m, "error": None}
-            for i, (t, dom, m) in enumerate([("conversation", "mri", 6.0), ("conversation", "ct_scan", 4.0),
-                                             ("detailed_description", "mri", 8.0), ("conversation", "histology", 2.0)])]
+    recs = [
+        {"question_id": i, "type": t, "domain": dom, "reference_score": 8.0, "model_score": m, "error": None}
+        for i, (t, dom, m) in enumerate(
+            [
+                ("conversation", "mri", 6.0),
+                ("conversation", "ct_scan", 4.0),
+                ("detailed_description", "mri", 8.0),
+                ("conversation", "histology", 2.0),
+            ]
+        )
+    ]
     (tmp_path / "chat_summary.json").write_text(json.dumps(summarize_records(recs)))
     (tmp_path / "decoding.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 128, "num_beams": 1}))
     return tmp_path
@@ -57,7 +65,9 @@ def test_report_files_and_numbers(run_dir):
 
 def test_report_without_settings_and_cli(tmp_path, shared_dir):
     d = shared_dir / "data/metric_fixture"
-    (tmp_path / "scores.json").write_text(json.dumps(score_files(d / "gt_test.json", d / "pred_answers.jsonl", "exact-match")))
+    (tmp_path / "scores.json").write_text(
+        json.dumps(score_files(d / "gt_test.json", d / "pred_answers.jsonl", "exact-match"))
+    )
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "report.md").read_text(encoding="utf-8")

@@ -32,8 +32,13 @@ def setup(tmp_path_factory) -> dict[str, Path]:
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
     save_checkpoint(model, processor, root / "tiny-model")
-    return {"root": root, "model": root / "tiny-model", "questions": data / "vqa" / "test.json",
-            "images": data / "images", "qa50": data / "qa50.jsonl"}
+    return {
+        "root": root,
+        "model": root / "tiny-model",
+        "questions": data / "vqa" / "test.json",
+        "images": data / "images",
+        "qa50": data / "qa50.jsonl",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +71,24 @@ def test_batched_equals_one_at_a_time_through_the_cli(setup, reference):
 
     out = setup["root"] / "batched" / "answers.jsonl"
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "vqa", "--model", str(setup["model"]), "--questions", str(setup["questions"]),
-              "--image-folder", str(setup["images"]), "--out", str(out), "--batch-size", "16",
-              "--max-new-tokens", "6"])
+        main(
+            [
+                "eval",
+                "vqa",
+                "--model",
+                str(setup["model"]),
+                "--questions",
+                str(setup["questions"]),
+                "--image-folder",
+                str(setup["images"]),
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+                "--max-new-tokens",
+                "6",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     batched = [json.loads(line) for line in out.read_text().splitlines()]
     assert batched == reference  # same texts and the same deterministic answer ids
@@ -99,8 +119,14 @@ def test_resume_refuses_answers_made_with_other_settings(setup, reference):
     out.write_text(json.dumps(reference[0]) + "\n")
     (out.parent / DECODING_FILE).write_text((setup["root"] / "ref" / DECODING_FILE).read_text())
     with pytest.raises(MedvlmError, match="another settings"):
-        run_vqa(setup["model"], setup["questions"], out, setup["images"], GenerationSettings(max_new_tokens=9),
-                progress=False)
+        run_vqa(
+            setup["model"],
+            setup["questions"],
+            out,
+            setup["images"],
+            GenerationSettings(max_new_tokens=9),
+            progress=False,
+        )
     assert out.read_text() == json.dumps(reference[0]) + "\n"  # nothing lost
 
 
@@ -118,8 +144,9 @@ def test_damaged_or_foreign_answer_files_are_errors(setup, reference, tmp_path):
 
 def test_two_processes_give_the_single_process_file(setup, reference):
     out = setup["root"] / "chunks" / "answers.jsonl"
-    res = run_vqa(setup["model"], setup["questions"], out, setup["images"], SETTINGS, batch_size=4, processes=2,
-                  progress=False)
+    res = run_vqa(
+        setup["model"], setup["questions"], out, setup["images"], SETTINGS, batch_size=4, processes=2, progress=False
+    )
     assert res.answered == 24
     assert out.read_bytes() == (setup["root"] / "ref" / "answers.jsonl").read_bytes()
     assert not list(out.parent.glob("answers.jsonl.part*"))
@@ -137,8 +164,12 @@ def test_qa50_questions_and_chunking(setup, shared_dir):
 
 
 def test_duplicate_question_ids_are_refused(tmp_path):
-    rec = {"id": 5, "image": "a.png", "answer_type": "OPEN",
-           "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}
+    rec = {
+        "id": 5,
+        "image": "a.png",
+        "answer_type": "OPEN",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}],
+    }
     path = tmp_path / "test.json"
     path.write_text(json.dumps([rec, rec]))
     with pytest.raises(MedvlmError, match="record 1 .*duplicate question id 5"):

@@ -33,8 +33,9 @@ def test_save_reload_gives_equal_logits(family, saved):
     loaded, lproc = load_family(saved[family])
     assert type(lproc.processor) is type(proc.processor) and lproc.chat_template == proc.chat_template
     feat = lproc.encode(multi_turn_sample(with_vuser=family != "llava"), images=images())
-    assert torch.equal(feat["input_ids"], proc.encode(multi_turn_sample(with_vuser=family != "llava"),
-                                                       images=images())["input_ids"])
+    assert torch.equal(
+        feat["input_ids"], proc.encode(multi_turn_sample(with_vuser=family != "llava"), images=images())["input_ids"]
+    )
     batch = lproc.collator()([feat])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
@@ -61,8 +62,9 @@ def test_plain_transformers_generates_what_medvlm_generates(family, saved):
     plain_proc = _plain_processor_class(family).from_pretrained(str(path), local_files_only=True)
     img = images()[0]
     conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is shown?"}]}]
-    inputs = plain_proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                            return_tensors="pt")
+    inputs = plain_proc.apply_chat_template(
+        conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
 
     model, proc = load_family(path)
     s = Sample("g", msgs(("user", "<image>\nWhat is shown?")), images=["a"])
@@ -71,8 +73,8 @@ def test_plain_transformers_generates_what_medvlm_generates(family, saved):
     assert torch.equal(batch["input_ids"], inputs["input_ids"])
     settings = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
     with torch.no_grad():
-        ours = model.generate(**batch, **settings)[0, batch["input_ids"].shape[1]:]
-        theirs = plain.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1]:]
+        ours = model.generate(**batch, **settings)[0, batch["input_ids"].shape[1] :]
+        theirs = plain.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1] :]
     assert ours.tolist() == theirs.tolist() and len(ours) == 6
 
 
@@ -90,9 +92,11 @@ def test_model_init_cli_builds_a_family_preset(tmp_path):
     assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
     model, proc = load_family(out)
     assert 100_000 < sum(p.numel() for p in model.parameters()) < 300_000
-    for args, why in ((["tiny-gemma3", "--aspect", "pad"], "--aspect apply to the native presets"),
-                      (["tiny-gemma3", "--template", "chatml"], "tiny-llava only"),
-                      (["tiny-internvl"], "family presets: tiny-qwen2_5_vl")):
+    for args, why in (
+        (["tiny-gemma3", "--aspect", "pad"], "--aspect apply to the native presets"),
+        (["tiny-gemma3", "--template", "chatml"], "tiny-llava only"),
+        (["tiny-internvl"], "family presets: tiny-qwen2_5_vl"),
+    ):
         bad = runner.invoke(app, ["model", "init", "--preset", *args, "--out", str(tmp_path / "bad")])
         assert isinstance(bad.exception, MedvlmError) and why in str(bad.exception)
         assert not (tmp_path / "bad").exists()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, single_sample, tiny
 
+from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, single_sample, tiny
 from medvlm.data.collate import VLMCollator
 from medvlm.data.schema import Sample
 from medvlm.errors import MedvlmError
@@ -15,9 +15,11 @@ from medvlm.errors import MedvlmError
 def _features(proc):
     imgs = images()
     text_only = Sample("t", msgs(("user", "Define effusion."), ("assistant", "Fluid in a space.")))
-    return [proc.encode(single_sample("Yes, it is."), images=imgs[:1]),
-            proc.encode(multi_turn_sample(with_vuser=proc.spec.name != "llava"), images=imgs),
-            proc.encode(text_only)]
+    return [
+        proc.encode(single_sample("Yes, it is."), images=imgs[:1]),
+        proc.encode(multi_turn_sample(with_vuser=proc.spec.name != "llava"), images=imgs),
+        proc.encode(text_only),
+    ]
 
 
 def _loss_sum(model, batch):
@@ -70,10 +72,16 @@ def test_left_padding_pads_per_token_tensors_on_the_left(family):
 
 def test_image_tensors_of_different_shapes_are_zero_padded_and_concatenated():
     collate = VLMCollator(0, image_keys=("pixel_values", "pixel_attention_mask"))
-    a = {"input_ids": torch.tensor([1, 2]), "pixel_values": torch.ones(1, 2, 3, 4, 4),
-         "pixel_attention_mask": torch.ones(1, 2, 4, 4, dtype=torch.bool)}
-    b = {"input_ids": torch.tensor([3]), "pixel_values": torch.full((1, 5, 3, 4, 4), 2.0),
-         "pixel_attention_mask": torch.ones(1, 5, 4, 4, dtype=torch.bool)}
+    a = {
+        "input_ids": torch.tensor([1, 2]),
+        "pixel_values": torch.ones(1, 2, 3, 4, 4),
+        "pixel_attention_mask": torch.ones(1, 2, 4, 4, dtype=torch.bool),
+    }
+    b = {
+        "input_ids": torch.tensor([3]),
+        "pixel_values": torch.full((1, 5, 3, 4, 4), 2.0),
+        "pixel_attention_mask": torch.ones(1, 5, 4, 4, dtype=torch.bool),
+    }
     batch = collate([a, b, {"input_ids": torch.tensor([4])}])
     assert batch["pixel_values"].shape == (2, 5, 3, 4, 4)
     assert (batch["pixel_values"][0, :2] == 1).all() and (batch["pixel_values"][0, 2:] == 0).all()

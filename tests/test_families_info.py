@@ -26,8 +26,16 @@ def test_model_info_on_a_family_folder_shows_family_and_part_counts(tiny_qwen):
     assert res.exit_code == 0, res.output
     model, _ = load_family(tiny_qwen)
     total = sum(p.numel() for p in model.parameters())
-    for text in ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLImageProcessorPil", "connector",
-                 "vision_tower", "language_model", f"{total:,}", "not for clinical use"):
+    for text in (
+        "qwen2_5_vl",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2VLImageProcessorPil",
+        "connector",
+        "vision_tower",
+        "language_model",
+        f"{total:,}",
+        "not for clinical use",
+    ):
         assert text in res.output, text
 
 

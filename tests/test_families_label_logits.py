@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import TrainerCallback
-from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, single_sample, tiny
 
+from family_helpers import FAMILY_NAMES, images, msgs, multi_turn_sample, single_sample, tiny
 from medvlm.data.schema import Sample
 from medvlm.train.family_loss import add_labelled_positions, family_collator, labelled_positions
 
@@ -16,9 +16,11 @@ from medvlm.train.family_loss import add_labelled_positions, family_collator, la
 def _batch(proc):
     imgs = images()
     text_only = Sample("t", msgs(("user", "Define effusion."), ("assistant", "Fluid in a space.")))
-    feats = [proc.encode(single_sample("Yes, it is."), images=imgs[:1]),
-             proc.encode(multi_turn_sample(with_vuser=proc.spec.name != "llava"), images=imgs),
-             proc.encode(text_only)]
+    feats = [
+        proc.encode(single_sample("Yes, it is."), images=imgs[:1]),
+        proc.encode(multi_turn_sample(with_vuser=proc.spec.name != "llava"), images=imgs),
+        proc.encode(text_only),
+    ]
     return proc.collator("right")(feats)
 
 
@@ -94,19 +96,24 @@ class _Collator(TrainerCallback):
 
 def test_family_run_uses_the_labelled_head_and_follows_the_full_logits_losses(tmp_path):
     """Wiring: `medvlm train` on a family passes labelled_logits_only to the collator; the loss curve is unchanged."""
-    from train_helpers import make_demo, small_config
-
     from medvlm.model.families.tiny import init_tiny_family
     from medvlm.train.family_loss import LabelledPositionsCollator
     from medvlm.train.run import run_training
+    from train_helpers import make_demo, small_config
 
     demo = make_demo(tmp_path, n_images=10)
     start = init_tiny_family("tiny-qwen2_5_vl", tmp_path / "start")
     runs = {}
     for on in (True, False):
         seen = _Collator()
-        cfg = small_config(demo, tmp_path / f"run_{on}", model_name_or_path=str(start), preset=None,
-                           labelled_logits_only=on, group_by_modality_length=False)
+        cfg = small_config(
+            demo,
+            tmp_path / f"run_{on}",
+            model_name_or_path=str(start),
+            preset=None,
+            labelled_logits_only=on,
+            group_by_modality_length=False,
+        )
         result = run_training(cfg, callbacks=[seen])
         assert isinstance(seen.collate, LabelledPositionsCollator) is on
         runs[on] = [h["loss"] for h in result.log_history if "loss" in h]

@@ -5,15 +5,17 @@ whole prompt alone, for mixed prefixes (different images, system prompts, very d
 from __future__ import annotations
 
 import pytest
-from family_helpers import FAMILY_NAMES, images, msgs, tiny
-from test_families_infer import MAX_NEW, hf_greedy
 
+from family_helpers import FAMILY_NAMES, images, msgs, tiny
 from medvlm.data.schema import Sample
 from medvlm.infer.decoding import GenerationSettings
 from medvlm.infer.engine import InferenceEngine
+from test_families_infer import MAX_NEW, hf_greedy
 
-LONG = ("Looking carefully at the region of the left lower lobe near the costophrenic angle, and taking into account "
-        "the patient's history of smoking and the prior imaging study, is there any sign of a mass or effusion?")
+LONG = (
+    "Looking carefully at the region of the left lower lobe near the costophrenic angle, and taking into account "
+    "the patient's history of smoking and the prior imaging study, is there any sign of a mass or effusion?"
+)
 
 
 def mixed() -> list[tuple[Sample, list]]:
@@ -24,8 +26,16 @@ def mixed() -> list[tuple[Sample, list]]:
         for q in ("Which organ?", LONG, "Is it normal?"):
             out.append((Sample(f"{k}-{len(out)}", msgs(("user", "<image>\n" + q)), images=["i"]), [img]))
     for q in ("Which organ?", LONG):
-        out.append((Sample(f"sys-{len(out)}", msgs(("system", "You are a careful radiology assistant."),
-                                                    ("user", "<image>\n" + q)), images=["i"]), [a]))
+        out.append(
+            (
+                Sample(
+                    f"sys-{len(out)}",
+                    msgs(("system", "You are a careful radiology assistant."), ("user", "<image>\n" + q)),
+                    images=["i"],
+                ),
+                [a],
+            )
+        )
     out.append((Sample("two", msgs(("user", "Compare <image> with <image>.")), images=["a", "b"]), [a, b]))
     out.append((Sample("text", msgs(("user", "What does a normal chest radiograph show?"))), []))
     return out
@@ -72,8 +82,11 @@ def test_a_chat_turn_reuses_the_previous_turn_and_answers_as_alone(family):
     turn1 = Sample("t1", msgs(("user", "<image>\nWhich organ?")), images=["a"])
     answer = "".join(engine.stream(turn1, settings, images=[a]))
     assert answer.strip() == processor.decode(hf_greedy(model, processor, turn1, [a])).strip()
-    turn2 = Sample("t2", msgs(("user", "<image>\nWhich organ?"), ("assistant", answer.strip() or "Yes."),
-                              ("user", "Are you sure?")), images=["a"])
+    turn2 = Sample(
+        "t2",
+        msgs(("user", "<image>\nWhich organ?"), ("assistant", answer.strip() or "Yes."), ("user", "Are you sure?")),
+        images=["a"],
+    )
     before = engine.prefix_cache.info()["hit_tokens"]
     p2 = engine.prepare(turn2, images=[a])
     got = "".join(engine.stream(turn2, settings, images=[a]))

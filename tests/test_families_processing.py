@@ -7,8 +7,8 @@ from importlib import resources
 
 import pytest
 import torch
-from family_helpers import (FAMILY_NAMES, images, learned_spans, msgs, multi_turn_sample, single_sample, tiny)
 
+from family_helpers import FAMILY_NAMES, images, learned_spans, msgs, multi_turn_sample, single_sample, tiny
 from medvlm.data.schema import Sample
 from medvlm.data.templates import ImageTruncationError
 from medvlm.errors import MedvlmError
@@ -49,8 +49,12 @@ def test_llava_v1_sq_learns_vuser_questions():
     _, proc = tiny("llava")
     sq = FamilyProcessor(proc.spec, proc.processor, get_template("v1_sq").to_jinja(), template="v1_sq")
     feat = sq.encode(multi_turn_sample(with_vuser=True), images=images())
-    assert learned_spans(sq, feat) == [" No mass is seen.</s>", " Which organ is shown?</s>", " The left lung.</s>",
-                                       " They look the same.</s>"]
+    assert learned_spans(sq, feat) == [
+        " No mass is seen.</s>",
+        " Which organ is shown?</s>",
+        " The left lung.</s>",
+        " They look the same.</s>",
+    ]
     with pytest.raises(MedvlmError, match="vuser"):
         proc.encode(multi_turn_sample(with_vuser=True), images=images())
 
@@ -69,16 +73,23 @@ def test_generation_prompt_has_no_labels_and_ends_with_the_answer_cue(family):
 
 
 # Stock templates shipped by TRL (the hub templates of these families); ours must write the same text.
-_STOCK = {"qwen2_5_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja", "gemma3": "gemma3.jinja",
-          "idefics3": "smolvlm.jinja"}
+_STOCK = {
+    "qwen2_5_vl": "qwen2_5_vl.jinja",
+    "qwen3_vl": "qwen3_vl.jinja",
+    "gemma3": "gemma3.jinja",
+    "idefics3": "smolvlm.jinja",
+}
 
 
 @pytest.mark.parametrize("family", sorted(_STOCK))
 def test_marked_template_renders_the_stock_template_text(family):
     _, proc = tiny(family)
     stock = resources.files("trl").joinpath("chat_templates", _STOCK[family]).read_text()
-    convs = [multi_turn_sample(with_vuser=False).messages, multi_turn_sample(with_vuser=False).messages[1:],
-             single_sample().messages]
+    convs = [
+        multi_turn_sample(with_vuser=False).messages,
+        multi_turn_sample(with_vuser=False).messages[1:],
+        single_sample().messages,
+    ]
     for conv in convs:
         hf = [m.to_dict() for m in conv]
         for gen in (False, True):
@@ -91,8 +102,9 @@ def test_marked_template_renders_the_stock_template_text(family):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_truncation_never_cuts_image_tokens(family):
     _, proc = tiny(family)
-    s = Sample("t", msgs(("user", "Look.\n<image>"), ("assistant", "A long answer about the image " * 3)),
-               images=["a.jpg"])
+    s = Sample(
+        "t", msgs(("user", "Look.\n<image>"), ("assistant", "A long answer about the image " * 3)), images=["a.jpg"]
+    )
     full = proc.encode(s, images=images()[:1])
     last_marker = max(i for i, t in enumerate(full["input_ids"].tolist()) if t in proc.marker_ids)
     cut = proc.encode(s, images=images()[:1], max_length=last_marker + 2)

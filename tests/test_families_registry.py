@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from family_helpers import FAMILY_NAMES, tiny
 
+from family_helpers import FAMILY_NAMES, tiny
 from medvlm.errors import MedvlmError
 from medvlm.model.families import FAMILIES, get_family
 from medvlm.model.families.spec import part_of
@@ -33,8 +33,11 @@ def test_processors_have_no_video_part(family):
 
 
 def test_unknown_family_lists_the_supported_ones():
-    with pytest.raises(MedvlmError, match="unsupported model family 'qwen2_vl'.*supported families: qwen2_5_vl, "
-                                          "qwen3_vl, gemma3, idefics3, llava, llava_onevision"):
+    with pytest.raises(
+        MedvlmError,
+        match="unsupported model family 'qwen2_vl'.*supported families: qwen2_5_vl, "
+        "qwen3_vl, gemma3, idefics3, llava, llava_onevision",
+    ):
         get_family("qwen2_vl")
     with pytest.raises(MedvlmError, match="SmolVLM v1.*idefics3"):
         get_family("smolvlm")

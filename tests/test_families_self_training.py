@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from train_helpers import make_demo, small_config
 from transformers import TrainerCallback
 
 from medvlm.errors import MedvlmError
@@ -22,6 +21,7 @@ from medvlm.train.dpo_ref import compute_ref_logps, load_ref_logps
 from medvlm.train.recipes.dpo import prepare_dpo
 from medvlm.train.run import run_training
 from medvlm.train.self_training import SelfQuestioningDataset
+from train_helpers import make_demo, small_config
 
 
 class Capture(TrainerCallback):
@@ -44,9 +44,19 @@ def qwen(tmp_path_factory):
 
 
 def _config(demo, start, out, **over):
-    keys = dict(model_name_or_path=str(start), preset=None, tune="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                vit_lora_r=4, vit_lora_alpha=8, learning_rate=3e-3, per_device_train_batch_size=2,
-                group_by_modality_length=False)
+    keys = dict(
+        model_name_or_path=str(start),
+        preset=None,
+        tune="lora",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        vit_lora_r=4,
+        vit_lora_alpha=8,
+        learning_rate=3e-3,
+        per_device_train_batch_size=2,
+        group_by_modality_length=False,
+    )
     keys.update(over)
     return small_config(demo, out, **keys)
 
@@ -90,13 +100,16 @@ def test_family_sq_learns_vuser_questions_with_tower_lora(demo, qwen, tmp_path):
     vuser = SelfQuestioningDataset(base, 1.0, seed=0)
     assert sum(int((vuser[i]["labels"] != -100).sum()) for i in range(4)) > plain  # the questions are learned
     cap = Capture()
-    result = run_training(_config(demo, start, tmp_path / "sq", stage="sq", data_path=str(data), max_steps=30,
-                                  sq_r=0.5, tune="full"), callbacks=[cap])
+    result = run_training(
+        _config(demo, start, tmp_path / "sq", stage="sq", data_path=str(data), max_steps=30, sq_r=0.5, tune="full"),
+        callbacks=[cap],
+    )
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert result.steps == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     # Tower LoRA trained; connector and LM trained fully; the tower's own weights bit-identical.
-    assert _check_only_adapters_and_connector_changed(cap.params, before, proc.spec,
-                                                      full=("connector", "language_model")) == {"vision_tower"}
+    assert _check_only_adapters_and_connector_changed(
+        cap.params, before, proc.spec, full=("connector", "language_model")
+    ) == {"vision_tower"}
     out = tmp_path / "sq"
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "medvlm_family.json").read_text())["family"] == "qwen2_5_vl"
@@ -112,9 +125,14 @@ def _write_prefs(demo, path, limit: int = 8) -> None:
         gold = r["conversations"][1]["value"]
         wrong = next(a for a in answers if a != gold)
         human = r["conversations"][0]
-        out.append({"id": f"vqa{r['id']}", "image": r["image"],
-                    "chosen_conversations": [human, {"from": "gpt", "value": gold}],
-                    "reject_conversations": [human, {"from": "gpt", "value": wrong}]})
+        out.append(
+            {
+                "id": f"vqa{r['id']}",
+                "image": r["image"],
+                "chosen_conversations": [human, {"from": "gpt", "value": gold}],
+                "reject_conversations": [human, {"from": "gpt", "value": wrong}],
+            }
+        )
     path.write_text(json.dumps(out))
 
 
@@ -123,15 +141,27 @@ def test_family_dpo_with_stored_reference_logps_learns_and_keeps_frozen_weights(
     prefs = tmp_path / "prefs.json"
     _write_prefs(demo, prefs)
     cap = Capture()
-    cfg = _config(demo, start, tmp_path / "dpo", stage="dpo", data_path=str(prefs), ref_logps="auto", max_steps=16,
-                  dpo_beta=0.5, learning_rate=5e-3)
+    cfg = _config(
+        demo,
+        start,
+        tmp_path / "dpo",
+        stage="dpo",
+        data_path=str(prefs),
+        ref_logps="auto",
+        max_steps=16,
+        dpo_beta=0.5,
+        learning_rate=5e-3,
+    )
     result = run_training(cfg, callbacks=[cap])
     rows = [h for h in result.log_history if "loss" in h]
     # Step 1: the policy is the reference (LoRA B = 0), so the stored reference log-probs equal the policy's own.
     assert rows[0]["logps/chosen"] == pytest.approx(rows[0]["logps/ref_chosen"], abs=1e-3)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert sum(r["loss"] for r in rows[-4:]) / 4 < math.log(2) - 0.1, [r["loss"] for r in rows]
-    assert _check_only_adapters_and_connector_changed(cap.params, before, proc.spec) == {"language_model", "vision_tower"}
+    assert _check_only_adapters_and_connector_changed(cap.params, before, proc.spec) == {
+        "language_model",
+        "vision_tower",
+    }
     stored, _ = load_ref_logps(tmp_path / "dpo" / "ref_logps.safetensors")
     # The stored values are the frozen reference's: the on-the-fly reference computes the same numbers.
     job = prepare_dpo(_config(demo, start, tmp_path / "fly", stage="dpo", data_path=str(prefs)), family="qwen2_5_vl")
@@ -146,8 +176,10 @@ def test_family_dpo_with_stored_reference_logps_learns_and_keeps_frozen_weights(
 
 def test_family_self_training_refusals(demo, qwen, tmp_path):
     start, _, _ = qwen
-    for over, why in (({"stage": "sq", "vit_lora_target_modules": ["nope"]}, "vit_lora_target_modules"),
-                      ({"stage": "dpo", "ref_visual_path": "policy"}, "ref_visual_path does not apply"),
-                      ({"stage": "sq", "tune": "qlora"}, "qlora")):
+    for over, why in (
+        ({"stage": "sq", "vit_lora_target_modules": ["nope"]}, "vit_lora_target_modules"),
+        ({"stage": "dpo", "ref_visual_path": "policy"}, "ref_visual_path does not apply"),
+        ({"stage": "sq", "tune": "qlora"}, "qlora"),
+    ):
         with pytest.raises(MedvlmError, match=why):
             run_training(_config(demo, start, tmp_path / "bad", data_path=str(demo / "instruct.json"), **over))

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from train_helpers import make_demo, small_config
 from transformers import TrainerCallback
 
 from medvlm.errors import MedvlmError
@@ -15,6 +14,7 @@ from medvlm.model.families.io import load_family
 from medvlm.model.families.spec import part_of
 from medvlm.model.families.tiny import init_tiny_family
 from medvlm.train.run import run_training
+from train_helpers import make_demo, small_config
 
 
 class Capture(TrainerCallback):
@@ -30,8 +30,15 @@ def demo(tmp_path_factory):
 
 
 def _config(demo, start, out, **over):
-    keys = dict(model_name_or_path=str(start), preset=None, max_steps=30, learning_rate=3e-3,
-                per_device_train_batch_size=2, group_by_modality_length=False, feature_cache="auto")
+    keys = dict(
+        model_name_or_path=str(start),
+        preset=None,
+        max_steps=30,
+        learning_rate=3e-3,
+        per_device_train_batch_size=2,
+        group_by_modality_length=False,
+        feature_cache="auto",
+    )
     keys.update(over)
     return small_config(demo, out, **keys)
 
@@ -46,8 +53,9 @@ def test_qwen2_5_vl_lora_sft_learns_and_leaves_frozen_weights_bit_identical(demo
     base, proc = load_family(start)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     cap = Capture()
-    cfg = _config(demo, start, tmp_path / "run", tune="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                  family="qwen2_5_vl")
+    cfg = _config(
+        demo, start, tmp_path / "run", tune="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, family="qwen2_5_vl"
+    )
     result = run_training(cfg, callbacks=[cap])
     first, last = _first_last(result)
     assert result.steps == 30 and last < first - 0.3, (first, last)
@@ -66,8 +74,9 @@ def test_qwen2_5_vl_lora_sft_learns_and_leaves_frozen_weights_bit_identical(demo
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "medvlm_family.json").read_text())["family"] == "qwen2_5_vl"
     trained, _ = load_family(out)  # the merged checkpoint loads like any family checkpoint
-    assert not torch.equal(trained.state_dict()["model.visual.merger.mlp.0.weight"],
-                           before["model.visual.merger.mlp.0.weight"])
+    assert not torch.equal(
+        trained.state_dict()["model.visual.merger.mlp.0.weight"], before["model.visual.merger.mlp.0.weight"]
+    )
     manifest = json.loads((out / "data_manifest.json").read_text())
     assert manifest["samples"] > 0 and manifest["template"] is None
 
@@ -91,14 +100,16 @@ def test_full_sft_and_align_train_exactly_their_parts(family, stage, demo, tmp_p
 
 def test_options_that_do_not_apply_are_refused_before_loading(demo, tmp_path):
     start = init_tiny_family("tiny-gemma3", tmp_path / "start")
-    for over, why in (({"stage": "dpo", "ref_visual_path": "policy"}, "ref_visual_path does not apply"),
-                      ({"stage": "sq", "vit_lora_grad": "published"}, "vit_lora_grad does not apply"),
-                      ({"packing": True}, "packing does not apply"),
-                      ({"feature_cache": "on"}, "feature_cache does not apply"),
-                      ({"template": "chatml"}, "template does not apply"),
-                      ({"stage": "sq", "distributed": "fsdp2_cpu"}, "distributed is not used by stage 'sq'"),
-                      ({"tune": "qlora"}, "qlora"),
-                      ({"family": "qwen2_5_vl"}, "is a gemma3 checkpoint")):
+    for over, why in (
+        ({"stage": "dpo", "ref_visual_path": "policy"}, "ref_visual_path does not apply"),
+        ({"stage": "sq", "vit_lora_grad": "published"}, "vit_lora_grad does not apply"),
+        ({"packing": True}, "packing does not apply"),
+        ({"feature_cache": "on"}, "feature_cache does not apply"),
+        ({"template": "chatml"}, "template does not apply"),
+        ({"stage": "sq", "distributed": "fsdp2_cpu"}, "distributed is not used by stage 'sq'"),
+        ({"tune": "qlora"}, "qlora"),
+        ({"family": "qwen2_5_vl"}, "is a gemma3 checkpoint"),
+    ):
         with pytest.raises(MedvlmError, match=why):
             run_training(_config(demo, start, tmp_path / "bad", **over))
         assert not (tmp_path / "bad").exists()

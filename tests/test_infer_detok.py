@@ -29,7 +29,7 @@ def feed(decode, ids: list[int], stops: list[str]):
         assert not inc.stopped
         # What the old full-decode path streamed at this step.
         vis = visible_text(raw, stops, final=False)
-        expect = vis[len(shown):] if vis.startswith(shown) and len(vis) > len(shown) else ""
+        expect = vis[len(shown) :] if vis.startswith(shown) and len(vis) > len(shown) else ""
         assert delta == expect, (n, raw)
         shown += delta
         deltas.append(delta)

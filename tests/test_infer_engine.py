@@ -17,8 +17,10 @@ from medvlm.model.build import build_preset
 
 QUESTIONS = [
     ("<image>\nWhat is shown?", ["synpic42202.jpg"]),
-    ("Is there evidence of an aortic aneurysm in this chest radiograph of an elderly patient?\n<image>",
-     ["synpic32933.jpg"]),
+    (
+        "Is there evidence of an aortic aneurysm in this chest radiograph of an elderly patient?\n<image>",
+        ["synpic32933.jpg"],
+    ),
     ("Compare the two images.\n<image>\n<image>", ["med_img_1.png", "bio_patch.png"]),
     ("Describe what a normal chest radiograph shows.", []),
     ("<image>\nWhich organ?", ["xy_chromosome.jpg"]),
@@ -26,8 +28,10 @@ QUESTIONS = [
 
 
 def _samples() -> list[Sample]:
-    return [Sample(id=f"q{i}", messages=[Message.from_text("user", q)], images=imgs)
-            for i, (q, imgs) in enumerate(QUESTIONS)]
+    return [
+        Sample(id=f"q{i}", messages=[Message.from_text("user", q)], images=imgs)
+        for i, (q, imgs) in enumerate(QUESTIONS)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,10 @@ def test_preloaded_images_and_trailing_answers(engine: InferenceEngine, shared_d
     pil = [[load_image(folder / p) for p in s.images] for s in samples]
     assert engine.generate(samples, settings, images=pil) == from_files
     # A gold assistant turn at the end (eval records) is dropped: the question is answered.
-    with_gold = [Sample(id=s.id, messages=[*s.messages, Message.from_text("assistant", "gold")], images=s.images)
-                 for s in samples]
+    with_gold = [
+        Sample(id=s.id, messages=[*s.messages, Message.from_text("assistant", "gold")], images=s.images)
+        for s in samples
+    ]
     assert engine.generate(with_gold, settings, image_folder=folder) == from_files
 
 
@@ -93,8 +99,9 @@ def test_sampling_is_reproducible_with_a_seed(engine: InferenceEngine, shared_di
     b = engine.generate(_samples()[:2], settings, image_folder=folder)
     assert a == b
     # it samples: other seeds give other answers, and the seeded answers are not the greedy ones
-    others = [engine.generate(_samples()[:2], dataclasses.replace(settings, seed=s), image_folder=folder)
-              for s in (1, 2, 3)]
+    others = [
+        engine.generate(_samples()[:2], dataclasses.replace(settings, seed=s), image_folder=folder) for s in (1, 2, 3)
+    ]
     assert any(o != a for o in others), (a, others)
     greedy = engine.generate(_samples()[:2], GenerationSettings(max_new_tokens=12), image_folder=folder)
     assert any(x != greedy for x in [a, *others]), greedy
@@ -102,7 +109,13 @@ def test_sampling_is_reproducible_with_a_seed(engine: InferenceEngine, shared_di
 
 def test_stop_token_sequences_match_the_answer_tail() -> None:
     seqs = [[7, 8], [9], []]  # an empty sequence never stops anything
-    assert [ends_with_any(ids, seqs) for ids in ([5, 7, 8], [3, 4, 9], [8, 7, 5], [], [8])] == [True, True, False, False, False]
+    assert [ends_with_any(ids, seqs) for ids in ([5, 7, 8], [3, 4, 9], [8, 7, 5], [], [8])] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_template_stop_sequences_cover_eos_and_stop_strings(engine: InferenceEngine) -> None:

@@ -20,12 +20,15 @@ from medvlm.infer.kv import PrefixCache, usable_prefix
 from medvlm.model.build import build_preset
 
 IMAGES = ["synpic42202.jpg", "synpic32933.jpg", "xy_chromosome.jpg"]
-LONG = ("Looking carefully at the region of the left lower lobe near the costophrenic angle, and taking into account "
-        "the patient's history of smoking and the prior imaging study, is there any sign of a mass or effusion?")
+LONG = (
+    "Looking carefully at the region of the left lower lobe near the costophrenic angle, and taking into account "
+    "the patient's history of smoking and the prior imaging study, is there any sign of a mass or effusion?"
+)
 
 
 def mixed_samples() -> list[Sample]:
     """Several questions per image (short and very long), other images, a system prompt, multi-image, text-only."""
+
     def user(images: int, text: str) -> Message:
         return Message("user", [image_part() for _ in range(images)] + [text_part(text)])
 
@@ -46,11 +49,17 @@ def reference(engine: InferenceEngine, sample: Sample, settings: GenerationSetti
     """transformers' generate on the whole prompt, alone (the path the engine must reproduce)."""
     p = engine.prepare(sample, image_folder=folder)
     tok = engine.processor.tokenizer
-    out = engine.model.generate(input_ids=p.input_ids[None], attention_mask=torch.ones(1, p.num_tokens, dtype=torch.long),
-                                pixel_values=p.pixel_values, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                suppress_tokens=engine.suppress_ids, pad_token_id=engine.processor.pad_token_id,
-                                eos_token_id=tok.eos_token_id)
-    new = out[0, p.num_tokens:].tolist()
+    out = engine.model.generate(
+        input_ids=p.input_ids[None],
+        attention_mask=torch.ones(1, p.num_tokens, dtype=torch.long),
+        pixel_values=p.pixel_values,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,
+        suppress_tokens=engine.suppress_ids,
+        pad_token_id=engine.processor.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    new = out[0, p.num_tokens :].tolist()
     if tok.eos_token_id in new:
         new = new[: new.index(tok.eos_token_id)]
     return visible_text(engine.processor.decode(new), engine.stop_strings(settings), final=True)
@@ -66,7 +75,9 @@ CASES = [  # (template, projector, im_start_end): every template, each projector
 ]
 
 
-@pytest.mark.parametrize("template,projector,im_se", CASES, ids=[f"{t}-{p}-{'se' if s else 'nose'}" for t, p, s in CASES])
+@pytest.mark.parametrize(
+    "template,projector,im_se", CASES, ids=[f"{t}-{p}-{'se' if s else 'nose'}" for t, p, s in CASES]
+)
 def test_prefix_reuse_equals_one_at_a_time(template: str, projector: str, im_se: bool, shared_dir: Path) -> None:
     model, processor = build_preset("tiny", projector=projector, template=template, mm_use_im_start_end=im_se, seed=3)
     engine = InferenceEngine(model, processor, batch_size=4)  # fewer rows than questions: rows join as others end
@@ -90,8 +101,12 @@ def _request(engine: InferenceEngine, sample: Sample, folder: Path, n: int, got:
     def done(res: BatchResult) -> None:
         got[key] = (res, "".join(deltas))
 
-    return BatchRequest(prompt=engine.prepare(sample, image_folder=folder),
-                        settings=GenerationSettings(max_new_tokens=n), on_delta=deltas.append, on_done=done)
+    return BatchRequest(
+        prompt=engine.prepare(sample, image_folder=folder),
+        settings=GenerationSettings(max_new_tokens=n),
+        on_delta=deltas.append,
+        on_done=done,
+    )
 
 
 def test_joining_a_running_batch_and_cancelling_a_row(shared_dir: Path) -> None:
@@ -99,8 +114,10 @@ def test_joining_a_running_batch_and_cancelling_a_row(shared_dir: Path) -> None:
     engine = InferenceEngine(model, processor, prefix_cache_bytes=0)  # no cache: joins run their whole prompt
     folder = shared_dir / "images"
     samples = mixed_samples()
-    alone = {i: reference(engine, samples[i], GenerationSettings(max_new_tokens=n), folder)
-             for i, n in ((0, 20), (1, 20), (9, 8), (11, 12))}
+    alone = {
+        i: reference(engine, samples[i], GenerationSettings(max_new_tokens=n), folder)
+        for i, n in ((0, 20), (1, 20), (9, 8), (11, 12))
+    }
     got: dict = {}
     b = engine.batcher(max_batch=4)
     b.add(_request(engine, samples[0], folder, 20, got, 0))
@@ -137,8 +154,11 @@ def test_chat_turns_reuse_the_conversation(shared_dir: Path) -> None:
     session = ChatSession(engine, settings, [image])
     for turn, q in enumerate(("What is shown?", "Which side?", "Anything else?")):
         before = engine.prefix_cache.info()["hit_tokens"]
-        sample = Sample("c", [*session.history, Message("user", ([] if session.history else [image_part()])
-                                                           + [text_part(q)])], ["i"])
+        sample = Sample(
+            "c",
+            [*session.history, Message("user", ([] if session.history else [image_part()]) + [text_part(q)])],
+            ["i"],
+        )
         prompt_len = engine.prepare(sample, images=[image]).num_tokens
         expected = fresh.generate([sample], settings, images=[[image]])[0]
         assert session.ask(q) == expected
@@ -204,8 +224,9 @@ def test_indexed_lookup_equals_a_scan_of_every_entry() -> None:
             cache.insert(ids, spans, digests, _entry(len(ids)))
             continue
         floor = spans[-1][1] if spans and rng.random() < 0.5 else 0
-        scan = [usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, len(ids) - 1)
-                for e in cache._entries.values()]
+        scan = [
+            usable_prefix(e.ids, e.spans, e.digests, ids, spans, digests, len(ids) - 1) for e in cache._entries.values()
+        ]
         expected = max([n for n in scan if n >= floor], default=0)
         assert cache.lookup(ids, spans, digests, limit=len(ids) - 1, floor=floor)[0] == expected
     assert len(cache) > 20 and cache.nbytes == sum(e.nbytes for e in cache._entries.values())
@@ -231,10 +252,17 @@ def test_rows_leave_as_they_end_and_waiting_requests_take_their_place_in_order(s
     b = engine.batcher(max_batch=2)
     limits = [3, 12, 3, 3]
     for i, n in enumerate(limits):
+
         def done(res: BatchResult, i: int = i) -> None:
             finished.append((i, b.steps, res.finish_reason))
-        b.add(BatchRequest(prompt=engine.prepare(samples[i], image_folder=folder),
-                           settings=GenerationSettings(max_new_tokens=n), on_done=done))
+
+        b.add(
+            BatchRequest(
+                prompt=engine.prepare(samples[i], image_folder=folder),
+                settings=GenerationSettings(max_new_tokens=n),
+                on_done=done,
+            )
+        )
     b.run()
     assert [f[2] for f in finished] == ["length"] * 4
     # The short requests do not wait for the long one: each takes the row freed by the one before it (FIFO).

@@ -44,8 +44,10 @@ def _case(body) -> str:
 
 def _reply(body) -> str:
     case = _case(body) or "shared"
-    return (f"User: What modality is shown in {case}?\nAssistant: This is a CT image of {case}.\n"
-            "User: What is the main finding?\nAssistant: A small nodule in the right upper lobe.")
+    return (
+        f"User: What modality is shown in {case}?\nAssistant: This is a CT image of {case}.\n"
+        "User: What is the main finding?\nAssistant: A small nodule in the right upper lobe."
+    )
 
 
 def _captions(tmp_path: Path, per_domain: dict[str, int]) -> Path:
@@ -53,9 +55,15 @@ def _captions(tmp_path: Path, per_domain: dict[str, int]) -> Path:
     for dom, k in per_domain.items():
         items = []
         for _ in range(k):
-            items.append({"pair_id": f"P{n}_F1", "fig_label": "Figure 1", "fig_caption": f"Case P{n}: a {dom} image.",
-                          "in_text_mention": [f"As shown in Figure 1 , case P{n} ."],
-                          "domain": {d: d == dom for d in DOMAINS}})
+            items.append(
+                {
+                    "pair_id": f"P{n}_F1",
+                    "fig_label": "Figure 1",
+                    "fig_caption": f"Case P{n}: a {dom} image.",
+                    "in_text_mention": [f"As shown in Figure 1 , case P{n} ."],
+                    "domain": {d: d == dom for d in DOMAINS},
+                }
+            )
             n += 1
         data[dom] = items
     path = tmp_path / "fig_captions.json"
@@ -64,8 +72,16 @@ def _captions(tmp_path: Path, per_domain: dict[str, int]) -> Path:
 
 
 def _llm(server, **kw) -> LLMConfig:
-    base = dict(model="gpt-4o", base_url=server.base_url, api_key_env="MEDVLM_TEST_KEY", retries=2, backoff_base=0.01,
-                timeout=0.5, concurrency=3, progress=False)
+    base = dict(
+        model="gpt-4o",
+        base_url=server.base_url,
+        api_key_env="MEDVLM_TEST_KEY",
+        retries=2,
+        backoff_base=0.01,
+        timeout=0.5,
+        concurrency=3,
+        progress=False,
+    )
     base.update(kw)
     return LLMConfig(**base)
 
@@ -75,6 +91,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 # ---- prompts ----------------------------------------------------------------------------------
+
 
 def test_prompt_has_system_few_shot_and_the_figure_context(shared_dir):
     prompts = load_prompts()
@@ -88,7 +105,8 @@ def test_prompt_has_system_few_shot_and_the_figure_context(shared_dir):
     assert "Figure Context:\n- " in msgs[1]["content"]  # the examples show mentions too when asked
     assert msgs[-1]["content"] == (
         "Figure Caption:\nFig. 3: " + hist.fig_caption + "\n\nFigure Context:\n"
-        "- Inflammatory cells were not found in the vicinity ( Fig. 3 , 4 , 5 ) .")
+        "- Inflammatory cells were not found in the vicinity ( Fig. 3 , 4 , 5 ) ."
+    )
     plain = build_messages(hist, prompts, inline_mentions=False)
     assert all("Figure Context" not in m["content"] for m in plain)
     no_mentions = build_messages(groups["histology"][1], prompts, inline_mentions=True)  # in_text_mention: null
@@ -106,8 +124,16 @@ def test_a_replaced_few_shot_file_is_validated(tmp_path):
     with pytest.raises(MedvlmError, match=r"examples\[0\]\.conversation\[0\]"):
         load_prompts(bad)
     good = tmp_path / "fs2.json"
-    good.write_text(json.dumps({"system": "Be brief.", "examples": [
-        {"fig_label": "Fig. 1", "fig_caption": "A CT.", "conversation": [{"user": "Q?", "assistant": "A."}]}]}))
+    good.write_text(
+        json.dumps(
+            {
+                "system": "Be brief.",
+                "examples": [
+                    {"fig_label": "Fig. 1", "fig_caption": "A CT.", "conversation": [{"user": "Q?", "assistant": "A."}]}
+                ],
+            }
+        )
+    )
     p = load_prompts(good)
     assert p.system == "Be brief." and p.examples[0].conversation == [("Q?", "A.")]
 
@@ -124,10 +150,16 @@ def test_selection_is_round_robin_deduplicated_and_exact(tmp_path):
 
 # ---- generation against the fake server ----------------------------------------------------
 
+
 def test_generate_with_faults_resume_and_zero_requests_on_rerun(openai_server_factory, tmp_path):
-    faults = {"P0": [Fault("status", 429, retry_after="1")], "P1": [Fault("status", 500)],
-              "P2": [Fault("timeout", delay=1.0)], "P3": [Fault("malformed")], "P4": [Fault("empty")],
-              "P5": [Fault("status", 500, repeat=True)]}
+    faults = {
+        "P0": [Fault("status", 429, retry_after="1")],
+        "P1": [Fault("status", 500)],
+        "P2": [Fault("timeout", delay=1.0)],
+        "P3": [Fault("malformed")],
+        "P4": [Fault("empty")],
+        "P5": [Fault("status", 500, repeat=True)],
+    }
     server = openai_server_factory(_reply, key_fn=_case, faults_by_key=faults)
     caps = _captions(tmp_path, {"chest_xray": 3, "ct_scan": 3, "histology": 2})
     cfg = GenerateConfig(captions=caps, out=tmp_path / "gen.jsonl", inline_mentions=True)
@@ -144,7 +176,10 @@ def test_generate_with_faults_resume_and_zero_requests_on_rerun(openai_server_fa
     assert row["result"] == _reply({"messages": [{"role": "user", "content": "Case P2"}]})
     assert row["fig_caption"] == "Case P2: a chest_xray image." and row["in_text_mention"]  # input kept
     assert row["generation"]["model"] == "gpt-4o" and row["generation"]["usage"]["prompt_tokens"] == 10
-    assert "Figure Context:\n- As shown in Figure 1 , case P2 ." in server.requests_for("P2")[-1].body["messages"][-1]["content"]
+    assert (
+        "Figure Context:\n- As shown in Figure 1 , case P2 ."
+        in server.requests_for("P2")[-1].body["messages"][-1]["content"]
+    )
 
     server.clear_faults()
     server.reset_log()
@@ -199,9 +234,27 @@ def test_cli_generate_then_postprocess(openai_server_factory, tmp_path, shared_d
     server = openai_server_factory(_reply)
     gen, out = tmp_path / "gen.jsonl", tmp_path / "instruct.json"
     runner = CliRunner()
-    res = runner.invoke(cli_app, ["instruct", "generate", "--captions", str(shared_dir / "formats" / "fig_captions_sample.json"),
-                                  "--out", str(gen), "--max-samples", "2", "--inline-mentions", "--llm-model", "gpt-4o",
-                                  "--base-url", server.base_url, "--api-key-env", "MEDVLM_TEST_KEY", "--no-progress"])
+    res = runner.invoke(
+        cli_app,
+        [
+            "instruct",
+            "generate",
+            "--captions",
+            str(shared_dir / "formats" / "fig_captions_sample.json"),
+            "--out",
+            str(gen),
+            "--max-samples",
+            "2",
+            "--inline-mentions",
+            "--llm-model",
+            "gpt-4o",
+            "--base-url",
+            server.base_url,
+            "--api-key-env",
+            "MEDVLM_TEST_KEY",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "generated 2" in res.output and "cost: $" in res.output
     res = runner.invoke(cli_app, ["instruct", "postprocess", "--in", str(gen), "--out", str(out), "--seed", "3"])
@@ -216,16 +269,33 @@ def test_cli_generate_then_postprocess(openai_server_factory, tmp_path, shared_d
 def test_cli_generate_reports_failures_with_exit_code_1(openai_server_factory, tmp_path, shared_dir):
     server = openai_server_factory(_reply, faults_by_index={0: Fault("status", 500)})
     server.add_fault(Fault("status", 503), index=1)
-    res = CliRunner().invoke(cli_app, [
-        "instruct", "generate", "--captions", str(shared_dir / "formats" / "fig_captions_sample.json"),
-        "--out", str(tmp_path / "gen.jsonl"), "--base-url", server.base_url, "--api-key-env", "MEDVLM_TEST_KEY",
-        "--retries", "0", "--concurrency", "1", "--no-progress"])
+    res = CliRunner().invoke(
+        cli_app,
+        [
+            "instruct",
+            "generate",
+            "--captions",
+            str(shared_dir / "formats" / "fig_captions_sample.json"),
+            "--out",
+            str(tmp_path / "gen.jsonl"),
+            "--base-url",
+            server.base_url,
+            "--api-key-env",
+            "MEDVLM_TEST_KEY",
+            "--retries",
+            "0",
+            "--concurrency",
+            "1",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 1
     assert "2 figures failed" in res.output and "rerun the same command" in res.output
     assert len(_lines(tmp_path / "gen.jsonl")) == 1
 
 
 # ---- post-processing ---------------------------------------------------------------------------
+
 
 def test_postprocess_fixture_drop_counts_casing_and_image_placeholder(tmp_path):
     out = tmp_path / "instruct.json"
@@ -240,8 +310,13 @@ def test_postprocess_fixture_drop_counts_casing_and_image_placeholder(tmp_path):
     # 8 F_1: preamble and "---" ignored, 2 pairs kept, "User 2" has an empty answer (empty_turn), the last
     #        question "User 4" has none (unpaired_turn).
     assert dict(rep.pair_drops) == {"no_image_access": 3, "mentions_caption": 1, "unpaired_turn": 1, "empty_turn": 1}
-    assert dict(rep.sample_drops) == {"parse_error": 1, "bad_line": 1, "no_pairs_left": 1, "duplicate_id": 1,
-                                      "missing_result": 1}
+    assert dict(rep.sample_drops) == {
+        "parse_error": 1,
+        "bad_line": 1,
+        "no_pairs_left": 1,
+        "duplicate_id": 1,
+        "missing_result": 1,
+    }
     assert (rep.samples_read, rep.samples_written, rep.pairs_kept) == (8, 3, 6)
     assert ":4:" in rep.problems[1] and "C_1" in rep.problems[0]  # reported in file order, naming the line
     data = {d["id"]: d for d in json.loads(out.read_text())}
@@ -251,19 +326,25 @@ def test_postprocess_fixture_drop_counts_casing_and_image_placeholder(tmp_path):
         return v.replace("<image>", "").strip()
 
     a = [strip(t["value"]) for t in data["A_1"]["conversations"]]
-    assert a == ["What imaging modality is used here?", "This is an axial CT scan of the chest.",
-                 "What is seen in the right lung?",
-                 "A cavitating MRSA pneumonia lesion is visible in the right upper lobe with an air-fluid level.",
-                 "Is there pleural fluid?", "A small right pleural effusion is present."]
+    assert a == [
+        "What imaging modality is used here?",
+        "This is an axial CT scan of the chest.",
+        "What is seen in the right lung?",
+        "A cavitating MRSA pneumonia lesion is visible in the right upper lobe with an air-fluid level.",
+        "Is there pleural fluid?",
+        "A small right pleural effusion is present.",
+    ]
     # the first pair of B_1 was dropped: the placeholder moved to the new first question
     b = data["B_1"]["conversations"]
     assert strip(b[0]["value"]) == "Which stain was used?" and "<image>" in b[0]["value"] and len(b) == 2
     f = [strip(t["value"]) for t in data["F_1"]["conversations"]]
-    assert f == ["Can you give a detailed description of the image?",
-                 "This T2-weighted MRI shows a hyperintense lesion in the left temporal lobe.\nIt is surrounded by oedema.",
-                 "How should this be read?",
-                 "In the context of seizures, a temporal lobe lesion like this is often evaluated further with "
-                 "contrast-enhanced MRI."]
+    assert f == [
+        "Can you give a detailed description of the image?",
+        "This T2-weighted MRI shows a hyperintense lesion in the left temporal lobe.\nIt is surrounded by oedema.",
+        "How should this be read?",
+        "In the context of seizures, a temporal lobe lesion like this is often evaluated further with "
+        "contrast-enhanced MRI.",
+    ]
     for d in data.values():
         conv = d["conversations"]
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
@@ -304,8 +385,15 @@ def test_postprocess_real_image_extension_and_bad_inputs(tmp_path):
 
 
 def test_turn_parsing_tolerates_formatting():
-    text = ("Sure! Here it is.\n\n**User:** What is it?\n**Assistant:** A CT.\n\n2) user : Where?\n"
-            "- **Assistant**: In the LEFT lung.\nIt is small.\n### User 3: Size?\n  Assistant 3:   2 cm.")
-    assert parse_turns(text) == [("user", "What is it?"), ("assistant", "A CT."), ("user", "Where?"),
-                                 ("assistant", "In the LEFT lung.\nIt is small."), ("user", "Size?"),
-                                 ("assistant", "2 cm.")]
+    text = (
+        "Sure! Here it is.\n\n**User:** What is it?\n**Assistant:** A CT.\n\n2) user : Where?\n"
+        "- **Assistant**: In the LEFT lung.\nIt is small.\n### User 3: Size?\n  Assistant 3:   2 cm."
+    )
+    assert parse_turns(text) == [
+        ("user", "What is it?"),
+        ("assistant", "A CT."),
+        ("user", "Where?"),
+        ("assistant", "In the LEFT lung.\nIt is small."),
+        ("user", "Size?"),
+        ("assistant", "2 cm."),
+    ]

@@ -11,7 +11,6 @@ from typing import Annotated
 
 import pytest
 import typer
-from openai_test_server import Fault, openai_server_factory  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from medvlm.errors import MedvlmError
@@ -24,6 +23,7 @@ from medvlm.llm import (
     lookup_price,
     retry_after_seconds,
 )
+from openai_test_server import Fault, openai_server_factory  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +32,17 @@ def _key(monkeypatch):
 
 
 def _cfg(server, tmp_path: Path | None = None, **kw) -> LLMConfig:
-    base = dict(model="gpt-4o", base_url=server.base_url, api_key_env="MEDVLM_TEST_KEY", retries=3, backoff_base=0.01,
-                timeout=5.0, concurrency=3, progress=False, cache_path=(tmp_path / "cache.sqlite") if tmp_path else None)
+    base = dict(
+        model="gpt-4o",
+        base_url=server.base_url,
+        api_key_env="MEDVLM_TEST_KEY",
+        retries=3,
+        backoff_base=0.01,
+        timeout=5.0,
+        concurrency=3,
+        progress=False,
+        cache_path=(tmp_path / "cache.sqlite") if tmp_path else None,
+    )
     base.update(kw)
     return LLMConfig(**base)
 
@@ -54,14 +63,21 @@ def test_429_retry_after_is_honoured(openai_server_factory):
 
 
 def test_each_fault_kind_is_retried_and_the_batch_completes(openai_server_factory):
-    faults = {"500": [Fault("status", 500)], "503": [Fault("status", 503)],
-              "timeout": [Fault("timeout", delay=1.0)], "malformed": [Fault("malformed")],
-              "empty": [Fault("empty")], "429ms": [Fault("status", 429, retry_after_ms="20")]}
+    faults = {
+        "500": [Fault("status", 500)],
+        "503": [Fault("status", 503)],
+        "timeout": [Fault("timeout", delay=1.0)],
+        "malformed": [Fault("malformed")],
+        "empty": [Fault("empty")],
+        "429ms": [Fault("status", 429, retry_after_ms="20")],
+    }
     server = openai_server_factory(lambda body: f"reply to {body['messages'][-1]['content']}", faults_by_key=faults)
     keys = [*faults, "clean1", "clean2"]
     seen = []
     with LLMClient(_cfg(server, timeout=0.4)) as client:
-        results = client.complete_many([LLMRequest(_msgs(k), tag=k) for k in keys], on_result=lambda r: seen.append(r.tag))
+        results = client.complete_many(
+            [LLMRequest(_msgs(k), tag=k) for k in keys], on_result=lambda r: seen.append(r.tag)
+        )
     assert [r.tag for r in results] == keys  # returned in request order
     assert sorted(seen) == sorted(keys)
     assert all(r.ok for r in results), [r.error for r in results]
@@ -69,12 +85,20 @@ def test_each_fault_kind_is_retried_and_the_batch_completes(openai_server_factor
     for k in faults:
         assert [r.outcome for r in server.requests_for(k)][-1] == "ok" and len(server.requests_for(k)) == 2, k
     assert client.usage.completed == len(keys) and client.usage.failed == 0
-    assert set(client.usage.retries) == {"HTTP 500", "HTTP 503", "timeout", "malformed reply", "empty reply", "HTTP 429"}
+    assert set(client.usage.retries) == {
+        "HTTP 500",
+        "HTTP 503",
+        "timeout",
+        "malformed reply",
+        "empty reply",
+        "HTTP 429",
+    }
 
 
 def test_a_request_that_keeps_failing_fails_alone(openai_server_factory):
-    server = openai_server_factory(faults_by_key={"bad": [Fault("status", 502, repeat=True)],
-                                                  "invalid": [Fault("status", 400)]})
+    server = openai_server_factory(
+        faults_by_key={"bad": [Fault("status", 502, repeat=True)], "invalid": [Fault("status", 400)]}
+    )
     with LLMClient(_cfg(server, retries=2)) as client:
         results = client.complete_many([LLMRequest(_msgs(k), tag=k) for k in ("ok1", "bad", "invalid", "ok2")])
     by = {r.tag: r for r in results}
@@ -116,8 +140,15 @@ def test_auth_error_stops_the_batch(openai_server_factory):
 
 
 def test_connection_errors_are_retried_then_reported(tmp_path):
-    cfg = LLMConfig(model="m", base_url="http://127.0.0.1:9/v1", api_key_env="", retries=2, backoff_base=0.01,
-                    timeout=2.0, progress=False)
+    cfg = LLMConfig(
+        model="m",
+        base_url="http://127.0.0.1:9/v1",
+        api_key_env="",
+        retries=2,
+        backoff_base=0.01,
+        timeout=2.0,
+        progress=False,
+    )
     with LLMClient(cfg) as client:
         res = client.complete(_msgs("q"))
     assert not res.ok and res.attempts == 3 and "connection error" in res.error
@@ -220,13 +251,33 @@ def test_shared_typer_options_build_the_config():
     def judge(answers: Annotated[str, typer.Option("--answers")], *, llm: LLMConfig) -> None:
         got["answers"], got["llm"] = answers, llm
 
-    res = CliRunner().invoke(app, ["--answers", "a.jsonl", "--base-url", "http://x/v1", "--temperature", "0.3",
-                                   "--cache", "c.sqlite", "--no-progress", "--max-tokens-field", "max_completion_tokens"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "--answers",
+            "a.jsonl",
+            "--base-url",
+            "http://x/v1",
+            "--temperature",
+            "0.3",
+            "--cache",
+            "c.sqlite",
+            "--no-progress",
+            "--max-tokens-field",
+            "max_completion_tokens",
+        ],
+    )
     assert res.exit_code == 0, res.output
     llm = got["llm"]
     assert got["answers"] == "a.jsonl"
     assert (llm.model, llm.concurrency, llm.base_url, llm.temperature, llm.cache_path, llm.progress) == (
-        "judge-model", 2, "http://x/v1", 0.3, Path("c.sqlite"), False)
+        "judge-model",
+        2,
+        "http://x/v1",
+        0.3,
+        Path("c.sqlite"),
+        False,
+    )
     assert llm.max_tokens_field == "max_completion_tokens"
     assert json.dumps(llm.extra_params) == "{}"
     # the LLM's name is --llm-model: --model means a medvlm checkpoint everywhere in the CLI
@@ -242,7 +293,12 @@ def test_request_body_fields(openai_server_factory):
         assert client.complete(_msgs("q"), {"temperature": 0.2}).ok
     body = server.requests[0].body
     assert (body["model"], body["max_completion_tokens"], body["seed"], body["top_p"], body["temperature"]) == (
-        "gpt-4o", 77, 5, 0.5, 0.2)
+        "gpt-4o",
+        77,
+        5,
+        0.5,
+        0.2,
+    )
     assert "max_tokens" not in body
     with pytest.raises(MedvlmError, match="max_tokens_field"):
         LLMClient(_cfg(server, max_tokens_field="tokens"))

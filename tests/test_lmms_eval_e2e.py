@@ -43,15 +43,32 @@ def _env(hf_home: Path | None = None) -> dict[str, str]:
 
 def _run_lmms(include: Path, tasks: list[str], base_url: str, model: str, out: Path) -> dict:
     """``lmms-eval --model openai ... --include_path ... --log_samples``; its aggregates and logged answers per task."""
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "openai", "--model_args", f"model_version={model},base_url={base_url}",
-           "--tasks", ",".join(tasks), "--include_path", str(include), "--batch_size", "1", "--log_samples",
-           "--output_path", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "openai",
+        "--model_args",
+        f"model_version={model},base_url={base_url}",
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(include),
+        "--batch_size",
+        "1",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=_env(out / "hf_home"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (results,) = out.glob("*/*_results.json")
     data = json.loads(results.read_text())
-    numbers = {t: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "_stderr" not in k}
-               for t, r in data["results"].items()}
+    numbers = {
+        t: {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none") and "_stderr" not in k}
+        for t, r in data["results"].items()
+    }
     answers = {}
     for t in tasks:
         (samples,) = out.glob(f"*/*_samples_{t}.jsonl")
@@ -63,8 +80,10 @@ def _run_lmms(include: Path, tasks: list[str], base_url: str, model: str, out: P
 
 
 def _export(root: Path, cases: list[tuple[str, str]], data: dict[str, Path]) -> dict[tuple[str, str], Path]:
-    return {(t, p): Path(export_lmms_task(t, p, data[t], root / f"{t}-{p}", prompt_suffix=SUFFIX, max_new_tokens=8)["out"])
-            for t, p in cases}
+    return {
+        (t, p): Path(export_lmms_task(t, p, data[t], root / f"{t}-{p}", prompt_suffix=SUFFIX, max_new_tokens=8)["out"])
+        for t, p in cases
+    }
 
 
 def _check(run: dict, cases, gt_root: Path, data: dict[str, Path], tmp: Path) -> list[dict]:
@@ -76,8 +95,12 @@ def _check(run: dict, cases, gt_root: Path, data: dict[str, Path], tmp: Path) ->
             convert_benchmark(task, data[task], gt)
         answers = run["answers"][name]
         assert len(answers) == 6
-        res = score_files(gt / "test.json", write_answers(tmp / f"{name}.jsonl", answers), protocol,
-                          gt / "train_open_answers.json" if protocol == "llava-med-single" else None)
+        res = score_files(
+            gt / "test.json",
+            write_answers(tmp / f"{name}.jsonl", answers),
+            protocol,
+            gt / "train_open_answers.json" if protocol == "llava-med-single" else None,
+        )
         want = lmms_keys(res)
         assert run["numbers"][name] == want, name
         checked.append(want)
@@ -95,9 +118,27 @@ def test_lmms_eval_against_medvlm_serve_api_equals_eval_score(setup, tmp_path):
     include = tmp_path / "tasks"
     _export(include, cases, setup["data"])
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "medvlm", "serve", "api", "--model", str(setup["model"]),
-                               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny"],
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medvlm",
+            "serve",
+            "api",
+            "--model",
+            str(setup["model"]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -108,8 +149,9 @@ def test_lmms_eval_against_medvlm_serve_api_equals_eval_score(setup, tmp_path):
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "medvlm serve api did not start"
             time.sleep(0.3)
-        run = _run_lmms(include, [task_name(t, p) for t, p in cases], f"http://127.0.0.1:{port}/v1", "tiny",
-                        tmp_path / "run")
+        run = _run_lmms(
+            include, [task_name(t, p) for t, p in cases], f"http://127.0.0.1:{port}/v1", "tiny", tmp_path / "run"
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -138,6 +180,11 @@ def test_lmms_eval_with_scripted_answers_equals_eval_score(setup, tmp_path, open
     run = _run_lmms(include, [task_name(t, p) for t, p in cases], server.base_url, "scripted", tmp_path / "run")
     numbers = _check(run, cases, tmp_path / "gt", setup["data"], tmp_path)
     assert all(any(0 < v < 100 for v in n.values()) for n in numbers)
-    images = [p for r in server.requests for m in r.body["messages"] for p in m["content"] if isinstance(m["content"], list)
-              and p.get("type") == "image_url"]
+    images = [
+        p
+        for r in server.requests
+        for m in r.body["messages"]
+        for p in m["content"]
+        if isinstance(m["content"], list) and p.get("type") == "image_url"
+    ]
     assert len(images) == 18  # every question went with its image

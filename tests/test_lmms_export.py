@@ -28,8 +28,9 @@ def exported(tmp_path_factory) -> dict:
     tasks = {}
     for task, protocol in CASES:
         out = root / "tasks" / f"{task}-{protocol}"
-        res = export_lmms_task(task, protocol, data[task], out, prompt_suffix="\nAnswer briefly.", closed_options=True,
-                               max_new_tokens=8)
+        res = export_lmms_task(
+            task, protocol, data[task], out, prompt_suffix="\nAnswer briefly.", closed_options=True, max_new_tokens=8
+        )
         assert res["task_name"] == task_name(task, protocol) and res["n_questions"] == 6
         tasks[(task, protocol)] = out
     gts = {}
@@ -41,8 +42,12 @@ def exported(tmp_path_factory) -> dict:
 
 def _medvlm_scores(exported, task, protocol, answers, tmp_path) -> dict[str, float]:
     gt = exported["gt"][task]
-    res = score_files(gt / "test.json", write_answers(tmp_path / f"{task}-{protocol}.jsonl", answers), protocol,
-                      gt / "train_open_answers.json" if protocol == "llava-med-single" else None)
+    res = score_files(
+        gt / "test.json",
+        write_answers(tmp_path / f"{task}-{protocol}.jsonl", answers),
+        protocol,
+        gt / "train_open_answers.json" if protocol == "llava-med-single" else None,
+    )
     return lmms_keys(res)
 
 
@@ -79,8 +84,9 @@ def test_the_generated_copy_scores_the_same_without_medvlm(exported, tmp_path):
     in_process = load_task_yaml(exported["tasks"][CASES[0]] / f"{task_name(*CASES[0])}.yaml")
     assert in_process["process_results"].__globals__["SCORER"] == "medvlm"  # installed, same protocol version
     for (task, protocol), out in exported["tasks"].items():
-        assert {p.name for p in (out / "medvlm_scoring").iterdir() if p.suffix == ".py"} == \
-            {n for _, n in SCORING_SOURCES} | {"__init__.py"}
+        assert {p.name for p in (out / "medvlm_scoring").iterdir() if p.suffix == ".py"} == {
+            n for _, n in SCORING_SOURCES
+        } | {"__init__.py"}
         for name, text in scoring_copy_sources().items():
             assert (out / "medvlm_scoring" / name).read_text(encoding="utf-8") == text
         docs = read_docs(out)

@@ -25,8 +25,9 @@ from medvlm.infer.engine import GenerationSettings, InferenceEngine
 from medvlm.model.build import build_preset, compose, load_pretrained, save_checkpoint
 from medvlm.model.tokenizer import default_corpus
 
-VISION = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=3, num_attention_heads=2)
+VISION = CLIPVisionConfig(
+    image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+)
 
 
 def _write_lm(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
@@ -34,14 +35,30 @@ def _write_lm(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        default_corpus(),
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
-                                      bos_token_id=1, eos_token_id=2))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(hf),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
     lm.save_pretrained(folder)
     hf.save_pretrained(folder)
     return lm, hf
@@ -50,12 +67,17 @@ def _write_lm(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
 def _write_tower(folder: Path, full_clip: bool) -> torch.nn.Module:
     torch.manual_seed(1)
     if full_clip:  # a full CLIP dual encoder + its image processor, as openai/clip-vit-* folders are
-        text = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2)
+        text = CLIPTextConfig(
+            vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
         clip = CLIPModel(CLIPConfig(vision_config=VISION.to_dict(), text_config=text.to_dict()))
         clip.save_pretrained(folder)
-        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+        CLIPImageProcessorPil(
+            size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        ).save_pretrained(folder)
         return clip.vision_model
     tower = CLIPVisionModel(VISION)
     tower.save_pretrained(folder)
@@ -66,8 +88,14 @@ def _write_tower(folder: Path, full_clip: bool) -> torch.nn.Module:
 def test_compose_from_local_folders(tmp_path: Path, full_clip: bool, shared_dir: Path) -> None:
     lm, lm_tok = _write_lm(tmp_path / "lm")
     tower = _write_tower(tmp_path / "tower", full_clip)
-    model, processor = compose(tmp_path / "tower", tmp_path / "lm", projector="linear", template="vicuna_v1",
-                               aspect="pad", mm_use_im_start_end=True)
+    model, processor = compose(
+        tmp_path / "tower",
+        tmp_path / "lm",
+        projector="linear",
+        template="vicuna_v1",
+        aspect="pad",
+        mm_use_im_start_end=True,
+    )
     # Tokens added: <image>, <im_start>, <im_end>; embeddings resized; LM head still tied.
     assert len(processor.tokenizer) == len(lm_tok) + 3
     emb = model.get_input_embeddings().weight
@@ -80,19 +108,25 @@ def test_compose_from_local_folders(tmp_path: Path, full_clip: bool, shared_dir:
     for k, v in model.vision_tower.state_dict().items():
         ref = src.get(k, src.get(k.removeprefix("vision_model.")))
         assert ref is not None and torch.equal(v, ref), k
-    assert torch.equal(model.language_model.model.layers[1].mlp.down_proj.weight, lm.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(
+        model.language_model.model.layers[1].mlp.down_proj.weight, lm.model.layers[1].mlp.down_proj.weight
+    )
     assert model.config.image_seq_length == 16 and model.config.mm_use_im_start_end
     expected_mean = [0.5, 0.5, 0.5] if full_clip else list(CLIPImageProcessorPil().image_mean)
     assert list(processor.image_processor.image_mean) == pytest.approx(expected_mean)
     # It runs, trains and survives a save/load.
-    sample = Sample(id="c", messages=[Message.from_text("user", "<image>\nWhat is it?"),
-                                      Message.from_text("assistant", "A radiograph.")], images=["synpic42202.jpg"])
+    sample = Sample(
+        id="c",
+        messages=[Message.from_text("user", "<image>\nWhat is it?"), Message.from_text("assistant", "A radiograph.")],
+        images=["synpic42202.jpg"],
+    )
     feats = processor.encode(sample, image_folder=shared_dir / "images")
     ids = feats["input_ids"].tolist()
     assert ids.count(processor.im_start_token_id) == 1 and ids.count(processor.image_token_id) == 16
     model.train()
-    loss = model(input_ids=feats["input_ids"][None], labels=feats["labels"][None],
-                 pixel_values=feats["pixel_values"]).loss
+    loss = model(
+        input_ids=feats["input_ids"][None], labels=feats["labels"][None], pixel_values=feats["pixel_values"]
+    ).loss
     loss.backward()
     assert model.projector.weight.grad is not None
     model.eval()
@@ -117,7 +151,9 @@ def test_compose_refuses_pickled_language_model(tmp_path: Path) -> None:
 def test_preset_errors_are_clear() -> None:
     with pytest.raises(MedvlmError, match="unknown preset 'huge'; choose one of tiny, smol"):
         build_preset("huge")
-    with pytest.raises(MedvlmError, match="unknown projector_type 'qformer'; choose one of linear, mlp2x_gelu, cluster"):
+    with pytest.raises(
+        MedvlmError, match="unknown projector_type 'qformer'; choose one of linear, mlp2x_gelu, cluster"
+    ):
         build_preset("tiny", projector="qformer")
     with pytest.raises(MedvlmError, match="image_size 70 must be a multiple of 16"):
         build_preset("tiny", image_size=70)
@@ -144,7 +180,12 @@ def test_smol_preset_loads_real_smollm2() -> None:
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert not hasattr(model.config.text_config, "quantization_config")
     # Text-only question: the pretrained LM answers sensibly through the medvlm model and ChatML template.
-    sample = Sample(id="q", messages=[Message.from_text("system", "You are a helpful assistant."),
-                                      Message.from_text("user", "What is the capital of France?")])
+    sample = Sample(
+        id="q",
+        messages=[
+            Message.from_text("system", "You are a helpful assistant."),
+            Message.from_text("user", "What is the capital of France?"),
+        ],
+    )
     answer = InferenceEngine(model, processor).generate([sample], GenerationSettings(max_new_tokens=12))[0]
     assert "Paris" in answer

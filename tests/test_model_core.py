@@ -25,8 +25,11 @@ IMAGES = ("synpic42202.jpg", "synpic32933.jpg", "med_img_1.png", "bio_patch.png"
 
 def _sample(i: int, question: str, answer: str, n_images: int = 1) -> Sample:
     text = "<image>\n" * n_images + question
-    return Sample(id=f"s{i}", messages=[Message.from_text("user", text), Message.from_text("assistant", answer)],
-                  images=[IMAGES[(i + k) % len(IMAGES)] for k in range(n_images)])
+    return Sample(
+        id=f"s{i}",
+        messages=[Message.from_text("user", text), Message.from_text("assistant", answer)],
+        images=[IMAGES[(i + k) % len(IMAGES)] for k in range(n_images)],
+    )
 
 
 SAMPLES = [
@@ -87,8 +90,17 @@ def test_save_load_round_trip_is_exact_and_safetensors_only(tiny, tmp_path: Path
     model, processor = tiny
     out = save_checkpoint(model, processor, tmp_path / "ckpt", extra_files={"notes.txt": "hello", "run.json": {"a": 1}})
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "medvlm_processor.json", "preprocessor_config.json",
-            "tokenizer.json", "README.md", "notes.txt", "run.json", "trainable_parts.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "medvlm_processor.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "README.md",
+        "notes.txt",
+        "run.json",
+        "trainable_parts.json",
+    } <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     assert json.loads((out / "run.json").read_text()) == {"a": 1}
     card = (out / "README.md").read_text()
@@ -131,8 +143,14 @@ def test_generate_same_with_and_without_kv_cache(tiny, shared_dir: Path) -> None
     model.eval()
     feats = processor.encode(_prompt(SAMPLES[2]), image_folder=shared_dir / "images", add_generation_prompt=True)
     ids = feats["input_ids"][None]
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=feats["pixel_values"],
-              max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=feats["pixel_values"],
+        max_new_tokens=12,
+        do_sample=False,
+        min_new_tokens=12,
+    )
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cached = model.generate(**kw, use_cache=True)
@@ -191,8 +209,9 @@ def test_peft_lora_on_the_language_model_trains(shared_dir: Path) -> None:
     peft_model.eval()
     feats = processor.encode(_prompt(SAMPLES[0]), image_folder=shared_dir / "images", add_generation_prompt=True)
     with torch.no_grad():
-        out = peft_model.generate(input_ids=feats["input_ids"][None], pixel_values=feats["pixel_values"],
-                                  max_new_tokens=3, do_sample=False)
+        out = peft_model.generate(
+            input_ids=feats["input_ids"][None], pixel_values=feats["pixel_values"], max_new_tokens=3, do_sample=False
+        )
     assert out.shape[1] >= feats["input_ids"].shape[0] + 1
 
 
@@ -207,20 +226,43 @@ def test_no_split_modules_and_attention_implementation(tiny) -> None:
 
 
 def test_siglip_tower_keeps_all_tokens_and_clip_cls_patch_adds_one() -> None:
-    lm = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=2).to_dict()
-    sig = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=2).to_dict()
-    model = MedVLMForConditionalGeneration(MedVLMConfig(vision_config=sig, text_config=lm, image_token_id=5,
-                                                        image_seq_length=16, projector_type="linear"))
+    lm = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    ).to_dict()
+    sig = SiglipVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    ).to_dict()
+    model = MedVLMForConditionalGeneration(
+        MedVLMConfig(vision_config=sig, text_config=lm, image_token_id=5, image_seq_length=16, projector_type="linear")
+    )
     assert model.get_image_features(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
     with pytest.raises(MedvlmError, match="'cls_patch' needs a tower with a CLS token"):
-        MedVLMForConditionalGeneration(MedVLMConfig(vision_config=sig, text_config=lm, image_token_id=5,
-                                                    image_seq_length=17, vision_feature_select_strategy="cls_patch"))
-    clip = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=2).to_dict()
-    model = MedVLMForConditionalGeneration(MedVLMConfig(vision_config=clip, text_config=lm, image_token_id=5,
-                                                        image_seq_length=17, vision_feature_select_strategy="cls_patch"))
+        MedVLMForConditionalGeneration(
+            MedVLMConfig(
+                vision_config=sig,
+                text_config=lm,
+                image_token_id=5,
+                image_seq_length=17,
+                vision_feature_select_strategy="cls_patch",
+            )
+        )
+    clip = CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    ).to_dict()
+    model = MedVLMForConditionalGeneration(
+        MedVLMConfig(
+            vision_config=clip,
+            text_config=lm,
+            image_token_id=5,
+            image_seq_length=17,
+            vision_feature_select_strategy="cls_patch",
+        )
+    )
     assert model.get_image_features(torch.randn(1, 3, 32, 32)).shape == (1, 17, 32)
 
 
@@ -267,12 +309,23 @@ def test_hf_trainer_trains_with_gradient_checkpointing(tmp_path: Path, shared_di
     model, processor = build_preset("tiny", projector="cluster", seed=5)
     set_trainable(model, vision_tower=False, projector=True, language_model=True)
     feats = [processor.encode(s, image_folder=shared_dir / "images") for s in SAMPLES] * 2
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
-                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, bf16=False,
-                             remove_unused_columns=False, gradient_checkpointing=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=5e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        bf16=False,
+        remove_unused_columns=False,
+        gradient_checkpointing=True,
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = Trainer(model=model, args=args, train_dataset=feats,
-                      data_collator=VLMCollator(pad_token_id=processor.pad_token_id))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=feats, data_collator=VLMCollator(pad_token_id=processor.pad_token_id)
+    )
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}

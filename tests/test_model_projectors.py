@@ -13,12 +13,25 @@ from medvlm.model.projectors import ClusterProjector, build_projector
 
 
 def _config(projector: str, image_seq_length: int = 16, **kw) -> MedVLMConfig:
-    vc = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48,
-                          num_hidden_layers=1, num_attention_heads=2)
-    tc = LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=80, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=2)
-    return MedVLMConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(), projector_type=projector,
-                        image_token_id=5, image_seq_length=image_seq_length, **kw)
+    vc = CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+    )
+    tc = LlamaConfig(
+        vocab_size=64,
+        hidden_size=40,
+        intermediate_size=80,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return MedVLMConfig(
+        vision_config=vc.to_dict(),
+        text_config=tc.to_dict(),
+        projector_type=projector,
+        image_token_id=5,
+        image_seq_length=image_seq_length,
+        **kw,
+    )
 
 
 def reference_cluster(p: ClusterProjector, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +78,20 @@ def test_cluster_parameter_names_init_and_unused_ln() -> None:
     p = model.projector
     assert isinstance(p, ClusterProjector)
     assert [n for n, _ in p.named_parameters()] == [
-        "sim_alpha", "sim_beta", "c.weight", "c.bias", "v.weight", "v.bias", "f.weight", "f.bias",
-        "ln_1.weight", "ln_1.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
+        "sim_alpha",
+        "sim_beta",
+        "c.weight",
+        "c.bias",
+        "v.weight",
+        "v.bias",
+        "f.weight",
+        "f.bias",
+        "ln_1.weight",
+        "ln_1.bias",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
     ]
     assert p.sim_alpha.item() == 1.0 and p.sim_beta.item() == 0.0
     assert (p.num_centers, p.iters) == (8, 2)
@@ -91,7 +116,9 @@ def test_linear_and_mlp_state_dict_keys_match_llava_med() -> None:
 
 
 def test_unknown_projector_lists_choices() -> None:
-    with pytest.raises(MedvlmError, match=r"unknown projector_type 'resampler'; choose one of linear, mlp2x_gelu, cluster"):
+    with pytest.raises(
+        MedvlmError, match=r"unknown projector_type 'resampler'; choose one of linear, mlp2x_gelu, cluster"
+    ):
         _config("resampler")
 
 

@@ -90,5 +90,9 @@ def test_the_check_sees_each_kind_of_use():
         "        return other._slots + self._anything\n"
     )
     uses = private_uses(source)
-    assert sorted(uses) == ["2: from medvlm.eval.vqa import _progress", "4: import pkg._impl", "8: vqa._helper",
-                            "9: asyncio.Semaphore(1)._value"], uses
+    assert sorted(uses) == [
+        "2: from medvlm.eval.vqa import _progress",
+        "4: import pkg._impl",
+        "8: vqa._helper",
+        "9: asyncio.Semaphore(1)._value",
+    ], uses

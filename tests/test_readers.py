@@ -42,7 +42,10 @@ def test_alignment_typo_key_and_placeholder_at_either_end(shared_dir):
     s1, s2 = list(read_samples(f))
     assert s1.id == "32432162_F1" and s1.images == ["32432162_F1.jpg"]
     # "<image>" at the end of the human turn -> text then image; at the start -> image then text
-    assert s1.messages[0].content == [{"type": "text", "text": "Summarize the visual content of the image."}, {"type": "image"}]
+    assert s1.messages[0].content == [
+        {"type": "text", "text": "Summarize the visual content of the image."},
+        {"type": "image"},
+    ]
     assert s2.messages[0].content == [{"type": "image"}, {"type": "text", "text": "Describe the image concisely."}]
     assert [m.role for m in s1.messages] == ["user", "assistant"]
     assert s2.messages[1].text.startswith("Chest X-ray. Cardiomegaly")
@@ -140,12 +143,30 @@ def test_answer_file_is_not_mistaken_for_data(shared_dir):
 
 def test_messages_format_string_and_parts(tmp_path):
     rows = [
-        {"id": "a", "messages": [{"role": "user", "content": "<image>\nWhat is shown?"},
-                                 {"role": "assistant", "content": "A CT scan."}], "images": ["ct.png"], "domain": "ct"},
-        {"id": "b", "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                                 {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image", "image": "x.png"},
-                                                              {"type": "image_url", "image_url": {"url": "y.png"}}]},
-                                 {"role": "assistant", "content": [{"type": "text", "text": "Same."}]}]},
+        {
+            "id": "a",
+            "messages": [
+                {"role": "user", "content": "<image>\nWhat is shown?"},
+                {"role": "assistant", "content": "A CT scan."},
+            ],
+            "images": ["ct.png"],
+            "domain": "ct",
+        },
+        {
+            "id": "b",
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Compare"},
+                        {"type": "image", "image": "x.png"},
+                        {"type": "image_url", "image_url": {"url": "y.png"}},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "Same."}]},
+            ],
+        },
     ]
     f = tmp_path / "m.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -153,15 +174,39 @@ def test_messages_format_string_and_parts(tmp_path):
     assert a.images == ["ct.png"] and a.messages[0].content[0] == {"type": "image"} and a.meta == {"domain": "ct"}
     assert b.images == ["x.png", "y.png"] and b.messages[1].num_images == 2 and b.messages[0].role == "system"
     bad = tmp_path / "bad.json"
-    _write(bad, [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}])
+    _write(
+        bad,
+        [
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                    }
+                ]
+            }
+        ],
+    )
     with pytest.raises(MedvlmError, match=r"record 0.*messages\[0\]\.content\[0\].*data: URLs"):
         list(read_samples(bad))
 
 
 def test_vqa_flat_rows(tmp_path):
     f = tmp_path / "flat.jsonl"
-    f.write_text(json.dumps({"qid": 7, "image": "p.jpg", "question": "Is it normal?", "answer": "no",
-                             "answer_type": "closed ", "modality": "CT"}) + "\n", encoding="utf-8")
+    f.write_text(
+        json.dumps(
+            {
+                "qid": 7,
+                "image": "p.jpg",
+                "question": "Is it normal?",
+                "answer": "no",
+                "answer_type": "closed ",
+                "modality": "CT",
+            }
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     (s,) = read_samples(f)
     assert s.id == "7" and s.images == ["p.jpg"]
     assert s.messages[0].content == [{"type": "image"}, {"type": "text", "text": "Is it normal?"}]
@@ -172,11 +217,17 @@ def test_vqa_flat_rows(tmp_path):
 def test_trl_preferences_three_shapes(tmp_path):
     rows = [
         {"prompt": "<image>\nWhat is it?", "chosen": "A lung.", "rejected": "A femur.", "images": ["i.png"]},
-        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
-         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "good"}]}],
-         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "bad"}]}], "images": ["j.png"], "score": 3},
-        {"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "yes"}],
-         "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no"}]},
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "good"}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "bad"}]}],
+            "images": ["j.png"],
+            "score": 3,
+        },
+        {
+            "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no"}],
+        },
     ]
     f = tmp_path / "prefs.json"
     _write(f, rows)
@@ -185,8 +236,13 @@ def test_trl_preferences_three_shapes(tmp_path):
     assert b.images == ["j.png"] and b.meta == {"score": 3} and b.rejected[0].text == "bad"
     assert [m.text for m in c.prompt] == ["Q?"] and c.chosen[0].text == "yes" and c.rejected[0].text == "no"
     same = tmp_path / "same.json"
-    _write(same, [{"chosen": "x", "rejected": "x", "prompt": "q"}, {"chosen": [{"role": "user", "content": "a"}],
-                                                                    "rejected": [{"role": "user", "content": "b"}]}])
+    _write(
+        same,
+        [
+            {"chosen": "x", "rejected": "x", "prompt": "q"},
+            {"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+        ],
+    )
     bad: list[str] = []
     assert list(read_preferences(same, skip_bad=True, bad=bad)) == []
     assert len(bad) == 2 and "record 0" in bad[0] and "identical" in bad[0] and "share no prompt" in bad[1]
@@ -194,20 +250,28 @@ def test_trl_preferences_three_shapes(tmp_path):
         list(read_preferences(same))
 
 
-@pytest.mark.parametrize("name", ["alignment_sample.json", "instruct_sample.json", "vqa_test_sample.json", "qa50_sample.jsonl"])
+@pytest.mark.parametrize(
+    "name", ["alignment_sample.json", "instruct_sample.json", "vqa_test_sample.json", "qa50_sample.jsonl"]
+)
 def test_sample_to_llava_round_trip(shared_dir, tmp_path, name):
     samples = list(read_samples(shared_dir / "formats" / name))
     out = _write(tmp_path / "rt.json", [sample_to_llava(s) for s in samples])
-    again = list(read_samples(out, format=resolve_format(shared_dir / "formats" / name)
-                              if name != "qa50_sample.jsonl" else "llava"))
+    again = list(
+        read_samples(
+            out, format=resolve_format(shared_dir / "formats" / name) if name != "qa50_sample.jsonl" else "llava"
+        )
+    )
     assert [(s.id, s.images, _texts(s)) for s in again] == [(s.id, s.images, _texts(s)) for s in samples]
     if name != "qa50_sample.jsonl":
         assert [s.meta for s in again] == [s.meta for s in samples]
 
 
 def test_images_first_matches_llava_preprocessing():
-    s = Sample(id="x", messages=[Message.from_text("user", "What is it?\n<image>"), Message.from_text("assistant", "A")],
-               images=["a.jpg"])
+    s = Sample(
+        id="x",
+        messages=[Message.from_text("user", "What is it?\n<image>"), Message.from_text("assistant", "A")],
+        images=["a.jpg"],
+    )
     t = images_first(s)
     assert t.messages[0].to_text() == "<image>\nWhat is it?" and s.messages[0].to_text() == "What is it?\n<image>"
 
@@ -225,7 +289,9 @@ def test_auto_format_uses_keys_not_file_names(shared_dir, tmp_path):
 def test_explicit_format_is_accepted(shared_dir, tmp_path):
     f = shared_dir / "formats" / "vqa_test_sample.json"
     assert [s.meta.get("answer_type") for s in read_samples(f, format="llava")] == ["OPEN", "CLOSED", "OPEN"]
-    flat = _write(tmp_path / "q.json", [{"question_id": 1, "text": "Q <image>", "image": "a.jpg", "question": "x", "answer": "y"}])
+    flat = _write(
+        tmp_path / "q.json", [{"question_id": 1, "text": "Q <image>", "image": "a.jpg", "question": "x", "answer": "y"}]
+    )
     assert resolve_format(flat) == "qa50"
     (s,) = read_samples(flat, format="vqa_flat")
     assert s.messages[1].text == "y"
@@ -244,13 +310,26 @@ def test_undecidable_and_unknown_formats(tmp_path):
 
 
 def test_wrong_types_name_record_and_field(tmp_path):
-    f = _write(tmp_path / "t.json", [
-        {"id": "ok", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
-        {"id": "bad", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": 5}]},
-        {"id": "bad2", "image": 3, "conversations": []},
-        {"id": "bad3", "conversations": [{"from": "doctor", "value": "hi"}]},
-    ])
-    with pytest.raises(MedvlmError, match=r"record 1 \(line 1\): conversations\[1\]\.value: expected a string, got int"):
+    f = _write(
+        tmp_path / "t.json",
+        [
+            {
+                "id": "ok",
+                "image": "a.jpg",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+            },
+            {
+                "id": "bad",
+                "image": "a.jpg",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": 5}],
+            },
+            {"id": "bad2", "image": 3, "conversations": []},
+            {"id": "bad3", "conversations": [{"from": "doctor", "value": "hi"}]},
+        ],
+    )
+    with pytest.raises(
+        MedvlmError, match=r"record 1 \(line 1\): conversations\[1\]\.value: expected a string, got int"
+    ):
         list(read_samples(f))
     bad: list[str] = []
     assert [s.id for s in read_samples(f, skip_bad=True, bad=bad)] == ["ok"]
@@ -308,7 +387,7 @@ def test_chunk_boundaries_and_byte_offsets(tmp_path):
     spans = index_json_array(f)
     raw = f.read_bytes()
     for (off, n), rec in zip(spans, records):
-        assert json.loads(raw[off:off + n]) == rec
+        assert json.loads(raw[off : off + n]) == rec
         assert read_record_at(f, off, n) == rec
     assert [r.line for r in iter_json_array(f)][:3] == [2, 3, 4]
 
@@ -333,8 +412,14 @@ def test_streaming_memory_stays_well_below_file_size(tmp_path):
         fh.write("[\n")
         n = 15_000
         for i in range(n):
-            rec = {"id": f"{i}_F1", "image": f"{i}_F1.jpg", "conversatons": [
-                {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "opacity " * 250}]}
+            rec = {
+                "id": f"{i}_F1",
+                "image": f"{i}_F1.jpg",
+                "conversatons": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": "opacity " * 250},
+                ],
+            }
             fh.write(json.dumps(rec) + (",\n" if i < n - 1 else "\n"))
         fh.write("]\n")
     size = f.stat().st_size
@@ -350,16 +435,27 @@ def test_streaming_memory_stays_well_below_file_size(tmp_path):
     assert count == n
     assert peak < size / 4, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
     spans = index_json_array(f)
-    assert len(spans) == n and json.loads(f.read_bytes()[spans[-1][0]:sum(spans[-1])])["id"] == f"{n - 1}_F1"
+    assert len(spans) == n and json.loads(f.read_bytes()[spans[-1][0] : sum(spans[-1])])["id"] == f"{n - 1}_F1"
 
 
 def test_one_line_files_are_told_apart(shared_dir, tmp_path):
     one = tmp_path / "one.jsonl"
-    one.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
-                               "rejected": [{"role": "assistant", "content": "b"}]}) + "\n", encoding="utf-8")
+    one.write_text(
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            }
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     assert resolve_format(one) == "trl_preference" and len(list(read_preferences(one))) == 1
     figs = tmp_path / "figs.json"
-    figs.write_text(json.dumps(json.loads((shared_dir / "formats" / "fig_captions_sample.json").read_text())), encoding="utf-8")
+    figs.write_text(
+        json.dumps(json.loads((shared_dir / "formats" / "fig_captions_sample.json").read_text())), encoding="utf-8"
+    )
     assert resolve_format(figs) == "fig_captions" and len(list(read_samples(figs))) == 3
 
 

@@ -22,8 +22,9 @@ class Terminal:
 
     def __init__(self, cmd: list[str]):
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                     env={**os.environ, "TERM": "dumb"})
+        self.proc = subprocess.Popen(
+            cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True, env={**os.environ, "TERM": "dumb"}
+        )
         os.close(slave)
         self.buffer = ""
 
@@ -73,8 +74,20 @@ def test_interactive_chat_over_a_pty(tmp_path_factory, shared_dir: Path) -> None
     assert e1 and e3 == e4
     assert len(ref.history) == 2 and ref.history[0].num_images == 1
 
-    term = Terminal([sys.executable, "-m", "medvlm", "chat", "--model", str(checkpoint), "--image", str(first),
-                     "--max-new-tokens", "10"])
+    term = Terminal(
+        [
+            sys.executable,
+            "-m",
+            "medvlm",
+            "chat",
+            "--model",
+            str(checkpoint),
+            "--image",
+            str(first),
+            "--max-new-tokens",
+            "10",
+        ]
+    )
     try:
         banner = term.expect("USER: ")
         assert "research use only" in banner and "/image FILE" in banner
@@ -101,7 +114,9 @@ def test_interactive_chat_over_a_pty(tmp_path_factory, shared_dir: Path) -> None
 
 def test_session_streams_deltas_that_add_up(tmp_path_factory, shared_dir: Path) -> None:
     engine = load_engine(str(tiny_checkpoint(tmp_path_factory)))
-    session = ChatSession(engine, GenerationSettings(max_new_tokens=12), [load_image(shared_dir / "images" / "xy_chromosome.jpg")])
+    session = ChatSession(
+        engine, GenerationSettings(max_new_tokens=12), [load_image(shared_dir / "images" / "xy_chromosome.jpg")]
+    )
     deltas: list[str] = []
     answer = session.ask("Describe it.", on_delta=deltas.append)
     assert "".join(deltas) == answer and len(deltas) > 1

@@ -15,8 +15,12 @@ from medvlm.serve.batching import BatcherConfig, DynamicBatcher
 from medvlm.serve.server import BackgroundServer
 from serve_helpers import data_url, image_bytes
 
-QUESTIONS = ["Tell me everything about this chest radiograph.", "Which organ?",
-             "Describe the findings in the left lower lobe in detail, please.", "Is it normal?"]
+QUESTIONS = [
+    "Tell me everything about this chest radiograph.",
+    "Which organ?",
+    "Describe the findings in the left lower lobe in detail, please.",
+    "Is it normal?",
+]
 
 
 class Tracker:
@@ -56,8 +60,12 @@ def test_a_request_joining_a_running_batch_gets_its_answer_alone_and_a_cancelled
     jobs: dict[int, object] = {}
 
     def submit(i: int) -> None:
-        jobs[i] = batcher.submit(engine.prepare(_sample(QUESTIONS[i])), GenerationSettings(max_new_tokens=limits[i]),
-                                 on_delta=t[i].on_delta, on_done=t[i].on_done)
+        jobs[i] = batcher.submit(
+            engine.prepare(_sample(QUESTIONS[i])),
+            GenerationSettings(max_new_tokens=limits[i]),
+            on_delta=t[i].on_delta,
+            on_done=t[i].on_done,
+        )
 
     # Deterministic timing: the callbacks run in the model thread between two decoding steps.
     def row0_delta(d: str) -> None:
@@ -96,8 +104,16 @@ def test_health_reports_the_prefix_cache_and_repeated_images_hit_it() -> None:
     with BackgroundServer(create_app(engine, config)) as srv:
         answers = []
         for q in ("What is shown?", "Which organ is shown here?", "What is shown?"):
-            body = {"model": "tiny-med", "max_tokens": 6, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": q}]}]}
+            body = {
+                "model": "tiny-med",
+                "max_tokens": 6,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": q}],
+                    }
+                ],
+            }
             r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
             assert r.status_code == 200
             answers.append(r.json()["choices"][0]["message"]["content"])

@@ -44,9 +44,13 @@ def test_limits_and_bad_data() -> None:
     with pytest.raises(ImageInputError) as e:
         image_from_url(data_url(b"x" * 300_000), LIMITS)
     assert e.value.status == 413
-    for bad, match in [("data:image/png;base64,###", "invalid base64"), ("data:image/png,rawtext", "base64 encoded"),
-                       (data_url(b"GIF89a" + b"\0" * 50, "image/gif"), "not a JPEG, PNG, WebP or DICOM"),
-                       ("/etc/hosts", "local files are never read"), ("file:///etc/hosts", "never read")]:
+    for bad, match in [
+        ("data:image/png;base64,###", "invalid base64"),
+        ("data:image/png,rawtext", "base64 encoded"),
+        (data_url(b"GIF89a" + b"\0" * 50, "image/gif"), "not a JPEG, PNG, WebP or DICOM"),
+        ("/etc/hosts", "local files are never read"),
+        ("file:///etc/hosts", "never read"),
+    ]:
         with pytest.raises(ImageInputError, match=match) as e:
             image_from_url(bad, LIMITS)
         assert e.value.status == 400
@@ -83,8 +87,13 @@ def test_remote_urls_only_when_allowed_and_capped() -> None:
         public_only = ImageLimits(max_bytes=200_000, max_pixels=1_000_000, allow_remote=True, remote_timeout_s=5)
         with pytest.raises(ImageInputError, match="could not be fetched"):
             image_from_url(url + "/ok.png", public_only)
-        allowed = ImageLimits(max_bytes=200_000, max_pixels=1_000_000, allow_remote=True, remote_timeout_s=5,
-                              remote_allow_networks=("127.0.0.1/32",))
+        allowed = ImageLimits(
+            max_bytes=200_000,
+            max_pixels=1_000_000,
+            allow_remote=True,
+            remote_timeout_s=5,
+            remote_allow_networks=("127.0.0.1/32",),
+        )
         assert image_from_url(url + "/ok.png", allowed).size == (16, 16)
         # too large and missing give the same uniform error (nothing about what the URL answered)
         messages = set()

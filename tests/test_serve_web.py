@@ -89,8 +89,10 @@ def test_votes_and_flags_are_logged_without_images(engine, tmp_path: Path, share
     assert len(state["turns"]) == 1 and state["turns"][0].images == [other]
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(),
-                    reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium) to run the browser test")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(),
+    reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium) to run the browser test",
+)
 def test_browser_uploads_an_image_and_gets_an_answer(web, shared_dir: Path, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -100,13 +102,27 @@ def test_browser_uploads_an_image_and_gets_an_answer(web, shared_dir: Path, tmp_
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, viewport={"width": 1280, "height": 900},
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                      "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                viewport={"width": 1280, "height": 900},
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
             page = browser.new_page()
             page.goto(url, wait_until="domcontentloaded", timeout=60_000)
             page.get_by_text(NOTICE).wait_for(timeout=60_000)
-            page.locator("#medvlm-image input[type=file]").set_input_files(str(shared_dir / "images" / "synpic42202.jpg"))
+            page.locator("#medvlm-image input[type=file]").set_input_files(
+                str(shared_dir / "images" / "synpic42202.jpg")
+            )
             page.locator("#medvlm-image img").first.wait_for(timeout=30_000)
             page.locator("#medvlm-question textarea").fill("Is there evidence of an aortic aneurysm?")
             page.locator("#medvlm-send").click()
@@ -114,7 +130,9 @@ def test_browser_uploads_an_image_and_gets_an_answer(web, shared_dir: Path, tmp_
             bot.first.wait_for(timeout=60_000)
             page.wait_for_function(
                 "() => { const b = document.querySelectorAll('#medvlm-chatbot .bot');"
-                " return b.length && b[b.length - 1].innerText.trim().length > 0; }", timeout=60_000)
+                " return b.length && b[b.length - 1].innerText.trim().length > 0; }",
+                timeout=60_000,
+            )
             answer = bot.last.inner_text().strip()
             assert answer and not answer.startswith("(error")
             page.get_by_role("button", name="Upvote").click()

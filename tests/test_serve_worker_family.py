@@ -8,8 +8,8 @@ import base64
 
 import httpx
 import pytest
-from family_helpers import FAMILY_NAMES, SHARED_IMAGES, msgs, tiny
 
+from family_helpers import FAMILY_NAMES, SHARED_IMAGES, msgs, tiny
 from medvlm.data.images import load_image
 from medvlm.data.schema import Message, Sample
 from medvlm.data.template_parse import parse_generation_prompt
@@ -27,8 +27,10 @@ from medvlm.serve.web_backends import ApiBackend, BackendError, ControllerBacken
 from medvlm.serve.worker import WorkerConfig, create_worker_app
 
 MAX_NEW = 8
-LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the human's questions.")
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions."
+)
 """LLaVA v1.5's ``conv_llava_v1`` system prompt (its own clients send it, without a leading ``<s>``)."""
 
 CONVERSATIONS = [
@@ -40,14 +42,24 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("name", [n for n in TEMPLATES if n != "plain"])
 def test_rendered_prompts_read_back_into_the_same_turns(name):
-    for conv in CONVERSATIONS + ([msgs(("user", "<image>\nq"), ("assistant", "a"), ("vuser", "Which organ?"),
-                                       ("assistant", "The lung."), ("user", "Sure?"))] if name == "v1_sq" else []):
+    for conv in CONVERSATIONS + (
+        [
+            msgs(
+                ("user", "<image>\nq"),
+                ("assistant", "a"),
+                ("vuser", "Which organ?"),
+                ("assistant", "The lung."),
+                ("user", "Sure?"),
+            )
+        ]
+        if name == "v1_sq"
+        else []
+    ):
         text = render_text(conv, name, add_generation_prompt=True)
         back = parse_generation_prompt(text, name)
         assert render_text(back, name, add_generation_prompt=True) == text
         assert [m.role for m in back if m.role != "system"] == [m.role for m in conv if m.role != "system"]
-        assert [m.num_images for m in back if m.role != "system"] == [m.num_images for m in conv
-                                                                       if m.role != "system"]
+        assert [m.num_images for m in back if m.role != "system"] == [m.num_images for m in conv if m.role != "system"]
         if name != "mistral_instruct":  # mistral folds a system prompt into the first question
             assert [m.text for m in back] == [m.text for m in conv]
 
@@ -56,10 +68,15 @@ def test_llava_clients_prompt_without_bos_and_their_own_system_prompt():
     prompt = f"{LLAVA_SYSTEM} USER: <image>\nIs there a mass? ASSISTANT: No.</s>USER: Sure? ASSISTANT:"
     back = parse_generation_prompt(prompt, "vicuna_v1")
     assert [(m.role, m.text, m.num_images) for m in back] == [
-        ("system", LLAVA_SYSTEM, 0), ("user", "Is there a mass?", 1), ("assistant", "No.", 0), ("user", "Sure?", 0)]
+        ("system", LLAVA_SYSTEM, 0),
+        ("user", "Is there a mass?", 1),
+        ("assistant", "No.", 0),
+        ("user", "Sure?", 0),
+    ]
     # The template's default system prompt comes back as none (it is the client's, not the user's).
-    assert [m.role for m in parse_generation_prompt(render_text(msgs(("user", "q")), "vicuna_v1", True),
-                                                    "vicuna_v1")] == ["user"]
+    assert [
+        m.role for m in parse_generation_prompt(render_text(msgs(("user", "q")), "vicuna_v1", True), "vicuna_v1")
+    ] == ["user"]
 
 
 def test_prompts_in_another_template_or_asking_a_question_are_refused():
@@ -91,27 +108,41 @@ def test_family_worker_answers_the_llava_protocol_and_the_web_ui_like_the_engine
     first = msgs(("user", "<image>\nIs there a mass?"))
     follow = first + msgs(("assistant", "No mass is seen."), ("user", "Which organ is it?"))
     llava_conv = [Message.from_text("system", LLAVA_SYSTEM)] + first
-    expected = {k: _expected(engine, c, [image]) for k, c in (("first", first), ("follow", follow),
-                                                              ("llava", llava_conv))}
+    expected = {
+        k: _expected(engine, c, [image]) for k, c in (("first", first), ("follow", follow), ("llava", llava_conv))
+    }
     assert expected["first"]
 
     port = free_port()
     with BackgroundServer(create_controller_app(ControllerConfig(heart_beat_expiration=5.0))) as ctrl:
-        wcfg = WorkerConfig(controller_url=ctrl.url, worker_url=f"http://127.0.0.1:{port}", model_name=f"tiny-{family}",
-                            heart_beat_interval=0.5, batcher=BatcherConfig(max_batch=4, max_wait_ms=5))
-        with BackgroundServer(create_worker_app(engine, wcfg), port=port) as worker, \
-                BackgroundServer(create_app(engine, ApiConfig(model_name=f"tiny-{family}"))) as api:
+        wcfg = WorkerConfig(
+            controller_url=ctrl.url,
+            worker_url=f"http://127.0.0.1:{port}",
+            model_name=f"tiny-{family}",
+            heart_beat_interval=0.5,
+            batcher=BatcherConfig(max_batch=4, max_wait_ms=5),
+        )
+        with (
+            BackgroundServer(create_worker_app(engine, wcfg), port=port) as worker,
+            BackgroundServer(create_app(engine, ApiConfig(model_name=f"tiny-{family}"))) as api,
+        ):
             assert client.list_models(ctrl.url) == [f"tiny-{family}"]
             assert client.worker_template(worker.url) == (processor.template or "vicuna_v1")
             # LLaVA's own client: its system prompt, no leading <s>; `text` is prompt + answer so far.
             prompt = f"{LLAVA_SYSTEM} USER: <image>\nIs there a mass? ASSISTANT:"
             if processor.template not in (None, "vicuna_v1"):
                 prompt = render_text(llava_conv, processor.template, add_generation_prompt=True)
-            payload = {"model": f"tiny-{family}", "prompt": prompt, "temperature": 0.0, "max_new_tokens": MAX_NEW,
-                       "images": [base64.b64encode(path.read_bytes()).decode()], "stop": "</s>"}
+            payload = {
+                "model": f"tiny-{family}",
+                "prompt": prompt,
+                "temperature": 0.0,
+                "max_new_tokens": MAX_NEW,
+                "images": [base64.b64encode(path.read_bytes()).decode()],
+                "stop": "</s>",
+            }
             frames = list(client.stream_worker(worker.url + "/worker_generate_stream", payload))
             assert frames and all(f["error_code"] == 0 and f["text"].startswith(prompt) for f in frames)
-            assert frames[-1]["text"][len(prompt):].strip() == expected["llava"]
+            assert frames[-1]["text"][len(prompt) :].strip() == expected["llava"]
             # The web UI through the controller, and through the API (the direct backend), over two turns.
             sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=MAX_NEW)
             for backend in (ControllerBackend(ctrl.url), ApiBackend(api.url)):
@@ -135,8 +166,13 @@ def test_worker_templates_are_checked_up_front(tmp_path):
     from medvlm.model.build import build_preset
 
     def config(template):
-        return WorkerConfig(controller_url="http://127.0.0.1:1", worker_url="http://127.0.0.1:2", model_name="m",
-                            register=False, template=template)
+        return WorkerConfig(
+            controller_url="http://127.0.0.1:1",
+            worker_url="http://127.0.0.1:2",
+            model_name="m",
+            register=False,
+            template=template,
+        )
 
     model, processor = tiny("idefics3")
     engine = InferenceEngine(model, processor)
@@ -157,7 +193,18 @@ def test_worker_cli_takes_the_template_option(tmp_path, capsys):
 
     start = init_tiny_family("tiny-idefics3", tmp_path / "idefics3")
     with pytest.raises(SystemExit) as exit_info:  # refused before the server binds or registers
-        main(["serve", "worker", "--controller", "http://127.0.0.1:1", "--model", str(start), "--no-register",
-              "--template", "plain"])
+        main(
+            [
+                "serve",
+                "worker",
+                "--controller",
+                "http://127.0.0.1:1",
+                "--model",
+                str(start),
+                "--no-register",
+                "--template",
+                "plain",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "drops the question text" in capsys.readouterr().err

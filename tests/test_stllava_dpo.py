@@ -1,4 +1,5 @@
-"""STLLaVA-Med DPO (``stage: dpo``): the loss, a frozen reference with its own visual path, stored reference log-probs."""
+"""STLLaVA-Med DPO (``stage: dpo``): the loss, a frozen reference with its own visual path, stored reference
+log-probs."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from medvlm.errors import MedvlmError
 from medvlm.model.build import build_preset, save_checkpoint
 from medvlm.train.dpo_ref import compute_ref_logps, load_ref_logps
 from medvlm.train.preference import (
-    METRIC_KEYS, DPOCollator, build_preference_dataset, dpo_loss, reference_logps, sequence_logps,
+    METRIC_KEYS,
+    DPOCollator,
+    build_preference_dataset,
+    dpo_loss,
+    reference_logps,
+    sequence_logps,
 )
 from medvlm.train.recipes.dpo import prepare_dpo
 from medvlm.train.run import run_training
-
 from train_helpers import make_demo, small_config, state
 
 
@@ -36,9 +41,14 @@ def write_gold_prefs(demo, path, limit: int = 8) -> list[dict]:
         else:
             wrong = next(a for a in answers if a != gold and a not in ("yes", "no"))
         human = r["conversations"][0]
-        out.append({"id": f"vqa{r['id']}", "image": r["image"],
-                    "chosen_conversations": [human, {"from": "gpt", "value": gold}],
-                    "reject_conversations": [human, {"from": "gpt", "value": wrong}]})
+        out.append(
+            {
+                "id": f"vqa{r['id']}",
+                "image": r["image"],
+                "chosen_conversations": [human, {"from": "gpt", "value": gold}],
+                "reject_conversations": [human, {"from": "gpt", "value": wrong}],
+            }
+        )
     path.write_text(json.dumps(out))
     return out
 
@@ -56,10 +66,25 @@ def setup(tmp_path_factory):
 
 def _dpo_config(setup, out, **over):
     demo, stage1, prefs = setup
-    keys = dict(stage="dpo", preset=None, model_name_or_path=str(stage1), data_path=str(prefs), tune="lora",
-                lora_r=4, lora_alpha=8, lora_dropout=0.0, vit_lora_r=4, vit_lora_alpha=8, vit_lora_dropout=0.0,
-                max_steps=3, learning_rate=5e-3, projector_lr=5e-3, vision_lr=5e-3, per_device_train_batch_size=2,
-                group_by_modality_length=False)
+    keys = dict(
+        stage="dpo",
+        preset=None,
+        model_name_or_path=str(stage1),
+        data_path=str(prefs),
+        tune="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        vit_lora_r=4,
+        vit_lora_alpha=8,
+        vit_lora_dropout=0.0,
+        max_steps=3,
+        learning_rate=5e-3,
+        projector_lr=5e-3,
+        vision_lr=5e-3,
+        per_device_train_batch_size=2,
+        group_by_modality_length=False,
+    )
     keys.update(over)
     return small_config(demo, out, **keys)
 
@@ -98,7 +123,9 @@ def test_pairs_learn_only_the_compared_answer(setup):
     item = ds[0]
     pair = ds.pairs[0]
     for side in ("chosen", "rejected"):
-        learned = [t for t, lab in zip(item[f"{side}_input_ids"].tolist(), item[f"{side}_labels"].tolist()) if lab != -100]
+        learned = [
+            t for t, lab in zip(item[f"{side}_input_ids"].tolist(), item[f"{side}_labels"].tolist()) if lab != -100
+        ]
         text = proc.tokenizer.decode(learned, skip_special_tokens=True).strip()
         assert text == getattr(pair, side)[0].text  # the answer (plus its EOS), nothing of the prompt
     assert item["pixel_values"].shape[0] == 1
@@ -188,11 +215,13 @@ def test_rpo_term_in_training_equals_cross_entropy_of_the_chosen_answers(setup, 
         with_rpo = trainer.compute_loss(model, batch)
         trainer.rpo_alpha = None
         plain = trainer.compute_loss(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"]).logits  # [2B, T, V]
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        ).logits  # [2B, T, V]
     b = 3
-    ce = torch.nn.functional.cross_entropy(logits[:b, :-1].flatten(0, 1).float(), batch["pair_labels"][:b, 1:].flatten(),
-                                           ignore_index=-100)  # token mean over the chosen answers only
+    ce = torch.nn.functional.cross_entropy(
+        logits[:b, :-1].flatten(0, 1).float(), batch["pair_labels"][:b, 1:].flatten(), ignore_index=-100
+    )  # token mean over the chosen answers only
     assert with_rpo.item() == pytest.approx(plain.item() + ce.item(), abs=1e-4)
     assert ce.item() > 0.1  # a real term, not a rounding difference
     trainer.rpo_alpha = 1.0

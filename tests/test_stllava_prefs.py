@@ -46,10 +46,27 @@ def env(tmp_path_factory):
 
 def _run(env, out, server, *, ties="drop", limit=2, cache=None, **kw):
     demo, model, proc = env
-    cfg = PrefsConfig(model=out.parent, images=demo / "images", out=out, questions_per_image=2, ties=ties, limit=limit,
-                      description_tokens=6, question_tokens=6, answer_tokens=6, **kw)
-    llm = LLMConfig(model="judge-4o", base_url=server.base_url, api_key_env="", retries=0, backoff_base=0.0,
-                    progress=False, cache_path=cache)
+    cfg = PrefsConfig(
+        model=out.parent,
+        images=demo / "images",
+        out=out,
+        questions_per_image=2,
+        ties=ties,
+        limit=limit,
+        description_tokens=6,
+        question_tokens=6,
+        answer_tokens=6,
+        **kw,
+    )
+    llm = LLMConfig(
+        model="judge-4o",
+        base_url=server.base_url,
+        api_key_env="",
+        retries=0,
+        backoff_base=0.0,
+        progress=False,
+        cache_path=cache,
+    )
     return generate_preferences(cfg, llm, model=model, processor=proc)
 
 
@@ -76,8 +93,9 @@ def test_generate_end_to_end_both_formats_and_resume(env, tmp_path, openai_serve
     assert "arbitrary order" in parts[1]["text"] and "physician" in body["messages"][0]["content"]
     # Both files read back as the same preference pairs.
     a, b = list(read_preferences(out)), list(read_preferences(tmp_path / "prefs.trl.jsonl"))
-    assert [(p.prompt[0].text, p.chosen[0].text, p.rejected[0].text, p.images) for p in a] == \
-           [(p.prompt[0].text, p.chosen[0].text, p.rejected[0].text, p.images) for p in b]
+    assert [(p.prompt[0].text, p.chosen[0].text, p.rejected[0].text, p.images) for p in a] == [
+        (p.prompt[0].text, p.chosen[0].text, p.rejected[0].text, p.images) for p in b
+    ]
     assert a[0].prompt[0].num_images == b[0].prompt[0].num_images == 1
     # Resume: everything finished, so a rerun makes no request and rewrites the same files.
     before, n = out.read_bytes(), len(server.requests)
@@ -94,8 +112,16 @@ def test_default_judge_cache_sits_beside_each_output(env, tmp_path, openai_serve
     demo, model, proc = env
     llm = LLMConfig(model="judge-4o", base_url=server.base_url, api_key_env="", retries=0, progress=False)
     for name in ("a", "b"):
-        cfg = PrefsConfig(model=tmp_path, images=demo / "images", out=tmp_path / name / "prefs.json", limit=1,
-                          questions_per_image=2, description_tokens=6, question_tokens=6, answer_tokens=6)
+        cfg = PrefsConfig(
+            model=tmp_path,
+            images=demo / "images",
+            out=tmp_path / name / "prefs.json",
+            limit=1,
+            questions_per_image=2,
+            description_tokens=6,
+            question_tokens=6,
+            answer_tokens=6,
+        )
         generate_preferences(cfg, llm, model=model, processor=proc)
         assert cfg.default_cache_path().is_file()
     # The caller's config is not changed, so the second output got its own cache, not the first one's.
@@ -152,8 +178,20 @@ def test_cli_reports_bad_options(env, tmp_path):
 
     demo, _, _ = env
     with pytest.raises(SystemExit) as e:
-        main(["prefs", "generate", "--model", str(tmp_path), "--image-folder", str(demo / "images"),
-              "--out", str(tmp_path / "p.json"), "--ties", "first"])
+        main(
+            [
+                "prefs",
+                "generate",
+                "--model",
+                str(tmp_path),
+                "--image-folder",
+                str(demo / "images"),
+                "--out",
+                str(tmp_path / "p.json"),
+                "--ties",
+                "first",
+            ]
+        )
     assert e.value.code == 2
 
 
@@ -164,8 +202,14 @@ def test_test_time_self_questioning_dialogue(env):
 
     demo, model, proc = env
     recs = json.loads((demo / "vqa" / "test.json").read_text())[:2]
-    samples = [Sample(str(r["id"]), [Message("user", [image_part(), text_part(r["conversations"][0]["value"].replace("<image>", "").strip())])],
-                      [r["image"]]) for r in recs]
+    samples = [
+        Sample(
+            str(r["id"]),
+            [Message("user", [image_part(), text_part(r["conversations"][0]["value"].replace("<image>", "").strip())])],
+            [r["image"]],
+        )
+        for r in recs
+    ]
     answerer = SelfQuestioningAnswerer(InferenceEngine(model, proc), k=2, aux_tokens=6)
     settings = GenerationSettings(max_new_tokens=6)
     answers = answerer.generate(samples, settings, image_folder=demo / "images")

@@ -16,7 +16,10 @@ from train_helpers import changed, make_demo, small_config, state
 
 
 def _conversation(n_turns: int, image_in_turn: int | None = None) -> Sample:
-    msgs = [Message("user", [image_part(), text_part("question zero")]), Message("assistant", [text_part("answer zero")])]
+    msgs = [
+        Message("user", [image_part(), text_part("question zero")]),
+        Message("assistant", [text_part("answer zero")]),
+    ]
     images = ["a.png"]
     for k in range(1, n_turns):
         content = [text_part(f"question {k}")]
@@ -42,13 +45,22 @@ def test_vuser_conversion_rate_first_turn_and_seeding():
     assert 0.45 < converted / total < 0.55
     assert vuser_turns(to_self_questioning(sample, 0.0, sq_rng(0, 0, 0))) == 0
     assert vuser_turns(to_self_questioning(sample, 1.0, sq_rng(0, 0, 0))) == 9
+
     # Same (seed, epoch, index): same draw; a new epoch re-draws.
     def draws(seed, epoch):
         return [[m.role for m in to_self_questioning(sample, 0.5, sq_rng(seed, epoch, i)).messages] for i in range(20)]
+
     assert draws(3, 0) == draws(3, 0)
     assert draws(3, 0) != draws(3, 1)
-    text_only = Sample("t", [Message("user", [text_part("q")]), Message("assistant", [text_part("a")]),
-                             Message("user", [text_part("q2")]), Message("assistant", [text_part("a2")])])
+    text_only = Sample(
+        "t",
+        [
+            Message("user", [text_part("q")]),
+            Message("assistant", [text_part("a")]),
+            Message("user", [text_part("q2")]),
+            Message("assistant", [text_part("a2")]),
+        ],
+    )
     assert to_self_questioning(text_only, 1.0, sq_rng(0, 0, 0)) is text_only
     with pytest.raises(MedvlmError, match="sq_r"):
         to_self_questioning(sample, 1.5, sq_rng(0, 0, 0))
@@ -57,12 +69,14 @@ def test_vuser_conversion_rate_first_turn_and_seeding():
 def test_vuser_labels_learn_questions_only_in_vuser_turns():
     _, proc = build_preset("tiny", template="v1_sq", projector="cluster")
     tok = proc.tokenizer
-    msgs = [Message("user", [image_part(), text_part("where is the lesion")]),
-            Message("assistant", [text_part("left lung")]),
-            Message("vuser", [text_part("how large is the mass")]),
-            Message("assistant", [text_part("small nodule")]),
-            Message("user", [text_part("what modality")]),
-            Message("assistant", [text_part("chest radiograph")])]
+    msgs = [
+        Message("user", [image_part(), text_part("where is the lesion")]),
+        Message("assistant", [text_part("left lung")]),
+        Message("vuser", [text_part("how large is the mass")]),
+        Message("assistant", [text_part("small nodule")]),
+        Message("user", [text_part("what modality")]),
+        Message("assistant", [text_part("chest radiograph")]),
+    ]
     enc = encode_conversation(msgs, tok, "v1_sq", image_seq_length=proc.image_seq_length)
     assert enc.straddles == 0
     learned = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
@@ -81,9 +95,12 @@ def test_vuser_labels_learn_questions_only_in_vuser_turns():
 
 def test_vit_lora_spec_groups_and_dropouts():
     model, _ = build_preset("tiny", template="v1_sq", projector="cluster")
-    peft = apply_lora_adapters(model, LoraSpec(8, 16, 0.05, ["q_proj", "v_proj"]),
-                               LoraSpec(4, 8, 0.2, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
-                               modules_to_save=["projector"])
+    peft = apply_lora_adapters(
+        model,
+        LoraSpec(8, 16, 0.05, ["q_proj", "v_proj"]),
+        LoraSpec(4, 8, 0.2, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+        modules_to_save=["projector"],
+    )
     vit = lora_parameter_names(peft, "vision_tower")
     # Every feature-feeding encoder layer (tiny: 2 layers, features from layer -2 -> layer 0 only) x 6 linears x A/B.
     assert len(vit) == 12 and all("encoder.layers.0." in n for n in vit)
@@ -108,10 +125,24 @@ def demo(tmp_path_factory):
 
 
 def _sq_config(demo, out, **over):
-    keys = dict(stage="sq", model_kwargs={"template": "v1_sq"}, projector_type="cluster",
-                data_path=str(demo / "instruct.json"), tune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                vit_lora_r=4, vit_lora_alpha=8, vit_lora_dropout=0.0, max_steps=2, learning_rate=5e-3,
-                projector_lr=5e-3, vision_lr=5e-3, per_device_train_batch_size=2)
+    keys = dict(
+        stage="sq",
+        model_kwargs={"template": "v1_sq"},
+        projector_type="cluster",
+        data_path=str(demo / "instruct.json"),
+        tune="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        vit_lora_r=4,
+        vit_lora_alpha=8,
+        vit_lora_dropout=0.0,
+        max_steps=2,
+        learning_rate=5e-3,
+        projector_lr=5e-3,
+        vision_lr=5e-3,
+        per_device_train_batch_size=2,
+    )
     keys.update(over)
     return small_config(demo, out, **keys)
 
@@ -125,8 +156,14 @@ def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, 
     assert processor.template == "v1_sq" and model.config.projector_type == "cluster"
     after = state(model)
     tower = changed(before, after, "vision_tower.")
-    adapted = {k: v for k, v in tower.items() if "encoder.layers.0." in k and k.endswith("proj.weight") or
-               "encoder.layers.0.mlp.fc" in k and k.endswith(".weight")}
+    adapted = {
+        k: v
+        for k, v in tower.items()
+        if "encoder.layers.0." in k
+        and k.endswith("proj.weight")
+        or "encoder.layers.0.mlp.fc" in k
+        and k.endswith(".weight")
+    }
     assert len(adapted) == 6
     if mode == "trained":
         assert all(adapted.values())  # ViT-LoRA learned and was merged into the tower
@@ -166,7 +203,9 @@ def test_sq_full_tower_option_trains_every_tower_weight_at_the_vision_lr(demo, t
 def test_sq_full_tower_option_is_explicit_and_sq_only(demo, tmp_path):
     with pytest.raises(MedvlmError, match="vit_lora: false"):  # both at once is ambiguous
         run_training(_sq_config(demo, tmp_path / "a", tune_vision_tower=True))
-    with pytest.raises(MedvlmError, match="tune_vision_tower is not used by stage 'dpo' .it applies to stages align, sft, sq."):
+    with pytest.raises(
+        MedvlmError, match="tune_vision_tower is not used by stage 'dpo' .it applies to stages align, sft, sq."
+    ):
         run_training(_sq_config(demo, tmp_path / "b", stage="dpo", tune_vision_tower=True, vit_lora=False))
 
 
@@ -183,11 +222,14 @@ def test_sq_dataset_redraws_each_epoch_and_learns_more_tokens(demo):
     from medvlm.train.self_training import EpochCallback, SelfQuestioningDataset
 
     _, proc = build_preset("tiny", template="v1_sq", projector="cluster")
-    base, _ = build_dataset([DataSource(str(demo / "instruct.json"))], proc, image_folder=str(demo / "images"),
-                            max_length=512)
+    base, _ = build_dataset(
+        [DataSource(str(demo / "instruct.json"))], proc, image_folder=str(demo / "images"), max_length=512
+    )
     ds = SelfQuestioningDataset(base, 0.5, seed=1)
+
     def labels():
         return [int((ds[i]["labels"] != -100).sum()) for i in range(len(ds))]
+
     plain = [int((base[i]["labels"] != -100).sum()) for i in range(len(ds))]
     epoch0 = labels()
     assert labels() == epoch0  # reproducible within an epoch

@@ -37,11 +37,15 @@ def _jsonl(p: Path) -> list[dict]:
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- reading the factors back from the pixels ---------------------------------------------------
+
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """4-connected components of a boolean mask, as arrays of (y, x)."""
@@ -84,8 +88,11 @@ def read_factors(path: Path) -> dict:
     a = np.asarray(Image.open(path).convert("RGB")).astype(int)
     s = a.shape[0]
     bright = _components(a.min(-1) >= 230)
-    dark = [c for c in _components(a.max(-1) <= 40)  # background outside the body touches the border
-            if not (c.min() == 0 or c[:, 0].max() == s - 1 or c[:, 1].max() == s - 1)]
+    dark = [
+        c
+        for c in _components(a.max(-1) <= 40)  # background outside the body touches the border
+        if not (c.min() == 0 or c[:, 0].max() == s - 1 or c[:, 1].max() == s - 1)
+    ]
     assert not (bright and dark), f"{path.name}: both bright and dark lesions"
     comps = bright or dark
     sides = set()
@@ -96,12 +103,22 @@ def read_factors(path: Path) -> dict:
     areas = [len(c) for c in comps]
     size = "large" if np.mean(areas) > np.pi * (0.065 * s) ** 2 else "small"
     assert all((a_ > np.pi * (0.065 * s) ** 2) == (size == "large") for a_ in areas), f"{path.name}: mixed sizes"
-    return {"modality": _modality_from_pixels(a), "count": len(comps),
-            "side": "both" if len(sides) == 2 else sides.pop(), "size": size,
-            "intensity": "bright" if bright else "dark"}
+    return {
+        "modality": _modality_from_pixels(a),
+        "count": len(comps),
+        "side": "both" if len(sides) == 2 else sides.pop(),
+        "size": size,
+        "intensity": "bright" if bright else "dark",
+    }
 
 
-_CAPTION_MOD = {r"\bx-ray\b": "xray", r"\bct\b": "ct", r"\bmri\b": "mri", r"\bhisto": "histology", r"\bgross\b": "gross"}
+_CAPTION_MOD = {
+    r"\bx-ray\b": "xray",
+    r"\bct\b": "ct",
+    r"\bmri\b": "mri",
+    r"\bhisto": "histology",
+    r"\bgross\b": "gross",
+}
 _WORD = {"one": 1, "two": 2, "three": 3}
 
 
@@ -111,15 +128,25 @@ def parse_caption(cap: str) -> dict:
     mods = [v for k, v in _CAPTION_MOD.items() if re.search(k, cap.lower())]
     assert len(mods) == 1, cap
     mod = mods[0]
-    return {"modality": mod, "count": _WORD[m.group(1)], "size": m.group(2), "intensity": m.group(3),
-            "side": m.group(4)}
+    return {
+        "modality": mod,
+        "count": _WORD[m.group(1)],
+        "size": m.group(2),
+        "intensity": m.group(3),
+        "side": m.group(4),
+    }
 
 
 def closed_answer(q: str, f: dict) -> str:
     """The yes/no answer a closed VQA question must have on factors ``f`` (read from the question text)."""
     q = q.lower()
-    nouns = {"chest x-ray": "xray", "ct scan": "ct", "mri scan": "mri", "histology slide": "histology",
-             "gross pathology": "gross"}
+    nouns = {
+        "chest x-ray": "xray",
+        "ct scan": "ct",
+        "mri scan": "mri",
+        "histology slide": "histology",
+        "gross pathology": "gross",
+    }
     for noun, mod in nouns.items():
         if noun in q:
             return "yes" if f["modality"] == mod else "no"
@@ -150,9 +177,12 @@ def test_every_factor_is_decided_by_the_pixels_and_every_answer_follows(ds):
         assert pixels[name] == labels[name], name
     for r in _jsonl(ds / "factors.jsonl"):
         assert pixels[r.pop("image")] == {k: v for k, v in r.items() if k != "split"}
-    open_answer = {"MODALITY": lambda f: {"xray": "x-ray"}.get(f["modality"], f["modality"]),
-                   "COUNT": lambda f: {1: "one", 2: "two", 3: "three"}[f["count"]],
-                   "POS": lambda f: f["side"], "SIZE": lambda f: f["size"]}
+    open_answer = {
+        "MODALITY": lambda f: {"xray": "x-ray"}.get(f["modality"], f["modality"]),
+        "COUNT": lambda f: {1: "one", 2: "two", 3: "three"}[f["count"]],
+        "POS": lambda f: f["side"],
+        "SIZE": lambda f: f["size"],
+    }
     for split in ("train", "test"):
         for r in _load(ds / "vqa" / f"{split}.json"):
             f = pixels[r["image"]]
@@ -175,10 +205,12 @@ def test_same_seed_gives_byte_identical_files_and_images_do_not_depend_on_n(tmp_
 def test_held_out_images_never_appear_in_training_files(ds):
     m = _load(ds / "manifest.json")
     test_imgs = {r["image"] for r in _load(ds / "vqa" / "test.json")}
-    train_sets = [{r["image"] for r in _load(ds / "vqa" / "train.json")},
-                  {r["image"] for r in _load(ds / "alignment.json")},
-                  {r["image"] for r in _load(ds / "instruct.json")},
-                  {f"{r.pair_id}.png" for recs in read_fig_captions(ds / "fig_captions.json").values() for r in recs}]
+    train_sets = [
+        {r["image"] for r in _load(ds / "vqa" / "train.json")},
+        {r["image"] for r in _load(ds / "alignment.json")},
+        {r["image"] for r in _load(ds / "instruct.json")},
+        {f"{r.pair_id}.png" for recs in read_fig_captions(ds / "fig_captions.json").values() for r in recs},
+    ]
     assert len(test_imgs) == m["n_test_images"] == round(N * 0.2)
     for s in train_sets:
         assert s and not (s & test_imgs)
@@ -209,7 +241,9 @@ def test_files_follow_the_llava_med_formats(ds):
     for r in _load(ds / "alignment.json"):
         assert "conversatons" not in r and r["id"] == r["image"][:-4]
         (h, g) = r["conversations"]
-        assert h["value"].count("<image>") == 1 and (h["value"].startswith("<image>\n") or h["value"].endswith("\n<image>"))
+        assert h["value"].count("<image>") == 1 and (
+            h["value"].startswith("<image>\n") or h["value"].endswith("\n<image>")
+        )
     for r in _load(ds / "instruct.json"):
         turns = r["conversations"]
         assert 4 <= len(turns) <= 8 and len(turns) % 2 == 0
@@ -218,8 +252,18 @@ def test_files_follow_the_llava_med_formats(ds):
         assert set(r["domain"]) == set(DOMAINS) and sum(r["domain"].values()) == 1
 
     qa = _jsonl(ds / "qa50.jsonl")
-    keys = {"question_id", "image", "pair_id", "text", "gpt4_answer", "fig_caption", "fig_label", "in_text_mention",
-            "domain", "type"}
+    keys = {
+        "question_id",
+        "image",
+        "pair_id",
+        "text",
+        "gpt4_answer",
+        "fig_caption",
+        "fig_label",
+        "in_text_mention",
+        "domain",
+        "type",
+    }
     assert len(qa) == 4 * min(50, m["n_test_images"]) == m["files"]["qa50.jsonl"]
     assert [r["question_id"] for r in qa] == list(range(len(qa)))
     for r in qa:
@@ -274,13 +318,28 @@ def test_the_default_size_writes_every_image_at_that_size(tmp_path):
 
 def test_blind_baseline_scores_majorities_with_llava_med_rules(tmp_path):
     def rec(i, atype, kind, q, a):
-        return {"id": i, "image": "x.png", "answer_type": atype, "question_type": kind,
-                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
-    train = [rec(0, "CLOSED", "PRES", "Is it?", "yes"), rec(1, "CLOSED", "PRES", "Is it?", "yes"),
-             rec(2, "CLOSED", "PRES", "Is it not?", "no"), rec(3, "OPEN", "ABN", "What?", "free air"),
-             rec(4, "OPEN", "ABN", "What?", "free air"), rec(5, "OPEN", "ABN", "Which?", "mass")]
-    test = [rec(6, "CLOSED", "PRES", "Is it?", "yes"), rec(7, "CLOSED", "PRES", "Is it not?", "no"),
-            rec(8, "OPEN", "ABN", "Which?", "air mass"), rec(9, "OPEN", "ABN", "What?", "Free air")]
+        return {
+            "id": i,
+            "image": "x.png",
+            "answer_type": atype,
+            "question_type": kind,
+            "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+        }
+
+    train = [
+        rec(0, "CLOSED", "PRES", "Is it?", "yes"),
+        rec(1, "CLOSED", "PRES", "Is it?", "yes"),
+        rec(2, "CLOSED", "PRES", "Is it not?", "no"),
+        rec(3, "OPEN", "ABN", "What?", "free air"),
+        rec(4, "OPEN", "ABN", "What?", "free air"),
+        rec(5, "OPEN", "ABN", "Which?", "mass"),
+    ]
+    test = [
+        rec(6, "CLOSED", "PRES", "Is it?", "yes"),
+        rec(7, "CLOSED", "PRES", "Is it not?", "no"),
+        rec(8, "OPEN", "ABN", "Which?", "air mass"),
+        rec(9, "OPEN", "ABN", "What?", "Free air"),
+    ]
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "test.json").write_text(json.dumps(test))
     b = blind_baseline(tmp_path / "train.json", tmp_path / "test.json")
@@ -336,12 +395,14 @@ def test_train_extra_closed_adds_pixel_true_closed_questions_to_train_images_onl
     m = generate_synth(extra, n_images=40, seed=5, image_size=48, train_extra_closed=2)
     assert m.train_extra_closed == 2 and _load(extra / "manifest.json")["train_extra_closed"] == 2
     assert _load(base / "vqa" / "test.json") == _load(extra / "vqa" / "test.json")
-    assert {k: v for k, v in _digests(base).items() if k.startswith("images/")} == \
-        {k: v for k, v in _digests(extra).items() if k.startswith("images/")}
+    assert {k: v for k, v in _digests(base).items() if k.startswith("images/")} == {
+        k: v for k, v in _digests(extra).items() if k.startswith("images/")
+    }
     old, new = _load(base / "vqa" / "train.json"), _load(extra / "vqa" / "train.json")
     assert all(r in new for r in old) and len(new) == len(old) + 2 * m.n_train_images
-    pixels = {r["image"]: {k: v for k, v in r.items() if k not in ("image", "split")}
-              for r in _jsonl(extra / "factors.jsonl")}
+    pixels = {
+        r["image"]: {k: v for k, v in r.items() if k not in ("image", "split")} for r in _jsonl(extra / "factors.jsonl")
+    }
     by_image: dict[str, list[dict]] = {}
     for r in new:
         by_image.setdefault(r["image"], []).append(r)
@@ -367,8 +428,22 @@ def test_train_closed_kinds_adds_one_closed_question_per_listed_kind_to_train_im
     base, extra = tmp_path / "base", tmp_path / "kinds"
     generate_synth(base, n_images=40, seed=5, image_size=48)
     with pytest.raises(SystemExit) as e:
-        main(["data", "synth", "--out", str(extra), "--n-images", "40", "--seed", "5", "--image-size", "48",
-              "--train-closed-kinds", "COUNT,POS"])
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(extra),
+                "--n-images",
+                "40",
+                "--seed",
+                "5",
+                "--image-size",
+                "48",
+                "--train-closed-kinds",
+                "COUNT,POS",
+            ]
+        )
     assert e.value.code in (0, None)
     m = _load(extra / "manifest.json")
     assert m["train_closed_kinds"] == ["COUNT", "POS"] and m["train_extra_closed"] == 0
@@ -382,6 +457,8 @@ def test_train_closed_kinds_adds_one_closed_question_per_listed_kind_to_train_im
         assert r["answer_type"] == "CLOSED"
         assert r["conversations"][1]["value"] == closed_answer(r["conversations"][0]["value"], pixels[r["image"]])
         by_image.setdefault(r["image"], []).append(r["question_type"])
-    assert all(sorted(kinds) == ["COUNT", "POS"] for kinds in by_image.values()) and len(by_image) == m["n_train_images"]
+    assert (
+        all(sorted(kinds) == ["COUNT", "POS"] for kinds in by_image.values()) and len(by_image) == m["n_train_images"]
+    )
     with pytest.raises(MedvlmError, match="train_closed_kinds.*SHAPE"):
         generate_synth(tmp_path / "x", n_images=20, image_size=48, train_closed_kinds=("SHAPE",))

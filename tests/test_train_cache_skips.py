@@ -44,9 +44,19 @@ def test_cached_epochs_decode_no_image_and_skip_the_tower(tmp_path, monkeypatch)
         return real_load(path)
 
     monkeypatch.setattr(images, "load_image", counting_load)
-    r = run_training(small_config(demo, tmp_path / "run", stage="align", data_path=str(data), max_steps=-1,
-                                  num_train_epochs=3, feature_cache="on", feature_cache_dir=str(tmp_path / "features")),
-                     callbacks=[work])
+    r = run_training(
+        small_config(
+            demo,
+            tmp_path / "run",
+            stage="align",
+            data_path=str(data),
+            max_steps=-1,
+            num_train_epochs=3,
+            feature_cache="on",
+            feature_cache_dir=str(tmp_path / "features"),
+        ),
+        callbacks=[work],
+    )
     assert r.cache_by_epoch[0] == {"hits": 0, "misses": 8}
     assert work.decodes[0] == 8 and work.tower[0] == 2  # every image decoded once; one tower call per micro-batch
     assert work.decodes[1] == work.decodes[2] == 0

@@ -101,10 +101,27 @@ def test_paper_settings_in_llava_med_recipes():
 def test_cli_overrides_are_typed_and_win_over_yaml(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("stage: sft\npreset: tiny\ndata_path: a.json\noutput_dir: out\nlearning_rate: 2.0e-5\n")
-    cfg = load_config(p, ["--learning_rate", "1e-4", "--num_train_epochs=2", "--report_to", "wandb",
-                          "--tune", "lora", "--lora_target_modules", "q_proj,v_proj", "--bf16",
-                          "--tune_projector", "false", "--resume_from_checkpoint", "false",
-                          "--logging_nan_inf_filter", "false"])
+    cfg = load_config(
+        p,
+        [
+            "--learning_rate",
+            "1e-4",
+            "--num_train_epochs=2",
+            "--report_to",
+            "wandb",
+            "--tune",
+            "lora",
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "--bf16",
+            "--tune_projector",
+            "false",
+            "--resume_from_checkpoint",
+            "false",
+            "--logging_nan_inf_filter",
+            "false",
+        ],
+    )
     assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
     assert cfg.num_train_epochs == 2.0
     assert cfg.report_to == ["wandb"]
@@ -118,8 +135,9 @@ def test_cli_overrides_are_typed_and_win_over_yaml(tmp_path):
 
 
 def test_no_yaml_needs_only_the_four_keys():
-    cfg = load_config(None, ["--stage", "align", "--model_name_or_path", "ckpt", "--data_path", "d.json",
-                             "--output_dir", "o"])
+    cfg = load_config(
+        None, ["--stage", "align", "--model_name_or_path", "ckpt", "--data_path", "d.json", "--output_dir", "o"]
+    )
     assert (cfg.stage, cfg.model_name_or_path, cfg.sources()[0].path) == ("align", "ckpt", "d.json")
     with pytest.raises(MedvlmError, match="output_dir is required"):
         load_config(None, ["--stage", "align", "--model_name_or_path", "ckpt", "--data_path", "d.json"])
@@ -154,16 +172,25 @@ def test_bad_config_is_a_clear_error(overrides, message):
 
 
 def test_global_batch_must_divide():
-    cfg = TrainConfig(preset="tiny", output_dir="o", data_path="d", global_batch_size=128, per_device_train_batch_size=16)
+    cfg = TrainConfig(
+        preset="tiny", output_dir="o", data_path="d", global_batch_size=128, per_device_train_batch_size=16
+    )
     assert resolve_accumulation(cfg, world=8) == 1
     assert resolve_accumulation(cfg, world=2) == 4
     cfg.per_device_train_batch_size = 6
-    with pytest.raises(MedvlmError, match="global_batch_size 128 is not divisible by per_device_train_batch_size 6 x 2"):
+    with pytest.raises(
+        MedvlmError, match="global_batch_size 128 is not divisible by per_device_train_batch_size 6 x 2"
+    ):
         resolve_accumulation(cfg, world=2)
 
 
 def test_override_parsing():
-    assert parse_overrides(["--a", "1", "--b=x", "--flag", "--c", "y"]) == {"a": "1", "b": "x", "flag": "true", "c": "y"}
+    assert parse_overrides(["--a", "1", "--b=x", "--flag", "--c", "y"]) == {
+        "a": "1",
+        "b": "x",
+        "flag": "true",
+        "c": "y",
+    }
     with pytest.raises(MedvlmError, match="unexpected argument"):
         parse_overrides(["stray"])
 
@@ -172,11 +199,29 @@ def test_cli_without_yaml_reaches_the_run_and_reports_errors(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "medvlm", "train", "--stage", "sft", "--preset", "tiny",
-           "--data_path", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o"), "--report_to", "[]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medvlm",
+        "train",
+        "--stage",
+        "sft",
+        "--preset",
+        "tiny",
+        "--data_path",
+        str(tmp_path / "missing.json"),
+        "--out",
+        str(tmp_path / "o"),
+        "--report_to",
+        "[]",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: data_path {tmp_path / 'missing.json'}: file not found" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "medvlm", "train", str(tmp_path / "nope.yaml")],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "medvlm", "train", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "nope.yaml: config file not found" in bad.stderr

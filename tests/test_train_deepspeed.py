@@ -13,9 +13,20 @@ def test_deepspeed_zero2_and_zero3_two_processes_match_one_process(tmp_path):
 
     for stage in (2, 3):
         tag = f"zero{stage}"
-        ranks = torchrun_two(tmp_path, config_keys(small_config(
-            demo, tmp_path / tag, per_device_train_batch_size=2, distributed="deepspeed_cpu",
-            deepspeed_zero_stage=stage, **common)), tag)
+        ranks = torchrun_two(
+            tmp_path,
+            config_keys(
+                small_config(
+                    demo,
+                    tmp_path / tag,
+                    per_device_train_batch_size=2,
+                    distributed="deepspeed_cpu",
+                    deepspeed_zero_stage=stage,
+                    **common,
+                )
+            ),
+            tag,
+        )
         assert [r["world"] for r in ranks] == [2, 2]
         for r in ranks:
             assert len(r["losses"]) == 4

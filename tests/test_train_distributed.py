@@ -17,8 +17,9 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     for r in ddp:
         assert r["losses"] == pytest.approx(want, abs=1e-4), (r["losses"], want)
 
-    fsdp_keys = config_keys(small_config(demo, tmp_path / "fsdp", per_device_train_batch_size=2,
-                                         distributed="fsdp2_cpu", **common))
+    fsdp_keys = config_keys(
+        small_config(demo, tmp_path / "fsdp", per_device_train_batch_size=2, distributed="fsdp2_cpu", **common)
+    )
     fsdp = torchrun_two(tmp_path, fsdp_keys, "fsdp")
     for r in fsdp:
         assert len(r["losses"]) == 4
@@ -50,21 +51,32 @@ def test_ddp_fsdp2_and_deepspeed_two_processes_match_one_process_on_a_model_fami
     data = tmp_path / "train16.json"
     data.write_text(json.dumps(json.loads((demo / "vqa" / "train.json").read_text())[:16]))
     start = init_tiny_family("tiny-qwen2_5_vl", tmp_path / "start")
-    common = dict(data_path=str(data), max_steps=4, learning_rate=3e-3, weight_decay=0.01, preset=None,
-                  model_name_or_path=str(start), family="qwen2_5_vl")
+    common = dict(
+        data_path=str(data),
+        max_steps=4,
+        learning_rate=3e-3,
+        weight_decay=0.01,
+        preset=None,
+        model_name_or_path=str(start),
+        family="qwen2_5_vl",
+    )
     single = run_training(small_config(demo, tmp_path / "single", per_device_train_batch_size=4, **common))
     want = [h["loss"] for h in single.log_history if "loss" in h]
     assert len(want) == 4
-    ddp = torchrun_two(tmp_path, config_keys(small_config(demo, tmp_path / "ddp", per_device_train_batch_size=2,
-                                                          **common)), "fam")
+    ddp = torchrun_two(
+        tmp_path, config_keys(small_config(demo, tmp_path / "ddp", per_device_train_batch_size=2, **common)), "fam"
+    )
     assert [r["world"] for r in ddp] == [2, 2]
     for r in ddp:
         assert r["losses"] == pytest.approx(want, abs=1e-4), (r["losses"], want)
     load_family(tmp_path / "ddp")  # rank 0 saved a loadable family checkpoint
 
     for mode in ("fsdp2_cpu", "deepspeed_cpu"):  # the CPU sharded loops carry the family's tensors as well
-        runs = torchrun_two(tmp_path, config_keys(small_config(demo, tmp_path / mode, per_device_train_batch_size=2,
-                                                               distributed=mode, **common)), f"fam-{mode}")
+        runs = torchrun_two(
+            tmp_path,
+            config_keys(small_config(demo, tmp_path / mode, per_device_train_batch_size=2, distributed=mode, **common)),
+            f"fam-{mode}",
+        )
         for r in runs:
             assert r["losses"] == pytest.approx(want, abs=1e-4), (mode, r["losses"], want)
         if mode == "fsdp2_cpu":  # really sharded

@@ -9,7 +9,6 @@ import torch
 from medvlm.model.build import build_preset
 from medvlm.train.feature_cache import FeatureCache, cache_settings
 from medvlm.train.run import run_training
-
 from train_helpers import make_demo, small_config
 
 
@@ -20,18 +19,29 @@ def test_cache_hits_from_epoch_two_and_changes_no_loss(tmp_path):
     common = dict(stage="align", data_path=str(data), max_steps=-1, num_train_epochs=3, learning_rate=2e-3)
     plain = run_training(small_config(demo, tmp_path / "nocache", **common))
     cache_dir = tmp_path / "features"
-    cached = run_training(small_config(demo, tmp_path / "cache", feature_cache="on",
-                                       feature_cache_dir=str(cache_dir), **common))
+    cached = run_training(
+        small_config(demo, tmp_path / "cache", feature_cache="on", feature_cache_dir=str(cache_dir), **common)
+    )
     assert plain.cache_stats == {"hits": 0, "misses": 0}  # feature_cache: off
-    assert cached.cache_by_epoch == {0: {"hits": 0, "misses": 12}, 1: {"hits": 12, "misses": 0},
-                                     2: {"hits": 12, "misses": 0}}
+    assert cached.cache_by_epoch == {
+        0: {"hits": 0, "misses": 12},
+        1: {"hits": 12, "misses": 0},
+        2: {"hits": 12, "misses": 0},
+    }
     a = [h["loss"] for h in plain.log_history if "loss" in h]
     b = [h["loss"] for h in cached.log_history if "loss" in h]
     assert len(a) == len(b) == 9
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     # A second run with the same tower and settings reuses every entry from its first step.
-    again = run_training(small_config(demo, tmp_path / "again", feature_cache="on", feature_cache_dir=str(cache_dir),
-                                      **{**common, "num_train_epochs": 1}))
+    again = run_training(
+        small_config(
+            demo,
+            tmp_path / "again",
+            feature_cache="on",
+            feature_cache_dir=str(cache_dir),
+            **{**common, "num_train_epochs": 1},
+        )
+    )
     assert again.cache_stats == {"hits": 12, "misses": 0}
 
 

@@ -19,7 +19,6 @@ from medvlm.train.data import build_dataset
 from medvlm.train.run import run_training
 from medvlm.train.stages import apply_stage
 from medvlm.train.trainer import TrainCollator
-
 from train_helpers import make_demo, small_config
 
 
@@ -57,7 +56,9 @@ def test_loss_and_gradients_equal_full_logits(tmp_path, stage, packing):
     demo = make_demo(tmp_path)
     cfg = small_config(demo, tmp_path / "out", stage=stage, data_path=str(mixed_data(tmp_path, demo)))
     model, processor = build_preset("tiny", seed=0)
-    dataset, manifest = build_dataset(cfg.sources(), processor, image_folder=cfg.image_folder, max_length=cfg.max_length)
+    dataset, manifest = build_dataset(
+        cfg.sources(), processor, image_folder=cfg.image_folder, max_length=cfg.max_length
+    )
     assert manifest.image_samples == 6 and manifest.text_samples == 3
     model, plan, _ = apply_stage(model, cfg)
     model.train()
@@ -94,13 +95,20 @@ class HeadRows(TrainerCallback):
 def test_trainer_uses_labelled_positions_and_keeps_the_loss_curve(tmp_path):
     demo = make_demo(tmp_path)
     data = mixed_data(tmp_path, demo, n_image=8, n_text=4)
-    common = dict(stage="sft", data_path=str(data), per_device_train_batch_size=3, gradient_accumulation_steps=2,
-                  max_steps=2, learning_rate=1e-3)
+    common = dict(
+        stage="sft",
+        data_path=str(data),
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-3,
+    )
     runs = {}
     for flag in (True, False):
         hook = HeadRows()
-        r = run_training(small_config(demo, tmp_path / f"run_{flag}", labelled_logits_only=flag, **common),
-                         callbacks=[hook])
+        r = run_training(
+            small_config(demo, tmp_path / f"run_{flag}", labelled_logits_only=flag, **common), callbacks=[hook]
+        )
         runs[flag] = ([h["loss"] for h in r.log_history if "loss" in h], hook.shapes)
     (on_losses, on_shapes), (off_losses, off_shapes) = runs[True], runs[False]
     assert len(on_shapes) == len(off_shapes) == 4  # 2 steps x 2 micro-batches

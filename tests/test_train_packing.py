@@ -14,7 +14,6 @@ from medvlm.errors import MedvlmError
 from medvlm.model.build import build_preset
 from medvlm.train.packing import pack_features, pack_rows
 from medvlm.train.run import run_training
-
 from train_helpers import make_demo, small_config
 
 
@@ -65,7 +64,7 @@ def test_packed_logits_and_loss_equal_unpacked(demo, attn):
             at = 0
             for i in row:
                 n = lengths[i]
-                got = out.logits[r, at:at + n]  # [n, V]
+                got = out.logits[r, at : at + n]  # [n, V]
                 want = ref.logits[i, :n]  # [n, V]
                 assert torch.allclose(got, want, atol=1e-5), (attn, i, float((got - want).abs().max()))
                 at += n

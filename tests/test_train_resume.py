@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from medvlm.train.callbacks import read_log
 from medvlm.train.run import run_training
-
 from train_helpers import make_demo, small_config
 
 CHILD = """
@@ -45,21 +44,32 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     data = tmp_path / "train12.json"
     data.write_text(json.dumps(json.loads((demo / "vqa" / "train.json").read_text())[:12]))
     # 12 samples at 4 per step: 8 steps cross two epoch boundaries, so the per-epoch order matters too.
-    common = dict(max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2, learning_rate=3e-3,
-                  num_train_epochs=3, data_path=str(data))
+    common = dict(
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=2,
+        learning_rate=3e-3,
+        num_train_epochs=3,
+        data_path=str(data),
+    )
     straight = run_training(small_config(demo, tmp_path / "straight", **common))
 
     cfg = small_config(demo, tmp_path / "killed", **common)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, KILL_AT_STEP="5", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    first = subprocess.run([sys.executable, str(script), json.dumps(_keys(cfg))], env=env, capture_output=True, text=True)
+    first = subprocess.run(
+        [sys.executable, str(script), json.dumps(_keys(cfg))], env=env, capture_output=True, text=True
+    )
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "killed" / "model.safetensors").exists()
 
     env.pop("KILL_AT_STEP")
-    second = subprocess.run([sys.executable, str(script), json.dumps(_keys(cfg))], env=env, capture_output=True, text=True)
+    second = subprocess.run(
+        [sys.executable, str(script), json.dumps(_keys(cfg))], env=env, capture_output=True, text=True
+    )
     assert second.returncode == 0, second.stderr[-2000:]
 
     want = {h["step"]: h["loss"] for h in straight.log_history if "loss" in h}

@@ -57,9 +57,22 @@ def starts(tmp_path_factory):
 
 
 def _config(demo, out, start, **over):
-    keys = dict(tune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, vit_lora_r=4, vit_lora_alpha=8,
-                vit_lora_dropout=0.0, learning_rate=3e-3, per_device_train_batch_size=2, group_by_modality_length=False,
-                max_steps=4, save_strategy="steps", save_steps=2, max_length=2048)
+    keys = dict(
+        tune="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        vit_lora_r=4,
+        vit_lora_alpha=8,
+        vit_lora_dropout=0.0,
+        learning_rate=3e-3,
+        per_device_train_batch_size=2,
+        group_by_modality_length=False,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        max_length=2048,
+    )
     if start is not None:
         keys.update(model_name_or_path=str(start), preset=None)
     keys.update(over)
@@ -106,8 +119,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,over", CASES, ids=[f"{f}-{o['stage']}-{o.get('tune', 'lora')}-vit{int(o.get('vit_lora', o['stage'] == 'sq'))}"
-                                                    for f, o in CASES])
+@pytest.mark.parametrize(
+    "family,over",
+    CASES,
+    ids=[f"{f}-{o['stage']}-{o.get('tune', 'lora')}-vit{int(o.get('vit_lora', o['stage'] == 'sq'))}" for f, o in CASES],
+)
 def test_family_lora_run_resumes_exactly(demo, starts, tmp_path, family, over):
     start = starts[family]
     spec = FAMILIES[family]
@@ -123,8 +139,11 @@ def test_family_lora_run_resumes_exactly(demo, starts, tmp_path, family, over):
     # not vacuous: the saved connector had already moved away from its starting value at step 2
     initial = dict(load_family(start)[0].named_parameters())
     with safe_open(str(ckpt / TRAINABLE_BASE_FILE), framework="pt") as f:
-        moved = {k: not torch.equal(f.get_tensor(k), initial[k.removeprefix("base_model.model.")])
-                 for k in f.keys() if part_of(spec, k.removeprefix("base_model.model.")) == "connector"}
+        moved = {
+            k: not torch.equal(f.get_tensor(k), initial[k.removeprefix("base_model.model.")])
+            for k in f.keys()
+            if part_of(spec, k.removeprefix("base_model.model.")) == "connector"
+        }
     assert moved and any(moved.values())
     assert json.loads((resumed_dir / "medvlm_family.json").read_text())["family"] == family  # final: hub layout
     assert (resumed_dir / "adapter" / "adapter_config.json").is_file()
@@ -133,15 +152,23 @@ def test_family_lora_run_resumes_exactly(demo, starts, tmp_path, family, over):
 def test_family_dpo_run_resumes_exactly(demo, starts, tmp_path):
     recs = json.loads((demo / "vqa" / "train.json").read_text())[:8]
     answers = sorted({r["conversations"][1]["value"] for r in recs})
-    prefs = [{"id": f"p{r['id']}", "image": r["image"],
-              "chosen_conversations": r["conversations"][:2],
-              "reject_conversations": [r["conversations"][0],
-                                       {"from": "gpt", "value": next(a for a in answers if a != r["conversations"][1]["value"])}]}
-             for r in recs]
+    prefs = [
+        {
+            "id": f"p{r['id']}",
+            "image": r["image"],
+            "chosen_conversations": r["conversations"][:2],
+            "reject_conversations": [
+                r["conversations"][0],
+                {"from": "gpt", "value": next(a for a in answers if a != r["conversations"][1]["value"])},
+            ],
+        }
+        for r in recs
+    ]
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(prefs))
     straight_cap, straight, resumed_cap, resumed_dir = _straight_and_resumed(
-        demo, tmp_path, starts["qwen2_5_vl"], stage="dpo", data_path=str(data), ref_logps="auto", dpo_beta=0.5)
+        demo, tmp_path, starts["qwen2_5_vl"], stage="dpo", data_path=str(data), ref_logps="auto", dpo_beta=0.5
+    )
     _assert_same_run(straight_cap, straight, resumed_cap, resumed_dir)
     spec = FAMILIES["qwen2_5_vl"]
     with safe_open(str(resumed_dir / "checkpoint-2" / TRAINABLE_BASE_FILE), framework="pt") as f:

@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
-from family_helpers import images, single_sample
-from train_helpers import make_demo, small_config
 from transformers import TrainerCallback
 
+from family_helpers import images, single_sample
 from medvlm.errors import MedvlmError
 from medvlm.model.build import build_preset, load_pretrained
 from medvlm.model.families.io import load_family
@@ -21,6 +20,7 @@ from medvlm.model.families.spec import part_of
 from medvlm.model.families.tiny import init_tiny_family
 from medvlm.train.config import load_config
 from medvlm.train.run import run_training
+from train_helpers import make_demo, small_config
 
 
 class Capture(TrainerCallback):
@@ -52,10 +52,25 @@ def test_family_sft_vit_lora_trains_lm_lora_tower_lora_and_connector_only(family
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     cap = Capture()
     out = tmp_path / "run"
-    cfg = small_config(demo, out, model_name_or_path=str(start), preset=None, family=family, tune="lora",
-                       vit_lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, vit_lora_r=4, vit_lora_alpha=8,
-                       max_steps=30, learning_rate=3e-3, per_device_train_batch_size=2,
-                       group_by_modality_length=False, feature_cache="auto")
+    cfg = small_config(
+        demo,
+        out,
+        model_name_or_path=str(start),
+        preset=None,
+        family=family,
+        tune="lora",
+        vit_lora=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        vit_lora_r=4,
+        vit_lora_alpha=8,
+        max_steps=30,
+        learning_rate=3e-3,
+        per_device_train_batch_size=2,
+        group_by_modality_length=False,
+        feature_cache="auto",
+    )
     result = run_training(cfg, callbacks=[cap])
     first, last = _losses(result)
     assert result.steps == 30 and last < first - 0.3, (first, last)
@@ -82,8 +97,11 @@ def test_family_sft_vit_lora_trains_lm_lora_tower_lora_and_connector_only(family
     from transformers import AutoModelForImageTextToText
 
     reloaded, rproc = load_family(out)
-    tower_moved = [n for n, p in reloaded.named_parameters()
-                   if part_of(proc.spec, n) == "vision_tower" and not torch.equal(p, before[n])]
+    tower_moved = [
+        n
+        for n, p in reloaded.named_parameters()
+        if part_of(proc.spec, n) == "vision_tower" and not torch.equal(p, before[n])
+    ]
     assert tower_moved
     batch = rproc.collator()([rproc.encode(single_sample(), images=images()[:1])])
     plain = AutoModelForImageTextToText.from_pretrained(str(out), local_files_only=True).eval()
@@ -111,9 +129,21 @@ def test_native_sft_vit_lora_trains_lm_lora_tower_lora_and_projector_only(demo, 
     before = _native_before()
     cap = Capture()
     out = tmp_path / "native"
-    cfg = small_config(demo, out, tune="lora", vit_lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                       vit_lora_r=4, vit_lora_alpha=8, max_steps=30, learning_rate=1e-2,
-                       per_device_train_batch_size=4, feature_cache="auto")
+    cfg = small_config(
+        demo,
+        out,
+        tune="lora",
+        vit_lora=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        vit_lora_r=4,
+        vit_lora_alpha=8,
+        max_steps=30,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        feature_cache="auto",
+    )
     result = run_training(cfg, callbacks=[cap])
     first, last = _losses(result)
     # a random tiny LM learns slowly through rank-8 adapters alone (6.5 -> 6.2 here); full sft is tested elsewhere
@@ -144,8 +174,9 @@ def test_native_sft_vit_lora_trains_lm_lora_tower_lora_and_projector_only(demo, 
     assert not cache.get("hits") and not cache.get("misses")  # the tower trains: no frozen-feature cache
     from medvlm.data.schema import Message, Sample
 
-    sample = Sample("s", [Message.from_text("user", "<image>\nWhat is shown?"), Message.from_text("assistant", "A.")],
-                    images=["x"])
+    sample = Sample(
+        "s", [Message.from_text("user", "<image>\nWhat is shown?"), Message.from_text("assistant", "A.")], images=["x"]
+    )
     feat = processor.encode(sample, images=images()[:1])
     ids = feat["input_ids"].unsqueeze(0)
     pixels = feat["pixel_values"]
@@ -161,8 +192,9 @@ def test_native_sft_vit_lora_alone_trains_the_whole_lm_and_the_tower_lora(demo, 
     """``tune: full`` + ``vit_lora: true``: LM and projector fully, the tower through LoRA (merged at the end)."""
     before = _native_before()
     out = tmp_path / "full"
-    run_training(small_config(demo, out, vit_lora=True, vit_lora_r=4, vit_lora_alpha=8, max_steps=2,
-                              learning_rate=5e-3))
+    run_training(
+        small_config(demo, out, vit_lora=True, vit_lora_r=4, vit_lora_alpha=8, max_steps=2, learning_rate=5e-3)
+    )
     model, _ = load_pretrained(out)
     lm = _changed(before, model, "language_model.")
     assert lm["language_model.model.layers.0.self_attn.q_proj.weight"] and sum(lm.values()) >= 0.9 * len(lm)

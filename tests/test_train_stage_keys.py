@@ -21,14 +21,33 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_KEYS = ("stage", "preset", "data_path", "output_dir")
 # non-default values for the fields whose type alone does not give one
 SAMPLES = {
-    "tune": "lora", "feature_cache": "on", "distributed": "deepspeed_cpu", "lora_bias": "all",
-    "vit_lora_grad": "published", "ref_visual_path": "policy", "data_format": "llava_med_instruct",
-    "lr_scheduler_type": "linear", "save_strategy": "epoch", "optim": "adamw_torch", "template": "v1_sq",
-    "projector_type": "linear", "model_name_or_path": "ckpt", "vision_tower_path": "tower", "language_model_path": "lm",
-    "pretrain_projector": "stage1", "image_folder": "images", "feature_cache_dir": "cache", "ref_logps": "auto",
-    "model_kwargs": {"image_aspect": "square"}, "resume_from_checkpoint": False, "data_weights": [2.0],
-    "lora_target_modules": ["q_proj"], "vit_lora_target_modules": ["q_proj"], "report_to": [],
-    "training_args": {"eval_steps": 7}, "family": "qwen2_5_vl",
+    "tune": "lora",
+    "feature_cache": "on",
+    "distributed": "deepspeed_cpu",
+    "lora_bias": "all",
+    "vit_lora_grad": "published",
+    "ref_visual_path": "policy",
+    "data_format": "llava_med_instruct",
+    "lr_scheduler_type": "linear",
+    "save_strategy": "epoch",
+    "optim": "adamw_torch",
+    "template": "v1_sq",
+    "projector_type": "linear",
+    "model_name_or_path": "ckpt",
+    "vision_tower_path": "tower",
+    "language_model_path": "lm",
+    "pretrain_projector": "stage1",
+    "image_folder": "images",
+    "feature_cache_dir": "cache",
+    "ref_logps": "auto",
+    "model_kwargs": {"image_aspect": "square"},
+    "resume_from_checkpoint": False,
+    "data_weights": [2.0],
+    "lora_target_modules": ["q_proj"],
+    "vit_lora_target_modules": ["q_proj"],
+    "report_to": [],
+    "training_args": {"eval_steps": 7},
+    "family": "qwen2_5_vl",
 }
 
 
@@ -89,8 +108,9 @@ def test_every_field_on_every_stage(stage):
 def test_message_names_the_key_and_the_stages_that_use_it():
     with pytest.raises(MedvlmError) as e:
         _load("sft", dpo_beta=0.5)
-    assert str(e.value) == ("dpo_beta is not used by stage 'sft' (it applies to stage dpo); remove it "
-                            "(or set stage to one that uses it)")
+    assert str(e.value) == (
+        "dpo_beta is not used by stage 'sft' (it applies to stage dpo); remove it (or set stage to one that uses it)"
+    )
     with pytest.raises(MedvlmError, match=r"vision_lr is not used by stage 'align' \(it applies to stages sq, dpo\)"):
         _load("align", vision_lr=1e-5)
     with pytest.raises(MedvlmError, match="distributed is not used by stage 'sq'"):
@@ -119,13 +139,41 @@ def test_template_switches_the_model_and_is_recorded(tmp_path, shared_dir):
     src = save_checkpoint(model, processor, tmp_path / "start")
     data = tmp_path / "sq.json"
     image = shared_dir / "images" / "bio_patch.png"
-    data.write_text(json.dumps([{"id": str(i), "image": image.name, "conversations": [
-        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A tissue patch."},
-        {"from": "human", "value": "Which colour dominates?"}, {"from": "gpt", "value": "Pink."}]} for i in range(4)]))
-    cfg = load_config(None, {"stage": "sq", "template": "v1_sq", "model_name_or_path": str(src), "data_path": str(data),
-                             "image_folder": str(image.parent), "output_dir": str(tmp_path / "out"), "max_steps": 1,
-                             "per_device_train_batch_size": 2, "save_strategy": "no", "report_to": [],
-                             "disable_tqdm": True, "max_length": 256, "resume_from_checkpoint": None})
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "id": str(i),
+                    "image": image.name,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat is shown?"},
+                        {"from": "gpt", "value": "A tissue patch."},
+                        {"from": "human", "value": "Which colour dominates?"},
+                        {"from": "gpt", "value": "Pink."},
+                    ],
+                }
+                for i in range(4)
+            ]
+        )
+    )
+    cfg = load_config(
+        None,
+        {
+            "stage": "sq",
+            "template": "v1_sq",
+            "model_name_or_path": str(src),
+            "data_path": str(data),
+            "image_folder": str(image.parent),
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 1,
+            "per_device_train_batch_size": 2,
+            "save_strategy": "no",
+            "report_to": [],
+            "disable_tqdm": True,
+            "max_length": 256,
+            "resume_from_checkpoint": None,
+        },
+    )
     run_training(cfg)
     out_model, out_proc = load_pretrained(tmp_path / "out")
     assert out_model.config.template == "v1_sq" and out_proc.template == "v1_sq"

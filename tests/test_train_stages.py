@@ -10,7 +10,6 @@ import torch
 from medvlm.errors import MedvlmError
 from medvlm.model.build import build_preset, load_pretrained
 from medvlm.train.run import run_training
-
 from train_helpers import changed, make_demo, small_config, state
 
 
@@ -46,8 +45,14 @@ def test_align_trains_only_the_projector(demo, tmp_path):
 
 def test_align_with_im_start_end_trains_only_those_embedding_rows(demo, tmp_path):
     before = _initial(mm_use_im_start_end=True)
-    cfg = small_config(demo, tmp_path / "align_se", stage="align", data_path=str(demo / "alignment.json"),
-                       model_kwargs={"mm_use_im_start_end": True}, weight_decay=0.1)
+    cfg = small_config(
+        demo,
+        tmp_path / "align_se",
+        stage="align",
+        data_path=str(demo / "alignment.json"),
+        model_kwargs={"mm_use_im_start_end": True},
+        weight_decay=0.1,
+    )
     run_training(cfg)
     model, _ = load_pretrained(tmp_path / "align_se")
     after = state(model)
@@ -75,8 +80,18 @@ def test_sft_full_trains_projector_and_lm_but_not_the_tower(demo, tmp_path):
 def test_sft_lora_trains_adapters_and_projector_and_saves_merged_weights(demo, tmp_path):
     before = _initial()
     out = tmp_path / "lora"
-    run_training(small_config(demo, out, tune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                              lora_target_modules=["q_proj", "v_proj"], learning_rate=5e-3))
+    run_training(
+        small_config(
+            demo,
+            out,
+            tune="lora",
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            lora_target_modules=["q_proj", "v_proj"],
+            learning_rate=5e-3,
+        )
+    )
     after = state(load_pretrained(out)[0])  # merged weights: a plain medvlm checkpoint
     assert all(changed(before, after, "projector.").values())
     assert not any(changed(before, after, "vision_tower.").values())
@@ -90,8 +105,9 @@ def test_sft_lora_trains_adapters_and_projector_and_saves_merged_weights(demo, t
 
 
 def test_loss_falls_on_the_demo_dataset(demo, tmp_path):
-    result = run_training(small_config(demo, tmp_path / "fall", max_steps=24, learning_rate=3e-3,
-                                       per_device_train_batch_size=8))
+    result = run_training(
+        small_config(demo, tmp_path / "fall", max_steps=24, learning_rate=3e-3, per_device_train_batch_size=8)
+    )
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert len(losses) == 24
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
@@ -108,8 +124,10 @@ def _no_training_happened(out):
         ({"image_folder": "/nonexistent/images"}, "image_folder /nonexistent/images: folder not found"),
         ({"template": "plain"}, "template 'plain' .* only stage 'align' trains with it, not 'sft'"),
         ({"global_batch_size": 10, "per_device_train_batch_size": 4}, "global_batch_size 10 is not divisible"),
-        ({"tune": "lora", "lora_target_modules": ["q_proj", "query_key_value"]},
-         r"lora_target_modules \['query_key_value'\] match no linear layer"),
+        (
+            {"tune": "lora", "lora_target_modules": ["q_proj", "query_key_value"]},
+            r"lora_target_modules \['query_key_value'\] match no linear layer",
+        ),
         ({"tune": "qlora"}, "qlora needs a CUDA GPU"),
     ],
 )
@@ -127,7 +145,9 @@ def test_missing_image_files_are_named_or_skipped(demo, tmp_path):
     data.write_text(json.dumps(rows))
     with pytest.raises(MedvlmError, match="1 record\\(s\\) name an image file that does not exist.*does_not_exist.png"):
         run_training(small_config(demo, tmp_path / "o1", data_path=str(data)))
-    result = run_training(small_config(demo, tmp_path / "o2", data_path=str(data), skip_missing_images=True, max_steps=1))
+    result = run_training(
+        small_config(demo, tmp_path / "o2", data_path=str(data), skip_missing_images=True, max_steps=1)
+    )
     assert result.manifest["dropped"] == {"missing_image": 1} and result.manifest["samples"] == 11
 
 

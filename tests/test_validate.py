@@ -14,7 +14,11 @@ from medvlm.errors import MedvlmError
 
 
 def _rec(id_, image="a.png", turns=None):
-    r = {"id": id_, "conversations": turns or [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A lung."}]}
+    r = {
+        "id": id_,
+        "conversations": turns
+        or [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A lung."}],
+    }
     if image is not None:
         r["image"] = image
     return r
@@ -48,9 +52,15 @@ def test_good_file_summary(tmp_path, folder):
 
 
 def test_roles_not_alternating(tmp_path):
-    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "human", "value": "again"}, {"from": "gpt", "value": "a"}]
+    turns = [
+        {"from": "human", "value": "<image>\nq"},
+        {"from": "human", "value": "again"},
+        {"from": "gpt", "value": "a"},
+    ]
     rep = _validate(tmp_path, [_rec("0"), _rec("x1", turns=turns)])
-    assert rep.problem_lines() == ["record 1 (id x1): conversations[1]: roles do not alternate: expected a assistant turn, got user"]
+    assert rep.problem_lines() == [
+        "record 1 (id x1): conversations[1]: roles do not alternate: expected a assistant turn, got user"
+    ]
 
 
 def test_conversation_starting_with_answer_and_late_system(tmp_path):
@@ -80,8 +90,10 @@ def test_empty_turn_and_image_in_answer(tmp_path):
     turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "  "}]
     turns2 = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>\na"}]
     lines = _validate(tmp_path, [_rec("0", turns=turns), _rec("1", turns=turns2)]).problem_lines()
-    assert lines == ["record 0 (id 0): conversations[1]: empty turn",
-                     "record 1 (id 1): conversations[1]: an <image> placeholder in an answer turn"]
+    assert lines == [
+        "record 0 (id 0): conversations[1]: empty turn",
+        "record 1 (id 1): conversations[1]: an <image> placeholder in an answer turn",
+    ]
 
 
 def test_missing_and_unreadable_images(tmp_path, folder):
@@ -103,8 +115,15 @@ def test_problem_in_typo_key_file_names_the_typo_field(tmp_path, shared_dir):
 
 
 def test_every_shared_format_validates(shared_dir):
-    for name in ("alignment_sample.json", "instruct_sample.json", "qa50_sample.jsonl", "vqa_test_sample.json",
-                 "fig_captions_sample.json", "dpo_sample.json", "image_urls_sample.jsonl"):
+    for name in (
+        "alignment_sample.json",
+        "instruct_sample.json",
+        "qa50_sample.jsonl",
+        "vqa_test_sample.json",
+        "fig_captions_sample.json",
+        "dpo_sample.json",
+        "image_urls_sample.jsonl",
+    ):
         rep = validate_file(shared_dir / "formats" / name)
         assert rep.ok and rep.records > 0, (name, rep.problem_lines())
 
@@ -118,16 +137,29 @@ def test_shared_images_are_found(shared_dir, tmp_path):
 
 def test_preference_problems_name_the_side(tmp_path):
     f = tmp_path / "dpo.json"
-    f.write_text(json.dumps([{"image": "a.png", "chosen_conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
-                              "reject_conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "b"}]}]))
-    assert validate_file(f).problem_lines() == ["record 0 (id 0): chosen_conversations[0]: no <image> placeholder while 1 image(s) given",
-                                                "record 0 (id 0): reject_conversations[0]: no <image> placeholder while 1 image(s) given"]
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "image": "a.png",
+                    "chosen_conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                    "reject_conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "b"}],
+                }
+            ]
+        )
+    )
+    assert validate_file(f).problem_lines() == [
+        "record 0 (id 0): chosen_conversations[0]: no <image> placeholder while 1 image(s) given",
+        "record 0 (id 0): reject_conversations[0]: no <image> placeholder while 1 image(s) given",
+    ]
 
 
 def test_unreadable_records_raise_or_are_listed(tmp_path):
     f = tmp_path / "x.jsonl"
     good = json.dumps({"image": "a.png", "question": "q", "answer": "a"})
-    f.write_text(f"{good}\n{{bad\n{json.dumps({'image': 'a.png', 'question': ['q'], 'answer': 'a'})}\n{good}\n", encoding="utf-8")
+    f.write_text(
+        f"{good}\n{{bad\n{json.dumps({'image': 'a.png', 'question': ['q'], 'answer': 'a'})}\n{good}\n", encoding="utf-8"
+    )
     with pytest.raises(MedvlmError, match=r"x\.jsonl:2: invalid JSON"):
         validate_file(f)
     rep = validate_file(f, skip_bad=True)

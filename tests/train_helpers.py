@@ -21,10 +21,20 @@ def make_demo(root: Path, n_images: int = 32) -> Path:
 def small_config(demo: Path, out: Path, **over) -> TrainConfig:
     """A fast tiny-preset run: 4 samples per step, no checkpoints, no TensorBoard."""
     keys = {
-        "stage": "sft", "preset": "tiny", "data_path": str(demo / "vqa" / "train.json"),
-        "image_folder": str(demo / "images"), "output_dir": str(out), "per_device_train_batch_size": 4,
-        "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [],
-        "warmup_ratio": 0.0, "disable_tqdm": True, "max_length": 512,
+        "stage": "sft",
+        "preset": "tiny",
+        "data_path": str(demo / "vqa" / "train.json"),
+        "image_folder": str(demo / "images"),
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "warmup_ratio": 0.0,
+        "disable_tqdm": True,
+        "max_length": 512,
     }
     if over.get("stage", "sft") in ("align", "sft"):
         keys["feature_cache"] = "off"  # the feature cache exists in these stages only (a key sq/dpo refuse)
@@ -64,8 +74,17 @@ def torchrun_two(tmp_path: Path, keys: dict, tag: str) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(TORCHRUN_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), json.dumps(keys), str(tmp_path / tag)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        json.dumps(keys),
+        str(tmp_path / tag),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"{tag}.rank{r}.json").read_text()) for r in (0, 1)]

@@ -18,7 +18,10 @@ from medvlm.notice import SHORT_NOTICE
 
 app = typer.Typer(
     name="medvlm",
-    help=f"Build, train, evaluate and serve biomedical vision-language assistants (LLaVA-Med / STLLaVA-Med). {SHORT_NOTICE}",
+    help=(
+        "Build, train, evaluate and serve biomedical vision-language assistants (LLaVA-Med / STLLaVA-Med). "
+        f"{SHORT_NOTICE}"
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

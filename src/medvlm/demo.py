@@ -73,11 +73,19 @@ MARKER = "medvlm_demo.json"
 PROTOCOLS: tuple[str, ...] = ("llava-med", "strict")
 _PART_SIZES = {
     # CLIP tower: 64 px, patch 8 -> 8 x 8 = 64 image tokens.
-    "vision": dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4),
+    "vision": dict(
+        image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    ),
     # A 3-layer Llama of width 128 (init std 0.1, see the module doc); the tiny BPE tokenizer (1k tokens).
-    "lm": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1),
+    "lm": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+    ),
 }
 
 
@@ -157,8 +165,14 @@ class DemoResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--summary-out`` object: ``scores``, ``strict``, ``blind``, ``seconds`` (+ untrained, losses)."""
-        return {"scores": self.scores, "strict": self.strict, "blind": self.blind, "seconds": self.seconds,
-                "untrained": self.untrained, "losses": self.losses}
+        return {
+            "scores": self.scores,
+            "strict": self.strict,
+            "blind": self.blind,
+            "seconds": self.seconds,
+            "untrained": self.untrained,
+            "losses": self.losses,
+        }
 
 
 DEMO_FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "idefics3")
@@ -168,9 +182,11 @@ DEMO_FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "idefics3")
 def check_family(family: str | None) -> None:
     """Refuse, before any work, a ``--family`` the demo has no model for (the message lists the ones it has)."""
     if family is not None and family not in DEMO_FAMILIES:
-        raise MedvlmError(f"--family {family}: the demo builds only {', '.join(DEMO_FAMILIES)} (or leave --family out "
-                          "for the native medvlm LLaVA); other families train through medvlm train with "
-                          "medvlm model init --preset tiny-<family>")
+        raise MedvlmError(
+            f"--family {family}: the demo builds only {', '.join(DEMO_FAMILIES)} (or leave --family out "
+            "for the native medvlm LLaVA); other families train through medvlm train with "
+            "medvlm model init --preset tiny-<family>"
+        )
 
 
 def _prepare_out(out: Path) -> None:
@@ -191,9 +207,16 @@ def build_parts(folder: Path, seed: int) -> tuple[Path, Path]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vision = CLIPVisionModel(CLIPVisionConfig(**_PART_SIZES["vision"]))
-        lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                          tie_word_embeddings=False, **_PART_SIZES["lm"]))
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False,
+                **_PART_SIZES["lm"],
+            )
+        )
     vision_dir, lm_dir = folder / "vision_tower", folder / "language_model"
     vision.save_pretrained(vision_dir)
     lm.save_pretrained(lm_dir)
@@ -211,24 +234,56 @@ def stage_configs(cfg: DemoConfig, data: Path, parts: tuple[Path, Path] | Path, 
     ``parts``: the native tower and LM folders, or with ``cfg.family`` the untrained family checkpoint. A family
     keeps its own chat template and connector, so its recipes name neither (the training config refuses them).
     """
-    common = dict(image_folder=str(data / "images"), max_length=512, lr_scheduler_type="cosine", warmup_ratio=0.03,
-                  weight_decay=0.0, save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.seed,
-                  resume_from_checkpoint=None, feature_cache="off", tune_vision_tower=True)
+    common = dict(
+        image_folder=str(data / "images"),
+        max_length=512,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        weight_decay=0.0,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=cfg.seed,
+        resume_from_checkpoint=None,
+        feature_cache="off",
+        tune_vision_tower=True,
+    )
     if cfg.family is None:
-        start = dict(template="plain", vision_tower_path=str(parts[0]), language_model_path=str(parts[1]),
-                     projector_type="mlp2x_gelu", model_kwargs=dict(MODEL_KWARGS))
+        start = dict(
+            template="plain",
+            vision_tower_path=str(parts[0]),
+            language_model_path=str(parts[1]),
+            projector_type="mlp2x_gelu",
+            model_kwargs=dict(MODEL_KWARGS),
+        )
         family: dict[str, Any] = dict(template=MODEL_KWARGS["template"])
     else:
         start = dict(model_name_or_path=str(parts), family=cfg.family)
         family = dict(family=cfg.family)
-    stage1 = dict(common, stage="align", **start, tune_language_model=True, data_path=str(data / "alignment.json"),
-                  output_dir=str(models / "stage1_align"), num_train_epochs=cfg.stage1_epochs,
-                  per_device_train_batch_size=cfg.stage1_batch_size, learning_rate=cfg.stage1_lr)
-    stage2 = dict(common, stage="sft", **family, model_name_or_path=str(models / "stage1_align"),
-                  tune="full", data_path=str(stage2_data(cfg, data)),
-                  output_dir=str(models / "stage2_sft"), num_train_epochs=cfg.stage2_epochs,
-                  tune_vision_tower=cfg.stage2_tune_vision_tower,
-                  per_device_train_batch_size=cfg.stage2_batch_size, learning_rate=cfg.stage2_lr)
+    stage1 = dict(
+        common,
+        stage="align",
+        **start,
+        tune_language_model=True,
+        data_path=str(data / "alignment.json"),
+        output_dir=str(models / "stage1_align"),
+        num_train_epochs=cfg.stage1_epochs,
+        per_device_train_batch_size=cfg.stage1_batch_size,
+        learning_rate=cfg.stage1_lr,
+    )
+    stage2 = dict(
+        common,
+        stage="sft",
+        **family,
+        model_name_or_path=str(models / "stage1_align"),
+        tune="full",
+        data_path=str(stage2_data(cfg, data)),
+        output_dir=str(models / "stage2_sft"),
+        num_train_epochs=cfg.stage2_epochs,
+        tune_vision_tower=cfg.stage2_tune_vision_tower,
+        per_device_train_batch_size=cfg.stage2_batch_size,
+        learning_rate=cfg.stage2_lr,
+    )
     return [("stage 1 (alignment: captions)", stage1), ("stage 2 (fine-tuning on the VQA train split)", stage2)]
 
 
@@ -247,8 +302,10 @@ def _loss_printer(name: str, console: Any):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and state.is_world_process_zero:
-                console.print(f"  {name}  step {state.global_step:>4}/{state.max_steps}  "
-                              f"loss {float(logs['loss']):.3f}  ({time.time() - self.start:.0f} s)")
+                console.print(
+                    f"  {name}  step {state.global_step:>4}/{state.max_steps}  "
+                    f"loss {float(logs['loss']):.3f}  ({time.time() - self.start:.0f} s)"
+                )
 
     return LossPrinter()
 
@@ -273,9 +330,11 @@ def _steps(keys: dict) -> int:
     return int(len(read_json(keys["data_path"])) * keys["num_train_epochs"] / keys["per_device_train_batch_size"])
 
 
-def _answer_and_score(model: Path, data: Path, answers_dir: Path, scores_dir: Path, cfg: DemoConfig,
-                      prefix: str) -> dict[str, dict]:
-    """Answer the VQA test split into ``answers_dir`` and score it under each protocol (``scores_dir/scores_*.json``)."""
+def _answer_and_score(
+    model: Path, data: Path, answers_dir: Path, scores_dir: Path, cfg: DemoConfig, prefix: str
+) -> dict[str, dict]:
+    """Answer the VQA test split into ``answers_dir`` and score it under each protocol
+    (``scores_dir/scores_*.json``)."""
     from medvlm.eval.protocols import score_files
     from medvlm.eval.vqa import run_vqa
     from medvlm.infer.engine import GenerationSettings
@@ -283,8 +342,15 @@ def _answer_and_score(model: Path, data: Path, answers_dir: Path, scores_dir: Pa
     answers = answers_dir / "answers.jsonl"
     if answers.exists():
         answers.unlink()  # a new model: never resume another model's answers
-    run_vqa(model, data / "vqa" / "test.json", answers, data / "images",
-            GenerationSettings(max_new_tokens=cfg.max_new_tokens), batch_size=cfg.eval_batch_size, progress=False)
+    run_vqa(
+        model,
+        data / "vqa" / "test.json",
+        answers,
+        data / "images",
+        GenerationSettings(max_new_tokens=cfg.max_new_tokens),
+        batch_size=cfg.eval_batch_size,
+        progress=False,
+    )
     out = {}
     for protocol in PROTOCOLS:
         out[protocol] = score_files(data / "vqa" / "test.json", answers, protocol)
@@ -299,11 +365,16 @@ def _headline(scores: dict) -> dict[str, float]:
 def blind_scores(baseline: dict[str, Any]) -> dict[str, Any]:
     """The synthetic dataset's blind baseline on the scores' scale (x100)."""
     q = baseline["by_question"]
-    return {"closed": {"accuracy": 100 * baseline["closed"]}, "open": {"recall": 100 * baseline["open_recall"]},
-            "per_question_prior": {"closed": {"accuracy": 100 * q["closed"]}, "open": {"recall": 100 * q["open_recall"]}},
-            "by_kind": baseline["by_kind"], "n_closed": baseline["n_closed"], "n_open": baseline["n_open"],
-            "method": "majority answer per question kind learned on the train split (no image); "
-                      "per_question_prior: majority answer per exact question text"}
+    return {
+        "closed": {"accuracy": 100 * baseline["closed"]},
+        "open": {"recall": 100 * baseline["open_recall"]},
+        "per_question_prior": {"closed": {"accuracy": 100 * q["closed"]}, "open": {"recall": 100 * q["open_recall"]}},
+        "by_kind": baseline["by_kind"],
+        "n_closed": baseline["n_closed"],
+        "n_open": baseline["n_open"],
+        "method": "majority answer per question kind learned on the train split (no image); "
+        "per_question_prior: majority answer per exact question text",
+    }
 
 
 def results_table(blind: dict, untrained: dict[str, dict], trained: dict[str, dict]) -> Any:
@@ -315,10 +386,20 @@ def results_table(blind: dict, untrained: dict[str, dict], trained: dict[str, di
         t.add_column(col, justify="left" if col in ("protocol", "metric") else "right")
     for p in PROTOCOLS:
         u, tr = _headline(untrained[p]), _headline(trained[p])
-        t.add_row(p, "closed accuracy", f"{blind['closed']['accuracy']:.1f}", f"{u['closed_accuracy']:.1f}",
-                  f"[bold]{tr['closed_accuracy']:.1f}[/bold]")
-        t.add_row(p, "open recall", f"{blind['open']['recall']:.1f}", f"{u['open_recall']:.1f}",
-                  f"[bold]{tr['open_recall']:.1f}[/bold]")
+        t.add_row(
+            p,
+            "closed accuracy",
+            f"{blind['closed']['accuracy']:.1f}",
+            f"{u['closed_accuracy']:.1f}",
+            f"[bold]{tr['closed_accuracy']:.1f}[/bold]",
+        )
+        t.add_row(
+            p,
+            "open recall",
+            f"{blind['open']['recall']:.1f}",
+            f"{u['open_recall']:.1f}",
+            f"[bold]{tr['open_recall']:.1f}[/bold]",
+        )
     return t
 
 
@@ -362,14 +443,23 @@ def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
     log_file.write_text("", encoding="utf-8")
     console.print(f"[bold]medvlm demo[/bold] -> {out}  (model: {cfg.family or 'native medvlm LLaVA'}; {SHORT_NOTICE})")
 
-    manifest = generate_synth(data, n_images=cfg.images(), seed=cfg.seed, image_size=64, overwrite=True,
-                              test_fraction=cfg.test_images() / cfg.images(), train_extra_closed=cfg.train_extra_closed,
-                              train_closed_kinds=cfg.train_closed_kinds)
+    manifest = generate_synth(
+        data,
+        n_images=cfg.images(),
+        seed=cfg.seed,
+        image_size=64,
+        overwrite=True,
+        test_fraction=cfg.test_images() / cfg.images(),
+        train_extra_closed=cfg.train_extra_closed,
+        train_closed_kinds=cfg.train_closed_kinds,
+    )
     if cfg.stage2_group_by_image:
         group_file(data / "vqa" / "train.json", stage2_data(cfg, data), seed=cfg.seed)
     blind = blind_scores(manifest.blind_baseline)
-    console.print(f"data: {manifest.n_train_images} train / {manifest.n_test_images} test synthetic images, "
-                  f"{manifest.files['vqa/test.json']} test questions ({time.time() - started:.0f} s)")
+    console.print(
+        f"data: {manifest.n_train_images} train / {manifest.n_test_images} test synthetic images, "
+        f"{manifest.files['vqa/test.json']} test questions ({time.time() - started:.0f} s)"
+    )
 
     untrained_dir = models / "untrained"
     if cfg.family is None:
@@ -384,9 +474,13 @@ def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
         recipes = stage_configs(cfg, data, untrained_dir, models)
     # The untrained model's scores go beside the trained ones, so the report plots both.
     untrained = _answer_and_score(untrained_dir, data, eval_dir / "untrained", eval_dir, cfg, "untrained_")
-    console.print("untrained model: " + ", ".join(
-        f"{p} closed {untrained[p]['closed']['accuracy']:.1f} / open recall {untrained[p]['open']['recall']:.1f}"
-        for p in PROTOCOLS))
+    console.print(
+        "untrained model: "
+        + ", ".join(
+            f"{p} closed {untrained[p]['closed']['accuracy']:.1f} / open recall {untrained[p]['open']['recall']:.1f}"
+            for p in PROTOCOLS
+        )
+    )
 
     losses = {}
     for name, keys in recipes:
@@ -401,21 +495,38 @@ def _run_demo(config: DemoConfig | None, console: Any) -> DemoResult:
     example = json.loads((data / "vqa" / "test.json").read_text(encoding="utf-8"))[0]
     question = example["conversations"][0]["value"].replace("<image>", "").strip()
     console.print("chat with the trained model:")
-    console.print(f"  medvlm chat --model {final} --image {data / 'images' / example['image']} --prompt \"{question}\"",
-                  soft_wrap=True, highlight=False)
+    console.print(
+        f"  medvlm chat --model {final} --image {data / 'images' / example['image']} --prompt \"{question}\"",
+        soft_wrap=True,
+        highlight=False,
+    )
     console.print(f"done in {seconds:.0f} s. {SHORT_NOTICE}")
-    return DemoResult(scores=trained["llava-med"], strict=trained["strict"], blind=blind,
-                      untrained={p: _headline(untrained[p]) for p in PROTOCOLS}, losses=losses, seconds=seconds,
-                      out=str(out), model=str(final), report=str(report))
+    return DemoResult(
+        scores=trained["llava-med"],
+        strict=trained["strict"],
+        blind=blind,
+        untrained={p: _headline(untrained[p]) for p in PROTOCOLS},
+        losses=losses,
+        seconds=seconds,
+        out=str(out),
+        model=str(final),
+        report=str(report),
+    )
 
 
 def _save_untrained(parts: tuple[Path, Path], stage1: dict, dest: Path) -> None:
     """The model stage 1 starts from (parts composed, fresh projector), saved for the before-training scores."""
     from medvlm.model.build import compose, save_checkpoint
 
-    model, processor = compose(parts[0], parts[1], projector=stage1["projector_type"], template=MODEL_KWARGS["template"],
-                               aspect=MODEL_KWARGS["image_aspect"], feature_layer=MODEL_KWARGS["vision_feature_layer"],
-                               seed=stage1["seed"])
+    model, processor = compose(
+        parts[0],
+        parts[1],
+        projector=stage1["projector_type"],
+        template=MODEL_KWARGS["template"],
+        aspect=MODEL_KWARGS["image_aspect"],
+        feature_layer=MODEL_KWARGS["vision_feature_layer"],
+        seed=stage1["seed"],
+    )
     save_checkpoint(model, processor, dest, title="medvlm demo: untrained")
 
 
@@ -426,14 +537,24 @@ MAIN_SETTINGS = {"cls": renamed({"--json-out": "--summary-out"})}
 def main(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("medvlm_demo"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, weights and training order.")] = 0,
-    n_images: Annotated[Optional[int], typer.Option(
-        "--n-images", help="Synthetic images (default 8400, 400 of them test; 1000 with --fast).")] = None,
-    fast: Annotated[bool, typer.Option(
-        "--fast", help="A smaller, quicker run (1000 images; below the accuracy targets).")] = False,
-    summary_out: Annotated[Optional[Path], typer.Option("--summary-out", help="Also write the final numbers as JSON here.")] = None,
-    family: Annotated[Optional[str], typer.Option(
-        "--family", help=f"Run the curriculum on a demo-size model of this transformers family "
-                         f"({', '.join(DEMO_FAMILIES)}); default: the native medvlm LLaVA.")] = None,
+    n_images: Annotated[
+        Optional[int],
+        typer.Option("--n-images", help="Synthetic images (default 8400, 400 of them test; 1000 with --fast)."),
+    ] = None,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="A smaller, quicker run (1000 images; below the accuracy targets).")
+    ] = False,
+    summary_out: Annotated[
+        Optional[Path], typer.Option("--summary-out", help="Also write the final numbers as JSON here.")
+    ] = None,
+    family: Annotated[
+        Optional[str],
+        typer.Option(
+            "--family",
+            help=f"Run the curriculum on a demo-size model of this transformers family "
+            f"({', '.join(DEMO_FAMILIES)}); default: the native medvlm LLaVA.",
+        ),
+    ] = None,
 ) -> None:
     """Train and evaluate a tiny LLaVA-Med-style model on synthetic data end to end (minutes on a CPU)."""
     res = run_demo(DemoConfig(out=str(out), seed=seed, n_images=n_images, fast=fast, family=family))

@@ -13,11 +13,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 
-def grey_dataset(rows: int = 8, cols: int = 8, frames: int = 1, bits: int = 8, samples: int = 1,
-                 pixels: bytes | None = None) -> Dataset:
+def grey_dataset(
+    rows: int = 8, cols: int = 8, frames: int = 1, bits: int = 8, samples: int = 1, pixels: bytes | None = None
+) -> Dataset:
     """A secondary-capture dataset with a synthetic gradient (or the given pixel bytes)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -75,7 +81,7 @@ def header_then_zeros(rows: int, cols: int, declared: int) -> bytes:
     """A Deflated DICOM: a valid rows x cols 8-bit header, then a PixelData element of ``declared`` zero bytes."""
     raw = to_bytes(grey_dataset(rows, cols, pixels=b"\0\0"))
     group_length = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
-    dataset = raw[132 + 12 + group_length:raw.index(b"\xe0\x7f\x10\x00")]  # up to (7FE0,0010)
+    dataset = raw[132 + 12 + group_length : raw.index(b"\xe0\x7f\x10\x00")]  # up to (7FE0,0010)
     element = b"\xe0\x7f\x10\x00OB\0\0" + declared.to_bytes(4, "little")  # explicit VR, 32-bit length
     return _deflate_parts(dataset + element, declared)
 
@@ -112,8 +118,9 @@ def peak_rss_growth(setup: str, attack: str, timeout: float = 120) -> tuple[floa
     src = Path(__file__).resolve().parents[2] / "src"
     code = _PROBE.format(paths=[str(src), str(Path(__file__).resolve().parent)], setup=setup, attack=attack)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
-                         stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("PROBE"))
     data = json.loads(line[5:])
@@ -122,10 +129,11 @@ def peak_rss_growth(setup: str, attack: str, timeout: float = 120) -> tuple[floa
 
 # --- tar archives built from raw 512-byte header blocks --------------------------------------------------------
 
+
 def tar_header(name: bytes, size: int, typ: bytes, fields: dict[int, bytes] | None = None) -> bytes:
     """One ustar header block with a correct checksum; ``fields`` overwrite bytes at given offsets."""
     b = bytearray(512)
-    b[0:len(name)] = name
+    b[0 : len(name)] = name
     b[100:108] = b"0000644\0"
     b[108:116] = b"0000000\0"
     b[116:124] = b"0000000\0"
@@ -134,7 +142,7 @@ def tar_header(name: bytes, size: int, typ: bytes, fields: dict[int, bytes] | No
     b[156:157] = typ
     b[257:265] = b"ustar\x0000"
     for off, value in (fields or {}).items():
-        b[off:off + len(value)] = value
+        b[off : off + len(value)] = value
     b[148:156] = b" " * 8
     b[148:156] = b"%06o\0 " % sum(b)
     return bytes(b)

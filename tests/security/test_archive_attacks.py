@@ -44,26 +44,33 @@ def _run(tmp_path: Path, archive: bytes, members: list[str], **cfg) -> dict[str,
     local.mkdir(parents=True, exist_ok=True)
     (local / "a.tar.gz").write_bytes(archive)
     urls = tmp_path / "urls.jsonl"
-    urls.write_text("".join(json.dumps({"pmc_tar_url": PREFIX + "a.tar.gz", "image_file_path": m, "pair_id": f"p{i}"})
-                            + "\n" for i, m in enumerate(members)))
+    urls.write_text(
+        "".join(
+            json.dumps({"pmc_tar_url": PREFIX + "a.tar.gz", "image_file_path": m, "pair_id": f"p{i}"}) + "\n"
+            for i, m in enumerate(members)
+        )
+    )
     out = tmp_path / "out"
-    download_images(urls, out, DownloadConfig(workers=1, retries=0, progress=False,
-                                              url_map=[(PREFIX, local.as_uri() + "/")], **cfg))
+    download_images(
+        urls, out, DownloadConfig(workers=1, retries=0, progress=False, url_map=[(PREFIX, local.as_uri() + "/")], **cfg)
+    )
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     return {r["pair_id"]: r for r in rows}
 
 
 def test_400mb_pax_header_in_a_small_archive_is_refused_with_bounded_memory(tmp_path):
     declared = 400 << 20
-    archive = gzip_with_zero_run(tar_header(b"././@PaxHeader", declared, b"x"), declared,
-                                 member("PMC1/fig.png", _png(1)) + end_of_archive())
+    archive = gzip_with_zero_run(
+        tar_header(b"././@PaxHeader", declared, b"x"), declared, member("PMC1/fig.png", _png(1)) + end_of_archive()
+    )
     assert len(archive) < 600_000  # ~400 KB on the wire
     local = tmp_path / "mirror"
     local.mkdir()
     (local / "a.tar.gz").write_bytes(archive)
     urls = tmp_path / "urls.jsonl"
-    urls.write_text(json.dumps({"pmc_tar_url": PREFIX + "a.tar.gz", "image_file_path": "PMC1/fig.png",
-                                "pair_id": "p0"}) + "\n")
+    urls.write_text(
+        json.dumps({"pmc_tar_url": PREFIX + "a.tar.gz", "image_file_path": "PMC1/fig.png", "pair_id": "p0"}) + "\n"
+    )
     setup = "from medvlm.data.download import DownloadConfig, download_images\n"
     attack = f"""
 cfg = DownloadConfig(workers=1, retries=0, progress=False, url_map=[({PREFIX!r}, {local.as_uri() + '/'!r})])
@@ -73,8 +80,9 @@ result = s.failed
     growth_mb, failed = peak_rss_growth(setup, attack)
     assert failed == {"tar_header_too_large": 1}
     row = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[-1])
-    assert row["error"] == (f"refused tar archive: pax extended header of {declared} bytes at byte 0 "
-                            f"(cap {MAX_TAR_HEADER_BYTES})")
+    assert row["error"] == (
+        f"refused tar archive: pax extended header of {declared} bytes at byte 0 (cap {MAX_TAR_HEADER_BYTES})"
+    )
     assert growth_mb < 200, f"peak RSS grew by {growth_mb:.0f} MB under a 400 MB pax header"
 
 
@@ -88,11 +96,17 @@ def test_gnu_long_name_global_pax_and_sparse_headers_over_the_cap_are_refused(tm
         # old GNU sparse member whose extension blocks go on and on (each says "one more follows")
         "sparse run": tar_header(b"PMC1/s.bin", 0, b"S", {482: b"\1"}) + (b"\0" * 504 + b"\1" + b"\0" * 7) * 200 + fig,
         "pax sparse": tar_header(b"././@PaxHeader", len(pax_records(GNU__sparse__major="1")), b"x")
-        + pad(pax_records(GNU__sparse__major="1")) + member("PMC1/s.bin", b"1\n0\n") + fig,
+        + pad(pax_records(GNU__sparse__major="1"))
+        + member("PMC1/s.bin", b"1\n0\n")
+        + fig,
     }
     for i, (what, raw) in enumerate(cases.items()):
-        rows = _run(tmp_path / str(i), gzip_with_zero_run(raw + end_of_archive(), 0), ["PMC1/fig.png"],
-                    max_header_bytes=32 * 1024)
+        rows = _run(
+            tmp_path / str(i),
+            gzip_with_zero_run(raw + end_of_archive(), 0),
+            ["PMC1/fig.png"],
+            max_header_bytes=32 * 1024,
+        )
         assert rows["p0"]["reason"] == "tar_header_too_large", (what, rows["p0"])
         assert not (tmp_path / str(i) / "out" / "images" / "p0.png").exists()
 
@@ -106,8 +120,11 @@ def test_the_guard_follows_tarfile_where_headers_move(tmp_path):
     # a V7 "regular file" whose name ends in "/" is a directory: tarfile reads no data for it
     v7dir = tar_header(b"PMC1/dir/", 1536, b"\0") + bomb
     for i, raw in enumerate((moved, v7dir)):
-        rows = _run(tmp_path / str(i), gzip_with_zero_run(raw + b"\0" * (10 << 20) + fig + end_of_archive(), 0),
-                    ["PMC1/fig.png"])
+        rows = _run(
+            tmp_path / str(i),
+            gzip_with_zero_run(raw + b"\0" * (10 << 20) + fig + end_of_archive(), 0),
+            ["PMC1/fig.png"],
+        )
         assert rows["p0"]["reason"] == "tar_header_too_large", rows["p0"]
 
 
@@ -151,7 +168,9 @@ def test_image_bytes_are_fsynced_before_the_done_line(tmp_path, monkeypatch):
     for pid in ("p0", "p1"):
         final = f"{images}/{pid}.png"
         rename = events.index(("rename", final))
-        data_sync = max(i for i, (k, p) in enumerate(events[:rename]) if k == "fsync" and p.startswith(f"{images}/.{pid}.png."))
+        data_sync = max(
+            i for i, (k, p) in enumerate(events[:rename]) if k == "fsync" and p.startswith(f"{images}/.{pid}.png.")
+        )
         dir_sync = events.index(("fsync", images), rename)
         done_line = next(i for i, e in enumerate(events) if i > dir_sync and e == ("fsync", manifest))
         assert data_sync < rename < dir_sync < done_line

@@ -16,11 +16,17 @@ import zlib
 import numpy as np
 import pydicom
 import pytest
-from data_attack_helpers import (deflated_zeros, grey_dataset, header_then_zeros, peak_rss_growth, to_bytes)
+from data_attack_helpers import deflated_zeros, grey_dataset, header_then_zeros, peak_rss_growth, to_bytes
 from pydicom.data import get_testdata_file
 
-from medvlm.data.dicom import (MAX_HEADER_ELEMENTS, DicomTooLargeError, decode_dicom_bytes, decoded_size, load_dicom,
-                               read_dicom_dataset)
+from medvlm.data.dicom import (
+    MAX_HEADER_ELEMENTS,
+    DicomTooLargeError,
+    decode_dicom_bytes,
+    decoded_size,
+    load_dicom,
+    read_dicom_dataset,
+)
 from medvlm.data.dicom_deid import BASIC_PROFILE_KEYWORDS, is_identifying
 from medvlm.data.images import load_image
 from medvlm.errors import MedvlmError
@@ -32,10 +38,10 @@ WARM_UP = f"from medvlm.data.images import load_image\nload_image({CT!r})\n"
 def _inflated_size(data: bytes) -> int:
     """Bytes a Deflated file's dataset inflates to, counted in bounded chunks (proves the bomb is real)."""
     group_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL, right after the 'DICM' prefix
-    body = data[132 + 12 + group_length:]
+    body = data[132 + 12 + group_length :]
     z, n, tail = zlib.decompressobj(-zlib.MAX_WBITS), 0, None
     for start in range(0, len(body), 1 << 16):
-        tail = body[start:start + (1 << 16)]
+        tail = body[start : start + (1 << 16)]
         while tail:
             n += len(z.decompress(tail, 1 << 20))
             tail = z.unconsumed_tail
@@ -175,8 +181,18 @@ def _identified() -> pydicom.Dataset:
 
 
 def test_basic_profile_deletes_identifying_attributes_short_ones_included():
-    assert {"PatientName", "PatientID", "PatientSex", "PatientAge", "PatientBirthDate", "InstitutionName",
-            "StudyInstanceUID", "SOPInstanceUID", "AccessionNumber", "ReferringPhysicianName"} <= set(BASIC_PROFILE_KEYWORDS)
+    assert {
+        "PatientName",
+        "PatientID",
+        "PatientSex",
+        "PatientAge",
+        "PatientBirthDate",
+        "InstitutionName",
+        "StudyInstanceUID",
+        "SOPInstanceUID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    } <= set(BASIC_PROFILE_KEYWORDS)
     ds = read_dicom_dataset(to_bytes(_identified()), max_pixels=10_000, max_decoded_bytes=1 << 20)
     left = []
     ds.walk(lambda d, el: left.append(el.keyword or hex(int(el.tag))) if is_identifying(int(el.tag)) else None)
@@ -206,4 +222,4 @@ def test_truncated_header_and_garbage_are_clear_errors(tmp_path):
     good = deflated_zeros(1 << 20)
     start = 132 + 12 + int.from_bytes(good[140:144], "little")
     with pytest.raises(MedvlmError, match=r"^bad\.dcm: "):  # a corrupt deflate stream
-        decode_dicom_bytes(good[:start] + b"\xff" * 64 + good[start + 64:], name="bad.dcm")
+        decode_dicom_bytes(good[:start] + b"\xff" * 64 + good[start + 64 :], name="bad.dcm")

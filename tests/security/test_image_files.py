@@ -60,8 +60,14 @@ def test_eps_named_jpg_is_refused_without_running_ghostscript(tmp_path):
     eps = tmp_path / "figure.jpg"
     eps.write_bytes(EPS)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "PYTHONPATH": str(SRC)}
-    run = subprocess.run([sys.executable, "-c", _PROBE, str(eps), str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=120, stdin=subprocess.DEVNULL)
+    run = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(eps), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     refused = f"{eps}: not a {', '.join(IMAGE_FORMATS)} image (other formats are refused)"
@@ -74,6 +80,7 @@ def test_eps_named_jpg_is_refused_without_running_ghostscript(tmp_path):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height, with one tiny IDAT: decoding it would allocate the whole image."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
+
 def _build(root: Path) -> None:
     """A medvlm checkpoint, a tiny Llama LM folder and a tiny CLIP tower folder under ``root``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -28,11 +29,28 @@ def _build(root: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(hf), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(root / "lm")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(hf),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(root / "lm")
     hf.save_pretrained(root / "lm")
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32,
-                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(root / "tower")
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=32,
+            patch_size=16,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(root / "tower")
+
 
 _LOAD = """
 import sys
@@ -51,8 +69,14 @@ except MedvlmError as e:
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=180,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _plant(folder: Path, marker: Path, files: dict[str, dict]) -> None:
@@ -68,14 +92,26 @@ def test_auto_map_in_a_checkpoint_is_never_run_nor_prompted_for(tmp_path):
     _build(tmp_path)
     marker = tmp_path / "evil_ran"
     # a medvlm checkpoint whose config, tokenizer and image processor all point at the folder's own code
-    _plant(tmp_path / "ckpt", marker, {
-        "config.json": {"auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}},
-        "tokenizer_config.json": {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}},
-        "preprocessor_config.json": {"auto_map": {"AutoImageProcessor": "evil.EvilProcessor"}},
-    })
+    _plant(
+        tmp_path / "ckpt",
+        marker,
+        {
+            "config.json": {"auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}},
+            "tokenizer_config.json": {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}},
+            "preprocessor_config.json": {"auto_map": {"AutoImageProcessor": "evil.EvilProcessor"}},
+        },
+    )
     # a language model folder whose model type exists only as the folder's own code: refused, clearly
-    _plant(tmp_path / "lm", marker, {"config.json": {
-        "model_type": "evil_lm", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilLM"}}})
+    _plant(
+        tmp_path / "lm",
+        marker,
+        {
+            "config.json": {
+                "model_type": "evil_lm",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilLM"},
+            }
+        },
+    )
     composed = _python(_LOAD, str(tmp_path))
     assert composed.returncode == 0, composed.stderr[-2000:]
     assert "OK MedVLMForConditionalGeneration" in composed.stdout
@@ -92,8 +128,11 @@ def test_every_transformers_load_in_src_passes_trust_remote_code_false():
     missing = []
     for path in sorted(SRC.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "from_pretrained"):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+            ):
                 continue
             owner = node.func.value
             if isinstance(owner, ast.Name) and owner.id == "MedVLMProcessor":

@@ -34,8 +34,19 @@ def engine(tmp_path_factory):
 def _apps(engine):
     yield "api", create_app(engine, ApiConfig(model_name="tiny-med", api_key=KEY))
     yield "controller", create_controller_app(ControllerConfig(secret=KEY))
-    yield "worker", create_worker_app(engine, WorkerConfig(controller_url="http://127.0.0.1:1", worker_url="http://x:1",
-                                                           model_name="tiny-med", register=False, secret=KEY))
+    yield (
+        "worker",
+        create_worker_app(
+            engine,
+            WorkerConfig(
+                controller_url="http://127.0.0.1:1",
+                worker_url="http://x:1",
+                model_name="tiny-med",
+                register=False,
+                secret=KEY,
+            ),
+        ),
+    )
 
 
 def test_no_route_answers_without_the_key(engine) -> None:
@@ -54,12 +65,16 @@ def test_no_route_answers_without_the_key(engine) -> None:
         assert ok.status_code == 200, name
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "api", "--model", "/nonexistent", "--host", "0.0.0.0"],
-    ["serve", "controller", "--host", "0.0.0.0"],
-    ["serve", "worker", "--controller", "http://127.0.0.1:1", "--model", "/nonexistent", "--host", "0.0.0.0"],
-    ["serve", "web", "--api", "http://127.0.0.1:1", "--host", "0.0.0.0"],
-], ids=["api", "controller", "worker", "web"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "api", "--model", "/nonexistent", "--host", "0.0.0.0"],
+        ["serve", "controller", "--host", "0.0.0.0"],
+        ["serve", "worker", "--controller", "http://127.0.0.1:1", "--model", "/nonexistent", "--host", "0.0.0.0"],
+        ["serve", "web", "--api", "http://127.0.0.1:1", "--host", "0.0.0.0"],
+    ],
+    ids=["api", "controller", "worker", "web"],
+)
 def test_non_loopback_bind_without_auth_is_refused_at_start(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -69,8 +84,19 @@ def test_non_loopback_bind_without_auth_is_refused_at_start(argv: list[str], cap
 def test_web_never_lends_a_key_to_visitors_beyond_loopback(monkeypatch, capsys) -> None:
     monkeypatch.setenv("MEDVLM_LIMITS_KEY", KEY)
     with pytest.raises(SystemExit) as e:
-        main(["serve", "web", "--api", "http://127.0.0.1:1", "--api-key-env", "MEDVLM_LIMITS_KEY", "--host", "0.0.0.0",
-              "--insecure-no-auth"])
+        main(
+            [
+                "serve",
+                "web",
+                "--api",
+                "http://127.0.0.1:1",
+                "--api-key-env",
+                "MEDVLM_LIMITS_KEY",
+                "--host",
+                "0.0.0.0",
+                "--insecure-no-auth",
+            ]
+        )
     assert e.value.code == 2 and "--auth-env" in capsys.readouterr().err
 
 
@@ -78,15 +104,26 @@ def test_the_queue_is_checked_before_any_image_is_decoded(engine) -> None:
     config = ApiConfig(model_name="tiny-med", batcher=BatcherConfig(max_batch=1, max_queue=1))
     with BackgroundServer(create_app(engine, config)) as srv:
         service = srv.server.config.app.state.service
-        long_body = {"model": "tiny-med", "messages": [{"role": "user", "content": "Tell me everything."}],
-                     "max_tokens": 1800, "stream": True}
+        long_body = {
+            "model": "tiny-med",
+            "messages": [{"role": "user", "content": "Tell me everything."}],
+            "max_tokens": 1800,
+            "stream": True,
+        }
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long_body, timeout=30) as r:
             lines = r.iter_lines()
             for _ in range(3):
                 next(lines)  # the text-only request holds the only queue slot (and never took a decode slot)
             image = data_url(image_bytes("PNG", (2000, 2000)))
-            body = {"model": "tiny-med", "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "?"}]}]}
+            body = {
+                "model": "tiny-med",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "?"}],
+                    }
+                ],
+            }
             busy = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
             assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert service.gate.most_active == 0  # the refused request's image was never decoded
@@ -118,12 +155,29 @@ def test_tokenising_is_safe_without_a_shared_lock(engine) -> None:
     assert together == alone
 
 
-@pytest.mark.parametrize("address,allowed", [
-    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("::ffff:8.8.8.8", True),
-    ("127.0.0.1", False), ("10.0.0.1", False), ("172.16.0.1", False), ("192.168.1.1", False),
-    ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
-    ("::1", False), ("::", False), ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False),
-    ("::ffff:169.254.169.254", False), ("2002:7f00:1::", False), ("64:ff9b::a9fe:a9fe", False),
-])
+@pytest.mark.parametrize(
+    "address,allowed",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("::ffff:8.8.8.8", True),
+        ("127.0.0.1", False),
+        ("10.0.0.1", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:169.254.169.254", False),
+        ("2002:7f00:1::", False),
+        ("64:ff9b::a9fe:a9fe", False),
+    ],
+)
 def test_address_filter(address: str, allowed: bool) -> None:
     assert address_allowed(ipaddress.ip_address(address)) is allowed

@@ -29,8 +29,19 @@ def cluster(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory)
     ctrl_args = ["controller", "--secret-env", "MEDVLM_SEC_SECRET", "--heart-beat-expiration", "2"]
     with ServerProcess(ctrl_args, env=ENV, probe="/list_models") as ctrl:
-        worker_args = ["worker", "--controller", ctrl.url, "--model", str(ckpt), "--served-model-name", "tiny-med",
-                       "--secret-env", "MEDVLM_SEC_SECRET", "--heart-beat-interval", "0.5"]
+        worker_args = [
+            "worker",
+            "--controller",
+            ctrl.url,
+            "--model",
+            str(ckpt),
+            "--served-model-name",
+            "tiny-med",
+            "--secret-env",
+            "MEDVLM_SEC_SECRET",
+            "--heart-beat-interval",
+            "0.5",
+        ]
         with ServerProcess(worker_args, env=ENV, probe="/worker_get_status") as worker:
             deadline = time.monotonic() + 60
             while list_models(ctrl.url, secret=SECRET) != ["tiny-med"] and time.monotonic() < deadline:
@@ -45,9 +56,16 @@ def _still_serving(ctrl: ServerProcess, worker: ServerProcess) -> None:
 
 def test_the_secret_is_needed_everywhere_and_legitimate_clients_work(cluster) -> None:
     ctrl, worker = cluster
-    for url in (ctrl.url + "/list_models", ctrl.url + "/register_worker", ctrl.url + "/worker_generate_stream",
-                ctrl.url + "/get_worker_address", worker.url + "/worker_generate_stream", worker.url + "/worker_get_status",
-                ctrl.url + "/docs", worker.url + "/openapi.json"):
+    for url in (
+        ctrl.url + "/list_models",
+        ctrl.url + "/register_worker",
+        ctrl.url + "/worker_generate_stream",
+        ctrl.url + "/get_worker_address",
+        worker.url + "/worker_generate_stream",
+        worker.url + "/worker_get_status",
+        ctrl.url + "/docs",
+        worker.url + "/openapi.json",
+    ):
         assert httpx.post(url, json={}, timeout=10).status_code in (401,), url
     with pytest.raises(MedvlmError):
         send_test_message(ctrl.url, "tiny-med", "hi", max_new_tokens=2)  # no secret: refused
@@ -83,8 +101,12 @@ def test_bad_worker_numbers_are_a_400(cluster, name: str, data: dict) -> None:
     body = {"worker_name": "http://127.0.0.1:1", "check_heart_beat": True, **data}
     r = httpx.post(ctrl.url + "/register_worker", json=body, headers=AUTH, timeout=10)
     assert r.status_code == 400, r.text
-    r = httpx.post(ctrl.url + "/receive_heart_beat", json={"worker_name": worker.url, "queue_length": "abc"},
-                   headers=AUTH, timeout=10)
+    r = httpx.post(
+        ctrl.url + "/receive_heart_beat",
+        json={"worker_name": worker.url, "queue_length": "abc"},
+        headers=AUTH,
+        timeout=10,
+    )
     assert r.status_code == 400
     assert list_models(ctrl.url, secret=SECRET) == ["tiny-med"]  # nothing was registered
 
@@ -92,16 +114,35 @@ def test_bad_worker_numbers_are_a_400(cluster, name: str, data: dict) -> None:
 def test_worker_names_cannot_make_the_controller_call_chosen_urls(cluster) -> None:
     ctrl, worker = cluster
     with Recorder("127.0.0.1") as target:
-        for name in (target.url + "/admin/delete?x=", target.url + "/#", f"http://user:pw@{target.url[7:]}",
-                     target.url + "/?q=1", "file:///etc/passwd", f"gopher://{target.url[7:]}", "http://:80",
-                     "http://127.0.0.1", "http://0.0.0.0:80", "http://169.254.169.254:80", 12345, None):
-            r = httpx.post(ctrl.url + "/register_worker", json={"worker_name": name, "check_heart_beat": True},
-                           headers=AUTH, timeout=10)
+        for name in (
+            target.url + "/admin/delete?x=",
+            target.url + "/#",
+            f"http://user:pw@{target.url[7:]}",
+            target.url + "/?q=1",
+            "file:///etc/passwd",
+            f"gopher://{target.url[7:]}",
+            "http://:80",
+            "http://127.0.0.1",
+            "http://0.0.0.0:80",
+            "http://169.254.169.254:80",
+            12345,
+            None,
+        ):
+            r = httpx.post(
+                ctrl.url + "/register_worker",
+                json={"worker_name": name, "check_heart_beat": True},
+                headers=AUTH,
+                timeout=10,
+            )
             assert r.status_code == 400, (name, r.text)
         assert target.hits == []
         # A well-formed address is asked only for its status, at the fixed path; a non-worker answer is not registered.
-        r = httpx.post(ctrl.url + "/register_worker", json={"worker_name": target.url, "check_heart_beat": True},
-                       headers=AUTH, timeout=10)
+        r = httpx.post(
+            ctrl.url + "/register_worker",
+            json={"worker_name": target.url, "check_heart_beat": True},
+            headers=AUTH,
+            timeout=10,
+        )
         assert r.status_code == 200 and r.json() == {"ok": False}
         assert target.hits == ["POST /worker_get_status"]
     assert list_models(ctrl.url, secret=SECRET) == ["tiny-med"]
@@ -109,8 +150,11 @@ def test_worker_names_cannot_make_the_controller_call_chosen_urls(cluster) -> No
 
 def test_workers_that_stop_beating_expire(cluster) -> None:
     ctrl, worker = cluster
-    fake = {"worker_name": "http://127.0.0.1:1", "check_heart_beat": False,  # LLaVA never expired these
-            "worker_status": {"model_names": ["fake-med"], "speed": 1, "queue_length": 0}}
+    fake = {
+        "worker_name": "http://127.0.0.1:1",
+        "check_heart_beat": False,  # LLaVA never expired these
+        "worker_status": {"model_names": ["fake-med"], "speed": 1, "queue_length": 0},
+    }
     assert httpx.post(ctrl.url + "/register_worker", json=fake, headers=AUTH, timeout=10).json() == {"ok": True}
     assert "fake-med" in httpx.post(ctrl.url + "/list_models", headers=AUTH, timeout=10).json()["models"]
     deadline = time.monotonic() + 20
@@ -151,7 +195,11 @@ def test_worker_checks_counts_and_prompt_before_decoding(cluster) -> None:
             got = frames(r.content)
             assert got and got[-1]["error_code"] == 1 and text in got[-1]["text"], (name, got)
     assert rss.growth < RSS_BUDGET, rss.growth
-    ok = httpx.post(url, json={"model": "tiny-med", "prompt": one_image, "images": [small], "temperature": 0,
-                               "max_new_tokens": 3}, headers=AUTH, timeout=60)
+    ok = httpx.post(
+        url,
+        json={"model": "tiny-med", "prompt": one_image, "images": [small], "temperature": 0, "max_new_tokens": 3},
+        headers=AUTH,
+        timeout=60,
+    )
     assert ok.status_code == 200 and frames(ok.content)[-1]["error_code"] == 0
     _still_serving(ctrl, worker)

@@ -23,17 +23,24 @@ DEAD_API = f"http://127.0.0.1:{free_port()}"  # an "internal" backend URL that m
 @pytest.fixture(scope="module")
 def web_process(tmp_path_factory):
     log = tmp_path_factory.mktemp("web") / "log.jsonl"
-    with ServerProcess(["web", "--api", DEAD_API, "--max-upload-mb", "5", "--log-file", str(log)],
-                       probe="/") as srv:
+    with ServerProcess(["web", "--api", DEAD_API, "--max-upload-mb", "5", "--log-file", str(log)], probe="/") as srv:
         yield srv
 
 
 def test_upload_bodies_are_capped_as_they_stream(web_process) -> None:
     with RssWatch(web_process.pid) as rss:
-        part = (b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
-                b"Content-Type: image/png\r\n\r\n")  # a well-formed upload whose file never ends
-        status, sent = send_chunked(web_process.url, "/gradio_api/upload", {}, total=300 * 2**20,
-                                    content_type="multipart/form-data; boundary=xyz", prefix=part)
+        part = (
+            b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n"
+        )  # a well-formed upload whose file never ends
+        status, sent = send_chunked(
+            web_process.url,
+            "/gradio_api/upload",
+            {},
+            total=300 * 2**20,
+            content_type="multipart/form-data; boundary=xyz",
+            prefix=part,
+        )
     assert status == 413 and sent < 300 * 2**20
     assert rss.growth < RSS_BUDGET, rss.growth
     assert web_process.alive() and httpx.get(web_process.url + "/", timeout=30).status_code == 200
@@ -60,8 +67,15 @@ def test_backend_errors_reach_visitors_as_a_generic_message(dead_backend_page, s
 
     client = Client(dead_backend_page, verbose=False)
     with pytest.raises(Exception) as e:
-        client.predict(handle_file(str(shared_dir / "images" / "synpic42202.jpg")), "What is shown?", "tiny-med",
-                       0.0, 1.0, 16, api_name="/answer")
+        client.predict(
+            handle_file(str(shared_dir / "images" / "synpic42202.jpg")),
+            "What is shown?",
+            "tiny-med",
+            0.0,
+            1.0,
+            16,
+            api_name="/answer",
+        )
     shown = str(e.value)
     assert GENERIC_ERROR in shown
     assert DEAD_API not in shown and "127.0.0.1" not in shown and "Traceback" not in shown

@@ -73,12 +73,16 @@ class VLMCollator:
                 raise MedvlmError(f"feature {i}: missing 'input_ids'")
             ids = torch.as_tensor(f["input_ids"], dtype=torch.long)  # [L]
             if ids.dim() != 1 or ids.numel() == 0:
-                raise MedvlmError(f"feature {i}: 'input_ids' must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
+                raise MedvlmError(
+                    f"feature {i}: 'input_ids' must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}"
+                )
             ids_list.append(ids)
             mask = f.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)  # [L]
             if mask.shape != ids.shape:
-                raise MedvlmError(f"feature {i}: 'attention_mask' has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+                raise MedvlmError(
+                    f"feature {i}: 'attention_mask' has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}"
+                )
             masks.append(mask)
             if with_labels[i]:
                 labels = torch.as_tensor(f["labels"], dtype=torch.long)  # [L]
@@ -135,7 +139,7 @@ class VLMCollator:
             if self.padding_side == "right":
                 out[row, : s.numel()] = s
             else:
-                out[row, length - s.numel():] = s
+                out[row, length - s.numel() :] = s
         return out
 
 

@@ -157,8 +157,9 @@ def _int(ds: Any, keyword: str, default: int | None, name: str) -> int:
     return n
 
 
-def read_dicom_dataset(data: bytes | memoryview, *, max_pixels: int, max_decoded_bytes: int,
-                       name: str = "DICOM image") -> Any:
+def read_dicom_dataset(
+    data: bytes | memoryview, *, max_pixels: int, max_decoded_bytes: int, name: str = "DICOM image"
+) -> Any:
     """Parse DICOM bytes into a de-identified pydicom Dataset whose pixel data fits the budgets.
 
     Reads the file meta and the header (bounded by ``MAX_HEADER_BYTES`` / ``MAX_HEADER_ELEMENTS``),
@@ -177,7 +178,7 @@ def read_dicom_dataset(data: bytes | memoryview, *, max_pixels: int, max_decoded
 
     view = memoryview(data)
     try:
-        fp = io.BytesIO(view[:132 + MAX_HEADER_BYTES])
+        fp = io.BytesIO(view[: 132 + MAX_HEADER_BYTES])
         read_preamble(fp, False)
         meta_watch = _HeaderWatch(fp, name, stop_group=2)
         meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=meta_watch)
@@ -208,12 +209,16 @@ def read_dicom_dataset(data: bytes | memoryview, *, max_pixels: int, max_decoded
     samples, bits = _int(ds, "SamplesPerPixel", 1, name), _int(ds, "BitsAllocated", None, name)
     frames = _int(ds, "NumberOfFrames", 1, name)
     if rows * cols * frames > max_pixels:
-        raise DicomTooLargeError(f"{name}: {cols}x{rows}{f'x{frames} frames' if frames > 1 else ''} pixels "
-                                 f"exceed the limit of {max_pixels} pixels")
+        raise DicomTooLargeError(
+            f"{name}: {cols}x{rows}{f'x{frames} frames' if frames > 1 else ''} pixels "
+            f"exceed the limit of {max_pixels} pixels"
+        )
     need = decoded_size(rows, cols, samples, bits, frames)
     if need > max_decoded_bytes:
-        raise DicomTooLargeError(f"{name}: decoding needs {need} bytes ({cols}x{rows}, {samples} samples of "
-                                 f"{bits} bits, {frames} frames), over the limit of {max_decoded_bytes} bytes")
+        raise DicomTooLargeError(
+            f"{name}: decoding needs {need} bytes ({cols}x{rows}, {samples} samples of "
+            f"{bits} bits, {frames} frames), over the limit of {max_decoded_bytes} bytes"
+        )
     tag, length, offset = watch.pixel
     if length != _UNDEFINED and length > max_decoded_bytes:
         raise DicomTooLargeError(f"{name}: pixel data of {length} bytes exceeds the limit of {max_decoded_bytes} bytes")
@@ -252,7 +257,7 @@ def _voi_range(ds: Any) -> tuple[float, float] | None:
     if ds.get("ModalityLUTSequence"):
         lo, hi = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
     elif int(ds.get("PixelRepresentation", 0)) == 0:
-        lo, hi = 0.0, float(2 ** bits - 1)
+        lo, hi = 0.0, float(2**bits - 1)
     else:
         lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
@@ -288,14 +293,17 @@ def _colour_to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
     """Scale colour samples of ``bits`` significant bits to 0..255."""
     if bits <= 8 and arr.dtype == np.uint8:
         return arr
-    return _to_uint8(arr, 0.0, float(2 ** bits - 1))
+    return _to_uint8(arr, 0.0, float(2**bits - 1))
 
 
-
-
-def decode_dicom_bytes(data: bytes | memoryview, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES, frame: str | int = "middle",
-                       name: str = "DICOM image") -> Image.Image:
+def decode_dicom_bytes(
+    data: bytes | memoryview,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    frame: str | int = "middle",
+    name: str = "DICOM image",
+) -> Image.Image:
     """DICOM file bytes -> 8-bit RGB PIL image, in memory, budgets checked before decoding (see module docstring).
 
     ``name`` is used in messages (a file path, or "image 2" for a request). Raises
@@ -319,7 +327,9 @@ def decode_dicom_bytes(data: bytes | memoryview, *, max_pixels: int = DEFAULT_MA
         elif arr.ndim == 2:
             rgb = np.repeat(grey_to_uint8(arr, ds)[:, :, None], 3, axis=2)
         else:
-            raise ValueError(f"unsupported pixel array shape {arr.shape} for {pi or 'unknown'} photometric interpretation")
+            raise ValueError(
+                f"unsupported pixel array shape {arr.shape} for {pi or 'unknown'} photometric interpretation"
+            )
     except MedvlmError:
         raise
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, IndexError) as e:
@@ -328,8 +338,13 @@ def decode_dicom_bytes(data: bytes | memoryview, *, max_pixels: int = DEFAULT_MA
     return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
 
 
-def load_dicom(path: str | os.PathLike, frame: str | int = "middle", *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Image.Image:
+def load_dicom(
+    path: str | os.PathLike,
+    frame: str | int = "middle",
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> Image.Image:
     """Read a DICOM file as an 8-bit RGB PIL image (see module docstring). ``frame``: middle | first | index.
 
     The file is read into memory once (at most ``max_decoded_bytes + MAX_HEADER_BYTES`` bytes: a larger
@@ -348,7 +363,9 @@ def load_dicom(path: str | os.PathLike, frame: str | int = "middle", *, max_pixe
     except OSError as e:
         raise MedvlmError(f"{path}: cannot read the file ({e.strerror})") from None
     if len(data) > cap:
-        raise DicomTooLargeError(f"{path}: DICOM file is larger than {cap} bytes (the decoded-bytes limit plus the "
-                                 "header limit)")
-    return decode_dicom_bytes(data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, frame=frame,
-                              name=str(path))
+        raise DicomTooLargeError(
+            f"{path}: DICOM file is larger than {cap} bytes (the decoded-bytes limit plus the header limit)"
+        )
+    return decode_dicom_bytes(
+        data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, frame=frame, name=str(path)
+    )

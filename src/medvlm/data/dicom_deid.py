@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-BASIC_PROFILE_KEYWORDS: tuple[str, ...] = tuple("""
+BASIC_PROFILE_KEYWORDS: tuple[str, ...] = tuple(
+    """
 AccessionNumber AcquisitionComments AcquisitionContextSequence AcquisitionDate AcquisitionDateTime
 AcquisitionDeviceProcessingDescription AcquisitionProtocolDescription AcquisitionTime AcquisitionUID
 ActualHumanPerformersSequence AdditionalPatientHistory AddressTrial AdmissionID AdmittingDate
@@ -78,7 +79,8 @@ SynchronizationFrameOfReferenceUID TemplateExtensionCreatorUID TemplateExtension
 TimeOfLastCalibration TimeOfSecondaryCapture TimezoneOffsetFromUTC TopicAuthor TopicKeywords TopicSubject TopicTitle
 TrackingUID TransactionUID UID VerifyingObserverIdentificationCodeSequence VerifyingObserverName
 VerifyingObserverSequence VerifyingOrganization VisitComments
-""".split())
+""".split()
+)
 """Keywords of the attributes PS3.15 Table E.1-1 (basic profile) removes, blanks or replaces; all deleted here."""
 
 _CURVE_GROUPS = range(0x5000, 0x5100, 2)  # curve data: the whole repeating group

@@ -60,8 +60,9 @@ def open_image(source: str | os.PathLike | BinaryIO, name: str, max_pixels: int 
     return im
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
-               max_decoded_bytes: int | None = None) -> Image.Image:
+def load_image(
+    path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS, max_decoded_bytes: int | None = None
+) -> Image.Image:
     """Load an image file as RGB, bounded in pixels before decoding (see :func:`open_image`).
 
     ``.dcm`` / ``.dicom`` files go through :mod:`medvlm.data.dicom` (needs ``medvlm[dicom]``), in memory, with
@@ -73,8 +74,11 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS,
     if p.suffix.lower() in DICOM_SUFFIXES:
         from medvlm.data.dicom import DEFAULT_MAX_DECODED_BYTES, load_dicom  # optional extra, only for DICOM files
 
-        return load_dicom(p, max_pixels=max_pixels,
-                          max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes)
+        return load_dicom(
+            p,
+            max_pixels=max_pixels,
+            max_decoded_bytes=DEFAULT_MAX_DECODED_BYTES if max_decoded_bytes is None else max_decoded_bytes,
+        )
     with open_image(p, str(p), max_pixels) as im:
         try:
             im.load()

@@ -115,13 +115,21 @@ class Sample:
 
     def to_dict(self) -> dict:
         """A JSON-able dict (``id``, ``images``, ``messages``, ``meta``)."""
-        return {"id": self.id, "images": list(self.images), "messages": [m.to_dict() for m in self.messages],
-                "meta": copy.deepcopy(self.meta)}
+        return {
+            "id": self.id,
+            "images": list(self.images),
+            "messages": [m.to_dict() for m in self.messages],
+            "meta": copy.deepcopy(self.meta),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Sample:
-        return cls(id=str(d["id"]), messages=[Message.from_dict(m) for m in d["messages"]],
-                   images=list(d.get("images", [])), meta=dict(d.get("meta", {})))
+        return cls(
+            id=str(d["id"]),
+            messages=[Message.from_dict(m) for m in d["messages"]],
+            images=list(d.get("images", [])),
+            meta=dict(d.get("meta", {})),
+        )
 
 
 @dataclass

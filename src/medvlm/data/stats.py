@@ -42,8 +42,10 @@ def dataset_stats(path: str | os.PathLike, format: str = "auto", *, skip_bad: bo
         out.update(records=len(rows), images=len(set(rows)), bad_records=len(bad))
         return out
     if fmt in PREFERENCE_FORMATS:
-        samples = (Sample(id=p.id, messages=p.prompt + p.chosen, images=p.images, meta=p.meta)
-                   for p in read_preferences(path, fmt, skip_bad=skip_bad, bad=bad))
+        samples = (
+            Sample(id=p.id, messages=p.prompt + p.chosen, images=p.images, meta=p.meta)
+            for p in read_preferences(path, fmt, skip_bad=skip_bad, bad=bad)
+        )
     else:
         samples = read_samples(path, fmt, skip_bad=skip_bad, bad=bad)
     records = turns = questions = qa = 0
@@ -72,9 +74,19 @@ def dataset_stats(path: str | os.PathLike, format: str = "auto", *, skip_bad: bo
         for key, counter in (("type", types), ("answer_type", answer_types)):
             if isinstance(s.meta.get(key), str):
                 counter[s.meta[key]] += 1
-    out.update(records=records, turns=turns, questions=questions, qa_pairs=qa, images=len(images),
-               domains={k: {"records": dom_records[k], "images": len(dom_images[k]), "qa_pairs": dom_qa[k]}
-                        for k in sorted(dom_records)},
-               domain_flags=dict(sorted(flags.items())), types=dict(sorted(types.items())),
-               answer_types=dict(sorted(answer_types.items())), bad_records=len(bad))
+    out.update(
+        records=records,
+        turns=turns,
+        questions=questions,
+        qa_pairs=qa,
+        images=len(images),
+        domains={
+            k: {"records": dom_records[k], "images": len(dom_images[k]), "qa_pairs": dom_qa[k]}
+            for k in sorted(dom_records)
+        },
+        domain_flags=dict(sorted(flags.items())),
+        types=dict(sorted(types.items())),
+        answer_types=dict(sorted(answer_types.items())),
+        bad_records=len(bad),
+    )
     return out

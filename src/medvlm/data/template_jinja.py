@@ -93,18 +93,30 @@ def template_to_jinja(tpl: ChatTemplate) -> str:
     if tpl.vuser is not None:
         j.append("{%- elif m['role'] == 'vuser' -%}" + _learned_turn(tpl.vuser))
     j.append(
-        "{%- elif m['role'] == 'user' -%}" + _out(tpl.user.prefix) + _out(tpl.user.lead)
+        "{%- elif m['role'] == 'user' -%}"
+        + _out(tpl.user.prefix)
+        + _out(tpl.user.lead)
         + "{%- if ns.fold -%}{{ ns.fold ~ '\\n\\n' }}{%- set ns.fold = '' -%}{%- endif -%}"
-        + "{{ render_content(m['content'], " + keep + ") }}" + _out(tpl.user.end) + _out(tpl.user.after)
+        + "{{ render_content(m['content'], "
+        + keep
+        + ") }}"
+        + _out(tpl.user.end)
+        + _out(tpl.user.after)
     )
     j.append(
         "{%- else -%}{{ raise_exception('role ' ~ m['role'] ~ ' is not supported by the "
-        + tpl.name + " template') }}{%- endif -%}{%- endfor -%}"
+        + tpl.name
+        + " template') }}{%- endif -%}{%- endfor -%}"
     )
     gen = "{%- if add_generation_prompt -%}"
     if tpl.vuser is not None:
-        gen += ("{%- if messages[-1]['role'] == 'assistant' -%}" + _out(tpl.vuser.prefix) + "{%- else -%}"
-                + _out(tpl.assistant.prefix) + "{%- endif -%}")
+        gen += (
+            "{%- if messages[-1]['role'] == 'assistant' -%}"
+            + _out(tpl.vuser.prefix)
+            + "{%- else -%}"
+            + _out(tpl.assistant.prefix)
+            + "{%- endif -%}"
+        )
     else:
         gen += _out(tpl.assistant.prefix)
     j.append(gen + "{%- endif -%}")

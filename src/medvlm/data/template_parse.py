@@ -20,8 +20,9 @@ def _sub(s: str, bos: str, eos: str) -> str:
     return s.replace("{bos}", bos).replace("{eos}", eos)
 
 
-def parse_generation_prompt(text: str, template: ChatTemplate | str, *, bos_token: str = "<s>",
-                            eos_token: str = "</s>") -> list[Message]:
+def parse_generation_prompt(
+    text: str, template: ChatTemplate | str, *, bos_token: str = "<s>", eos_token: str = "</s>"
+) -> list[Message]:
     """The messages ``text`` (a generation prompt: it ends with the assistant tag) was rendered from.
 
     ``bos_token`` / ``eos_token`` are the strings the client rendered with (``render_text``'s defaults; LLaVA's
@@ -54,7 +55,7 @@ def parse_generation_prompt(text: str, template: ChatTemplate | str, *, bos_toke
         end = text.find(tail + u_pre, pos + len(head))
         if end < 0:
             raise fail(f"no {u_pre!r} turn after the system prompt")
-        system, pos = text[pos + len(head):end], end + len(tail)
+        system, pos = text[pos + len(head) : end], end + len(tail)
         if system != tpl.system:
             messages.append(Message("system", [text_part(system)]))
     elif tpl.system and not tpl.fold_system:
@@ -67,12 +68,12 @@ def parse_generation_prompt(text: str, template: ChatTemplate | str, *, bos_toke
             role, fmt, pre = "vuser", v, v_pre
         opening = pre + _sub(fmt.lead, bos_token, eos_token)
         if not text.startswith(opening, pos):
-            raise fail(f"expected {opening!r} at {text[pos:pos + 40]!r}")
+            raise fail(f"expected {opening!r} at {text[pos : pos + 40]!r}")
         pos += len(opening)
         close = _sub(fmt.end + fmt.after, bos_token, eos_token) + a_pre
         end = text.find(close, pos)
         if end < 0:
-            raise fail(f"the {role} turn {text[pos:pos + 40]!r} is not followed by {close!r}")
+            raise fail(f"the {role} turn {text[pos : pos + 40]!r} is not followed by {close!r}")
         messages.append(Message.from_text(role, text[pos:end]))
         pos = end + len(close)
         if pos == len(text):
@@ -83,11 +84,13 @@ def parse_generation_prompt(text: str, template: ChatTemplate | str, *, bos_toke
         pos += len(lead)
         found = answer_end.search(text, pos)  # the leftmost next user (or VUSER) tag
         if found is None:
-            raise fail(f"the answer {text[pos:pos + 40]!r} is not followed by a user turn")
-        messages.append(Message("assistant", [text_part(text[pos:found.start()])]))
+            raise fail(f"the answer {text[pos : pos + 40]!r} is not followed by a user turn")
+        messages.append(Message("assistant", [text_part(text[pos : found.start()])]))
         pos = found.start() + len(answer_close)
     again = render_text(messages, tpl, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
     if again not in (text, bos + text):
-        raise fail("its turns do not render back to the same text (a role tag inside a message, or spacing the "
-                   "template does not write)")
+        raise fail(
+            "its turns do not render back to the same text (a role tag inside a message, or spacing the "
+            "template does not write)"
+        )
     return messages

@@ -344,8 +344,9 @@ def render_text(
     eos_token: str | None = "</s>",
 ) -> str:
     """Render a conversation to the prompt string (each image part -> ``image_token_text``)."""
-    return render(messages, template, add_generation_prompt, image_token_text,
-                  bos_token=bos_token, eos_token=eos_token).text
+    return render(
+        messages, template, add_generation_prompt, image_token_text, bos_token=bos_token, eos_token=eos_token
+    ).text
 
 
 def _single_token_id(tokenizer: Any, token: str, what: str) -> int:
@@ -412,8 +413,15 @@ def encode_conversation(
             marker_ids.add(_single_token_id(tokenizer, tok, what))
     image_text = (im_start_token or "") + image_token * image_seq_length + (im_end_token or "")
     forbidden = tuple(t for t in (image_token, im_start_token, im_end_token) if t)
-    r = render(messages, tpl, add_generation_prompt, image_text, bos_token=tokenizer.bos_token,
-               eos_token=tokenizer.eos_token, forbidden=forbidden)
+    r = render(
+        messages,
+        tpl,
+        add_generation_prompt,
+        image_text,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        forbidden=forbidden,
+    )
     enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     # A generation prompt is for inference: nothing in it is learned.
@@ -452,7 +460,7 @@ def stop_token_id_sequences(tokenizer: Any, template: ChatTemplate | str) -> lis
         base = tokenizer.encode("a", add_special_tokens=False)
         joined = tokenizer.encode("a" + s, add_special_tokens=False)
         if joined[: len(base)] == base and len(joined) > len(base):
-            forms.append(joined[len(base):])
+            forms.append(joined[len(base) :])
         for f in forms:
             if f and f not in seqs:
                 seqs.append(f)

@@ -47,7 +47,11 @@ class Problem:
     record_id: str | None = None
 
     def __str__(self) -> str:
-        where = "file" if self.index is None else f"record {self.index}" + (f" (id {self.record_id})" if self.record_id is not None else "")
+        where = (
+            "file"
+            if self.index is None
+            else f"record {self.index}" + (f" (id {self.record_id})" if self.record_id is not None else "")
+        )
         return f"{where}: {self.field}: {self.message}"
 
 
@@ -88,10 +92,20 @@ class ValidationReport:
 
     def summary(self) -> dict[str, Any]:
         """The counts as a JSON-able dict."""
-        return {"path": self.path, "format": self.format, "records": self.records, "turns": self.turns,
-                "images": self.images, "images_checked": self.images_checked, "images_found": self.images_found,
-                "images_missing": self.images_missing, "images_unreadable": self.images_unreadable,
-                "domains": dict(self.domains), "problems": len(self.problems), "bad_records": len(self.bad_records)}
+        return {
+            "path": self.path,
+            "format": self.format,
+            "records": self.records,
+            "turns": self.turns,
+            "images": self.images,
+            "images_checked": self.images_checked,
+            "images_found": self.images_found,
+            "images_missing": self.images_missing,
+            "images_unreadable": self.images_unreadable,
+            "domains": dict(self.domains),
+            "problems": len(self.problems),
+            "bad_records": len(self.bad_records),
+        }
 
 
 def check_messages(messages: list[Message], images: list[str], field_of) -> list[tuple[str, str]]:
@@ -158,8 +172,11 @@ def _domain_key(meta: dict) -> str | None:
 
 def _preference_items(fmt: str, rec: Any, index: int, where: str):
     p = convert_preference(fmt, rec, index, where)
-    names = ("chosen_conversations", "reject_conversations" if "reject_conversations" in rec else "rejected_conversations") \
-        if fmt == "stllava_dpo" else ("chosen", "rejected")
+    names = (
+        ("chosen_conversations", "reject_conversations" if "reject_conversations" in rec else "rejected_conversations")
+        if fmt == "stllava_dpo"
+        else ("chosen", "rejected")
+    )
     for side, cont in zip(names, (p.chosen, p.rejected)):
         msgs = p.prompt + cont
 
@@ -171,8 +188,13 @@ def _preference_items(fmt: str, rec: Any, index: int, where: str):
         yield Sample(id=p.id, messages=msgs, images=p.images, meta=p.meta), field_of
 
 
-def validate_file(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, format: str = "auto", *,
-                  skip_bad: bool = False) -> ValidationReport:
+def validate_file(
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    format: str = "auto",
+    *,
+    skip_bad: bool = False,
+) -> ValidationReport:
     """Validate a data file; returns a :class:`ValidationReport` (``report.ok``; ``report.problem_lines()``).
 
     Unreadable records (bad JSON, wrong types) raise a :class:`MedvlmError` unless ``skip_bad``, in
@@ -224,7 +246,9 @@ def validate_file(path: str | os.PathLike, image_folder: str | os.PathLike | Non
         try:
             if rfmt in PREFERENCE_FORMATS:
                 items = list(_preference_items(rfmt, r.value, r.index, where))
-                checks = list(dict.fromkeys(c for s, field_of in items for c in check_messages(s.messages, s.images, field_of)))
+                checks = list(
+                    dict.fromkeys(c for s, field_of in items for c in check_messages(s.messages, s.images, field_of))
+                )
                 add(r.index, items[0][0], checks, img_field)
             else:
                 s = convert_record(rfmt, r.value, r.index, where)

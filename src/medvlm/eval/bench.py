@@ -85,7 +85,12 @@ def file_sha256(path: Path, cache: dict[str, Any] | None = None) -> dict[str, An
     """``{sha256, bytes, mtime_ns}`` of a file; reuses ``cache[str(path)]`` when size and mtime are unchanged."""
     st = path.stat()
     old = (cache or {}).get(str(path))
-    if isinstance(old, dict) and old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
+    if (
+        isinstance(old, dict)
+        and old.get("bytes") == st.st_size
+        and old.get("mtime_ns") == st.st_mtime_ns
+        and old.get("sha256")
+    ):
         return old
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -127,34 +132,52 @@ def resolve_data(tasks: list[str], data: list[str]) -> dict[str, Path]:
     return {t: out[t] for t in tasks}
 
 
-def _prepare_data(task: str, src: Path, tdir: Path, closed_options: bool, split: str, old: dict[str, Any]) -> dict[str, Any]:
+def _prepare_data(
+    task: str, src: Path, tdir: Path, closed_options: bool, split: str, old: dict[str, Any]
+) -> dict[str, Any]:
     """Convert (or reuse) the task's data; returns the source record for bench.json."""
     from medvlm.data.benchmarks.hub import convert_benchmark, locate
 
     info = locate(task, src)
     cache = {str(info.folder / k): v for k, v in ((old.get("source") or {}).get("files") or {}).items()}
     files = {p.relative_to(info.folder).as_posix(): file_sha256(p, cache) for p in info.files}
-    record = {"path": str(src), "folder": str(info.folder), "layout": info.layout, "files": files,
-              "closed_options": closed_options}
+    record = {
+        "path": str(src),
+        "folder": str(info.folder),
+        "layout": info.layout,
+        "files": files,
+        "closed_options": closed_options,
+    }
     data_dir = tdir / "data"
     prev = read_json(data_dir / "source.json") if (data_dir / "source.json").is_file() else None
+
     def digests(fs: Any) -> dict[str, Any]:  # content only: a touched or moved file is the same data
         return {k: (v or {}).get("sha256") for k, v in (fs or {}).items()}
 
-    same = isinstance(prev, dict) and digests(prev.get("files")) == digests(files) \
-        and prev.get("closed_options") == closed_options and prev.get("layout") == info.layout
+    same = (
+        isinstance(prev, dict)
+        and digests(prev.get("files")) == digests(files)
+        and prev.get("closed_options") == closed_options
+        and prev.get("layout") == info.layout
+    )
     if not same:
         if (tdir / "answers.jsonl").is_file():
-            raise MedvlmError(f"{tdir}: holds answers to another version of the {task} data (the source files or "
-                              "--closed-options changed); use a new --out or delete that folder")
+            raise MedvlmError(
+                f"{tdir}: holds answers to another version of the {task} data (the source files or "
+                "--closed-options changed); use a new --out or delete that folder"
+            )
         convert_benchmark(task, src, data_dir, closed_options=closed_options, overwrite=True)
         write_json_atomic(data_dir / "source.json", record)
     if not (data_dir / f"{split}.json").is_file():
-        raise MedvlmError(f"{task}: the data has no {split!r} split (found: "
-                          + ", ".join(sorted(p.stem for p in data_dir.glob("*.json") if p.stem in ("train", "validation", "test")))
-                          + ")")
-    record["converted"] = {f"{split}.json": file_sha256(data_dir / f"{split}.json")["sha256"],
-                           "images": folder_sha256(data_dir / "images")}
+        raise MedvlmError(
+            f"{task}: the data has no {split!r} split (found: "
+            + ", ".join(sorted(p.stem for p in data_dir.glob("*.json") if p.stem in ("train", "validation", "test")))
+            + ")"
+        )
+    record["converted"] = {
+        f"{split}.json": file_sha256(data_dir / f"{split}.json")["sha256"],
+        "images": folder_sha256(data_dir / "images"),
+    }
     return record
 
 
@@ -173,8 +196,10 @@ def _write_questions(gt_path: Path, dest: Path, suffix: str, answered: bool) -> 
         r["conversations"] = conv
         out.append(r)
     if answered and dest.is_file() and read_json(dest) != out:
-        raise MedvlmError(f"{dest.parent}: holds answers to other questions (the split, --prompt-suffix, "
-                          "--closed-options or the data changed); use a new --out or delete that folder")
+        raise MedvlmError(
+            f"{dest.parent}: holds answers to other questions (the split, --prompt-suffix, "
+            "--closed-options or the data changed); use a new --out or delete that folder"
+        )
     write_json_atomic(dest, out)
     return len(out)
 
@@ -208,14 +233,20 @@ def headline(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The table's numbers of one scores result: ``{"open recall": {"value", "ci95"}, ...}``."""
     out = {}
     for g, m in HEADLINE[result["protocol"]]:
-        out[f"{g} {m}"] = {"value": (result.get(g) or {}).get(m), "ci95": ((result.get("ci95") or {}).get(g) or {}).get(m)}
+        out[f"{g} {m}"] = {
+            "value": (result.get(g) or {}).get(m),
+            "ci95": ((result.get("ci95") or {}).get(g) or {}).get(m),
+        }
     return out
 
 
 def _model_record(model: Path, old: dict[str, Any]) -> dict[str, Any]:
     cache = {str(model / k): v for k, v in ((old.get("model") or {}).get("files") or {}).items()}
-    files = {p.relative_to(model).as_posix(): file_sha256(p, cache)
-             for p in sorted(model.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    files = {
+        p.relative_to(model).as_posix(): file_sha256(p, cache)
+        for p in sorted(model.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
     return {"path": str(model.resolve()), "files": files}
 
 
@@ -226,8 +257,10 @@ def _check_model(model: dict[str, Any], tdir: Path, answered: bool) -> None:
     if answered and path.is_file():
         old = read_json(path)
         if isinstance(old, dict) and old.get("files") != record["files"]:
-            raise MedvlmError(f"{tdir}: holds answers of another model ({old.get('path')}, files differ from "
-                              f"{record['path']}); use a new --out or delete that folder")
+            raise MedvlmError(
+                f"{tdir}: holds answers of another model ({old.get('path')}, files differ from "
+                f"{record['path']}); use a new --out or delete that folder"
+            )
     write_json_atomic(path, record)
 
 
@@ -255,11 +288,17 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     old = old if isinstance(old, dict) else {}
     model_id = cfg.model_id or Path(cfg.model).resolve().name
     bench: dict[str, Any] = {
-        "notice": NOTICE, "medvlm_version": __version__,
+        "notice": NOTICE,
+        "medvlm_version": __version__,
         "model": {"model_id": model_id, **_model_record(Path(cfg.model), old)},
-        "split": cfg.split, "prompt_suffix": cfg.prompt_suffix, "closed_options": cfg.closed_options,
-        "decoding": settings_dict(settings), "batch_size": cfg.batch_size,
-        "protocols": {p: {"version": PROTOCOL_VERSIONS[p], "description": PROTOCOL_DESCRIPTIONS[p]} for p in cfg.protocols},
+        "split": cfg.split,
+        "prompt_suffix": cfg.prompt_suffix,
+        "closed_options": cfg.closed_options,
+        "decoding": settings_dict(settings),
+        "batch_size": cfg.batch_size,
+        "protocols": {
+            p: {"version": PROTOCOL_VERSIONS[p], "description": PROTOCOL_DESCRIPTIONS[p]} for p in cfg.protocols
+        },
         "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "method": METHOD},
         "tasks": {},
     }
@@ -268,13 +307,23 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         tdir.mkdir(parents=True, exist_ok=True)
         answered = (tdir / "answers.jsonl").is_file()
         _check_model(bench["model"], tdir, answered)
-        source = _prepare_data(task, cfg.data[task], tdir, cfg.closed_options, cfg.split,
-                               (old.get("tasks") or {}).get(task) or {})
+        source = _prepare_data(
+            task, cfg.data[task], tdir, cfg.closed_options, cfg.split, (old.get("tasks") or {}).get(task) or {}
+        )
         gt_path = tdir / "data" / f"{cfg.split}.json"
         questions = tdir / "questions.json"
         n = _write_questions(gt_path, questions, cfg.prompt_suffix, answered)
-        res = run_vqa(cfg.model, questions, tdir / "answers.jsonl", tdir / "data" / "images", settings,
-                      batch_size=cfg.batch_size, processes=cfg.processes, model_id=model_id, progress=cfg.progress)
+        res = run_vqa(
+            cfg.model,
+            questions,
+            tdir / "answers.jsonl",
+            tdir / "data" / "images",
+            settings,
+            batch_size=cfg.batch_size,
+            processes=cfg.processes,
+            model_id=model_id,
+            progress=cfg.progress,
+        )
         gt = read_json(gt_path)
         cands = tdir / "data" / "train_open_answers.json"
         scores: dict[str, str] = {}
@@ -291,10 +340,17 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             write_json_atomic(tdir / name, result)
             scores[protocol] = f"{task}/{name}"
             heads[protocol] = headline(result)
-        bench["tasks"][task] = {"source": source, "n_questions": n, "answered_this_run": res.answered,
-                                "already_answered": res.resumed, "answers": f"{task}/answers.jsonl",
-                                "decoding_file": f"{task}/decoding.json", "scores": scores, "headline": heads,
-                                "skipped_protocols": skipped}
+        bench["tasks"][task] = {
+            "source": source,
+            "n_questions": n,
+            "answered_this_run": res.answered,
+            "already_answered": res.resumed,
+            "answers": f"{task}/answers.jsonl",
+            "decoding_file": f"{task}/decoding.json",
+            "scores": scores,
+            "headline": heads,
+            "skipped_protocols": skipped,
+        }
     bench["seconds"] = round(time.time() - started, 3)
     write_json_atomic(out / BENCH_FILE, bench)
     write_bench_report(out)

@@ -65,8 +65,9 @@ def mean_ci(values: Sequence[float], resamples: int, seed: int, key: str = "") -
     return _ci_list(percentile_ci(resampled_sums(np.asarray(values), resamples, seed, key) / len(values) * 100)[0])
 
 
-def group_cis(per_group: dict[str, dict[str, Sequence[float]]], resamples: int, seed: int,
-              overall: Sequence[str] = ("accuracy",)) -> dict[str, dict[str, list[float] | None]]:
+def group_cis(
+    per_group: dict[str, dict[str, Sequence[float]]], resamples: int, seed: int, overall: Sequence[str] = ("accuracy",)
+) -> dict[str, dict[str, list[float] | None]]:
     """CI95 (x100) of every metric mean of every group, plus ``overall`` metrics pooled over the groups.
 
     ``per_group[group][metric]`` is the per-question list of that group (all metrics of a group have
@@ -97,7 +98,9 @@ def group_cis(per_group: dict[str, dict[str, Sequence[float]]], resamples: int, 
     return out
 
 
-def category_cis(values: Sequence[float], categories: Sequence[str], resamples: int, seed: int) -> dict[str, dict[str, Any]]:
+def category_cis(
+    values: Sequence[float], categories: Sequence[str], resamples: int, seed: int
+) -> dict[str, dict[str, Any]]:
     """Mean (x100), count and CI95 of ``values`` per category (each category resampled on its own)."""
     by: dict[str, list[float]] = {}
     for v, c in zip(values, categories):
@@ -109,8 +112,9 @@ def category_cis(values: Sequence[float], categories: Sequence[str], resamples: 
     return out
 
 
-def paired_difference(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], resamples: int, seed: int,
-                      key: str = "") -> dict[str, dict[str, Any]]:
+def paired_difference(
+    a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], resamples: int, seed: int, key: str = ""
+) -> dict[str, dict[str, Any]]:
     """B - A per metric (x100) over the same questions in the same order, with a paired-bootstrap CI95.
 
     Both runs are resampled with the same counts; ``outside_noise`` is true when the interval
@@ -129,7 +133,12 @@ def paired_difference(a: dict[str, Sequence[float]], b: dict[str, Sequence[float
         diff = float(d.sum() / n * 100)
         s = resampled_sums(d, resamples, seed, key)[:, 0] / n * 100
         lo, hi = (float(x) for x in np.percentile(s, [2.5, 97.5])) if resamples > 0 else (None, None)
-        out[m] = {"a": float(va.sum() / n * 100), "b": float(vb.sum() / n * 100), "diff": diff,
-                  "ci95": None if lo is None else [lo, hi],
-                  "outside_noise": bool(lo is not None and (lo > 0 or hi < 0)), "n": n}
+        out[m] = {
+            "a": float(va.sum() / n * 100),
+            "b": float(vb.sum() / n * 100),
+            "diff": diff,
+            "ci95": None if lo is None else [lo, hi],
+            "outside_noise": bool(lo is not None and (lo > 0 or hi < 0)),
+            "n": n,
+        }
     return out

@@ -27,8 +27,15 @@ BOOTSTRAP_SEED = 0
 def _group_stats(pairs: list[tuple[float, float]], failed: int) -> dict[str, Any]:
     n = len(pairs)
     if n == 0:
-        return {"count": 0, "failed": failed, "reference_mean": None, "model_mean": None, "relative_score": None,
-                "ratio_of_means": None, "relative_score_ci95": None}
+        return {
+            "count": 0,
+            "failed": failed,
+            "reference_mean": None,
+            "model_mean": None,
+            "relative_score": None,
+            "ratio_of_means": None,
+            "relative_score_ci95": None,
+        }
     ref = [r for r, _ in pairs]
     mod = [m for _, m in pairs]
     ratios = [m / r for r, m in pairs if r > 0]  # a reference score of 0 has no ratio (never 1..10 scored)
@@ -40,8 +47,15 @@ def _group_stats(pairs: list[tuple[float, float]], failed: int) -> dict[str, Any
         idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(arr), size=(BOOTSTRAP_RESAMPLES, len(arr)))
         means = arr[idx].mean(axis=1) * 100  # [resamples]
         ci = [float(v) for v in np.percentile(means, [2.5, 97.5])]
-    return {"count": n, "failed": failed, "reference_mean": ref_mean, "model_mean": mod_mean, "relative_score": rel,
-            "ratio_of_means": mod_mean / ref_mean * 100 if ref_mean > 0 else None, "relative_score_ci95": ci}
+    return {
+        "count": n,
+        "failed": failed,
+        "reference_mean": ref_mean,
+        "model_mean": mod_mean,
+        "relative_score": rel,
+        "ratio_of_means": mod_mean / ref_mean * 100 if ref_mean > 0 else None,
+        "relative_score_ci95": ci,
+    }
 
 
 def summarize_records(records: list[dict]) -> dict[str, dict[str, Any]]:
@@ -87,15 +101,27 @@ def summary_table(summary: dict[str, dict[str, Any]]) -> Any:
     from rich import box
     from rich.table import Table
 
-    table = Table(title="GPT-judged chat benchmark", box=box.SIMPLE, pad_edge=False, collapse_padding=True,  # fits 80 columns
-                  caption="relative = mean over questions of model / GPT-4 x 100 (the paper's score); "
-                          "ratio = model mean / GPT-4 mean x 100")
+    table = Table(
+        title="GPT-judged chat benchmark",
+        box=box.SIMPLE,
+        pad_edge=False,
+        collapse_padding=True,  # fits 80 columns
+        caption="relative = mean over questions of model / GPT-4 x 100 (the paper's score); "
+        "ratio = model mean / GPT-4 mean x 100",
+    )
     for col in ("group", "n", "failed", "GPT-4", "model", "relative", "CI95", "ratio"):
         table.add_column(col, justify="left" if col == "group" else "right", no_wrap=True)
     for g in GROUPS:
         s = summary[g]
         ci = s.get("relative_score_ci95")
-        table.add_row(g, str(s["count"]), str(s.get("failed", 0)), _fmt(s["reference_mean"]), _fmt(s["model_mean"]),
-                      _fmt(s["relative_score"], 1), "-" if not ci else f"{ci[0]:.1f}-{ci[1]:.1f}",
-                      _fmt(s["ratio_of_means"], 1))
+        table.add_row(
+            g,
+            str(s["count"]),
+            str(s.get("failed", 0)),
+            _fmt(s["reference_mean"]),
+            _fmt(s["model_mean"]),
+            _fmt(s["relative_score"], 1),
+            "-" if not ci else f"{ci[0]:.1f}-{ci[1]:.1f}",
+            _fmt(s["ratio_of_means"], 1),
+        )
     return table

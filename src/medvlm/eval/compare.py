@@ -33,8 +33,9 @@ def _items(bench_path: Path, rel: str) -> dict[str, dict[str, Any]]:
     return {str(it["id"]): it for it in scores["per_item"]}
 
 
-def compare_benches(a: str | os.PathLike, b: str | os.PathLike, resamples: int | None = None,
-                    seed: int | None = None) -> dict[str, Any]:
+def compare_benches(
+    a: str | os.PathLike, b: str | os.PathLike, resamples: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """Paired differences B - A per task, protocol and headline metric (see the module doc)."""
     a, b = Path(a), Path(b)
     ba, bb = _load_bench(a), _load_bench(b)
@@ -43,8 +44,16 @@ def compare_benches(a: str | os.PathLike, b: str | os.PathLike, resamples: int |
     seed = seed if seed is not None else int(boot.get("seed") or 0)
     if resamples < 1:
         raise MedvlmError(f"resamples must be >= 1 (got {resamples})")
-    out: dict[str, Any] = {"a": str(a), "b": str(b), "model_a": ba["model"]["model_id"], "model_b": bb["model"]["model_id"],
-                           "resamples": resamples, "seed": seed, "method": "paired " + METHOD, "tasks": {}}
+    out: dict[str, Any] = {
+        "a": str(a),
+        "b": str(b),
+        "model_a": ba["model"]["model_id"],
+        "model_b": bb["model"]["model_id"],
+        "resamples": resamples,
+        "seed": seed,
+        "method": "paired " + METHOD,
+        "tasks": {},
+    }
     common = [t for t in ba["tasks"] if t in bb["tasks"]]
     if not common:
         raise MedvlmError(f"{a} and {b} have no task in common")
@@ -52,22 +61,28 @@ def compare_benches(a: str | os.PathLike, b: str | os.PathLike, resamples: int |
         ta, tb = ba["tasks"][task], bb["tasks"][task]
         ha, hb = ta["source"].get("converted"), tb["source"].get("converted")
         if ha != hb or ba.get("split") != bb.get("split"):
-            raise MedvlmError(f"{task}: the two runs answered different questions (split {ba.get('split')} vs "
-                              f"{bb.get('split')}, converted data {ha} vs {hb}); a paired comparison needs the same data")
+            raise MedvlmError(
+                f"{task}: the two runs answered different questions (split {ba.get('split')} vs "
+                f"{bb.get('split')}, converted data {ha} vs {hb}); a paired comparison needs the same data"
+            )
         res: dict[str, Any] = {}
         for protocol in [p for p in ta["scores"] if p in tb["scores"]]:
             ia, ib = _items(a, ta["scores"][protocol]), _items(b, tb["scores"][protocol])
             if set(ia) != set(ib):
-                raise MedvlmError(f"{task}/{protocol}: the runs scored different question ids "
-                                  f"({len(set(ia) ^ set(ib))} differ)")
+                raise MedvlmError(
+                    f"{task}/{protocol}: the runs scored different question ids ({len(set(ia) ^ set(ib))} differ)"
+                )
             ids = list(ia)
             metrics: dict[str, Any] = {}
             for g, m in HEADLINE[protocol]:
                 sel = ids if g == "overall" else [i for i in ids if ia[i]["type"] == g]
-                d = paired_difference({m: [float(ia[i][m]) for i in sel]}, {m: [float(ib[i][m]) for i in sel]},
-                                      resamples, seed, key=g)
+                d = paired_difference(
+                    {m: [float(ia[i][m]) for i in sel]}, {m: [float(ib[i][m]) for i in sel]}, resamples, seed, key=g
+                )
                 metrics[f"{g} {m}"] = d[m]
             res[protocol] = metrics
         out["tasks"][task] = res
-    out["any_outside_noise"] = any(v["outside_noise"] for t in out["tasks"].values() for p in t.values() for v in p.values())
+    out["any_outside_noise"] = any(
+        v["outside_noise"] for t in out["tasks"].values() for p in t.values() for v in p.values()
+    )
     return out

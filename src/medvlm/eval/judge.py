@@ -39,6 +39,7 @@ INSTRUCTION = (
     "explain your scores. Do not let the order of the answers or their length sway you."
 )
 
+
 @dataclass
 class ChatQuestion:
     """One question of the chat benchmark."""
@@ -76,12 +77,19 @@ def read_chat_questions(path: str | os.PathLike) -> list[ChatQuestion]:
         if not isinstance(domains, dict):
             raise MedvlmError(f"{where}: field 'domain' must be an object of booleans")
         flags = {k: bool(v) for k, v in domains.items()}
-        out.append(ChatQuestion(
-            question_id=rec["question_id"], question=rec["text"].replace("<image>", "").strip(),
-            reference=rec["gpt4_answer"], caption=str(rec.get("fig_caption") or ""),
-            fig_label=str(rec.get("fig_label") or ""),
-            mentions=normalize_mentions(rec.get("in_text_mention"), f"{where}: "), type=rec["type"],
-            domain=primary_domain(flags), domains=flags))
+        out.append(
+            ChatQuestion(
+                question_id=rec["question_id"],
+                question=rec["text"].replace("<image>", "").strip(),
+                reference=rec["gpt4_answer"],
+                caption=str(rec.get("fig_caption") or ""),
+                fig_label=str(rec.get("fig_label") or ""),
+                mentions=normalize_mentions(rec.get("in_text_mention"), f"{where}: "),
+                type=rec["type"],
+                domain=primary_domain(flags),
+                domains=flags,
+            )
+        )
     return out
 
 
@@ -94,10 +102,12 @@ def judge_messages(q: ChatQuestion, answer_1: str, answer_2: str) -> list[dict]:
     """The chat messages asking the judge to score Assistant 1 and Assistant 2 for question ``q``."""
     label = f" ({q.fig_label})" if q.fig_label else ""
     mentions = "\n".join(f"- {m}" for m in q.mentions) if q.mentions else "(none)"
-    user = (f"[Context]\nFigure caption{label}: {q.caption}\nSentences of the paper mentioning the figure:\n"
-            f"{mentions}\n\n[Question]\n{q.question}\n\n"
-            f"[Assistant 1]\n{answer_1}\n[End of Assistant 1]\n\n"
-            f"[Assistant 2]\n{answer_2}\n[End of Assistant 2]\n\n[Instruction]\n{INSTRUCTION}")
+    user = (
+        f"[Context]\nFigure caption{label}: {q.caption}\nSentences of the paper mentioning the figure:\n"
+        f"{mentions}\n\n[Question]\n{q.question}\n\n"
+        f"[Assistant 1]\n{answer_1}\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{answer_2}\n[End of Assistant 2]\n\n[Instruction]\n{INSTRUCTION}"
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -119,11 +129,21 @@ class ChatJudgeResult:
 
 def _record(q: ChatQuestion, answer: str, dirs: dict[str, ScoreJob], judge_model: str, swap: bool) -> dict:
     """The output line of one question from its ``forward`` (and ``swapped``) judge jobs."""
-    rec: dict[str, Any] = {"question_id": q.question_id, "type": q.type, "domain": q.domain, "domains": q.domains,
-                           "question": q.question, "answer": answer, "judge_model": judge_model, "swap": swap,
-                           "reviews": {name: d.reply for name, d in dirs.items()},
-                           "scores": {name: list(d.scores) if d.scores else None for name, d in dirs.items()},
-                           "reference_score": None, "model_score": None, "error": None}
+    rec: dict[str, Any] = {
+        "question_id": q.question_id,
+        "type": q.type,
+        "domain": q.domain,
+        "domains": q.domains,
+        "question": q.question,
+        "answer": answer,
+        "judge_model": judge_model,
+        "swap": swap,
+        "reviews": {name: d.reply for name, d in dirs.items()},
+        "scores": {name: list(d.scores) if d.scores else None for name, d in dirs.items()},
+        "reference_score": None,
+        "model_score": None,
+        "error": None,
+    }
     errors = [f"{name}: {d.error}" for name, d in dirs.items() if d.error]
     if errors:
         rec["error"] = "; ".join(errors)
@@ -156,9 +176,16 @@ def load_judged(path: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
-def judge_chat(questions_path: str | os.PathLike, answers_path: str | os.PathLike, out_path: str | os.PathLike,
-               llm: LLMConfig, *, swap: bool = False, parse_retries: int = 2,
-               client: LLMClient | None = None) -> ChatJudgeResult:
+def judge_chat(
+    questions_path: str | os.PathLike,
+    answers_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    llm: LLMConfig,
+    *,
+    swap: bool = False,
+    parse_retries: int = 2,
+    client: LLMClient | None = None,
+) -> ChatJudgeResult:
     """Score every answered question with the LLM judge; appends to and then compacts ``out_path``."""
     if parse_retries < 0:
         raise MedvlmError(f"parse_retries must be >= 0, got {parse_retries}")
@@ -170,7 +197,9 @@ def judge_chat(questions_path: str | os.PathLike, answers_path: str | os.PathLik
     if missing:
         raise MedvlmError(f"{answers_path}: no answer for {len(missing)} question(s), e.g. {', '.join(missing[:5])}")
     if extra:
-        raise MedvlmError(f"{answers_path}: {len(extra)} answer(s) for unknown question_id, e.g. {', '.join(extra[:5])}")
+        raise MedvlmError(
+            f"{answers_path}: {len(extra)} answer(s) for unknown question_id, e.g. {', '.join(extra[:5])}"
+        )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = load_judged(out_path)
@@ -188,6 +217,7 @@ def judge_chat(questions_path: str | os.PathLike, answers_path: str | os.PathLik
     own_client = client is None
     client = client or LLMClient(llm)
     try:
+
         def on_done(job: ScoreJob) -> None:  # a question is written once all its orders are done
             qd = dirs[job.tag]
             if not all(x.done for x in qd.values()):
@@ -201,8 +231,9 @@ def judge_chat(questions_path: str | os.PathLike, answers_path: str | os.PathLik
             else:
                 result.judged += 1
 
-        result.parse_retries = ask_for_scores(client, [d for qd in dirs.values() for d in qd.values()], parse_retries,
-                                              on_done=on_done)
+        result.parse_retries = ask_for_scores(
+            client, [d for qd in dirs.values() for d in qd.values()], parse_retries, on_done=on_done
+        )
         result.usage = client.usage.summary(client.config)
     finally:
         # compact: one line per question in question order (the appended lines are the crash-safe copy)

@@ -42,12 +42,20 @@ from medvlm.utils.io import atomic_dir, write_json_atomic
 
 # medvlm modules copied into medvlm_scoring/ (package-relative file -> copy name) and the import rewrites.
 SCORING_SOURCES: tuple[tuple[str, str], ...] = (
-    ("errors.py", "errors.py"), ("utils/io.py", "io.py"), ("eval/normalize.py", "normalize.py"),
-    ("eval/metrics.py", "metrics.py"), ("eval/bootstrap.py", "bootstrap.py"), ("eval/protocols.py", "protocols.py"))
+    ("errors.py", "errors.py"),
+    ("utils/io.py", "io.py"),
+    ("eval/normalize.py", "normalize.py"),
+    ("eval/metrics.py", "metrics.py"),
+    ("eval/bootstrap.py", "bootstrap.py"),
+    ("eval/protocols.py", "protocols.py"),
+)
 IMPORT_REWRITES: tuple[tuple[str, str], ...] = (
-    ("from medvlm.errors import", "from .errors import"), ("from medvlm.utils.io import", "from .io import"),
-    ("from medvlm.eval.normalize import", "from .normalize import"), ("from medvlm.eval import metrics as M", "from . import metrics as M"),
-    ("from medvlm.eval.bootstrap import", "from .bootstrap import"))
+    ("from medvlm.errors import", "from .errors import"),
+    ("from medvlm.utils.io import", "from .io import"),
+    ("from medvlm.eval.normalize import", "from .normalize import"),
+    ("from medvlm.eval import metrics as M", "from . import metrics as M"),
+    ("from medvlm.eval.bootstrap import", "from .bootstrap import"),
+)
 
 
 def task_name(task: str, protocol: str) -> str:
@@ -72,8 +80,10 @@ def scoring_copy_sources() -> dict[str, str]:
             raise MedvlmError(f"medvlm/{rel}: an import the scoring copy cannot rewrite; update IMPORT_REWRITES")
         out[name] = text
     digest = hashlib.sha256("".join(out[n] for _, n in SCORING_SOURCES).encode("utf-8")).hexdigest()
-    out["__init__.py"] = (f'"""medvlm {__version__} scoring code, copied by `medvlm eval export-lmms`. {NOTICE}"""\n\n'
-                          f'MEDVLM_VERSION = "{__version__}"\nSOURCES_SHA256 = "{digest}"\n')
+    out["__init__.py"] = (
+        f'"""medvlm {__version__} scoring code, copied by `medvlm eval export-lmms`. {NOTICE}"""\n\n'
+        f'MEDVLM_VERSION = "{__version__}"\nSOURCES_SHA256 = "{digest}"\n'
+    )
     return out
 
 
@@ -170,10 +180,19 @@ def _aggregate(group, items):
 
 
 def _utils_py(task: str, protocol: str) -> str:
-    aggs = "\n".join(f"\ndef agg_{g}_{m}(items):\n    return _aggregate({g!r}, items)\n" for g, m in metric_names(protocol))
-    return _UTILS.format(task_name=task_name(task, protocol), version=__version__, notice=NOTICE, protocol=protocol,
-                         protocol_version=PROTOCOL_VERSIONS[protocol], description=PROTOCOL_DESCRIPTIONS[protocol],
-                         metrics=[list(x) for x in metric_names(protocol)], aggregations=aggs)
+    aggs = "\n".join(
+        f"\ndef agg_{g}_{m}(items):\n    return _aggregate({g!r}, items)\n" for g, m in metric_names(protocol)
+    )
+    return _UTILS.format(
+        task_name=task_name(task, protocol),
+        version=__version__,
+        notice=NOTICE,
+        protocol=protocol,
+        protocol_version=PROTOCOL_VERSIONS[protocol],
+        description=PROTOCOL_DESCRIPTIONS[protocol],
+        metrics=[list(x) for x in metric_names(protocol)],
+        aggregations=aggs,
+    )
 
 
 def _task_yaml(task: str, protocol: str, prompt_suffix: str, max_new_tokens: int, data_file: Path) -> str:
@@ -181,25 +200,45 @@ def _task_yaml(task: str, protocol: str, prompt_suffix: str, max_new_tokens: int
     fn = "!function utils.{}"
     cfg: dict[str, Any] = {
         # An absolute path: lmms-eval 0.6 passes data_files to datasets as given (0.7 resolves relative ones).
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test", "output_type": "generate_until",
-        "doc_to_visual": fn.format("doc_to_visual"), "doc_to_text": fn.format("doc_to_text"),
-        "doc_to_target": fn.format("doc_to_target"), "process_results": fn.format("process_results"),
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_visual": fn.format("doc_to_visual"),
+        "doc_to_text": fn.format("doc_to_text"),
+        "doc_to_target": fn.format("doc_to_target"),
+        "process_results": fn.format("process_results"),
         "generation_kwargs": {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False},
-        "metric_list": [{"metric": f"{g}_{m}", "aggregation": fn.format(f"agg_{g}_{m}"), "higher_is_better": True}
-                        for g, m in metric_names(protocol)],
+        "metric_list": [
+            {"metric": f"{g}_{m}", "aggregation": fn.format(f"agg_{g}_{m}"), "higher_is_better": True}
+            for g, m in metric_names(protocol)
+        ],
         "lmms_eval_specific_kwargs": {"default": {"pre_prompt": "", "post_prompt": prompt_suffix}},
-        "metadata": {"version": PROTOCOL_VERSIONS[protocol], "medvlm_version": __version__, "protocol": protocol,
-                     "dataset": task},
+        "metadata": {
+            "version": PROTOCOL_VERSIONS[protocol],
+            "medvlm_version": __version__,
+            "protocol": protocol,
+            "dataset": task,
+        },
     }
     text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=1000)
     # lmms-eval resolves `!function module.name` tags; safe_dump quoted them as plain strings.
     return re.sub(r"'(!function [A-Za-z0-9_.]+)'", r"\1", text)
 
 
-def export_lmms_task(task: str, protocol: str, data: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
-                     prompt_suffix: str = "", closed_options: bool = False, max_new_tokens: int = 64,
-                     overwrite: bool = False) -> dict[str, Any]:
+def export_lmms_task(
+    task: str,
+    protocol: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str = "test",
+    prompt_suffix: str = "",
+    closed_options: bool = False,
+    max_new_tokens: int = 64,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Convert ``task`` from ``data`` and write the lmms-eval task folder ``out``; returns a summary."""
     from medvlm.data.benchmarks.hub import HUB_REPOS, convert_benchmark
 
@@ -227,17 +266,34 @@ def export_lmms_task(task: str, protocol: str, data: str | os.PathLike, out: str
             (tmp / img).parent.mkdir(parents=True, exist_ok=True)
             if not (tmp / img).exists():
                 shutil.copyfile(conv / "images" / rec["image"], tmp / img)
-            docs.append({"doc_index": len(docs), "id": str(rec["id"]), "question": q, "answer": gold_answer(rec, where),
-                         "answer_type": rec["answer_type"], "group": group, "options": question_options(rec) or [],
-                         "question_type": rec.get("question_type"), "modality": rec.get("modality"),
-                         "image": img.as_posix()})
+            docs.append(
+                {
+                    "doc_index": len(docs),
+                    "id": str(rec["id"]),
+                    "question": q,
+                    "answer": gold_answer(rec, where),
+                    "answer_type": rec["answer_type"],
+                    "group": group,
+                    "options": question_options(rec) or [],
+                    "question_type": rec.get("question_type"),
+                    "modality": rec.get("modality"),
+                    "image": img.as_posix(),
+                }
+            )
         if protocol == "llava-med-single":
-            cands = read_candidates(conv / "train_open_answers.json") if (conv / "train_open_answers.json").is_file() else []
+            cands = (
+                read_candidates(conv / "train_open_answers.json")
+                if (conv / "train_open_answers.json").is_file()
+                else []
+            )
             write_json_atomic(tmp / "candidates.json", cands)
-        (tmp / "test.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+        (tmp / "test.jsonl").write_text(
+            "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+        )
         shutil.rmtree(conv)
         (tmp / f"{task_name(task, protocol)}.yaml").write_text(
-            _task_yaml(task, protocol, prompt_suffix, max_new_tokens, out.resolve() / "test.jsonl"), encoding="utf-8")
+            _task_yaml(task, protocol, prompt_suffix, max_new_tokens, out.resolve() / "test.jsonl"), encoding="utf-8"
+        )
         (tmp / "utils.py").write_text(_utils_py(task, protocol), encoding="utf-8")
         (tmp / "medvlm_scoring").mkdir()
         for name, text in scoring_copy_sources().items():
@@ -246,5 +302,7 @@ def export_lmms_task(task: str, protocol: str, data: str | os.PathLike, out: str
             f"# {task_name(task, protocol)}\n\n> **Research use only.** {NOTICE}\n\n"
             f"lmms-eval task written by `medvlm eval export-lmms` (medvlm {__version__}): {task} {split} split, "
             f"protocol `{protocol}` v{PROTOCOL_VERSIONS[protocol]} ({PROTOCOL_DESCRIPTIONS[protocol]}).\n\n"
-            f"Run: `lmms-eval --include_path {out} --tasks {task_name(task, protocol)} --model ...`\n", encoding="utf-8")
+            f"Run: `lmms-eval --include_path {out} --tasks {task_name(task, protocol)} --model ...`\n",
+            encoding="utf-8",
+        )
     return {"task_name": task_name(task, protocol), "n_questions": len(docs), "out": str(out)}

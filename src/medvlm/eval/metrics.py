@@ -27,6 +27,7 @@ BLEU_WEIGHTS: dict[str, tuple[float, ...]] = {
 
 # --- LLaVA-Med (reproduced) ---------------------------------------------------------------------------
 
+
 def llava_f1(pred: str, gold: str) -> tuple[float, float, float]:
     """``calculate_f1score``: ``(f1, precision, recall)``; tp counts the *prediction's* occurrences.
 
@@ -88,8 +89,7 @@ def nltk_bleu(reference: list[str], hypothesis: list[str]) -> dict[str, float]:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {name: float(sentence_bleu([reference], hypothesis, weights=w))
-                for name, w in BLEU_WEIGHTS.items()}
+        return {name: float(sentence_bleu([reference], hypothesis, weights=w)) for name, w in BLEU_WEIGHTS.items()}
 
 
 def strict_bleu(reference: list[str], hypothesis: list[str]) -> dict[str, float]:
@@ -107,8 +107,7 @@ def strict_bleu(reference: list[str], hypothesis: list[str]) -> dict[str, float]
         warnings.simplefilter("ignore")
         for name, k in (("bleu", 4), ("bleu_1", 1), ("bleu_2", 2), ("bleu_3", 3)):
             n = min(k, len(reference), len(hypothesis))
-            out[name] = float(sentence_bleu([reference], hypothesis, weights=(1 / n,) * n,
-                                            smoothing_function=smooth))
+            out[name] = float(sentence_bleu([reference], hypothesis, weights=(1 / n,) * n, smoothing_function=smooth))
     return out
 
 
@@ -118,6 +117,7 @@ def contains_yes_or_no(pred: str) -> bool:
 
 
 # --- strict -------------------------------------------------------------------------------------------
+
 
 def clipped_prf(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> tuple[float, float, float]:
     """``(f1, precision, recall)`` with clipped counts: overlap = sum over words of min(C[w], R[w])."""
@@ -136,7 +136,7 @@ def contains_phrase(tokens: Sequence[str], phrase: Sequence[str]) -> bool:
     if n == 0:
         return False
     phrase = list(phrase)
-    return any(list(tokens[i:i + n]) == phrase for i in range(len(tokens) - n + 1))
+    return any(list(tokens[i : i + n]) == phrase for i in range(len(tokens) - n + 1))
 
 
 def yes_no_answer(tokens: Sequence[str]) -> str | None:

@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from medvlm.errors import MedvlmError
 from medvlm.eval import metrics as M
 from medvlm.eval.bootstrap import METHOD, group_cis
@@ -42,29 +41,48 @@ from medvlm.eval.normalize import strict_tokens, vqa_normalize
 from medvlm.utils.io import iter_jsonl, read_json
 
 PROTOCOLS: tuple[str, ...] = ("llava-med", "llava-med-single", "strict", "exact-match")
-OPEN_METRICS: tuple[str, ...] = ("recall", "precision", "f1", "exact_match", "bleu", "bleu_1", "bleu_2",
-                                 "bleu_3", "accuracy")
+OPEN_METRICS: tuple[str, ...] = (
+    "recall",
+    "precision",
+    "f1",
+    "exact_match",
+    "bleu",
+    "bleu_1",
+    "bleu_2",
+    "bleu_3",
+    "accuracy",
+)
 CLOSED_METRICS: tuple[str, ...] = ("accuracy", "recall")
 
 PROTOCOL_DESCRIPTIONS: dict[str, str] = {
     "llava-med": "LLaVA-Med's batch scorer as used for the paper (substring accuracy, prediction-count recall, "
-                 "unsmoothed nltk BLEU) - reproduces its numbers, quirks included",
+    "unsmoothed nltk BLEU) - reproduces its numbers, quirks included",
     "llava-med-single": "LLaVA-Med's README single-dataset scorer with its closed-accuracy fix (closed: yes/no "
-                        "gate then substring; open accuracy: best-matching candidate answer must equal the gold)",
+    "gate then substring; open accuracy: best-matching candidate answer must equal the gold)",
     "strict": "whole-word matching: a closed answer must name exactly one option (or one of yes/no) and it must "
-              "be the gold; clipped token recall/precision/F1; exact match of normalised tokens",
+    "be the gold; clipped token recall/precision/F1; exact match of normalised tokens",
     "exact-match": "normalised (VQA-v2 rules) exact match for every question (close to lmms-eval's slake task, "
-                   "which also maps aliases and yes/no synonyms)",
+    "which also maps aliases and yes/no synonyms)",
 }
 
 # Bumped whenever a protocol's per-question values or aggregation change, so recorded numbers
 # (bench.json, exported lmms-eval tasks) say which scorer produced them.
-PROTOCOL_VERSIONS: dict[str, str] = {"llava-med": "1.0", "llava-med-single": "1.0", "strict": "1.0", "exact-match": "1.0"}
+PROTOCOL_VERSIONS: dict[str, str] = {
+    "llava-med": "1.0",
+    "llava-med-single": "1.0",
+    "strict": "1.0",
+    "exact-match": "1.0",
+}
 
 # answer_type -> group. VQA-RAD / SLAKE conversions use OPEN/CLOSED; LLaVA-Med's PathVQA files use
 # "yes/no" for closed and "other" / "number" for open questions.
-ANSWER_TYPES: dict[str, str] = {"OPEN": "open", "CLOSED": "closed", "yes/no": "closed", "other": "open",
-                                "number": "open"}
+ANSWER_TYPES: dict[str, str] = {
+    "OPEN": "open",
+    "CLOSED": "closed",
+    "yes/no": "closed",
+    "other": "open",
+    "number": "open",
+}
 
 # Which metrics each protocol defines; the others are reported as null.
 _DEFINED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -119,6 +137,7 @@ class ScoreConfig:
 
 
 # --- reading ------------------------------------------------------------------------------------------
+
 
 def read_gt(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The converted ``test.json`` (a JSON array); checks the fields scoring needs."""
@@ -201,8 +220,9 @@ def read_candidates(path: str | os.PathLike) -> list[str]:
     return out
 
 
-def pair_items(gt: list[dict[str, Any]], preds: dict[str, tuple[int, str]], gt_name: str = "gt",
-               pred_name: str = "pred") -> tuple[list[ScoreItem], dict[str, int]]:
+def pair_items(
+    gt: list[dict[str, Any]], preds: dict[str, tuple[int, str]], gt_name: str = "gt", pred_name: str = "pred"
+) -> tuple[list[ScoreItem], dict[str, int]]:
     """Pair gt records with answers by ``id`` == ``question_id`` in gt file order.
 
     Records with an ``answer_type`` outside :data:`ANSWER_TYPES` are skipped and counted. Every scored
@@ -225,20 +245,31 @@ def pair_items(gt: list[dict[str, Any]], preds: dict[str, tuple[int, str]], gt_n
         if key not in preds:
             missing.append(repr(rec["id"]))
             continue
-        items.append(ScoreItem(id=rec["id"], group=group, answer_type=rec["answer_type"], gold=gold,
-                               pred=preds[key][1], options=question_options(rec),
-                               question_type=_question_type(rec)))
+        items.append(
+            ScoreItem(
+                id=rec["id"],
+                group=group,
+                answer_type=rec["answer_type"],
+                gold=gold,
+                pred=preds[key][1],
+                options=question_options(rec),
+                question_type=_question_type(rec),
+            )
+        )
     extra = [k for k in preds if k not in seen]
     if missing:
-        raise MedvlmError(f"{pred_name}: no answer for {len(missing)} question(s) of {gt_name}, "
-                          f"e.g. id {', '.join(missing[:5])}")
+        raise MedvlmError(
+            f"{pred_name}: no answer for {len(missing)} question(s) of {gt_name}, e.g. id {', '.join(missing[:5])}"
+        )
     if extra:
-        raise MedvlmError(f"{pred_name}: {len(extra)} answer(s) whose question_id is not in {gt_name}, "
-                          f"e.g. {', '.join(extra[:5])}")
+        raise MedvlmError(
+            f"{pred_name}: {len(extra)} answer(s) whose question_id is not in {gt_name}, e.g. {', '.join(extra[:5])}"
+        )
     return items, dict(skipped)
 
 
 # --- per-item scoring ---------------------------------------------------------------------------------
+
 
 def _score_llava(item: ScoreItem, single: bool, cands_norm: Sequence[str] | None) -> dict[str, Any]:
     gold = vqa_normalize(item.gold.lower())
@@ -313,6 +344,7 @@ def score_item(item: ScoreItem, protocol: str, cands_norm: Sequence[str] | None 
 
 # --- aggregation --------------------------------------------------------------------------------------
 
+
 def mean_x100(values: Sequence[float]) -> float:
     """``sum(values) / len(values) * 100`` left to right as the original; 0.0 for an empty list."""
     return sum(values) / len(values) * 100 if values else 0.0
@@ -327,17 +359,21 @@ def score_items(items: Sequence[ScoreItem], config: ScoreConfig) -> dict[str, An
         raise MedvlmError("protocol 'llava-med-single' needs a non-empty candidate answer list (--candidates FILE)")
     per_item = []
     values: dict[str, dict[str, list[float]]] = {
-        g: {m: [] for m in _DEFINED[config.protocol][g]} for g in ("open", "closed")}
+        g: {m: [] for m in _DEFINED[config.protocol][g]} for g in ("open", "closed")
+    }
     for it in items:
         row = score_item(it, config.protocol, cands)
         for m in values[it.group]:
             values[it.group][m].append(row[m])
-        per_item.append({"id": it.id, "type": it.group, "answer_type": it.answer_type,
-                         "question_type": it.question_type, **row})
+        per_item.append(
+            {"id": it.id, "type": it.group, "answer_type": it.answer_type, "question_type": it.question_type, **row}
+        )
     result: dict[str, Any] = {
         "protocol": config.protocol,
-        "counts": {"open": sum(1 for it in items if it.group == "open"),
-                   "closed": sum(1 for it in items if it.group == "closed")},
+        "counts": {
+            "open": sum(1 for it in items if it.group == "open"),
+            "closed": sum(1 for it in items if it.group == "closed"),
+        },
         "skipped": {"count": sum(config.skipped.values()), "answer_types": dict(config.skipped)},
     }
     metric_names = {"open": OPEN_METRICS, "closed": CLOSED_METRICS}
@@ -346,15 +382,25 @@ def score_items(items: Sequence[ScoreItem], config: ScoreConfig) -> dict[str, An
     result["per_item"] = per_item
     if config.bootstrap > 0:
         cis = group_cis({g: values[g] for g in ("open", "closed")}, config.bootstrap, config.seed, overall=())
-        result["ci95"] = {"method": METHOD, "resamples": config.bootstrap, "seed": config.seed,
-                          **{g: cis[g] for g in ("open", "closed")}}
+        result["ci95"] = {
+            "method": METHOD,
+            "resamples": config.bootstrap,
+            "seed": config.seed,
+            **{g: cis[g] for g in ("open", "closed")},
+        }
     else:
         result["ci95"] = {}
     return result
 
 
-def score_files(gt_path: str | os.PathLike, pred_path: str | os.PathLike, protocol: str,
-                candidates_path: str | os.PathLike | None = None, bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
+def score_files(
+    gt_path: str | os.PathLike,
+    pred_path: str | os.PathLike,
+    protocol: str,
+    candidates_path: str | os.PathLike | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Read, pair and score: the library function behind ``medvlm eval score``."""
     if protocol not in PROTOCOLS:
         raise MedvlmError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -366,7 +412,9 @@ def score_files(gt_path: str | os.PathLike, pred_path: str | os.PathLike, protoc
     cands = read_candidates(candidates_path) if candidates_path is not None else None
     config = ScoreConfig(protocol=protocol, candidates=cands, bootstrap=bootstrap, seed=seed, skipped=skipped)
     result = score_items(items, config)
-    result["inputs"] = {"gt": str(gt_path), "pred": str(pred_path),
-                        "candidates": None if candidates_path is None else str(candidates_path)}
+    result["inputs"] = {
+        "gt": str(gt_path),
+        "pred": str(pred_path),
+        "candidates": None if candidates_path is None else str(candidates_path),
+    }
     return result
-

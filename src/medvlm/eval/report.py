@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from medvlm.errors import MedvlmError
-from medvlm.eval.chat_summary import GROUPS
 from medvlm.eval.bootstrap import mean_ci
+from medvlm.eval.chat_summary import GROUPS
 from medvlm.eval.protocols import PROTOCOL_DESCRIPTIONS
 from medvlm.notice import NOTICE
 from medvlm.utils.io import atomic_path, read_json, write_text_atomic
 
 SETTINGS_FILES: tuple[str, ...] = ("decoding.json", "run.json")
 MAIN_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("open", "accuracy", "open accuracy"), ("open", "recall", "open recall"), ("open", "f1", "open F1"),
-    ("closed", "accuracy", "closed accuracy"))
+    ("open", "accuracy", "open accuracy"),
+    ("open", "recall", "open recall"),
+    ("open", "f1", "open F1"),
+    ("closed", "accuracy", "closed accuracy"),
+)
 
 
 @dataclass
@@ -47,7 +50,11 @@ def _load_scores(path: Path) -> _Scores:
 
 def _load_chat_summary(path: Path) -> dict[str, Any]:
     data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("overall"), dict) or "relative_score" not in data["overall"]:
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("overall"), dict)
+        or "relative_score" not in data["overall"]
+    ):
         raise MedvlmError(f"{path}: not a chat summary of `medvlm eval chat-summary` (needs an 'overall' group)")
     return data
 
@@ -69,8 +76,10 @@ def per_question_type(scores: dict[str, Any], resamples: int = 1000, seed: int =
         key = (it.get("question_type") or "unknown") if use_qt else it["type"]
         if it.get("accuracy") is not None:
             groups.setdefault(key, []).append(float(it["accuracy"]))
-    return {k: {"n": len(v), "accuracy": sum(v) / len(v) * 100,
-                "ci95": mean_ci(v, resamples, seed, k)} for k, v in sorted(groups.items())}
+    return {
+        k: {"n": len(v), "accuracy": sum(v) / len(v) * 100, "ci95": mean_ci(v, resamples, seed, k)}
+        for k, v in sorted(groups.items())
+    }
 
 
 def _save(fig: Any, dest: Path) -> None:
@@ -78,8 +87,9 @@ def _save(fig: Any, dest: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def bar_chart(title: str, ylabel: str, categories: list[str], series: list[tuple[str, list[float | None], list[Any]]],
-              dest: Path) -> None:
+def bar_chart(
+    title: str, ylabel: str, categories: list[str], series: list[tuple[str, list[float | None], list[Any]]], dest: Path
+) -> None:
     """Grouped bar chart: one group per category, one bar per series; CI95 ``[lo, hi]`` as error bars."""
     import numpy as np
     from matplotlib.figure import Figure
@@ -92,17 +102,30 @@ def bar_chart(title: str, ylabel: str, categories: list[str], series: list[tuple
     ymax = 1.0
     for i, (name, values, cis) in enumerate(series):
         vals = [np.nan if v is None else v for v in values]
-        err = np.array([[0.0 if (v is None or not c) else v - c[0] for v, c in zip(values, cis)],
-                        [0.0 if (v is None or not c) else c[1] - v for v, c in zip(values, cis)]])  # [2, categories]
+        err = np.array(
+            [
+                [0.0 if (v is None or not c) else v - c[0] for v, c in zip(values, cis)],
+                [0.0 if (v is None or not c) else c[1] - v for v, c in zip(values, cis)],
+            ]
+        )  # [2, categories]
         pos = x - 0.4 + width * (i + 0.5)
         bars = ax.bar(pos, vals, width, label=name, yerr=err, capsize=3, error_kw={"elinewidth": 1})
         for b, v, c in zip(bars, values, cis):
             if v is not None:  # the value label sits above the error bar
                 top = c[1] if c else v
-                ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, top), ha="center", va="bottom", fontsize=7,
-                            xytext=(0, 2), textcoords="offset points")
+                ax.annotate(
+                    f"{v:.1f}",
+                    (b.get_x() + b.get_width() / 2, top),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
                 ymax = max(ymax, top)
-    ax.set_xticks(x, categories, rotation=20 if len(categories) > 4 else 0, ha="right" if len(categories) > 4 else "center")
+    ax.set_xticks(
+        x, categories, rotation=20 if len(categories) > 4 else 0, ha="right" if len(categories) > 4 else "center"
+    )
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
@@ -149,14 +172,26 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         md += ["## VQA scores", ""]
         for s in scores:
             d = s.data
-            md += [f"### `{s.path.name}` - protocol `{d['protocol']}`", "",
-                   f"Protocol: {PROTOCOL_DESCRIPTIONS.get(d['protocol'], 'unknown protocol')}.", ""]
+            md += [
+                f"### `{s.path.name}` - protocol `{d['protocol']}`",
+                "",
+                f"Protocol: {PROTOCOL_DESCRIPTIONS.get(d['protocol'], 'unknown protocol')}.",
+                "",
+            ]
             if d.get("inputs"):
-                md += [f"Inputs: gt `{d['inputs'].get('gt')}`, predictions `{d['inputs'].get('pred')}`"
-                       + (f", candidates `{d['inputs']['candidates']}`" if d["inputs"].get("candidates") else "") + ".", ""]
+                md += [
+                    f"Inputs: gt `{d['inputs'].get('gt')}`, predictions `{d['inputs'].get('pred')}`"
+                    + (f", candidates `{d['inputs']['candidates']}`" if d["inputs"].get("candidates") else "")
+                    + ".",
+                    "",
+                ]
             skipped = (d.get("skipped") or {}).get("count", 0)
-            md += [f"Questions: {d['counts']['open']} open, {d['counts']['closed']} closed"
-                   + (f", {skipped} skipped (answer types {d['skipped']['answer_types']})" if skipped else "") + ".", ""]
+            md += [
+                f"Questions: {d['counts']['open']} open, {d['counts']['closed']} closed"
+                + (f", {skipped} skipped (answer types {d['skipped']['answer_types']})" if skipped else "")
+                + ".",
+                "",
+            ]
             ci = d.get("ci95") or {}
             md += ["| group | metric | value | CI95 |", "|---|---|---|---|"]
             for g in ("open", "closed"):
@@ -167,40 +202,80 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                 md += ["", f"CI95: {ci.get('method')}, {ci.get('resamples')} resamples, seed {ci.get('seed')}."]
             pqt = per_question_type(d)
             if pqt:
-                md += ["", "Accuracy per question type:", "", "| question type | n | accuracy | CI95 |", "|---|---|---|---|"]
+                md += [
+                    "",
+                    "Accuracy per question type:",
+                    "",
+                    "| question type | n | accuracy | CI95 |",
+                    "|---|---|---|---|",
+                ]
                 md += [f"| {k} | {v['n']} | {_fmt(v['accuracy'])} | {_ci(v['ci95'])} |" for k, v in pqt.items()]
             md.append("")
         cats = [label for _, _, label in MAIN_METRICS]
-        series = [(s.label, [s.data[g].get(m) for g, m, _ in MAIN_METRICS],
-                   [((s.data.get("ci95") or {}).get(g) or {}).get(m) for g, m, _ in MAIN_METRICS]) for s in scores]
+        series = [
+            (
+                s.label,
+                [s.data[g].get(m) for g, m, _ in MAIN_METRICS],
+                [((s.data.get("ci95") or {}).get(g) or {}).get(m) for g, m, _ in MAIN_METRICS],
+            )
+            for s in scores
+        ]
         bar_chart("VQA metrics per protocol", "score (x100)", cats, series, run_dir / "plot_protocols.png")
         qt = [per_question_type(s.data) for s in scores]
         qcats = sorted({k for t in qt for k in t})
-        qseries = [(s.label, [t.get(k, {}).get("accuracy") for k in qcats], [t.get(k, {}).get("ci95") for k in qcats])
-                   for s, t in zip(scores, qt)]
+        qseries = [
+            (s.label, [t.get(k, {}).get("accuracy") for k in qcats], [t.get(k, {}).get("ci95") for k in qcats])
+            for s, t in zip(scores, qt)
+        ]
         bar_chart("Accuracy per question type", "accuracy (%)", qcats, qseries, run_dir / "plot_question_types.png")
-        md += ["![VQA metrics per protocol](plot_protocols.png)", "",
-               "![Accuracy per question type](plot_question_types.png)", ""]
+        md += [
+            "![VQA metrics per protocol](plot_protocols.png)",
+            "",
+            "![Accuracy per question type](plot_question_types.png)",
+            "",
+        ]
 
     if chats:
-        md += ["## GPT-judged chat benchmark", "",
-               "Relative score = mean over questions of model score / reference (GPT-4) score x 100 (as in the "
-               "LLaVA-Med paper); ratio of means = model mean / reference mean x 100.", ""]
+        md += [
+            "## GPT-judged chat benchmark",
+            "",
+            "Relative score = mean over questions of model score / reference (GPT-4) score x 100 (as in the "
+            "LLaVA-Med paper); ratio of means = model mean / reference mean x 100.",
+            "",
+        ]
         for p, summ in chats:
-            md += [f"### `{p.name}`", "", "| group | count | failed | reference | model | relative score | CI95 | ratio of means |",
-                   "|---|---|---|---|---|---|---|---|"]
+            md += [
+                f"### `{p.name}`",
+                "",
+                "| group | count | failed | reference | model | relative score | CI95 | ratio of means |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for g in GROUPS:
                 r = summ.get(g)
                 if r is None:
                     continue
-                md.append(f"| {g} | {r['count']} | {r.get('failed', 0)} | {_fmt(r['reference_mean'])} | "
-                          f"{_fmt(r['model_mean'])} | {_fmt(r['relative_score'])} | {_ci(r.get('relative_score_ci95'))} | "
-                          f"{_fmt(r['ratio_of_means'])} |")
+                md.append(
+                    f"| {g} | {r['count']} | {r.get('failed', 0)} | {_fmt(r['reference_mean'])} | "
+                    f"{_fmt(r['model_mean'])} | {_fmt(r['relative_score'])} | {_ci(r.get('relative_score_ci95'))} | "
+                    f"{_fmt(r['ratio_of_means'])} |"
+                )
             md.append("")
         gcats = [g for g in GROUPS if any((s.get(g) or {}).get("count") for _, s in chats)]
-        cseries = [(p.stem, [(s.get(g) or {}).get("relative_score") for g in gcats],
-                    [(s.get(g) or {}).get("relative_score_ci95") for g in gcats]) for p, s in chats]
-        bar_chart("Chat benchmark: relative score per group", "relative score (%)", gcats, cseries, run_dir / "plot_domains.png")
+        cseries = [
+            (
+                p.stem,
+                [(s.get(g) or {}).get("relative_score") for g in gcats],
+                [(s.get(g) or {}).get("relative_score_ci95") for g in gcats],
+            )
+            for p, s in chats
+        ]
+        bar_chart(
+            "Chat benchmark: relative score per group",
+            "relative score (%)",
+            gcats,
+            cseries,
+            run_dir / "plot_domains.png",
+        )
         md += ["![Relative score per group](plot_domains.png)", ""]
 
     md += ["---", "", f"_{NOTICE}_", ""]

@@ -32,8 +32,9 @@ def run_chunk(job_path: str | Path, progress: bool = False) -> int:
         raise MedvlmError(f"{job.questions}: {len(wanted) - len(questions)} question(s) of the chunk are gone")
     engine = load_engine(job.model, job.batch_size, int(job.extra.get("self_question", 0)))
     bar = progress_bar(len(questions), progress)
-    n = answer_into(engine, questions, job.out, gen, job.model_id, job.batch_size, job.image_folder,
-                    on_batch=bar.update)
+    n = answer_into(
+        engine, questions, job.out, gen, job.model_id, job.batch_size, job.image_folder, on_batch=bar.update
+    )
     bar.close()
     return n
 

@@ -104,8 +104,10 @@ def read_questions(path: str | os.PathLike, format: str = "auto") -> list[VQAQue
         if n_images == 0 and sample.images:
             n_images = len(sample.images)  # an image field without a placeholder: the image goes first, as LLaVA does
         if n_images > len(sample.images):
-            raise MedvlmError(f"{where}: the question has {n_images} image placeholder(s) but the record names "
-                              f"{len(sample.images)} image(s) (field 'image')")
+            raise MedvlmError(
+                f"{where}: the question has {n_images} image placeholder(s) but the record names "
+                f"{len(sample.images)} image(s) (field 'image')"
+            )
         q = VQAQuestion(question_id=qid, prompt=prompt, images=list(sample.images[:n_images]))
         if q.key in seen:
             raise MedvlmError(f"{where}: duplicate question id {qid!r} (first in record {seen[q.key]})")
@@ -136,12 +138,18 @@ def answer_id(model_id: str, question_id: Any, settings: dict[str, Any]) -> str:
 
 def answer_row(q: VQAQuestion, text: str, model_id: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One line of the answer file, in the original field order."""
-    return {"question_id": q.question_id, "prompt": q.prompt, "text": text,
-            "answer_id": answer_id(model_id, q.question_id, settings), "model_id": model_id,
-            "metadata": dict(settings)}
+    return {
+        "question_id": q.question_id,
+        "prompt": q.prompt,
+        "text": text,
+        "answer_id": answer_id(model_id, q.question_id, settings),
+        "model_id": model_id,
+        "metadata": dict(settings),
+    }
 
 
 # --- the answer file: append per batch, tolerate a torn last line --------------------------------------------
+
 
 def load_answers(path: str | os.PathLike, known: dict[str, VQAQuestion] | None = None) -> dict[str, dict]:
     """Complete answer rows of a (possibly interrupted) answer file, by question key; the file is not modified.
@@ -172,8 +180,10 @@ def load_answers(path: str | os.PathLike, known: dict[str, VQAQuestion] | None =
             raise MedvlmError(f"{path}:{i + 1}: an answer needs 'question_id' and a string 'text'")
         key = str(row["question_id"])
         if known is not None and key not in known:
-            raise MedvlmError(f"{path}:{i + 1}: question_id {row['question_id']!r} is not in the questions file; "
-                              "is --out the answer file of another test set?")
+            raise MedvlmError(
+                f"{path}:{i + 1}: question_id {row['question_id']!r} is not in the questions file; "
+                "is --out the answer file of another test set?"
+            )
         rows[key] = row
     return rows
 
@@ -196,9 +206,17 @@ def write_ordered(path: str | os.PathLike, questions: list[VQAQuestion], rows: d
 
 # --- answering -----------------------------------------------------------------------------------------------
 
-def answer_into(engine: Any, questions: list[VQAQuestion], out: str | os.PathLike, settings: Any, model_id: str,
-                batch_size: int, image_folder: str | os.PathLike | None = None,
-                on_batch: Callable[[int], None] | None = None) -> int:
+
+def answer_into(
+    engine: Any,
+    questions: list[VQAQuestion],
+    out: str | os.PathLike,
+    settings: Any,
+    model_id: str,
+    batch_size: int,
+    image_folder: str | os.PathLike | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
     """Answer ``questions`` with an :class:`~medvlm.infer.engine.InferenceEngine`, appending each chunk to ``out``.
 
     Questions about the same image(s) are answered together (first-appearance order of each image), so the
@@ -268,7 +286,8 @@ def _check_decoding(path: Path, record: dict[str, Any], out: Path, have_answers:
         if isinstance(old, dict) and old.get(key, defaults.get(key)) != record[key]:
             raise MedvlmError(
                 f"{out} holds answers written with another {key} ({old.get(key)!r}, now {record[key]!r}; see {path}); "
-                "use a new --out or delete the old answers")
+                "use a new --out or delete the old answers"
+            )
 
 
 def run_vqa(
@@ -307,11 +326,19 @@ def run_vqa(
     for part in sorted(out.parent.glob(f"{out.name}.part*")):  # chunks of an interrupted multi-process run
         done.update(load_answers(part, by_key))
     decoding_path = out.parent / DECODING_FILE
-    record = {"model": str(model_dir.resolve()), "model_id": mid, "settings": sdict,
-              "questions": str(Path(questions).resolve()),
-              "image_folder": None if image_folder is None else str(Path(image_folder).resolve()),
-              "answers": out.name, "n_questions": len(qs), "batch_size": batch_size, "processes": processes,
-              "greedy": settings.temperature == 0, "self_question": self_question}
+    record = {
+        "model": str(model_dir.resolve()),
+        "model_id": mid,
+        "settings": sdict,
+        "questions": str(Path(questions).resolve()),
+        "image_folder": None if image_folder is None else str(Path(image_folder).resolve()),
+        "answers": out.name,
+        "n_questions": len(qs),
+        "batch_size": batch_size,
+        "processes": processes,
+        "greedy": settings.temperature == 0,
+        "self_question": self_question,
+    }
     _check_decoding(decoding_path, record, out, bool(done))
     write_json_atomic(decoding_path, record)
     resumed = len(done)
@@ -325,8 +352,19 @@ def run_vqa(
         answer_into(engine, pending, out, settings, mid, batch_size, image_folder, on_batch=bar.update)
         bar.close()
     elif pending:
-        _run_chunks(model_dir, Path(questions), format, out, image_folder, settings, batch_size, mid,
-                    split_contiguous(pending, processes), progress, self_question)
+        _run_chunks(
+            model_dir,
+            Path(questions),
+            format,
+            out,
+            image_folder,
+            settings,
+            batch_size,
+            mid,
+            split_contiguous(pending, processes),
+            progress,
+            self_question,
+        )
     final = load_answers(out, by_key)
     for part in out.parent.glob(f"{out.name}.part*"):
         final.update(load_answers(part, by_key))
@@ -335,9 +373,17 @@ def run_vqa(
         part.unlink()
     missing = [q.key for q in qs if q.key not in final]
     if missing:
-        raise MedvlmError(f"{len(missing)} question(s) left unanswered (e.g. {', '.join(missing[:5])}); rerun to resume")
-    return VQARunResult(out=str(out), decoding=str(decoding_path), total=len(qs), answered=len(qs) - resumed,
-                        resumed=resumed, seconds=time.time() - started)
+        raise MedvlmError(
+            f"{len(missing)} question(s) left unanswered (e.g. {', '.join(missing[:5])}); rerun to resume"
+        )
+    return VQARunResult(
+        out=str(out),
+        decoding=str(decoding_path),
+        total=len(qs),
+        answered=len(qs) - resumed,
+        resumed=resumed,
+        seconds=time.time() - started,
+    )
 
 
 def progress_bar(total: int, enabled: bool) -> Any:
@@ -367,22 +413,43 @@ class ChunkJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_chunks(model_dir: Path, questions: Path, format: str, out: Path, image_folder, settings: Any,
-                batch_size: int, model_id: str, chunks: list[list[VQAQuestion]], progress: bool,
-                self_question: int = 0) -> None:
+def _run_chunks(
+    model_dir: Path,
+    questions: Path,
+    format: str,
+    out: Path,
+    image_folder,
+    settings: Any,
+    batch_size: int,
+    model_id: str,
+    chunks: list[list[VQAQuestion]],
+    progress: bool,
+    self_question: int = 0,
+) -> None:
     threads = max(1, cores() // len(chunks))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     procs = []
     with tempfile.TemporaryDirectory(prefix="medvlm_vqa_") as tmp:
         for i, chunk in enumerate(chunks):
-            job = ChunkJob(model=str(model_dir), questions=str(questions), format=format, keys=[q.key for q in chunk],
-                           out=str(_part_path(out, i)), image_folder=None if image_folder is None else str(image_folder),
-                           settings=settings_dict(settings), batch_size=batch_size, model_id=model_id, threads=threads,
-                           extra={"self_question": self_question})
+            job = ChunkJob(
+                model=str(model_dir),
+                questions=str(questions),
+                format=format,
+                keys=[q.key for q in chunk],
+                out=str(_part_path(out, i)),
+                image_folder=None if image_folder is None else str(image_folder),
+                settings=settings_dict(settings),
+                batch_size=batch_size,
+                model_id=model_id,
+                threads=threads,
+                extra={"self_question": self_question},
+            )
             job_path = Path(tmp) / f"job{i}.json"
             job_path.write_text(json.dumps(asdict(job)), encoding="utf-8")
             # Only the first chunk shows a progress bar, so K bars do not fight over one terminal.
-            args = [sys.executable, "-m", "medvlm.eval.tasks", str(job_path)] + (["--progress"] if progress and i == 0 else [])
+            args = [sys.executable, "-m", "medvlm.eval.tasks", str(job_path)] + (
+                ["--progress"] if progress and i == 0 else []
+            )
             procs.append(subprocess.Popen(args, env=env))
         try:
             failed = [(i, p.wait()) for i, p in enumerate(procs)]
@@ -393,5 +460,8 @@ def _run_chunks(model_dir: Path, questions: Path, format: str, out: Path, image_
                     p.wait()
     bad = [(i, rc) for i, rc in failed if rc != 0]
     if bad:
-        raise MedvlmError("answering chunk(s) failed: " + ", ".join(f"chunk {i} exit code {rc}" for i, rc in bad)
-                          + " (their errors are printed above); rerun the same command to resume")
+        raise MedvlmError(
+            "answering chunk(s) failed: "
+            + ", ".join(f"chunk {i} exit code {rc}" for i, rc in bad)
+            + " (their errors are printed above); rerun the same command to resume"
+        )

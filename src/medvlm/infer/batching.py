@@ -91,8 +91,9 @@ def make_prompt(processor: Any, input_ids: torch.Tensor, pixel_values: torch.Ten
     return PreparedPrompt(input_ids=ids, pixel_values=pixel_values, spans=tuple(spans), digests=digests)
 
 
-def prepare_sample(engine: Any, sample: Sample, images: list[Image.Image] | None = None,
-                   image_folder: str | None = None) -> PreparedPrompt:
+def prepare_sample(
+    engine: Any, sample: Sample, images: list[Image.Image] | None = None, image_folder: str | None = None
+) -> PreparedPrompt:
     """Encode a conversation (ending with a user turn) as :meth:`InferenceEngine.generate` does."""
     return engine.prepare(sample, images=images, image_folder=image_folder)
 
@@ -106,7 +107,9 @@ def prepare_text(engine: Any, prompt: str, images: list[Image.Image]) -> Prepare
     proc = engine.processor
     n = prompt.count(IMAGE_PLACEHOLDER)
     if n != len(images):
-        raise MedvlmError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given")
+        raise MedvlmError(
+            f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) were given"
+        )
     for tok in (IM_START_TOKEN, IM_END_TOKEN):
         if tok in prompt:
             raise MedvlmError(f"the prompt contains {tok!r}; mark images with {IMAGE_PLACEHOLDER} only")
@@ -279,7 +282,9 @@ class ContinuousBatcher:
         layers, self.mask = select_rows(self.kv.layers(), self.mask, torch.tensor(keep, dtype=torch.long))
         self.kv = KVBuffer(layers, room=self._room())
 
-    def _chunk_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
+    def _chunk_forward(
+        self, items: list[tuple[_Row, int, int, Layers | None]]
+    ) -> tuple[torch.Tensor, Layers, torch.Tensor]:
         """Prefill ``prompt[start:end]`` of each row after its cached ``past`` (``start`` columns), batched.
 
         Pasts are left-padded to a common width, chunks too: the holes are masked out and each token
@@ -297,12 +302,12 @@ class ContinuousBatcher:
             prompt = row.req.prompt
             n = end - start
             extras.append(prompt.extras if start == 0 else None)
-            ids[b, chunk_w - n:] = prompt.input_ids[start:end]
+            ids[b, chunk_w - n :] = prompt.input_ids[start:end]
             # Text after the last image: index + offset (M-RoPE); a chunk from before it starts at 0 (offset 0 there).
-            pos[b, chunk_w - n:] = torch.arange(start, end) + (prompt.position_offset if start >= prompt.split else 0)
+            pos[b, chunk_w - n :] = torch.arange(start, end) + (prompt.position_offset if start >= prompt.split else 0)
             pos[b, : chunk_w - n] = start  # holes: any position, they are never attended to
-            mask[b, past_w - start: past_w] = True
-            mask[b, past_w + chunk_w - n:] = True
+            mask[b, past_w - start : past_w] = True
+            mask[b, past_w + chunk_w - n :] = True
             for k, (s, e) in enumerate(prompt.spans):
                 if start <= s and e <= end and prompt.pixel_values is not None:
                     pixels.append(prompt.pixel_values[k : k + 1])
@@ -310,17 +315,22 @@ class ContinuousBatcher:
                     raise MedvlmError("internal: a prompt chunk cuts through an image")
             if past_w:
                 if past is None:
-                    past = [(k.new_zeros(1, k.shape[1], 0, k.shape[3]), v.new_zeros(1, v.shape[1], 0, v.shape[3]))
-                            for k, v in ref]
+                    past = [
+                        (k.new_zeros(1, k.shape[1], 0, k.shape[3]), v.new_zeros(1, v.shape[1], 0, v.shape[3]))
+                        for k, v in ref
+                    ]
                 pasts.append((past, torch.ones(1, start, dtype=torch.bool)))
         past_layers = concat_rows(pasts)[0] if past_w else None
         pixel_values = torch.cat(pixels) if pixels else None
         has_extras = any(e is not None for e in extras)
-        logits, layers = self.family.prefill(ids, pixel_values, mask, pos, past_layers,
-                                             **({"extras": extras} if has_extras else {}))
+        logits, layers = self.family.prefill(
+            ids, pixel_values, mask, pos, past_layers, **({"extras": extras} if has_extras else {})
+        )
         return logits, layers, mask
 
-    def _bucketed_forward(self, items: list[tuple[_Row, int, int, Layers | None]]) -> tuple[torch.Tensor, Layers, torch.Tensor]:
+    def _bucketed_forward(
+        self, items: list[tuple[_Row, int, int, Layers | None]]
+    ) -> tuple[torch.Tensor, Layers, torch.Tensor]:
         """:meth:`_chunk_forward` in buckets of similar chunk length (padding costs compute), results in item order."""
         order = sorted(range(len(items)), key=lambda i: items[i][2] - items[i][1])
         buckets: list[list[int]] = [[]]
@@ -426,8 +436,9 @@ class ContinuousBatcher:
         best = scores.argmax(dim=-1).tolist()
         return [t if r.plain_greedy else None for t, r in zip(best, rows)]
 
-    def _accept(self, row: _Row, b: int, logits: torch.Tensor, layers: Layers, mask: torch.Tensor,
-                greedy: int | None = None) -> bool:
+    def _accept(
+        self, row: _Row, b: int, logits: torch.Tensor, layers: Layers, mask: torch.Tensor, greedy: int | None = None
+    ) -> bool:
         """Choose (unless ``greedy`` already did) and take row ``b``'s next token; True when the row has finished."""
         if row.req.cancelled.is_set():
             self._finish(row, "cancelled", layers, mask, b)
@@ -458,7 +469,7 @@ class ContinuousBatcher:
 
     def _emit(self, row: _Row, text: str) -> None:
         if text.startswith(row.emitted) and len(text) > len(row.emitted):
-            delta, row.emitted = text[len(row.emitted):], text
+            delta, row.emitted = text[len(row.emitted) :], text
             if row.req.on_delta is not None:
                 row.req.on_delta(delta)
 

@@ -29,27 +29,59 @@ app = typer.Typer(
 @app.command("generate", cls=renamed({"--images": "--image-folder"}))
 @llm_options(model_flag="--judge-model", model="gpt-4o")
 def generate_cmd(
-    model: Annotated[Path, typer.Option("--model", help="Stage-1 (sq) checkpoint: native with the v1_sq template, or a model family.")],
-    image_folder: Annotated[Path, typer.Option("--image-folder", help="Folder of unlabeled images (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", help="prefs.json (STLLaVA-Med format); prefs.trl.jsonl is written beside it. "
-                                                    "The judge's response cache defaults to OUT.llm_cache.sqlite.")],
-    questions_per_image: Annotated[int, typer.Option("--questions-per-image", help="Questions the model asks per image.")] = 5,
-    ties: Annotated[str, typer.Option("--ties", help="drop: equal scores give no pair; second: the published rule (second answer chosen).")] = "drop",
+    model: Annotated[
+        Path,
+        typer.Option("--model", help="Stage-1 (sq) checkpoint: native with the v1_sq template, or a model family."),
+    ],
+    image_folder: Annotated[
+        Path, typer.Option("--image-folder", help="Folder of unlabeled images (searched recursively).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="prefs.json (STLLaVA-Med format); prefs.trl.jsonl is written beside it. "
+            "The judge's response cache defaults to OUT.llm_cache.sqlite.",
+        ),
+    ],
+    questions_per_image: Annotated[
+        int, typer.Option("--questions-per-image", help="Questions the model asks per image.")
+    ] = 5,
+    ties: Annotated[
+        str,
+        typer.Option(
+            "--ties", help="drop: equal scores give no pair; second: the published rule (second answer chosen)."
+        ),
+    ] = "drop",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Base seed of question/answer sampling.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch size.")] = 8,
-    parse_retries: Annotated[int, typer.Option("--parse-retries", help="Re-asks when a judge reply has no readable scores.")] = 2,
+    parse_retries: Annotated[
+        int, typer.Option("--parse-retries", help="Re-asks when a judge reply has no readable scores.")
+    ] = 2,
     *,
     llm: LLMConfig,
 ) -> None:
     """Describe each image, ask N questions, sample two answers each, let the judge choose; resumable."""
     from medvlm.infer.prefs import PrefsConfig, generate_preferences, summary
 
-    cfg = PrefsConfig(model=model, images=image_folder, out=out, questions_per_image=questions_per_image, ties=ties,
-                      limit=limit, seed=seed, batch_size=batch_size, parse_retries=parse_retries)
+    cfg = PrefsConfig(
+        model=model,
+        images=image_folder,
+        out=out,
+        questions_per_image=questions_per_image,
+        ties=ties,
+        limit=limit,
+        seed=seed,
+        batch_size=batch_size,
+        parse_retries=parse_retries,
+    )
     report = generate_preferences(cfg, llm)
     typer.echo(summary(report))
     if report.failed:
-        typer.echo(f"{len(report.failed)} image(s) failed; rerun the same command to retry them "
-                   "(finished images and cached judge replies are reused).", err=True)
+        typer.echo(
+            f"{len(report.failed)} image(s) failed; rerun the same command to retry them "
+            "(finished images and cached judge replies are reused).",
+            err=True,
+        )
         raise typer.Exit(1)

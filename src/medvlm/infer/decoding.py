@@ -77,7 +77,7 @@ def visible_text(raw: str, stops: list[str], final: bool, strip_left: bool = Tru
 
 def ends_with_any(ids: list[int], sequences: list[list[int]]) -> bool:
     """True when ``ids`` ends with one of the (non-empty) token-id ``sequences``."""
-    return any(s and len(ids) >= len(s) and ids[-len(s):] == s for s in sequences)
+    return any(s and len(ids) >= len(s) and ids[-len(s) :] == s for s in sequences)
 
 
 class TokenChooser:

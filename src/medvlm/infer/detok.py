@@ -55,11 +55,11 @@ class IncrementalText:
     def push(self, token: int) -> str:
         """Add one token; return the newly visible answer text (may be ''). Sets :attr:`stopped` on a stop string."""
         self.ids.append(token)
-        now = "" if self.full_mode else self.decode(self.ids[self.prefix:])
+        now = "" if self.full_mode else self.decode(self.ids[self.prefix :])
         if self.full_mode or not now.startswith(self.before):
             return self._push_full()
         searched_from = len(self.text)
-        self.pending = now[len(self.before):]
+        self.pending = now[len(self.before) :]
         tail_start = max(0, searched_from - self.window + 1)
         tail = self.text[tail_start:] + self.pending
         if any(s in tail for s in self.stops):
@@ -73,7 +73,7 @@ class IncrementalText:
             if len(self.ids) - self.prefix > CONTEXT_TOKENS and self.read > self.prefix:
                 # Move the context window up to the previous commit (a character boundary): one extra decode.
                 self.prefix, self.read = self.read, len(self.ids)
-                self.before = self.decode(self.ids[self.prefix:self.read])
+                self.before = self.decode(self.ids[self.prefix : self.read])
             else:  # same window: its text is what was just decoded
                 self.read, self.before = len(self.ids), now
         return delta
@@ -88,7 +88,7 @@ class IncrementalText:
             return ""
         vis = visible_text(raw, self.stops, final=False)
         if vis.startswith(self.shown) and len(vis) > len(self.shown):
-            delta, self.shown = vis[len(self.shown):], vis
+            delta, self.shown = vis[len(self.shown) :], vis
             return delta
         return ""
 
@@ -114,7 +114,7 @@ class IncrementalText:
     def _slice(self, a: int, b: int) -> str:
         n = len(self.text)
         if a >= n:
-            return self.pending[a - n: b - n]
+            return self.pending[a - n : b - n]
         return self.text[a:b] if b <= n else self.text[a:] + self.pending[: b - n]
 
     def final(self) -> str:

@@ -33,8 +33,14 @@ DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 class InferenceEngine:
     """Answer conversations with a medvlm model and its processor."""
 
-    def __init__(self, model: Any, processor: Any, batch_size: int = 8,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, family: ModelFamily | None = None):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        batch_size: int = 8,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        family: ModelFamily | None = None,
+    ):
         if batch_size < 1:
             raise MedvlmError(f"batch_size must be >= 1 (got {batch_size})")
         self.model = model
@@ -72,12 +78,15 @@ class InferenceEngine:
         kept = sum(m.num_images for m in messages)
         return Sample(id=sample.id, messages=messages, images=list(sample.images[:kept]), meta=sample.meta)
 
-    def prepare(self, sample: Sample, images: list[Image.Image] | None = None,
-                image_folder: str | os.PathLike | None = None) -> PreparedPrompt:
+    def prepare(
+        self, sample: Sample, images: list[Image.Image] | None = None, image_folder: str | os.PathLike | None = None
+    ) -> PreparedPrompt:
         """Encode a conversation (answering its last question) for the batcher."""
         if images is not None and len(images) != sample.num_image_parts:
-            raise MedvlmError(f"sample {sample.id!r}: the conversation has {sample.num_image_parts} image part(s) but "
-                              f"{len(images)} image(s) were given")
+            raise MedvlmError(
+                f"sample {sample.id!r}: the conversation has {sample.num_image_parts} image part(s) but "
+                f"{len(images)} image(s) were given"
+            )
         prompt = self.prompt_sample(sample)
         if images is not None:
             images = images[: prompt.num_image_parts]
@@ -106,14 +115,17 @@ class InferenceEngine:
         settings = (settings or GenerationSettings()).validate()
         if images is not None and len(images) != len(samples):
             raise MedvlmError(f"got {len(images)} image lists for {len(samples)} samples")
-        prompts = [self.prepare(s, images[i] if images is not None else None, image_folder)
-                   for i, s in enumerate(samples)]
+        prompts = [
+            self.prepare(s, images[i] if images is not None else None, image_folder) for i, s in enumerate(samples)
+        ]
         # Same image prefix -> adjacent (first-appearance order of each prefix), so a group is admitted together.
         first: dict[tuple, int] = {}
         for i, p in enumerate(prompts):
             first.setdefault((tuple(p.input_ids[: p.split].tolist()), p.digests), i)
-        order = sorted(range(len(prompts)), key=lambda i: (first[(tuple(prompts[i].input_ids[: prompts[i].split].tolist()),
-                                                                  prompts[i].digests)], i))
+        order = sorted(
+            range(len(prompts)),
+            key=lambda i: (first[(tuple(prompts[i].input_ids[: prompts[i].split].tolist()), prompts[i].digests)], i),
+        )
         results: list[BatchResult | None] = [None] * len(samples)
         was_training = self.model.training
         batcher = self.batcher()

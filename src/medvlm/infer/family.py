@@ -45,9 +45,15 @@ class ModelFamily(Protocol):
         """A batchable prompt from the processor's ``encode(..., add_generation_prompt=True)`` features."""
         ...
 
-    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, past: Layers | None,
-                extras: list[dict[str, Any] | None] | None = None) -> tuple[torch.Tensor, Layers]:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: Layers | None,
+        extras: list[dict[str, Any] | None] | None = None,
+    ) -> tuple[torch.Tensor, Layers]:
         """Run prompt tokens ``[B, C]`` (images in row order) after ``past`` (``[B, H, P, D]`` per layer).
 
         ``extras[b]`` holds row ``b``'s other processor outputs (:attr:`PreparedPrompt.extras`), if any.
@@ -57,8 +63,9 @@ class ModelFamily(Protocol):
         """
         ...
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               past: KVBuffer) -> torch.Tensor:
+    def decode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past: KVBuffer
+    ) -> torch.Tensor:
         """One token per row (``input_ids`` ``[B, 1]``, no images) after ``past``, which grows by one column in place.
 
         ``attention_mask`` is ``[B, past.length + 1]``. Returns the logits ``[B, V]``.
@@ -98,15 +105,28 @@ class NativeLlavaFamily:
         # A cache object is always passed: without one transformers would read position ids that jump
         # (a prefix reused after a hole) as packed sequences.
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
-        out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                         position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1, :], cache_layers(cache)
 
     def decode(self, input_ids, attention_mask, position_ids, past):
         start = past.length
         cache = Cache(layers=[_BufferLayer(past, i, start) for i in range(len(past.keys))])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         past.length = start + input_ids.shape[1]
         return out.logits[:, -1, :]
 
@@ -116,8 +136,9 @@ def cache_layers(cache: DynamicCache) -> Layers:
     layers = []
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:
-            raise MedvlmError(f"the engine supports full-attention caches only; this model's cache has a "
-                              f"{type(layer).__name__}")
+            raise MedvlmError(
+                f"the engine supports full-attention caches only; this model's cache has a {type(layer).__name__}"
+            )
         layers.append((layer.keys, layer.values))
     return layers
 
@@ -153,8 +174,9 @@ def family_for(model: Any, processor: Any) -> ModelFamily:
         return NativeLlavaFamily(model, processor)
     if model_type in FAMILIES:
         if not isinstance(processor, FamilyProcessor) or processor.spec.name != model_type:
-            raise MedvlmError(f"a {model_type} model needs its family's processor (load both with "
-                              "medvlm.model.families.io.load_family)")
+            raise MedvlmError(
+                f"a {model_type} model needs its family's processor (load both with "
+                "medvlm.model.families.io.load_family)"
+            )
         return TransformersFamily(model, processor)
-    raise MedvlmError(f"no inference family for model_type {model_type!r} (known: medvlm, "
-                      f"{', '.join(FAMILIES)})")
+    raise MedvlmError(f"no inference family for model_type {model_type!r} (known: medvlm, {', '.join(FAMILIES)})")

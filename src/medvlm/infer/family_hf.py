@@ -68,15 +68,20 @@ class TransformersFamily:
         if self.spec.rope_index and "image_grid_thw" in extras:
             # The same call (and arguments) generate's position preparation makes.
             _, deltas = self.model.model.get_rope_index(
-                ids[None], image_grid_thw=extras["image_grid_thw"], attention_mask=torch.ones_like(ids)[None],
-                mm_token_type_ids=extras["mm_token_type_ids"])
+                ids[None],
+                image_grid_thw=extras["image_grid_thw"],
+                attention_mask=torch.ones_like(ids)[None],
+                mm_token_type_ids=extras["mm_token_type_ids"],
+            )
             offset = int(deltas.reshape(-1)[0])
         spans, digests = self._image_block(ids, extras)
-        return PreparedPrompt(input_ids=ids, pixel_values=None, spans=spans, digests=digests, extras=extras,
-                              position_offset=offset)
+        return PreparedPrompt(
+            input_ids=ids, pixel_values=None, spans=spans, digests=digests, extras=extras, position_offset=offset
+        )
 
-    def _image_block(self, ids: torch.Tensor, extras: dict[str, Any]) -> tuple[tuple[tuple[int, int], ...],
-                                                                              tuple[str, ...]]:
+    def _image_block(
+        self, ids: torch.Tensor, extras: dict[str, Any]
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...]]:
         """All of a prompt's images as ONE block (first marker to last) with one digest of every image tensor.
 
         Families lay image tensors out differently (Qwen's flattened patches, Idefics3's tiles), so they are
@@ -97,9 +102,15 @@ class TransformersFamily:
         return ((int(where[0]), int(where[-1]) + 1),), (h.hexdigest(),)
 
     # -- forward hooks -----------------------------------------------------------------------------
-    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, past: Layers | None,
-                extras: list[dict[str, Any] | None] | None = None) -> tuple[torch.Tensor, Layers]:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: Layers | None,
+        extras: list[dict[str, Any] | None] | None = None,
+    ) -> tuple[torch.Tensor, Layers]:
         """Rows with processor outputs (a chunk from the start of its prompt) run alone, unpadded; the other rows
         (text after the last image, on top of ``past``) run batched with the given mask and positions."""
         if pixel_values is not None:
@@ -114,11 +125,17 @@ class TransformersFamily:
             n = int(attention_mask[b].sum())
             if past is not None and bool(attention_mask[b, : width - input_ids.shape[1]].any()):
                 raise MedvlmError("internal: a chunk with images must start its prompt (no reused prefix)")
-            ids = input_ids[b, input_ids.shape[1] - n:][None]
+            ids = input_ids[b, input_ids.shape[1] - n :][None]
             feats = {k: (v[:, :n] if k in self.spec.token_tensors else v) for k, v in extras[b].items()}
             cache = DynamicCache()
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **feats, cache=cache, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                **feats,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             logits[b] = out.logits[:, -1, :]
             parts[b] = (cache_layers(cache), torch.ones(1, n, dtype=torch.bool))
         if text:
@@ -127,10 +144,14 @@ class TransformersFamily:
             rows_past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in past] if past else None
             cache = DynamicCache(ddp_cache_data=rows_past) if rows_past and cols else DynamicCache()
             # Explicit 2-D positions: M-RoPE models expand them to all three axes (text after the last image).
-            out = self.model(input_ids=input_ids.index_select(0, index),
-                             attention_mask=attention_mask.index_select(0, index),
-                             position_ids=position_ids.index_select(0, index), cache=cache, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=input_ids.index_select(0, index),
+                attention_mask=attention_mask.index_select(0, index),
+                position_ids=position_ids.index_select(0, index),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             layers = cache_layers(cache)
             for j, b in enumerate(text):
                 logits[b] = out.logits[j : j + 1, -1, :]
@@ -140,9 +161,9 @@ class TransformersFamily:
             raise MedvlmError("internal: prefill expects right-aligned prompt chunks")
         return torch.cat(logits), layers  # type: ignore[arg-type]
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               past: KVBuffer) -> torch.Tensor:
+    def decode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past: KVBuffer
+    ) -> torch.Tensor:
         """One batched step; ``position_ids`` ``[B, 1]`` (M-RoPE models expand them to all three axes, as in
         ``generate``'s decoding steps)."""
         return self._decoder.decode(input_ids, attention_mask, position_ids, past)
-

@@ -56,8 +56,10 @@ def concat_rows(parts: list[tuple[Layers, torch.Tensor]]) -> tuple[Layers, torch
     width = max(p[1].shape[1] for p in parts)
     padded = [pad_left(layers, mask, width - mask.shape[1]) for layers, mask in parts]
     n_layers = len(padded[0][0])
-    layers = [(torch.cat([p[0][i][0] for p in padded], dim=0), torch.cat([p[0][i][1] for p in padded], dim=0))
-              for i in range(n_layers)]
+    layers = [
+        (torch.cat([p[0][i][0] for p in padded], dim=0), torch.cat([p[0][i][1] for p in padded], dim=0))
+        for i in range(n_layers)
+    ]
     return layers, torch.cat([p[1] for p in padded], dim=0)
 
 
@@ -120,8 +122,9 @@ class PrefixStats:
     """Entries larger than the whole budget (never stored)."""
 
 
-def usable_prefix(entry_ids: torch.Tensor, entry_spans, entry_digests, ids: torch.Tensor, spans, digests,
-                  limit: int) -> int:
+def usable_prefix(
+    entry_ids: torch.Tensor, entry_spans, entry_digests, ids: torch.Tensor, spans, digests, limit: int
+) -> int:
     """How many leading tokens of a prompt (``ids``, image ``spans`` and ``digests``) an entry can supply.
 
     The longest common token prefix, cut before the first image whose pixels (digest) or placement
@@ -200,8 +203,9 @@ class PrefixCache:
         self.nbytes -= e.nbytes
         return e
 
-    def lookup(self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True,
-               floor: int = 0) -> tuple[int, Layers | None]:
+    def lookup(
+        self, ids: torch.Tensor, spans, digests, limit: int, count: bool = True, floor: int = 0
+    ) -> tuple[int, Layers | None]:
         """The longest reusable prefix of a prompt: ``(n, layers cropped to n)`` or ``(0, None)``.
 
         A usable prefix shorter than ``floor`` tokens counts as none (a family that must prefill a prompt's
@@ -243,9 +247,15 @@ class PrefixCache:
             # images or with the same first image can be extended.
             n = int(ids.shape[0])
             same = list(self._by_image.get(None, {})) + (list(self._by_image.get(digests[0], {})) if spans else [])
-            for old_key in [k for k in same if int(self._entries[k].ids.shape[0]) <= n and
-                            usable_prefix(self._entries[k].ids, self._entries[k].spans, self._entries[k].digests,
-                                          ids, spans, digests, n) == int(self._entries[k].ids.shape[0])]:
+            for old_key in [
+                k
+                for k in same
+                if int(self._entries[k].ids.shape[0]) <= n
+                and usable_prefix(
+                    self._entries[k].ids, self._entries[k].spans, self._entries[k].digests, ids, spans, digests, n
+                )
+                == int(self._entries[k].ids.shape[0])
+            ]:
                 self._remove(old_key)
             while self._entries and self.nbytes + nbytes > self.budget_bytes:
                 self._remove(next(iter(self._entries)))
@@ -265,9 +275,17 @@ class PrefixCache:
         """Budget, size and counters (JSON-ready)."""
         with self._lock:
             s = self.stats
-            return {"budget_bytes": self.budget_bytes, "bytes": self.nbytes, "entries": len(self._entries),
-                    "hits": s.hits, "misses": s.misses, "hit_tokens": s.hit_tokens, "inserts": s.inserts,
-                    "evictions": s.evictions, "rejected": s.rejected}
+            return {
+                "budget_bytes": self.budget_bytes,
+                "bytes": self.nbytes,
+                "entries": len(self._entries),
+                "hits": s.hits,
+                "misses": s.misses,
+                "hit_tokens": s.hit_tokens,
+                "inserts": s.inserts,
+                "evictions": s.evictions,
+                "rejected": s.rejected,
+            }
 
 
 class KVBuffer:

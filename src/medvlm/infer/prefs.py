@@ -150,19 +150,26 @@ def require_questions(processor: Any, source: str | Path) -> None:
 
     if isinstance(processor, FamilyProcessor):
         if not processor.asks_questions:
-            raise MedvlmError(f"{source}: this {processor.spec.name} checkpoint's template {processor.template!r} has "
-                              "no VUSER role; self-questioning needs a stage-'sq' model (the llava family: template "
-                              "v1_sq)")
+            raise MedvlmError(
+                f"{source}: this {processor.spec.name} checkpoint's template {processor.template!r} has "
+                "no VUSER role; self-questioning needs a stage-'sq' model (the llava family: template "
+                "v1_sq)"
+            )
         return
     if processor.chat_template.vuser is None:
-        raise MedvlmError(f"{source}: template {processor.template!r} has no VUSER role; self-questioning needs a "
-                          "stage-'sq' model (template v1_sq)")
+        raise MedvlmError(
+            f"{source}: template {processor.template!r} has no VUSER role; self-questioning needs a "
+            "stage-'sq' model (template v1_sq)"
+        )
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[str]:
     """Image files under ``folder`` (relative POSIX paths, sorted), at most ``limit``."""
-    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if not found:
         raise MedvlmError(f"--image-folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return found[:limit] if limit is not None else found
@@ -191,8 +198,9 @@ def model_candidates(engine: InferenceEngine, rel: str, image, cfg: PrefsConfig)
     description = engine.generate([describe], GenerationSettings(max_new_tokens=cfg.description_tokens), images=one)[0]
     ask = Sample(rel, [_user(cfg.describe_prompt), Message("assistant", [text_part(description)])], [rel])
     n = cfg.questions_per_image
-    raw_q = engine.generate([ask] * n, _settings(cfg.question_sampling, cfg.question_tokens, _seed(cfg.seed, rel, 0)),
-                            images=one * n)
+    raw_q = engine.generate(
+        [ask] * n, _settings(cfg.question_sampling, cfg.question_tokens, _seed(cfg.seed, rel, 0)), images=one * n
+    )
     questions: list[str] = []
     for q in raw_q:
         if q and q not in questions:
@@ -201,8 +209,12 @@ def model_candidates(engine: InferenceEngine, rel: str, image, cfg: PrefsConfig)
     if questions:
         prompts = [Sample(rel, [_user(q)], [rel]) for q in questions]
         imgs = one * len(prompts)
-        a1 = engine.generate(prompts, _settings(cfg.answer_sampling, cfg.answer_tokens, _seed(cfg.seed, rel, 1)), images=imgs)
-        a2 = engine.generate(prompts, _settings(cfg.answer_sampling, cfg.answer_tokens, _seed(cfg.seed, rel, 2)), images=imgs)
+        a1 = engine.generate(
+            prompts, _settings(cfg.answer_sampling, cfg.answer_tokens, _seed(cfg.seed, rel, 1)), images=imgs
+        )
+        a2 = engine.generate(
+            prompts, _settings(cfg.answer_sampling, cfg.answer_tokens, _seed(cfg.seed, rel, 2)), images=imgs
+        )
         candidates = [{"question": q, "answers": [x, y]} for q, x, y in zip(questions, a1, a2)]
     return {"description": description, "questions_asked": len(raw_q), "candidates": candidates}
 
@@ -216,22 +228,40 @@ def decide(scores: tuple[float, float], ties: str) -> int | None:
     return 1 if ties == "second" else None
 
 
-def pair_records(rel: str, idx: int, cand: dict, description: str, j: ScoreJob, chosen: int,
-                 judge_model: str) -> tuple[dict, dict]:
+def pair_records(
+    rel: str, idx: int, cand: dict, description: str, j: ScoreJob, chosen: int, judge_model: str
+) -> tuple[dict, dict]:
     """The pair in STLLaVA-Med's and in TRL's format, with the judge's scores and reasons beside it."""
     q, answers = cand["question"], cand["answers"]
     c, r = answers[chosen], answers[1 - chosen]
-    judge = {"model": judge_model, "scores": {"chosen": j.scores[chosen], "rejected": j.scores[1 - chosen]},
-             "answer_scores": list(j.scores), "chosen_index": chosen, "reason": reasons_of(j.reply or "")}
+    judge = {
+        "model": judge_model,
+        "scores": {"chosen": j.scores[chosen], "rejected": j.scores[1 - chosen]},
+        "answer_scores": list(j.scores),
+        "chosen_index": chosen,
+        "reason": reasons_of(j.reply or ""),
+    }
     pid = f"{rel}#q{idx}"
     human = {"from": "human", "value": f"<image>\n{q}"}
-    st = {"id": pid, "image": rel, "chosen_conversations": [human, {"from": "gpt", "value": c}],
-          "reject_conversations": [human, {"from": "gpt", "value": r}], "question": q, "description": description,
-          "judge": judge}
-    trl = {"id": pid, "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-           "chosen": [{"role": "assistant", "content": [{"type": "text", "text": c}]}],
-           "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r}]}],
-           "images": [rel], "question": q, "description": description, "judge": judge}
+    st = {
+        "id": pid,
+        "image": rel,
+        "chosen_conversations": [human, {"from": "gpt", "value": c}],
+        "reject_conversations": [human, {"from": "gpt", "value": r}],
+        "question": q,
+        "description": description,
+        "judge": judge,
+    }
+    trl = {
+        "id": pid,
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": c}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r}]}],
+        "images": [rel],
+        "question": q,
+        "description": description,
+        "judge": judge,
+    }
     return st, trl
 
 
@@ -244,8 +274,15 @@ def _load_progress(path: Path) -> dict[str, dict]:
     return {rec["image"]: rec for rec in rows}
 
 
-def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, processor=None,
-                         client: LLMClient | None = None, chunk_images: int = 8) -> PrefsReport:
+def generate_preferences(
+    cfg: PrefsConfig,
+    llm: LLMConfig,
+    *,
+    model=None,
+    processor=None,
+    client: LLMClient | None = None,
+    chunk_images: int = 8,
+) -> PrefsReport:
     """Run stage 2a over ``cfg.images``; writes the two output files and returns the report.
 
     ``model``/``processor`` (already loaded) replace loading ``cfg.model``; ``client`` replaces
@@ -274,8 +311,8 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
     try:
         bar = tqdm(total=len(todo), desc="images", unit="img", disable=not llm.progress)
         for start in range(0, len(todo), chunk_images):
-            _run_chunk(todo[start:start + chunk_images], cfg, engine, client, progress, report)
-            bar.update(len(todo[start:start + chunk_images]))
+            _run_chunk(todo[start : start + chunk_images], cfg, engine, client, progress, report)
+            bar.update(len(todo[start : start + chunk_images]))
         bar.close()
         if client is not None:
             report.usage = client.usage.summary(client.config)
@@ -286,8 +323,14 @@ def generate_preferences(cfg: PrefsConfig, llm: LLMConfig, *, model=None, proces
     return report
 
 
-def _run_chunk(chunk: list[str], cfg: PrefsConfig, engine: InferenceEngine, client: LLMClient,
-               progress: dict[str, dict], report: PrefsReport) -> None:
+def _run_chunk(
+    chunk: list[str],
+    cfg: PrefsConfig,
+    engine: InferenceEngine,
+    client: LLMClient,
+    progress: dict[str, dict],
+    report: PrefsReport,
+) -> None:
     gen: dict[str, dict] = {}
     jobs: list[ScoreJob] = []
     for rel in chunk:
@@ -325,9 +368,16 @@ def _run_chunk(chunk: list[str], cfg: PrefsConfig, engine: InferenceEngine, clie
             st, tr = pair_records(rel, i, cand, g["description"], j, chosen, client.config.model)
             pairs.append(st)
             trl.append(tr)
-        rec = {"image": rel, "status": "failed" if errors else "done", "description": g["description"],
-               "questions": [c["question"] for c in g["candidates"]], "pairs": pairs, "trl": trl,
-               "ties_dropped": ties, "identical_dropped": identical}
+        rec = {
+            "image": rel,
+            "status": "failed" if errors else "done",
+            "description": g["description"],
+            "questions": [c["question"] for c in g["candidates"]],
+            "pairs": pairs,
+            "trl": trl,
+            "ties_dropped": ties,
+            "identical_dropped": identical,
+        }
         if errors:
             rec["error"] = "; ".join(errors)
         _finish(cfg, progress, report, rec)
@@ -361,9 +411,11 @@ def _write_outputs(cfg: PrefsConfig, images: list[str], progress: dict[str, dict
 
 def summary(report: PrefsReport) -> str:
     """A few lines for the terminal (with the research-only notice)."""
-    lines = [f"images: {report.images} ({report.resumed} finished earlier, {report.done} now, {len(report.failed)} failed)",
-             f"pairs: {report.pairs}; dropped: {report.ties_dropped} ties, {report.identical_dropped} identical answers; "
-             f"judge parse retries: {report.parse_retries}"]
+    lines = [
+        f"images: {report.images} ({report.resumed} finished earlier, {report.done} now, {len(report.failed)} failed)",
+        f"pairs: {report.pairs}; dropped: {report.ties_dropped} ties, {report.identical_dropped} identical answers; "
+        f"judge parse retries: {report.parse_retries}",
+    ]
     lines += [f"failed: {f}" for f in report.failed[:20]]
     if len(report.failed) > 20:
         lines.append(f"... and {len(report.failed) - 20} more (see the progress log)")
@@ -372,4 +424,3 @@ def summary(report: PrefsReport) -> str:
     lines.append("written: " + ", ".join(report.outputs))
     lines.append(SHORT_NOTICE)
     return "\n".join(lines)
-

@@ -50,12 +50,18 @@ def image_data_url(path: str | os.PathLike) -> str:
 
 def judge_messages(image_url: str, question: str, answer_1: str, answer_2: str) -> list[dict]:
     """Chat messages asking the judge to score Assistant 1 and Assistant 2 on ``question`` about the image."""
-    text = (f"[Question about the image]\n{question}\n\n"
-            f"[Assistant 1]\n{answer_1}\n[End of Assistant 1]\n\n"
-            f"[Assistant 2]\n{answer_2}\n[End of Assistant 2]\n\n[Instruction]\n{INSTRUCTION}")
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                         {"type": "text", "text": text}]}]
+    text = (
+        f"[Question about the image]\n{question}\n\n"
+        f"[Assistant 1]\n{answer_1}\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{answer_2}\n[End of Assistant 2]\n\n[Instruction]\n{INSTRUCTION}"
+    )
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}],
+        },
+    ]
 
 
 def reasons_of(reply: str) -> str:

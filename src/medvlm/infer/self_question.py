@@ -23,8 +23,7 @@ from medvlm.infer.prefs import DESCRIBE_PROMPT, SelfQuestioningEngine, require_q
 class SelfQuestioningAnswerer:
     """Answers each question after a self-asked dialogue of ``k`` questions about its image."""
 
-    def __init__(self, engine: InferenceEngine, k: int, describe_prompt: str = DESCRIBE_PROMPT,
-                 aux_tokens: int = 128):
+    def __init__(self, engine: InferenceEngine, k: int, describe_prompt: str = DESCRIBE_PROMPT, aux_tokens: int = 128):
         if k < 0:
             raise MedvlmError(f"self_question must be >= 0, got {k}")
         require_questions(engine.processor, f"--self-question {k}")
@@ -47,22 +46,32 @@ class SelfQuestioningAnswerer:
     def batch_size(self) -> int:
         return self.engine.batch_size
 
-    def generate(self, samples: list[Sample], settings: GenerationSettings | None = None,
-                 image_folder: str | os.PathLike | None = None, images: list | None = None) -> list[str]:
+    def generate(
+        self,
+        samples: list[Sample],
+        settings: GenerationSettings | None = None,
+        image_folder: str | os.PathLike | None = None,
+        images: list | None = None,
+    ) -> list[str]:
         """One answer per sample (single-image questions), after the self-questioning dialogue."""
         questions: list[str] = []
         for s in samples:
             users = [m for m in s.messages if m.role == "user"]
             if len(s.images) != 1 or not users:
-                raise MedvlmError(f"sample {s.id!r}: self-questioning answers single-image questions "
-                                  f"(got {len(s.images)} image(s))")
+                raise MedvlmError(
+                    f"sample {s.id!r}: self-questioning answers single-image questions (got {len(s.images)} image(s))"
+                )
             questions.append(users[-1].text.strip())
         dialogues = [[Message("user", [image_part(), text_part(self.describe_prompt)])] for _ in samples]
 
         def ask() -> list[str]:
             convs = [Sample(s.id, d, list(s.images[:1]), s.meta) for s, d in zip(samples, dialogues)]
-            return self.engine.generate(convs, self.aux, image_folder=image_folder,
-                                        images=[im[:1] for im in images] if images is not None else None)
+            return self.engine.generate(
+                convs,
+                self.aux,
+                image_folder=image_folder,
+                images=[im[:1] for im in images] if images is not None else None,
+            )
 
         for d, text in zip(dialogues, ask()):
             d.append(Message("assistant", [text_part(text)]))
@@ -72,7 +81,10 @@ class SelfQuestioningAnswerer:
             for d, a in zip(dialogues, ask()):
                 d.append(Message("assistant", [text_part(a)]))
         self.dialogues = [list(d) for d in dialogues]
-        final = [Sample(s.id, d + [Message("user", [text_part(q)])], list(s.images[:1]), s.meta)
-                 for s, d, q in zip(samples, dialogues, questions)]
-        return self.engine.generate(final, settings, image_folder=image_folder,
-                                    images=[im[:1] for im in images] if images is not None else None)
+        final = [
+            Sample(s.id, d + [Message("user", [text_part(q)])], list(s.images[:1]), s.meta)
+            for s, d, q in zip(samples, dialogues, questions)
+        ]
+        return self.engine.generate(
+            final, settings, image_folder=image_folder, images=[im[:1] for im in images] if images is not None else None
+        )

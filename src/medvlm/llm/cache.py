@@ -62,7 +62,8 @@ class ResponseCache:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
-                "request TEXT NOT NULL, response TEXT NOT NULL, usage TEXT, created REAL NOT NULL)")
+                "request TEXT NOT NULL, response TEXT NOT NULL, usage TEXT, created REAL NOT NULL)"
+            )
         except sqlite3.DatabaseError as e:
             raise MedvlmError(f"{self.path}: cannot open the LLM response cache ({e})") from e
 
@@ -79,8 +80,15 @@ class ResponseCache:
             self._conn.execute(
                 "INSERT OR REPLACE INTO responses (key, model, request, response, usage, created) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (key, str(body.get("model")), canonical_json(_shrink(body)), json.dumps(response, ensure_ascii=False),
-                 json.dumps(usage) if usage is not None else None, time.time()))
+                (
+                    key,
+                    str(body.get("model")),
+                    canonical_json(_shrink(body)),
+                    json.dumps(response, ensure_ascii=False),
+                    json.dumps(usage) if usage is not None else None,
+                    time.time(),
+                ),
+            )
 
     def __len__(self) -> int:
         with self._lock:

@@ -100,11 +100,15 @@ class UsageTracker:
 
     def summary(self, config: LLMConfig) -> str:
         """One paragraph: requests, tokens and cost (or 'tokens only' for a model without a price)."""
-        lines = [f"LLM {config.model}: {self.completed + self.cached} replies ({self.cached} from cache), "
-                 f"{self.failed} failed, {self.http_requests} HTTP requests"
-                 + (f", retries: {dict(self.retries)}" if self.retries else "")]
-        lines.append(f"tokens paid: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion; "
-                     f"from cache: {self.cached_prompt_tokens:,} + {self.cached_completion_tokens:,}")
+        lines = [
+            f"LLM {config.model}: {self.completed + self.cached} replies ({self.cached} from cache), "
+            f"{self.failed} failed, {self.http_requests} HTTP requests"
+            + (f", retries: {dict(self.retries)}" if self.retries else "")
+        ]
+        lines.append(
+            f"tokens paid: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion; "
+            f"from cache: {self.cached_prompt_tokens:,} + {self.cached_completion_tokens:,}"
+        )
         price = config.price()
         if price is None:
             lines.append(f"cost: unknown (no price for model {config.model!r}; set price_input/price_output)")
@@ -177,14 +181,21 @@ class LLMClient:
         if env:
             key = os.environ.get(env)
             if not key:
-                raise MedvlmError(f"environment variable {env} (the API key) is not set; for a server without "
-                                  "keys pass an empty --api-key-env")
+                raise MedvlmError(
+                    f"environment variable {env} (the API key) is not set; for a server without "
+                    "keys pass an empty --api-key-env"
+                )
         else:
             key = "no-key"  # the openai client insists on a value; keyless local servers ignore it
         if cfg.azure_endpoint:
-            return openai.AzureOpenAI(azure_endpoint=cfg.azure_endpoint, api_version=cfg.azure_api_version,
-                                      azure_deployment=cfg.azure_deployment or cfg.model, api_key=key,
-                                      max_retries=0, timeout=cfg.timeout)
+            return openai.AzureOpenAI(
+                azure_endpoint=cfg.azure_endpoint,
+                api_version=cfg.azure_api_version,
+                azure_deployment=cfg.azure_deployment or cfg.model,
+                api_key=key,
+                max_retries=0,
+                timeout=cfg.timeout,
+            )
         return openai.OpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout)
 
     def close(self) -> None:
@@ -203,8 +214,12 @@ class LLMClient:
     def build_body(self, messages: list[dict], params: dict | None = None) -> dict:
         """The full request body (also the cache key's content)."""
         cfg = self.config
-        body: dict[str, Any] = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
-                                cfg.max_tokens_field: cfg.max_tokens}
+        body: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": messages,
+            "temperature": cfg.temperature,
+            cfg.max_tokens_field: cfg.max_tokens,
+        }
         if cfg.seed is not None:
             body["seed"] = cfg.seed
         body.update(cfg.extra_params)
@@ -236,9 +251,18 @@ class LLMClient:
                 hit = None  # an entry edited by hand into something unusable: ask again
             if hit is not None:
                 usage = hit.get("usage") or {}
-                self.usage.add(cached=1, cached_prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                               cached_completion_tokens=int(usage.get("completion_tokens") or 0))
-                result.text, result.response, result.usage, result.finish_reason, result.cached = text, hit, usage, finish, True
+                self.usage.add(
+                    cached=1,
+                    cached_prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    cached_completion_tokens=int(usage.get("completion_tokens") or 0),
+                )
+                result.text, result.response, result.usage, result.finish_reason, result.cached = (
+                    text,
+                    hit,
+                    usage,
+                    finish,
+                    True,
+                )
                 return result
         extra = {k: v for k, v in body.items() if k not in ("model", "messages")}
         retry = 0
@@ -251,7 +275,8 @@ class LLMClient:
             wait_for: float | None = None
             try:
                 raw = self._client.chat.completions.with_raw_response.create(
-                    model=body["model"], messages=messages, extra_body=extra)
+                    model=body["model"], messages=messages, extra_body=extra
+                )
                 data, text, finish = parse_reply(raw.http_response.text)
             except openai.APIStatusError as e:
                 status = e.status_code
@@ -274,8 +299,11 @@ class LLMClient:
                 reason = str(e)
             else:
                 usage = data.get("usage") or {}
-                self.usage.add(completed=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                               completion_tokens=int(usage.get("completion_tokens") or 0))
+                self.usage.add(
+                    completed=1,
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                )
                 if self.cache is not None:
                     self.cache.put(key, body, data)
                 result.text, result.response, result.usage, result.finish_reason = text, data, usage, finish
@@ -293,8 +321,15 @@ class LLMClient:
         return result
 
     # ---- many requests ------------------------------------------------------------------------
-    def complete_many(self, requests: Iterable[LLMRequest], *, on_result: Callable[[LLMResult], None] | None = None,
-                      desc: str = "LLM requests", keep_results: bool = True, total: int | None = None) -> list[LLMResult]:
+    def complete_many(
+        self,
+        requests: Iterable[LLMRequest],
+        *,
+        on_result: Callable[[LLMResult], None] | None = None,
+        desc: str = "LLM requests",
+        keep_results: bool = True,
+        total: int | None = None,
+    ) -> list[LLMResult]:
         """Run requests with at most ``concurrency`` in flight; ``on_result`` is called in this thread as each ends.
 
         ``requests`` may be a lazy iterable (pass ``total`` for the progress bar); at most
@@ -346,8 +381,10 @@ class LLMClient:
                 bar.close()
         self._stop.clear()
         if fatal is not None:
-            raise LLMFatalError(f"{fatal.error} - stopping: every request to {self.config.model!r} would fail "
-                                "(check the key, model/deployment name and quota)")
+            raise LLMFatalError(
+                f"{fatal.error} - stopping: every request to {self.config.model!r} would fail "
+                "(check the key, model/deployment name and quota)"
+            )
         results.sort(key=lambda r: r.index)
         return results
 

@@ -89,11 +89,18 @@ class LLMConfig:
 
     def validate(self) -> None:
         """Raise a :class:`MedvlmError` naming the first invalid field."""
-        checks = [("model", bool(self.model)), ("concurrency", self.concurrency >= 1), ("retries", self.retries >= 0),
-                  ("timeout", self.timeout > 0), ("max_tokens", self.max_tokens >= 1),
-                  ("max_tokens_field", self.max_tokens_field in ("max_tokens", "max_completion_tokens")),
-                  ("backoff_base", self.backoff_base >= 0), ("backoff_max", self.backoff_max >= 0),
-                  ("retry_after_max", self.retry_after_max >= 0), ("temperature", self.temperature >= 0)]
+        checks = [
+            ("model", bool(self.model)),
+            ("concurrency", self.concurrency >= 1),
+            ("retries", self.retries >= 0),
+            ("timeout", self.timeout > 0),
+            ("max_tokens", self.max_tokens >= 1),
+            ("max_tokens_field", self.max_tokens_field in ("max_tokens", "max_completion_tokens")),
+            ("backoff_base", self.backoff_base >= 0),
+            ("backoff_max", self.backoff_max >= 0),
+            ("retry_after_max", self.retry_after_max >= 0),
+            ("temperature", self.temperature >= 0),
+        ]
         for name, ok in checks:
             if not ok:
                 raise MedvlmError(f"LLM config: invalid {name}={getattr(self, name)!r}")
@@ -110,5 +117,7 @@ class LLMConfig:
         if self.price_input is None and self.price_output is None:
             return table
         base = table or (0.0, 0.0)
-        return (self.price_input if self.price_input is not None else base[0],
-                self.price_output if self.price_output is not None else base[1])
+        return (
+            self.price_input if self.price_input is not None else base[0],
+            self.price_output if self.price_output is not None else base[1],
+        )

@@ -44,8 +44,14 @@ class ScoreJob:
         return self.scores is not None or self.error is not None
 
 
-def ask_for_scores(client: LLMClient, jobs: list[ScoreJob], parse_retries: int, *,
-                   on_done: Callable[[ScoreJob], None] | None = None, desc: str = "judging") -> int:
+def ask_for_scores(
+    client: LLMClient,
+    jobs: list[ScoreJob],
+    parse_retries: int,
+    *,
+    on_done: Callable[[ScoreJob], None] | None = None,
+    desc: str = "judging",
+) -> int:
     """Send every job, re-asking unreadable replies up to ``parse_retries`` times; returns the re-asks sent.
 
     ``on_done(job)`` is called as each job finishes (in the calling thread), so a caller can write
@@ -63,8 +69,10 @@ def ask_for_scores(client: LLMClient, jobs: list[ScoreJob], parse_retries: int, 
             job.reply, job.scores = res.text, parse_scores(res.text or "")
             if job.scores is None and job.tries < parse_retries:
                 job.tries += 1
-                job.messages = job.messages + [{"role": "assistant", "content": res.text},
-                                               {"role": "user", "content": RETRY_PROMPT}]
+                job.messages = job.messages + [
+                    {"role": "assistant", "content": res.text},
+                    {"role": "user", "content": RETRY_PROMPT},
+                ]
                 again.append(job)
                 return
             if job.scores is None:
@@ -73,8 +81,12 @@ def ask_for_scores(client: LLMClient, jobs: list[ScoreJob], parse_retries: int, 
             on_done(job)
 
     while pending:
-        client.complete_many([LLMRequest(messages=j.messages, tag=j) for j in pending], on_result=on_result,
-                             keep_results=False, desc=desc)
+        client.complete_many(
+            [LLMRequest(messages=j.messages, tag=j) for j in pending],
+            on_result=on_result,
+            keep_results=False,
+            desc=desc,
+        )
         retries += len(again)
         pending = list(again)
         again.clear()

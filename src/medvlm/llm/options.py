@@ -31,9 +31,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 # LLMConfig field -> (option flag, type, help)
 _SPECS: dict[str, tuple[str, Any, str]] = {
     "model": ("--llm-model", str, "LLM name (Azure: deployment unless --azure-deployment is given)."),
-    "base_url": ("--base-url", Optional[str], "OpenAI-compatible endpoint (vLLM, Ollama, a proxy ...); default: OpenAI."),
-    "api_key_env": ("--api-key-env", Optional[str],
-                    "Environment variable holding the API key (default OPENAI_API_KEY / AZURE_OPENAI_API_KEY; '' = none)."),
+    "base_url": (
+        "--base-url",
+        Optional[str],
+        "OpenAI-compatible endpoint (vLLM, Ollama, a proxy ...); default: OpenAI.",
+    ),
+    "api_key_env": (
+        "--api-key-env",
+        Optional[str],
+        "Environment variable holding the API key (default OPENAI_API_KEY / AZURE_OPENAI_API_KEY; '' = none).",
+    ),
     "azure_endpoint": ("--azure-endpoint", Optional[str], "Azure OpenAI endpoint; selects the Azure client."),
     "azure_api_version": ("--azure-api-version", str, "Azure OpenAI API version."),
     "azure_deployment": ("--azure-deployment", Optional[str], "Azure deployment name (default: --model)."),
@@ -45,9 +52,12 @@ _SPECS: dict[str, tuple[str, Any, str]] = {
     "retries": ("--retries", int, "Retries per request (429/5xx/timeouts/connection errors/bad replies)."),
     "timeout": ("--timeout", float, "Seconds per HTTP request."),
     "backoff_base": ("--backoff-base", float, "First retry delay in seconds (doubles per retry, with jitter)."),
-    "cache_path": ("--cache", Optional[Path],
-                   "SQLite response cache, so a rerun never pays twice (default: the command's own, e.g. "
-                   "instruct generate keeps one beside --out; none for commands without one)."),
+    "cache_path": (
+        "--cache",
+        Optional[Path],
+        "SQLite response cache, so a rerun never pays twice (default: the command's own, e.g. "
+        "instruct generate keeps one beside --out; none for commands without one).",
+    ),
     "price_input": ("--price-input", Optional[float], "USD per 1M prompt tokens (default: built-in table)."),
     "price_output": ("--price-output", Optional[float], "USD per 1M completion tokens (default: built-in table)."),
     "progress": ("--progress/--no-progress", bool, "Show a progress bar."),
@@ -72,10 +82,14 @@ def llm_options(model_flag: str = "--llm-model", **defaults: Any) -> Callable[[F
         base = LLMConfig()
         specs = dict(_SPECS, model=(model_flag, *_SPECS["model"][1:]))
         added = [
-            inspect.Parameter(f"llm_{name}", inspect.Parameter.KEYWORD_ONLY,
-                              annotation=Annotated[typ, typer.Option(flag, help=help_, rich_help_panel="LLM endpoint")],
-                              default=defaults.get(name, getattr(base, name)))
-            for name, (flag, typ, help_) in specs.items()]
+            inspect.Parameter(
+                f"llm_{name}",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[typ, typer.Option(flag, help=help_, rich_help_panel="LLM endpoint")],
+                default=defaults.get(name, getattr(base, name)),
+            )
+            for name, (flag, typ, help_) in specs.items()
+        ]
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

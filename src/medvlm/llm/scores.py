@@ -14,9 +14,14 @@ _NUM = r"(\d+(?:\.\d+)?)"
 _SCORE_ON_LINE = re.compile(_NUM + r"(?:\s*/\s*10(?![\d.]))?")
 # "Assistant 1: 8", "Assistant 1 (reference) - 8/10", "Assistant 1 score: 8", "Assistant 1 gets 8", but
 # not "Assistant 1 gave 3 reasons" - the number must follow the label closely
-_LABELLED = [re.compile(rf"assistant\s*{i}\b(?:\s*\([^)\n]{{0,30}}\))?(?:'s)?(?:\s*(?:overall\s+)?(?:score|rating)s?)?"
-                        rf"\s*(?:[:=\-\u2013]|is|gets|receives|scored|scores)?\s*\**\s*{_NUM}", re.IGNORECASE)
-             for i in (1, 2)]
+_LABELLED = [
+    re.compile(
+        rf"assistant\s*{i}\b(?:\s*\([^)\n]{{0,30}}\))?(?:'s)?(?:\s*(?:overall\s+)?(?:score|rating)s?)?"
+        rf"\s*(?:[:=\-\u2013]|is|gets|receives|scored|scores)?\s*\**\s*{_NUM}",
+        re.IGNORECASE,
+    )
+    for i in (1, 2)
+]
 
 
 def parse_scores(reply: str) -> tuple[float, float] | None:

@@ -171,32 +171,70 @@ def build_preset(
         raise MedvlmError(f"image_size {side} must be a multiple of {patch} between 32 and 448")
     template = template or PRESET_TEMPLATES[name]
     if name == "tiny":
-        vision_config = CLIPVisionConfig(image_size=side, patch_size=patch, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4)
+        vision_config = CLIPVisionConfig(
+            image_size=side,
+            patch_size=patch,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
         with _seeded(seed):
-            return _build_tiny(vision_config, projector, template, aspect, feature_layer, select_strategy,
-                               mm_use_im_start_end)
-    vision_config = CLIPVisionConfig(image_size=side, patch_size=patch, hidden_size=256, intermediate_size=1024,
-                                     num_hidden_layers=4, num_attention_heads=4)
+            return _build_tiny(
+                vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end
+            )
+    vision_config = CLIPVisionConfig(
+        image_size=side,
+        patch_size=patch,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
     with _seeded(seed):
-        return _build_smol(vision_config, projector, template, aspect, feature_layer, select_strategy,
-                           mm_use_im_start_end)
+        return _build_smol(
+            vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end
+        )
 
 
-def _build_tiny(vision_config: CLIPVisionConfig, projector: str, template: str, aspect: str, feature_layer: int,
-                select_strategy: str, mm_use_im_start_end: bool) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
+def _build_tiny(
+    vision_config: CLIPVisionConfig,
+    projector: str,
+    template: str,
+    aspect: str,
+    feature_layer: int,
+    select_strategy: str,
+    mm_use_im_start_end: bool,
+) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     tokenizer = build_tiny_tokenizer()
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
-    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     # The tiny tower has few tokens (16 at 64 px); 256 cluster centres would far outnumber them.
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     model, processor = _assemble(
-        vision_config, text_config, tokenizer, image_processor_for(vision_config), projector=projector,
-        template=template, aspect=aspect, feature_layer=feature_layer, select_strategy=select_strategy,
-        mm_use_im_start_end=mm_use_im_start_end, cluster_num_centers=min(256, max(4, n_patches // 2)),
+        vision_config,
+        text_config,
+        tokenizer,
+        image_processor_for(vision_config),
+        projector=projector,
+        template=template,
+        aspect=aspect,
+        feature_layer=feature_layer,
+        select_strategy=select_strategy,
+        mm_use_im_start_end=mm_use_im_start_end,
+        cluster_num_centers=min(256, max(4, n_patches // 2)),
     )
     _finish(model, processor)
     return model, processor
@@ -215,12 +253,20 @@ def smol_gguf_path() -> Path:
     return path
 
 
-def _build_smol(vision_config: CLIPVisionConfig, projector: str, template: str, aspect: str, feature_layer: int,
-                select_strategy: str, mm_use_im_start_end: bool) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
+def _build_smol(
+    vision_config: CLIPVisionConfig,
+    projector: str,
+    template: str,
+    aspect: str,
+    feature_layer: int,
+    select_strategy: str,
+    mm_use_im_start_end: bool,
+) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
     gguf = smol_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
-    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                              trust_remote_code=False)
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+    )
     # The GGUF-loaded config carries a quantization_config that blocks saving; rebuild it clean.
     fields = lm.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures"):
@@ -228,8 +274,15 @@ def _build_smol(vision_config: CLIPVisionConfig, projector: str, template: str, 
     text_config = LlamaConfig.from_dict(fields)
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     model, processor = _assemble(
-        vision_config, text_config, tokenizer, image_processor_for(vision_config), projector=projector,
-        template=template, aspect=aspect, feature_layer=feature_layer, select_strategy=select_strategy,
+        vision_config,
+        text_config,
+        tokenizer,
+        image_processor_for(vision_config),
+        projector=projector,
+        template=template,
+        aspect=aspect,
+        feature_layer=feature_layer,
+        select_strategy=select_strategy,
         mm_use_im_start_end=mm_use_im_start_end,
     )
     model.language_model.load_state_dict(lm.state_dict())
@@ -266,15 +319,17 @@ def _load_tower(vision_path: Path, dtype: torch.dtype | None) -> torch.nn.Module
         from transformers import CLIPVisionModel, SiglipVisionModel
 
         cls = CLIPVisionModel if cfg.model_type == "clip" else SiglipVisionModel
-        return cls.from_pretrained(str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True,
-                                   trust_remote_code=False)
+        return cls.from_pretrained(
+            str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
+        )
     if cfg.model_type not in _FULL_TO_VISION.values():
         raise MedvlmError(
             f"{vision_path}: unsupported vision model type {cfg.model_type!r}; "
             f"supported: {', '.join([*_FULL_TO_VISION, *_FULL_TO_VISION.values()])}"
         )
-    return AutoModel.from_pretrained(str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True,
-                                     trust_remote_code=False)
+    return AutoModel.from_pretrained(
+        str(vision_path), dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
+    )
 
 
 def compose(
@@ -296,19 +351,28 @@ def compose(
         tower = _load_tower(vision_path, torch_dtype)
     check_weights(lm_path, "language model")
     with refusing_remote_code(lm_path, "language model"):
-        lm = AutoModelForCausalLM.from_pretrained(str(lm_path), dtype=torch_dtype, use_safetensors=True,
-                                                  local_files_only=True, trust_remote_code=False)
+        lm = AutoModelForCausalLM.from_pretrained(
+            str(lm_path), dtype=torch_dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True, trust_remote_code=False)
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     if (vision_path / IMAGE_PROCESSOR_FILE).is_file():
-        image_processor = AutoImageProcessor.from_pretrained(str(vision_path), local_files_only=True,
-                                                             trust_remote_code=False)
+        image_processor = AutoImageProcessor.from_pretrained(
+            str(vision_path), local_files_only=True, trust_remote_code=False
+        )
     else:
         image_processor = image_processor_for(tower.config)
     with _seeded(seed):
         model, processor = _assemble(
-            tower.config, lm.config, tokenizer, image_processor, projector=projector, template=template,
-            aspect=aspect, feature_layer=feature_layer, select_strategy=select_strategy,
+            tower.config,
+            lm.config,
+            tokenizer,
+            image_processor,
+            projector=projector,
+            template=template,
+            aspect=aspect,
+            feature_layer=feature_layer,
+            select_strategy=select_strategy,
             mm_use_im_start_end=mm_use_im_start_end,
         )
     model.vision_tower.load_state_dict(tower.state_dict())
@@ -329,9 +393,11 @@ def not_native_message(folder: Path, model_type: str) -> str:
         get_family(model_type)
     except MedvlmError as e:
         return f"{folder} is not a native medvlm checkpoint (config.json model_type {model_type!r}), and {e}"
-    return (f"{folder} is a {model_type} checkpoint (a transformers model family), not a native medvlm one "
-            "(model_type medvlm): load it with medvlm.model.families.io.load_family; `medvlm model info` and "
-            "`medvlm train` take it as it is")
+    return (
+        f"{folder} is a {model_type} checkpoint (a transformers model family), not a native medvlm one "
+        "(model_type medvlm): load it with medvlm.model.families.io.load_family; `medvlm model info` and "
+        "`medvlm train` take it as it is"
+    )
 
 
 def load_pretrained(
@@ -380,8 +446,9 @@ def save_checkpoint(
         model.save_pretrained(str(tmp))
         processor.save_pretrained(tmp)
         write_text_atomic(tmp / MODEL_CARD_FILE, render_model_card(model, title=title or out.name))
-        write_json_atomic(tmp / PARTS_FILE, {name: {"trainable": t, "total": n}
-                                             for name, (t, n) in trainable_summary(model).items()})
+        write_json_atomic(
+            tmp / PARTS_FILE, {name: {"trainable": t, "total": n} for name, (t, n) in trainable_summary(model).items()}
+        )
         write_named_files(tmp, extra_files)
     return out
 
@@ -408,6 +475,7 @@ def init_model(
     seed: int = 0,
 ) -> Path:
     """Build a preset model and save it as a checkpoint folder (what ``medvlm model init`` does)."""
-    model, processor = build_preset(preset, projector=projector, image_size=image_size, template=template,
-                                    aspect=aspect, seed=seed)
+    model, processor = build_preset(
+        preset, projector=projector, image_size=image_size, template=template, aspect=aspect, seed=seed
+    )
     return save_checkpoint(model, processor, out_dir, title=f"medvlm {preset} ({projector})")

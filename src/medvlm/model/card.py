@@ -22,7 +22,11 @@ def architecture_summary(model: nn.Module) -> dict[str, str]:
             f"hidden-state layer {cfg.vision_feature_layer}, strategy {cfg.vision_feature_select_strategy}"
         ),
         "projector": cfg.projector_type
-        + (f" ({cfg.cluster_num_centers} centres, {cfg.cluster_iters} iterations)" if cfg.projector_type == "cluster" else ""),
+        + (
+            f" ({cfg.cluster_num_centers} centres, {cfg.cluster_iters} iterations)"
+            if cfg.projector_type == "cluster"
+            else ""
+        ),
         "language model": (
             f"{type(lm).__name__} ({tc.model_type}, hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, "
             f"vocab {tc.vocab_size}{', tied embeddings' if getattr(tc, 'tie_word_embeddings', False) else ''})"

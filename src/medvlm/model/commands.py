@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from medvlm.utils.cli import renamed
 from medvlm.utils.artifacts import CONFIG_FILE
+from medvlm.utils.cli import renamed
 
 app = typer.Typer(
     name="model",
@@ -28,14 +28,32 @@ app = typer.Typer(
 @app.command("init")
 def init_cmd(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (replaced atomically).")],
-    preset: Annotated[str, typer.Option("--preset", help="tiny (random, offline), smol (SmolLM2-135M + small random "
-                               "tower), or tiny-<family> (qwen2_5_vl, qwen3_vl, gemma3, idefics3, llava, llava_onevision: "
-                               "a tiny random model of that transformers family, hub layout).")] = "tiny",
-    projector: Annotated[str | None, typer.Option("--projector", help="linear, mlp2x_gelu (default) or cluster.")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Tower input side in pixels (multiple of 16).")] = None,
-    template: Annotated[str | None, typer.Option("--template", help="Chat template (default: vicuna_v1 for tiny and "
-                                        "tiny-llava, chatml for smol; other families use their own).")] = None,
-    aspect: Annotated[str | None, typer.Option("--aspect", help="Image aspect mode: square, pad (default) or resize.")] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="tiny (random, offline), smol (SmolLM2-135M + small random "
+            "tower), or tiny-<family> (qwen2_5_vl, qwen3_vl, gemma3, idefics3, llava, llava_onevision: "
+            "a tiny random model of that transformers family, hub layout).",
+        ),
+    ] = "tiny",
+    projector: Annotated[
+        str | None, typer.Option("--projector", help="linear, mlp2x_gelu (default) or cluster.")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Tower input side in pixels (multiple of 16).")
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Chat template (default: vicuna_v1 for tiny and "
+            "tiny-llava, chatml for smol; other families use their own).",
+        ),
+    ] = None,
+    aspect: Annotated[
+        str | None, typer.Option("--aspect", help="Image aspect mode: square, pad (default) or resize.")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random initialisation.")] = 0,
 ) -> None:
     """Build a new model from a preset and save it as a checkpoint folder."""
@@ -43,17 +61,29 @@ def init_cmd(
         from medvlm.errors import MedvlmError
         from medvlm.model.families.tiny import init_tiny_family
 
-        given = [name for name, v in (("--projector", projector), ("--image-size", image_size), ("--aspect", aspect))
-                 if v is not None]
+        given = [
+            name
+            for name, v in (("--projector", projector), ("--image-size", image_size), ("--aspect", aspect))
+            if v is not None
+        ]
         if given:
-            raise MedvlmError(f"{', '.join(given)} apply to the native presets (tiny, smol), not {preset}: a family "
-                              "preset uses its family's own connector and image processor")
+            raise MedvlmError(
+                f"{', '.join(given)} apply to the native presets (tiny, smol), not {preset}: a family "
+                "preset uses its family's own connector and image processor"
+            )
         typer.echo(f"wrote {init_tiny_family(preset, out, seed=seed, template=template)}")
         return
     from medvlm.model.build import init_model
 
-    path = init_model(preset, out, projector=projector or "mlp2x_gelu", image_size=image_size, template=template,
-                      aspect=aspect or "pad", seed=seed)
+    path = init_model(
+        preset,
+        out,
+        projector=projector or "mlp2x_gelu",
+        image_size=image_size,
+        template=template,
+        aspect=aspect or "pad",
+        seed=seed,
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -116,8 +146,10 @@ def _family_info(path: Path) -> None:
     arch.add_column("value")
     arch.add_row("family", family)
     arch.add_row("model class", type(model).__name__)
-    arch.add_row("processor", f"{type(processor.processor).__name__}, image processor "
-                              f"{type(processor.processor.image_processor).__name__}")
+    arch.add_row(
+        "processor",
+        f"{type(processor.processor).__name__}, image processor {type(processor.processor.image_processor).__name__}",
+    )
     arch.add_row("chat template", f"medvlm {processor.template}" if processor.template else f"{family} (marked)")
     arch.add_row("end of turn", spec.end_of_turn)
     arch.add_row("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
@@ -141,9 +173,14 @@ def _family_info(path: Path) -> None:
 @app.command("export", cls=renamed(positional={"dst": "--out"}))
 def export_cmd(
     src: Annotated[Path, typer.Argument(help="A medvlm checkpoint folder.")],
-    to: Annotated[str, typer.Option("--to", help="llava-hf (transformers LlavaForConditionalGeneration / vLLM) or llava-med-v1.5.")],
+    to: Annotated[
+        str,
+        typer.Option("--to", help="llava-hf (transformers LlavaForConditionalGeneration / vLLM) or llava-med-v1.5."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder (written atomically).")],
-    vision_tower_name: Annotated[str | None, typer.Option("--vision-tower-name", help="llava-med-v1.5 only: the mm_vision_tower name to record.")] = None,
+    vision_tower_name: Annotated[
+        str | None, typer.Option("--vision-tower-name", help="llava-med-v1.5 only: the mm_vision_tower name to record.")
+    ] = None,
     dst: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated spelling of --out.")] = None,
 ) -> None:
     """Export a medvlm checkpoint to another checkpoint layout."""
@@ -157,8 +194,17 @@ def import_cmd(
     src: Annotated[Path, typer.Argument(help="A checkpoint folder in the --from layout (safetensors).")],
     from_: Annotated[str, typer.Option("--from", help="llava-med-v1.5 or llava-med-v1.0.")],
     out: Annotated[Path, typer.Option("--out", help="medvlm checkpoint folder to write (atomically).")],
-    vision_tower: Annotated[Path | None, typer.Option("--vision-tower", help="Local CLIP folder to take the tower from instead of stored weights (needed for v1.0).")] = None,
-    template: Annotated[str | None, typer.Option("--template", help="Chat template (default: mistral_instruct for v1.5, llava_med_v0 for v1.0).")] = None,
+    vision_tower: Annotated[
+        Path | None,
+        typer.Option(
+            "--vision-tower",
+            help="Local CLIP folder to take the tower from instead of stored weights (needed for v1.0).",
+        ),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", help="Chat template (default: mistral_instruct for v1.5, llava_med_v0 for v1.0)."),
+    ] = None,
     dst: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated spelling of --out.")] = None,
 ) -> None:
     """Import a published LLaVA-Med checkpoint as a medvlm checkpoint."""
@@ -175,20 +221,28 @@ def apply_delta_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="LLaVA-Med v1.0 delta folder (safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write: the full (target) v1.0 checkpoint, atomically.")],
 ) -> None:
-    """Add LLaVA-Med v1.0 delta weights to a base LLaMA: BASE + DELTA -> OUT (then `medvlm model import --from llava-med-v1.0`)."""
+    """Add LLaVA-Med v1.0 delta weights to a base LLaMA: BASE + DELTA -> OUT.
+
+    Then `medvlm model import --from llava-med-v1.0`."""
     from medvlm.model.convert.delta import apply_delta
 
     counts = apply_delta(base, delta, out)
-    typer.echo(f"wrote {out} ({counts['added_to_base']} tensors added to the base, "
-               f"{counts['kept_as_stored']} kept as stored)")
+    typer.echo(
+        f"wrote {out} ({counts['added_to_base']} tensors added to the base, {counts['kept_as_stored']} kept as stored)"
+    )
 
 
 @app.command("make-delta", cls=renamed({"--delta": "--out"}))
 def make_delta_cmd(
     base: Annotated[Path, typer.Option("--base", help="Base LLaMA checkpoint folder (safetensors).")],
-    target: Annotated[Path, typer.Option("--target", help="Full (target) checkpoint folder in the v1.0 layout (safetensors).")],
+    target: Annotated[
+        Path, typer.Option("--target", help="Full (target) checkpoint folder in the v1.0 layout (safetensors).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write: the delta weights, atomically.")],
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Store differences as float32/float64 (default: each target tensor's dtype).")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="Store differences as float32/float64 (default: each target tensor's dtype)."),
+    ] = None,
 ) -> None:
     """Write TARGET - BASE as delta weights to OUT (the inverse of apply-delta)."""
     from medvlm.model.convert.delta import make_delta
@@ -196,5 +250,8 @@ def make_delta_cmd(
     counts = make_delta(base, target, out, dtype=dtype)
     typer.echo(f"wrote {out} ({counts['differences']} differences, {counts['kept_as_stored']} kept as stored)")
     if counts["inexact_elements"]:
-        typer.echo(f"warning: {counts['inexact_elements']} element(s) will not round-trip exactly in the stored "
-                   "dtype; use --dtype float64 for an exact delta", err=True)
+        typer.echo(
+            f"warning: {counts['inexact_elements']} element(s) will not round-trip exactly in the stored "
+            "dtype; use --dtype float64 for an exact delta",
+            err=True,
+        )

@@ -106,9 +106,7 @@ def tower_has_cls(vision_config: PretrainedConfig) -> bool:
     """Whether the tower's hidden states start with a CLS token (by the vision config's ``model_type``)."""
     model_type = getattr(vision_config, "model_type", "")
     if model_type not in TOWER_HAS_CLS:
-        raise MedvlmError(
-            f"unsupported vision tower type {model_type!r}; supported: {', '.join(TOWER_HAS_CLS)}"
-        )
+        raise MedvlmError(f"unsupported vision tower type {model_type!r}; supported: {', '.join(TOWER_HAS_CLS)}")
     return TOWER_HAS_CLS[model_type]
 
 
@@ -125,4 +123,3 @@ def expected_image_seq_length(vision_config: PretrainedConfig, strategy: str) ->
             )
         return n_patches + 1
     return n_patches
-

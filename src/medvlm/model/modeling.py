@@ -124,7 +124,10 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.projector(vision_features.to(proj_dtype))  # [n_img, S, H]
 
     def _merge_image_features(
-        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, pixel_values: torch.FloatTensor | None,
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.FloatTensor | None,
         vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write the projected features into the ``<image>`` positions of ``inputs_embeds``."""
@@ -202,8 +205,14 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         )
 
     def _labelled_loss(
-        self, inputs_embeds: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None, cache, use_cache: bool | None, **kwargs,
+        self,
+        inputs_embeds: torch.Tensor,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache,
+        use_cache: bool | None,
+        **kwargs,
     ) -> CausalLMOutputWithPast:
         """The LM's forward + causal-LM loss with the output head applied at labelled positions only.
 
@@ -217,21 +226,42 @@ class MedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise MedvlmError(f"{type(lm).__name__} has no output head; set labelled_logits_only: false")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         decoder = lm.get_decoder()
-        out = decoder(attention_mask=attention_mask, position_ids=position_ids, **{_cache_kwarg(decoder): cache},
-                      inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        out = decoder(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{_cache_kwarg(decoder): cache},
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         hidden = out.last_hidden_state  # [B, T, H]
         # transformers' causal-LM loss: position t predicts labels[t + 1]; the last position predicts nothing.
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)  # [B, T]
         keep = targets != -100  # [B, T]
         logits = head(hidden[keep])  # [N, V], N = learned positions of the micro-batch
-        loss = lm.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1],
-                                num_items_in_batch=num_items_in_batch, shift_labels=targets[keep])
-        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
-                                      **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        loss = lm.loss_function(
+            logits=logits,
+            labels=None,
+            vocab_size=logits.shape[-1],
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=targets[keep],
+        )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
+        )
 
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 """Text-config fields of LMs that transform the head's output before the loss (Gemma 2, Cohere, Granite ...)."""
 
 

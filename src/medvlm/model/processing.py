@@ -88,7 +88,9 @@ class MedVLMProcessor:
         return pixels.float()
 
     # -- text + images -> features ----------------------------------------------------------
-    def encode_text(self, sample: Sample, add_generation_prompt: bool = False, max_length: int | None = None) -> Encoded:
+    def encode_text(
+        self, sample: Sample, add_generation_prompt: bool = False, max_length: int | None = None
+    ) -> Encoded:
         """Tokens and labels of a sample's conversation (no images read): the text half of :meth:`encode`."""
         return encode_conversation(
             sample.messages,

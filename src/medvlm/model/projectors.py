@@ -75,7 +75,9 @@ def build_projector(config: MedVLMConfig) -> nn.Module:
     if kind == "mlp2x_gelu":
         if config.projector_hidden_act not in ACT2FN:
             raise MedvlmError(f"unknown projector_hidden_act {config.projector_hidden_act!r}")
-        return nn.Sequential(nn.Linear(in_dim, out_dim), ACT2FN[config.projector_hidden_act], nn.Linear(out_dim, out_dim))
+        return nn.Sequential(
+            nn.Linear(in_dim, out_dim), ACT2FN[config.projector_hidden_act], nn.Linear(out_dim, out_dim)
+        )
     if kind == "cluster":
         return ClusterProjector(in_dim, out_dim, config.cluster_num_centers, config.cluster_iters)
     raise MedvlmError(f"unknown projector_type {kind!r}; choose one of {', '.join(PROJECTOR_TYPES)}")

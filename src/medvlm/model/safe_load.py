@@ -26,4 +26,5 @@ def refusing_remote_code(folder: str | os.PathLike, what: str) -> Iterator[None]
         raise MedvlmError(
             f"{folder}: this {what} needs its own Python code to load (an 'auto_map' entry, which transformers "
             "runs only when trust_remote_code is set). medvlm never runs code from a model folder: use a model type "
-            "built into transformers, or convert the weights to one") from None
+            "built into transformers, or convert the weights to one"
+        ) from None

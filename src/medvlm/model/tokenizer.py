@@ -27,8 +27,18 @@ IM_END_TOKEN = "<im_end>"
 
 # Fixed order = fixed ids: <unk>=0, <s>=1, </s>=2, <pad>=3, <image>=4, <im_start>=5, <im_end>=6, ...
 TINY_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, IM_START_TOKEN, IM_END_TOKEN,
-    "<|im_start|>", "<|im_end|>", "###", "[INST]", "[/INST]",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    IMAGE_TOKEN,
+    IM_START_TOKEN,
+    IM_END_TOKEN,
+    "<|im_start|>",
+    "<|im_end|>",
+    "###",
+    "[INST]",
+    "[/INST]",
 )
 
 

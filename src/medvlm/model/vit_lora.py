@@ -43,8 +43,10 @@ class LoraSpec:
     def check(self, what: str) -> None:
         """Raise a MedvlmError naming ``what`` for an invalid spec."""
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.targets:
-            raise MedvlmError(f"{what}: need r >= 1, alpha > 0, 0 <= dropout < 1 and targets "
-                              f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout}, targets={self.targets})")
+            raise MedvlmError(
+                f"{what}: need r >= 1, alpha > 0, 0 <= dropout < 1 and targets "
+                f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout}, targets={self.targets})"
+            )
 
 
 def used_tower_layers(model: nn.Module) -> int:
@@ -62,7 +64,9 @@ def _check_targets(module: nn.Module, targets: list[str], what: str) -> None:
     names = _linear_names(module)
     missing = [t for t in targets if t not in names]
     if missing:
-        raise MedvlmError(f"{what} targets {missing} match no linear layer; its linear layers are: {', '.join(sorted(names))}")
+        raise MedvlmError(
+            f"{what} targets {missing} match no linear layer; its linear layers are: {', '.join(sorted(names))}"
+        )
 
 
 def lm_target_regex(targets: list[str]) -> str:
@@ -82,8 +86,13 @@ def vit_target_regex(model: nn.Module, targets: list[str]) -> str:
     return r"vision_tower\..*encoder\.layers\.(" + layers + r")\..*\.(" + "|".join(re.escape(t) for t in targets) + r")"
 
 
-def apply_lora_adapters(model: nn.Module, lm: LoraSpec | None, vision: LoraSpec | None,
-                        modules_to_save: list[str] | None = None, bias: str = "none") -> nn.Module:
+def apply_lora_adapters(
+    model: nn.Module,
+    lm: LoraSpec | None,
+    vision: LoraSpec | None,
+    modules_to_save: list[str] | None = None,
+    bias: str = "none",
+) -> nn.Module:
     """Wrap a medvlm model in PEFT with LoRA on the LM (``lm``) and/or the tower (``vision``).
 
     ``modules_to_save`` (e.g. ``["projector"]``) are trained fully and saved with the adapter; ``bias`` is
@@ -106,11 +115,14 @@ def apply_lora_adapters(model: nn.Module, lm: LoraSpec | None, vision: LoraSpec 
     base = lm or vision
     vit_key = r"vision_tower\..*"
     cfg = LoraConfig(
-        r=base.r, lora_alpha=base.alpha, lora_dropout=base.dropout,
+        r=base.r,
+        lora_alpha=base.alpha,
+        lora_dropout=base.dropout,
         target_modules="^(?:" + "|".join(patterns) + ")$",
         rank_pattern={vit_key: vision.r} if vision is not None and lm is not None else {},
         alpha_pattern={vit_key: vision.alpha} if vision is not None and lm is not None else {},
-        modules_to_save=modules_to_save or None, bias=bias,
+        modules_to_save=modules_to_save or None,
+        bias=bias,
     )
     peft_model = get_peft_model(model, cfg)
     if vision is not None and lm is not None and vision.dropout != lm.dropout:

@@ -39,15 +39,19 @@ def body_cap(max_images: int, max_image_bytes: int, max_prompt_chars: int) -> in
 def check_prompt_chars(n_chars: int, limit: int) -> None:
     """Refuse (413) a prompt longer than ``limit`` characters; runs before anything is tokenised."""
     if n_chars > limit:
-        raise RequestRefused(f"the prompt has {n_chars} characters; this server accepts at most {limit} "
-                             "(--max-prompt-chars)", 413, "prompt_too_long")
+        raise RequestRefused(
+            f"the prompt has {n_chars} characters; this server accepts at most {limit} (--max-prompt-chars)",
+            413,
+            "prompt_too_long",
+        )
 
 
 def check_image_count(n: int, limit: int) -> None:
     """Refuse (400) more than ``limit`` images."""
     if n > limit:
-        raise RequestRefused(f"too many images: {n} (this server accepts at most {limit} per request)", 400,
-                             "too_many_images")
+        raise RequestRefused(
+            f"too many images: {n} (this server accepts at most {limit} per request)", 400, "too_many_images"
+        )
 
 
 class Admission:
@@ -66,8 +70,9 @@ class Admission:
     def enter(self, queued: int) -> Iterator[None]:
         with self._lock:
             if self.preparing + queued >= self.max_in_flight:
-                raise RequestRefused(f"the request queue is full ({self.max_in_flight} requests); retry later", 503,
-                                     "queue_full")
+                raise RequestRefused(
+                    f"the request queue is full ({self.max_in_flight} requests); retry later", 503, "queue_full"
+                )
             self.preparing += 1
         try:
             yield
@@ -97,7 +102,9 @@ class DecodeGate:
             raise RequestRefused(
                 f"the request's {len(probes)} image(s) would take about {total // 2**20} MiB to decode and "
                 f"preprocess; the limit is {self.max_decoded_bytes // 2**20} MiB per request (--max-decoded-mb)",
-                413, "image_too_large")
+                413,
+                "image_too_large",
+            )
 
     @contextmanager
     def slot(self) -> Iterator[None]:

@@ -99,21 +99,39 @@ class ApiConfig:
 class ApiError(Exception):
     """An error answered in the OpenAI shape."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                503: "server_overloaded"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "server_overloaded",
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse, "description": d} for s, d in (
-        (400, "Bad request (schema, base64, image, too many images)"), (401, "Missing or wrong API key"),
-        (404, "Unknown model"), (413, "Image or body too large"), (422, "Prompt longer than the context"),
-        (503, "Queue full; retry later"))
+    s: {"model": ErrorResponse, "description": d}
+    for s, d in (
+        (400, "Bad request (schema, base64, image, too many images)"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Image or body too large"),
+        (422, "Prompt longer than the context"),
+        (503, "Queue full; retry later"),
+    )
 }
 
 
@@ -148,8 +166,11 @@ def request_to_sample(req: ChatCompletionRequest, max_images: int) -> tuple[Samp
                     parts.append(text_part(p.text))
                 else:
                     if m.role != "user":
-                        raise ApiError(400, f"messages.{i}: images are only allowed in user messages",
-                                       param=f"messages.{i}.content")
+                        raise ApiError(
+                            400,
+                            f"messages.{i}: images are only allowed in user messages",
+                            param=f"messages.{i}.content",
+                        )
                     parts.append(image_part())
                     urls.append(p.image_url.url)
         messages.append(Message(role=m.role, content=parts))
@@ -172,19 +193,31 @@ class ChatService:
     def settings_for(self, req: ChatCompletionRequest, prompt_tokens: int) -> GenerationSettings:
         room = self.context - prompt_tokens
         if room < 1:
-            raise ApiError(422, f"the prompt is {prompt_tokens} tokens; the model's context is {self.context} tokens",
-                           code="context_length_exceeded", param="messages")
+            raise ApiError(
+                422,
+                f"the prompt is {prompt_tokens} tokens; the model's context is {self.context} tokens",
+                code="context_length_exceeded",
+                param="messages",
+            )
         asked = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         if asked is not None and asked > room:
-            raise ApiError(422, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({asked}) exceeds the model's "
-                           f"context of {self.context} tokens", code="context_length_exceeded", param="max_tokens")
+            raise ApiError(
+                422,
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({asked}) exceeds the model's "
+                f"context of {self.context} tokens",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4:
             raise ApiError(400, f"stop: at most 4 stop strings (got {len(stops)})", param="stop")
         settings = GenerationSettings(
             max_new_tokens=asked if asked is not None else min(self.config.default_max_tokens, room),
             temperature=req.temperature if req.temperature is not None else self.config.default_temperature,
-            top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed, stop=tuple(s for s in stops if s))
+            top_p=req.top_p if req.top_p is not None else 1.0,
+            seed=req.seed,
+            stop=tuple(s for s in stops if s),
+        )
         try:
             return settings.validate()
         except MedvlmError as e:
@@ -199,8 +232,10 @@ class ChatService:
         check_prompt_chars(request_chars(req), self.config.max_prompt_chars)
         sample, urls = request_to_sample(req, self.config.max_images)
         limits = self.config.limits
-        probes = [probe_image_bytes(image_bytes_from_url(u, limits, f"image {k + 1}"), limits, f"image {k + 1}")
-                  for k, u in enumerate(urls)]
+        probes = [
+            probe_image_bytes(image_bytes_from_url(u, limits, f"image {k + 1}"), limits, f"image {k + 1}")
+            for k, u in enumerate(urls)
+        ]
         self.gate.check(probes)
         if probes:
             with self.gate.slot():
@@ -225,8 +260,13 @@ class ChatService:
                 holder["job"].cancel()  # the event loop is gone (shutdown): nobody is listening any more
 
         try:
-            job = self.batcher.submit(prompt, settings, on_delta=lambda d: push("delta", d),
-                                      on_done=lambda r: push("done", r), on_error=lambda e: push("error", e))
+            job = self.batcher.submit(
+                prompt,
+                settings,
+                on_delta=lambda d: push("delta", d),
+                on_done=lambda r: push("done", r),
+                on_error=lambda e: push("error", e),
+            )
         except QueueFullError as e:
             raise ApiError(503, str(e), "server_overloaded", "queue_full", headers={"Retry-After": "1"}) from None
         holder["job"] = job
@@ -285,17 +325,34 @@ class LoopMailbox:
 def _completion(cid: str, created: int, model: str, result: BatchResult) -> dict:
     reason = result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
     return ChatCompletion(
-        id=cid, created=created, model=model,
+        id=cid,
+        created=created,
+        model=model,
         choices=[{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason}],
-        usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-               "total_tokens": result.prompt_tokens + result.completion_tokens},
+        usage={
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
     ).model_dump()
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, usage: dict | None = None,
-           choices: bool = True) -> str:
-    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
+def _chunk(
+    cid: str,
+    created: int,
+    model: str,
+    delta: dict,
+    finish: str | None = None,
+    usage: dict | None = None,
+    choices: bool = True,
+) -> str:
+    body: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+    }
     if usage is not None:
         body["usage"] = usage
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -315,15 +372,20 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
         finally:
             batcher.stop()
 
-    app = FastAPI(title="medvlm OpenAI-compatible API", version="1", lifespan=lifespan,
-                  description=f"OpenAI-compatible chat completions for a medvlm model. {NOTICE}")
+    app = FastAPI(
+        title="medvlm OpenAI-compatible API",
+        version="1",
+        lifespan=lifespan,
+        description=f"OpenAI-compatible chat completions for a medvlm model. {NOTICE}",
+    )
     app.state.service = service
     app.state.batcher = batcher
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
-                            headers=exc.headers)
+        return JSONResponse(
+            error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_schema(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -332,8 +394,11 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), _ERROR_TYPES.get(exc.status_code, "invalid_request_error")),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(str(exc.detail), _ERROR_TYPES.get(exc.status_code, "invalid_request_error")),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -342,39 +407,70 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:
-        return {"status": "ok", **batcher.stats(), "preparing": service.admission.preparing,
-                "decoding": service.gate.active, "notice": NOTICE}
+        return {
+            "status": "ok",
+            **batcher.stats(),
+            "preparing": service.admission.preparing,
+            "decoding": service.gate.active,
+            "notice": NOTICE,
+        }
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]})
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=config.model_name, created=int(time.time()))])
 
-    @app.post("/v1/chat/completions",
-              responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {}},
-                               "description": "The answer (JSON), or server-sent events when stream is true"},
-                         **_ERROR_RESPONSES})
+    @app.post(
+        "/v1/chat/completions",
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "content": {"text/event-stream": {}},
+                "description": "The answer (JSON), or server-sent events when stream is true",
+            },
+            **_ERROR_RESPONSES,
+        },
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.model != config.model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here (this server serves {config.model_name!r})",
-                           "not_found_error", "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here (this server serves {config.model_name!r})",
+                "not_found_error",
+                "model_not_found",
+                "model",
+            )
         started = time.monotonic()
         try:
             with service.admission.enter(batcher.queue_length):  # the queue is checked before any decoding
                 prompt, settings, n_images = await run_in_threadpool(service.prepare, body)
                 job, events = service.submit(prompt, settings)
         except RequestRefused as e:
-            raise ApiError(e.status, str(e), "server_overloaded" if e.status == 503 else "invalid_request_error",
-                           e.code, "messages", headers={"Retry-After": "1"} if e.status == 503 else None) from None
+            raise ApiError(
+                e.status,
+                str(e),
+                "server_overloaded" if e.status == 503 else "invalid_request_error",
+                e.code,
+                "messages",
+                headers={"Retry-After": "1"} if e.status == 503 else None,
+            ) from None
         except ImageInputError as e:
-            raise ApiError(e.status, str(e), code="invalid_image" if e.status == 400 else "image_too_large",
-                           param="messages") from None
+            raise ApiError(
+                e.status, str(e), code="invalid_image" if e.status == 400 else "image_too_large", param="messages"
+            ) from None
         except MedvlmError as e:
             raise ApiError(400, str(e), param="messages") from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def log_done(result: BatchResult) -> None:
-            log.info("request %s: %d image(s), %d prompt + %d completion tokens, %s, %.2f s", cid, n_images,
-                     result.prompt_tokens, result.completion_tokens, result.finish_reason, time.monotonic() - started)
+            log.info(
+                "request %s: %d image(s), %d prompt + %d completion tokens, %s, %.2f s",
+                cid,
+                n_images,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.finish_reason,
+                time.monotonic() - started,
+            )
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -391,8 +487,11 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
                             reason = value.finish_reason if value.finish_reason in ("stop", "length") else "stop"
                             yield _chunk(cid, created, body.model, {}, finish=reason)
                             if include_usage:
-                                usage = {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
-                                         "total_tokens": value.prompt_tokens + value.completion_tokens}
+                                usage = {
+                                    "prompt_tokens": value.prompt_tokens,
+                                    "completion_tokens": value.completion_tokens,
+                                    "total_tokens": value.prompt_tokens + value.completion_tokens,
+                                }
                                 yield _chunk(cid, created, body.model, {}, usage=usage, choices=False)
                             break
                         else:
@@ -402,8 +501,9 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
                 finally:
                     job.cancel()  # a disconnect lands here too: the row stops at its next token
 
-            return StreamingResponse(sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
 
         try:
             while True:
@@ -430,12 +530,15 @@ def create_app(engine: InferenceEngine, config: ApiConfig) -> FastAPI:
 def banner(config: ApiConfig, host: str, port: int) -> str:
     """The startup banner (with the research-only notice)."""
     auth = "API key required" if config.api_key else "no API key"
-    return (f"medvlm OpenAI-compatible API: model {config.model_name!r} on http://{host}:{port}/v1 ({auth}; "
-            f"max batch {config.batcher.max_batch})\n{NOTICE}")
+    return (
+        f"medvlm OpenAI-compatible API: model {config.model_name!r} on http://{host}:{port}/v1 ({auth}; "
+        f"max batch {config.batcher.max_batch})\n{NOTICE}"
+    )
 
 
-def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8,
-                prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> InferenceEngine:
+def load_engine(
+    model_dir: str, dtype: str | None = None, batch_size: int = 8, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+) -> InferenceEngine:
     """Load a checkpoint into an inference engine (``prefix_cache_bytes``: its prefix-cache budget, 0 = off)."""
     from medvlm.infer.loading import load_for_inference
 
@@ -443,8 +546,14 @@ def load_engine(model_dir: str, dtype: str | None = None, batch_size: int = 8,
     return InferenceEngine(model, processor, batch_size=batch_size, prefix_cache_bytes=prefix_cache_bytes)
 
 
-def run_api(engine: InferenceEngine, config: ApiConfig, host: str = "127.0.0.1", port: int = 8000,
-            log_level: str = "info", insecure_no_auth: bool = False) -> None:
+def run_api(
+    engine: InferenceEngine,
+    config: ApiConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    insecure_no_auth: bool = False,
+) -> None:
     """Serve until interrupted (blocking). Beyond loopback a key is required unless ``insecure_no_auth``."""
     import uvicorn
 
@@ -453,7 +562,16 @@ def run_api(engine: InferenceEngine, config: ApiConfig, host: str = "127.0.0.1",
         log.warning("binding to %s WITHOUT an API key (--insecure-no-auth)", host)
     print(banner(config, host, port), flush=True)
     if not engine.family.reuses_prefixes:
-        print(f"prefix cache: off ({engine.model.config.model_type} checkpoints prefill every prompt whole; "
-              "--prefix-cache-mb has no effect)", flush=True)
-    uvicorn.run(create_app(engine, replace(config)), host=host, port=port, log_level=log_level,
-                access_log=True, timeout_graceful_shutdown=5)
+        print(
+            f"prefix cache: off ({engine.model.config.model_type} checkpoints prefill every prompt whole; "
+            "--prefix-cache-mb has no effect)",
+            flush=True,
+        )
+    uvicorn.run(
+        create_app(engine, replace(config)),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=True,
+        timeout_graceful_shutdown=5,
+    )

@@ -116,16 +116,26 @@ class DynamicBatcher:
     def stats(self) -> dict:
         """Counters for ``/health``: batching and the prefix cache."""
         cache = self.engine.prefix_cache
-        return {"queue_length": self.queue_length, "decode_steps": self.batches_run,
-                "requests_run": self.requests_run, "largest_batch": self.largest_batch,
-                "running": len(self._batcher.rows), "max_batch": self.config.max_batch,
-                "prefix_cache": cache.info() if cache is not None else None}
+        return {
+            "queue_length": self.queue_length,
+            "decode_steps": self.batches_run,
+            "requests_run": self.requests_run,
+            "largest_batch": self.largest_batch,
+            "running": len(self._batcher.rows),
+            "max_batch": self.config.max_batch,
+            "prefix_cache": cache.info() if cache is not None else None,
+        }
 
     # -- submitting ------------------------------------------------------------------------
-    def submit(self, prompt: PreparedPrompt, settings: GenerationSettings, *,
-               on_delta: Callable[[str], None] | None = None,
-               on_done: Callable[[BatchResult], None] | None = None,
-               on_error: Callable[[BaseException], None] | None = None) -> Job:
+    def submit(
+        self,
+        prompt: PreparedPrompt,
+        settings: GenerationSettings,
+        *,
+        on_delta: Callable[[str], None] | None = None,
+        on_done: Callable[[BatchResult], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> Job:
         """Queue a request; raises :class:`QueueFullError` when ``max_queue`` requests are in flight."""
         settings.validate()
         settled = threading.Event()
@@ -199,8 +209,9 @@ class DynamicBatcher:
             try:
                 b.step()
             except Exception as e:  # reported to each request; the server keeps serving
-                log.error("generation failed for a batch of %d: %s: %s", len(b.rows) + len(b.waiting),
-                          type(e).__name__, e)
+                log.error(
+                    "generation failed for a batch of %d: %s: %s", len(b.rows) + len(b.waiting), type(e).__name__, e
+                )
                 b.fail_all(e)
             self._after_step()
 

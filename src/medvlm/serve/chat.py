@@ -57,7 +57,9 @@ class ChatSession:
         """Send one user turn, stream the answer (deltas to ``on_delta``), keep both in the history."""
         parts = [image_part() for _ in range(self._pending)] + [text_part(text)]
         message = Message(role="user", content=parts)
-        sample = Sample(id="chat", messages=[*self.history, message], images=[f"image{i}" for i in range(len(self.images))])
+        sample = Sample(
+            id="chat", messages=[*self.history, message], images=[f"image{i}" for i in range(len(self.images))]
+        )
         answer = ""
         for delta in self.engine.stream(sample, self.settings, images=self.images):
             answer += delta
@@ -68,8 +70,15 @@ class ChatSession:
         return answer
 
 
-def interactive_chat(engine, settings, images: list, *, read: Callable[[str], str] = input,
-                     write: Callable[[str], None] | None = None, image_folder: Path | None = None) -> None:
+def interactive_chat(
+    engine,
+    settings,
+    images: list,
+    *,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] | None = None,
+    image_folder: Path | None = None,
+) -> None:
     """Run the interactive loop until ``/exit`` or end of input."""
     from medvlm.data.images import load_image
 
@@ -97,7 +106,7 @@ def interactive_chat(engine, settings, images: list, *, read: Callable[[str], st
             out("(new conversation)\n")
             continue
         if line.startswith("/image"):
-            arg = line[len("/image"):].strip()
+            arg = line[len("/image") :].strip()
             path = Path(arg) if Path(arg).is_absolute() or image_folder is None else image_folder / arg
             try:
                 if not arg:

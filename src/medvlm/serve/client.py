@@ -38,8 +38,9 @@ def list_models(controller: str, refresh: bool = True, secret: str | None = None
 
 def worker_address(controller: str, model: str, secret: str | None = None) -> str:
     """The worker the controller picks for ``model`` ("" when none serves it)."""
-    return str(_post(controller.rstrip("/") + "/get_worker_address", secret=secret,
-                     json={"model": model}).get("address", ""))
+    return str(
+        _post(controller.rstrip("/") + "/get_worker_address", secret=secret, json={"model": model}).get("address", "")
+    )
 
 
 def worker_template(worker: str, secret: str | None = None) -> str | None:
@@ -55,8 +56,13 @@ def stream_worker(url: str, payload: dict, timeout: float = 120.0, secret: str |
     raise :class:`MedvlmError`.
     """
     try:
-        with httpx.stream("POST", url, json=payload, timeout=httpx.Timeout(10.0, read=timeout),
-                          headers={"User-Agent": "LLaVA Client", **bearer(secret)}) as r:
+        with httpx.stream(
+            "POST",
+            url,
+            json=payload,
+            timeout=httpx.Timeout(10.0, read=timeout),
+            headers={"User-Agent": "LLaVA Client", **bearer(secret)},
+        ) as r:
             if r.status_code >= 400:
                 body = b""
                 for data in r.iter_bytes():  # an error frame is small: read at most 64 KiB of it
@@ -83,9 +89,18 @@ def render_prompt(messages: list[Message], template: str) -> str:
     return render_text(messages, template, add_generation_prompt=True)
 
 
-def send_test_message(controller: str, model: str, message: str = DEFAULT_TEST_MESSAGE, *, max_new_tokens: int = 32,
-                 temperature: float = 0.7, template: str | None = None, worker: str | None = None,
-                 on_text: Callable[[str], None] | None = None, secret: str | None = None) -> str:
+def send_test_message(
+    controller: str,
+    model: str,
+    message: str = DEFAULT_TEST_MESSAGE,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.7,
+    template: str | None = None,
+    worker: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+    secret: str | None = None,
+) -> str:
     """LLaVA's test client: find a worker through the controller, stream one reply; returns the answer.
 
     ``on_text`` receives each new piece of the answer as it streams.
@@ -104,8 +119,8 @@ def send_test_message(controller: str, model: str, message: str = DEFAULT_TEST_M
     for data in stream_worker(worker.rstrip("/") + "/worker_generate_stream", payload, secret=secret):
         if data.get("error_code", 0) != 0:
             raise MedvlmError(f"worker {worker}: {data.get('text', '')}")
-        new = str(data.get("text", ""))[len(prompt):].lstrip()
+        new = str(data.get("text", ""))[len(prompt) :].lstrip()
         if new.startswith(answer) and len(new) > len(answer) and on_text is not None:
-            on_text(new[len(answer):])
+            on_text(new[len(answer) :])
         answer = new
     return answer.strip()

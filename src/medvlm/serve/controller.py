@@ -70,8 +70,10 @@ def validate_worker_url(url: object) -> str:
     if not isinstance(url, str) or not url or len(url) > 512:
         raise WorkerInputError("worker_name must be a worker URL such as http://host:21002")
     if any(c in url for c in "?#@\\") or any(ord(c) <= 32 or ord(c) == 127 for c in url):
-        raise WorkerInputError("worker_name: give the worker's base URL only (http://host:port; no user info, "
-                               "query, fragment, spaces or control characters)")
+        raise WorkerInputError(
+            "worker_name: give the worker's base URL only (http://host:port; no user info, "
+            "query, fragment, spaces or control characters)"
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise WorkerInputError("worker_name: the scheme must be http or https")
@@ -121,8 +123,11 @@ def parse_worker_status(status: object) -> tuple[list[str], float, int]:
     if not isinstance(status, dict):
         raise WorkerInputError("worker_status must be an object")
     names = status.get("model_names")
-    if (not isinstance(names, list) or not 1 <= len(names) <= MAX_MODEL_NAMES
-            or not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names)):
+    if (
+        not isinstance(names, list)
+        or not 1 <= len(names) <= MAX_MODEL_NAMES
+        or not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names)
+    ):
         raise WorkerInputError(f"worker_status.model_names must be a list of 1..{MAX_MODEL_NAMES} names")
     speed = _number(status.get("speed", 1), "speed")
     if not 0 < speed <= MAX_SPEED:
@@ -178,8 +183,11 @@ class Controller:
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.worker_timeout, read=None),
-                                             headers=bearer(self.config.secret), trust_env=False)
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.config.worker_timeout, read=None),
+                headers=bearer(self.config.secret),
+                trust_env=False,
+            )
         return self._client
 
     async def close(self) -> None:
@@ -190,8 +198,9 @@ class Controller:
     async def get_worker_status(self, worker_name: str) -> dict | None:
         """Ask a worker for its status; None when it does not answer."""
         try:
-            async with self.client.stream("POST", worker_name + "/worker_get_status",
-                                          timeout=self.config.worker_timeout) as r:
+            async with self.client.stream(
+                "POST", worker_name + "/worker_get_status", timeout=self.config.worker_timeout
+            ) as r:
                 r.raise_for_status()
                 raw = b""
                 async for data in r.aiter_bytes():
@@ -221,8 +230,13 @@ class Controller:
             if not worker_status:
                 return False
             names, speed, queue = parse_worker_status(worker_status)
-        self.worker_info[worker_name] = WorkerInfo(model_names=names, speed=speed, queue_length=queue,
-                                                   check_heart_beat=bool(check_heart_beat), last_heart_beat=time.time())
+        self.worker_info[worker_name] = WorkerInfo(
+            model_names=names,
+            speed=speed,
+            queue_length=queue,
+            check_heart_beat=bool(check_heart_beat),
+            last_heart_beat=time.time(),
+        )
         return True
 
     def remove_worker(self, worker_name: str) -> None:
@@ -354,8 +368,10 @@ def create_controller_app(config: ControllerConfig | None = None) -> FastAPI:
     @app.exception_handler(WorkerInputError)
     async def _bad_worker(request: Request, exc: WorkerInputError) -> JSONResponse:
         full = "already has" in str(exc)
-        return JSONResponse(error_body(str(exc), "invalid_request_error", "too_many_workers" if full else
-                                       "invalid_worker"), status_code=429 if full else 400)
+        return JSONResponse(
+            error_body(str(exc), "invalid_request_error", "too_many_workers" if full else "invalid_worker"),
+            status_code=429 if full else 400,
+        )
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> dict:
@@ -363,8 +379,9 @@ def create_controller_app(config: ControllerConfig | None = None) -> FastAPI:
         status = data.get("worker_status")
         if status is not None and not isinstance(status, dict):
             raise WorkerInputError("worker_status must be an object")
-        ok = await controller.register_worker(data.get("worker_name"), bool(data.get("check_heart_beat", False)),
-                                              status or None)
+        ok = await controller.register_worker(
+            data.get("worker_name"), bool(data.get("check_heart_beat", False)), status or None
+        )
         return {"ok": ok}
 
     @app.post("/refresh_all_workers")

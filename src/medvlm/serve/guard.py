@@ -72,22 +72,33 @@ class RequestGuard:
             await self.app(scope, receive, send)  # lifespan
             return
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and not key_matches(headers.get(b"authorization", b"").decode("latin-1"),
-                                                        self.api_key):
+        if self.api_key is not None and not key_matches(
+            headers.get(b"authorization", b"").decode("latin-1"), self.api_key
+        ):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
             missing = not headers.get(b"authorization")
-            await self._refuse(send, 401, "missing API key (" + AUTH_HINT + ")" if missing else "wrong API key",
-                               "authentication_error", "missing_api_key" if missing else "invalid_api_key")
+            await self._refuse(
+                send,
+                401,
+                "missing API key (" + AUTH_HINT + ")" if missing else "wrong API key",
+                "authentication_error",
+                "missing_api_key" if missing else "invalid_api_key",
+            )
             return
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body:
-            await self._refuse(send, 413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body} "
-                               "bytes", "invalid_request_error", "body_too_large")
+            await self._refuse(
+                send,
+                413,
+                f"request body of {int(length)} bytes exceeds the limit of {self.max_body} bytes",
+                "invalid_request_error",
+                "body_too_large",
+            )
             return
 
         state = {"received": 0, "exceeded": False, "started": False, "replaced": False}
@@ -110,8 +121,13 @@ class RequestGuard:
                 if state["exceeded"] and message.get("status") != 413:
                     # an app (or framework) that turned the cap into another error: answer 413 regardless
                     state["replaced"] = True
-                    await self._refuse(send, 413, f"request body exceeds the limit of {self.max_body} bytes",
-                                       "invalid_request_error", "body_too_large")
+                    await self._refuse(
+                        send,
+                        413,
+                        f"request body exceeds the limit of {self.max_body} bytes",
+                        "invalid_request_error",
+                        "body_too_large",
+                    )
                     return
                 state["started"] = True
                 extra = [(b"connection", b"close")] if state["exceeded"] else []
@@ -126,13 +142,21 @@ class RequestGuard:
             if not state["exceeded"]:
                 raise
             if not state["started"] and not state["replaced"]:
-                await self._refuse(send, 413, f"request body exceeds the limit of {self.max_body} bytes",
-                                   "invalid_request_error", "body_too_large")
+                await self._refuse(
+                    send,
+                    413,
+                    f"request body exceeds the limit of {self.max_body} bytes",
+                    "invalid_request_error",
+                    "body_too_large",
+                )
 
     async def _refuse(self, send: Any, status: int, message: str, type_: str, code: str) -> None:
         body = json.dumps(error_body(message, type_, code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
         if status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
         if self.notice:
@@ -158,6 +182,8 @@ def check_bind(host: str, authenticated: bool, insecure_no_auth: bool, what: str
     """
     if is_loopback(host) or authenticated or insecure_no_auth:
         return
-    raise MedvlmError(f"{what}: --host {host} makes it reachable from other machines, and no key is set: give "
-                      f"{key_option} (clients then send 'Authorization: Bearer KEY'), bind 127.0.0.1, or pass "
-                      "--insecure-no-auth to serve without authentication anyway (see docs/security.md)")
+    raise MedvlmError(
+        f"{what}: --host {host} makes it reachable from other machines, and no key is set: give "
+        f"{key_option} (clients then send 'Authorization: Bearer KEY'), bind 127.0.0.1, or pass "
+        "--insecure-no-auth to serve without authentication anyway (see docs/security.md)"
+    )

@@ -87,11 +87,14 @@ def _check_pixels(width: int, height: int, frames: int, limits: ImageLimits, wha
     if width * height * max(frames, 1) > limits.max_pixels:
         raise ImageInputError(
             f"{what}: {width}x{height}{f'x{frames} frames' if frames > 1 else ''} pixels exceed the limit of "
-            f"{limits.max_pixels} pixels", status=413)
+            f"{limits.max_pixels} pixels",
+            status=413,
+        )
 
 
-def decoded_bytes_estimate(width: int, height: int, stored_bytes_per_pixel: float, frames: int = 1,
-                           working_bytes_per_pixel: int = 0) -> int:
+def decoded_bytes_estimate(
+    width: int, height: int, stored_bytes_per_pixel: float, frames: int = 1, working_bytes_per_pixel: int = 0
+) -> int:
     """Peak memory of turning a ``width`` x ``height`` image into model input.
 
     The stored pixels (``stored_bytes_per_pixel`` x frames), any per-frame working copies (DICOM's float
@@ -99,8 +102,11 @@ def decoded_bytes_estimate(width: int, height: int, stored_bytes_per_pixel: floa
     """
     pixels = width * height
     side = max(width, height)
-    return int(pixels * frames * stored_bytes_per_pixel + pixels * (working_bytes_per_pixel + 4)
-               + side * side * PREPROCESS_BYTES_PER_PIXEL)
+    return int(
+        pixels * frames * stored_bytes_per_pixel
+        + pixels * (working_bytes_per_pixel + 4)
+        + side * side * PREPROCESS_BYTES_PER_PIXEL
+    )
 
 
 def _pil_bytes_per_pixel(mode: str) -> int:
@@ -129,8 +135,9 @@ def _probe_dicom(data: bytes, limits: ImageLimits, what: str) -> ImageProbe:
 
     # the bounded, de-identifying header reader (no temp file, Deflated data inflated with a cap)
     try:
-        head = read_dicom_dataset(data, max_pixels=limits.max_pixels, max_decoded_bytes=_dicom_budget(limits),
-                                  name=what)
+        head = read_dicom_dataset(
+            data, max_pixels=limits.max_pixels, max_decoded_bytes=_dicom_budget(limits), name=what
+        )
     except DicomTooLargeError as e:
         raise ImageInputError(str(e), status=413) from None
     except MedvlmError as e:
@@ -145,8 +152,16 @@ def _probe_dicom(data: bytes, limits: ImageLimits, what: str) -> ImageProbe:
     # stored samples, then per frame: the modality/VOI windowing works in float64 (a few copies) -> uint8 RGB
     stored = samples * -(-bits // 8)
     estimate = decoded_bytes_estimate(cols, rows, stored, frames, working_bytes_per_pixel=3 * 8 * samples)
-    return ImageProbe(data=data, kind="dicom", width=cols, height=rows, frames=frames, decoded_bytes=estimate,
-                      dicom_budget=_dicom_budget(limits), max_pixels=limits.max_pixels)
+    return ImageProbe(
+        data=data,
+        kind="dicom",
+        width=cols,
+        height=rows,
+        frames=frames,
+        decoded_bytes=estimate,
+        dicom_budget=_dicom_budget(limits),
+        max_pixels=limits.max_pixels,
+    )
 
 
 def probe_image_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> ImageProbe:
@@ -174,8 +189,9 @@ def _decode_dicom(probe: ImageProbe, what: str) -> Image.Image:
 
     # decoded in memory (no temp file), de-identified, pixels and decoded bytes checked from the header first
     try:
-        return decode_dicom_bytes(probe.data, max_pixels=probe.max_pixels, max_decoded_bytes=probe.dicom_budget,
-                                  name=what)
+        return decode_dicom_bytes(
+            probe.data, max_pixels=probe.max_pixels, max_decoded_bytes=probe.dicom_budget, name=what
+        )
     except DicomTooLargeError as e:
         raise ImageInputError(str(e), status=413) from None
     except MedvlmError as e:
@@ -205,8 +221,9 @@ def decode_base64(payload: str, limits: ImageLimits, what: str = "image") -> byt
     """Strict base64 -> bytes; the decoded size is checked from the length before decoding."""
     compact = "".join(payload.split())
     if len(compact) // 4 * 3 > limits.max_bytes + 3:
-        raise ImageInputError(f"{what}: about {len(compact) // 4 * 3} bytes exceed the limit of {limits.max_bytes} bytes",
-                              status=413)
+        raise ImageInputError(
+            f"{what}: about {len(compact) // 4 * 3} bytes exceed the limit of {limits.max_bytes} bytes", status=413
+        )
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
@@ -219,17 +236,21 @@ def image_bytes_from_url(url: str, limits: ImageLimits, what: str = "image") -> 
     if m:
         if not m.group(3):
             raise ImageInputError(f"{what}: data URLs must be base64 encoded (';base64,')")
-        return decode_base64(url[m.end():], limits, what)
+        return decode_base64(url[m.end() :], limits, what)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("http", "https"):
         if not limits.allow_remote:
-            raise ImageInputError(f"{what}: remote image URLs are disabled on this server "
-                                  "(send a base64 data: URL, or start it with --allow-remote-images)")
+            raise ImageInputError(
+                f"{what}: remote image URLs are disabled on this server "
+                "(send a base64 data: URL, or start it with --allow-remote-images)"
+            )
         from medvlm.serve.remote import fetch_remote
 
         return fetch_remote(url, limits, what)
-    raise ImageInputError(f"{what}: only data: URLs{' and http(s) URLs' if limits.allow_remote else ''} are "
-                          "accepted (local files are never read)")
+    raise ImageInputError(
+        f"{what}: only data: URLs{' and http(s) URLs' if limits.allow_remote else ''} are "
+        "accepted (local files are never read)"
+    )
 
 
 def image_from_url(url: str, limits: ImageLimits, what: str = "image") -> Image.Image:

@@ -54,8 +54,10 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()) -> bool:
+def address_allowed(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+) -> bool:
     """True when ``ip`` may be fetched: globally routable (judged by an embedded IPv4 if any), or allowed."""
     if any(ip.version == net.version and ip in net for net in allow):
         return True
@@ -93,8 +95,9 @@ class _DeadlineStream(httpcore.NetworkStream):
     def close(self) -> None:
         self.inner.close()
 
-    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
         inner = self.inner.start_tls(ssl_context, server_hostname, self._left(timeout, httpcore.ConnectTimeout))
         return _DeadlineStream(inner, self.deadline)
 
@@ -109,8 +112,14 @@ class _CheckedBackend(httpcore.NetworkBackend):
         self.deadline, self.allow = deadline, allow
         self.inner = httpcore.SyncBackend()
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError, ValueError) as e:
@@ -122,8 +131,9 @@ class _CheckedBackend(httpcore.NetworkBackend):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise httpcore.ConnectTimeout("the fetch deadline passed")
-        stream = self.inner.connect_tcp(str(addresses[0]), port, min(timeout or left, left), local_address,
-                                        socket_options)
+        stream = self.inner.connect_tcp(
+            str(addresses[0]), port, min(timeout or left, left), local_address, socket_options
+        )
         return _DeadlineStream(stream, self.deadline)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None):
@@ -151,16 +161,21 @@ def _checked_url(url: str) -> str:
 def _fetch(url: str, limits: ImageLimits) -> bytes:
     deadline = time.monotonic() + limits.remote_timeout_s
     backend = _CheckedBackend(deadline, _networks(limits.remote_allow_networks))
-    with httpcore.ConnectionPool(ssl_context=ssl.create_default_context(), network_backend=backend,
-                                 max_connections=1, retries=0) as pool:
+    with httpcore.ConnectionPool(
+        ssl_context=ssl.create_default_context(), network_backend=backend, max_connections=1, retries=0
+    ) as pool:
         for _ in range(limits.remote_max_redirects + 1):
             _checked_url(url)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RemoteRefused("deadline passed")
             timeouts = {"connect": left, "read": left, "write": left, "pool": left}
-            with pool.stream("GET", url, headers={"User-Agent": "medvlm-serve", "Accept": "image/*"},
-                             extensions={"timeout": timeouts}) as r:
+            with pool.stream(
+                "GET",
+                url,
+                headers={"User-Agent": "medvlm-serve", "Accept": "image/*"},
+                extensions={"timeout": timeouts},
+            ) as r:
                 if r.status in _REDIRECTS:
                     location = dict((k.lower(), v) for k, v in r.headers).get(b"location")
                     if not location:
@@ -189,8 +204,18 @@ def fetch_remote(url: str, limits: ImageLimits, what: str = "image") -> bytes:
     """Download an ``http(s)`` image (public addresses only, redirects checked, one deadline); uniform errors."""
     try:
         return _fetch(url, limits)
-    except (RemoteRefused, httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
-            httpcore.UnsupportedProtocol, OSError, ValueError, UnicodeError) as e:
+    except (
+        RemoteRefused,
+        httpcore.TimeoutException,
+        httpcore.NetworkError,
+        httpcore.ProtocolError,
+        httpcore.UnsupportedProtocol,
+        OSError,
+        ValueError,
+        UnicodeError,
+    ) as e:
         log.info("%s: remote fetch failed: %s: %s", what, type(e).__name__, e)
-        raise ImageInputError(f"{what}: the image URL could not be fetched (only public http(s) addresses are "
-                              "fetched, within the size and time limits)") from None
+        raise ImageInputError(
+            f"{what}: the image URL could not be fetched (only public http(s) addresses are "
+            "fetched, within the size and time limits)"
+        ) from None

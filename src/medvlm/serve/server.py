@@ -23,13 +23,20 @@ class BackgroundServer:
     Startup and lifespan run in the thread; leaving the block shuts the server down gracefully.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning",
-                 startup_timeout: float = 30.0):
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_level: str = "warning",
+        startup_timeout: float = 30.0,
+    ):
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        self.config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level,
-                                     timeout_graceful_shutdown=3, lifespan="on")
+        self.config = uvicorn.Config(
+            app, host=self.host, port=self.port, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on"
+        )
         self.server = uvicorn.Server(self.config)
         self.startup_timeout = startup_timeout
         self._thread: threading.Thread | None = None

@@ -74,13 +74,17 @@ def check_web_bind(host: str, config: WebConfig, lends_key: bool, insecure_no_au
     if is_loopback(host) or config.auth is not None:
         return
     if lends_key:
-        raise MedvlmError(f"medvlm serve web: --host {host} without --auth-env would let every visitor use the API "
-                          "key / controller secret the page holds; set --auth-env VAR (VAR holds user:password) "
-                          "or bind 127.0.0.1")
+        raise MedvlmError(
+            f"medvlm serve web: --host {host} without --auth-env would let every visitor use the API "
+            "key / controller secret the page holds; set --auth-env VAR (VAR holds user:password) "
+            "or bind 127.0.0.1"
+        )
     if not insecure_no_auth:
-        raise MedvlmError(f"medvlm serve web: --host {host} makes the page reachable from other machines without a "
-                          "login: set --auth-env VAR (VAR holds user:password), bind 127.0.0.1, or pass "
-                          "--insecure-no-auth (see docs/security.md)")
+        raise MedvlmError(
+            f"medvlm serve web: --host {host} makes the page reachable from other machines without a "
+            "login: set --auth-env VAR (VAR holds user:password), bind 127.0.0.1, or pass "
+            "--insecure-no-auth (see docs/security.md)"
+        )
 
 
 def generated_examples(folder: Path) -> list[list[str]]:
@@ -94,8 +98,17 @@ def generated_examples(folder: Path) -> list[list[str]]:
     for i, (modality, question) in enumerate(EXAMPLE_QUESTIONS.items()):
         path = folder / f"example_{modality}.png"
         if not path.is_file():
-            render(Factors(modality=modality, count=2 if i else 1, side="left" if i % 2 else "right", size="large",
-                           intensity="bright"), np.random.default_rng(i), 192).save(path)
+            render(
+                Factors(
+                    modality=modality,
+                    count=2 if i else 1,
+                    side="left" if i % 2 else "right",
+                    size="large",
+                    intensity="bright",
+                ),
+                np.random.default_rng(i),
+                192,
+            ).save(path)
         rows.append([str(path), question])
     return rows
 
@@ -151,11 +164,17 @@ class WebChat:
     def log_event(self, kind: str, state: dict, model: str, sampling: Sampling) -> Path:
         """Append a vote / flag with the conversation text (images only when ``log_images``)."""
         row: dict[str, Any] = {
-            "time": round(time.time(), 3), "type": kind, "model": model,
-            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                         "max_tokens": sampling.max_tokens},
-            "conversation": [{"question": t.text, "answer": t.answer, "num_images": len(t.images)}
-                             for t in state["turns"]],
+            "time": round(time.time(), 3),
+            "type": kind,
+            "model": model,
+            "sampling": {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+            },
+            "conversation": [
+                {"question": t.text, "answer": t.answer, "num_images": len(t.images)} for t in state["turns"]
+            ],
         }
         if self.config.log_images:
             row["images"] = [base64.b64encode(Path(p).read_bytes()).decode() for t in state["turns"] for p in t.images]
@@ -195,12 +214,14 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
         state = gr.State(chat.new_state())
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model",
-                                    interactive=True)
+                model = gr.Dropdown(
+                    choices=models, value=models[0] if models else None, label="Model", interactive=True
+                )
                 refresh = gr.Button("Refresh models", size="sm")
                 image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="medvlm-image")
-                question = gr.Textbox(label="Question", placeholder="Ask about the image and press Enter",
-                                      elem_id="medvlm-question")
+                question = gr.Textbox(
+                    label="Question", placeholder="Ask about the image and press Enter", elem_id="medvlm-question"
+                )
                 gr.Examples(examples=examples, inputs=[image, question], label="Examples")
                 with gr.Accordion("Parameters", open=False):
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
@@ -254,6 +275,7 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
                     return
                 chat.log_event(kind, st, m, sampling(t, p, n))
                 gr.Info(f"{kind} recorded, thank you")
+
             return fn
 
         def answer_api(img, text, m, t, p, n) -> str:
@@ -281,9 +303,11 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
 
         for trigger in (question.submit, send.click):
             trigger(ask, [state, question, image], [state, chatbot, question], api_visibility="private").then(
-                respond, [state, model, *knobs], [state, chatbot], api_visibility="private")
+                respond, [state, model, *knobs], [state, chatbot], api_visibility="private"
+            )
         regenerate.click(redo, [state], [state, chatbot], api_visibility="private").then(
-            respond, [state, model, *knobs], [state, chatbot], api_visibility="private")
+            respond, [state, model, *knobs], [state, chatbot], api_visibility="private"
+        )
         clear.click(reset, None, [state, chatbot, image, question], api_visibility="private")
         for button, kind in ((upvote, "upvote"), (downvote, "downvote"), (flag, "flag")):
             button.click(log(kind), [state, model, *knobs], None, api_visibility="private")
@@ -293,8 +317,15 @@ def build_ui(backend: Backend, config: WebConfig, examples_dir: Path | None = No
     return demo
 
 
-def launch_web(backend: Backend, config: WebConfig, host: str = "127.0.0.1", port: int = 7860,
-               block: bool = True, lends_key: bool = False, insecure_no_auth: bool = False):
+def launch_web(
+    backend: Backend,
+    config: WebConfig,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    block: bool = True,
+    lends_key: bool = False,
+    insecure_no_auth: bool = False,
+):
     """Start the page; with ``block`` False returns ``(demo, url)`` and serves in the background.
 
     ``lends_key``: the backend holds an API key or controller secret (then a login is required beyond
@@ -305,13 +336,24 @@ def launch_web(backend: Backend, config: WebConfig, host: str = "127.0.0.1", por
     import gradio as gr
     from starlette.middleware import Middleware
 
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )  # no web fonts: works offline
     demo.queue(default_concurrency_limit=config.concurrency)
     print(f"medvlm web UI on http://{host}:{port}/\n{NOTICE}", flush=True)
     guard = Middleware(RequestGuard, max_body_bytes=config.max_upload_bytes + (1 << 20))
-    _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True,
-                            show_error=False, theme=theme, footer_links=[], ssr_mode=False, mcp_server=False,
-                            auth=config.auth, max_file_size=config.max_upload_bytes,
-                            app_kwargs={"middleware": [guard]})
+    _, url, _ = demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        quiet=True,
+        show_error=False,
+        theme=theme,
+        footer_links=[],
+        ssr_mode=False,
+        mcp_server=False,
+        auth=config.auth,
+        max_file_size=config.max_upload_bytes,
+        app_kwargs={"middleware": [guard]},
+    )
     return demo, url

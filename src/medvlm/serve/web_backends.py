@@ -68,8 +68,12 @@ class ApiBackend:
         from openai import OpenAI
 
         url = base_url.rstrip("/")
-        self.client = OpenAI(base_url=url if url.endswith("/v1") else url + "/v1", api_key=api_key or "none",
-                             timeout=timeout, max_retries=0)
+        self.client = OpenAI(
+            base_url=url if url.endswith("/v1") else url + "/v1",
+            api_key=api_key or "none",
+            timeout=timeout,
+            max_retries=0,
+        )
 
     def models(self) -> list[str]:
         import openai
@@ -92,8 +96,13 @@ class ApiBackend:
         answer = ""
         try:
             for chunk in self.client.chat.completions.create(
-                    model=model, messages=messages, stream=True, temperature=sampling.temperature,
-                    top_p=sampling.top_p, max_tokens=sampling.max_tokens):
+                model=model,
+                messages=messages,
+                stream=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+            ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     answer += chunk.choices[0].delta.content
                     yield answer
@@ -139,10 +148,15 @@ class ControllerBackend:
             if t.answer is not None:
                 messages.append(Message(role="assistant", content=[text_part(t.answer)]))
         prompt = client.render_prompt(messages, template)
-        payload = {"model": model, "prompt": prompt, "images": images, "temperature": sampling.temperature,
-                   "top_p": sampling.top_p, "max_new_tokens": sampling.max_tokens}
-        for data in client.stream_worker(worker.rstrip("/") + "/worker_generate_stream", payload,
-                                         secret=self.secret):
+        payload = {
+            "model": model,
+            "prompt": prompt,
+            "images": images,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_new_tokens": sampling.max_tokens,
+        }
+        for data in client.stream_worker(worker.rstrip("/") + "/worker_generate_stream", payload, secret=self.secret):
             if data.get("error_code", 0) != 0:
                 raise BackendError(f"{worker}: {data.get('text', 'the worker failed')}")
-            yield str(data.get("text", ""))[len(prompt):].strip()
+            yield str(data.get("text", ""))[len(prompt) :].strip()

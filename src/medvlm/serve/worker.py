@@ -156,22 +156,30 @@ class ModelWorker:
         self.semaphore.release()
 
     def get_status(self) -> dict:
-        return {"model_names": [self.config.model_name], "speed": 1, "queue_length": self.queue_length(),
-                "template": self.template}
+        return {
+            "model_names": [self.config.model_name],
+            "speed": 1,
+            "queue_length": self.queue_length(),
+            "template": self.template,
+        }
 
     def register_to_controller(self) -> None:
         data = {"worker_name": self.config.worker_url, "check_heart_beat": True, "worker_status": self.get_status()}
-        r = httpx.post(self.config.controller_url + "/register_worker", json=data, timeout=10,
-                       headers=bearer(self.config.secret))
+        r = httpx.post(
+            self.config.controller_url + "/register_worker", json=data, timeout=10, headers=bearer(self.config.secret)
+        )
         if r.status_code != 200:
             raise MedvlmError(f"registering with {self.config.controller_url} failed: HTTP {r.status_code}")
 
     def send_heart_beat(self) -> None:
         """One heart beat; re-register if the controller does not know this worker (bounded: one attempt)."""
         try:
-            r = httpx.post(self.config.controller_url + "/receive_heart_beat",
-                           json={"worker_name": self.config.worker_url, "queue_length": self.queue_length()},
-                           timeout=5, headers=bearer(self.config.secret))
+            r = httpx.post(
+                self.config.controller_url + "/receive_heart_beat",
+                json={"worker_name": self.config.worker_url, "queue_length": self.queue_length()},
+                timeout=5,
+                headers=bearer(self.config.secret),
+            )
             if not r.json().get("exist", False):
                 self.register_to_controller()
         except (httpx.HTTPError, ValueError, MedvlmError) as e:
@@ -224,13 +232,19 @@ class ModelWorker:
         check_image_count(len(raw_images), self.config.max_images)
         n = prompt.count(IMAGE_PLACEHOLDER)
         if n != len(raw_images):
-            raise MedvlmError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(raw_images)} "
-                              "image(s) were given")
+            raise MedvlmError(
+                f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(raw_images)} image(s) were given"
+            )
         sample = self.turns_of(prompt) if self.reads_turns else None  # before any image is decoded
         limits = self.config.limits
-        probes = [probe_image_bytes(decode_base64(b.split(",", 1)[1] if b.startswith("data:") else b, limits,
-                                                  f"image {k + 1}"), limits, f"image {k + 1}")
-                  for k, b in enumerate(raw_images)]
+        probes = [
+            probe_image_bytes(
+                decode_base64(b.split(",", 1)[1] if b.startswith("data:") else b, limits, f"image {k + 1}"),
+                limits,
+                f"image {k + 1}",
+            )
+            for k, b in enumerate(raw_images)
+        ]
         self.gate.check(probes)
         if probes:
             with self.gate.slot():
@@ -243,8 +257,9 @@ class ModelWorker:
         max_new = min(max_new, self.context - prepared.num_tokens)
         settings = None
         if max_new >= 1:
-            settings = GenerationSettings(max_new_tokens=max_new, temperature=temperature if temperature > 0.001 else 0.0,
-                                          top_p=top_p, stop=stops).validate()
+            settings = GenerationSettings(
+                max_new_tokens=max_new, temperature=temperature if temperature > 0.001 else 0.0, top_p=top_p, stop=stops
+            ).validate()
         return prompt, prepared, settings
 
     def turns_of(self, prompt: str) -> Sample:
@@ -284,9 +299,15 @@ class ModelWorker:
                 loop.call_soon_threadsafe(events.put_nowait, (kind, value))
             except RuntimeError:
                 pass  # the event loop closed during shutdown: the job is cancelled by the finally below
+
         try:
-            job = self.batcher.submit(prepared, settings, on_delta=lambda d: push("delta", d),
-                                      on_done=lambda r: push("done", r), on_error=lambda e: push("error", e))
+            job = self.batcher.submit(
+                prepared,
+                settings,
+                on_delta=lambda d: push("delta", d),
+                on_done=lambda r: push("done", r),
+                on_error=lambda e: push("error", e),
+            )
         except QueueFullError as e:
             yield frame(f"{SERVER_ERROR_MSG}\n\n({e})", 1)
             return
@@ -298,7 +319,7 @@ class ModelWorker:
                     text += value
                     yield frame(text, 0)
                 elif kind == "done":
-                    if not text[len(prompt):]:
+                    if not text[len(prompt) :]:
                         yield frame(text, 0)  # an empty answer still gets one frame
                     return
                 else:
@@ -317,15 +338,19 @@ def worker_template(engine: InferenceEngine, template: str | None) -> tuple[str,
     if isinstance(engine.family, NativeLlavaFamily):
         # A native model is fed the rendered text itself: only its own template is meaningful.
         if template is not None and template != processor.template:
-            raise MedvlmError(f"template {template!r}: this native checkpoint reads prompts in its own template "
-                              f"{processor.template!r} only; drop the template option (or pass {processor.template})")
+            raise MedvlmError(
+                f"template {template!r}: this native checkpoint reads prompts in its own template "
+                f"{processor.template!r} only; drop the template option (or pass {processor.template})"
+            )
         return processor.template, False
     name = template or getattr(processor, "template", None) or DEFAULT_FAMILY_TEMPLATE
     tpl = get_template(name)  # an unknown name lists the known ones
     if not tpl.prompt_text:
-        raise MedvlmError(f"template {name!r} drops the question text, so the worker cannot read the turns back "
-                          f"for this {engine.model.config.model_type} checkpoint; use another one (e.g. "
-                          f"{DEFAULT_FAMILY_TEMPLATE})")
+        raise MedvlmError(
+            f"template {name!r} drops the question text, so the worker cannot read the turns back "
+            f"for this {engine.model.config.model_type} checkpoint; use another one (e.g. "
+            f"{DEFAULT_FAMILY_TEMPLATE})"
+        )
     return name, True
 
 
@@ -348,8 +373,11 @@ def create_worker_app(engine: InferenceEngine, config: WorkerConfig) -> FastAPI:
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
         if worker.waiting >= config.batcher.max_queue:  # before the body is read: a waiting request costs nothing
-            return Response(frame(f"{SERVER_ERROR_MSG}\n\n(the worker's queue is full; retry later)", 1),
-                            status_code=503, headers={"Retry-After": "1"})
+            return Response(
+                frame(f"{SERVER_ERROR_MSG}\n\n(the worker's queue is full; retry later)", 1),
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         await worker.acquire_slot()
         try:
             try:

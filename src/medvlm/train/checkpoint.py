@@ -17,8 +17,11 @@ from medvlm.utils.artifacts import TRAINABLE_BASE_FILE, TRAINER_STATE_FILE
 from medvlm.utils.io import atomic_path
 
 # medvlm config field names accepted in ``model_kwargs`` -> the builder's argument names.
-_BUILD_ALIASES = {"image_aspect": "aspect", "vision_feature_layer": "feature_layer",
-                  "vision_feature_select_strategy": "select_strategy"}
+_BUILD_ALIASES = {
+    "image_aspect": "aspect",
+    "vision_feature_layer": "feature_layer",
+    "vision_feature_select_strategy": "select_strategy",
+}
 
 
 def _build_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -41,8 +44,9 @@ def load_start(cfg: TrainConfig):
     elif cfg.preset:
         model, processor = build.build_preset(cfg.preset, seed=cfg.seed, **_build_kwargs(cfg))
     else:
-        model, processor = build.compose(cfg.vision_tower_path, cfg.language_model_path, seed=cfg.seed,
-                                         **_build_kwargs(cfg))
+        model, processor = build.compose(
+            cfg.vision_tower_path, cfg.language_model_path, seed=cfg.seed, **_build_kwargs(cfg)
+        )
     if cfg.pretrain_projector:
         load_projector(model, cfg.pretrain_projector)
     return model, processor
@@ -56,15 +60,23 @@ def _load_4bit(cfg: TrainConfig):
     from medvlm.model.processing import MedVLMProcessor
 
     if not cfg.model_name_or_path:
-        raise MedvlmError("tune: qlora starts from a saved checkpoint (model_name_or_path); save a composed model first")
+        raise MedvlmError(
+            "tune: qlora starts from a saved checkpoint (model_name_or_path); save a composed model first"
+        )
     quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float16,
         llm_int8_skip_modules=["vision_tower", "projector", "lm_head"],
     )
     model = MedVLMForConditionalGeneration.from_pretrained(
-        cfg.model_name_or_path, quantization_config=quant, use_safetensors=True, local_files_only=True,
-        trust_remote_code=False)
+        cfg.model_name_or_path,
+        quantization_config=quant,
+        use_safetensors=True,
+        local_files_only=True,
+        trust_remote_code=False,
+    )
     processor = MedVLMProcessor.from_pretrained(cfg.model_name_or_path)
     if cfg.pretrain_projector:
         load_projector(model, cfg.pretrain_projector)
@@ -105,11 +117,15 @@ def load_projector(model: torch.nn.Module, path: str | os.PathLike) -> None:
     own = model.projector.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
-        raise MedvlmError(f"pretrain_projector {path}: keys do not match the {model.config.projector_type} projector "
-                          f"(missing {missing[:4]}, unexpected {extra[:4]})")
+        raise MedvlmError(
+            f"pretrain_projector {path}: keys do not match the {model.config.projector_type} projector "
+            f"(missing {missing[:4]}, unexpected {extra[:4]})"
+        )
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise MedvlmError(f"pretrain_projector {path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
+            raise MedvlmError(
+                f"pretrain_projector {path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}"
+            )
     model.projector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
@@ -133,8 +149,10 @@ def resolve_resume(cfg: TrainConfig) -> str | None:
     last = find_last_checkpoint(cfg.output_dir)
     if value in (None, False, "false", "no"):
         if last:
-            raise MedvlmError(f"output_dir {cfg.output_dir} already holds {Path(last).name}; resume "
-                              "(resume_from_checkpoint: auto) or choose a new output_dir")
+            raise MedvlmError(
+                f"output_dir {cfg.output_dir} already holds {Path(last).name}; resume "
+                "(resume_from_checkpoint: auto) or choose a new output_dir"
+            )
         return None
     if value in ("auto", True, "true", "last"):
         return last
@@ -153,12 +171,16 @@ def refuse_resume(cfg: TrainConfig) -> None:
     value = cfg.resume_from_checkpoint
     mode = cfg.distributed
     if value not in (None, False, "false", "no", "auto"):
-        raise MedvlmError(f"resume_from_checkpoint: {value}: distributed: {mode} writes no mid-run checkpoints and "
-                          "cannot resume; drop resume_from_checkpoint (or resume under distributed: auto)")
+        raise MedvlmError(
+            f"resume_from_checkpoint: {value}: distributed: {mode} writes no mid-run checkpoints and "
+            "cannot resume; drop resume_from_checkpoint (or resume under distributed: auto)"
+        )
     last = find_last_checkpoint(cfg.output_dir)
     if last:
-        raise MedvlmError(f"output_dir {cfg.output_dir} already holds {Path(last).name} and distributed: {mode} cannot "
-                          "resume from it; choose a new output_dir (or resume under distributed: auto)")
+        raise MedvlmError(
+            f"output_dir {cfg.output_dir} already holds {Path(last).name} and distributed: {mode} cannot "
+            "resume from it; choose a new output_dir (or resume under distributed: auto)"
+        )
 
 
 def trainable_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -177,8 +199,11 @@ def trainable_base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     held = set(get_peft_model_state_dict(model, adapter_name=adapter))
     # PEFT drops the adapter name from its keys: "...lora_A.default.weight" -> "...lora_A.weight",
     # "...projector.modules_to_save.default.0.weight" -> "...projector.0.weight"
-    return {n: p for n, p in model.named_parameters()
-            if p.requires_grad and n.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}", "") not in held}
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if p.requires_grad and n.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}", "") not in held
+    }
 
 
 def save_trainable_base(model: torch.nn.Module, folder: str | os.PathLike) -> int:
@@ -209,26 +234,36 @@ def load_trainable_base(model: torch.nn.Module, checkpoint: str | os.PathLike) -
         return 0
     path = Path(checkpoint) / TRAINABLE_BASE_FILE
     if not path.is_file():
-        raise MedvlmError(f"resume_from_checkpoint {checkpoint}: no {TRAINABLE_BASE_FILE}, but this run trains "
-                          f"{len(want)} base weight(s) outside the adapter (e.g. {next(iter(want))}); resuming would "
-                          "restart them from their initial values; start a fresh run in a new output_dir")
+        raise MedvlmError(
+            f"resume_from_checkpoint {checkpoint}: no {TRAINABLE_BASE_FILE}, but this run trains "
+            f"{len(want)} base weight(s) outside the adapter (e.g. {next(iter(want))}); resuming would "
+            "restart them from their initial values; start a fresh run in a new output_dir"
+        )
     with safe_open(str(path), framework="pt") as f:
         have = set(f.keys())
         missing, extra = sorted(set(want) - have), sorted(have - set(want))
         if missing or extra:
-            raise MedvlmError(f"{path}: the trained base weights do not match this run's trainable parameters "
-                              f"(missing {missing[:4]}, unexpected {extra[:4]}); resume with the config that wrote it")
+            raise MedvlmError(
+                f"{path}: the trained base weights do not match this run's trainable parameters "
+                f"(missing {missing[:4]}, unexpected {extra[:4]}); resume with the config that wrote it"
+            )
         with torch.no_grad():
             for name, p in want.items():
                 value = f.get_tensor(name)
                 if value.shape != p.shape:
-                    raise MedvlmError(f"{path}: {name} has shape {tuple(value.shape)}, the model needs {tuple(p.shape)}")
+                    raise MedvlmError(
+                        f"{path}: {name} has shape {tuple(value.shape)}, the model needs {tuple(p.shape)}"
+                    )
                 p.copy_(value.to(dtype=p.dtype, device=p.device))
     return len(want)
 
 
-def save_final(model: torch.nn.Module, output_dir: str | os.PathLike, lora: bool,
-               write: Callable[[torch.nn.Module, Path, str], None]) -> Path:
+def save_final(
+    model: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    lora: bool,
+    write: Callable[[torch.nn.Module, Path, str], None],
+) -> Path:
     """Make ``output_dir`` itself a loadable checkpoint (LoRA: merged weights, adapter in ``adapter/``).
 
     ``write(model, folder, title)`` writes the checkpoint files (``build.save_checkpoint`` for the native model,

@@ -12,9 +12,9 @@ from medvlm.utils.cli import renamed
 MAIN_SETTINGS = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
     "help": "Train a medvlm model (stage 'align', 'sft', or STLLaVA-Med's 'sq' / 'dpo') from a YAML recipe; "
-            "any key can be overridden with --key value (e.g. --learning_rate 1e-4). The checkpoint folder is --out "
-            "(the recipe's output_dir). Without a YAML, give --stage, --model_name_or_path (or --preset), "
-            "--data_path and --out.",
+    "any key can be overridden with --key value (e.g. --learning_rate 1e-4). The checkpoint folder is --out "
+    "(the recipe's output_dir). Without a YAML, give --stage, --model_name_or_path (or --preset), "
+    "--data_path and --out.",
     # --output_dir on the command line is the CLI's old spelling of --out (the YAML key stays output_dir).
     "cls": renamed({"--output_dir": "--out", "--output-dir": "--out"}),
 }
@@ -22,8 +22,12 @@ MAIN_SETTINGS = {
 
 def main(
     ctx: typer.Context,
-    config: Annotated[Optional[str], typer.Argument(help="YAML recipe (configs/llava_med/*.yaml, configs/debug/*.yaml).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint folder to write (overrides the recipe's output_dir).")] = None,
+    config: Annotated[
+        Optional[str], typer.Argument(help="YAML recipe (configs/llava_med/*.yaml, configs/debug/*.yaml).")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Checkpoint folder to write (overrides the recipe's output_dir).")
+    ] = None,
 ) -> None:
     """Train a medvlm model from a YAML recipe plus ``--key value`` overrides."""
     from medvlm.train.config import load_config
@@ -38,4 +42,6 @@ def main(
     cfg = load_config(config, args)
     result = run_training(cfg)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    typer.echo(f"done: {result.steps} steps in {result.seconds:.1f} s, final loss {loss}; checkpoint: {result.output_dir}")
+    typer.echo(
+        f"done: {result.steps} steps in {result.seconds:.1f} s, final loss {loss}; checkpoint: {result.output_dir}"
+    )

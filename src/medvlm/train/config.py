@@ -80,7 +80,8 @@ class TrainConfig:
     image_folder: str | None = None
     """Folder the samples' relative image paths resolve against (required when any sample has images)."""
     max_length: int = 2048
-    """Maximum tokens per sample (LLaVA's ``model_max_length``); samples whose image tokens would be cut are dropped and counted."""
+    """Maximum tokens per sample (LLaVA's ``model_max_length``); samples whose image tokens would be cut are
+    dropped and counted."""
     skip_missing_images: bool = False
     """Drop (and count) samples whose image file is missing instead of stopping with an error."""
     group_by_modality_length: bool = True
@@ -93,7 +94,8 @@ class TrainConfig:
     # --- which parameters learn -----------------------------------------------------------------
     tune: str = "full"
     """``full``, ``lora`` (PEFT adapters on the LM, projector fully trained) or ``qlora`` (4-bit base; CUDA only).
-    LoRA runs end with merged full weights in ``output_dir`` (loadable like any checkpoint) and the adapter in ``adapter/``."""
+    LoRA runs end with merged full weights in ``output_dir`` (loadable like any checkpoint) and the adapter in
+    ``adapter/``."""
     tune_vision_tower: bool = False
     """Also train the vision tower (frozen in both LLaVA-Med stages). Stage ``sq``: the whole tower at ``vision_lr``
     instead of ViT-LoRA (needs ``vit_lora: false``; a deviation from STLLaVA-Med); refused in ``dpo``."""
@@ -102,7 +104,8 @@ class TrainConfig:
     tune_language_model: bool | None = None
     """Train the LM; default: no in ``align``, yes in ``sft``."""
     tune_im_start_end: bool | None = None
-    """Train the ``<im_start>``/``<im_end>`` embedding rows (only those rows); default: in ``align`` when the model uses them."""
+    """Train the ``<im_start>``/``<im_end>`` embedding rows (only those rows); default: in ``align`` when the model
+    uses them."""
     lora_r: int = 128
     """LoRA rank (LLaVA-Med v1.5 LoRA recipe: 128)."""
     lora_alpha: int = 256
@@ -138,7 +141,8 @@ class TrainConfig:
 
     # --- STLLaVA-Med: stages sq (self-questioning) and dpo; see medvlm.train.recipes.sq / .dpo ----
     sq_r: float = 0.5
-    """Stage ``sq``: probability that a user turn after the first becomes a VUSER question (re-drawn each epoch, seeded)."""
+    """Stage ``sq``: probability that a user turn after the first becomes a VUSER question (re-drawn each epoch,
+    seeded)."""
     vit_lora: bool | None = None
     """LoRA on the vision tower's linear layers (STLLaVA-Med's ViT-LoRA), trained with the LM (or its LoRA) and the
     projector. None = the stage's default: on in ``sq``/``dpo`` (STLLaVA-Med), off in ``sft`` (LLaVA-Med); an
@@ -202,7 +206,8 @@ class TrainConfig:
     save_total_limit: int | None = 2
     """Keep at most this many ``checkpoint-*`` folders (oldest removed)."""
     resume_from_checkpoint: str | bool | None = "auto"
-    """``auto`` resumes from the last ``checkpoint-*`` in ``output_dir`` if any; a path resumes from it; false starts fresh."""
+    """``auto`` resumes from the last ``checkpoint-*`` in ``output_dir`` if any; a path resumes from it; false
+    starts fresh."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Logging integrations (``tensorboard``, ``wandb`` ...); ``[]`` for none."""
     bf16: bool = False
@@ -249,7 +254,8 @@ class TrainConfig:
         return out
 
     def vit_lora_on(self) -> bool:
-        """Whether this run adds ViT-LoRA: ``vit_lora`` if set, else the stage's default (``sq``/``dpo`` yes, else no)."""
+        """Whether this run adds ViT-LoRA: ``vit_lora`` if set, else the stage's default (``sq``/``dpo`` yes,
+        else no)."""
         return self.vit_lora if self.vit_lora is not None else self.stage in _SELF_TRAINING
 
     def validate(self) -> TrainConfig:
@@ -277,11 +283,15 @@ class TrainConfig:
             if self.tune != "full":
                 raise MedvlmError(f"stage 'align' trains the projector fully; tune: {self.tune} applies to sft")
             if self.vit_lora is not None:
-                raise MedvlmError("vit_lora: stage 'align' trains only the projector (tower and LM frozen); remove "
-                                  "vit_lora, or adapt the tower in stage sft (vit_lora: true, with tune: lora or full)")
+                raise MedvlmError(
+                    "vit_lora: stage 'align' trains only the projector (tower and LM frozen); remove "
+                    "vit_lora, or adapt the tower in stage sft (vit_lora: true, with tune: lora or full)"
+                )
         if self.stage == "sft" and self.vit_lora and self.tune_vision_tower:
-            raise MedvlmError("stage 'sft': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is "
-                              "redundant; set vit_lora: false (or tune_vision_tower: false to adapt it with LoRA)")
+            raise MedvlmError(
+                "stage 'sft': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is "
+                "redundant; set vit_lora: false (or tune_vision_tower: false to adapt it with LoRA)"
+            )
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
             if getattr(self, key) < 1:
                 raise MedvlmError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -314,34 +324,85 @@ _SELF_TRAINING = ("sq", "dpo")
 _LORA = ("sft", "sq", "dpo")
 FIELD_STAGES: dict[str, tuple[str, ...]] = {
     # what to train
-    "stage": _ALL, "model_name_or_path": _ALL, "preset": _ALL, "vision_tower_path": _ALL, "language_model_path": _ALL,
-    "projector_type": _ALL, "model_kwargs": _ALL, "pretrain_projector": _ALL, "template": _ALL,
+    "stage": _ALL,
+    "model_name_or_path": _ALL,
+    "preset": _ALL,
+    "vision_tower_path": _ALL,
+    "language_model_path": _ALL,
+    "projector_type": _ALL,
+    "model_kwargs": _ALL,
+    "pretrain_projector": _ALL,
+    "template": _ALL,
     "family": _ALL,
     # data
-    "data_path": _ALL, "data_weights": _ALL, "data_format": _ALL, "image_folder": _ALL, "max_length": _ALL,
-    "skip_missing_images": ("align", "sft", "sq"), "group_by_modality_length": _ALL, "packing": _ALIGN_SFT,
+    "data_path": _ALL,
+    "data_weights": _ALL,
+    "data_format": _ALL,
+    "image_folder": _ALL,
+    "max_length": _ALL,
+    "skip_missing_images": ("align", "sft", "sq"),
+    "group_by_modality_length": _ALL,
+    "packing": _ALIGN_SFT,
     # which parameters learn
-    "tune": _ALL, "tune_vision_tower": ("align", "sft", "sq"), "tune_projector": _ALL,
-    "tune_language_model": _ALIGN_SFT, "tune_im_start_end": ("align",),
+    "tune": _ALL,
+    "tune_vision_tower": ("align", "sft", "sq"),
+    "tune_projector": _ALL,
+    "tune_language_model": _ALIGN_SFT,
+    "tune_im_start_end": ("align",),
     # LoRA on the LM (tune: lora/qlora): stage align trains the projector fully, so only sft and STLLaVA-Med's stages
-    "lora_r": _LORA, "lora_alpha": _LORA, "lora_dropout": _LORA, "lora_target_modules": _LORA, "lora_bias": ("sft",),
+    "lora_r": _LORA,
+    "lora_alpha": _LORA,
+    "lora_dropout": _LORA,
+    "lora_target_modules": _LORA,
+    "lora_bias": ("sft",),
     # speed / scale
-    "feature_cache": _ALIGN_SFT, "feature_cache_dir": _ALIGN_SFT, "distributed": _ALIGN_SFT,
-    "deepspeed_zero_stage": _ALIGN_SFT, "labelled_logits_only": _ALIGN_SFT, "projector_lr": _ALL,
+    "feature_cache": _ALIGN_SFT,
+    "feature_cache_dir": _ALIGN_SFT,
+    "distributed": _ALIGN_SFT,
+    "deepspeed_zero_stage": _ALIGN_SFT,
+    "labelled_logits_only": _ALIGN_SFT,
+    "projector_lr": _ALL,
     "global_batch_size": _ALL,
     # STLLaVA-Med
     # ViT-LoRA: on by default in sq/dpo, optional in sft (TrainConfig.vit_lora); align trains the projector only
-    "sq_r": ("sq",), "vit_lora": _LORA, "vit_lora_r": _LORA, "vit_lora_alpha": _LORA,
-    "vit_lora_dropout": _LORA, "vit_lora_target_modules": _LORA, "vit_lora_grad": _SELF_TRAINING,
-    "vision_lr": _SELF_TRAINING, "dpo_beta": ("dpo",), "dpo_rpo_alpha": ("dpo",), "ref_visual_path": ("dpo",),
+    "sq_r": ("sq",),
+    "vit_lora": _LORA,
+    "vit_lora_r": _LORA,
+    "vit_lora_alpha": _LORA,
+    "vit_lora_dropout": _LORA,
+    "vit_lora_target_modules": _LORA,
+    "vit_lora_grad": _SELF_TRAINING,
+    "vision_lr": _SELF_TRAINING,
+    "dpo_beta": ("dpo",),
+    "dpo_rpo_alpha": ("dpo",),
+    "ref_visual_path": ("dpo",),
     "ref_logps": ("dpo",),
     # HF TrainingArguments: every stage runs a transformers Trainer (or medvlm's loop with the same meaning)
-    "output_dir": _ALL, "num_train_epochs": _ALL, "max_steps": _ALL, "learning_rate": _ALL, "weight_decay": _ALL,
-    "per_device_train_batch_size": _ALL, "gradient_accumulation_steps": _ALL, "lr_scheduler_type": _ALL,
-    "warmup_ratio": _ALL, "max_grad_norm": _ALL, "seed": _ALL, "logging_steps": _ALL, "save_strategy": _ALL,
-    "save_steps": _ALL, "save_total_limit": _ALL, "resume_from_checkpoint": _ALL, "report_to": _ALL, "bf16": _ALL,
-    "fp16": _ALL, "gradient_checkpointing": _ALL, "dataloader_num_workers": _ALL, "optim": _ALL, "use_cpu": _ALL,
-    "disable_tqdm": _ALL, "training_args": _ALL,
+    "output_dir": _ALL,
+    "num_train_epochs": _ALL,
+    "max_steps": _ALL,
+    "learning_rate": _ALL,
+    "weight_decay": _ALL,
+    "per_device_train_batch_size": _ALL,
+    "gradient_accumulation_steps": _ALL,
+    "lr_scheduler_type": _ALL,
+    "warmup_ratio": _ALL,
+    "max_grad_norm": _ALL,
+    "seed": _ALL,
+    "logging_steps": _ALL,
+    "save_strategy": _ALL,
+    "save_steps": _ALL,
+    "save_total_limit": _ALL,
+    "resume_from_checkpoint": _ALL,
+    "report_to": _ALL,
+    "bf16": _ALL,
+    "fp16": _ALL,
+    "gradient_checkpointing": _ALL,
+    "dataloader_num_workers": _ALL,
+    "optim": _ALL,
+    "use_cpu": _ALL,
+    "disable_tqdm": _ALL,
+    "training_args": _ALL,
 }
 """The stages that read each :class:`TrainConfig` field (every field is listed; a test checks it). A field set
 to anything but its default for a stage not listed is refused by :func:`check_stage_keys`: an accepted key
@@ -361,8 +422,10 @@ def check_stage_keys(cfg: TrainConfig) -> None:
         if cfg.stage in stages or getattr(cfg, f.name) == _field_default(f):
             continue
         which = "stage " + stages[0] if len(stages) == 1 else "stages " + ", ".join(stages)
-        raise MedvlmError(f"{f.name} is not used by stage {cfg.stage!r} (it applies to {which}); remove it "
-                          f"(or set stage to one that uses it)")
+        raise MedvlmError(
+            f"{f.name} is not used by stage {cfg.stage!r} (it applies to {which}); remove it "
+            f"(or set stage to one that uses it)"
+        )
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:

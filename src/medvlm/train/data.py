@@ -88,8 +88,9 @@ def resolve_image(rel: str, image_folder: str | None) -> Path:
     return p if p.is_absolute() or image_folder is None else Path(image_folder) / p
 
 
-def text_encode(sample: Sample, processor: MedVLMProcessor | FamilyProcessor, max_length: int,
-                image_folder: str | None = None) -> Encoded:
+def text_encode(
+    sample: Sample, processor: MedVLMProcessor | FamilyProcessor, max_length: int, image_folder: str | None = None
+) -> Encoded:
     """Tokenise a sample's conversation exactly as ``processor.encode`` does, without decoding images.
 
     A model family's image token count depends on each image's size, which its processor reads from
@@ -244,8 +245,18 @@ def build_dataset(
                 n_img += 1
             else:
                 n_txt += 1
-        reports.append(FileReport(str(path), file_sha256(path), fmt or "", n_records, len(spans), src.weight,
-                                  len(drawn), {k: v for k, v in dropped.items() if v}))
+        reports.append(
+            FileReport(
+                str(path),
+                file_sha256(path),
+                fmt or "",
+                n_records,
+                len(spans),
+                src.weight,
+                len(drawn),
+                {k: v for k, v in dropped.items() if v},
+            )
+        )
     dataset = SupervisedDataset(files, formats, items, lengths, processor, image_folder, max_length)
     manifest = DataManifest(reports, len(items), n_img, n_txt, max_length, processor.template, image_folder)
     return dataset, manifest

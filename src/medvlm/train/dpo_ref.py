@@ -49,13 +49,16 @@ def processor_settings(processor) -> list[dict[str, Any]]:
     from medvlm.model.families.processing import FamilyProcessor
 
     if isinstance(processor, FamilyProcessor):
-        return [{"family": processor.spec.name, "chat_template": processor.chat_template, "template": processor.template},
-                processor.processor.image_processor.to_dict()]
+        return [
+            {"family": processor.spec.name, "chat_template": processor.chat_template, "template": processor.template},
+            processor.processor.image_processor.to_dict(),
+        ]
     return [processor.to_dict(), processor.image_processor.to_dict()]
 
 
-def compute_ref_logps(ref_model, dataset, batch_size: int = 4, pad_token_id: int | None = None,
-                      device: torch.device | str | None = None) -> dict[str, tuple[float, float]]:
+def compute_ref_logps(
+    ref_model, dataset, batch_size: int = 4, pad_token_id: int | None = None, device: torch.device | str | None = None
+) -> dict[str, tuple[float, float]]:
     """``{pair key: (chosen, rejected)}`` summed answer log-probs of the frozen reference (eval mode, no grad)."""
     from tqdm.auto import tqdm
 
@@ -84,10 +87,14 @@ def save_ref_logps(path: str | os.PathLike, values: dict[str, tuple[float, float
     from safetensors.torch import save_file
 
     ids = list(values)
-    tensors = {"chosen": torch.tensor([values[k][0] for k in ids], dtype=torch.float32),  # [N]
-               "rejected": torch.tensor([values[k][1] for k in ids], dtype=torch.float32)}  # [N]
+    tensors = {
+        "chosen": torch.tensor([values[k][0] for k in ids], dtype=torch.float32),  # [N]
+        "rejected": torch.tensor([values[k][1] for k in ids], dtype=torch.float32),
+    }  # [N]
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "fingerprint": fp, "format": "medvlm-ref-logps-1"})
+        save_file(
+            tensors, str(tmp), metadata={"ids": json.dumps(ids), "fingerprint": fp, "format": "medvlm-ref-logps-1"}
+        )
     return Path(path)
 
 
@@ -106,8 +113,12 @@ def load_ref_logps(path: str | os.PathLike) -> tuple[dict[str, tuple[float, floa
     except (KeyError, ValueError, OSError) as e:
         raise MedvlmError(f"ref_logps {p}: not a medvlm reference log-prob file ({e})") from e
     if len(ids) != chosen.shape[0] or chosen.shape != rejected.shape:
-        raise MedvlmError(f"ref_logps {p}: {len(ids)} ids but tensors of shape {tuple(chosen.shape)} / {tuple(rejected.shape)}")
-    return {k: (float(c), float(r)) for k, c, r in zip(ids, chosen.tolist(), rejected.tolist())}, meta.get("fingerprint", "")
+        raise MedvlmError(
+            f"ref_logps {p}: {len(ids)} ids but tensors of shape {tuple(chosen.shape)} / {tuple(rejected.shape)}"
+        )
+    return {k: (float(c), float(r)) for k, c, r in zip(ids, chosen.tolist(), rejected.tolist())}, meta.get(
+        "fingerprint", ""
+    )
 
 
 def ensure_ref_logps(cfg, load_reference: Callable[[], Any], dataset) -> dict[str, tuple[float, float]]:
@@ -129,8 +140,10 @@ def ensure_ref_logps(cfg, load_reference: Callable[[], Any], dataset) -> dict[st
                 return values
             raise MedvlmError(f"ref_logps {path}: no values for {len(missing)} pair(s), e.g. {missing[:3]}")
         if not auto:
-            raise MedvlmError(f"ref_logps {path}: computed for another reference checkpoint or other pairs "
-                              "(fingerprint differs); delete it or use ref_logps: auto")
+            raise MedvlmError(
+                f"ref_logps {path}: computed for another reference checkpoint or other pairs "
+                "(fingerprint differs); delete it or use ref_logps: auto"
+            )
     values = compute_ref_logps(load_reference(), dataset, batch_size=cfg.per_device_train_batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_ref_logps(path, values, fp)

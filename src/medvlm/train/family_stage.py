@@ -45,8 +45,10 @@ def start_family(cfg: TrainConfig) -> str | None:
     path = cfg.model_name_or_path
     if path is None or not (Path(path) / CONFIG_FILE).is_file():
         if cfg.family is not None:
-            raise MedvlmError(f"family: {cfg.family} needs model_name_or_path to be a checkpoint folder of that family "
-                              "(build a tiny one with: medvlm model init --preset tiny-<family> --out DIR)")
+            raise MedvlmError(
+                f"family: {cfg.family} needs model_name_or_path to be a checkpoint folder of that family "
+                "(build a tiny one with: medvlm model init --preset tiny-<family> --out DIR)"
+            )
         return None
     if read_json(Path(path) / CONFIG_FILE).get("model_type") == "medvlm":
         if cfg.family is not None:
@@ -68,18 +70,30 @@ def check_family_config(cfg: TrainConfig, family: str) -> None:
     self_training = cfg.stage in SELF_TRAINING
     refused = {
         "packing": (cfg.packing, "a family's vision tokens and position ids are per sample; set packing: false"),
-        "feature_cache": (cfg.feature_cache == "on", "the frozen-tower feature cache is native-model only; use auto or off"),
-        "template": (cfg.template is not None, "a family uses its own chat template (llava: the one in the checkpoint)"),
+        "feature_cache": (
+            cfg.feature_cache == "on",
+            "the frozen-tower feature cache is native-model only; use auto or off",
+        ),
+        "template": (
+            cfg.template is not None,
+            "a family uses its own chat template (llava: the one in the checkpoint)",
+        ),
         "pretrain_projector": (cfg.pretrain_projector is not None, "native-model projector files only"),
         "projector_type": (cfg.projector_type is not None, "a family checkpoint keeps its own connector"),
         "model_kwargs": (bool(cfg.model_kwargs), "a family checkpoint is loaded as saved"),
         "tune_im_start_end": (bool(cfg.tune_im_start_end), "native models with <im_start>/<im_end> only"),
-        "projector_lr": (cfg.projector_lr is not None and not self_training,
-                         "per-part learning rates in align/sft are native-model only for now (sq/dpo have them)"),
-        "vit_lora_grad": (self_training and cfg.vit_lora_grad == "published",
-                          "the published no-grad tower reproduces STLLaVA-Med's native model; use vit_lora_grad: trained"),
-        "ref_visual_path": (cfg.stage == "dpo" and cfg.ref_visual_path == "policy",
-                            "a family's reference sees images through its own frozen tower; use ref_visual_path: frozen"),
+        "projector_lr": (
+            cfg.projector_lr is not None and not self_training,
+            "per-part learning rates in align/sft are native-model only for now (sq/dpo have them)",
+        ),
+        "vit_lora_grad": (
+            self_training and cfg.vit_lora_grad == "published",
+            "the published no-grad tower reproduces STLLaVA-Med's native model; use vit_lora_grad: trained",
+        ),
+        "ref_visual_path": (
+            cfg.stage == "dpo" and cfg.ref_visual_path == "policy",
+            "a family's reference sees images through its own frozen tower; use ref_visual_path: frozen",
+        ),
     }
     for key, (bad, why) in refused.items():
         if bad:
@@ -110,18 +124,27 @@ def family_plan(cfg: TrainConfig) -> tuple[dict[str, bool], LoraSpec | None, Lor
 
 
 def _linear_modules(model: torch.nn.Module, spec: FamilySpec, part: str) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and part_of(spec, n + ".weight") == part]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and part_of(spec, n + ".weight") == part
+    ]
 
 
 def lm_lora_regex(model: torch.nn.Module, spec: FamilySpec, targets: list[str]) -> str:
     """A PEFT ``target_modules`` regex for the named linear layers inside the family's language model only."""
     lm_prefix = spec.language_model[0]
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and n.startswith(lm_prefix)})
+    names = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(lm_prefix)
+        }
+    )
     missing = [t for t in targets if t not in names]
     if missing:
-        raise MedvlmError(f"lora_target_modules {missing} match no linear layer of the {spec.name} language model; "
-                          f"its linear layers are: {', '.join(names)}")
+        raise MedvlmError(
+            f"lora_target_modules {missing} match no linear layer of the {spec.name} language model; "
+            f"its linear layers are: {', '.join(names)}"
+        )
     return "^" + re.escape(lm_prefix) + r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
 
 
@@ -136,8 +159,10 @@ def tower_lora_regex(model: torch.nn.Module, spec: FamilySpec, targets: list[str
     if list(targets) != list(VIT_LINEAR_NAMES):
         missing = [t for t in targets if t not in names]
         if missing:
-            raise MedvlmError(f"vit_lora_target_modules {missing} match no linear layer of the {spec.name} vision "
-                              f"tower; its linear layers are: {', '.join(names)}")
+            raise MedvlmError(
+                f"vit_lora_target_modules {missing} match no linear layer of the {spec.name} vision "
+                f"tower; its linear layers are: {', '.join(names)}"
+            )
         modules = [n for n in modules if n.rsplit(".", 1)[-1] in targets]
     if not modules:
         raise MedvlmError(f"vit_lora: the {spec.name} vision tower has no linear layer to adapt; set vit_lora: false")
@@ -163,10 +188,15 @@ def apply_family_stage(model: torch.nn.Module, spec: FamilySpec, cfg: TrainConfi
         base = lm or tower
         both = lm is not None and tower is not None
         tower_key = re.escape(spec.vision_tower[0]) + ".*"  # PEFT matches rank/alpha patterns against module names
-        lcfg = LoraConfig(r=base.r, lora_alpha=base.alpha, lora_dropout=base.dropout, bias=cfg.lora_bias,
-                          target_modules="|".join(f"(?:{p})" for p in patterns),
-                          rank_pattern={tower_key: tower.r} if both else {},
-                          alpha_pattern={tower_key: tower.alpha} if both else {})
+        lcfg = LoraConfig(
+            r=base.r,
+            lora_alpha=base.alpha,
+            lora_dropout=base.dropout,
+            bias=cfg.lora_bias,
+            target_modules="|".join(f"(?:{p})" for p in patterns),
+            rank_pattern={tower_key: tower.r} if both else {},
+            alpha_pattern={tower_key: tower.alpha} if both else {},
+        )
         model = get_peft_model(model, lcfg)
         # PEFT froze every base weight; the connector (and a fully tuned part) train fully, as in the native recipe.
         for name, p in model.get_base_model().named_parameters():
@@ -206,8 +236,9 @@ def family_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tens
         # the batch carried a boolean ``logits_to_keep``: rows are the positions whose next token is learned,
         # in row-major order; their targets come from the same labels
         _, targets = labelled_positions(labels)
-        return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch,
-                               shift_labels=targets)
+        return ForCausalLMLoss(
+            logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch, shift_labels=targets
+        )
     return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 

@@ -21,14 +21,18 @@ from medvlm.train.config import TrainConfig
 from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE, TRAIN_LOG_FILE
 
 
-def local_batches(dataset, collate, chunk: list[int], micro: int, world: int, rank: int, accumulation: int) -> list[dict]:
+def local_batches(
+    dataset, collate, chunk: list[int], micro: int, world: int, rank: int, accumulation: int
+) -> list[dict]:
     """This rank's micro-batches of one optimizer step.
 
     Global micro-batch ``j`` of the step is ``chunk[j*micro*world:(j+1)*micro*world]`` and rank ``r`` takes its
     ``r``-th slice, as accelerate's batch sharding does for the Trainer (same samples per step at any world size).
     """
-    return [collate([dataset[i] for i in chunk[(j * world + rank) * micro:(j * world + rank + 1) * micro]])
-            for j in range(accumulation)]
+    return [
+        collate([dataset[i] for i in chunk[(j * world + rank) * micro : (j * world + rank + 1) * micro]])
+        for j in range(accumulation)
+    ]
 
 
 def learned_tokens(batches: list[dict]) -> int:
@@ -36,8 +40,9 @@ def learned_tokens(batches: list[dict]) -> int:
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
-def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False,
-                 family: bool = False) -> torch.Tensor:
+def forward_loss(
+    model, batch: dict, n_items: torch.Tensor, labelled_logits_only: bool = False, family: bool = False
+) -> torch.Tensor:
     """Micro-batch CE sum / ``n_items`` (padded or packed batch; no KV cache in training); with
     ``labelled_logits_only`` the LM head runs at labelled positions only (same loss). A ``family`` model gets every
     tensor of its batch (image grids, per-token types) and its loss is computed from the logits."""
@@ -47,8 +52,12 @@ def forward_loss(model, batch: dict, n_items: torch.Tensor, labelled_logits_only
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
         return family_lm_loss(model(**inputs, use_cache=False), batch["labels"], n_items)
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
-    out = model(**{k: batch[k] for k in keys if batch.get(k) is not None}, use_cache=False, num_items_in_batch=n_items,
-                labelled_logits_only=labelled_logits_only)
+    out = model(
+        **{k: batch[k] for k in keys if batch.get(k) is not None},
+        use_cache=False,
+        num_items_in_batch=n_items,
+        labelled_logits_only=labelled_logits_only,
+    )
     return out.loss
 
 
@@ -116,29 +125,51 @@ def prepare_manual_run(cfg: TrainConfig, world: int, rank: int, family: str | No
     micro, accumulation = cfg.per_device_train_batch_size, start.accumulation
     steps_per_epoch = max(1, len(dataset) // (micro * world) // accumulation)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    sampler = ModalityLengthGroupedSampler(dataset.lengths, micro * world, accumulation, cfg.seed,
-                                           cfg.group_by_modality_length)
+    sampler = ModalityLengthGroupedSampler(
+        dataset.lengths, micro * world, accumulation, cfg.seed, cfg.group_by_modality_length
+    )
     out_dir = Path(cfg.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    return ManualRun(start, type(model), model, start.processor, dataset, manifest, row_masked, collate, sampler, world, rank,
-                     accumulation, micro, steps_per_epoch, total, out_dir)
+    return ManualRun(
+        start,
+        type(model),
+        model,
+        start.processor,
+        dataset,
+        manifest,
+        row_masked,
+        collate,
+        sampler,
+        world,
+        rank,
+        accumulation,
+        micro,
+        steps_per_epoch,
+        total,
+        out_dir,
+    )
 
 
 def build_adamw(cfg: TrainConfig, model: nn.Module, row_masked) -> torch.optim.AdamW:
     """The Trainer's AdamW over medvlm's parameter groups (decay / no-decay / projector lr)."""
     from medvlm.train.optim import param_groups, to_torch_groups
 
-    return torch.optim.AdamW(to_torch_groups(param_groups(model, cfg.weight_decay, cfg.projector_lr, row_masked)),
-                             lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(
+        to_torch_groups(param_groups(model, cfg.weight_decay, cfg.projector_lr, row_masked)),
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
 
 
 def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int):
     """The Trainer's learning-rate schedule (``lr_scheduler_type``, ``warmup_ratio``) over ``total`` steps."""
     from transformers import get_scheduler
 
-    return get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=math.ceil(total * cfg.warmup_ratio),
-                         num_training_steps=total)
+    return get_scheduler(
+        cfg.lr_scheduler_type, opt, num_warmup_steps=math.ceil(total * cfg.warmup_ratio), num_training_steps=total
+    )
 
 
 class StepStrategy(Protocol):
@@ -184,7 +215,7 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
         for s in range(steps_per_epoch):
             if step >= total:
                 break
-            chunk = order[s * per_step:(s + 1) * per_step]
+            chunk = order[s * per_step : (s + 1) * per_step]
             batches = local_batches(run.dataset, run.collate, chunk, micro, world, rank, accumulation)
             n_items = torch.tensor(float(learned_tokens(batches)))
             dist.all_reduce(n_items)  # learned tokens of the whole global batch (Trainer: num_items_in_batch)
@@ -199,9 +230,13 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
             step += 1
             window.append(float(loss_sum))
             if step % cfg.logging_steps == 0 or step == total:
-                row = {"loss": sum(window) / len(window), "grad_norm": strategy.grad_norm(),
-                       "learning_rate": strategy.last_lr(), "epoch": epoch + (s + 1) / steps_per_epoch,
-                       "step": step}
+                row = {
+                    "loss": sum(window) / len(window),
+                    "grad_norm": strategy.grad_norm(),
+                    "learning_rate": strategy.last_lr(),
+                    "epoch": epoch + (s + 1) / steps_per_epoch,
+                    "step": step,
+                }
                 history.append(row)
                 window = []
                 if rank == 0:
@@ -211,8 +246,16 @@ def manual_train_loop(cfg: TrainConfig, run: ManualRun, strategy: StepStrategy) 
     return history, step
 
 
-def finish_manual_run(cfg: TrainConfig, run: ManualRun, config, full: dict[str, torch.Tensor] | None,
-                      history: list[dict[str, Any]], steps: int, shards: dict[str, Any], label: str):
+def finish_manual_run(
+    cfg: TrainConfig,
+    run: ManualRun,
+    config,
+    full: dict[str, torch.Tensor] | None,
+    history: list[dict[str, Any]],
+    steps: int,
+    shards: dict[str, Any],
+    label: str,
+):
     """Rank 0 loads the gathered ``full`` state dict into a plain model; :func:`medvlm.train.setup.finish_run` saves it.
 
     ``config`` is the model config; ``label`` names the path in the plot title. Returns a ``TrainResult``.
@@ -224,7 +267,15 @@ def finish_manual_run(cfg: TrainConfig, run: ManualRun, config, full: dict[str, 
         plain = run.model_class(config)
         plain.load_state_dict(full)
     manifest = run.manifest.to_dict()
-    return finish_run(cfg, run.start, main=run.rank == 0, model=plain,
-                      extra_files={TRAIN_CONFIG_FILE: cfg.to_yaml(), DATA_MANIFEST_FILE: manifest},
-                      title=f"{cfg.stage} ({label}): {run.out_dir.name}", history=history, steps=steps,
-                      manifest=manifest, shards=shards)
+    return finish_run(
+        cfg,
+        run.start,
+        main=run.rank == 0,
+        model=plain,
+        extra_files={TRAIN_CONFIG_FILE: cfg.to_yaml(), DATA_MANIFEST_FILE: manifest},
+        title=f"{cfg.stage} ({label}): {run.out_dir.name}",
+        history=history,
+        steps=steps,
+        manifest=manifest,
+        shards=shards,
+    )

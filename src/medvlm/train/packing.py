@@ -66,9 +66,9 @@ def pack_features(features: list[dict[str, Any]], pad_token_id: int, pack_length
         at = 0
         for i in row:
             n = int(ids[i].numel())
-            out_ids[r, at:at + n] = ids[i]
-            out_labels[r, at:at + n] = labels[i]
-            out_pos[r, at:at + n] = torch.arange(n)
+            out_ids[r, at : at + n] = ids[i]
+            out_labels[r, at : at + n] = labels[i]
+            out_pos[r, at : at + n] = torch.arange(n)
             at += n
         out_pos[r, at:] = torch.arange(width - at)  # the padding run: its own block, no labels
     batch: dict[str, Any] = {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}

@@ -39,8 +39,16 @@ from medvlm.train.self_training import SelfTrainingTrainer
 
 REF_VISUAL_PATHS: tuple[str, ...] = ("frozen", "policy")
 NOT_MODEL_INPUTS = ("pair_labels", "pair_ids", "ref_logps")
-METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
+METRIC_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/ref_chosen",
+    "logps/ref_rejected",
+)
 RPO_METRIC_KEYS = ("nll/chosen",)  # logged as well when dpo_rpo_alpha is set
 
 
@@ -51,9 +59,14 @@ def prompt_ids(pair: PreferenceSample, processor, image_folder: str | None = Non
     if isinstance(processor, FamilyProcessor):
         return processor.encode_text(prompt, add_generation_prompt=True, image_folder=image_folder).input_ids
     return encode_conversation(
-        prompt.messages, processor.tokenizer, processor.chat_template, image_seq_length=processor.image_seq_length,
-        image_token=IMAGE_TOKEN, im_start_token=IM_START_TOKEN if processor.mm_use_im_start_end else None,
-        im_end_token=IM_END_TOKEN if processor.mm_use_im_start_end else None, add_generation_prompt=True,
+        prompt.messages,
+        processor.tokenizer,
+        processor.chat_template,
+        image_seq_length=processor.image_seq_length,
+        image_token=IMAGE_TOKEN,
+        im_start_token=IM_START_TOKEN if processor.mm_use_im_start_end else None,
+        im_end_token=IM_END_TOKEN if processor.mm_use_im_start_end else None,
+        add_generation_prompt=True,
     ).input_ids
 
 
@@ -62,8 +75,9 @@ def side_sample(pair: PreferenceSample, side: str) -> Sample:
     return Sample(pair.id, list(pair.prompt) + list(getattr(pair, side)), list(pair.images))
 
 
-def encode_pair(pair: PreferenceSample, processor, max_length: int,
-                image_folder: str | None = None) -> dict[str, list[int]] | None:
+def encode_pair(
+    pair: PreferenceSample, processor, max_length: int, image_folder: str | None = None
+) -> dict[str, list[int]] | None:
     """Token ids and labels of prompt+chosen and prompt+rejected; labels only on the continuation.
 
     Returns None when truncation leaves either side without a learned token. Raises a MedvlmError when
@@ -76,8 +90,10 @@ def encode_pair(pair: PreferenceSample, processor, max_length: int,
         enc = text_encode(side_sample(pair, side), processor, max_length, image_folder)
         n = min(len(p_ids), len(enc.input_ids))
         if enc.input_ids[:n] != p_ids[:n]:
-            raise MedvlmError(f"pair {pair.id!r}: the tokenised prompt is not a prefix of the {side} conversation "
-                              f"(template {processor.template or processor.spec.name}); cannot tell answer tokens apart")
+            raise MedvlmError(
+                f"pair {pair.id!r}: the tokenised prompt is not a prefix of the {side} conversation "
+                f"(template {processor.template or processor.spec.name}); cannot tell answer tokens apart"
+            )
         labels = [IGNORE_INDEX] * n + enc.labels[n:]
         if all(x == IGNORE_INDEX for x in labels):
             return None
@@ -98,8 +114,14 @@ class PairReport:
 class PreferenceDataset(torch.utils.data.Dataset):
     """Encoded preference pairs (text encoded at build time, images loaded lazily per item)."""
 
-    def __init__(self, pairs: list[PreferenceSample], encoded: list[dict[str, list[int]]], processor, image_folder: str | None,
-                 max_length: int | None = None):
+    def __init__(
+        self,
+        pairs: list[PreferenceSample],
+        encoded: list[dict[str, list[int]]],
+        processor,
+        image_folder: str | None,
+        max_length: int | None = None,
+    ):
         self.pairs = pairs
         self.encoded = encoded
         self.processor = processor
@@ -108,8 +130,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """A model family's truncation length (its items are re-encoded with the images)."""
         self.ref_logps: dict[str, tuple[float, float]] | None = None
         """Precomputed reference log-probs by pair id (set by the run when ``ref_logps`` is used)."""
-        self.lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) * (1 if p.images else -1)
-                        for p, e in zip(pairs, encoded)]
+        self.lengths = [
+            max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) * (1 if p.images else -1)
+            for p, e in zip(pairs, encoded)
+        ]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -128,8 +152,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         for side in ("chosen", "rejected"):
             feat = self.processor.encode(side_sample(pair, side), max_length=self.max_length, images=images)
             if feat["input_ids"].tolist() != enc[f"{side}_input_ids"]:
-                raise MedvlmError(f"pair {pair.id!r}: the {side} tokens differ from those indexed from the image headers "
-                                  "(an image file changed while training?)")
+                raise MedvlmError(
+                    f"pair {pair.id!r}: the {side} tokens differ from those indexed from the image headers "
+                    "(an image file changed while training?)"
+                )
             feat["labels"] = torch.tensor(enc[f"{side}_labels"], dtype=torch.long)  # [L] the answer only
             item[side] = feat
         return item
@@ -143,7 +169,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             item["pixel_values"] = None
             if pair.images:
                 sample = Sample(pair.id, list(pair.prompt), list(pair.images))
-                item["pixel_values"] = self.processor.preprocess_images(self.processor.load_images(sample, self.image_folder))
+                item["pixel_values"] = self.processor.preprocess_images(
+                    self.processor.load_images(sample, self.image_folder)
+                )
         item["pair_id"] = pair.id
         if self.ref_logps is not None:
             if pair.id not in self.ref_logps:
@@ -152,8 +180,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return item
 
 
-def build_preference_dataset(paths: list[str], processor, image_folder: str | None, max_length: int,
-                             data_format: str = "auto") -> tuple[PreferenceDataset, PairReport]:
+def build_preference_dataset(
+    paths: list[str], processor, image_folder: str | None, max_length: int, data_format: str = "auto"
+) -> tuple[PreferenceDataset, PairReport]:
     """Read, check and encode every pair of the preference files.
 
     A pair's key (for stored reference log-probs) is its ``id``, prefixed with the file's position
@@ -173,9 +202,13 @@ def build_preference_dataset(paths: list[str], processor, image_folder: str | No
             seen.add(pair.id)
             for rel in pair.images:
                 if image_folder is None and not Path(rel).is_absolute():
-                    raise MedvlmError(f"{path} pair {pair.id!r}: the pair has images ({rel}) but no image_folder is set")
+                    raise MedvlmError(
+                        f"{path} pair {pair.id!r}: the pair has images ({rel}) but no image_folder is set"
+                    )
                 if not resolve_image(rel, image_folder).is_file():
-                    raise MedvlmError(f"{path} pair {pair.id!r}: image file {resolve_image(rel, image_folder)} not found")
+                    raise MedvlmError(
+                        f"{path} pair {pair.id!r}: image file {resolve_image(rel, image_folder)} not found"
+                    )
             try:
                 enc = encode_pair(pair, processor, max_length, image_folder)
             except ImageTruncationError:
@@ -188,7 +221,9 @@ def build_preference_dataset(paths: list[str], processor, image_folder: str | No
             encoded.append(enc)
     if not pairs:
         raise MedvlmError(f"data_path {paths}: no usable preference pair (dropped: {dropped})")
-    report = PairReport(list(paths), len(pairs), sum(1 for p in pairs if p.images), {k: v for k, v in dropped.items() if v})
+    report = PairReport(
+        list(paths), len(pairs), sum(1 for p in pairs if p.images), {k: v for k, v in dropped.items() if v}
+    )
     return PreferenceDataset(pairs, encoded, processor, image_folder, max_length), report
 
 
@@ -207,15 +242,21 @@ class DPOCollator:
         mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [2B, T]
         for i, (s, lab) in enumerate(zip(seqs, labs)):
             ids[i, : len(s)], labels[i, : len(s)], mask[i, : len(s)] = s, lab, 1
-        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "pair_labels": labels,
-                                 "pair_ids": [f["pair_id"] for f in features]}
+        batch: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pair_labels": labels,
+            "pair_ids": [f["pair_id"] for f in features],
+        }
         pix = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
         if pix:
             one = torch.cat(pix)  # [n_img, 3, H, W] in pair order
             batch["pixel_values"] = torch.cat([one, one])  # [2 n_img, 3, H, W]: chosen rows' images, then rejected
         if "ref_chosen_logps" in features[0]:
-            batch["ref_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features]
-                                              + [f["ref_rejected_logps"] for f in features], dtype=torch.float32)  # [2B]
+            batch["ref_logps"] = torch.tensor(
+                [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features],
+                dtype=torch.float32,
+            )  # [2B]
         return batch
 
 
@@ -231,8 +272,10 @@ class FamilyDPOCollator:
         batch["pair_labels"] = batch.pop("labels")  # [2B, T]
         batch["pair_ids"] = [f["pair_id"] for f in features]
         if "ref_chosen_logps" in features[0]:
-            batch["ref_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features]
-                                              + [f["ref_rejected_logps"] for f in features], dtype=torch.float32)  # [2B]
+            batch["ref_logps"] = torch.tensor(
+                [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features],
+                dtype=torch.float32,
+            )  # [2B]
         return batch
 
 
@@ -257,8 +300,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (picked * mask).sum(-1)  # [N]
 
 
-def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float, rpo_alpha: float | None = None,
-             n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    pi: torch.Tensor,
+    ref: torch.Tensor,
+    beta: float,
+    rpo_alpha: float | None = None,
+    n_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sigmoid DPO from ``[2B]`` policy and reference log-probs (chosen first); returns loss and per-pair stats.
 
     With ``rpo_alpha`` (RPO), ``alpha x`` the chosen answers' NLL per token (``-sum pi_c / sum n_tokens_c``, the
@@ -269,9 +317,16 @@ def dpo_loss(pi: torch.Tensor, ref: torch.Tensor, beta: float, rpo_alpha: float 
     logits = (pi_c - pi_r) - (ref_c - ref_r)  # [B]
     loss = -F.logsigmoid(beta * logits).mean()
     rc, rr = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # [B]
-    stats = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).float(),
-             "rewards/margins": rc - rr, "logps/chosen": pi_c.detach(), "logps/rejected": pi_r.detach(),
-             "logps/ref_chosen": ref_c.detach(), "logps/ref_rejected": ref_r.detach()}
+    stats = {
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (rc > rr).float(),
+        "rewards/margins": rc - rr,
+        "logps/chosen": pi_c.detach(),
+        "logps/rejected": pi_r.detach(),
+        "logps/ref_chosen": ref_c.detach(),
+        "logps/ref_rejected": ref_r.detach(),
+    }
     if rpo_alpha:
         if n_tokens is None:
             raise ValueError("rpo_alpha needs the labelled token counts (n_tokens)")
@@ -302,8 +357,15 @@ def reference_logps(ref_model, batch: dict[str, Any], visual_features: torch.Ten
 class DPOTrainer(SelfTrainingTrainer):
     """The HF Trainer with sigmoid DPO as ``compute_loss`` and DPO metrics in every log line."""
 
-    def __init__(self, *args: Any, ref_model=None, beta: float = 0.1, ref_visual_path: str = "frozen",
-                 rpo_alpha: float | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        ref_model=None,
+        beta: float = 0.1,
+        ref_visual_path: str = "frozen",
+        rpo_alpha: float | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.ref_model = ref_model
         self.beta = beta

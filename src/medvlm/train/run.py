@@ -38,8 +38,10 @@ def recipe_for(cfg: TrainConfig) -> str:
         supported = ", ".join(f"{s}/{d}" for s, d in RECIPES)
         others = [d for s, d in RECIPES if s == cfg.stage]
         hint = f" (stage {cfg.stage!r} runs with distributed: {' or '.join(others)})" if others else ""
-        raise MedvlmError(f"stage {cfg.stage!r} with distributed: {cfg.distributed} is not supported{hint}; "
-                          f"supported stage/distributed pairs: {supported}")
+        raise MedvlmError(
+            f"stage {cfg.stage!r} with distributed: {cfg.distributed} is not supported{hint}; "
+            f"supported stage/distributed pairs: {supported}"
+        )
     return RECIPES[key]
 
 

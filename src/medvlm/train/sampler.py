@@ -36,9 +36,9 @@ def grouped_indices(lengths: list[int], micro_batch: int, mega_batches: int, gen
         perm = torch.randperm(len(idx), generator=generator).tolist()
         shuffled = [idx[p] for p in perm]
         for start in range(0, len(shuffled), mega):
-            chunk = sorted(shuffled[start:start + mega], key=lambda i: -abs(lengths[i]))
+            chunk = sorted(shuffled[start : start + mega], key=lambda i: -abs(lengths[i]))
             for b in range(0, len(chunk), micro_batch):
-                part = chunk[b:b + micro_batch]
+                part = chunk[b : b + micro_batch]
                 (batches if len(part) == micro_batch else tails).append(part)
     order = torch.randperm(len(batches), generator=generator).tolist()
     out = [i for o in order for i in batches[o]]

@@ -75,13 +75,19 @@ def check_self_training(cfg: TrainConfig) -> None:
     if cfg.tune not in ("lora", "full"):
         raise MedvlmError(f"stage {cfg.stage!r} supports tune: lora (STLLaVA-Med) or full, not {cfg.tune!r}")
     if cfg.vit_lora_grad not in VIT_LORA_GRAD_MODES:
-        raise MedvlmError(f"vit_lora_grad: unknown value {cfg.vit_lora_grad!r}; choose one of {', '.join(VIT_LORA_GRAD_MODES)}")
+        raise MedvlmError(
+            f"vit_lora_grad: unknown value {cfg.vit_lora_grad!r}; choose one of {', '.join(VIT_LORA_GRAD_MODES)}"
+        )
     if cfg.tune_vision_tower and cfg.stage != "sq":
-        raise MedvlmError(f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is "
-                          "only supported in stage 'sq'")
+        raise MedvlmError(
+            f"stage {cfg.stage!r} adapts the tower with ViT-LoRA (vit_lora); tune_vision_tower: true is "
+            "only supported in stage 'sq'"
+        )
     if cfg.tune_vision_tower and cfg.vit_lora_on():
-        raise MedvlmError("stage 'sq': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is redundant; "
-                          "set vit_lora: false (STLLaVA-Med's recipe is vit_lora: true, tune_vision_tower: false)")
+        raise MedvlmError(
+            "stage 'sq': tune_vision_tower: true trains the whole tower, so ViT-LoRA on it is redundant; "
+            "set vit_lora: false (STLLaVA-Med's recipe is vit_lora: true, tune_vision_tower: false)"
+        )
     if not 0.0 <= cfg.sq_r <= 1.0:
         raise MedvlmError(f"sq_r must be in [0, 1], got {cfg.sq_r}")
 
@@ -103,8 +109,12 @@ def apply_self_training_stage(model: torch.nn.Module, cfg: TrainConfig) -> torch
     if lm is None and vision is None:
         if not save:
             raise MedvlmError(f"stage {cfg.stage!r}: nothing to train")
-        set_trainable(model, vision_tower="vision_tower" in save, projector="projector" in save,
-                      language_model="language_model" in save)
+        set_trainable(
+            model,
+            vision_tower="vision_tower" in save,
+            projector="projector" in save,
+            language_model="language_model" in save,
+        )
         return model
     return apply_lora_adapters(model, lm, vision, modules_to_save=save or None)
 
@@ -119,8 +129,13 @@ def part_of(name: str) -> str:
     return "lm"
 
 
-def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_lr: float | None,
-                         vision_lr: float | None, part: Callable[[str], str] = part_of) -> list[dict[str, Any]]:
+def self_training_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    projector_lr: float | None,
+    vision_lr: float | None,
+    part: Callable[[str], str] = part_of,
+) -> list[dict[str, Any]]:
     """Torch param groups: LM (the run's lr), projector (``projector_lr``), vision (``vision_lr``), decay split.
 
     ``part`` maps a parameter name to ``vision`` / ``projector`` / ``lm`` (a family's: ``family_part_of``)."""
@@ -135,7 +150,11 @@ def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_
         groups.setdefault((part(name), decay), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):
-        g: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": f"{part}_{'decay' if decay else 'no_decay'}"}
+        g: dict[str, Any] = {
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{part}_{'decay' if decay else 'no_decay'}",
+        }
         if lrs[part] is not None:
             g["lr"] = lrs[part]
         out.append(g)
@@ -145,8 +164,14 @@ def self_training_groups(model: torch.nn.Module, weight_decay: float, projector_
 class SelfTrainingTrainer(MedVLMTrainer):
     """``MedVLMTrainer`` with three learning rates and the ``published`` (no-grad tower) reproduction switch."""
 
-    def __init__(self, *args: Any, vision_lr: float | None = None, vit_lora_grad: str = "trained",
-                 part: Callable[[str], str] = part_of, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        vision_lr: float | None = None,
+        vit_lora_grad: str = "trained",
+        part: Callable[[str], str] = part_of,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.vision_lr = vision_lr
         self.vit_lora_grad = vit_lora_grad
@@ -170,7 +195,11 @@ class SelfTrainingTrainer(MedVLMTrainer):
             return self._vlm(model).get_vision_features(pixel_values)  # [n_img, L, D_v]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.vit_lora_grad == "published" and inputs.get("pixel_values") is not None and "image_is_cached" not in inputs:
+        if (
+            self.vit_lora_grad == "published"
+            and inputs.get("pixel_values") is not None
+            and "image_is_cached" not in inputs
+        ):
             inputs = dict(inputs)
             inputs["vision_features"] = self.published_features(model, inputs.pop("pixel_values"))
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -183,8 +212,12 @@ def check_sq_template(model, processor, family: str | None) -> None:
     if family is not None and template is None:
         return  # the family's marked chat template learns VUSER turns (rendered as user turns)
     if template != SQ_TEMPLATE:
-        where = (f"set template: {SQ_TEMPLATE} (the run switches the model to it and the output checkpoint keeps it)"
-                 if family is None else
-                 f"build the llava checkpoint with template {SQ_TEMPLATE} (medvlm model init --template {SQ_TEMPLATE})")
-        raise MedvlmError(f"stage 'sq' needs a model with template {SQ_TEMPLATE!r} (VUSER turns); the starting model "
-                          f"uses {template!r}: {where}")
+        where = (
+            f"set template: {SQ_TEMPLATE} (the run switches the model to it and the output checkpoint keeps it)"
+            if family is None
+            else f"build the llava checkpoint with template {SQ_TEMPLATE} (medvlm model init --template {SQ_TEMPLATE})"
+        )
+        raise MedvlmError(
+            f"stage 'sq' needs a model with template {SQ_TEMPLATE!r} (VUSER turns); the starting model "
+            f"uses {template!r}: {where}"
+        )

@@ -43,7 +43,8 @@ class TrainResult:
     cache_by_epoch: dict[int, dict[str, int]] = field(default_factory=dict)
     """The same per epoch (0-based)."""
     shards: dict[str, Any] = field(default_factory=dict)
-    """``fsdp2_cpu`` / ``deepspeed_cpu`` only: this rank's local shard shape, global shape and checksum per parameter."""
+    """``fsdp2_cpu`` / ``deepspeed_cpu`` only: this rank's local shard shape, global shape and checksum per
+    parameter."""
 
 
 def world_size() -> int:
@@ -82,14 +83,17 @@ def training_processor(cfg: TrainConfig, model, processor):
         return processor
     if want == "plain":
         if cfg.stage != "align":
-            raise MedvlmError(f"template 'plain' (image + caption, no roles) is LLaVA's stage-1 format: only stage "
-                              f"'align' trains with it, not {cfg.stage!r}")
+            raise MedvlmError(
+                f"template 'plain' (image + caption, no roles) is LLaVA's stage-1 format: only stage "
+                f"'align' trains with it, not {cfg.stage!r}"
+            )
         train_proc = copy.copy(processor)
         train_proc.template = "plain"
         train_proc.chat_template = chat_template
         return train_proc
-    log.info("switching the model's template from %r to %r (recorded in the output checkpoint)",
-             model.config.template, want)
+    log.info(
+        "switching the model's template from %r to %r (recorded in the output checkpoint)", model.config.template, want
+    )
     model.config.template = want
     processor.template = want
     processor.chat_template = chat_template
@@ -144,8 +148,10 @@ def use_feature_cache(cfg: TrainConfig, tower_trains: bool) -> bool:
         return False
     if tower_trains:
         if cfg.feature_cache == "on":
-            raise MedvlmError("feature_cache: on needs a frozen vision tower (tune_vision_tower or vit_lora trains it); "
-                              "set feature_cache: auto or off")
+            raise MedvlmError(
+                "feature_cache: on needs a frozen vision tower (tune_vision_tower or vit_lora trains it); "
+                "set feature_cache: auto or off"
+            )
         return False
     return True
 
@@ -206,8 +212,13 @@ def load_sft_data(cfg: TrainConfig, start: RunStart):
     from medvlm.train.data import build_dataset
 
     return build_dataset(
-        cfg.sources(), start.train_proc, image_folder=cfg.image_folder, max_length=cfg.max_length,
-        data_format=cfg.data_format, skip_missing_images=cfg.skip_missing_images, seed=cfg.seed,
+        cfg.sources(),
+        start.train_proc,
+        image_folder=cfg.image_folder,
+        max_length=cfg.max_length,
+        data_format=cfg.data_format,
+        skip_missing_images=cfg.skip_missing_images,
+        seed=cfg.seed,
     )
 
 
@@ -218,10 +229,20 @@ def is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn.Module | None,
-               extra_files: dict[str, Any], title: str, history: list[dict[str, Any]], steps: int,
-               fallback_loss: float | None = None, manifest: dict[str, Any] | None = None,
-               **result: Any) -> TrainResult:
+def finish_run(
+    cfg: TrainConfig,
+    start: RunStart,
+    *,
+    main: bool,
+    model: torch.nn.Module | None,
+    extra_files: dict[str, Any],
+    title: str,
+    history: list[dict[str, Any]],
+    steps: int,
+    fallback_loss: float | None = None,
+    manifest: dict[str, Any] | None = None,
+    **result: Any,
+) -> TrainResult:
     """Rank 0 (``main``) saves ``model`` as the final checkpoint and the loss curve; every rank syncs; the result.
 
     ``model`` is unwrapped (no DDP); a PEFT model is merged (adapters kept in ``adapter/``). ``result`` holds the
@@ -242,14 +263,21 @@ def finish_run(cfg: TrainConfig, start: RunStart, *, main: bool, model: torch.nn
 
             def write(m, folder, title):
                 save_checkpoint(m, start.processor, folder, extra_files=extra_files, title=title)
+
         save_final(model, cfg.output_dir, is_peft(model), write)
         plot_loss_curve(history, Path(cfg.output_dir) / LOSS_CURVE_FILE, title)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     losses = [h["loss"] for h in history if "loss" in h]
-    return TrainResult(output_dir=str(cfg.output_dir), final_loss=losses[-1] if losses else fallback_loss,
-                       log_history=history, steps=steps, seconds=time.time() - start.started,
-                       manifest=manifest or {}, **result)
+    return TrainResult(
+        output_dir=str(cfg.output_dir),
+        final_loss=losses[-1] if losses else fallback_loss,
+        log_history=history,
+        steps=steps,
+        seconds=time.time() - start.started,
+        manifest=manifest or {},
+        **result,
+    )
 
 
 def train_resumable(trainer: Any, start: RunStart) -> Any:
@@ -264,14 +292,17 @@ def train_resumable(trainer: Any, start: RunStart) -> Any:
     from medvlm.train.checkpoint import load_trainable_base, trainable_base_state
 
     if trainer.is_deepspeed_enabled:
-        # the engine's checkpoint (in checkpoint-N) saves the module state and the Trainer reloads it (non-strict for PEFT)
+        # the engine's checkpoint (in checkpoint-N) saves the module state and the Trainer reloads it
+        # (non-strict for PEFT)
         return trainer.train(resume_from_checkpoint=start.resume)
     if trainer.is_fsdp_enabled:
         # sharded parameters: neither written nor restored here, so a resume that would lose them is refused
         if start.resume and trainable_base_state(trainer.model):
-            raise MedvlmError(f"resume_from_checkpoint {start.resume}: under FSDP a LoRA run's trained base weights "
-                              "(a family's connector, a fully tuned LM) are neither saved in checkpoint-N nor restored; "
-                              "start a fresh run in a new output_dir (DDP and DeepSpeed runs resume them)")
+            raise MedvlmError(
+                f"resume_from_checkpoint {start.resume}: under FSDP a LoRA run's trained base weights "
+                "(a family's connector, a fully tuned LM) are neither saved in checkpoint-N nor restored; "
+                "start a fresh run in a new output_dir (DDP and DeepSpeed runs resume them)"
+            )
         return trainer.train(resume_from_checkpoint=start.resume)
     trainer.add_callback(TrainableBaseCallback())
     if start.resume:
@@ -279,11 +310,28 @@ def train_resumable(trainer: Any, start: RunStart) -> Any:
     return trainer.train(resume_from_checkpoint=start.resume)
 
 
-def finish_trainer(cfg: TrainConfig, start: RunStart, trainer, out, extra_files: dict[str, Any], title: str,
-                   manifest: dict[str, Any], **result: Any) -> TrainResult:
+def finish_trainer(
+    cfg: TrainConfig,
+    start: RunStart,
+    trainer,
+    out,
+    extra_files: dict[str, Any],
+    title: str,
+    manifest: dict[str, Any],
+    **result: Any,
+) -> TrainResult:
     """:func:`finish_run` for an HF Trainer run (``out`` = what ``trainer.train()`` returned)."""
     main = trainer.is_world_process_zero()
-    return finish_run(cfg, start, main=main, model=trainer.accelerator.unwrap_model(trainer.model) if main else None,
-                      extra_files=extra_files, title=title, history=list(trainer.state.log_history),
-                      steps=trainer.state.global_step, fallback_loss=out.training_loss if out else None,
-                      manifest=manifest, **result)
+    return finish_run(
+        cfg,
+        start,
+        main=main,
+        model=trainer.accelerator.unwrap_model(trainer.model) if main else None,
+        extra_files=extra_files,
+        title=title,
+        history=list(trainer.state.log_history),
+        steps=trainer.state.global_step,
+        fallback_loss=out.training_loss if out else None,
+        manifest=manifest,
+        **result,
+    )

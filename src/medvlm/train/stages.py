@@ -56,13 +56,17 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
         lm = bool(cfg.tune_language_model)
         use_rows = model_config.mm_use_im_start_end if cfg.tune_im_start_end is None else cfg.tune_im_start_end
         if use_rows and not model_config.mm_use_im_start_end:
-            raise MedvlmError("tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)")
+            raise MedvlmError(
+                "tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)"
+            )
         rows = [model_config.im_start_token_id, model_config.im_end_token_id] if use_rows and not lm else []
         return StagePlan(cfg.tune_vision_tower, True, lm, False, im_rows=rows)
     lora = cfg.tune in ("lora", "qlora")
     lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
     if lora and cfg.tune_language_model is False:
-        raise MedvlmError(f"tune: {cfg.tune} adds adapters to the language model; tune_language_model: false contradicts it")
+        raise MedvlmError(
+            f"tune: {cfg.tune} adds adapters to the language model; tune_language_model: false contradicts it"
+        )
     vit = cfg.vit_lora_on()
     if not (projector or lm or lora or cfg.tune_vision_tower or vit):
         raise MedvlmError("nothing to train: projector, language model and vision tower are all frozen")
@@ -112,7 +116,9 @@ def lora_target_regex(model: nn.Module, targets: list[str]) -> str:
 
     Raises a MedvlmError naming any target that matches no linear layer of the LM, with the names it has.
     """
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if isinstance(m, nn.Linear)})
+    linear_names = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if isinstance(m, nn.Linear)}
+    )
     missing = [t for t in targets if t not in linear_names]
     if missing:
         raise MedvlmError(
@@ -129,7 +135,9 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, plan: StagePlan) -> nn.Module
 
     save = (["projector"] if plan.projector else []) + (["vision_tower"] if plan.vision_tower else [])
     if plan.vit_lora:  # one adapter for both (own rank / alpha / dropout on the tower): merged together at the end
-        lm = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if plan.lora else None
+        lm = (
+            LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if plan.lora else None
+        )
         if plan.language_model:
             save.append("language_model")
         return apply_lora_adapters(model, lm, vit_spec(cfg), modules_to_save=save or None, bias=cfg.lora_bias)

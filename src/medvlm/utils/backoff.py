@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 
-def backoff_delay(retry: int, base: float, cap: float, *, hint: float | None = None,
-                  rng: random.Random | None = None) -> float:
+def backoff_delay(
+    retry: int, base: float, cap: float, *, hint: float | None = None, rng: random.Random | None = None
+) -> float:
     """Seconds to wait before retry ``retry`` (0-based).
 
     ``base * 2**retry`` capped at ``cap``, then "equal jitter" (uniform in [half, whole]) so that clients failing

@@ -64,10 +64,15 @@ class RenamedCommand(TyperCommand):
                 if not isinstance(value, str):
                     continue
                 if self._option(flag).name in raw:
-                    raise typer.BadParameter(f"give {flag} only ({name.upper()} is its deprecated positional "
-                                             "spelling)", ctx=ctx, param=self._option(flag))
-                typer.echo(deprecation_line(ctx.command_path, f"{name.upper()} (positional)", f"{flag} {name.upper()}"),
-                           err=True)
+                    raise typer.BadParameter(
+                        f"give {flag} only ({name.upper()} is its deprecated positional spelling)",
+                        ctx=ctx,
+                        param=self._option(flag),
+                    )
+                typer.echo(
+                    deprecation_line(ctx.command_path, f"{name.upper()} (positional)", f"{flag} {name.upper()}"),
+                    err=True,
+                )
                 rewritten = [flag, value, *rewritten]  # in front: a `--` in the line would make it positional
         rest = super().parse_args(ctx, rewritten)
         for name in self.renamed_positional:

@@ -106,7 +106,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise MedvlmError(f"{path}: not UTF-8 text ({e})") from e
 
 
-def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False, bad: list[str] | None = None) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(
+    path: str | os.PathLike, skip_bad: bool = False, bad: list[str] | None = None
+) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (1-based line numbers).
 
     A malformed line raises a :class:`MedvlmError` naming file and line, unless ``skip_bad`` is set,

@@ -10,5 +10,13 @@ from medvlm.data.benchmarks.convert import DATASETS, convert_vqa
 from medvlm.data.benchmarks.group import GroupStats, group_by_image, group_file
 from medvlm.data.benchmarks.hub import HUB_REPOS, convert_benchmark, locate
 
-__all__ = ["DATASETS", "HUB_REPOS", "GroupStats", "convert_benchmark", "convert_vqa", "group_by_image", "group_file",
-           "locate"]
+__all__ = [
+    "DATASETS",
+    "HUB_REPOS",
+    "GroupStats",
+    "convert_benchmark",
+    "convert_vqa",
+    "group_by_image",
+    "group_file",
+    "locate",
+]

@@ -120,7 +120,9 @@ class ImageSink:
         key = hashlib.sha1(data).hexdigest()
         if key not in self.done:
             with open_image(io.BytesIO(data), f"{where}: image bytes") as im:  # the formats medvlm reads only
-                ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}[im.format]
+                ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}[
+                    im.format
+                ]
             rel = f"{stem}.{ext}"
             (self.root / rel).write_bytes(data)
             self.done[key] = rel
@@ -161,10 +163,16 @@ def _vqa_rad(src: Path, out: Path) -> dict[str, list[VQAItem]]:
             if not isinstance(r, dict):
                 raise MedvlmError(f"{where}: expected an object")
             name = _text(r, "image_name", where)
-            items.append(VQAItem(id=r.get("qid", i), image=sink.copy(img_dir / name, name, where),
-                                 question=_text(r, "question", where), answer=_text(r, "answer", where),
-                                 answer_type=_answer_type(r.get("answer_type"), where),
-                                 question_type=str(r["question_type"]).strip() if r.get("question_type") else None))
+            items.append(
+                VQAItem(
+                    id=r.get("qid", i),
+                    image=sink.copy(img_dir / name, name, where),
+                    question=_text(r, "question", where),
+                    answer=_text(r, "answer", where),
+                    answer_type=_answer_type(r.get("answer_type"), where),
+                    question_type=str(r["question_type"]).strip() if r.get("question_type") else None,
+                )
+            )
         _check_unique(items, f"{src / names[split]} ({split})")
         out_items[split] = items
     return out_items
@@ -174,8 +182,10 @@ def _slake(src: Path, out: Path) -> dict[str, list[VQAItem]]:
     img_dir = src / "imgs"
     sink = ImageSink(out)
     if img_dir.is_dir():  # the release zip from the SLAKE site, unpacked
+
         def image(name: str, where: str) -> str:
             return sink.copy(img_dir / name, name, where)
+
         archive = None
     elif (src / "imgs.zip").is_file():  # the Hugging Face hub copy (BoKelvin/SLAKE): imgs.zip beside the JSON files
         archive = ZipImages(src / "imgs.zip", prefix="imgs")
@@ -194,8 +204,11 @@ def _slake(src: Path, out: Path) -> dict[str, list[VQAItem]]:
 def _slake_splits(src: Path, image: Callable[[str, str], str]) -> dict[str, list[VQAItem]]:
     out_items: dict[str, list[VQAItem]] = {}
     # The release names the validation split validate.json; the hub copy renamed it validation.json.
-    for split, fnames in (("train", ("train.json",)), ("validation", ("validation.json", "validate.json")),
-                          ("test", ("test.json",))):
+    for split, fnames in (
+        ("train", ("train.json",)),
+        ("validation", ("validation.json", "validate.json")),
+        ("test", ("test.json",)),
+    ):
         path = next((src / f for f in fnames if (src / f).is_file()), None)
         if path is None:
             if split == "validation":
@@ -210,11 +223,17 @@ def _slake_splits(src: Path, image: Callable[[str, str], str]) -> dict[str, list
                 continue  # LLaVA-Med evaluates the English questions only
             name = _text(r, "img_name", where)
             extra = {k: r[k] for k in ("modality", "location") if r.get(k)}
-            items.append(VQAItem(id=r.get("qid", i), image=image(name, where),
-                                 question=_text(r, "question", where), answer=_text(r, "answer", where),
-                                 answer_type=_answer_type(r.get("answer_type"), where),
-                                 question_type=str(r["content_type"]).strip() if r.get("content_type") else None,
-                                 extra=extra))
+            items.append(
+                VQAItem(
+                    id=r.get("qid", i),
+                    image=image(name, where),
+                    question=_text(r, "question", where),
+                    answer=_text(r, "answer", where),
+                    answer_type=_answer_type(r.get("answer_type"), where),
+                    question_type=str(r["content_type"]).strip() if r.get("content_type") else None,
+                    extra=extra,
+                )
+            )
         _check_unique(items, f"{path}")
         out_items[split] = items
     return out_items
@@ -245,8 +264,11 @@ def iter_table_rows(files: list[Path]) -> Iterator[tuple[Path, int, dict]]:
             missing = set(TABLE_COLUMNS) - names
             if missing:
                 raise MedvlmError(f"{f}: missing columns {sorted(missing)} (expected {', '.join(TABLE_COLUMNS)})")
-            batches = (pf.iter_batches(batch_size=256, columns=list(TABLE_COLUMNS)) if f.suffix == ".parquet"
-                       else (b.select(list(TABLE_COLUMNS)) for b in reader))
+            batches = (
+                pf.iter_batches(batch_size=256, columns=list(TABLE_COLUMNS))
+                if f.suffix == ".parquet"
+                else (b.select(list(TABLE_COLUMNS)) for b in reader)
+            )
             row = 0
             for batch in batches:
                 for rec in batch.to_pylist():
@@ -267,8 +289,15 @@ def table_items(files: list[Path], split: str, sink: ImageSink) -> list[VQAItem]
             raise MedvlmError(f"{where}: field 'image.bytes' is missing or empty")
         answer = _text(r, "answer", where)
         n = len(items)
-        items.append(VQAItem(id=n, image=sink.write(data, f"{split}_{n:06d}", where), question=_text(r, "question", where),
-                             answer=answer, answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN"))
+        items.append(
+            VQAItem(
+                id=n,
+                image=sink.write(data, f"{split}_{n:06d}", where),
+                question=_text(r, "question", where),
+                answer=answer,
+                answer_type="CLOSED" if answer.lower() in ("yes", "no") else "OPEN",
+            )
+        )
     return items
 
 
@@ -288,9 +317,15 @@ def _pathvqa(src: Path, out: Path) -> dict[str, list[VQAItem]]:
 CONVERTERS = {"vqa-rad": _vqa_rad, "slake": _slake, "pathvqa": _pathvqa}
 
 
-def convert_vqa(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *, closed_options: bool = False,
-                overwrite: bool = False,
-                reader: Callable[[Path, Path], dict[str, list[VQAItem]]] | None = None) -> dict[str, int]:
+def convert_vqa(
+    dataset: str,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    closed_options: bool = False,
+    overwrite: bool = False,
+    reader: Callable[[Path, Path], dict[str, list[VQAItem]]] | None = None,
+) -> dict[str, int]:
     """Convert a VQA dataset's public release in ``src`` to LLaVA-Med's format in ``out``.
 
     ``reader(src, tmp_out)`` replaces the public-release reader of ``dataset`` (the hub-parquet

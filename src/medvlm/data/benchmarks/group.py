@@ -40,12 +40,20 @@ class GroupStats:
 def _single_question(s: Sample) -> bool:
     """[system?] user(1 image + text) -> assistant, with exactly one image."""
     turns = [m for m in s.messages if m.role != "system"]
-    return (len(s.images) == 1 and len(turns) == 2 and turns[0].role == "user" and turns[1].role == "assistant"
-            and turns[0].num_images == 1 and turns[1].num_images == 0 and s.messages[-1].role == "assistant")
+    return (
+        len(s.images) == 1
+        and len(turns) == 2
+        and turns[0].role == "user"
+        and turns[1].role == "assistant"
+        and turns[0].num_images == 1
+        and turns[1].num_images == 0
+        and s.messages[-1].role == "assistant"
+    )
 
 
-def group_by_image(samples: list[Sample], *, max_questions: int | None = None, seed: int = 0,
-                   stats: GroupStats | None = None) -> list[Sample]:
+def group_by_image(
+    samples: list[Sample], *, max_questions: int | None = None, seed: int = 0, stats: GroupStats | None = None
+) -> list[Sample]:
     """Merge the single-question samples of each image into conversations of at most ``max_questions`` turns.
 
     Questions of an image are shuffled with ``seed`` (so the question that carries the image varies), then
@@ -81,7 +89,7 @@ def group_by_image(samples: list[Sample], *, max_questions: int | None = None, s
         st.images += 1
         size = max_questions or len(members)
         for start in range(0, len(members), size):
-            out.append(_merge(members[start:start + size]))
+            out.append(_merge(members[start : start + size]))
             st.conversations += 1
     return out
 
@@ -90,8 +98,10 @@ def _merge(members: list[Sample]) -> Sample:
     """One conversation from single-question samples of the same image (already in their final order)."""
     systems = {tuple(m.text for m in s.messages if m.role == "system") for s in members}
     if len(systems) > 1:
-        raise MedvlmError(f"samples {[s.id for s in members]} of image {members[0].images[0]!r}: "
-                          "different system prompts, cannot merge them into one conversation")
+        raise MedvlmError(
+            f"samples {[s.id for s in members]} of image {members[0].images[0]!r}: "
+            "different system prompts, cannot merge them into one conversation"
+        )
     messages = [Message("system", [text_part(t)]) for t in next(iter(systems))]
     for i, s in enumerate(members):
         user, answer = [m for m in s.messages if m.role != "system"]
@@ -106,8 +116,9 @@ def _merge(members: list[Sample]) -> Sample:
     return Sample(id=sid, messages=messages, images=[first.images[0]], meta=meta)
 
 
-def group_file(src: str | os.PathLike, dest: str | os.PathLike, *, max_questions: int | None = None,
-               seed: int = 0) -> GroupStats:
+def group_file(
+    src: str | os.PathLike, dest: str | os.PathLike, *, max_questions: int | None = None, seed: int = 0
+) -> GroupStats:
     """Read a sample file (any supported format), merge per image, write LLaVA JSON to ``dest`` atomically."""
     from medvlm.data.readers import read_samples, sample_to_llava
     from medvlm.utils.io import write_json_atomic

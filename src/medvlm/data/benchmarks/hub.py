@@ -33,8 +33,11 @@ from medvlm.data.benchmarks.convert import (
 )
 from medvlm.errors import MedvlmError
 
-HUB_REPOS: dict[str, str] = {"vqa-rad": "flaviagiammarino/vqa-rad", "slake": "BoKelvin/SLAKE",
-                             "pathvqa": "flaviagiammarino/path-vqa"}
+HUB_REPOS: dict[str, str] = {
+    "vqa-rad": "flaviagiammarino/vqa-rad",
+    "slake": "BoKelvin/SLAKE",
+    "pathvqa": "flaviagiammarino/path-vqa",
+}
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
@@ -64,8 +67,10 @@ def _hub_snapshot(repo_dir: Path) -> Path:
         return found[0]
     if not found:
         raise MedvlmError(f"{repo_dir}: a hub cache folder without snapshots")
-    raise MedvlmError(f"{repo_dir}: {len(found)} snapshots and no refs/main; pass one of them as the data folder: "
-                      + ", ".join(str(p) for p in found))
+    raise MedvlmError(
+        f"{repo_dir}: {len(found)} snapshots and no refs/main; pass one of them as the data folder: "
+        + ", ".join(str(p) for p in found)
+    )
 
 
 def _arrow_dir(repo_dir: Path) -> Path:
@@ -74,8 +79,10 @@ def _arrow_dir(repo_dir: Path) -> Path:
         return dirs[0]
     if not dirs:
         raise MedvlmError(f"{repo_dir}: a datasets cache folder without .arrow files")
-    raise MedvlmError(f"{repo_dir}: {len(dirs)} cached versions; pass one of them as the data folder: "
-                      + ", ".join(str(p) for p in dirs))
+    raise MedvlmError(
+        f"{repo_dir}: {len(dirs)} cached versions; pass one of them as the data folder: "
+        + ", ".join(str(p) for p in dirs)
+    )
 
 
 def resolve_folder(dataset: str, path: str | os.PathLike) -> Path:
@@ -112,7 +119,11 @@ def locate(dataset: str, path: str | os.PathLike) -> SourceInfo:
     """Find ``dataset``'s files under ``path`` and name their layout (MedvlmError when none fits)."""
     folder = resolve_folder(dataset, path)
     if dataset == "slake":
-        jsons = [folder / f for f in ("train.json", "validation.json", "validate.json", "test.json") if (folder / f).is_file()]
+        jsons = [
+            folder / f
+            for f in ("train.json", "validation.json", "validate.json", "test.json")
+            if (folder / f).is_file()
+        ]
         if (folder / "imgs").is_dir():
             imgs = sorted(p for p in (folder / "imgs").rglob("*") if p.is_file())
             return SourceInfo(dataset, "public", folder, jsons + imgs)
@@ -132,10 +143,15 @@ def locate(dataset: str, path: str | os.PathLike) -> SourceInfo:
                 raise MedvlmError(f"{folder}: both parquet and arrow files; pass the folder of one of them")
             layout, files = lay, files + fs
     if not files:
-        what = ("trainset.json + testset.json or 'VQA_RAD Dataset Public.json' with an image folder, or "
-                if dataset == "vqa-rad" else "")
-        raise MedvlmError(f"{folder}: no {dataset} files found ({what}SPLIT-*.parquet from {HUB_REPOS[dataset]}, "
-                          "or a datasets cache's *-SPLIT.arrow)")
+        what = (
+            "trainset.json + testset.json or 'VQA_RAD Dataset Public.json' with an image folder, or "
+            if dataset == "vqa-rad"
+            else ""
+        )
+        raise MedvlmError(
+            f"{folder}: no {dataset} files found ({what}SPLIT-*.parquet from {HUB_REPOS[dataset]}, "
+            "or a datasets cache's *-SPLIT.arrow)"
+        )
     return SourceInfo(dataset, layout, folder, files)
 
 
@@ -153,13 +169,25 @@ def read_table_splits(info: SourceInfo, out: Path) -> dict[str, list[VQAItem]]:
     return splits
 
 
-def convert_benchmark(dataset: str, path: str | os.PathLike, out: str | os.PathLike, *, closed_options: bool = False,
-                      overwrite: bool = False) -> tuple[dict[str, int], SourceInfo]:
+def convert_benchmark(
+    dataset: str,
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    closed_options: bool = False,
+    overwrite: bool = False,
+) -> tuple[dict[str, int], SourceInfo]:
     """Convert ``dataset`` from whichever layout ``path`` holds; returns the counts and what was read."""
     info = locate(dataset, path)
     if info.layout in ("hub-parquet", "datasets-arrow"):
-        counts = convert_vqa(dataset, info.folder, out, closed_options=closed_options, overwrite=overwrite,
-                             reader=lambda _src, tmp: read_table_splits(info, tmp))
+        counts = convert_vqa(
+            dataset,
+            info.folder,
+            out,
+            closed_options=closed_options,
+            overwrite=overwrite,
+            reader=lambda _src, tmp: read_table_splits(info, tmp),
+        )
     else:
         counts = convert_vqa(dataset, info.folder, out, closed_options=closed_options, overwrite=overwrite)
     return counts, info

@@ -44,7 +44,7 @@ class ZipImages:
             parts = name.split("/")
             if pre and pre in parts[:-1]:  # "imgs/x/source.jpg" or "Slake1.0/imgs/x/source.jpg" -> "x/source.jpg"
                 cut = len(parts) - 1 - parts[::-1].index(pre)
-                self._members.setdefault("/".join(parts[cut + 1:]), info)
+                self._members.setdefault("/".join(parts[cut + 1 :]), info)
 
     def close(self) -> None:
         """Close the archive."""
@@ -65,17 +65,23 @@ class ZipImages:
         if info is None:
             raise MedvlmError(f"{where}: image {name!r} not found in {self.path}")
         if info.file_size > MAX_MEMBER_BYTES:
-            raise MedvlmError(f"{where}: {self.path}:{info.filename} is {info.file_size} bytes uncompressed "
-                              f"(limit {MAX_MEMBER_BYTES})")
+            raise MedvlmError(
+                f"{where}: {self.path}:{info.filename} is {info.file_size} bytes uncompressed "
+                f"(limit {MAX_MEMBER_BYTES})"
+            )
         if info.compress_size and info.file_size / info.compress_size > MAX_RATIO:
-            raise MedvlmError(f"{where}: {self.path}:{info.filename} compresses {info.file_size / info.compress_size:.0f}:1 "
-                              f"(limit {MAX_RATIO}:1); refusing a likely zip bomb")
+            raise MedvlmError(
+                f"{where}: {self.path}:{info.filename} compresses {info.file_size / info.compress_size:.0f}:1 "
+                f"(limit {MAX_RATIO}:1); refusing a likely zip bomb"
+            )
         try:
             with self._zip.open(info) as f:
                 data = f.read(MAX_MEMBER_BYTES + 1)
         except (OSError, zipfile.BadZipFile, RuntimeError, EOFError) as e:  # RuntimeError: encrypted member
             raise MedvlmError(f"{where}: cannot read {self.path}:{info.filename} ({e})") from e
         if len(data) != info.file_size:
-            raise MedvlmError(f"{where}: {self.path}:{info.filename} holds {len(data)} bytes, its directory says "
-                              f"{info.file_size}; the archive is damaged")
+            raise MedvlmError(
+                f"{where}: {self.path}:{info.filename} holds {len(data)} bytes, its directory says "
+                f"{info.file_size}; the archive is damaged"
+            )
         return data

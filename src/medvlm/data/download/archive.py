@@ -75,8 +75,9 @@ class ArchiveReader:
     (``tar_header_too_large``, seen by :class:`~medvlm.data.download.tar_guard.TarHeaderGuard` before tarfile reads it).
     """
 
-    def __init__(self, chunks: Iterator[bytes], limits: Limits, tee: BinaryIO | None = None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self, chunks: Iterator[bytes], limits: Limits, tee: BinaryIO | None = None, stop: threading.Event | None = None
+    ):
         self._chunks = chunks
         self._limits = limits
         self._tee = tee
@@ -101,8 +102,9 @@ class ArchiveReader:
                 continue
             self.raw_bytes += len(chunk)
             if self.raw_bytes > self._limits.max_archive_bytes:
-                raise FetchError("archive_too_large",
-                                 f"download exceeds {self._limits.max_archive_bytes} bytes", retryable=False)
+                raise FetchError(
+                    "archive_too_large", f"download exceeds {self._limits.max_archive_bytes} bytes", retryable=False
+                )
             if self._tee is not None:
                 self._tee.write(chunk)
             return chunk
@@ -157,9 +159,11 @@ class ArchiveReader:
                 break
             self.unpacked_bytes += len(piece)
             if self.unpacked_bytes > self._limits.max_archive_bytes:
-                raise FetchError("archive_too_large",
-                                 f"archive unpacks to more than {self._limits.max_archive_bytes} bytes",
-                                 retryable=False)
+                raise FetchError(
+                    "archive_too_large",
+                    f"archive unpacks to more than {self._limits.max_archive_bytes} bytes",
+                    retryable=False,
+                )
             try:
                 self._guard.feed(piece)
             except TarHeaderError as e:
@@ -185,8 +189,9 @@ def http_status_error(status: int, url: str, retry_after: str | None) -> FetchEr
 
 
 @contextlib.contextmanager
-def open_archive(client: httpx.Client, url: str, limits: Limits, tee: BinaryIO | None = None,
-                 stop: threading.Event | None = None) -> Iterator[ArchiveReader]:
+def open_archive(
+    client: httpx.Client, url: str, limits: Limits, tee: BinaryIO | None = None, stop: threading.Event | None = None
+) -> Iterator[ArchiveReader]:
     """Open ``url`` (``http(s)://`` or ``file://``) as an :class:`ArchiveReader`; transport errors become FetchError."""
     if url.startswith("file://"):
         path = Path(unquote(urlparse(url).path))
@@ -218,8 +223,17 @@ def member_key(name: str) -> str:
 def member_problem(ti: tarfile.TarInfo, limits: Limits) -> tuple[str, str] | None:
     """``(reason, message)`` if a wanted member must not be written: links, devices, dirs, sparse, too big."""
     if not ti.isreg() or ti.issparse():
-        kind = "symlink" if ti.issym() else "hard link" if ti.islnk() else "directory" if ti.isdir() else \
-            "sparse file" if ti.issparse() else "device or special file"
+        kind = (
+            "symlink"
+            if ti.issym()
+            else "hard link"
+            if ti.islnk()
+            else "directory"
+            if ti.isdir()
+            else "sparse file"
+            if ti.issparse()
+            else "device or special file"
+        )
         return "unsafe_member", f"member {ti.name!r} is a {kind}, not a regular file"
     if ti.size > limits.max_member_bytes:
         return "too_large", f"member {ti.name!r} is {ti.size} bytes (cap {limits.max_member_bytes})"

@@ -81,8 +81,9 @@ def read_manifest(path: Path) -> dict[str, ManifestEntry]:
     bad: list[str] = []
     for _, row in iter_jsonl(path, skip_bad=True, bad=bad):
         if isinstance(row, dict) and isinstance(row.get("pair_id"), str):
-            state[row["pair_id"]] = ManifestEntry(row.get("status", ""), row.get("file"), row.get("bytes"),
-                                                  row.get("sha256"))
+            state[row["pair_id"]] = ManifestEntry(
+                row.get("status", ""), row.get("file"), row.get("bytes"), row.get("sha256")
+            )
     return state
 
 
@@ -120,9 +121,18 @@ class ManifestWriter:
 
     def done_row(self, task: PairTask, url: str, nbytes: int, sha256: str) -> None:
         """Record a written figure."""
-        row = {"pair_id": task.pair_id, "status": "done", "url": url, "member": task.member,
-               "file": f"images/{task.filename}", "bytes": nbytes, "sha256": sha256, "reason": None,
-               "error": None, "time": round(time.time(), 3)}
+        row = {
+            "pair_id": task.pair_id,
+            "status": "done",
+            "url": url,
+            "member": task.member,
+            "file": f"images/{task.filename}",
+            "bytes": nbytes,
+            "sha256": sha256,
+            "reason": None,
+            "error": None,
+            "time": round(time.time(), 3),
+        }
         with self._lock:
             append_jsonl(self.path, row)
             self.done += 1
@@ -132,8 +142,18 @@ class ManifestWriter:
 
     def failed_row(self, task: PairTask, url: str, reason: str, error: str) -> None:
         """Record a figure that could not be fetched, with a short reason key and the full message."""
-        row = {"pair_id": task.pair_id, "status": "failed", "url": url, "member": task.member, "file": None,
-               "bytes": None, "sha256": None, "reason": reason, "error": error, "time": round(time.time(), 3)}
+        row = {
+            "pair_id": task.pair_id,
+            "status": "failed",
+            "url": url,
+            "member": task.member,
+            "file": None,
+            "bytes": None,
+            "sha256": None,
+            "reason": reason,
+            "error": error,
+            "time": round(time.time(), 3),
+        }
         with self._lock:
             append_jsonl(self.path, row)
             self.failed[reason] = self.failed.get(reason, 0) + 1

@@ -124,10 +124,16 @@ class DownloadSummary:
 
     def format(self) -> str:
         """A short human-readable report."""
-        lines = [f"done {self.done} (+{self.already_done} from earlier runs) of {self.total} pairs; "
-                 f"{self.bytes_written / 1e6:.1f} MB from {self.archives} archives in {self.seconds:.1f} s",
-                 f"failed {self.failed_total}" + ("" if not self.failed else ": " + ", ".join(
-                     f"{k} {v}" for k, v in sorted(self.failed.items(), key=lambda kv: -kv[1])))]
+        lines = [
+            f"done {self.done} (+{self.already_done} from earlier runs) of {self.total} pairs; "
+            f"{self.bytes_written / 1e6:.1f} MB from {self.archives} archives in {self.seconds:.1f} s",
+            f"failed {self.failed_total}"
+            + (
+                ""
+                if not self.failed
+                else ": " + ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items(), key=lambda kv: -kv[1]))
+            ),
+        ]
         if self.duplicates:
             lines.append(f"skipped {self.duplicates} rows repeating an earlier pair_id with another URL/member")
         lines.append(f"manifest: {self.manifest}")
@@ -148,7 +154,7 @@ def parse_url_map(specs: list[str]) -> list[tuple[str, str]]:
 def map_url(url: str, url_map: list[tuple[str, str]]) -> str:
     """Apply the longest matching prefix rewrite of ``url_map`` to ``url``."""
     best = max((p for p in url_map if url.startswith(p[0])), key=lambda p: len(p[0]), default=None)
-    return url if best is None else best[1] + url[len(best[0]):]
+    return url if best is None else best[1] + url[len(best[0]) :]
 
 
 def _check_config(cfg: DownloadConfig) -> None:
@@ -260,8 +266,9 @@ class _Run:
                 tf = tarfile.open(fileobj=reader, mode="r|")  # plain tar: the reader has un-gzipped it
                 for count, ti in enumerate(tf, start=1):
                     if count > self.limits.max_members:
-                        raise FetchError("archive_too_large", f"more than {self.limits.max_members} tar entries",
-                                         retryable=False)
+                        raise FetchError(
+                            "archive_too_large", f"more than {self.limits.max_members} tar entries", retryable=False
+                        )
                     group = remaining.get(member_key(ti.name))
                     if group is None:
                         continue
@@ -333,16 +340,28 @@ def download_images(urls: str | Path, out: str | Path, config: DownloadConfig | 
 
         headers = {"User-Agent": cfg.user_agent}
         limits = httpx.Limits(max_connections=cfg.workers, max_keepalive_connections=cfg.workers)
-        with httpx.Client(timeout=httpx.Timeout(cfg.timeout), limits=limits, headers=headers,
-                          follow_redirects=True) as client, bar:
+        with (
+            httpx.Client(
+                timeout=httpx.Timeout(cfg.timeout), limits=limits, headers=headers, follow_redirects=True
+            ) as client,
+            bar,
+        ):
             run = _Run(cfg, out, writer, client)
             try:
                 _run_pool(run, list(by_url.items()))
             except OSError as e:  # disk full, permissions: nothing per-figure about it, so stop the run
                 raise MedvlmError(f"{out}: cannot write the download ({e})") from e
-    return DownloadSummary(total=len(tasks), done=writer.done, already_done=already_done, failed=dict(writer.failed),
-                           bytes_written=writer.bytes_written, archives=len(by_url), duplicates=duplicates,
-                           seconds=time.monotonic() - started, manifest=manifest)
+    return DownloadSummary(
+        total=len(tasks),
+        done=writer.done,
+        already_done=already_done,
+        failed=dict(writer.failed),
+        bytes_written=writer.bytes_written,
+        archives=len(by_url),
+        duplicates=duplicates,
+        seconds=time.monotonic() - started,
+        manifest=manifest,
+    )
 
 
 def _run_pool(run: _Run, jobs: list[tuple[str, list[PairTask]]]) -> None:

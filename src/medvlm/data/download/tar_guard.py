@@ -79,7 +79,7 @@ class TarHeaderGuard:
                 i += min(n - i, self._at - pos)
                 continue
             take = min(self._want - len(self._buf), n - i)
-            self._buf += data[i:i + take]
+            self._buf += data[i : i + take]
             i += take
             if len(self._buf) == self._want:
                 piece = bytes(self._buf)
@@ -157,7 +157,7 @@ class TarHeaderGuard:
             length = int(m.group(1))
             if length < 1 or pos + length > len(buf):
                 return
-            keyword, value = m.group(2), buf[m.end():pos + length - 1]
+            keyword, value = m.group(2), buf[m.end() : pos + length - 1]
             if keyword.startswith(b"GNU.sparse."):
                 raise TarHeaderError("sparse member (GNU sparse pax headers are refused)")
             if keyword == b"size" and self._pax_type in (b"x", b"X") and self._pax_size is None:

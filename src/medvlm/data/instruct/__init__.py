@@ -14,7 +14,20 @@ from medvlm.data.instruct.postprocess import (
 from medvlm.data.instruct.prompts import SYSTEM_PROMPT, PromptSet, build_messages, load_prompts, render_context
 
 __all__ = [
-    "SYSTEM_PROMPT", "ConversationParseError", "GenerateConfig", "GenerateReport", "PostprocessConfig",
-    "PostprocessReport", "PromptSet", "build_messages", "clean_text", "filter_pairs", "generate_instructions",
-    "load_prompts", "parse_turns", "postprocess_file", "render_context", "select_records",
+    "SYSTEM_PROMPT",
+    "ConversationParseError",
+    "GenerateConfig",
+    "GenerateReport",
+    "PostprocessConfig",
+    "PostprocessReport",
+    "PromptSet",
+    "build_messages",
+    "clean_text",
+    "filter_pairs",
+    "generate_instructions",
+    "load_prompts",
+    "parse_turns",
+    "postprocess_file",
+    "render_context",
+    "select_records",
 ]

@@ -67,7 +67,9 @@ class GenerateReport:
     """Token / cost summary."""
 
 
-def select_records(groups: dict[str, list[FigureRecord]], max_samples: int | None = None) -> tuple[list[FigureRecord], int]:
+def select_records(
+    groups: dict[str, list[FigureRecord]], max_samples: int | None = None
+) -> tuple[list[FigureRecord], int]:
     """Round-robin across the domain lists, de-duplicated by ``pair_id``; ``(records, duplicates)``."""
     if max_samples is not None and max_samples < 0:
         raise MedvlmError(f"max_samples must be >= 0, got {max_samples}")
@@ -121,8 +123,10 @@ def _read_done(cfg: GenerateConfig, model: str, fingerprint: str, report: Genera
         theirs = {k: gen.get(k) for k in mine}
         if theirs != mine:
             diff = ", ".join(f"{k}={theirs[k]!r} (now {mine[k]!r})" for k in mine if theirs[k] != mine[k])
-            raise MedvlmError(f"{cfg.out}:{lineno}: this output was generated with {diff} ('prompt' is a hash of "
-                              "the system text and few-shot file); write to a new --out or keep the earlier settings")
+            raise MedvlmError(
+                f"{cfg.out}:{lineno}: this output was generated with {diff} ('prompt' is a hash of "
+                "the system text and few-shot file); write to a new --out or keep the earlier settings"
+            )
         done.add(row["pair_id"])
     return done
 
@@ -131,9 +135,16 @@ def _output_row(rec: FigureRecord, res: LLMResult, model: str, fingerprint: str,
     row = dict(rec.raw)
     row.setdefault("domain_list", rec.domain_list)
     row["result"] = res.text
-    row["generation"] = {"model": model, "served_model": (res.response or {}).get("model"), "prompt": fingerprint,
-                         "inline_mentions": inline, "usage": res.usage, "finish_reason": res.finish_reason,
-                         "cached": res.cached, "request_key": res.key}
+    row["generation"] = {
+        "model": model,
+        "served_model": (res.response or {}).get("model"),
+        "prompt": fingerprint,
+        "inline_mentions": inline,
+        "usage": res.usage,
+        "finish_reason": res.finish_reason,
+        "cached": res.cached,
+        "request_key": res.key,
+    }
     return row
 
 
@@ -160,13 +171,19 @@ def generate_instructions(cfg: GenerateConfig, llm: LLMConfig, *, prompts: Promp
             report.generated += 1
             report.from_cache += int(res.cached)
         else:
-            report.failed.append({"pair_id": rec.pair_id, "domain_list": rec.domain_list, "error": res.error,
-                                  "attempts": res.attempts})
+            report.failed.append(
+                {"pair_id": rec.pair_id, "domain_list": rec.domain_list, "error": res.error, "attempts": res.attempts}
+            )
 
     with LLMClient(llm) as client:
         try:
-            client.complete_many((LLMRequest(build_messages(r, prompts, cfg.inline_mentions), tag=r.pair_id) for r in todo),
-                                 on_result=on_result, desc="instruct generate", keep_results=False, total=len(todo))
+            client.complete_many(
+                (LLMRequest(build_messages(r, prompts, cfg.inline_mentions), tag=r.pair_id) for r in todo),
+                on_result=on_result,
+                desc="instruct generate",
+                keep_results=False,
+                total=len(todo),
+            )
         finally:
             report.usage = client.usage.summary(llm)
             errors = cfg.errors_path()

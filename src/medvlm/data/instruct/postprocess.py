@@ -25,24 +25,49 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp",
 
 # An answer containing one of these admits that the model worked from text, not an image.
 NO_IMAGE_ACCESS_PHRASES: tuple[str, ...] = (
-    "without access", "cannot see the", "can't see the", "can not see the", "unable to see", "unable to view",
-    "not able to see", "not able to view", "cannot view", "can't view", "don't have access", "do not have access",
-    "no access to the image", "not mentioned in the caption", "not mentioned in the description",
-    "not mentioned in the context", "not provided in the caption", "not provided in the context",
-    "not specified in the caption", "not described in the caption", "sorry", "as an ai", "i am unable", "i'm unable",
+    "without access",
+    "cannot see the",
+    "can't see the",
+    "can not see the",
+    "unable to see",
+    "unable to view",
+    "not able to see",
+    "not able to view",
+    "cannot view",
+    "can't view",
+    "don't have access",
+    "do not have access",
+    "no access to the image",
+    "not mentioned in the caption",
+    "not mentioned in the description",
+    "not mentioned in the context",
+    "not provided in the caption",
+    "not provided in the context",
+    "not specified in the caption",
+    "not described in the caption",
+    "sorry",
+    "as an ai",
+    "i am unable",
+    "i'm unable",
 )
 
 # "in the context of ..." is ordinary English, not a pointer at the prompt: the lookahead keeps it.
 _SOURCE = r"(?:given |provided |figure |image |above )?(?:caption|description|context|text|information)s?(?!\s+of\b)"
 _LEADING = re.compile(
     r"(^|[.!?]\s+)(?:according to|based on|as (?:described|mentioned|stated|noted|indicated|shown|seen|explained) in"
-    r"|from|in) the " + _SOURCE + r"(?: provided| given| above)?\s*[,:]?\s*(\S)", re.IGNORECASE)
+    r"|from|in) the " + _SOURCE + r"(?: provided| given| above)?\s*[,:]?\s*(\S)",
+    re.IGNORECASE,
+)
 _INLINE = re.compile(
     r"\s*(?:,\s*)?\(?(?:(?:as |which is |that is )?(?:described|mentioned|stated|noted|indicated|shown|seen|explained"
-    r"|specified|depicted) (?:in|by)|according to|as per|per) the " + _SOURCE + r"\)?(?:\s*,)?", re.IGNORECASE)
+    r"|specified|depicted) (?:in|by)|according to|as per|per) the " + _SOURCE + r"\)?(?:\s*,)?",
+    re.IGNORECASE,
+)
 _TURN = re.compile(
     r"^\s*(?:#{1,6}\s*)?(?:[-*\u2022>]\s+)?(?:\(?\d{1,3}[.):]\s*)?(?:\*\*|__)?\s*(user|assistant)\s*\d{0,3}\s*"
-    r"(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$", re.IGNORECASE)
+    r"(?:\*\*|__)?\s*:\s*(?:\*\*|__)?\s*(.*)$",
+    re.IGNORECASE,
+)
 _RULE = re.compile(r"^\s*([-*_=])\1{2,}\s*$")
 _MENTIONS_SOURCE_ANSWER = re.compile(r"\b(?:captions?|descriptions?)\b", re.IGNORECASE)
 _MENTIONS_SOURCE_QUESTION = re.compile(r"\bcaptions?\b", re.IGNORECASE)
@@ -86,8 +111,14 @@ class PostprocessReport:
 
     def as_dict(self) -> dict:
         """JSON-ready summary."""
-        return {"samples_read": self.samples_read, "samples_written": self.samples_written, "pairs_kept": self.pairs_kept,
-                "pair_drops": dict(self.pair_drops), "sample_drops": dict(self.sample_drops), "problems": self.problems}
+        return {
+            "samples_read": self.samples_read,
+            "samples_written": self.samples_written,
+            "pairs_kept": self.pairs_kept,
+            "pair_drops": dict(self.pair_drops),
+            "sample_drops": dict(self.sample_drops),
+            "problems": self.problems,
+        }
 
 
 def parse_turns(text: str) -> list[tuple[str, str]]:
@@ -240,8 +271,14 @@ def postprocess_file(cfg: PostprocessConfig) -> PostprocessReport:
             skip("image_not_found", f"{where} ({pair_id}): no image {pair_id}.* in {cfg.image_folder}")
             continue
         domain = row.get("domain") if isinstance(row.get("domain"), dict) else {}
-        out.append({"id": pair_id, "image": image, "domain": domain,
-                    "conversations": to_conversations(pairs, image_at_start(cfg.seed, pair_id))})
+        out.append(
+            {
+                "id": pair_id,
+                "image": image,
+                "domain": domain,
+                "conversations": to_conversations(pairs, image_at_start(cfg.seed, pair_id)),
+            }
+        )
         report.pairs_kept += len(pairs)
     drain_bad()
     write_json_atomic(cfg.out, out)

@@ -69,8 +69,10 @@ class PromptSet:
 
     def fingerprint(self) -> str:
         """sha256 of the system text and examples (recorded in the output to catch a changed prompt on resume)."""
-        payload = json.dumps([self.system, [(e.fig_label, e.fig_caption, e.mentions, e.conversation) for e in self.examples]],
-                             ensure_ascii=False)
+        payload = json.dumps(
+            [self.system, [(e.fig_label, e.fig_caption, e.mentions, e.conversation) for e in self.examples]],
+            ensure_ascii=False,
+        )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -93,13 +95,20 @@ def _parse_few_shot(data: object, where: str) -> PromptSet:
             raise MedvlmError(f"{at}.conversation: expected a non-empty list of {{'user', 'assistant'}} objects")
         pairs = []
         for j, turn in enumerate(conv):
-            if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) and turn[k].strip()
-                                                     for k in ("user", "assistant")):
+            if not isinstance(turn, dict) or not all(
+                isinstance(turn.get(k), str) and turn[k].strip() for k in ("user", "assistant")
+            ):
                 raise MedvlmError(f"{at}.conversation[{j}]: expected non-empty 'user' and 'assistant' strings")
             pairs.append((turn["user"].strip(), turn["assistant"].strip()))
-        examples.append(FewShotExample(fig_label=str(ex.get("fig_label") or ""), fig_caption=caption.strip(),
-                                       mentions=normalize_mentions(ex.get("mentions"), f"{at}."),
-                                       conversation=pairs, domain=str(ex.get("domain") or "")))
+        examples.append(
+            FewShotExample(
+                fig_label=str(ex.get("fig_label") or ""),
+                fig_caption=caption.strip(),
+                mentions=normalize_mentions(ex.get("mentions"), f"{at}."),
+                conversation=pairs,
+                domain=str(ex.get("domain") or ""),
+            )
+        )
     return PromptSet(system=system.strip(), examples=examples, source=where)
 
 
@@ -136,8 +145,14 @@ def build_messages(record: FigureRecord, prompts: PromptSet, inline_mentions: bo
     """Chat messages for one figure: system, few-shot (context -> conversation) pairs, then the figure's context."""
     messages = [{"role": "system", "content": prompts.system}]
     for ex in prompts.examples:
-        messages.append({"role": "user", "content": render_context(ex.fig_label, ex.fig_caption, ex.mentions, inline_mentions)})
+        messages.append(
+            {"role": "user", "content": render_context(ex.fig_label, ex.fig_caption, ex.mentions, inline_mentions)}
+        )
         messages.append({"role": "assistant", "content": render_conversation(ex.conversation)})
-    messages.append({"role": "user", "content": render_context(record.fig_label, record.fig_caption, record.mentions,
-                                                               inline_mentions)})
+    messages.append(
+        {
+            "role": "user",
+            "content": render_context(record.fig_label, record.fig_caption, record.mentions, inline_mentions),
+        }
+    )
     return messages

@@ -52,11 +52,35 @@ from medvlm.data.schema import Message, PreferenceSample, Sample, image_part, te
 from medvlm.errors import MedvlmError
 
 __all__ = [
-    "FORMATS", "SAMPLE_FORMATS", "PREFERENCE_FORMATS", "ImageUrlRow", "LazySamples", "RawRecord", "RecordFile",
-    "check_format", "container_kind", "convert_preference", "convert_record", "detect_format", "fig_caption_samples",
-    "images_first", "index_json_array", "index_jsonl", "index_records", "iter_json_array", "iter_jsonl_records",
-    "iter_raw_records", "iter_typed_records", "read_image_urls", "read_preferences", "read_record_at", "read_samples",
-    "resolve_format", "sample_to_llava", "split_shared_prompt", "turn_field",
+    "FORMATS",
+    "SAMPLE_FORMATS",
+    "PREFERENCE_FORMATS",
+    "ImageUrlRow",
+    "LazySamples",
+    "RawRecord",
+    "RecordFile",
+    "check_format",
+    "container_kind",
+    "convert_preference",
+    "convert_record",
+    "detect_format",
+    "fig_caption_samples",
+    "images_first",
+    "index_json_array",
+    "index_jsonl",
+    "index_records",
+    "iter_json_array",
+    "iter_jsonl_records",
+    "iter_raw_records",
+    "iter_typed_records",
+    "read_image_urls",
+    "read_preferences",
+    "read_record_at",
+    "read_samples",
+    "resolve_format",
+    "sample_to_llava",
+    "split_shared_prompt",
+    "turn_field",
 ]
 
 LLAVA_FROM: dict[str, str] = {"user": "human", "assistant": "gpt", "system": "system", "vuser": "vuser"}
@@ -95,8 +119,9 @@ def resolve_format(path: str | os.PathLike, format: str = "auto") -> str:
     raise MedvlmError(f"{path}: no records; cannot decide the format")
 
 
-def iter_typed_records(path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False,
-                       bad: list[str] | None = None) -> Iterator[tuple[str, RawRecord]]:
+def iter_typed_records(
+    path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False, bad: list[str] | None = None
+) -> Iterator[tuple[str, RawRecord]]:
     """Yield ``(format, raw_record)`` for a list-of-records file, deciding ``auto`` from the first records."""
     path = Path(path)
     check_format(format)
@@ -126,13 +151,17 @@ def fig_caption_samples(path: str | os.PathLike) -> Iterator[Sample]:
         for fr in records:
             meta = dict(fr.raw)
             meta.update(domain_list=dom, mentions=fr.mentions)
-            yield Sample(id=fr.pair_id, images=[f"{fr.pair_id}.jpg"],
-                         messages=[Message("user", [image_part()]), Message("assistant", [text_part(fr.fig_caption)])],
-                         meta=meta)
+            yield Sample(
+                id=fr.pair_id,
+                images=[f"{fr.pair_id}.jpg"],
+                messages=[Message("user", [image_part()]), Message("assistant", [text_part(fr.fig_caption)])],
+                meta=meta,
+            )
 
 
-def read_samples(path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False,
-                 bad: list | None = None) -> Iterator[Sample]:
+def read_samples(
+    path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False, bad: list | None = None
+) -> Iterator[Sample]:
     """Stream the conversations of a data file as :class:`Sample` s.
 
     ``format``: ``"auto"`` (decided by the first record's keys) or one of :data:`SAMPLE_FORMATS`.
@@ -143,7 +172,9 @@ def read_samples(path: str | os.PathLike, format: str = "auto", *, skip_bad: boo
     check_format(format)
     kind = container_kind(path)
     if kind == "object" and format not in ("auto", "fig_captions"):
-        raise MedvlmError(f"{path}: one JSON object (an object of lists), but format {format!r} expects a list of records")
+        raise MedvlmError(
+            f"{path}: one JSON object (an object of lists), but format {format!r} expects a list of records"
+        )
     if kind != "object" and format == "fig_captions":
         raise MedvlmError(f"{path}: format 'fig_captions' expects one JSON object of lists, found a list of records")
     if kind == "object":
@@ -165,12 +196,15 @@ def _samples(path: Path, format: str, skip_bad: bool, bad: list | None) -> Itera
                 bad.append(str(e))
 
 
-def read_preferences(path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False,
-                     bad: list | None = None) -> Iterator[PreferenceSample]:
+def read_preferences(
+    path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False, bad: list | None = None
+) -> Iterator[PreferenceSample]:
     """Stream preference pairs (``stllava_dpo`` or ``trl_preference``) as :class:`PreferenceSample` s."""
     path = Path(path)
     if format not in ("auto", *PREFERENCE_FORMATS):
-        raise MedvlmError(f"format {format!r} is not a preference format; choose auto or one of {', '.join(PREFERENCE_FORMATS)}")
+        raise MedvlmError(
+            f"format {format!r} is not a preference format; choose auto or one of {', '.join(PREFERENCE_FORMATS)}"
+        )
     if container_kind(path) == "object":
         raise MedvlmError(f"{path}: one JSON object, not a list of preference records")
     return _preferences(path, format, skip_bad, bad)
@@ -179,8 +213,10 @@ def read_preferences(path: str | os.PathLike, format: str = "auto", *, skip_bad:
 def _preferences(path: Path, format: str, skip_bad: bool, bad: list | None) -> Iterator[PreferenceSample]:
     for fmt, r in iter_typed_records(path, format, skip_bad=skip_bad, bad=bad):
         if fmt not in PREFERENCE_FORMATS:
-            raise MedvlmError(f"{_where(path, r)}: a {fmt!r} record, not a preference pair "
-                              f"(expected chosen_conversations/reject_conversations or prompt/chosen/rejected)")
+            raise MedvlmError(
+                f"{_where(path, r)}: a {fmt!r} record, not a preference pair "
+                f"(expected chosen_conversations/reject_conversations or prompt/chosen/rejected)"
+            )
         try:
             yield convert_preference(fmt, r.value, r.index, _where(path, r))
         except MedvlmError as e:
@@ -190,7 +226,9 @@ def _preferences(path: Path, format: str, skip_bad: bool, bad: list | None) -> I
                 bad.append(str(e))
 
 
-def read_image_urls(path: str | os.PathLike, *, skip_bad: bool = False, bad: list | None = None) -> Iterator[ImageUrlRow]:
+def read_image_urls(
+    path: str | os.PathLike, *, skip_bad: bool = False, bad: list | None = None
+) -> Iterator[ImageUrlRow]:
     """Stream ``llava_med_image_urls.jsonl`` rows (``pmc_tar_url``, ``image_file_path``, ``pair_id``)."""
     path = Path(path)
     return _image_urls(path, iter_raw_records(path, skip_bad=skip_bad, bad=bad), skip_bad, bad)
@@ -262,8 +300,11 @@ class LazySamples:
     def __init__(self, path: str | os.PathLike, format: str = "auto", index: list[tuple[int, int]] | None = None):
         self.path = Path(path)
         self.records = RecordFile(self.path, index)
-        self.format = format if format != "auto" else (
-            detect_format(self.records[0], f"{self.path}: record 0") if len(self.records) else "llava")
+        self.format = (
+            format
+            if format != "auto"
+            else (detect_format(self.records[0], f"{self.path}: record 0") if len(self.records) else "llava")
+        )
         if self.format not in SAMPLE_FORMATS or self.format == "fig_captions":
             raise MedvlmError(f"{self.path}: format {self.format!r} cannot be read lazily as Samples")
 

@@ -72,10 +72,17 @@ def read_fig_captions(path: str | os.PathLike) -> dict[str, list[FigureRecord]]:
             for key in ("pair_id", "fig_caption"):
                 if not isinstance(r.get(key), str) or not r.get(key):
                     raise MedvlmError(f"{where}field {key!r}: missing or not a non-empty string")
-            recs.append(FigureRecord(
-                pair_id=r["pair_id"], fig_label=str(r.get("fig_label") or ""), fig_caption=r["fig_caption"],
-                mentions=normalize_mentions(r.get("in_text_mention"), where), domain_list=dom,
-                domain={k: bool(v) for k, v in (r.get("domain") or {}).items()}, raw=r))
+            recs.append(
+                FigureRecord(
+                    pair_id=r["pair_id"],
+                    fig_label=str(r.get("fig_label") or ""),
+                    fig_caption=r["fig_caption"],
+                    mentions=normalize_mentions(r.get("in_text_mention"), where),
+                    domain_list=dom,
+                    domain={k: bool(v) for k, v in (r.get("domain") or {}).items()},
+                    raw=r,
+                )
+            )
         out[dom] = recs
     return out
 

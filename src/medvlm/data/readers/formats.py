@@ -30,11 +30,23 @@ PREFERENCE_FORMATS: tuple[str, ...] = ("stllava_dpo", "trl_preference")
 FORMATS: list[str] = [*SAMPLE_FORMATS, *PREFERENCE_FORMATS, "image_urls"]
 """Every format name ``read_samples`` / ``read_preferences`` / ``validate_file`` accept explicitly."""
 
-LLAVA_ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                               "system": "system", "vuser": "vuser"}
+LLAVA_ROLES: dict[str, str] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "vuser": "vuser",
+}
 """LLaVA ``from`` values -> internal roles (``vuser``: STLLaVA-Med's self-questioning turn)."""
-CHAT_ROLES: dict[str, str] = {"user": "user", "assistant": "assistant", "system": "system", "vuser": "vuser",
-                              "human": "user", "gpt": "assistant"}
+CHAT_ROLES: dict[str, str] = {
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+    "vuser": "vuser",
+    "human": "user",
+    "gpt": "assistant",
+}
 CONVERSATION_KEYS: tuple[str, ...] = ("conversations", "conversatons")
 
 
@@ -54,14 +66,18 @@ def detect_format(record: Any, where: str) -> str:
     if "messages" in keys:
         return "messages"
     if "question_id" in keys and "text" in keys and ("answer_id" in keys or "model_id" in keys):
-        raise MedvlmError(f"{where}: a model answer file (question_id/text/answer_id), not a data file; "
-                          "answer files are read by the evaluation commands")
+        raise MedvlmError(
+            f"{where}: a model answer file (question_id/text/answer_id), not a data file; "
+            "answer files are read by the evaluation commands"
+        )
     if "question_id" in keys and "text" in keys and "image" in keys:
         return "qa50"
     if "question" in keys and "answer" in keys:
         return "vqa_flat"
     shown = ", ".join(sorted(map(str, keys))[:12]) or "no keys"
-    raise MedvlmError(f"{where}: cannot decide the format from the keys ({shown}); pass --format, one of {', '.join(FORMATS)}")
+    raise MedvlmError(
+        f"{where}: cannot decide the format from the keys ({shown}); pass --format, one of {', '.join(FORMATS)}"
+    )
 
 
 def check_format(name: str) -> str:
@@ -138,8 +154,12 @@ def _llava(rec: dict, index: int, where: str) -> Sample:
     key = conversation_key(rec)
     if key is None:
         raise MedvlmError(f"{where}: field 'conversations' is missing")
-    return Sample(id=record_id(rec, index, "id"), messages=llava_turns(rec[key], f"{where}: {key}"),
-                  images=record_images(rec, where), meta=record_meta(rec, {"id", "image", key}))
+    return Sample(
+        id=record_id(rec, index, "id"),
+        messages=llava_turns(rec[key], f"{where}: {key}"),
+        images=record_images(rec, where),
+        meta=record_meta(rec, {"id", "image", key}),
+    )
 
 
 def _vqa_test(rec: dict, index: int, where: str) -> Sample:
@@ -173,7 +193,9 @@ def chat_content(content: Any, where: str, inline_images: list[str]) -> list[dic
             ref = ref or next((p[k] for k in ("image", "path", "url") if isinstance(p.get(k), str)), None)
             if ref is not None:
                 if ref.startswith("data:"):
-                    raise MedvlmError(f"{where}[{j}]: inline data: URLs are not supported; save the image and reference its path")
+                    raise MedvlmError(
+                        f"{where}[{j}]: inline data: URLs are not supported; save the image and reference its path"
+                    )
                 inline_images.append(ref)
             parts.append(image_part())
         else:
@@ -192,7 +214,11 @@ def chat_messages(msgs: Any, where: str, inline_images: list[str]) -> list[Messa
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise MedvlmError(f"{where}[{i}].role: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
-        out.append(Message(role=CHAT_ROLES[role], content=chat_content(m.get("content"), f"{where}[{i}].content", inline_images)))
+        out.append(
+            Message(
+                role=CHAT_ROLES[role], content=chat_content(m.get("content"), f"{where}[{i}].content", inline_images)
+            )
+        )
     return out
 
 
@@ -209,8 +235,12 @@ def _messages(rec: dict, index: int, where: str) -> Sample:
 
 def _qa50(rec: dict, index: int, where: str) -> Sample:
     text = _str(rec, "text", where)
-    return Sample(id=record_id(rec, index, "question_id"), messages=[Message.from_text("user", text)],
-                  images=record_images(rec, where), meta=record_meta(rec, {"question_id", "image", "text"}) | {"question_id": rec["question_id"]})
+    return Sample(
+        id=record_id(rec, index, "question_id"),
+        messages=[Message.from_text("user", text)],
+        images=record_images(rec, where),
+        meta=record_meta(rec, {"question_id", "image", "text"}) | {"question_id": rec["question_id"]},
+    )
 
 
 def _vqa_flat(rec: dict, index: int, where: str) -> Sample:
@@ -223,12 +253,20 @@ def _vqa_flat(rec: dict, index: int, where: str) -> Sample:
     meta = record_meta(rec, {"id", "qid", "question_id", "image", "question"})
     if isinstance(meta.get("answer_type"), str):
         meta["answer_type"] = meta["answer_type"].strip().upper()
-    return Sample(id=record_id(rec, index, "id", "qid", "question_id"),
-                  messages=[user, Message("assistant", [text_part(answer)])], images=images, meta=meta)
+    return Sample(
+        id=record_id(rec, index, "id", "qid", "question_id"),
+        messages=[user, Message("assistant", [text_part(answer)])],
+        images=images,
+        meta=meta,
+    )
 
 
 SAMPLE_CONVERTERS: dict[str, Callable[[dict, int, str], Sample]] = {
-    "llava": _llava, "vqa_test": _vqa_test, "messages": _messages, "qa50": _qa50, "vqa_flat": _vqa_flat,
+    "llava": _llava,
+    "vqa_test": _vqa_test,
+    "messages": _messages,
+    "qa50": _qa50,
+    "vqa_flat": _vqa_flat,
 }
 """Per-record converters for the list-of-records sample formats (``fig_captions`` is whole-file)."""
 
@@ -240,8 +278,10 @@ def convert_record(fmt: str, rec: Any, index: int, where: str) -> Sample:
     try:
         conv = SAMPLE_CONVERTERS[fmt]
     except KeyError:
-        raise MedvlmError(f"{where}: format {fmt!r} does not hold conversations "
-                          f"(use read_preferences for {', '.join(PREFERENCE_FORMATS)}; read_image_urls for image_urls)") from None
+        raise MedvlmError(
+            f"{where}: format {fmt!r} does not hold conversations "
+            f"(use read_preferences for {', '.join(PREFERENCE_FORMATS)}; read_image_urls for image_urls)"
+        ) from None
     return conv(rec, index, where)
 
 

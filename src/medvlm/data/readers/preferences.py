@@ -18,7 +18,9 @@ from medvlm.errors import MedvlmError
 _USERLIKE = ("user", "vuser")
 
 
-def split_shared_prompt(chosen: list[Message], rejected: list[Message], where: str) -> tuple[list[Message], list[Message], list[Message]]:
+def split_shared_prompt(
+    chosen: list[Message], rejected: list[Message], where: str
+) -> tuple[list[Message], list[Message], list[Message]]:
     """``(prompt, chosen_rest, rejected_rest)``: the longest shared prefix ending on a user turn, and the rest."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n].to_dict() == rejected[n].to_dict():
@@ -42,8 +44,14 @@ def _stllava(rec: dict, index: int, where: str) -> PreferenceSample:
     chosen = llava_turns(rec["chosen_conversations"], f"{where}: chosen_conversations")
     rejected = llava_turns(rec[rkey], f"{where}: {rkey}")
     prompt, c, r = split_shared_prompt(chosen, rejected, where)
-    return PreferenceSample(id=record_id(rec, index, "id"), prompt=prompt, chosen=c, rejected=r,
-                            images=record_images(rec, where), meta=record_meta(rec, {"id", "image", "chosen_conversations", rkey}))
+    return PreferenceSample(
+        id=record_id(rec, index, "id"),
+        prompt=prompt,
+        chosen=c,
+        rejected=r,
+        images=record_images(rec, where),
+        meta=record_meta(rec, {"id", "image", "chosen_conversations", rkey}),
+    )
 
 
 def _side(value: Any, where: str, inline: list[str]) -> list[Message]:
@@ -68,8 +76,14 @@ def _trl(rec: dict, index: int, where: str) -> PreferenceSample:
     images = record_images(rec, where, "images") if "images" in rec else record_images(rec, where, "image")
     if inline and images:
         raise MedvlmError(f"{where}: images are given both inside the messages and in the 'images' column")
-    return PreferenceSample(id=record_id(rec, index, "id"), prompt=prompt, chosen=chosen, rejected=rejected,
-                            images=inline or images, meta=record_meta(rec, {"id", "prompt", "chosen", "rejected", "images", "image"}))
+    return PreferenceSample(
+        id=record_id(rec, index, "id"),
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        images=inline or images,
+        meta=record_meta(rec, {"id", "prompt", "chosen", "rejected", "images", "image"}),
+    )
 
 
 PREFERENCE_CONVERTERS = {"stllava_dpo": _stllava, "trl_preference": _trl}

@@ -84,7 +84,9 @@ class _Buffer:
         try:
             data = self.f.read(self.chunk)
         except UnicodeDecodeError as e:
-            raise MedvlmError(f"{self.path}: not UTF-8 text after byte {self.byte_at(len(self.buf))} ({e.reason})") from e
+            raise MedvlmError(
+                f"{self.path}: not UTF-8 text after byte {self.byte_at(len(self.buf))} ({e.reason})"
+            ) from e
         if not data:
             self.eof = True
             return False
@@ -105,7 +107,7 @@ class _Buffer:
     def _advance(self, i: int) -> None:
         if i < self.mark_i:
             raise ValueError("buffer cursor moves forward only")
-        self.mark_byte += len(self.buf[self.mark_i:i].encode("utf-8"))
+        self.mark_byte += len(self.buf[self.mark_i : i].encode("utf-8"))
         self.mark_line += self.buf.count("\n", self.mark_i, i)
         self.mark_i = i
 
@@ -113,7 +115,7 @@ class _Buffer:
         """Forget text before ``pos`` (amortised: only once it exceeds one chunk)."""
         if self.pos > self.chunk:
             self._advance(self.pos)
-            self.buf = self.buf[self.pos:]
+            self.buf = self.buf[self.pos :]
             self.pos = self.mark_i = 0
 
     def byte_at(self, i: int) -> int:
@@ -178,7 +180,9 @@ def iter_json_array(path: str | os.PathLike, chunk_chars: int = CHUNK_CHARS) -> 
                 break
             else:
                 found = repr(c) if c else "end of file"
-                raise MedvlmError(f"{path}: after record {index - 1}: expected ',' or ']' at {b.where(b.pos)}, found {found}")
+                raise MedvlmError(
+                    f"{path}: after record {index - 1}: expected ',' or ']' at {b.where(b.pos)}, found {found}"
+                )
             b.drop_consumed()
         c = b.skip_ws()
         if c:
@@ -187,8 +191,9 @@ def iter_json_array(path: str | os.PathLike, chunk_chars: int = CHUNK_CHARS) -> 
         b.close()
 
 
-def iter_jsonl_records(path: str | os.PathLike, *, skip_bad: bool = False,
-                       bad: list[str] | None = None) -> Iterator[RawRecord]:
+def iter_jsonl_records(
+    path: str | os.PathLike, *, skip_bad: bool = False, bad: list[str] | None = None
+) -> Iterator[RawRecord]:
     """Stream a JSON-lines file with each line's byte offset (blank lines skipped; index counts records).
 
     A malformed line raises a :class:`MedvlmError` naming file and line, unless ``skip_bad`` is set,
@@ -210,7 +215,11 @@ def iter_jsonl_records(path: str | os.PathLike, *, skip_bad: bool = False,
             try:
                 value = decode(raw.decode("utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                what = f"invalid JSON: {e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+                what = (
+                    f"invalid JSON: {e.msg} (column {e.colno})"
+                    if isinstance(e, json.JSONDecodeError)
+                    else "not UTF-8 text"
+                )
                 msg = f"{path}:{lineno}: {what}"
                 if not skip_bad:
                     raise MedvlmError(msg) from e
@@ -257,8 +266,9 @@ def container_kind(path: str | os.PathLike) -> str:
     return "object"
 
 
-def iter_raw_records(path: str | os.PathLike, *, skip_bad: bool = False,
-                     bad: list[str] | None = None) -> Iterator[RawRecord]:
+def iter_raw_records(
+    path: str | os.PathLike, *, skip_bad: bool = False, bad: list[str] | None = None
+) -> Iterator[RawRecord]:
     """Stream the records of a JSON array or a JSON-lines file (a single JSON object is an error here)."""
     kind = container_kind(path)
     if kind == "array":
@@ -291,7 +301,9 @@ def read_record_at(path: str | os.PathLike, offset: int, length: int) -> Any:
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MedvlmError(f"{path}: no JSON record at byte {offset} (length {length}); the file changed since it was indexed?") from e
+        raise MedvlmError(
+            f"{path}: no JSON record at byte {offset} (length {length}); the file changed since it was indexed?"
+        ) from e
 
 
 class RecordFile:

@@ -33,8 +33,19 @@ import numpy as np
 from medvlm.data.readers.figures import DOMAINS
 from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, MODALITY_DOMAIN, SIDES, SIZES, render
 from medvlm.data.synth.text import (
-    CHAT_KINDS, DETAIL_PROMPTS, alignment_turns, caption, chat_answer, chat_question, description, instruct_turns,
-    CLOSED_KINDS, closed_items_of_kinds, extra_closed_items, mention, sample_item,
+    CHAT_KINDS,
+    CLOSED_KINDS,
+    DETAIL_PROMPTS,
+    alignment_turns,
+    caption,
+    chat_answer,
+    chat_question,
+    closed_items_of_kinds,
+    description,
+    extra_closed_items,
+    instruct_turns,
+    mention,
+    sample_item,
 )
 from medvlm.errors import MedvlmError
 from medvlm.notice import NOTICE
@@ -107,8 +118,10 @@ def _check_args(out: Path, n_images: int, seed: int, image_size: int, test_fract
                 raise MedvlmError(f"{out}: directory exists and is not empty; pass --overwrite to replace it")
             manifest = out / "manifest.json"
             if not manifest.is_file() or read_json(manifest).get("generator") != GENERATOR:
-                raise MedvlmError(f"{out}: not a synthetic dataset made by medvlm (no {GENERATOR} manifest.json); "
-                                  "refusing to replace it")
+                raise MedvlmError(
+                    f"{out}: not a synthetic dataset made by medvlm (no {GENERATOR} manifest.json); "
+                    "refusing to replace it"
+                )
     return n_test
 
 
@@ -116,9 +129,17 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, image_size: int = 128,
-                   test_fraction: float = 0.2, qa50_images: int = 50, overwrite: bool = False,
-                   train_extra_closed: int = 0, train_closed_kinds: tuple[str, ...] | list[str] = ()) -> SynthManifest:
+def generate_synth(
+    out: str | os.PathLike,
+    n_images: int = 2000,
+    seed: int = 0,
+    image_size: int = 128,
+    test_fraction: float = 0.2,
+    qa50_images: int = 50,
+    overwrite: bool = False,
+    train_extra_closed: int = 0,
+    train_closed_kinds: tuple[str, ...] | list[str] = (),
+) -> SynthManifest:
     """Write the synthetic dataset to ``out`` atomically (temp dir, then rename) and return its manifest.
 
     Every image gets 2 closed and 2 open VQA questions. ``train_extra_closed`` (0-3) more closed questions go
@@ -135,11 +156,15 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
     out = Path(out)
     n_test = _check_args(out, n_images, seed, image_size, test_fraction, overwrite)
     if not isinstance(train_extra_closed, int) or not 0 <= train_extra_closed <= 3:
-        raise MedvlmError(f"train_extra_closed: need an integer in [0, 3] (5 closed kinds, 2 already asked), "
-                          f"got {train_extra_closed!r}")
+        raise MedvlmError(
+            f"train_extra_closed: need an integer in [0, 3] (5 closed kinds, 2 already asked), "
+            f"got {train_extra_closed!r}"
+        )
     if isinstance(train_closed_kinds, str):
-        raise MedvlmError(f"train_closed_kinds: need a list of kinds, e.g. [{train_closed_kinds!r}], "
-                          f"not the string {train_closed_kinds!r}")
+        raise MedvlmError(
+            f"train_closed_kinds: need a list of kinds, e.g. [{train_closed_kinds!r}], "
+            f"not the string {train_closed_kinds!r}"
+        )
     bad = [k for k in train_closed_kinds if k not in CLOSED_KINDS]
     if bad:
         raise MedvlmError(f"train_closed_kinds: unknown closed kind(s) {bad!r}; choose from {', '.join(CLOSED_KINDS)}")
@@ -168,33 +193,79 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
                 qas = qas + extra_closed_items(f, asked, train_extra_closed, extra_rng)
                 qas = qas + closed_items_of_kinds(f, list(train_closed_kinds), extra_rng)
             factors_by_split[split].append(f)
-            factor_rows.append({"image": image, "split": split, "modality": f.modality, "count": f.count,
-                                "side": f.side, "size": f.size, "intensity": f.intensity})
+            factor_rows.append(
+                {
+                    "image": image,
+                    "split": split,
+                    "modality": f.modality,
+                    "count": f.count,
+                    "side": f.side,
+                    "size": f.size,
+                    "intensity": f.intensity,
+                }
+            )
             cap = caption(f, rng)
             for j, qa in enumerate(qas):
-                vqa[split].append({"id": i * 10 + j, "image": image, "answer_type": qa.answer_type,
-                                   "question_type": qa.kind,
-                                   "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"},
-                                                     {"from": "gpt", "value": qa.answer}]})
+                vqa[split].append(
+                    {
+                        "id": i * 10 + j,
+                        "image": image,
+                        "answer_type": qa.answer_type,
+                        "question_type": qa.kind,
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{qa.question}"},
+                            {"from": "gpt", "value": qa.answer},
+                        ],
+                    }
+                )
             if split == "train":
                 alignment.append({"id": pair_id, "image": image, "conversations": alignment_turns(f, rng, cap)})
-                instruct.append({"id": pair_id, "image": image, "domain": f.domain,
-                                 "conversations": instruct_turns(f, rng)})
+                instruct.append(
+                    {"id": pair_id, "image": image, "domain": f.domain, "conversations": instruct_turns(f, rng)}
+                )
                 figs[MODALITY_DOMAIN[f.modality]].append(
-                    {"pair_id": pair_id, "pmid": f"synth{i:05d}", "fig_id": "F1", "fig_label": "Figure 1",
-                     "fig_caption": cap, "in_text_mention": [mention(f)], "domain": f.domain})
+                    {
+                        "pair_id": pair_id,
+                        "pmid": f"synth{i:05d}",
+                        "fig_id": "F1",
+                        "fig_label": "Figure 1",
+                        "fig_caption": cap,
+                        "in_text_mention": [mention(f)],
+                        "domain": f.domain,
+                    }
+                )
             elif n_qa50_images < qa50_images:
                 n_qa50_images += 1
                 base = {"image": image, "pair_id": pair_id}
-                extra = {"fig_caption": cap, "fig_label": "Figure 1", "in_text_mention": [mention(f)],
-                         "domain": f.domain}
+                extra = {
+                    "fig_caption": cap,
+                    "fig_label": "Figure 1",
+                    "in_text_mention": [mention(f)],
+                    "domain": f.domain,
+                }
                 for k in rng.choice(len(CHAT_KINDS), size=3, replace=False):
                     kind = CHAT_KINDS[int(k)]
-                    qa50.append({"question_id": len(qa50), **base, "text": f"{chat_question(kind, rng)}\n<image>",
-                                 "gpt4_answer": chat_answer(kind, f), **extra, "type": "conversation"})
+                    qa50.append(
+                        {
+                            "question_id": len(qa50),
+                            **base,
+                            "text": f"{chat_question(kind, rng)}\n<image>",
+                            "gpt4_answer": chat_answer(kind, f),
+                            **extra,
+                            "type": "conversation",
+                        }
+                    )
                 prompt = DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))]
-                qa50.append({"question_id": len(qa50), **base, "text": f"{prompt}\n<image>",
-                             "gpt4_answer": description(f), **extra, "type": "detailed_description"})
+                qa50.append(
+                    {
+                        "question_id": len(qa50),
+                        **base,
+                        "text": f"{prompt}\n<image>",
+                        "gpt4_answer": description(f),
+                        **extra,
+                        "type": "detailed_description",
+                    }
+                )
 
         open_answers = sorted({r["conversations"][1]["value"] for r in vqa["train"] if r["answer_type"] == "OPEN"})
         _dump(tmp / "alignment.json", alignment)
@@ -206,18 +277,33 @@ def generate_synth(out: str | os.PathLike, n_images: int = 2000, seed: int = 0, 
         for name, rows in (("qa50.jsonl", qa50), ("factors.jsonl", factor_rows)):
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         manifest = SynthManifest(
-            out_dir=str(out), seed=seed, n_images=n_images, n_train_images=n_images - n_test, n_test_images=n_test,
-            image_size=image_size, test_fraction=test_fraction, train_extra_closed=train_extra_closed,
+            out_dir=str(out),
+            seed=seed,
+            n_images=n_images,
+            n_train_images=n_images - n_test,
+            n_test_images=n_test,
+            image_size=image_size,
+            test_fraction=test_fraction,
+            train_extra_closed=train_extra_closed,
             train_closed_kinds=list(train_closed_kinds),
-            files={"images": n_images, "alignment.json": len(alignment), "instruct.json": len(instruct),
-                   "vqa/train.json": len(vqa["train"]), "vqa/test.json": len(vqa["test"]),
-                   "vqa/train_open_answers.json": len(open_answers), "qa50.jsonl": len(qa50),
-                   "factors.jsonl": len(factor_rows),
-                   "fig_captions.json": sum(len(v) for v in figs.values())},
+            files={
+                "images": n_images,
+                "alignment.json": len(alignment),
+                "instruct.json": len(instruct),
+                "vqa/train.json": len(vqa["train"]),
+                "vqa/test.json": len(vqa["test"]),
+                "vqa/train_open_answers.json": len(open_answers),
+                "qa50.jsonl": len(qa50),
+                "factors.jsonl": len(factor_rows),
+                "fig_captions.json": sum(len(v) for v in figs.values()),
+            },
             factor_distribution={s: _factor_counts(fs) for s, fs in factors_by_split.items()},
-            question_kinds={s: dict(sorted(Counter(f"{r['answer_type']}/{r['question_type']}" for r in rows).items()))
-                            for s, rows in vqa.items()},
-            blind_baseline=blind_baseline(tmp / "vqa" / "train.json", tmp / "vqa" / "test.json"))
+            question_kinds={
+                s: dict(sorted(Counter(f"{r['answer_type']}/{r['question_type']}" for r in rows).items()))
+                for s, rows in vqa.items()
+            },
+            blind_baseline=blind_baseline(tmp / "vqa" / "train.json", tmp / "vqa" / "test.json"),
+        )
         _dump(tmp / "manifest.json", manifest.to_dict())
         (tmp / "README.md").write_text(_readme(manifest), encoding="utf-8")
     return manifest
@@ -262,6 +348,7 @@ The stronger per-question-text prior reaches closed {b['by_question']['closed']:
 
 # --- blind baseline ------------------------------------------------------------------------------
 
+
 def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
@@ -290,8 +377,9 @@ def _read_vqa(path: str | os.PathLike) -> list[tuple[str, str, str, str]]:
             raise MedvlmError(f"{path}: record {i}: field 'conversations' needs a question and an answer turn")
         atype = str(r.get("answer_type", "")).upper()
         if atype not in ("OPEN", "CLOSED"):
-            raise MedvlmError(f"{path}: record {i}: field 'answer_type' must be OPEN or CLOSED, "
-                              f"got {r.get('answer_type')!r}")
+            raise MedvlmError(
+                f"{path}: record {i}: field 'answer_type' must be OPEN or CLOSED, got {r.get('answer_type')!r}"
+            )
         q, a = conv[0].get("value"), conv[1].get("value")
         if not isinstance(q, str) or not isinstance(a, str):
             raise MedvlmError(f"{path}: record {i}: conversation turns need a string 'value'")
@@ -333,10 +421,14 @@ def blind_baseline(train_path: str | os.PathLike, test_path: str | os.PathLike) 
         return float(np.mean(v)) if v else float("nan")
 
     return {
-        "closed": mean(scores["CLOSED"]), "open_recall": mean(scores["OPEN"]),
-        "n_closed": len(scores["CLOSED"]), "n_open": len(scores["OPEN"]),
-        "by_kind": {f"{a}/{k}": {"majority": kind_major.get((a, k), ""), "score": mean(v), "n": len(v)}
-                    for (a, k), v in sorted(per_kind.items())},
+        "closed": mean(scores["CLOSED"]),
+        "open_recall": mean(scores["OPEN"]),
+        "n_closed": len(scores["CLOSED"]),
+        "n_open": len(scores["OPEN"]),
+        "by_kind": {
+            f"{a}/{k}": {"majority": kind_major.get((a, k), ""), "score": mean(v), "n": len(v)}
+            for (a, k), v in sorted(per_kind.items())
+        },
         "by_question": {"closed": mean(scores["q_CLOSED"]), "open_recall": mean(scores["q_OPEN"])},
     }
 
@@ -352,6 +444,10 @@ def baseline_table(baseline: dict[str, Any]) -> Any:
         t.add_row(kind, row["majority"], f"{row['score']:.3f}", str(row["n"]))
     t.add_row("CLOSED (accuracy)", "", f"{baseline['closed']:.3f}", str(baseline["n_closed"]), style="bold")
     t.add_row("OPEN (recall)", "", f"{baseline['open_recall']:.3f}", str(baseline["n_open"]), style="bold")
-    t.add_row("per-question prior: closed / open", "",
-              f"{baseline['by_question']['closed']:.3f} / {baseline['by_question']['open_recall']:.3f}", "")
+    t.add_row(
+        "per-question prior: closed / open",
+        "",
+        f"{baseline['by_question']['closed']:.3f} / {baseline['by_question']['open_recall']:.3f}",
+        "",
+    )
     return t

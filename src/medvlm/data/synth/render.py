@@ -21,8 +21,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 MODALITIES: tuple[str, ...] = ("xray", "ct", "mri", "histology", "gross")
 """Rendered modalities; each maps onto one LLaVA-Med domain (:data:`MODALITY_DOMAIN`)."""
-MODALITY_DOMAIN: dict[str, str] = {"xray": "chest_xray", "ct": "ct_scan", "mri": "mri", "histology": "histology",
-                                   "gross": "gross"}
+MODALITY_DOMAIN: dict[str, str] = {
+    "xray": "chest_xray",
+    "ct": "ct_scan",
+    "mri": "mri",
+    "histology": "histology",
+    "gross": "gross",
+}
 COUNTS: tuple[int, ...] = (1, 2, 3)
 SIDES: tuple[str, ...] = ("left", "right", "both")
 """Side of the *image* (viewer's left/right) holding the lesions; ``both`` needs two or more lesions."""
@@ -38,10 +43,14 @@ DARK_MAX = 40
 _SIDE_X = {"left": 0.32, "right": 0.68}
 _SLOTS = {1: (0.5,), 2: (0.375, 0.625), 3: (0.25, 0.5, 0.75)}
 _LESION_RGB = {
-    "bright": {"xray": (250, 250, 250), "ct": (250, 250, 250), "mri": (250, 250, 250),
-               "histology": (252, 247, 250), "gross": (252, 246, 236)},
-    "dark": {"xray": (6, 6, 6), "ct": (6, 6, 6), "mri": (6, 6, 6),
-             "histology": (28, 8, 34), "gross": (30, 12, 10)},
+    "bright": {
+        "xray": (250, 250, 250),
+        "ct": (250, 250, 250),
+        "mri": (250, 250, 250),
+        "histology": (252, 247, 250),
+        "gross": (252, 246, 236),
+    },
+    "dark": {"xray": (6, 6, 6), "ct": (6, 6, 6), "mri": (6, 6, 6), "histology": (28, 8, 34), "gross": (30, 12, 10)},
 }
 
 
@@ -113,8 +122,7 @@ class _Canvas:
 
     def arc(self, x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int], width: float) -> None:
         s = self.size
-        self.draw.arc([x0 * s, y0 * s, x1 * s, y1 * s], start=195, end=345, fill=fill,
-                      width=max(1, round(width * s)))
+        self.draw.arc([x0 * s, y0 * s, x1 * s, y1 * s], start=195, end=345, fill=fill, width=max(1, round(width * s)))
 
     def line(self, pts: list[tuple[float, float]], fill: tuple[int, int, int], width: float) -> None:
         s = self.size
@@ -151,8 +159,13 @@ def _mri(c: _Canvas, rng: np.random.Generator) -> None:
     c.ellipse(0.5, 0.5, 0.39, 0.44, _grey(_jit(rng, 72, 5)))
     for _ in range(int(rng.integers(6, 10))):
         a, d = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.28)
-        c.ellipse(0.5 + d * np.cos(a) * 0.85, 0.5 + d * np.sin(a), rng.uniform(0.04, 0.09), rng.uniform(0.04, 0.09),
-                  _grey(_jit(rng, 104, 12)))
+        c.ellipse(
+            0.5 + d * np.cos(a) * 0.85,
+            0.5 + d * np.sin(a),
+            rng.uniform(0.04, 0.09),
+            rng.uniform(0.04, 0.09),
+            _grey(_jit(rng, 104, 12)),
+        )
     c.img = c.img.filter(ImageFilter.GaussianBlur(radius=max(1.0, 0.015 * c.size)))
     c.draw = ImageDraw.Draw(c.img)
 
@@ -178,13 +191,22 @@ def _gross(c: _Canvas, rng: np.random.Generator) -> None:
     c.ellipse(cx, cy, rx - 0.03, ry - 0.03, _rgb(rng, (178, 98, 72), 8))
     for _ in range(int(rng.integers(4, 8))):
         a, d = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.25)
-        c.ellipse(cx + d * np.cos(a), cy + d * np.sin(a), rng.uniform(0.03, 0.08), rng.uniform(0.03, 0.08),
-                  _rgb(rng, (160, 86, 62), 8))
+        c.ellipse(
+            cx + d * np.cos(a),
+            cy + d * np.sin(a),
+            rng.uniform(0.03, 0.08),
+            rng.uniform(0.03, 0.08),
+            _rgb(rng, (160, 86, 62), 8),
+        )
 
 
-_BACKGROUND = {"xray": lambda rng: _grey(_jit(rng, 48, 4)), "ct": lambda rng: _grey(int(rng.integers(0, 4))),
-               "mri": lambda rng: _grey(_jit(rng, 18, 3)), "histology": lambda rng: _rgb(rng, (232, 168, 200), 6),
-               "gross": lambda rng: _rgb(rng, (40, 106, 128), 6)}
+_BACKGROUND = {
+    "xray": lambda rng: _grey(_jit(rng, 48, 4)),
+    "ct": lambda rng: _grey(int(rng.integers(0, 4))),
+    "mri": lambda rng: _grey(_jit(rng, 18, 3)),
+    "histology": lambda rng: _rgb(rng, (232, 168, 200), 6),
+    "gross": lambda rng: _rgb(rng, (40, 106, 128), 6),
+}
 _BODY = {"xray": _xray, "ct": _ct, "mri": _mri, "histology": _histology, "gross": _gross}
 
 

@@ -19,21 +19,34 @@ from medvlm.data.synth.render import COUNTS, INTENSITIES, MODALITIES, SIZES, Fac
 NUM_WORD = {1: "one", 2: "two", 3: "three"}
 MODALITY_ANSWER = {"xray": "x-ray", "ct": "ct", "mri": "mri", "histology": "histology", "gross": "gross"}
 """Short open answer for the modality question."""
-_MOD_NOUN = {"xray": "a chest x-ray", "ct": "a ct scan", "mri": "an mri scan", "histology": "a histology slide",
-             "gross": "a gross pathology photograph"}
-_MOD_SENTENCE = {"xray": "a frontal chest X-ray", "ct": "an axial CT scan", "mri": "an axial MRI of the head",
-                 "histology": "an H&E-stained histology section",
-                 "gross": "a gross pathology photograph of a resected specimen"}
-_MOD_CAPTION = {"xray": ("Chest X-ray", "Frontal chest radiograph (X-ray)"),
-                "ct": ("Axial CT image", "Contrast-enhanced axial CT scan"),
-                "mri": ("Axial MRI of the head", "Axial T2-weighted MRI"),
-                "histology": ("H&E-stained histology section", "Histopathology image (H&E stain)"),
-                "gross": ("Gross pathology photograph", "Gross photograph of a resected specimen")}
-_MOD_DETAIL = {"xray": "The lung fields, the rib cage and the spine are visible, with bright rib arcs over both lungs.",
-               "ct": "The round body outline with its bright rim and the vertebra at the bottom of the slice are visible.",
-               "mri": "The head outline with a bright rim and smooth grey structures inside it is visible.",
-               "histology": "The tissue is stained pink by eosin with scattered purple nuclei.",
-               "gross": "The tan-brown specimen lies on a blue-green surgical drape."}
+_MOD_NOUN = {
+    "xray": "a chest x-ray",
+    "ct": "a ct scan",
+    "mri": "an mri scan",
+    "histology": "a histology slide",
+    "gross": "a gross pathology photograph",
+}
+_MOD_SENTENCE = {
+    "xray": "a frontal chest X-ray",
+    "ct": "an axial CT scan",
+    "mri": "an axial MRI of the head",
+    "histology": "an H&E-stained histology section",
+    "gross": "a gross pathology photograph of a resected specimen",
+}
+_MOD_CAPTION = {
+    "xray": ("Chest X-ray", "Frontal chest radiograph (X-ray)"),
+    "ct": ("Axial CT image", "Contrast-enhanced axial CT scan"),
+    "mri": ("Axial MRI of the head", "Axial T2-weighted MRI"),
+    "histology": ("H&E-stained histology section", "Histopathology image (H&E stain)"),
+    "gross": ("Gross pathology photograph", "Gross photograph of a resected specimen"),
+}
+_MOD_DETAIL = {
+    "xray": "The lung fields, the rib cage and the spine are visible, with bright rib arcs over both lungs.",
+    "ct": "The round body outline with its bright rim and the vertebra at the bottom of the slice are visible.",
+    "mri": "The head outline with a bright rim and smooth grey structures inside it is visible.",
+    "histology": "The tissue is stained pink by eosin with scattered purple nuclei.",
+    "gross": "The tan-brown specimen lies on a blue-green surgical drape.",
+}
 
 # VQA question kinds use VQA-RAD's question_type names.
 OPEN_KINDS: tuple[str, ...] = ("MODALITY", "COUNT", "POS", "SIZE")
@@ -42,11 +55,18 @@ CLOSED_KINDS: tuple[str, ...] = ("MODALITY", "COUNT", "POS", "SIZE", "ATTRIB")
 _OPEN_WEIGHTS = np.array([1.0, 1.0, 1.0, 0.6])
 
 OPEN_TEMPLATES: dict[str, tuple[str, ...]] = {  # the wordings of each open question kind
-    "MODALITY": ("What modality is this?", "What imaging modality is shown?", "What type of image is this?",
-                 "What kind of image is this?"),
+    "MODALITY": (
+        "What modality is this?",
+        "What imaging modality is shown?",
+        "What type of image is this?",
+        "What kind of image is this?",
+    ),
     "COUNT": ("How many lesions are there?", "How many lesions are visible?", "What is the number of lesions?"),
-    "POS": ("Which side of the image is affected?", "On which side are the lesions located?",
-            "Which side contains the abnormality?"),
+    "POS": (
+        "Which side of the image is affected?",
+        "On which side are the lesions located?",
+        "Which side contains the abnormality?",
+    ),
     "SIZE": ("What is the size of the lesions?", "How large are the lesions?", "What size are the lesions?"),
 }
 # the (predicate, parameter) pairs each closed kind asks about; closed_truth decides them from the factors
@@ -67,23 +87,38 @@ def closed_templates(pred: str, param: object) -> tuple[str, ...]:
     if pred == "count":
         n = int(param)  # type: ignore[call-overload]
         if n == 1:
-            return ("Is there exactly one lesion?", "Does the image show a single lesion?",
-                    "Is the number of lesions one?")
-        return (f"Are there exactly {NUM_WORD[n]} lesions?", f"Does the image show {NUM_WORD[n]} lesions?",
-                f"Is the number of lesions {NUM_WORD[n]}?")
+            return (
+                "Is there exactly one lesion?",
+                "Does the image show a single lesion?",
+                "Is the number of lesions one?",
+            )
+        return (
+            f"Are there exactly {NUM_WORD[n]} lesions?",
+            f"Does the image show {NUM_WORD[n]} lesions?",
+            f"Is the number of lesions {NUM_WORD[n]}?",
+        )
     if pred == "has":
-        return (f"Is there a lesion on the {param} side?", f"Is the {param} side of the image affected?",
-                f"Does the {param} half of the image contain a lesion?")
+        return (
+            f"Is there a lesion on the {param} side?",
+            f"Is the {param} side of the image affected?",
+            f"Does the {param} half of the image contain a lesion?",
+        )
     if pred == "both":
         return ("Are there lesions on both sides?", "Are both sides of the image affected?")
     if pred == "only":
         return (f"Are the lesions only on the {param} side?", f"Is only the {param} side of the image affected?")
     if pred == "size":
-        return (f"Is the lesion size {param}?", f"Are the lesions {param} in size?",
-                f"Would you describe the lesions as {param}?")
+        return (
+            f"Is the lesion size {param}?",
+            f"Are the lesions {param} in size?",
+            f"Would you describe the lesions as {param}?",
+        )
     if pred == "intensity":
-        return (f"Do the lesions appear {param}?", f"Is the lesion intensity {param}?",
-                f"Are the lesions {param} compared with the surrounding tissue?")
+        return (
+            f"Do the lesions appear {param}?",
+            f"Is the lesion intensity {param}?",
+            f"Are the lesions {param} compared with the surrounding tissue?",
+        )
     raise ValueError(f"unknown closed predicate {pred!r}")
 
 
@@ -108,15 +143,22 @@ def closed_truth(pred: str, param: object, f: Factors) -> bool:
 
 def open_answer(kind: str, f: Factors) -> str:
     """The short open answer of question kind ``kind`` on factors ``f``."""
-    return {"MODALITY": MODALITY_ANSWER[f.modality], "COUNT": NUM_WORD[f.count], "POS": f.side,
-            "SIZE": f.size}[kind]
+    return {"MODALITY": MODALITY_ANSWER[f.modality], "COUNT": NUM_WORD[f.count], "POS": f.side, "SIZE": f.size}[kind]
 
 
 @lru_cache(maxsize=1)
 def _combos() -> tuple[list[Factors], np.ndarray]:
     """Every factor combination with its prior weight (count and side marginals both uniform)."""
-    count_side = [(1, "left", 2), (1, "right", 2), (2, "both", 2), (2, "left", 1), (2, "right", 1),
-                  (3, "both", 2), (3, "left", 1), (3, "right", 1)]
+    count_side = [
+        (1, "left", 2),
+        (1, "right", 2),
+        (2, "both", 2),
+        (2, "left", 1),
+        (2, "right", 1),
+        (3, "both", 2),
+        (3, "left", 1),
+        (3, "right", 1),
+    ]
     combos, weights = [], []
     for m in MODALITIES:
         for n, s, w in count_side:
@@ -227,31 +269,46 @@ def caption(f: Factors, rng: np.random.Generator) -> str:
 def description(f: Factors) -> str:
     """A detailed multi-sentence description naming every factor."""
     plural = f.count > 1
-    return (f"This is {_MOD_SENTENCE[f.modality]} showing {_lesions(f)} {_side_phrase(f)} of the image. "
-            f"{_MOD_DETAIL[f.modality]} The lesion{'s are' if plural else ' is'} {f.size} and "
-            f"appear{'' if plural else 's'} {f.intensity} relative to the surrounding tissue.")
+    return (
+        f"This is {_MOD_SENTENCE[f.modality]} showing {_lesions(f)} {_side_phrase(f)} of the image. "
+        f"{_MOD_DETAIL[f.modality]} The lesion{'s are' if plural else ' is'} {f.size} and "
+        f"appear{'' if plural else 's'} {f.intensity} relative to the surrounding tissue."
+    )
 
 
 def mention(f: Factors) -> str:
     """An in-text mention sentence in the tokenised style of the real fig-captions file."""
-    return (f"{_MOD_CAPTION[f.modality][0]} demonstrated {_lesions(f)} {_side_phrase(f)} ( Figure 1 ) .")
+    return f"{_MOD_CAPTION[f.modality][0]} demonstrated {_lesions(f)} {_side_phrase(f)} ( Figure 1 ) ."
 
 
 ALIGNMENT_PROMPTS: tuple[str, ...] = (
-    "Describe the image concisely.", "Provide a brief description of the given image.",
-    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
-    "Present a compact description of the photo's key features.", "Write a terse but informative summary of the picture.")
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Write a terse but informative summary of the picture.",
+)
 DETAIL_PROMPTS: tuple[str, ...] = (
-    "Describe the following image in detail.", "Provide a detailed description of the given image.",
-    "Can you elaborate on the elements of the picture provided?", "Explain the various aspects of the image before you.")
+    "Describe the following image in detail.",
+    "Provide a detailed description of the given image.",
+    "Can you elaborate on the elements of the picture provided?",
+    "Explain the various aspects of the image before you.",
+)
 _CHAT_QUESTIONS = {
-    "modality": ("Can you tell me what kind of image this is?", "Which imaging technique was used to acquire this image?"),
+    "modality": (
+        "Can you tell me what kind of image this is?",
+        "Which imaging technique was used to acquire this image?",
+    ),
     "count": ("Can you count the lesions in this image?", "How many abnormalities can you see in the image?"),
     "side": ("Where are the lesions located in the image?", "Can you tell me on which side the abnormality is found?"),
     "size": ("How would you describe the size of the lesions?", "Can you comment on the lesion size?"),
-    "intensity": ("How do the lesions appear compared with the surrounding tissue?",
-                  "What is the appearance of the lesions?"),
+    "intensity": (
+        "How do the lesions appear compared with the surrounding tissue?",
+        "What is the appearance of the lesions?",
+    ),
 }
 CHAT_KINDS: tuple[str, ...] = tuple(_CHAT_QUESTIONS)
 

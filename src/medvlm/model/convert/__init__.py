@@ -20,8 +20,9 @@ EXPORT_FORMATS: tuple[str, ...] = ("llava-hf", "llava-med-v1.5")
 IMPORT_FORMATS: tuple[str, ...] = ("llava-med-v1.5", "llava-med-v1.0")
 
 
-def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
-                      vision_tower_name: str | None = None) -> Path:
+def export_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, to: str, vision_tower_name: str | None = None
+) -> Path:
     """Export the medvlm checkpoint ``src`` to format ``to`` in ``dst`` (atomic); returns ``dst``.
 
     ``vision_tower_name`` is used by ``llava-med-v1.5`` only (its ``mm_vision_tower``).
@@ -36,12 +37,18 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     return export_llava_med_v15(src, dst, vision_tower_name=vision_tower_name)
 
 
-def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, from_: str,
-                      vision_tower: str | os.PathLike | None = None, template: str | None = None) -> dict[str, Any]:
+def import_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    from_: str,
+    vision_tower: str | os.PathLike | None = None,
+    template: str | None = None,
+) -> dict[str, Any]:
     """Import the checkpoint ``src`` in format ``from_`` as a medvlm checkpoint ``dst``;
     returns the conversion record."""
     check_choice(from_, IMPORT_FORMATS, "import format (--from)")
     from medvlm.model.convert.llava_med import import_llava_med
 
-    return import_llava_med(src, dst, version=from_.removeprefix("llava-med-"), vision_tower=vision_tower,
-                            template=template)
+    return import_llava_med(
+        src, dst, version=from_.removeprefix("llava-med-"), vision_tower=vision_tower, template=template
+    )

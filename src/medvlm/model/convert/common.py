@@ -28,7 +28,6 @@ from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_text
 log = logging.getLogger("medvlm.model.convert")
 
 
-
 def read_medvlm(folder: str | os.PathLike) -> tuple[MedVLMConfig, MedVLMProcessor, SafetensorsCheckpoint]:
     """Config, processor and a lazy view of the weights of a medvlm checkpoint (no model is built)."""
     folder = Path(folder)
@@ -36,7 +35,9 @@ def read_medvlm(folder: str | os.PathLike) -> tuple[MedVLMConfig, MedVLMProcesso
     if not (folder / CONFIG_FILE).is_file():
         raise MedvlmError(f"medvlm checkpoint folder {folder} has no config.json")
     if not (folder / PROCESSOR_FILE).is_file():
-        raise MedvlmError(f"{folder} has no {PROCESSOR_FILE}; export needs a medvlm checkpoint (see `medvlm model import`)")
+        raise MedvlmError(
+            f"{folder} has no {PROCESSOR_FILE}; export needs a medvlm checkpoint (see `medvlm model import`)"
+        )
     with refusing_remote_code(folder, "checkpoint"):
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if not isinstance(config, MedVLMConfig):
@@ -81,8 +82,10 @@ class TensorChecker:
         if key not in self.expected:
             raise MedvlmError(f"{self.what}: tensor {key!r} has no place in the target architecture")
         if tuple(tensor.shape) != self.expected[key]:
-            raise MedvlmError(f"{self.what}: tensor {key!r} has shape {tuple(tensor.shape)}, the target "
-                              f"architecture needs {self.expected[key]}")
+            raise MedvlmError(
+                f"{self.what}: tensor {key!r} has shape {tuple(tensor.shape)}, the target "
+                f"architecture needs {self.expected[key]}"
+            )
         self.seen.add(key)
         return tensor
 
@@ -93,8 +96,13 @@ class TensorChecker:
             raise MedvlmError(f"{self.what}: tensors missing for the target architecture: {shown}")
 
 
-def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], checker: TensorChecker,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, file_name=None) -> list[str]:
+def write_tensors(
+    folder: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    checker: TensorChecker,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    file_name=None,
+) -> list[str]:
     """Check and write a tensor stream into ``folder`` as safetensors shards.
 
     Names are checked as the model names them; ``file_name(name)`` (default: unchanged) is the name stored.
@@ -108,8 +116,9 @@ def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], che
 
 def generation_config_for(tokenizer: Any) -> GenerationConfig:
     """BOS/EOS/PAD ids of the tokenizer as a generation config."""
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
 
 
 def sync_token_ids(config: MedVLMConfig, tokenizer: Any) -> None:

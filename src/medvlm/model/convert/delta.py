@@ -44,11 +44,18 @@ TARGET_DTYPE_META = "target_dtype."
 
 def _block(key: str, base_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int]:
     """Rows/cols of the top-left block the base fills, or a clear error for incompatible shapes."""
-    if key in BLOCK_KEYS and len(shape) == 2 and len(base_shape) == 2 and base_shape[0] <= shape[0] \
-            and base_shape[1] <= shape[1]:
+    if (
+        key in BLOCK_KEYS
+        and len(shape) == 2
+        and len(base_shape) == 2
+        and base_shape[0] <= shape[0]
+        and base_shape[1] <= shape[1]
+    ):
         return base_shape[0], base_shape[1]
-    raise MedvlmError(f"tensor {key!r}: shape {shape} does not match the base's {base_shape} (only "
-                      f"{' and '.join(BLOCK_KEYS)} may be larger than the base)")
+    raise MedvlmError(
+        f"tensor {key!r}: shape {shape} does not match the base's {base_shape} (only "
+        f"{' and '.join(BLOCK_KEYS)} may be larger than the base)"
+    )
 
 
 def _combine(key: str, x: torch.Tensor, base: torch.Tensor, sign: float) -> torch.Tensor:
@@ -73,8 +80,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, target: str | os.PathLike,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+def apply_delta(
+    base: str | os.PathLike,
+    delta: str | os.PathLike,
+    target: str | os.PathLike,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
     """Write ``target`` = ``base`` + ``delta`` (v1.0 semantics, see the module docstring); returns counts."""
     base, delta, target = Path(base), Path(delta), Path(target)
     for p in (base, delta):
@@ -103,8 +114,13 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, target: str |
     return counts
 
 
-def make_delta(base: str | os.PathLike, target: str | os.PathLike, delta: str | os.PathLike,
-               dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+def make_delta(
+    base: str | os.PathLike,
+    target: str | os.PathLike,
+    delta: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
     """Write ``delta`` = ``target`` - ``base`` (the inverse of :func:`apply_delta`); returns counts.
 
     ``dtype`` (``float32``/``float64``/...) widens the stored differences; by default each keeps the
@@ -139,10 +155,14 @@ def make_delta(base: str | os.PathLike, target: str | os.PathLike, delta: str | 
             counts["tensors"] += 1
         writer.close()
         _copy_side_files(target, tmp)
-        write_json_atomic(tmp / DELTA_FILE, {"base": str(base), "target": str(target), "semantics": "llava-med-v1.0",
-                                              **counts})
+        write_json_atomic(
+            tmp / DELTA_FILE, {"base": str(base), "target": str(target), "semantics": "llava-med-v1.0", **counts}
+        )
     if counts["inexact_elements"]:
-        log.warning("%d element(s) of the delta do not round-trip exactly in the stored dtype; use dtype='float64' "
-                    "for an exact delta", counts["inexact_elements"])
+        log.warning(
+            "%d element(s) of the delta do not round-trip exactly in the stored dtype; use dtype='float64' "
+            "for an exact delta",
+            counts["inexact_elements"],
+        )
     log.info("made delta %s from base %s and target %s (%s)", delta, base, target, counts)
     return counts

@@ -57,19 +57,34 @@ from medvlm.utils.artifacts import MODEL_CARD_FILE
 from medvlm.utils.io import atomic_dir, write_text_atomic
 
 # Image-processor fields copied from medvlm's processor into the LlavaImageProcessor.
-_IMAGE_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                 "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+_IMAGE_FIELDS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 
 
 def llava_hf_refusal(config: MedVLMConfig) -> str | None:
     """Why a model cannot be exported to llava-hf (None when it can)."""
     if config.projector_type != "mlp2x_gelu":
-        return (f"projector_type {config.projector_type!r} cannot be exported to llava-hf: "
-                "LlavaForConditionalGeneration's multi_modal_projector is always Linear -> activation -> Linear "
-                "(mlp2x_gelu); keep this model as a medvlm checkpoint (medvlm chat / serve run it)")
+        return (
+            f"projector_type {config.projector_type!r} cannot be exported to llava-hf: "
+            "LlavaForConditionalGeneration's multi_modal_projector is always Linear -> activation -> Linear "
+            "(mlp2x_gelu); keep this model as a medvlm checkpoint (medvlm chat / serve run it)"
+        )
     if config.mm_use_im_start_end:
-        return ("models with mm_use_im_start_end (<im_start>/<im_end> around image tokens) cannot be exported to "
-                "llava-hf: LlavaProcessor expands <image> only and never inserts <im_start>/<im_end>")
+        return (
+            "models with mm_use_im_start_end (<im_start>/<im_end> around image tokens) cannot be exported to "
+            "llava-hf: LlavaProcessor expands <image> only and never inserts <im_start>/<im_end>"
+        )
     if config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
         return f"vision tower type {config.vision_config.model_type!r} is not supported by the llava-hf export"
     return None
@@ -89,13 +104,17 @@ def export_tokenizer(tokenizer: Any) -> Any:
         return tokenizer  # adds nothing already (SmolLM2, Qwen-style tokenizers)
     tok = copy.deepcopy(tokenizer)
     if not hasattr(tok, "update_post_processor"):
-        raise MedvlmError(f"{type(tokenizer).__name__} adds special tokens and cannot be told not to (a fast "
-                          "tokenizer is needed for the llava-hf export)")
+        raise MedvlmError(
+            f"{type(tokenizer).__name__} adds special tokens and cannot be told not to (a fast "
+            "tokenizer is needed for the llava-hf export)"
+        )
     tok.add_bos_token = False  # the setters rebuild the post-processor
     tok.add_eos_token = False
     if tok(probe)["input_ids"] != tok(probe, add_special_tokens=False)["input_ids"]:
-        raise MedvlmError(f"{type(tokenizer).__name__} still adds special tokens after add_bos_token=False; "
-                          "refusing an export whose model-card usage would differ from medvlm")
+        raise MedvlmError(
+            f"{type(tokenizer).__name__} still adds special tokens after add_bos_token=False; "
+            "refusing an export whose model-card usage would differ from medvlm"
+        )
     return tok
 
 
@@ -112,13 +131,13 @@ def llava_hf_key(key: str) -> str:
     if key.startswith("vision_tower."):
         return "model." + key
     if key.startswith("projector.0."):
-        return "model.multi_modal_projector.linear_1." + key[len("projector.0."):]
+        return "model.multi_modal_projector.linear_1." + key[len("projector.0.") :]
     if key.startswith("projector.2."):
-        return "model.multi_modal_projector.linear_2." + key[len("projector.2."):]
+        return "model.multi_modal_projector.linear_2." + key[len("projector.2.") :]
     if key.startswith("language_model.model."):
-        return "model.language_model." + key[len("language_model.model."):]
+        return "model.language_model." + key[len("language_model.model.") :]
     if key.startswith("language_model.lm_head."):
-        return "lm_head." + key[len("language_model.lm_head."):]
+        return "lm_head." + key[len("language_model.lm_head.") :]
     raise MedvlmError(f"tensor {key!r} has no llava-hf counterpart")
 
 
@@ -127,7 +146,7 @@ def llava_hf_file_key(key: str) -> str:
     ``vision_model.`` level (``model.vision_tower.vision_model.*``), which transformers 5 also reads."""
     prefix = "model.vision_tower."
     if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
-        return prefix + "vision_model." + key[len(prefix):]
+        return prefix + "vision_model." + key[len(prefix) :]
     return key
 
 
@@ -189,13 +208,21 @@ def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, not
     strategy, extra = llava_strategy(config)
     resizing = {"pad": "do_pad", "resize": "resize to square"}.get(processor.image_aspect, "resize + centre crop")
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-        "tags: [medvlm, llava, vision-language, biomedical, research-only]", "---", "",
-        f"# {src.name} (llava-hf export of a medvlm model)", "",
-        f"> **Research use only.** {NOTICE}", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [medvlm, llava, vision-language, biomedical, research-only]",
+        "---",
+        "",
+        f"# {src.name} (llava-hf export of a medvlm model)",
+        "",
+        f"> **Research use only.** {NOTICE}",
+        "",
         "Exported by `medvlm model export --to llava-hf` to the transformers `LlavaForConditionalGeneration` "
-        "layout; loads with transformers and vLLM without remote code.", "",
-        "| field | value |", "|---|---|",
+        "layout; loads with transformers and vLLM without remote code.",
+        "",
+        "| field | value |",
+        "|---|---|",
         f"| vision tower | {config.vision_config.model_type}, {config.vision_config.image_size}px, patch "
         f"{config.vision_config.patch_size} |",
         f"| vision features | layer {config.vision_feature_layer}, strategy {strategy} "
@@ -203,10 +230,12 @@ def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, not
         f"| projector | mlp2x ({config.projector_hidden_act}) |",
         f"| language model | {config.text_config.model_type}, vocab {config.text_config.vocab_size} |",
         f"| image tokens | {config.image_seq_length} per image, token `<image>` (id {config.image_token_id}) |",
-        f"| image aspect | {processor.image_aspect} (done by LlavaImageProcessor: "
-        f"{resizing}) |",
-        f"| chat template | {config.template} (chat_template.jinja renders the same text as medvlm) |", "",
-        "## Use", "", "```python",
+        f"| image aspect | {processor.image_aspect} (done by LlavaImageProcessor: {resizing}) |",
+        f"| chat template | {config.template} (chat_template.jinja renders the same text as medvlm) |",
+        "",
+        "## Use",
+        "",
+        "```python",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",
         'model = LlavaForConditionalGeneration.from_pretrained("path/to/this/folder")',
         'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
@@ -214,15 +243,21 @@ def _model_card(config: MedVLMConfig, processor: MedVLMProcessor, src: Path, not
         '{"type": "text", "text": "What does the image show?"}]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
         'inputs = processor(images=image, text=prompt, return_tensors="pt")',
-        "```", "",
+        "```",
+        "",
         "The chat template writes the BOS token itself when the format has one, and the tokenizer adds no "
         "special tokens of its own, so this usage, `processor.apply_chat_template(..., tokenize=True)` and "
         "vLLM's chat endpoint all give the token ids medvlm trained with.",
     ]
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
-    lines += ["", "## Limitations", "", NOTICE,
-              "Outputs can be wrong, incomplete or invented and must be checked by a qualified person."]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        NOTICE,
+        "Outputs can be wrong, incomplete or invented and must be checked by a qualified person.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -231,8 +266,7 @@ def _tensors(ckpt: SafetensorsCheckpoint):
         yield llava_hf_key(key), ckpt.get(key)
 
 
-def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write the llava-hf layout of the medvlm checkpoint ``src`` into ``dst`` (atomic); returns ``dst``."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -260,15 +294,19 @@ def export_llava_hf(src: str | os.PathLike, dst: str | os.PathLike,
     # Template stop strings that are one token (e.g. <|im_end|>) become extra EOS ids: transformers and
     # vLLM then stop where medvlm stops.
     eos = [generation.eos_token_id] if generation.eos_token_id is not None else []
-    eos += [seq[0] for seq in stop_token_id_sequences(processor.tokenizer, template)
-            if len(seq) == 1 and seq[0] not in eos]
+    eos += [
+        seq[0] for seq in stop_token_id_sequences(processor.tokenizer, template) if len(seq) == 1 and seq[0] not in eos
+    ]
     generation.eos_token_id = eos if len(eos) > 1 else (eos[0] if eos else None)
     generation.suppress_tokens = [config.image_token_id]  # never emit <image> as text (as medvlm's engine)
     notes = []
     multi = [s for s in stop_token_id_sequences(processor.tokenizer, template) if len(s) > 1]
     if multi:
-        notes.append("the template's stop strings " + ", ".join(repr(processor.tokenizer.decode(s)) for s in multi)
-                     + " are several tokens long: pass them as stop strings (transformers `stop_strings`, vLLM `stop`)")
+        notes.append(
+            "the template's stop strings "
+            + ", ".join(repr(processor.tokenizer.decode(s)) for s in multi)
+            + " are several tokens long: pass them as stop strings (transformers `stop_strings`, vLLM `stop`)"
+        )
     model = meta_model(lambda: LlavaForConditionalGeneration(lconfig))
     checker = TensorChecker(expected_shapes(model), tied_keys(model), f"exporting {src} to llava-hf")
     with atomic_dir(dst) as tmp:

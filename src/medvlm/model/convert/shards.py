@@ -67,8 +67,9 @@ class SafetensorsCheckpoint:
         else:
             pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
-                raise MedvlmError(f"{what} folder {self.folder} only has pickled weights ({', '.join(pickles)}). "
-                                  + PICKLE_HELP)
+                raise MedvlmError(
+                    f"{what} folder {self.folder} only has pickled weights ({', '.join(pickles)}). " + PICKLE_HELP
+                )
             raise MedvlmError(f"{what} folder {self.folder} has no {WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}")
         self._handles: dict[str, object] = {}
 
@@ -116,8 +117,17 @@ class SafetensorsCheckpoint:
     def dtype(self, key: str) -> torch.dtype:
         """Torch dtype of a tensor, read from the header."""
         name = self._handle(self._check(key)).get_slice(key).get_dtype()
-        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+        table = {
+            "F32": torch.float32,
+            "F16": torch.float16,
+            "BF16": torch.bfloat16,
+            "F64": torch.float64,
+            "I64": torch.int64,
+            "I32": torch.int32,
+            "I8": torch.int8,
+            "U8": torch.uint8,
+            "BOOL": torch.bool,
+        }
         if name not in table:
             raise MedvlmError(f"{self.folder}: tensor {key!r} has unsupported dtype {name}")
         return table[name]
@@ -145,8 +155,12 @@ def check_weights_folder(folder: str | os.PathLike, what: str) -> Path:
 class ShardWriter:
     """Write tensors into bounded-size safetensors shards plus (when sharded) a transformers index."""
 
-    def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
@@ -196,8 +210,10 @@ class ShardWriter:
             os.replace(self.folder / tmp, self.folder / final)
             names.append(final)
             weight_map.update({k: final for k in keys})
-        write_json_atomic(self.folder / WEIGHTS_INDEX_FILE,
-                          {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json_atomic(
+            self.folder / WEIGHTS_INDEX_FILE,
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+        )
         return names
 
 

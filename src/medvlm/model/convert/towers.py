@@ -29,8 +29,16 @@ STORED_TOWER_PREFIX = "model.vision_tower.vision_tower."
 # Buffers older transformers versions saved with the weights; today's models recompute them.
 BUFFER_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
 
-_VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-            "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+_VIT_L14 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
 KNOWN_TOWERS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14-336": {**_VIT_L14, "image_size": 336},
     "openai/clip-vit-large-patch14": {**_VIT_L14, "image_size": 224},
@@ -64,7 +72,7 @@ class TowerSource:
             if key.endswith(BUFFER_SUFFIXES):
                 continue
             # medvlm (transformers 5) names tower tensors without CLIP's `vision_model.` level
-            yield "vision_tower." + key[len(self.prefix):].removeprefix("vision_model."), source.get(key)
+            yield "vision_tower." + key[len(self.prefix) :].removeprefix("vision_model."), source.get(key)
 
 
 def _vision_config(cfg: PretrainedConfig, where: str) -> PretrainedConfig:
@@ -72,8 +80,10 @@ def _vision_config(cfg: PretrainedConfig, where: str) -> PretrainedConfig:
         return cfg.vision_config
     if cfg.model_type in _FULL_TO_VISION.values():
         return cfg
-    raise MedvlmError(f"{where}: unsupported vision model type {cfg.model_type!r}; supported: "
-                      f"{', '.join([*_FULL_TO_VISION, *_FULL_TO_VISION.values()])}")
+    raise MedvlmError(
+        f"{where}: unsupported vision model type {cfg.model_type!r}; supported: "
+        f"{', '.join([*_FULL_TO_VISION, *_FULL_TO_VISION.values()])}"
+    )
 
 
 def _processor_of(folder: Path | None, vision_config: PretrainedConfig) -> Any:
@@ -83,8 +93,9 @@ def _processor_of(folder: Path | None, vision_config: PretrainedConfig) -> Any:
     return image_processor_for(vision_config)
 
 
-def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
-                  vision_tower: str | os.PathLike | None) -> TowerSource:
+def resolve_tower(
+    llava: SafetensorsCheckpoint, mm_vision_tower: str | None, vision_tower: str | os.PathLike | None
+) -> TowerSource:
     """The tower of a LLaVA checkpoint: ``vision_tower`` (a local folder) if given, else the stored weights."""
     stored = [k for k in llava.keys() if k.startswith(STORED_TOWER_PREFIX)]
     if vision_tower is not None:
@@ -98,8 +109,9 @@ def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
         if not keys:
             raise MedvlmError(f"vision tower folder {folder} has no vision tower tensors")
         ignored = f"; the {len(stored)} stored tower tensors of {llava.folder} are ignored" if stored else ""
-        return TowerSource(vision_config, _processor_of(folder, vision_config),
-                           f"weights from {folder}{ignored}", folder, keys, "")
+        return TowerSource(
+            vision_config, _processor_of(folder, vision_config), f"weights from {folder}{ignored}", folder, keys, ""
+        )
     if not stored:
         raise MedvlmError(
             f"{llava.folder} stores no vision tower weights ({STORED_TOWER_PREFIX}*); pass --vision-tower PATH "
@@ -120,9 +132,14 @@ def resolve_tower(llava: SafetensorsCheckpoint, mm_vision_tower: str | None,
             f"mm_vision_tower {mm_vision_tower!r} is neither a known tower ({', '.join(KNOWN_TOWERS)}) nor a local "
             "folder with config.json; pass --vision-tower PATH to a local copy of it"
         )
-    return TowerSource(vision_config, _processor_of(folder, vision_config),
-                       f"stored weights ({len(stored)} tensors) with the architecture of {mm_vision_tower}",
-                       None, stored, STORED_TOWER_PREFIX)
+    return TowerSource(
+        vision_config,
+        _processor_of(folder, vision_config),
+        f"stored weights ({len(stored)} tensors) with the architecture of {mm_vision_tower}",
+        None,
+        stored,
+        STORED_TOWER_PREFIX,
+    )
 
 
 def tower_name_for(vision_config: PretrainedConfig) -> str | None:

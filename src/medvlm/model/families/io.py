@@ -69,7 +69,8 @@ def _image_processor_class(folder: Path, spec: FamilySpec) -> Any:
         raise MedvlmError(
             f"{folder}: image processor {named!r} exists only as a torchvision implementation here (no {base}Pil "
             "class in transformers); medvlm never installs torchvision. Save the folder with a PIL image processor "
-            f"(family {spec.name} uses {spec.image_processor_class})")
+            f"(family {spec.name} uses {spec.image_processor_class})"
+        )
     return cls
 
 
@@ -81,7 +82,8 @@ def _check_processor_class(folder: Path, spec: FamilySpec) -> None:
     if named and named not in (spec.processor_class, spec.stock_processor_class):
         raise MedvlmError(
             f"{f}: processor_class {named!r} is not the {spec.name} family's ({spec.stock_processor_class}); a "
-            "processor that needs a video processor needs torchvision, which medvlm never installs")
+            "processor that needs a video processor needs torchvision, which medvlm never installs"
+        )
 
 
 def load_family_processor(path: str | os.PathLike, template: str | None = None) -> FamilyProcessor:
@@ -93,34 +95,48 @@ def load_family_processor(path: str | os.PathLike, template: str | None = None) 
     meta = read_json(folder / FAMILY_FILE) if (folder / FAMILY_FILE).is_file() else {}
     _check_processor_class(folder, spec)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    image_processor = _image_processor_class(folder, spec).from_pretrained(str(folder), local_files_only=True,
-                                                                     trust_remote_code=False)
+    image_processor = _image_processor_class(folder, spec).from_pretrained(
+        str(folder), local_files_only=True, trust_remote_code=False
+    )
     try:
         processor = _processor_class(spec).from_pretrained(
-            str(folder), tokenizer=tokenizer, image_processor=image_processor, local_files_only=True,
-            trust_remote_code=False)
+            str(folder),
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            local_files_only=True,
+            trust_remote_code=False,
+        )
     except (OSError, AttributeError, ValueError) as e:
         raise MedvlmError(f"{folder}: cannot load the {spec.name} processor ({e})") from e
     if type(processor.image_processor).__name__ != type(image_processor).__name__:
-        raise MedvlmError(f"{folder}: the {spec.name} processor loaded {type(processor.image_processor).__name__}, "
-                          f"not the torchvision-free {type(image_processor).__name__}")
-    return FamilyProcessor(spec, processor, *_training_template(folder, spec, processor, template or meta.get("template"),
-                                                               explicit=template is not None))
+        raise MedvlmError(
+            f"{folder}: the {spec.name} processor loaded {type(processor.image_processor).__name__}, "
+            f"not the torchvision-free {type(image_processor).__name__}"
+        )
+    return FamilyProcessor(
+        spec,
+        processor,
+        *_training_template(folder, spec, processor, template or meta.get("template"), explicit=template is not None),
+    )
 
 
-def _training_template(folder: Path, spec: FamilySpec, processor: Any, template: str | None,
-                       explicit: bool) -> tuple[str, str | None]:
+def _training_template(
+    folder: Path, spec: FamilySpec, processor: Any, template: str | None, explicit: bool
+) -> tuple[str, str | None]:
     """The marked chat template to train and prompt with, and the medvlm template name it came from."""
     if spec.template_file is None:
         if template is None:
-            raise MedvlmError(f"{folder}: a {spec.name} checkpoint needs a medvlm chat template name (medvlm_family.json "
-                              "'template', or pass template=...: vicuna_v1, mistral_instruct, chatml, ...)")
+            raise MedvlmError(
+                f"{folder}: a {spec.name} checkpoint needs a medvlm chat template name (medvlm_family.json "
+                "'template', or pass template=...: vicuna_v1, mistral_instruct, chatml, ...)"
+            )
         from medvlm.data.templates import get_template
 
         return get_template(template).to_jinja(), template
     if explicit:
-        raise MedvlmError(f"family {spec.name} uses its own chat template; a medvlm template name only applies to "
-                          "the llava family")
+        raise MedvlmError(
+            f"family {spec.name} uses its own chat template; a medvlm template name only applies to the llava family"
+        )
     marked = spec.chat_template()
     own = getattr(processor, "chat_template", None)
     if own and own != marked and spec.stock_template:
@@ -128,13 +144,16 @@ def _training_template(folder: Path, spec: FamilySpec, processor: Any, template:
     return marked, None
 
 
-_PROBE = [Message.from_dict(m) for m in (
-    {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]},
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "A chest radiograph."}]},
-    {"role": "user", "content": [{"type": "text", "text": "Any effusion?"}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
-)]
+_PROBE = [
+    Message.from_dict(m)
+    for m in (
+        {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A chest radiograph."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Any effusion?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+    )
+]
 
 
 def check_same_rendering(processor: Any, own: str, marked: str, where: str) -> None:
@@ -147,11 +166,13 @@ def check_same_rendering(processor: Any, own: str, marked: str, where: str) -> N
             raise MedvlmError(
                 f"{where}: the checkpoint's chat template renders a conversation differently from medvlm's family "
                 f"template, so medvlm's labels would not match how the model was trained.\ncheckpoint: {a!r}\n"
-                f"family:     {b!r}")
+                f"family:     {b!r}"
+            )
 
 
-def load_family(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                template: str | None = None) -> tuple[Any, FamilyProcessor]:
+def load_family(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, template: str | None = None
+) -> tuple[Any, FamilyProcessor]:
     """Load a family checkpoint folder (safetensors only, no remote code) -> ``(model, processor)`` in eval mode."""
     import transformers
 
@@ -161,14 +182,20 @@ def load_family(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     check_weights(folder, "checkpoint")
     processor = load_family_processor(folder, template=template)
     cls = getattr(transformers, processor.spec.model_class)
-    model = cls.from_pretrained(str(folder), dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True,
-                                trust_remote_code=False)
+    model = cls.from_pretrained(
+        str(folder), dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True, trust_remote_code=False
+    )
     model.eval()
     return model, processor
 
 
-def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLike, title: str | None = None,
-                extra_files: dict[str, str | dict] | None = None) -> Path:
+def save_family(
+    model: Any,
+    processor: FamilyProcessor,
+    out_dir: str | os.PathLike,
+    title: str | None = None,
+    extra_files: dict[str, str | dict] | None = None,
+) -> Path:
     """Write the hub layout (config, safetensors, processor files naming the stock processor class), the
     ``medvlm_family.json`` metadata, a README.md model card with the research-only notice and ``extra_files``
     (name -> text, or dict written as JSON), atomically."""
@@ -176,8 +203,9 @@ def save_family(model: Any, processor: FamilyProcessor, out_dir: str | os.PathLi
 
     spec = processor.spec
     if not isinstance(model, getattr(transformers, spec.model_class)):
-        raise MedvlmError(f"save_family needs a {spec.model_class}, got {type(model).__name__} "
-                          "(merge or unload adapters first)")
+        raise MedvlmError(
+            f"save_family needs a {spec.model_class}, got {type(model).__name__} (merge or unload adapters first)"
+        )
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
@@ -201,23 +229,40 @@ def family_card(model: Any, processor: FamilyProcessor, title: str) -> str:
     """Markdown model card: the research-only notice, the family, parameter counts, and how to load it."""
     spec = processor.spec
     total = sum(p.numel() for p in model.parameters())
-    proc_import = (f"from medvlm.model.families.processors import {spec.processor_class}"
-                   if spec.processor_class != spec.stock_processor_class
-                   else f"from transformers import {spec.processor_class}")
-    return "\n".join([
-        "---", "library_name: transformers", "tags: [medvlm, vision-language, biomedical, research-only]", "---", "",
-        f"# {title}", "", f"> **Research use only.** {NOTICE}", "",
-        f"- family: `{spec.name}` ({spec.model_class})",
-        f"- parameters: {total:,}",
-        f"- end-of-turn token: `{spec.end_of_turn}`",
-        *([f"- chat template: medvlm `{processor.template}`"] if processor.template else []),
-        "", "## Loading", "", "```python",
-        "from transformers import AutoModelForImageTextToText", proc_import, "",
-        "model = AutoModelForImageTextToText.from_pretrained(path)",
-        f"processor = {spec.processor_class}.from_pretrained(path)",
-        "# or: from medvlm.model.families import load_family; model, processor = load_family(path)",
-        "```", "",
-    ])
+    proc_import = (
+        f"from medvlm.model.families.processors import {spec.processor_class}"
+        if spec.processor_class != spec.stock_processor_class
+        else f"from transformers import {spec.processor_class}"
+    )
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [medvlm, vision-language, biomedical, research-only]",
+            "---",
+            "",
+            f"# {title}",
+            "",
+            f"> **Research use only.** {NOTICE}",
+            "",
+            f"- family: `{spec.name}` ({spec.model_class})",
+            f"- parameters: {total:,}",
+            f"- end-of-turn token: `{spec.end_of_turn}`",
+            *([f"- chat template: medvlm `{processor.template}`"] if processor.template else []),
+            "",
+            "## Loading",
+            "",
+            "```python",
+            "from transformers import AutoModelForImageTextToText",
+            proc_import,
+            "",
+            "model = AutoModelForImageTextToText.from_pretrained(path)",
+            f"processor = {spec.processor_class}.from_pretrained(path)",
+            "# or: from medvlm.model.families import load_family; model, processor = load_family(path)",
+            "```",
+            "",
+        ]
+    )
 
 
 def supported_families() -> list[str]:

@@ -43,8 +43,10 @@ def _check_conversation(messages: list[Message], add_generation_prompt: bool, as
         if m.role not in ("user", "assistant", "vuser"):
             raise MedvlmError(f"message {i}: role {m.role!r} is not allowed here (system only comes first)")
         if (j % 2 == 1) != (m.role == "assistant"):
-            raise MedvlmError(f"message {i}: expected a {'assistant' if j % 2 else 'user/vuser'} turn, got {m.role!r} "
-                              "(roles must alternate)")
+            raise MedvlmError(
+                f"message {i}: expected a {'assistant' if j % 2 else 'user/vuser'} turn, got {m.role!r} "
+                "(roles must alternate)"
+            )
         if not m.content:
             raise MedvlmError(f"message {i} ({m.role}): empty content")
         if m.role != "user" and m.num_images:
@@ -56,11 +58,15 @@ def _check_conversation(messages: list[Message], add_generation_prompt: bool, as
         raise MedvlmError(f"message {offset}: the first turn must be a user turn, not a vuser turn")
     last = turns[-1].role
     if add_generation_prompt and last == "assistant" and not asks_questions:
-        raise MedvlmError("add_generation_prompt needs the conversation to end with a user turn (this processor has "
-                          "no VUSER question prompt)")
+        raise MedvlmError(
+            "add_generation_prompt needs the conversation to end with a user turn (this processor has "
+            "no VUSER question prompt)"
+        )
     if not add_generation_prompt and last != "assistant":
-        raise MedvlmError(f"a training conversation must end with an assistant turn (message {len(messages) - 1} "
-                          f"is {last!r}); pass add_generation_prompt=True for a prompt")
+        raise MedvlmError(
+            f"a training conversation must end with an assistant turn (message {len(messages) - 1} "
+            f"is {last!r}); pass add_generation_prompt=True for a prompt"
+        )
 
 
 class FamilyProcessor:
@@ -115,8 +121,13 @@ class FamilyProcessor:
 
     def collator(self, padding_side: str = "right", pad_to_multiple_of: int | None = None) -> VLMCollator:
         """A :class:`VLMCollator` that carries and pads every tensor this family's processor returns."""
-        return VLMCollator(self.pad_token_id, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of,
-                           token_keys=self.spec.token_tensors, image_keys=self.spec.image_tensors)
+        return VLMCollator(
+            self.pad_token_id,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            token_keys=self.spec.token_tensors,
+            image_keys=self.spec.image_tensors,
+        )
 
     # -- samples -> chat -------------------------------------------------------------------
     def load_images(self, sample: Sample, image_folder: str | os.PathLike | None = None) -> list[Image.Image]:
@@ -136,8 +147,10 @@ class FamilyProcessor:
                     text = p["text"]
                     for marker in self.markers:
                         if marker in text:
-                            raise MedvlmError(f"message {i} ({m.role}): text contains the image marker {marker!r}; "
-                                              "images must be image parts")
+                            raise MedvlmError(
+                                f"message {i} ({m.role}): text contains the image marker {marker!r}; "
+                                "images must be image parts"
+                            )
                     parts.append({"type": "text", "text": text})
             out.append({"role": m.role, "content": parts})
         return out
@@ -164,8 +177,9 @@ class FamilyProcessor:
         n_parts = sample.num_image_parts
         n_images = len(images) if images is not None else len(sample.images)
         if n_parts != n_images:
-            raise MedvlmError(f"sample {sample.id!r}: the conversation has {n_parts} image part(s) but "
-                              f"{n_images} image(s) were given")
+            raise MedvlmError(
+                f"sample {sample.id!r}: the conversation has {n_parts} image part(s) but {n_images} image(s) were given"
+            )
         asks = add_generation_prompt and bool(sample.messages) and sample.messages[-1].role == "assistant"
         try:
             _check_conversation(sample.messages, add_generation_prompt, self.asks_questions)
@@ -180,9 +194,14 @@ class FamilyProcessor:
                 out = self._question_prompt(conv, pils)
             else:
                 out = self.processor.apply_chat_template(
-                    conv, chat_template=self.chat_template, tokenize=True, return_dict=True, return_tensors="pt",
+                    conv,
+                    chat_template=self.chat_template,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
                     add_generation_prompt=add_generation_prompt,
-                    return_assistant_tokens_mask=not add_generation_prompt)
+                    return_assistant_tokens_mask=not add_generation_prompt,
+                )
         except (ValueError, TemplateError) as e:  # the template's or processor's own checks
             raise MedvlmError(f"sample {sample.id!r}: the {self.spec.name} processor refused it ({e})") from e
         feature: dict[str, Any] = {}
@@ -199,13 +218,15 @@ class FamilyProcessor:
             if key in out:
                 feature[key] = out.pop(key)
         if out:
-            raise MedvlmError(f"the {self.spec.name} processor returned tensors the family does not declare: "
-                              f"{sorted(out)}")
+            raise MedvlmError(
+                f"the {self.spec.name} processor returned tensors the family does not declare: {sorted(out)}"
+            )
         if max_length is not None and ids.numel() > max_length:
             if any(int(t) in self.marker_ids for t in ids[max_length:]):
                 raise ImageTruncationError(
                     f"sample {sample.id!r}: max_length {max_length} would cut image tokens (the conversation has "
-                    f"{ids.numel()} tokens with {n_images} image(s))")
+                    f"{ids.numel()} tokens with {n_images} image(s))"
+                )
             for key in ("input_ids", "attention_mask", "labels", *self.spec.token_tensors):
                 if key in feature:
                     feature[key] = feature[key][:max_length]
@@ -220,17 +241,29 @@ class FamilyProcessor:
         kwargs = {"add_special_tokens": False} if bos is not None and text.startswith(bos) else {}
         return self.processor(text=[text], images=[images] if images else None, return_tensors="pt", **kwargs)
 
-    def encode_text(self, sample: Sample, add_generation_prompt: bool = False, max_length: int | None = None,
-                    image_folder: str | os.PathLike | None = None) -> Encoded:
+    def encode_text(
+        self,
+        sample: Sample,
+        add_generation_prompt: bool = False,
+        max_length: int | None = None,
+        image_folder: str | os.PathLike | None = None,
+    ) -> Encoded:
         """The tokens and labels of :meth:`encode` without decoding any pixels (to index a dataset).
 
         A family's image token count depends on the image's size (Qwen's dynamic resolution, Idefics3's
         tiles, LLaVA-OneVision's grid), and on nothing else: each image is replaced by a blank one of the
         size its file header declares, which the processor expands to the same tokens.
         """
-        blanks = [Image.new("RGB", _header_size(Path(rel) if Path(rel).is_absolute() or image_folder is None
-                                                else Path(image_folder) / rel, sample.id))
-                  for rel in sample.images]
+        blanks = [
+            Image.new(
+                "RGB",
+                _header_size(
+                    Path(rel) if Path(rel).is_absolute() or image_folder is None else Path(image_folder) / rel,
+                    sample.id,
+                ),
+            )
+            for rel in sample.images
+        ]
         feat = self.encode(sample, add_generation_prompt=add_generation_prompt, max_length=max_length, images=blanks)
         ids = feat["input_ids"].tolist()
         labels = feat["labels"].tolist() if "labels" in feat else [IGNORE_INDEX] * len(ids)

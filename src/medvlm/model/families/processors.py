@@ -17,14 +17,18 @@ from transformers import LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen3VLPr
 class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` without the video processor (images and text only)."""
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+    ):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
 class Qwen3VLImageProcessor(Qwen3VLProcessor):
     """``Qwen3VLProcessor`` without the video processor (images and text only)."""
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+    ):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
@@ -47,7 +51,11 @@ class LlavaOnevisionImageProcessor(LlavaOnevisionProcessor):
         **kwargs: Any,
     ):
         super().__init__(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
-            num_image_tokens=num_image_tokens, vision_feature_select_strategy=vision_feature_select_strategy,
-            vision_aspect_ratio=vision_aspect_ratio, **kwargs,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
         )

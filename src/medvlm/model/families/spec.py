@@ -64,8 +64,11 @@ class FamilySpec:
         """The family's marked chat template (Jinja text)."""
         if self.template_file is None:
             raise MedvlmError(f"family {self.name} takes its chat template from a medvlm template name")
-        return resources.files("medvlm").joinpath("resources", "family_templates", self.template_file).read_text(
-            encoding="utf-8")
+        return (
+            resources.files("medvlm")
+            .joinpath("resources", "family_templates", self.template_file)
+            .read_text(encoding="utf-8")
+        )
 
 
 _QWEN_MARKERS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
@@ -136,8 +139,12 @@ FAMILIES: dict[str, FamilySpec] = {
             language_model=("model.text_model.", "lm_head."),
             image_tensors=("pixel_values", "pixel_attention_mask"),
             end_of_turn="<end_of_utterance>",
-            image_markers=("<fake_token_around_image>", "<image>", "<global-img>",
-                           *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))),
+            image_markers=(
+                "<fake_token_around_image>",
+                "<image>",
+                "<global-img>",
+                *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+            ),
             question_header="User:",
             template_file="idefics3.jinja",
             notes={"checkpoints": "SmolVLM 256M / 500M / 2.2B (v1) and Idefics3-8B are this class"},
@@ -179,7 +186,7 @@ FAMILIES: dict[str, FamilySpec] = {
 # model_type values of checkpoints people will try, with why they are not a family (yet).
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
     "smolvlm": "SmolVLM2 (model_type smolvlm) needs a video processor, which needs torchvision; SmolVLM v1 "
-               "(256M / 500M / 2.2B, model_type idefics3) is supported as family idefics3",
+    "(256M / 500M / 2.2B, model_type idefics3) is supported as family idefics3",
     "qwen2_vl": "Qwen2-VL is not a medvlm family; use Qwen2.5-VL (qwen2_5_vl) or Qwen3-VL (qwen3_vl)",
     "medvlm": "this is a native medvlm checkpoint: load it with medvlm.model.build.load_pretrained",
 }
@@ -191,7 +198,8 @@ def get_family(name: str) -> FamilySpec:
         return FAMILIES[name]
     why = UNSUPPORTED_MODEL_TYPES.get(name)
     raise MedvlmError(
-        f"unsupported model family {name!r}" + (f" ({why})" if why else "")
+        f"unsupported model family {name!r}"
+        + (f" ({why})" if why else "")
         + f"; supported families: {', '.join(FAMILIES)}"
     )
 
@@ -202,8 +210,11 @@ def part_of(spec: FamilySpec, param_name: str) -> str:
     The connector is checked first (Qwen's merger sits inside ``model.visual``). A name matching no part
     is an error: a new transformers release renamed something the table must follow.
     """
-    for part, prefixes in (("connector", spec.connector), ("vision_tower", spec.vision_tower),
-                           ("language_model", spec.language_model)):
+    for part, prefixes in (
+        ("connector", spec.connector),
+        ("vision_tower", spec.vision_tower),
+        ("language_model", spec.language_model),
+    ):
         if any(param_name.startswith(p) for p in prefixes):
             return part
     raise MedvlmError(f"parameter {param_name!r} belongs to no declared part of family {spec.name}")

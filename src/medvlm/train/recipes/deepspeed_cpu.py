@@ -128,25 +128,31 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: deepspeed_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
     if cfg.vit_lora_on():
-        raise MedvlmError("distributed: deepspeed_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
-                          "(distributed: auto under accelerate launch / torchrun)")
+        raise MedvlmError(
+            "distributed: deepspeed_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
+            "(distributed: auto under accelerate launch / torchrun)"
+        )
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: deepspeed_cpu does not use the feature cache; set feature_cache: off")
     refuse_resume(cfg)  # this loop writes no checkpoint-N: a resume request would be ignored silently
     if cfg.deepspeed_zero_stage not in (2, 3):
         raise MedvlmError(f"deepspeed_zero_stage must be 2 or 3, got {cfg.deepspeed_zero_stage}")
     if world_size() < 2:
-        raise MedvlmError("distributed: deepspeed_cpu needs a multi-process launch: "
-                          "torchrun --nproc_per_node N -m medvlm train ...")
+        raise MedvlmError(
+            "distributed: deepspeed_cpu needs a multi-process launch: torchrun --nproc_per_node N -m medvlm train ..."
+        )
     deepspeed.init_distributed(dist_backend="gloo")
     job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank(), family)
     opt = build_adamw(cfg, job.model, job.row_masked)
     engine, _, _, sched = deepspeed.initialize(
-        model=job.model, optimizer=opt, config=ds_config(cfg, job.micro, job.accumulation, job.world),
+        model=job.model,
+        optimizer=opt,
+        config=ds_config(cfg, job.micro, job.accumulation, job.world),
         lr_scheduler=lambda o: build_scheduler(cfg, o, job.total),
     )
     shards = partition_report(engine.module)
     history, steps = manual_train_loop(cfg, job, DeepSpeedStep(engine, sched, job.world))
     full = gathered_state_dict(engine, cfg.deepspeed_zero_stage)
-    return finish_manual_run(cfg, job, engine.module.config, full, history, steps, shards,
-                             f"deepspeed_cpu ZeRO-{cfg.deepspeed_zero_stage}")
+    return finish_manual_run(
+        cfg, job, engine.module.config, full, history, steps, shards, f"deepspeed_cpu ZeRO-{cfg.deepspeed_zero_stage}"
+    )

@@ -22,14 +22,18 @@ def check_dpo(cfg: TrainConfig) -> None:
     from medvlm.train.preference import REF_VISUAL_PATHS
 
     if cfg.ref_visual_path not in REF_VISUAL_PATHS:
-        raise MedvlmError(f"ref_visual_path: unknown value {cfg.ref_visual_path!r}; choose one of {', '.join(REF_VISUAL_PATHS)}")
+        raise MedvlmError(
+            f"ref_visual_path: unknown value {cfg.ref_visual_path!r}; choose one of {', '.join(REF_VISUAL_PATHS)}"
+        )
     if cfg.dpo_beta <= 0:
         raise MedvlmError(f"dpo_beta must be > 0, got {cfg.dpo_beta}")
     if cfg.dpo_rpo_alpha is not None and cfg.dpo_rpo_alpha < 0:
         raise MedvlmError(f"dpo_rpo_alpha must be >= 0 (or null for plain DPO), got {cfg.dpo_rpo_alpha}")
     if cfg.ref_logps and cfg.ref_visual_path == "policy":
-        raise MedvlmError("ref_logps cannot be precomputed with ref_visual_path: policy (the policy's visual path changes "
-                          "while training); use ref_visual_path: frozen or drop ref_logps")
+        raise MedvlmError(
+            "ref_logps cannot be precomputed with ref_visual_path: policy (the policy's visual path changes "
+            "while training); use ref_visual_path: frozen or drop ref_logps"
+        )
     if not cfg.model_name_or_path:
         raise MedvlmError("stage 'dpo' starts from a stage-1 checkpoint: set model_name_or_path")
     if any(s.weight != 1.0 for s in cfg.sources()):
@@ -81,9 +85,11 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None, family: str | N
 
         def load_reference():
             return load_pretrained(cfg.model_name_or_path)[0]
+
     start = start_run(cfg, family)
-    dataset, report = build_preference_dataset([s.path for s in cfg.sources()], start.train_proc, cfg.image_folder,
-                                               cfg.max_length, cfg.data_format)
+    dataset, report = build_preference_dataset(
+        [s.path for s in cfg.sources()], start.train_proc, cfg.image_folder, cfg.max_length, cfg.data_format
+    )
     ref_model = None
     if cfg.ref_logps:  # the stored values are the reference: the model is loaded only to compute them
         dataset.ref_logps = ensure_ref_logps(cfg, load_reference, dataset)
@@ -99,18 +105,35 @@ def prepare_dpo(cfg: TrainConfig, callbacks: list | None = None, family: str | N
         model, _ = apply_family_stage(start.model, start.processor.spec, cfg)
         part, template = family_part_of(start.processor.spec), start.processor.template
         title = f"dpo ({family}): {Path(cfg.output_dir).name}"
-    args = build_training_args(cfg, start.accumulation,
-                               find_unused=start.world > 1 and 0 < report.image_pairs < report.pairs)
-    manifest = {"preference_files": report.files, "pairs": report.pairs, "image_pairs": report.image_pairs,
-                "dropped": report.dropped, "template": template, "max_length": cfg.max_length}
+    args = build_training_args(
+        cfg, start.accumulation, find_unused=start.world > 1 and 0 < report.image_pairs < report.pairs
+    )
+    manifest = {
+        "preference_files": report.files,
+        "pairs": report.pairs,
+        "image_pairs": report.image_pairs,
+        "dropped": report.dropped,
+        "template": template,
+        "max_length": cfg.max_length,
+    }
     config_yaml = cfg.to_yaml()
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=dataset.collator(),
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=dataset.collator(),
         processing_class=start.processor if family is None else start.processor.processor,
         callbacks=[RunArtifactsCallback(config_yaml, manifest, title), *(callbacks or [])],
-        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
-        projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad, part=part,
-        ref_model=ref_model, beta=cfg.dpo_beta, ref_visual_path=cfg.ref_visual_path, rpo_alpha=cfg.dpo_rpo_alpha,
+        lengths=dataset.lengths,
+        group_by_modality_length=cfg.group_by_modality_length,
+        projector_lr=cfg.projector_lr,
+        vision_lr=cfg.vision_lr,
+        vit_lora_grad=cfg.vit_lora_grad,
+        part=part,
+        ref_model=ref_model,
+        beta=cfg.dpo_beta,
+        ref_visual_path=cfg.ref_visual_path,
+        rpo_alpha=cfg.dpo_rpo_alpha,
     )
     return DPORun(trainer, start, dataset, report, config_yaml, manifest, title)
 
@@ -121,5 +144,12 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
 
     job = prepare_dpo(cfg, callbacks, family)
     out = train_resumable(job.trainer, job.start)
-    return finish_trainer(cfg, job.start, job.trainer, out, {TRAIN_CONFIG_FILE: job.config_yaml, DATA_MANIFEST_FILE: job.manifest},
-                          job.title, job.manifest)
+    return finish_trainer(
+        cfg,
+        job.start,
+        job.trainer,
+        out,
+        {TRAIN_CONFIG_FILE: job.config_yaml, DATA_MANIFEST_FILE: job.manifest},
+        job.title,
+        job.manifest,
+    )

@@ -70,8 +70,9 @@ class FSDPStep:
 
     def optimizer_step(self) -> None:
         """Clip the accumulated gradients, step optimizer and scheduler, drop the gradients."""
-        self._norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                    self.max_grad_norm)
+        self._norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm
+        )
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -108,13 +109,17 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     if cfg.tune != "full":
         raise MedvlmError(f"distributed: fsdp2_cpu supports tune: full (got {cfg.tune}); use DDP for LoRA")
     if cfg.vit_lora_on():
-        raise MedvlmError("distributed: fsdp2_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
-                          "(distributed: auto under accelerate launch / torchrun)")
+        raise MedvlmError(
+            "distributed: fsdp2_cpu trains without adapters (tune: full); vit_lora: true needs DDP "
+            "(distributed: auto under accelerate launch / torchrun)"
+        )
     if cfg.feature_cache == "on":
         raise MedvlmError("distributed: fsdp2_cpu does not use the feature cache; set feature_cache: off")
     refuse_resume(cfg)  # this loop writes no checkpoint-N: a resume request would be ignored silently
     if world_size() < 2:
-        raise MedvlmError("distributed: fsdp2_cpu needs a multi-process launch: torchrun --nproc_per_node N -m medvlm train ...")
+        raise MedvlmError(
+            "distributed: fsdp2_cpu needs a multi-process launch: torchrun --nproc_per_node N -m medvlm train ..."
+        )
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     job = prepare_manual_run(cfg, dist.get_world_size(), dist.get_rank(), family)

@@ -46,8 +46,9 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
 
             vlm = model.get_base_model() if plan.lora or plan.vit_lora else model
             dtype = next(vlm.vision_tower.parameters()).dtype
-            cache = FeatureCache(cfg.feature_cache_dir or default_cache_root(),
-                                 cache_settings(vlm, start.train_proc, dtype))
+            cache = FeatureCache(
+                cfg.feature_cache_dir or default_cache_root(), cache_settings(vlm, start.train_proc, dtype)
+            )
             dataset.feature_cache = cache
         collator = TrainCollator(start.train_proc.pad_token_id, cfg.max_length if cfg.packing else None)
         title = f"{cfg.stage}: {Path(cfg.output_dir).name}"
@@ -67,16 +68,30 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     config_yaml = cfg.to_yaml()
     manifest_dict = manifest.to_dict()
     trainer = MedVLMTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
         processing_class=start.processor if family is None else start.processor.processor,
         callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), *(callbacks or [])],
-        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
-        projector_lr=cfg.projector_lr, row_masked=row_masked, feature_cache=cache,
+        lengths=dataset.lengths,
+        group_by_modality_length=cfg.group_by_modality_length,
+        projector_lr=cfg.projector_lr,
+        row_masked=row_masked,
+        feature_cache=cache,
         # the native model's own labelled-only head; a family's goes through its collator (above)
         labelled_logits_only=cfg.labelled_logits_only and family is None,
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
     out = train_resumable(trainer, start)
-    return finish_trainer(cfg, start, trainer, out, {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict}, title,
-                          manifest_dict, cache_stats=dict(trainer.cache_stats),
-                          cache_by_epoch=dict(trainer.cache_by_epoch))
+    return finish_trainer(
+        cfg,
+        start,
+        trainer,
+        out,
+        {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict},
+        title,
+        manifest_dict,
+        cache_stats=dict(trainer.cache_stats),
+        cache_by_epoch=dict(trainer.cache_by_epoch),
+    )

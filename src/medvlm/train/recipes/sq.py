@@ -57,13 +57,27 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     config_yaml = cfg.to_yaml()
     manifest_dict = manifest.to_dict()
     trainer = SelfTrainingTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
         processing_class=start.processor if family is None else start.processor.processor,
         callbacks=[RunArtifactsCallback(config_yaml, manifest_dict, title), EpochCallback(dataset), *(callbacks or [])],
-        lengths=dataset.lengths, group_by_modality_length=cfg.group_by_modality_length,
-        projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr, vit_lora_grad=cfg.vit_lora_grad, part=part,
+        lengths=dataset.lengths,
+        group_by_modality_length=cfg.group_by_modality_length,
+        projector_lr=cfg.projector_lr,
+        vision_lr=cfg.vision_lr,
+        vit_lora_grad=cfg.vit_lora_grad,
+        part=part,
         compute_loss_func=loss_func,  # a family's loss: normalised by the global batch's learned tokens
     )
     out = train_resumable(trainer, start)
-    return finish_trainer(cfg, start, trainer, out, {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict}, title,
-                          manifest_dict)
+    return finish_trainer(
+        cfg,
+        start,
+        trainer,
+        out,
+        {TRAIN_CONFIG_FILE: config_yaml, DATA_MANIFEST_FILE: manifest_dict},
+        title,
+        manifest_dict,
+    )
