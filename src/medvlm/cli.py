@@ -30,7 +30,7 @@ _VERBS: list[tuple[str, str, str]] = [  # in pipeline order, as `medvlm --help` 
     ("data", "medvlm.data.commands", "group"),
     ("instruct", "medvlm.data.instruct.commands", "group"),
     ("model", "medvlm.model.commands", "group"),
-    ("train", "medvlm.train.commands", "command"),
+    ("train", "medvlm.eval.train_eval", "command"),  # evaluates an eval set after training (eval layer)
     ("prefs", "medvlm.infer.prefs_commands", "group"),
     ("eval", "medvlm.eval.commands", "group"),
     ("chat", "medvlm.serve.chat", "command"),
