@@ -20,15 +20,15 @@ def test_model_init_then_info(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["projector_type"], cfg["template"], cfg["image_aspect"], cfg["image_seq_length"]) == (
-        "cluster", "llava_med_v0", "square", 36)
+        "cluster", "llava_med_v0", "square", 144)
     model, processor = load_pretrained(out)
     assert processor.template == "llava_med_v0" and processor.image_side == 96
 
     res = runner.invoke(app, ["model", "info", str(out)])
     assert res.exit_code == 0, res.output
     text = res.stdout
-    for expected in ("CLIPVisionModel", "96px, patch 16", "hidden-state layer -2, strategy patch", "cluster",
-                     "LlamaForCausalLM", "llava_med_v0", "square", "36 per image", "vision_tower", "projector",
+    for expected in ("CLIPVisionModel", "96px, patch 8", "hidden-state layer -1, strategy patch", "cluster",
+                     "LlamaForCausalLM", "llava_med_v0", "square", "144 per image", "vision_tower", "projector",
                      "language_model", "trainable parts when saved: vision_tower, projector, language_model",
                      "Research use only"):
         assert expected in text, expected
