@@ -22,13 +22,13 @@ app = typer.Typer(
 
 @app.command("init")
 def init_cmd(
-    preset: str = typer.Option("tiny", "--preset", help="tiny (random, offline), smol (SmolLM2-135M + small random "
-                               "tower), or tiny-<family> (qwen2_5_vl, qwen3_vl, gemma3, idefics3, llava, llava_onevision: "
+    preset: str = typer.Option("tiny", "--preset", help="tiny (~1M, random, offline), small (~23M, random, offline), smol "
+                               "(SmolLM2-135M + small random tower), or tiny-<family> (qwen2_5_vl, qwen3_vl, gemma3, idefics3, llava, llava_onevision: "
                                "a tiny random model of that transformers family, hub layout)."),
     projector: str | None = typer.Option(None, "--projector", help="linear, mlp2x_gelu (default) or cluster."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (replaced atomically)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Tower input side in pixels (multiple of 16)."),
-    template: str | None = typer.Option(None, "--template", help="Chat template (default: vicuna_v1 for tiny and "
+    image_size: int | None = typer.Option(None, "--image-size", help="Tower input side in pixels (a multiple of the patch: 8 for tiny/small, 16 for smol)."),
+    template: str | None = typer.Option(None, "--template", help="Chat template (default: vicuna_v1 for tiny, small and "
                                         "tiny-llava, chatml for smol; other families use their own)."),
     aspect: str | None = typer.Option(None, "--aspect", help="Image aspect mode: square, pad (default) or resize."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
@@ -41,7 +41,7 @@ def init_cmd(
         given = [name for name, v in (("--projector", projector), ("--image-size", image_size), ("--aspect", aspect))
                  if v is not None]
         if given:
-            raise MedvlmError(f"{', '.join(given)} apply to the native presets (tiny, smol), not {preset}: a family "
+            raise MedvlmError(f"{', '.join(given)} apply to the native presets (tiny, small, smol), not {preset}: a family "
                               "preset uses its family's own connector and image processor")
         typer.echo(f"wrote {init_tiny_family(preset, out, seed=seed, template=template)}")
         return
