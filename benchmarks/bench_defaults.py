@@ -11,7 +11,8 @@ their defaults (nothing but data paths, output folders and the seed is passed):
     medvlm eval vqa --model M/sft --questions TEST --image-folder IMG --out M/answers.jsonl
     medvlm eval score --gt TEST --pred M/answers.jsonl --protocol llava-med --out M/scores.json
 
-Reports closed accuracy, open recall, the training wall time of the two ``train`` calls, and every question
+Reports closed accuracy, open recall, the training wall and CPU seconds and optimizer steps of the two ``train``
+calls (CPU seconds do not depend on how loaded a shared machine is), and every question
 kind's score beside its image-blind baseline (majority answer per kind learned on the train split,
 :func:`medvlm.data.synth.blind_baseline`). Targets (issue 17): closed >= 85, open >= 85, every kind >= 20 points
 above its blind baseline, training <= 6 minutes on 2 cores.
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,16 +43,27 @@ def medvlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "medvlm", *args]
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run a command, its output appended to ``log``; returns its wall time. Stops the benchmark on failure."""
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a command, its output appended to ``log``; returns its (wall, CPU) seconds. Stops the benchmark on failure.
+
+    CPU seconds (user + system of the child) say what the run cost regardless of how loaded the machine was.
+    """
     started = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
-    return time.time() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.time() - started, cpu
+
+
+def train_steps(log: Path) -> list[int]:
+    """The optimizer steps of each ``medvlm train`` call so far (its closing ``done: N steps`` line)."""
+    return [int(n) for n in re.findall(r"done: (\d+) steps", log.read_text(encoding="utf-8"))]
 
 
 def make_data(generator: str, out: Path, seed: int, log: Path) -> tuple[Path, Path, Path]:
@@ -77,9 +91,9 @@ def one_run(generator: str, seed: int, work: Path, preset: str) -> dict:
     m = root / "models"
     run(medvlm("model", "init", "--preset", preset, "--out", str(m / "init"), "--seed", str(seed)), log)
     common = ["--data_path", str(train), "--image_folder", str(images), "--seed", str(seed)]
-    t_align = run(medvlm("train", "--stage", "align", "--model_name_or_path", str(m / "init"),
+    t_align, c_align = run(medvlm("train", "--stage", "align", "--model_name_or_path", str(m / "init"),
                          "--output_dir", str(m / "align"), *common), log)
-    t_sft = run(medvlm("train", "--stage", "sft", "--model_name_or_path", str(m / "align"),
+    t_sft, c_sft = run(medvlm("train", "--stage", "sft", "--model_name_or_path", str(m / "align"),
                        "--output_dir", str(m / "sft"), "--eval_data_path", str(test), *common), log)
     run(medvlm("eval", "vqa", "--model", str(m / "sft"), "--questions", str(test), "--image-folder", str(images),
                "--out", str(m / "answers.jsonl")), log)
@@ -92,7 +106,9 @@ def one_run(generator: str, seed: int, work: Path, preset: str) -> dict:
     res = {"generator": generator, "seed": seed, "closed": scores["closed"]["accuracy"],
            "open": scores["open"]["recall"], "blind_closed": 100 * blind["closed"],
            "blind_open": 100 * blind["open_recall"], "train_seconds": t_align + t_sft,
-           "align_seconds": t_align, "sft_seconds": t_sft, "kinds": rows}
+           "align_seconds": t_align, "sft_seconds": t_sft, "train_cpu_seconds": c_align + c_sft,
+           "steps": train_steps(log), "threads": os.environ.get("OMP_NUM_THREADS"),
+           "load_average": os.getloadavg()[0], "kinds": rows}
     res["meets"] = (res["closed"] >= TARGETS["closed"] and res["open"] >= TARGETS["open"]
                     and res["train_seconds"] <= TARGETS["train_seconds"]
                     and all(r["score"] - r["blind"] >= TARGETS["kind_margin"] for r in rows.values()))
@@ -102,12 +118,14 @@ def one_run(generator: str, seed: int, work: Path, preset: str) -> dict:
 
 def report(results: list[dict]) -> None:
     """Print one line per run, then every kind beside its blind baseline."""
-    print("\n| generator | seed | closed | open | blind closed / open | train s (align + sft) | targets met |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| generator | seed | closed | open | blind closed / open | train wall s (align + sft) | train CPU s "
+          "| steps (align, sft) | targets met |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['generator']} | {r['seed']} | {r['closed']:.1f} | {r['open']:.1f} | "
               f"{r['blind_closed']:.1f} / {r['blind_open']:.1f} | {r['train_seconds']:.0f} "
-              f"({r['align_seconds']:.0f} + {r['sft_seconds']:.0f}) | {'yes' if r['meets'] else 'no'} |")
+              f"({r['align_seconds']:.0f} + {r['sft_seconds']:.0f}) | {r['train_cpu_seconds']:.0f} | "
+              f"{', '.join(map(str, r['steps']))} | {'yes' if r['meets'] else 'no'} |")
     for g in sorted({r["generator"] for r in results}):
         runs = [r for r in results if r["generator"] == g]
         print(f"\n| {g}: kind | " + " | ".join(f"seed {r['seed']}: model / blind" for r in runs) + " |")
