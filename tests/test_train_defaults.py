@@ -29,8 +29,8 @@ class _ModelConfig:
 
 def test_scratch_presets_train_every_part_with_their_own_rates(tmp_path: Path) -> None:
     align = resolve_stage_defaults(_cfg(tmp_path, stage="align"))
-    assert (align.tune_vision_tower, align.tune_language_model, align.learning_rate, align.image_augment) == (
-        True, True, 1e-3, True)
+    assert (align.tune_vision_tower, align.tune_language_model, align.learning_rate, align.image_augment,
+            align.group_by_image) == (True, True, 1e-3, True, True)
     plan = plan_stage(align, _ModelConfig())
     assert (plan.vision_tower, plan.projector, plan.language_model) == (True, True, True)
     sft = resolve_stage_defaults(_cfg(tmp_path))
@@ -52,7 +52,7 @@ def test_pretrained_checkpoints_keep_llava_med_defaults(tmp_path: Path) -> None:
     (ckpt / "config.json").write_text(json.dumps({"model_type": "medvlm"}))
     align = resolve_stage_defaults(_cfg(tmp_path, stage="align", preset=None, model_name_or_path=str(ckpt)))
     assert (align.tune_vision_tower, align.tune_language_model, align.learning_rate, align.num_train_epochs,
-            align.image_augment) == (False, None, 2e-3, 1.0, False)
+            align.image_augment, align.group_by_image) == (False, None, 2e-3, 1.0, False, False)
     assert plan_stage(align, _ModelConfig()).language_model is False
     sft = resolve_stage_defaults(_cfg(tmp_path, preset=None, model_name_or_path=str(ckpt)))
     assert (sft.learning_rate, sft.num_train_epochs) == (2e-5, 1.0)
@@ -107,3 +107,15 @@ def test_run_training_alone_refuses_an_eval_set(tmp_path: Path) -> None:
     _vqa(tmp_path)
     with pytest.raises(MedvlmError, match="run_training alone does not evaluate"):
         run_training(_cfg(tmp_path, eval_data_path=str(tmp_path / "d.json")))
+
+
+def test_contradicting_keys_are_refused_up_front(tmp_path: Path) -> None:
+    from medvlm.train.setup import use_feature_cache
+
+    _vqa(tmp_path)
+    with pytest.raises(MedvlmError, match="group_by_image: true writes LLaVA JSON, so it needs data_format: auto"):
+        grouped_sources(_cfg(tmp_path, data_format="llava"))
+    frozen = _cfg(tmp_path, tune_vision_tower=False, feature_cache="on")  # augmentation stays on (random tower)
+    with pytest.raises(MedvlmError, match="image_augment: true changes the image at every read"):
+        use_feature_cache(frozen, tower_trains=False)
+    assert use_feature_cache(_cfg(tmp_path, tune_vision_tower=False, image_augment=False), tower_trains=False)
