@@ -58,7 +58,8 @@ def test_pretrained_checkpoints_keep_llava_med_defaults(tmp_path: Path) -> None:
     assert (sft.learning_rate, sft.num_train_epochs) == (2e-5, 1.0)
     # STLLaVA-Med's stages keep their own semantics even on a tiny model
     sq = resolve_stage_defaults(_cfg(tmp_path, stage="sq"))
-    assert (sq.tune_vision_tower, sq.learning_rate, sq.num_train_epochs, sq.image_augment) == (False, 2e-5, 1.0, False)
+    assert (sq.tune_vision_tower, sq.learning_rate, sq.num_train_epochs, sq.image_augment, sq.group_by_image) == (
+        False, 2e-5, 1.0, None, None)  # keys sq does not read stay unset
     (ckpt / "config.json").write_text(json.dumps({"scratch_parts": "vision_tower"}))
     with pytest.raises(MedvlmError, match="scratch_parts must be a list"):
         resolve_stage_defaults(_cfg(tmp_path, preset=None, model_name_or_path=str(ckpt)))

@@ -72,14 +72,17 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
     Epochs that depend on the data size are resolved by :func:`resolve_epochs` once the data is indexed.
     """
     scratch = scratch_parts_of(cfg) if cfg.stage in SCRATCH_STAGES else []
-    if cfg.tune_vision_tower is None:
+    # Only keys the stage reads are filled: a resolved value on a key another stage owns would be refused when the
+    # config is validated again (TrainConfig.validate: an accepted key must take effect).
+    if cfg.tune_vision_tower is None and cfg.stage != "dpo":
         cfg.tune_vision_tower = "vision_tower" in scratch
     if cfg.tune_language_model is None and cfg.stage == "align" and "language_model" in scratch:
         cfg.tune_language_model = True
-    if cfg.image_augment is None:
-        cfg.image_augment = "vision_tower" in scratch
-    if cfg.group_by_image is None:
-        cfg.group_by_image = bool(scratch)
+    if cfg.stage in SCRATCH_STAGES:
+        if cfg.image_augment is None:
+            cfg.image_augment = "vision_tower" in scratch
+        if cfg.group_by_image is None:
+            cfg.group_by_image = bool(scratch)
     if cfg.learning_rate is None:
         fast = bool(scratch) if cfg.stage == "align" else "language_model" in scratch
         cfg.learning_rate = SCRATCH_LR[cfg.stage] if fast else PUBLISHED_LR[cfg.stage]
