@@ -77,6 +77,46 @@ def family_tokenizer(
     return hf
 
 
+def _qwen_tokenizer(**size: Any) -> Any:
+    """Qwen2.5-VL / Qwen3-VL's special tokens (the tiny and the demo-size builds share them)."""
+    return family_tokenizer(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ],
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        **size,
+        named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def _idefics3_tokenizer(**size: Any) -> Any:
+    """Idefics3 (SmolVLM)'s special tokens, tile rows included (the tiny and the demo-size builds share them)."""
+    rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    return family_tokenizer(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<end_of_utterance>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
+            *rows,
+        ],
+        bos="<|im_start|>",
+        eos="<end_of_utterance>",
+        pad="<|endoftext|>",
+        unk="<|endoftext|>",
+        **size,
+    )
+
+
 def _llama_text(tokenizer: Any, **extra: Any) -> dict:
     return dict(
         vocab_size=len(tokenizer),
@@ -144,20 +184,7 @@ def _qwen(spec: FamilySpec, tokenizer: Any) -> tuple[Any, Any]:
 def _build_qwen(spec: FamilySpec) -> tuple[Any, Any, dict]:
     from medvlm.model.families import processors
 
-    tokenizer = family_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-        ],
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    tokenizer = _qwen_tokenizer()
     config, image_processor = _qwen(spec, tokenizer)
     cls = getattr(processors, spec.processor_class)
     processor = cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=spec.chat_template())
@@ -217,22 +244,7 @@ def _build_gemma3(spec: FamilySpec) -> tuple[Any, Any, dict]:
 def _build_idefics3(spec: FamilySpec) -> tuple[Any, Any, dict]:
     import transformers as tf
 
-    rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tokenizer = family_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<end_of_utterance>",
-            "<fake_token_around_image>",
-            "<image>",
-            "<global-img>",
-            *rows,
-        ],
-        bos="<|im_start|>",
-        eos="<end_of_utterance>",
-        pad="<|endoftext|>",
-        unk="<|endoftext|>",
-    )
+    tokenizer = _idefics3_tokenizer()
     image_processor = tf.Idefics3ImageProcessorPil(
         size={"longest_edge": 128}, max_image_size={"longest_edge": 64}, do_image_splitting=True
     )
@@ -391,21 +403,7 @@ def _demo_qwen(spec: FamilySpec) -> tuple[Any, Any, dict]:
 
     from medvlm.model.families import processors
 
-    tokenizer = family_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-        ],
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        vocab_size=DEMO_VOCAB,
-        named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    tokenizer = _qwen_tokenizer(vocab_size=DEMO_VOCAB)
     v = DEMO_VISION
     # merge_size 1: each 8 px patch is one LM token (8 x 8 = 64 at 64 px), as the native demo's patch-8 tower.
     # min = max pixels pins every image to 64 x 64 (Qwen's smart_resize would otherwise choose the grid).
@@ -450,23 +448,7 @@ def _demo_qwen(spec: FamilySpec) -> tuple[Any, Any, dict]:
 def _demo_idefics3(spec: FamilySpec) -> tuple[Any, Any, dict]:
     import transformers as tf
 
-    rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tokenizer = family_tokenizer(
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<end_of_utterance>",
-            "<fake_token_around_image>",
-            "<image>",
-            "<global-img>",
-            *rows,
-        ],
-        bos="<|im_start|>",
-        eos="<end_of_utterance>",
-        pad="<|endoftext|>",
-        unk="<|endoftext|>",
-        vocab_size=DEMO_VOCAB,
-    )
+    tokenizer = _idefics3_tokenizer(vocab_size=DEMO_VOCAB)
     v = DEMO_VISION
     # One 64 px tile (no splitting: the synthetic images are 64 px), patch 8 -> 64 patches; scale_factor 1 keeps
     # all 64 as LM tokens (SmolVLM's pixel shuffle by 4 would leave 4).
