@@ -23,6 +23,7 @@ next chat turn only computes its new tokens.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,14 +204,23 @@ class ContinuousBatcher:
         self.max_batch = max_batch
         self.remember_answers = remember_answers
         self.waiting: deque[BatchRequest] = deque()
-        self.rows: list[_Row] = []
+        self.rows: list[_Row] = []  # row i lives in slot i of ``kv``
         self.kv: KVBuffer | None = None
-        self.mask: torch.Tensor | None = None  # [B, T] bool
         self.steps = 0
-        """Decoding steps run (for stats)."""
+        """Decoding steps run (for stats; a step that carries joining rows' prompt chunks counts once)."""
         self.admitted = 0
         """Requests that entered the batch."""
         self.largest_batch = 0
+        self.rows_decoded = 0
+        """Sum over steps of the rows in the step (``rows_decoded / steps`` is the mean occupancy)."""
+        self.joined_in_step = 0
+        """Requests whose prompt chunk ran inside a decoding step (no forward of their own)."""
+        self.prefill_forwards = 0
+        """Forwards run for admissions on their own (image prefixes, chunks with images or processor extras)."""
+        self.admit_seconds = 0.0
+        """Wall time in admissions outside the decoding step (cache lookups, separate prefills)."""
+        self.decode_seconds = 0.0
+        """Wall time in decoding steps (joining chunks included)."""
 
     @property
     def idle(self) -> bool:
@@ -225,7 +235,9 @@ class ContinuousBatcher:
 
     # -- stepping ------------------------------------------------------------------------------
     def step(self) -> None:
-        """Drop cancelled rows, admit waiting requests into free rows, decode one token for every row."""
+        """Drop cancelled rows, admit waiting requests into free rows, then run one forward for every row: a decoding
+        token for the running rows and, in the same forward, the prompt chunk of each request joining now."""
+        t0 = time.perf_counter()
         with torch.inference_mode():
             self._drop_cancelled()
             free = self.max_batch - len(self.rows)
@@ -236,14 +248,18 @@ class ContinuousBatcher:
                     self._report(req, BatchResult("", "cancelled", req.prompt.num_tokens, 0))
                 else:
                     batch.append(req)
+            joining: list[_Row] = []
             if batch:
                 try:
-                    self._admit(batch)
+                    joining = self._admit(batch)
                 except BaseException:
                     self.waiting.extendleft(reversed(batch))  # still owed an answer: fail_all reports them
                     raise
+            t1 = time.perf_counter()
+            self.admit_seconds += t1 - t0
             if self.rows:
-                self._decode()
+                self._decode(joining)
+                self.decode_seconds += time.perf_counter() - t1
 
     def run(self) -> None:
         """Step until nothing is running or waiting."""
@@ -253,7 +269,7 @@ class ContinuousBatcher:
     def fail_all(self, exc: BaseException) -> None:
         """Report ``exc`` to every running and waiting request and empty the batch."""
         reqs = [r.req for r in self.rows] + list(self.waiting)
-        self.rows, self.kv, self.mask = [], None, None
+        self.rows, self.kv = [], None
         self.waiting.clear()
         for req in reqs:
             if req.on_error is not None:
@@ -265,22 +281,25 @@ class ContinuousBatcher:
             req.on_done(result)
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for i, row in enumerate(self.rows):
-            if row.req.cancelled.is_set():
-                self._finish(row, "cancelled", None, None, i)
-            else:
-                keep.append(i)
-        if len(keep) != len(self.rows):
-            self._keep(keep)
+        gone = [i for i, row in enumerate(self.rows) if row.req.cancelled.is_set()]
+        for i in gone:
+            self._finish(self.rows[i], "cancelled", None, None, i)
+        if gone:
+            self._remove(gone)
 
-    def _keep(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
+    def _remove(self, gone: list[int]) -> None:
+        """Free the slots of finished rows (the last live rows move into them)."""
+        order = self.kv.remove_rows(gone)
+        self.rows = [self.rows[i] for i in order]
         if not self.rows:
-            self.kv, self.mask = None, None
-            return
-        layers, self.mask = select_rows(self.kv.layers(), self.mask, torch.tensor(keep, dtype=torch.long))
-        self.kv = KVBuffer(layers, room=self._room())
+            self.kv = None
+
+    def _add_to_kv(self, layers: Layers, mask: torch.Tensor, room: int) -> None:
+        if self.kv is None:
+            self.kv = KVBuffer(layers, room=room, mask=mask, rows=min(self.max_batch, 2 * int(mask.shape[0])))
+            self.kv.max_rows = self.max_batch
+        else:
+            self.kv.add_rows(layers, mask)
 
     def _chunk_forward(
         self, items: list[tuple[_Row, int, int, Layers | None]]
@@ -352,7 +371,8 @@ class ContinuousBatcher:
         layers, mask = select_rows(layers, mask, back)
         return logits.index_select(0, back), layers, mask
 
-    def _admit(self, reqs: list[BatchRequest]) -> None:
+    def _admit(self, reqs: list[BatchRequest]) -> list[_Row]:
+        """Give new requests their rows; returns the rows whose prompt chunk runs in this step's decoding forward."""
         rows = [_Row(r, self.engine) for r in reqs]
         cache = self.cache
         for row in rows:
@@ -372,6 +392,7 @@ class ContinuousBatcher:
         if todo:
             items = [(g[0], g[0].start, g[0].req.prompt.split, g[0].past) for g in todo]
             _, layers, mask = self._chunk_forward(items)
+            self.prefill_forwards += 1
             for b, g in enumerate(todo):
                 p = g[0].req.prompt
                 prefix = compact_row(layers, mask, b)
@@ -379,10 +400,41 @@ class ContinuousBatcher:
                     cache.insert(p.input_ids[: p.split], p.spans, p.digests, prefix)
                 for row in g:
                     row.start, row.past = p.split, prefix
-        logits, layers, mask = self._bucketed_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
+        # The rest of a prompt that is plain text after its images joins the decoding forward (chunked prefill mixed
+        # with decode: no forward of its own); a chunk holding images or processor extras is prefilled alone, and so is
+        # a text prompt with nothing cached while no batch runs.
+        alone = [r for r in rows if not self._joins_step(r)]
+        joining = [r for r in rows if self._joins_step(r)]
         # Counted before any row can finish (and answer its client).
         self.admitted += len(rows)
         self.largest_batch = max(self.largest_batch, len(self.rows) + len(rows))
+        if alone:
+            self._prefill_alone(alone)
+        if joining:
+            parts = [(r.past if r.past is not None else self._empty_past(), torch.ones(1, r.start, dtype=torch.bool))
+                     for r in joining]
+            layers, mask = concat_rows(parts)
+            width = max(r.req.prompt.num_tokens - r.start for r in joining)
+            self._add_to_kv(layers, mask, room=self._room(joining) + width)
+            for r in joining:
+                r.past = None
+            self.rows += joining
+            self.joined_in_step += len(joining)
+        return joining
+
+    def _joins_step(self, row: _Row) -> bool:
+        p = row.req.prompt
+        text_after_images = row.start >= p.split and (p.extras is None or row.start > 0)
+        return self.family.mixes_prefill and text_after_images and (row.past is not None or self.kv is not None)
+
+    def _empty_past(self) -> Layers:
+        """A zero-column single-row cache shaped like the running batch's."""
+        return [(k[:1, :, :0], v[:1, :, :0]) for k, v in self.kv.layers()]
+
+    def _prefill_alone(self, rows: list[_Row]) -> None:
+        """Prefill rows in forwards of their own (bucketed by length), take their first tokens, add the survivors."""
+        logits, layers, mask = self._bucketed_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
+        self.prefill_forwards += 1
         keep = []
         greedy = self._greedy(logits, rows)
         for b, row in enumerate(rows):
@@ -391,34 +443,50 @@ class ContinuousBatcher:
             if not self._accept(row, b, logits[b], layers, mask, greedy[b]):
                 keep.append(b)
         if keep:
-            new = select_rows(layers, mask, torch.tensor(keep, dtype=torch.long))
-            old = [(self.kv.layers(), self.mask)] if self.rows else []
+            new_layers, new_mask = select_rows(layers, mask, torch.tensor(keep, dtype=torch.long))
+            self._add_to_kv(new_layers, new_mask, room=self._room([rows[b] for b in keep]))
             self.rows += [rows[b] for b in keep]
-            layers, self.mask = concat_rows(old + [new])
-            self.kv = KVBuffer(layers, room=self._room())
 
-    def _room(self) -> int:
-        """Spare columns for a rebuilt cache: the most tokens any row may still generate (capped)."""
-        left = max(r.req.settings.max_new_tokens - len(r.ids) for r in self.rows)
+    def _room(self, rows: list[_Row]) -> int:
+        """Spare columns for a new cache: the most tokens any row may still generate (capped)."""
+        left = max(r.req.settings.max_new_tokens - len(r.ids) for r in self.rows + rows)
         return max(1, min(left, 256))
 
-    def _decode(self) -> None:
-        rows = self.rows
-        ids = torch.tensor([[r.sampled[-1]] for r in rows], dtype=torch.long)
-        pos = torch.tensor([[r.pos] for r in rows], dtype=torch.long)
-        mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
-        logits = self.family.decode(ids, mask, pos, self.kv)
-        self.mask = mask
+    def _decode(self, joining: list[_Row]) -> None:
+        """One forward over every row: running rows feed their last token, joining rows (the last slots) their prompt
+        chunk, right-aligned in a common width ``C``; each row's holes are masked out and every token gets its true
+        position."""
+        kv, rows = self.kv, self.rows
+        n, n_old = len(rows), len(rows) - len(joining)
+        width = max((r.req.prompt.num_tokens - r.start for r in joining), default=1)
+        kv.reserve(width)
+        end = kv.length + width
+        ids = torch.full((n, width), self.processor.pad_token_id, dtype=torch.long)
+        pos = torch.empty((n, width), dtype=torch.long)
+        if n_old:
+            ids[:n_old, -1] = torch.tensor([r.sampled[-1] for r in rows[:n_old]], dtype=torch.long)
+            pos[:n_old] = torch.tensor([r.pos for r in rows[:n_old]], dtype=torch.long)[:, None]
+            kv.mask_buf[:n_old, end - 1] = True
+        for b, row in enumerate(joining, n_old):
+            p = row.req.prompt
+            c = p.num_tokens - row.start
+            ids[b, width - c :] = p.input_ids[row.start :]
+            pos[b, width - c :] = torch.arange(row.start, p.num_tokens) + p.position_offset
+            pos[b, : width - c] = row.start  # holes: any position, they are never attended to
+            kv.mask_buf[b, end - c : end] = True
+            row.pos = p.num_tokens + p.position_offset - 1  # += 1 below, as for the running rows
+        logits = self.family.decode(ids, kv.mask(width), pos, kv)
         self.steps += 1
-        keep = []
-        layers = self.kv.layers()
+        self.rows_decoded += n
+        gone = []
+        layers, mask = kv.layers(), kv.mask()
         greedy = self._greedy(logits, rows)
         for b, row in enumerate(rows):
             row.pos += 1
-            if not self._accept(row, b, logits[b], layers, self.mask, greedy[b]):
-                keep.append(b)
-        if len(keep) != len(rows):
-            self._keep(keep)
+            if self._accept(row, b, logits[b], layers, mask, greedy[b]):
+                gone.append(b)
+        if gone:
+            self._remove(gone)
 
     def _greedy(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
         """The argmax token of every plain-greedy row (suppressed ids excluded) in one batched op; None for the others.

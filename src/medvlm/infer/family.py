@@ -29,6 +29,10 @@ class ModelFamily(Protocol):
     """Whether prompts may start from a cached prefix (False: every prompt is prefilled whole, no prefix cache; every
     family reuses prefixes today)."""
 
+    mixes_prefill: bool
+    """Whether a joining request's text chunk may run inside a decoding step (right-aligned, holes masked): only
+    for models without sliding-window attention layers, whose windows count cache columns, not positions."""
+
     def stop_sequences(self) -> list[list[int]]:
         """Token-id sequences that end an answer."""
         ...
@@ -66,9 +70,11 @@ class ModelFamily(Protocol):
     def decode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past: KVBuffer
     ) -> torch.Tensor:
-        """One token per row (``input_ids`` ``[B, 1]``, no images) after ``past``, which grows by one column in place.
+        """New tokens ``[B, C]`` per row (no images: one decoding token, or a joining row's text chunk right-aligned
+        with holes before it) after ``past``, which grows by ``C`` columns in place.
 
-        ``attention_mask`` is ``[B, past.length + 1]``. Returns the logits ``[B, V]``.
+        ``attention_mask`` is ``[B, past.length + C]``, ``position_ids`` ``[B, C]``. Returns the last column's
+        logits ``[B, V]``.
         """
         ...
 
@@ -83,6 +89,7 @@ class NativeLlavaFamily:
     def __init__(self, model: Any, processor: Any = None):
         self.model = model
         self.processor = processor
+        self.mixes_prefill = not uses_sliding_window(model)
 
     def stop_sequences(self) -> list[list[int]]:
         """Token-id sequences that end an answer (EOS and the template's stops)."""
@@ -131,6 +138,17 @@ class NativeLlavaFamily:
         return out.logits[:, -1, :]
 
 
+def uses_sliding_window(model: Any) -> bool:
+    """True when the language model has sliding-window attention layers (named in its config's ``layer_types``, or
+    a ``sliding_window`` it does not switch off): such a window counts cache columns, so holes would change it."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(t) for t in layer_types)
+    return getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True) is not False
+
+
 def cache_layers(cache: DynamicCache) -> Layers:
     """The ``(keys, values)`` of each layer of a prefill's cache; a sliding-window or other layer is refused."""
     layers = []
@@ -152,8 +170,7 @@ class _BufferLayer(DynamicLayer):
     def __init__(self, buf: KVBuffer, index: int, start: int):
         super().__init__()
         self.buf, self.index, self.start = buf, index, start
-        self.keys = buf.keys[index][:, :, :start]
-        self.values = buf.values[index][:, :, :start]
+        self.keys, self.values = buf.view(index, start)
         self.device = self.keys.device
         self.is_initialized = True
 

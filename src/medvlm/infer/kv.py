@@ -289,39 +289,133 @@ class PrefixCache:
 
 
 class KVBuffer:
-    """A running batch's cache with spare columns: a decoding step writes its column in place.
+    """A running batch's cache in preallocated row slots and columns, with its column mask.
 
-    Appending by concatenation would copy the whole cache at every step (a fifth of a decoding step's
-    time on a CPU); here the past is copied only when the capacity doubles or rows join or leave.
+    Keys/values live in ``[rows capacity, H, columns capacity, D]`` tensors per layer and the mask in a
+    ``[rows capacity, columns capacity]`` bool tensor; the live rows are slots ``0 .. rows - 1`` and the filled
+    columns ``0 .. length - 1`` (every row ends at the last filled column). A decoding step writes its columns
+    in place; a joining row is written into the next free slot, right-aligned (:meth:`add_rows`); a leaving
+    row's slot is refilled by moving the last live row into it (:meth:`remove_rows`, one row copied, not the
+    whole cache); columns no live row uses are dropped only when the buffer is full (:meth:`reserve`). So the
+    past is copied only when the capacity must grow, never at every step or every join/leave.
     """
 
-    def __init__(self, layers: Layers, room: int = 64):
+    def __init__(self, layers: Layers, room: int = 64, mask: torch.Tensor | None = None, rows: int | None = None):
         n = layers_len(layers)
+        b = int(layers[0][0].shape[0])
+        self.rows = b
+        """Live rows (slots ``0 .. rows - 1``)."""
         self.length = n
+        """Filled columns."""
+        cap_rows = max(rows or b, b)
+        self.max_rows: int | None = None
+        """Row slots are never grown past this many (None: no bound); :meth:`add_rows` doubles up to it."""
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for k, v in layers:
-            kb = k.new_empty(k.shape[0], k.shape[1], n + room, k.shape[3])
-            vb = v.new_empty(v.shape[0], v.shape[1], n + room, v.shape[3])
-            kb[:, :, :n] = k
-            vb[:, :, :n] = v
+            kb = k.new_zeros(cap_rows, k.shape[1], n + room, k.shape[3])
+            vb = v.new_zeros(cap_rows, v.shape[1], n + room, v.shape[3])
+            kb[:b, :, :n] = k
+            vb[:b, :, :n] = v
             self.keys.append(kb)
             self.values.append(vb)
+        self.mask_buf = torch.zeros(cap_rows, n + room, dtype=torch.bool)
+        self.mask_buf[:b, :n] = True if mask is None else mask
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(row slots, columns) allocated."""
+        return int(self.mask_buf.shape[0]), int(self.mask_buf.shape[1])
 
     def layers(self) -> Layers:
-        """Views of the filled columns."""
-        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values)]
+        """Views of the live rows' filled columns."""
+        return [(k[: self.rows, :, : self.length], v[: self.rows, :, : self.length]) for k, v in zip(self.keys, self.values)]
+
+    def mask(self, extra: int = 0) -> torch.Tensor:
+        """View of the live rows' column mask over the filled columns plus ``extra`` more."""
+        return self.mask_buf[: self.rows, : self.length + extra]
+
+    def view(self, i: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s keys/values of the live rows, columns ``0 .. end - 1`` (views)."""
+        return self.keys[i][: self.rows, :, :end], self.values[i][: self.rows, :, :end]
 
     def append(self, i: int, key: torch.Tensor, value: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``key``/``value`` ``[B, H, n, D]`` of layer ``i`` at column ``start``; returns the filled views."""
+        """Write ``key``/``value`` ``[rows, H, n, D]`` of layer ``i`` at column ``start``; returns the filled views."""
         end = start + key.shape[2]
-        if end > self.keys[i].shape[2]:  # grow: double the capacity
-            cap = max(end, 2 * self.keys[i].shape[2])
+        if end > self.keys[i].shape[2]:  # grow: double the capacity (reserve() normally did it before the step)
+            self._realloc(self.capacity[0], max(end, 2 * self.keys[i].shape[2]), only=i)
+        self.keys[i][: self.rows, :, start:end] = key
+        self.values[i][: self.rows, :, start:end] = value
+        return self.view(i, end)
+
+    def _realloc(self, cap_rows: int, cap_cols: int, shift: int = 0, only: int | None = None) -> None:
+        """New tensors of this capacity; the filled columns are copied ``shift`` columns to the right."""
+        n, r = self.length, self.rows
+        for i in range(len(self.keys)) if only is None else (only,):
             for bufs in (self.keys, self.values):
                 old = bufs[i]
-                new = old.new_empty(old.shape[0], old.shape[1], cap, old.shape[3])
-                new[:, :, :start] = old[:, :, :start]
+                new = old.new_zeros(cap_rows, old.shape[1], cap_cols, old.shape[3])
+                new[:r, :, shift : shift + n] = old[:r, :, :n]
                 bufs[i] = new
-        self.keys[i][:, :, start:end] = key
-        self.values[i][:, :, start:end] = value
-        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        if only is None or self.mask_buf.shape[1] < cap_cols:
+            m = torch.zeros(cap_rows, cap_cols, dtype=torch.bool)
+            m[:r, shift : shift + n] = self.mask_buf[:r, :n]
+            self.mask_buf = m
+
+    def compact(self) -> None:
+        """Drop the filled columns no live row uses (in place, order kept)."""
+        used = self.mask_buf[: self.rows, : self.length].any(dim=0)
+        if bool(used.all()):
+            return
+        cols = used.nonzero().squeeze(1)
+        n = int(cols.shape[0])
+        for bufs in (self.keys, self.values):
+            for i, b in enumerate(bufs):
+                b[: self.rows, :, :n] = b[: self.rows].index_select(2, cols)
+        self.mask_buf[: self.rows, :n] = self.mask_buf[: self.rows].index_select(1, cols)
+        self.length = n
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more columns: drop unused columns first, grow (double) only if still needed.
+        The new columns' mask starts False."""
+        if self.length + n > self.capacity[1]:
+            self.compact()
+        if self.length + n > self.capacity[1]:
+            self._realloc(self.capacity[0], max(self.length + n, 2 * self.capacity[1]))
+        self.mask_buf[: self.rows, self.length : self.length + n] = False
+
+    def add_rows(self, layers: Layers, mask: torch.Tensor) -> None:
+        """Put new rows (``[m, H, w, D]`` with their ``[m, w]`` mask) into the next free slots, right-aligned with the
+        filled columns (the buffer is shifted right only if ``w`` exceeds its length)."""
+        m, w = int(mask.shape[0]), int(mask.shape[1])
+        cap_rows, cap_cols = self.capacity
+        shift = max(0, w - self.length)
+        if self.rows + m > cap_rows or shift:
+            if self.rows + m > cap_rows:
+                cap_rows = max(self.rows + m, min(2 * cap_rows, self.max_rows or 2 * cap_rows))
+            self._realloc(cap_rows, max(cap_cols, self.length + shift + 1), shift=shift)
+            self.length += shift
+        r, n = self.rows, self.length
+        for i, (k, v) in enumerate(layers):
+            self.keys[i][r : r + m, :, n - w : n] = k
+            self.values[i][r : r + m, :, n - w : n] = v
+        self.mask_buf[r : r + m, : n - w] = False
+        self.mask_buf[r : r + m, n - w : n] = mask
+        self.rows += m
+
+    def remove_rows(self, gone: list[int]) -> list[int]:
+        """Free the slots ``gone``: each hole below the new row count is refilled by moving a live row from above it.
+        Returns the old slot of each new slot (the caller reorders its per-row state the same way)."""
+        gone_set = set(gone)
+        keep = [i for i in range(self.rows) if i not in gone_set]
+        k = len(keep)
+        order = list(range(k))
+        movers = [j for j in keep if j >= k]
+        for hole, j in zip([i for i in sorted(gone_set) if i < k], movers):
+            for bufs in (self.keys, self.values):
+                for b in bufs:
+                    b[hole, :, : self.length] = b[j, :, : self.length]
+            self.mask_buf[hole, : self.length] = self.mask_buf[j, : self.length]
+            order[hole] = j
+        self.rows = k
+        return order
