@@ -267,7 +267,5 @@ def test_rows_leave_as_they_end_and_waiting_requests_take_their_place_in_order(s
     assert [f[2] for f in finished] == ["length"] * 4
     # The short requests do not wait for the long one: each takes the row freed by the one before it (FIFO).
     assert [f[0] for f in finished] == [0, 2, 3, 1]
-    # A freed row is refilled in the very next step. Requests 0 and 1 share an image prefix: it is prefilled once and
-    # their questions run inside the first decoding step (first token at step 1). Requests 2 and 3 (each admitted alone,
-    # no prefix cache to reuse) are prefilled on their own as they join (first token there), then one per step.
-    assert [f[1] for f in finished] == [3, 5, 7, 12]
+    # A freed row is refilled in the very next step (first token at admission, then one per decoding step).
+    assert [f[1] for f in finished] == [2, 4, 6, 11]

@@ -207,20 +207,18 @@ class ContinuousBatcher:
         self.rows: list[_Row] = []  # row i lives in slot i of ``kv``
         self.kv: KVBuffer | None = None
         self.steps = 0
-        """Decoding steps run (for stats; a step that carries joining rows' prompt chunks counts once)."""
+        """Decoding steps run (for stats)."""
         self.admitted = 0
         """Requests that entered the batch."""
         self.largest_batch = 0
         self.rows_decoded = 0
         """Sum over steps of the rows in the step (``rows_decoded / steps`` is the mean occupancy)."""
-        self.joined_in_step = 0
-        """Requests whose prompt chunk ran inside a decoding step (no forward of their own)."""
         self.prefill_forwards = 0
-        """Forwards run for admissions on their own (image prefixes, chunks with images or processor extras)."""
+        """Forwards run for admissions (image prefixes, then the rest of the admitted prompts, in length buckets)."""
         self.admit_seconds = 0.0
-        """Wall time in admissions outside the decoding step (cache lookups, separate prefills)."""
+        """Wall time in admissions (cache lookups, prefills, first tokens)."""
         self.decode_seconds = 0.0
-        """Wall time in decoding steps (joining chunks included)."""
+        """Wall time in decoding steps."""
 
     @property
     def idle(self) -> bool:
@@ -235,8 +233,7 @@ class ContinuousBatcher:
 
     # -- stepping ------------------------------------------------------------------------------
     def step(self) -> None:
-        """Drop cancelled rows, admit waiting requests into free rows, then run one forward for every row: a decoding
-        token for the running rows and, in the same forward, the prompt chunk of each request joining now."""
+        """Drop cancelled rows, admit waiting requests into free rows, decode one token for every row."""
         t0 = time.perf_counter()
         with torch.inference_mode():
             self._drop_cancelled()
@@ -248,17 +245,16 @@ class ContinuousBatcher:
                     self._report(req, BatchResult("", "cancelled", req.prompt.num_tokens, 0))
                 else:
                     batch.append(req)
-            joining: list[_Row] = []
             if batch:
                 try:
-                    joining = self._admit(batch)
+                    self._admit(batch)
                 except BaseException:
                     self.waiting.extendleft(reversed(batch))  # still owed an answer: fail_all reports them
                     raise
             t1 = time.perf_counter()
             self.admit_seconds += t1 - t0
             if self.rows:
-                self._decode(joining)
+                self._decode()
                 self.decode_seconds += time.perf_counter() - t1
 
     def run(self) -> None:
@@ -293,6 +289,8 @@ class ContinuousBatcher:
         self.rows = [self.rows[i] for i in order]
         if not self.rows:
             self.kv = None
+        else:  # a step attends over every column: drop the dead ones once they are a quarter of them (one copy)
+            self.kv.compact(slack=0.25)
 
     def _add_to_kv(self, layers: Layers, mask: torch.Tensor, room: int) -> None:
         if self.kv is None:
@@ -371,8 +369,8 @@ class ContinuousBatcher:
         layers, mask = select_rows(layers, mask, back)
         return logits.index_select(0, back), layers, mask
 
-    def _admit(self, reqs: list[BatchRequest]) -> list[_Row]:
-        """Give new requests their rows; returns the rows whose prompt chunk runs in this step's decoding forward."""
+    def _admit(self, reqs: list[BatchRequest]) -> None:
+        """Prefill new requests (reusing cached prefixes), take their first tokens and put them into free slots."""
         rows = [_Row(r, self.engine) for r in reqs]
         cache = self.cache
         for row in rows:
@@ -400,39 +398,12 @@ class ContinuousBatcher:
                     cache.insert(p.input_ids[: p.split], p.spans, p.digests, prefix)
                 for row in g:
                     row.start, row.past = p.split, prefix
-        # The rest of a prompt that is plain text after its images joins the decoding forward (chunked prefill mixed
-        # with decode: no forward of its own); a chunk holding images or processor extras is prefilled alone, and so is
-        # a text prompt with nothing cached while no batch runs.
-        alone = [r for r in rows if not self._joins_step(r)]
-        joining = [r for r in rows if self._joins_step(r)]
         # Counted before any row can finish (and answer its client).
         self.admitted += len(rows)
         self.largest_batch = max(self.largest_batch, len(self.rows) + len(rows))
-        if alone:
-            self._prefill_alone(alone)
-        if joining:
-            parts = [(r.past if r.past is not None else self._empty_past(), torch.ones(1, r.start, dtype=torch.bool))
-                     for r in joining]
-            layers, mask = concat_rows(parts)
-            width = max(r.req.prompt.num_tokens - r.start for r in joining)
-            self._add_to_kv(layers, mask, room=self._room(joining) + width)
-            for r in joining:
-                r.past = None
-            self.rows += joining
-            self.joined_in_step += len(joining)
-        return joining
-
-    def _joins_step(self, row: _Row) -> bool:
-        p = row.req.prompt
-        text_after_images = row.start >= p.split and (p.extras is None or row.start > 0)
-        return self.family.mixes_prefill and text_after_images and (row.past is not None or self.kv is not None)
-
-    def _empty_past(self) -> Layers:
-        """A zero-column single-row cache shaped like the running batch's."""
-        return [(k[:1, :, :0], v[:1, :, :0]) for k, v in self.kv.layers()]
-
-    def _prefill_alone(self, rows: list[_Row]) -> None:
-        """Prefill rows in forwards of their own (bucketed by length), take their first tokens, add the survivors."""
+        # The rest of each prompt runs in forwards of its own, bucketed by length. (Running it inside the decoding step
+        # instead, right-aligned with the decoding rows, was measured slower on a CPU: every decoding row is padded to
+        # the widest chunk, and an 8-row step of a 17-token chunk cost 4x a plain step; benchmarks/README.md.)
         logits, layers, mask = self._bucketed_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
         self.prefill_forwards += 1
         keep = []
@@ -452,32 +423,16 @@ class ContinuousBatcher:
         left = max(r.req.settings.max_new_tokens - len(r.ids) for r in self.rows + rows)
         return max(1, min(left, 256))
 
-    def _decode(self, joining: list[_Row]) -> None:
-        """One forward over every row: running rows feed their last token, joining rows (the last slots) their prompt
-        chunk, right-aligned in a common width ``C``; each row's holes are masked out and every token gets its true
-        position."""
+    def _decode(self) -> None:
         kv, rows = self.kv, self.rows
-        n, n_old = len(rows), len(rows) - len(joining)
-        width = max((r.req.prompt.num_tokens - r.start for r in joining), default=1)
-        kv.reserve(width)
-        end = kv.length + width
-        ids = torch.full((n, width), self.processor.pad_token_id, dtype=torch.long)
-        pos = torch.empty((n, width), dtype=torch.long)
-        if n_old:
-            ids[:n_old, -1] = torch.tensor([r.sampled[-1] for r in rows[:n_old]], dtype=torch.long)
-            pos[:n_old] = torch.tensor([r.pos for r in rows[:n_old]], dtype=torch.long)[:, None]
-            kv.mask_buf[:n_old, end - 1] = True
-        for b, row in enumerate(joining, n_old):
-            p = row.req.prompt
-            c = p.num_tokens - row.start
-            ids[b, width - c :] = p.input_ids[row.start :]
-            pos[b, width - c :] = torch.arange(row.start, p.num_tokens) + p.position_offset
-            pos[b, : width - c] = row.start  # holes: any position, they are never attended to
-            kv.mask_buf[b, end - c : end] = True
-            row.pos = p.num_tokens + p.position_offset - 1  # += 1 below, as for the running rows
-        logits = self.family.decode(ids, kv.mask(width), pos, kv)
+        kv.reserve(1)
+        end = kv.length + 1
+        ids = torch.tensor([[r.sampled[-1]] for r in rows], dtype=torch.long)
+        pos = torch.tensor([[r.pos] for r in rows], dtype=torch.long)
+        kv.mask_buf[: len(rows), end - 1] = True
+        logits = self.family.decode(ids, kv.mask(1), pos, kv)
         self.steps += 1
-        self.rows_decoded += n
+        self.rows_decoded += len(rows)
         gone = []
         layers, mask = kv.layers(), kv.mask()
         greedy = self._greedy(logits, rows)

@@ -29,10 +29,6 @@ class ModelFamily(Protocol):
     """Whether prompts may start from a cached prefix (False: every prompt is prefilled whole, no prefix cache; every
     family reuses prefixes today)."""
 
-    mixes_prefill: bool
-    """Whether a joining request's text chunk may run inside a decoding step (right-aligned, holes masked): only
-    for models without sliding-window attention layers, whose windows count cache columns, not positions."""
-
     def stop_sequences(self) -> list[list[int]]:
         """Token-id sequences that end an answer."""
         ...
@@ -70,11 +66,9 @@ class ModelFamily(Protocol):
     def decode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past: KVBuffer
     ) -> torch.Tensor:
-        """New tokens ``[B, C]`` per row (no images: one decoding token, or a joining row's text chunk right-aligned
-        with holes before it) after ``past``, which grows by ``C`` columns in place.
+        """One token per row (``input_ids`` ``[B, 1]``, no images) after ``past``, which grows by one column in place.
 
-        ``attention_mask`` is ``[B, past.length + C]``, ``position_ids`` ``[B, C]``. Returns the last column's
-        logits ``[B, V]``.
+        ``attention_mask`` is ``[B, past.length + 1]``. Returns the logits ``[B, V]``.
         """
         ...
 
@@ -89,7 +83,6 @@ class NativeLlavaFamily:
     def __init__(self, model: Any, processor: Any = None):
         self.model = model
         self.processor = processor
-        self.mixes_prefill = not uses_sliding_window(model)
 
     def stop_sequences(self) -> list[list[int]]:
         """Token-id sequences that end an answer (EOS and the template's stops)."""
@@ -136,17 +129,6 @@ class NativeLlavaFamily:
         )
         past.length = start + input_ids.shape[1]
         return out.logits[:, -1, :]
-
-
-def uses_sliding_window(model: Any) -> bool:
-    """True when the language model has sliding-window attention layers (named in its config's ``layer_types``, or
-    a ``sliding_window`` it does not switch off): such a window counts cache columns, so holes would change it."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types:
-        return any("sliding" in str(t) for t in layer_types)
-    return getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True) is not False
 
 
 def cache_layers(cache: DynamicCache) -> Layers:

@@ -44,7 +44,6 @@ class TransformersFamily:
         self.spec = processor.spec
         # Decoding shares the native family's buffered-cache step (same transformers cache contract).
         self._decoder = NativeLlavaFamily(model, processor=None)
-        self.mixes_prefill = self._decoder.mixes_prefill
 
     # -- prompts -----------------------------------------------------------------------------------
     def stop_sequences(self) -> list[list[int]]:

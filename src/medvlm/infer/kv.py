@@ -362,13 +362,13 @@ class KVBuffer:
             m[:r, shift : shift + n] = self.mask_buf[:r, :n]
             self.mask_buf = m
 
-    def compact(self) -> None:
-        """Drop the filled columns no live row uses (in place, order kept)."""
+    def compact(self, slack: float = 0.0) -> None:
+        """Drop the filled columns no live row uses (in place, order kept), if more than ``slack`` of them are unused."""
         used = self.mask_buf[: self.rows, : self.length].any(dim=0)
-        if bool(used.all()):
+        n = int(used.sum())
+        if self.length - n <= slack * self.length:
             return
         cols = used.nonzero().squeeze(1)
-        n = int(cols.shape[0])
         for bufs in (self.keys, self.values):
             for i, b in enumerate(bufs):
                 b[: self.rows, :, :n] = b[: self.rows].index_select(2, cols)
