@@ -1,4 +1,4 @@
-"""``bench_serve.py``'s load, in process (no HTTP): where a continuous batcher's time goes, side by side with one at a time.
+"""``bench_serve.py``'s load in process (no HTTP): where a continuous batcher's time goes, beside one at a time.
 
 Closed loop: ``--clients`` clients each send ``--requests-per-client`` questions one after another (the same
 questions, in the same order, as ``bench_serve.py``'s clients: the demo's VQA test split interleaved with its qa50
@@ -39,7 +39,9 @@ def load_questions(paths: list[Path]) -> list[tuple[str, str]]:
         sources.append(
             [
                 (
-                    (r["conversations"][0]["value"] if "conversations" in r else r["text"]).replace("<image>", "").strip(),
+                    (r["conversations"][0]["value"] if "conversations" in r else r["text"])
+                    .replace("<image>", "")
+                    .strip(),
                     r["image"],
                 )
                 for r in records
@@ -132,7 +134,9 @@ def main() -> None:
                 if value is not None:
                     totals[name][key] = totals[name].get(key, 0) + value
     load = os.getloadavg()
-    print(f"\n{args.clients} clients x {per} requests, {args.rounds} rounds, {args.threads} thread(s); load {load[0]:.1f}")
+    print(
+        f"\n{args.clients} clients x {per} requests, {args.rounds} rounds, {args.threads} thread(s); load {load[0]:.1f}"
+    )
     for name, t in totals.items():
         line = (
             f"{name:<14} {t['requests'] / t['wall']:7.2f} req/s  {t['requests']} requests, {t['tokens']} tokens, "

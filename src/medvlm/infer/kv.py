@@ -329,7 +329,9 @@ class KVBuffer:
 
     def layers(self) -> Layers:
         """Views of the live rows' filled columns."""
-        return [(k[: self.rows, :, : self.length], v[: self.rows, :, : self.length]) for k, v in zip(self.keys, self.values)]
+        return [
+            (k[: self.rows, :, : self.length], v[: self.rows, :, : self.length]) for k, v in zip(self.keys, self.values)
+        ]
 
     def mask(self, extra: int = 0) -> torch.Tensor:
         """View of the live rows' column mask over the filled columns plus ``extra`` more."""
@@ -363,14 +365,14 @@ class KVBuffer:
             self.mask_buf = m
 
     def compact(self, slack: float = 0.0) -> None:
-        """Drop the filled columns no live row uses (in place, order kept), if more than ``slack`` of them are unused."""
+        """Drop the filled columns no live row uses (in place, order kept) if more than ``slack`` of them are dead."""
         used = self.mask_buf[: self.rows, : self.length].any(dim=0)
         n = int(used.sum())
         if self.length - n <= slack * self.length:
             return
         cols = used.nonzero().squeeze(1)
         for bufs in (self.keys, self.values):
-            for i, b in enumerate(bufs):
+            for b in bufs:
                 b[: self.rows, :, :n] = b[: self.rows].index_select(2, cols)
         self.mask_buf[: self.rows, :n] = self.mask_buf[: self.rows].index_select(1, cols)
         self.length = n
