@@ -14,8 +14,10 @@ callbacks and cancel event. Every :meth:`~ContinuousBatcher.step`:
    (only the new tokens are decoded and searched for stop strings), so a step's cost does not grow
    with the answers' length.
 
-Rows live in one cache whose columns are left-padded; positions are per row, so a row's computation
-does not depend on its neighbours (under greedy decoding a batched answer equals the answer alone).
+Rows live in the row slots of one preallocated cache (:class:`~medvlm.infer.kv.KVBuffer`: a joining row takes a free
+slot, right-aligned, and a leaving row's slot is refilled by the last row, so the other rows are not copied); every
+row ends at the last column and positions are per row, so a row's computation does not depend on its neighbours
+(under greedy decoding a batched answer equals the answer alone).
 ``remember_answers`` stores each finished conversation (prompt + answer) in the prefix cache, so the
 next chat turn only computes its new tokens.
 """
@@ -340,6 +342,7 @@ class ContinuousBatcher:
         past_layers = concat_rows(pasts)[0] if past_w else None
         pixel_values = torch.cat(pixels) if pixels else None
         has_extras = any(e is not None for e in extras)
+        self.prefill_forwards += 1
         logits, layers = self.family.prefill(
             ids, pixel_values, mask, pos, past_layers, **({"extras": extras} if has_extras else {})
         )
@@ -390,7 +393,6 @@ class ContinuousBatcher:
         if todo:
             items = [(g[0], g[0].start, g[0].req.prompt.split, g[0].past) for g in todo]
             _, layers, mask = self._chunk_forward(items)
-            self.prefill_forwards += 1
             for b, g in enumerate(todo):
                 p = g[0].req.prompt
                 prefix = compact_row(layers, mask, b)
@@ -405,7 +407,6 @@ class ContinuousBatcher:
         # instead, right-aligned with the decoding rows, was measured slower on a CPU: every decoding row is padded to
         # the widest chunk, and an 8-row step of a 17-token chunk cost 4x a plain step; benchmarks/README.md.)
         logits, layers, mask = self._bucketed_forward([(r, r.start, r.req.prompt.num_tokens, r.past) for r in rows])
-        self.prefill_forwards += 1
         keep = []
         greedy = self._greedy(logits, rows)
         for b, row in enumerate(rows):
