@@ -149,18 +149,32 @@ def test_compose_refuses_pickled_language_model(tmp_path: Path) -> None:
 
 
 def test_preset_errors_are_clear() -> None:
-    with pytest.raises(MedvlmError, match="unknown preset 'huge'; choose one of tiny, smol"):
+    with pytest.raises(MedvlmError, match="unknown preset 'huge'; choose one of tiny, small, smol"):
         build_preset("huge")
     with pytest.raises(
         MedvlmError, match="unknown projector_type 'qformer'; choose one of linear, mlp2x_gelu, cluster"
     ):
         build_preset("tiny", projector="qformer")
-    with pytest.raises(MedvlmError, match="image_size 70 must be a multiple of 16"):
+    with pytest.raises(MedvlmError, match="image_size 70 must be a multiple of 8"):
         build_preset("tiny", image_size=70)
     with pytest.raises(MedvlmError, match="unknown chat template 'alpaca'"):
         build_preset("tiny", template="alpaca")
     with pytest.raises(MedvlmError, match="unknown image_aspect 'crop'"):
         build_preset("tiny", aspect="crop")
+
+
+def test_from_scratch_presets_sizes_and_scratch_parts(tmp_path: Path) -> None:
+    """tiny and small carry the demo's measured shape (patch 8, LM std 0.1 / 0.05) and say their parts are random."""
+    tiny, proc = build_preset("tiny")
+    assert tiny.config.image_seq_length == 64 and tiny.config.vision_feature_layer == -1
+    assert tiny.config.text_config.num_hidden_layers == 3 and tiny.config.text_config.initializer_range == 0.1
+    assert tiny.config.scratch_parts == ["vision_tower", "language_model"]
+    small, _ = build_preset("small")
+    n = sum(p.numel() for p in small.parameters())
+    assert 20e6 <= n <= 30e6, n
+    assert small.config.image_seq_length == 64 and small.config.scratch_parts == ["vision_tower", "language_model"]
+    save_checkpoint(tiny, proc, tmp_path / "tiny")
+    assert load_pretrained(tmp_path / "tiny")[0].config.scratch_parts == ["vision_tower", "language_model"]
 
 
 def test_tiny_preset_is_deterministic_per_seed() -> None:

