@@ -58,9 +58,7 @@ def test_documented_cli_sequence_beats_the_image_blind_baseline(tmp_path: Path) 
         "--disable_tqdm",
         "true",
     ]
-    _cli(
-        "train", "--stage", "align", "--model_name_or_path", str(m / "init"), "--out", str(m / "align"), *common
-    )
+    _cli("train", "--stage", "align", "--model_name_or_path", str(m / "init"), "--out", str(m / "align"), *common)
     out = _cli(
         "train",
         "--stage",

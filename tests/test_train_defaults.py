@@ -14,7 +14,7 @@ from medvlm.errors import MedvlmError
 from medvlm.train.config import load_config
 from medvlm.train.data import augment_image, grouped_sources
 from medvlm.train.run import run_training
-from medvlm.train.stages import plan_stage, resolve_epochs, resolve_stage_defaults
+from medvlm.train.stages import PUBLISHED_LR, SCRATCH, plan_stage, resolve_epochs, resolve_stage_defaults
 
 
 def _cfg(tmp_path: Path, **over):
@@ -27,24 +27,27 @@ class _ModelConfig:
     mm_use_im_start_end = False
 
 
-def test_scratch_presets_train_every_part_with_their_own_rates(tmp_path: Path) -> None:
+def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Path) -> None:
     align = resolve_stage_defaults(_cfg(tmp_path, stage="align"))
-    assert (
-        align.tune_vision_tower,
-        align.tune_language_model,
-        align.learning_rate,
-        align.image_augment,
-        align.group_by_image,
-    ) == (True, True, 1e-3, True, True)
+    got = (align.tune_vision_tower, align.tune_language_model, align.learning_rate, align.image_augment)
+    assert got == (SCRATCH.train_random_parts, SCRATCH.train_random_parts, SCRATCH.align_lr, SCRATCH.image_augment)
+    assert (align.group_by_image, align.scratch_samples, align.num_train_epochs) == (
+        SCRATCH.group_by_image,
+        SCRATCH.samples,
+        None,
+    )
     plan = plan_stage(align, _ModelConfig())
     assert (plan.vision_tower, plan.projector, plan.language_model) == (True, True, True)
     sft = resolve_stage_defaults(_cfg(tmp_path))
-    assert (sft.tune_vision_tower, sft.learning_rate, sft.num_train_epochs) == (True, 5e-4, None)
-    assert resolve_epochs(sft, 400).num_train_epochs == float(-(-sft.scratch_samples // 400))
+    assert (sft.tune_vision_tower, sft.learning_rate, sft.num_train_epochs) == (True, SCRATCH.sft_lr, None)
+    assert resolve_epochs(sft, 400).num_train_epochs == float(-(-SCRATCH.samples // 400))
+    # the recipe differs from the published one where it says so
+    assert (SCRATCH.align_lr, SCRATCH.sft_lr) != (PUBLISHED_LR["align"], PUBLISHED_LR["sft"])
     # smol: a pretrained LM, a random tower
     smol = resolve_stage_defaults(_cfg(tmp_path, stage="align", preset="smol"))
-    assert (smol.tune_vision_tower, smol.tune_language_model, smol.learning_rate) == (True, None, 1e-3)
-    assert resolve_stage_defaults(_cfg(tmp_path, preset="smol")).learning_rate == 2e-5  # its LM is pretrained
+    assert (smol.tune_vision_tower, smol.tune_language_model, smol.learning_rate) == (True, None, SCRATCH.align_lr)
+    smol_sft = resolve_stage_defaults(_cfg(tmp_path, preset="smol"))
+    assert smol_sft.learning_rate == PUBLISHED_LR["sft"]  # its LM is pretrained
     # explicit keys always win
     own = resolve_stage_defaults(
         _cfg(
@@ -62,6 +65,11 @@ def test_scratch_presets_train_every_part_with_their_own_rates(tmp_path: Path) -
         2.0,
         False,
     )
+    assert own.scratch_samples is None
+    budget = resolve_stage_defaults(_cfg(tmp_path, scratch_samples=50))
+    assert resolve_epochs(budget, 20).num_train_epochs == 3.0
+    with pytest.raises(MedvlmError, match="num_train_epochs .* and scratch_samples .* both set"):
+        resolve_stage_defaults(_cfg(tmp_path, num_train_epochs=2, scratch_samples=50))
 
 
 def test_pretrained_checkpoints_keep_llava_med_defaults(tmp_path: Path) -> None:
@@ -113,7 +121,7 @@ def _vqa(tmp_path: Path) -> Path:
 
 def test_grouped_sources_merge_an_images_questions_once(tmp_path: Path) -> None:
     src = _vqa(tmp_path)
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, group_by_image=True)
     (grouped,) = grouped_sources(cfg)
     assert Path(grouped.path).parent == tmp_path / "o" / "grouped"
     samples = list(read_samples(grouped.path))
@@ -134,14 +142,14 @@ def test_grouped_sources_merge_an_images_questions_once(tmp_path: Path) -> None:
             ]
         )
     )
-    assert grouped_sources(_cfg(tmp_path, data_path=str(caps)))[0].path == str(caps)
+    assert grouped_sources(_cfg(tmp_path, data_path=str(caps), group_by_image=True))[0].path == str(caps)
 
 
 def test_augment_keeps_size_and_side(tmp_path: Path) -> None:
     img = Image.new("RGB", (64, 64), (20, 20, 20))
     img.paste((250, 250, 40), (8, 24, 20, 36))  # a lesion in the left half
     torch.manual_seed(0)
-    outs = [augment_image(img) for _ in range(8)]
+    outs = [augment_image(img, SCRATCH.augment_shift, SCRATCH.augment_jitter) for _ in range(8)]
     assert all(o.size == (64, 64) for o in outs)
     assert any(o.tobytes() != img.tobytes() for o in outs)
     for o in outs:
@@ -161,8 +169,8 @@ def test_contradicting_keys_are_refused_up_front(tmp_path: Path) -> None:
 
     _vqa(tmp_path)
     with pytest.raises(MedvlmError, match="group_by_image: true writes LLaVA JSON, so it needs data_format: auto"):
-        grouped_sources(_cfg(tmp_path, data_format="llava"))
-    frozen = _cfg(tmp_path, tune_vision_tower=False, feature_cache="on")  # augmentation stays on (random tower)
+        grouped_sources(_cfg(tmp_path, data_format="llava", group_by_image=True))
+    frozen = _cfg(tmp_path, tune_vision_tower=False, feature_cache="on", image_augment=True)
     with pytest.raises(MedvlmError, match="image_augment: true changes the image at every read"):
         use_feature_cache(frozen, tower_trains=False)
     assert use_feature_cache(_cfg(tmp_path, tune_vision_tower=False, image_augment=False), tower_trains=False)

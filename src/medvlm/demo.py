@@ -250,6 +250,10 @@ def stage_configs(cfg: DemoConfig, data: Path, parts: tuple[Path, Path] | Path, 
         resume_from_checkpoint=None,
         feature_cache="off",
         tune_vision_tower=True,
+        # Pinned: the demo's own recipe, not the from-scratch defaults of medvlm.train.stages.ScratchRecipe (its
+        # stage-2 file is grouped by stage2_data when stage2_group_by_image; its images are never augmented).
+        group_by_image=False,
+        image_augment=False,
     )
     if cfg.family is None:
         start = dict(

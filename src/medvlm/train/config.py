@@ -27,8 +27,6 @@ FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 DISTRIBUTED_MODES: tuple[str, ...] = ("auto", "fsdp2_cpu", "deepspeed_cpu")
 LLAMA_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VIT_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-SCRATCH_SAMPLES = 6000
-"""Default sample budget per stage when parts train from scratch (:attr:`TrainConfig.scratch_samples`)."""
 
 
 @dataclass
@@ -93,11 +91,12 @@ class TrainConfig:
     """Length-grouped sampling with image and text-only samples in separate mega-batches (less padding)."""
     group_by_image: bool | None = None
     """Stages ``align``/``sft``: merge the single-question samples of each image into one multi-turn conversation
-    before training (:mod:`medvlm.data.group`, LLaVA-1.5's format for VQA data; the merged file is written to
-    ``output_dir/grouped/``). Every answer is still learned, but the image is encoded once for all its questions.
-    Default: on when parts train from scratch (``config.scratch_parts``), off otherwise: LLaVA-Med's published VQA
-    fine-tunes train one question per sample. Captions and multi-turn conversations pass through unchanged.
-    Needs ``data_format: auto`` (the merged file is LLaVA JSON)."""
+    before training (:mod:`medvlm.data.benchmarks.group`, LLaVA-1.5's format for VQA data; the merged file is written
+    to ``output_dir/grouped/``). Every answer is still learned, but the image is encoded once for all its questions.
+    Default: :attr:`medvlm.train.stages.ScratchRecipe.group_by_image` when parts train from scratch
+    (``config.scratch_parts``), off otherwise: LLaVA-Med's published VQA fine-tunes train one question per sample.
+    Captions and multi-turn conversations pass through unchanged. Needs ``data_format: auto`` (the merged file is
+    LLaVA JSON)."""
     eval_data_path: str | None = None
     """A converted-VQA file (``answer_type``, ``question_type``) answered and scored (``llava-med`` protocol) after
     a stage ``align``/``sft`` run by ``medvlm train``: each question kind's score is printed next to the image-blind
@@ -106,9 +105,9 @@ class TrainConfig:
     image_augment: bool | None = None
     """Stages ``align``/``sft``: each time a training image is read, shift it by a few pixels and jitter brightness
     and contrast slightly (:func:`medvlm.train.data.augment_image`; no flips, crops or rescaling, so sides, counts
-    and sizes hold). Default: on when the vision tower trains from scratch (``config.scratch_parts``): a random
-    tower fitted to a few hundred images otherwise memorises them. LLaVA-Med does not augment (its tower is
-    pretrained and frozen)."""
+    and sizes hold; magnitudes in :class:`medvlm.train.stages.ScratchRecipe`). Default:
+    :attr:`~medvlm.train.stages.ScratchRecipe.image_augment` when the vision tower starts random
+    (``config.scratch_parts``), off otherwise: LLaVA-Med does not augment (its tower is pretrained and frozen)."""
     packing: bool = False
     """Pack each micro-batch's samples into rows of up to ``max_length`` tokens instead of padding them: positions
     restart per sample, attention stays inside each sample (block-diagonal mask read from the positions by
@@ -207,15 +206,16 @@ class TrainConfig:
     """Epochs over the (mixed, grouped) training set. Default: 1 (LLaVA-Med's stages), except in ``align``/``sft`` with
     parts trained from scratch: enough epochs for ``scratch_samples`` samples (a small dataset is seen many times;
     a deviation from LLaVA-Med's 1 epoch of 600k captions and 3 of 60k conversations)."""
-    scratch_samples: int = SCRATCH_SAMPLES
-    """Stages ``align``/``sft`` with parts trained from scratch and no ``num_train_epochs``: train on this many
-    samples (grouped conversations) per stage, i.e. ``ceil(scratch_samples / records)`` epochs."""
+    scratch_samples: int | None = None
+    """Stages ``align``/``sft``: train on this many samples (records after grouping), i.e.
+    ``ceil(scratch_samples / records)`` epochs, instead of ``num_train_epochs`` (give one of the two). Default: with
+    parts trained from scratch, :attr:`medvlm.train.stages.ScratchRecipe.samples`; otherwise unset (1 epoch)."""
     max_steps: int = -1
     """If > 0, stop after this many optimizer steps (overrides epochs)."""
     learning_rate: float | None = None
     """Peak learning rate. Default: ``align`` 2e-3 (LLaVA-Med v1.5 stage 1, projector only), other stages 2e-5
     (LLaVA-Med stage 2); with parts trained from scratch (``config.scratch_parts``) the rates of
-    :data:`medvlm.train.stages.SCRATCH_LR` (deviations from LLaVA-Med, whose parts come pretrained)."""
+    :class:`medvlm.train.stages.ScratchRecipe` (deviations from LLaVA-Med, whose parts come pretrained)."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases, norms or the im_start/end rows)."""
     per_device_train_batch_size: int = 4

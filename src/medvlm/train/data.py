@@ -128,7 +128,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.image_folder = image_folder
         self.max_length = max_length
         self.feature_cache = None  # set by the trainer when the frozen-tower cache is on
-        self.augment = False  # set by the recipe with image_augment: every read draws a new shift / jitter
+        # (shift, jitter) when image_augment is on (set by the recipe): every read draws a new shift / jitter
+        self.augment: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self._file_of)
@@ -160,33 +161,27 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "vision_features": cached,  # [n_img, L, D]
             }
         if self.augment and sample.images and images is None:
-            images = [augment_image(im) for im in self.processor.load_images(sample, self.image_folder)]
+            images = [augment_image(im, *self.augment) for im in self.processor.load_images(sample, self.image_folder)]
         feats = self.processor.encode(sample, image_folder=self.image_folder, max_length=self.max_length, images=images)
         if keys:
             feats["image_keys"] = keys
         return feats
 
 
-AUGMENT_SHIFT = 0.06
-"""Largest shift of the image content, as a fraction of each side."""
-AUGMENT_JITTER = 0.1
-"""Largest relative change of brightness and of contrast."""
-
-
-def augment_image(img: Image.Image) -> Image.Image:
-    """A random small shift (up to 6 % of each side; the uncovered border takes the corner pixel's colour) and
-    brightness / contrast jitter (up to 10 %), drawn from torch's RNG (seeded by the trainer).
+def augment_image(img: Image.Image, shift: float, jitter: float) -> Image.Image:
+    """A random small shift (up to ``shift`` of each side; the uncovered border takes the corner pixel's colour) and
+    brightness / contrast jitter (up to ``jitter``, relative), drawn from torch's RNG (seeded by the trainer).
 
     Label-preserving for VQA: nothing is flipped, rotated, cropped away or rescaled, so left stays left, counts,
     sizes and colours hold (the content stays inside the image for lesions not touching its border).
     """
     r = torch.rand(4).tolist()
     w, h = img.size
-    dx, dy = round((2 * r[0] - 1) * AUGMENT_SHIFT * w), round((2 * r[1] - 1) * AUGMENT_SHIFT * h)
+    dx, dy = round((2 * r[0] - 1) * shift * w), round((2 * r[1] - 1) * shift * h)
     rgb = img.convert("RGB")
     out = rgb.transform(rgb.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=rgb.getpixel((0, 0)))
-    out = ImageEnhance.Brightness(out).enhance(1 + (2 * r[2] - 1) * AUGMENT_JITTER)
-    return ImageEnhance.Contrast(out).enhance(1 + (2 * r[3] - 1) * AUGMENT_JITTER)
+    out = ImageEnhance.Brightness(out).enhance(1 + (2 * r[2] - 1) * jitter)
+    return ImageEnhance.Contrast(out).enhance(1 + (2 * r[3] - 1) * jitter)
 
 
 def _draw(n: int, weight: float, rng: random.Random) -> list[int]:

@@ -221,7 +221,7 @@ def load_sft_data(cfg: TrainConfig, start: RunStart):
     None resolved from the record count (``scratch_samples``), and ``image_augment`` switched on in the dataset.
     """
     from medvlm.train.data import build_dataset, grouped_sources
-    from medvlm.train.stages import resolve_epochs
+    from medvlm.train.stages import SCRATCH, SCRATCH_STAGES, resolve_epochs
 
     dataset, manifest = build_dataset(
         grouped_sources(cfg),
@@ -233,7 +233,8 @@ def load_sft_data(cfg: TrainConfig, start: RunStart):
         seed=cfg.seed,
     )
     resolve_epochs(cfg, len(dataset))
-    dataset.augment = bool(cfg.image_augment) and cfg.stage in ("align", "sft")
+    if cfg.image_augment and cfg.stage in SCRATCH_STAGES:
+        dataset.augment = (SCRATCH.augment_shift, SCRATCH.augment_jitter)
     return dataset, manifest
 
 

@@ -10,17 +10,8 @@
   the LM's; off by default, as in LLaVA-Med). The adapters are merged into the final checkpoint.
 
 Parts trained from scratch (``config.scratch_parts``, set by the ``tiny`` / ``small`` / ``smol`` presets) change
-the defaults of ``align`` and ``sft`` (:func:`resolve_stage_defaults`); every one can be overridden, and each is
-a deviation from LLaVA-Med, whose tower and LM come pretrained:
-
-- such a part trains in both stages (a random part frozen in stage 1 leaves the projector aligning to noise, and
-  a random tower frozen in stage 2 never learns to see the lesions: measured by the demo, :mod:`medvlm.demo`);
-- learning rates :data:`SCRATCH_LR` (LLaVA-Med: 2e-3 for the projector alone, 2e-5 for a pretrained LM; ``sft``
-  keeps 2e-5 when the LM itself is pretrained, as in the ``smol`` preset);
-- a sample budget per stage (``scratch_samples``) instead of one epoch: a user's first dataset has hundreds of
-  images, not LLaVA-Med's hundreds of thousands;
-- each image's questions merged into one conversation (``group_by_image``) and, for a random tower, training
-  images slightly shifted and jittered (``image_augment``).
+the defaults of ``align`` and ``sft`` (:func:`resolve_stage_defaults`): :class:`ScratchRecipe` holds them all, each
+with its deviation from LLaVA-Med (whose tower and LM come pretrained), and every one can be overridden.
 
 A tower that trains never learns the parts after the feature layer (the last layer(s) and CLIP's
 ``post_layernorm`` feed only the pooled output); they are frozen explicitly so DDP does not wait for
@@ -47,9 +38,51 @@ DEFAULT_VIT_DROPOUT: dict[str, float] = {"sq": 0.2, "dpo": 0.1}
 """STLLaVA-Med's ViT-LoRA dropout per self-training stage (``sft`` uses ``lora_dropout``)."""
 PUBLISHED_LR: dict[str, float] = {"align": 2e-3, "sft": 2e-5, "sq": 2e-5, "dpo": 2e-5}
 """Default peak learning rates for pretrained parts (LLaVA-Med v1.5 stage 1 / stage 2; STLLaVA-Med's stages)."""
-SCRATCH_LR: dict[str, float] = {"align": 1e-3, "sft": 5e-4}
-"""Default peak learning rates of ``align``/``sft`` when a part trains from scratch (the demo's measured rates)."""
 SCRATCH_STAGES: tuple[str, ...] = ("align", "sft")
+
+
+@dataclass(frozen=True)
+class ScratchRecipe:
+    """The defaults of stages ``align``/``sft`` when parts of the starting model are random (``config.scratch_parts``:
+    the ``tiny``/``small`` presets' tower and LM, the ``smol`` preset's tower).
+
+    The one place these values live (:data:`SCRATCH`). Every field is a deviation from LLaVA-Med's published recipe,
+    whose tower (CLIP ViT-L/14) and LM (Vicuna / Mistral) come pretrained; ``configs/llava_med/`` keeps the published
+    values, and a checkpoint without ``scratch_parts`` gets them. Each is overridden by the :class:`TrainConfig` key
+    named in its docstring. The schedule is LLaVA-Med's own (cosine, 3 % warmup: ``lr_scheduler_type``,
+    ``warmup_ratio``), as is the per-device batch size key; the tower's shape and the LM's initial scale are the
+    preset's (:data:`medvlm.model.build.PRESET_SIZES`).
+    """
+
+    train_random_parts: bool = True
+    """A random part trains in both stages (``tune_vision_tower``; ``tune_language_model`` in ``align``). LLaVA-Med
+    freezes the tower in both stages and the LM in stage 1. Measured by the demo (:mod:`medvlm.demo`): a random
+    part frozen in stage 1 leaves the projector aligning to noise; a random tower frozen in stage 2 never learns
+    to see the lesions."""
+    align_lr: float = 1e-3
+    """``learning_rate`` of ``align`` with random parts (LLaVA-Med v1.5: 2e-3, for the projector alone)."""
+    sft_lr: float = 5e-4
+    """``learning_rate`` of ``sft`` when the LM is random (LLaVA-Med: 2e-5 for a pretrained LM; a pretrained LM, as in
+    the ``smol`` preset, keeps 2e-5)."""
+    samples: int = 6000
+    """``scratch_samples``: training samples per stage, i.e. ``num_train_epochs`` = ceil(samples / records)
+    (LLaVA-Med: 1 epoch of 558k captions in stage 1, 3 epochs of 60k instructions in stage 2; a user's first
+    dataset has hundreds of images, so it is seen many times)."""
+    group_by_image: bool = True
+    """``group_by_image``: each image's single questions merged into one conversation before training (LLaVA-1.5's
+    VQA format; LLaVA-Med's published VQA fine-tunes train one question per sample)."""
+    image_augment: bool = True
+    """``image_augment`` for a random tower: each read of a training image shifted and jittered slightly
+    (LLaVA-Med does not augment: its tower is pretrained and frozen). A random tower fitted to a few hundred
+    images otherwise memorises them."""
+    augment_shift: float = 0.06
+    """Largest shift of the image content under ``image_augment``, as a fraction of each side."""
+    augment_jitter: float = 0.1
+    """Largest relative change of brightness and of contrast under ``image_augment``."""
+
+
+SCRATCH = ScratchRecipe()
+"""The from-scratch defaults in force."""
 
 
 def scratch_parts_of(cfg: TrainConfig) -> list[str]:
@@ -72,34 +105,47 @@ def scratch_parts_of(cfg: TrainConfig) -> list[str]:
 
 
 def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the stage- and model-dependent defaults left None (tower, LM, rate, grouping, augmentation) in place.
+    """Fill the stage- and model-dependent defaults left None (tower, LM, rate, grouping, augmentation, sample
+    budget) in place, from :data:`SCRATCH` for random parts and LLaVA-Med's published values otherwise.
 
     Epochs that depend on the data size are resolved by :func:`resolve_epochs` once the data is indexed.
     """
     scratch = scratch_parts_of(cfg) if cfg.stage in SCRATCH_STAGES else []
+    if cfg.num_train_epochs is not None and cfg.scratch_samples is not None:
+        raise MedvlmError(
+            f"num_train_epochs ({cfg.num_train_epochs}) and scratch_samples ({cfg.scratch_samples}) both set the "
+            "training length; give one of them"
+        )
     # Only keys the stage reads are filled: a resolved value on a key another stage owns would be refused when the
     # config is validated again (TrainConfig.validate: an accepted key must take effect).
+    train_random = SCRATCH.train_random_parts
     if cfg.tune_vision_tower is None and cfg.stage != "dpo":
-        cfg.tune_vision_tower = "vision_tower" in scratch
-    if cfg.tune_language_model is None and cfg.stage == "align" and "language_model" in scratch:
+        cfg.tune_vision_tower = train_random and "vision_tower" in scratch
+    if cfg.tune_language_model is None and cfg.stage == "align" and train_random and "language_model" in scratch:
         cfg.tune_language_model = True
     if cfg.stage in SCRATCH_STAGES:
         if cfg.image_augment is None:
-            cfg.image_augment = "vision_tower" in scratch
+            cfg.image_augment = SCRATCH.image_augment and "vision_tower" in scratch
         if cfg.group_by_image is None:
-            cfg.group_by_image = bool(scratch)
+            cfg.group_by_image = SCRATCH.group_by_image and bool(scratch)
+        if cfg.scratch_samples is None and cfg.num_train_epochs is None and scratch:
+            cfg.scratch_samples = SCRATCH.samples
     if cfg.learning_rate is None:
-        fast = bool(scratch) if cfg.stage == "align" else "language_model" in scratch
-        cfg.learning_rate = SCRATCH_LR[cfg.stage] if fast else PUBLISHED_LR[cfg.stage]
-    if cfg.num_train_epochs is None and not scratch:
+        if cfg.stage == "align" and scratch:
+            cfg.learning_rate = SCRATCH.align_lr
+        elif cfg.stage == "sft" and "language_model" in scratch:
+            cfg.learning_rate = SCRATCH.sft_lr
+        else:
+            cfg.learning_rate = PUBLISHED_LR[cfg.stage]
+    if cfg.num_train_epochs is None and cfg.scratch_samples is None:
         cfg.num_train_epochs = 1.0
     return cfg
 
 
 def resolve_epochs(cfg: TrainConfig, records: int) -> TrainConfig:
-    """``num_train_epochs`` left None (parts trained from scratch): ``ceil(scratch_samples / records)`` epochs."""
+    """``num_train_epochs`` left None (a sample budget): ``ceil(scratch_samples / records)`` epochs."""
     if cfg.num_train_epochs is None:
-        if cfg.scratch_samples < 1:
+        if cfg.scratch_samples is None or cfg.scratch_samples < 1:
             raise MedvlmError(f"scratch_samples must be >= 1, got {cfg.scratch_samples}")
         cfg.num_train_epochs = float(max(1, math.ceil(cfg.scratch_samples / max(1, records))))
     return cfg
