@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from medvlm.errors import MedvlmError
+from medvlm.utils.artifacts import EVAL_ANSWERS_FILE, EVAL_SCORES_FILE
 from medvlm.utils.cli import renamed
 
 MAIN_SETTINGS = {
@@ -32,8 +33,6 @@ MAIN_SETTINGS = {
     # --output_dir on the command line is the CLI's old spelling of --out (the YAML key stays output_dir).
     "cls": renamed({"--output_dir": "--out", "--output-dir": "--out"}),
 }
-EVAL_FILE = "eval_scores.json"
-EVAL_ANSWERS = "eval_answers.jsonl"
 PROTOCOL = "llava-med"
 
 
@@ -100,7 +99,7 @@ def evaluate_checkpoint(
     from medvlm.utils.io import write_json_atomic
 
     out_dir = Path(out_dir)
-    answers = out_dir / EVAL_ANSWERS
+    answers = out_dir / EVAL_ANSWERS_FILE
     if answers.exists():
         answers.unlink()  # a new checkpoint: never resume another model's answers
     run_vqa(
@@ -125,7 +124,7 @@ def evaluate_checkpoint(
         "blind_from": vqa_files,
         "eval_data_path": str(eval_path),
     }
-    write_json_atomic(out_dir / EVAL_FILE, result)
+    write_json_atomic(out_dir / EVAL_SCORES_FILE, result)
     return result
 
 

@@ -292,6 +292,7 @@ def grouped_sources(cfg: Any) -> list[DataSource]:
     """
     from medvlm.data.benchmarks.group import GroupStats, group_by_image
     from medvlm.data.readers import read_samples, sample_to_llava
+    from medvlm.utils.artifacts import GROUPED_DIR
     from medvlm.utils.io import write_json_atomic
 
     sources = cfg.sources()
@@ -312,7 +313,7 @@ def grouped_sources(cfg: Any) -> list[DataSource]:
         if stats.conversations == stats.merged:  # no image had two questions: nothing merged
             out.append(src)
             continue
-        dest = Path(cfg.output_dir) / "grouped" / f"{i}_{path.stem}.json"
+        dest = Path(cfg.output_dir) / GROUPED_DIR / f"{i}_{path.stem}.json"
         write_json_atomic(dest, [sample_to_llava(s) for s in grouped], indent=None)
         out.append(DataSource(str(dest), src.weight))
     return out
