@@ -22,7 +22,7 @@ from transformers import (
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
-from medvlm.model.build import build_preset, compose, load_pretrained, save_checkpoint
+from medvlm.model.build import build_preset, compose, load_pretrained, save_checkpoint, sincos_positions
 from medvlm.model.tokenizer import default_corpus
 
 VISION = CLIPVisionConfig(
@@ -175,6 +175,29 @@ def test_from_scratch_presets_sizes_and_scratch_parts(tmp_path: Path) -> None:
     assert small.config.image_seq_length == 64 and small.config.scratch_parts == ["vision_tower", "language_model"]
     save_checkpoint(tiny, proc, tmp_path / "tiny")
     assert load_pretrained(tmp_path / "tiny")[0].config.scratch_parts == ["vision_tower", "language_model"]
+
+
+def test_scratch_towers_start_with_exact_2d_sincos_positions(tmp_path: Path) -> None:
+    """Row 1 + y * 8 + x of the tiny tower (64 px / patch 8 = 8 x 8 grid, width 64) is
+    concat(sin(y w), cos(y w), sin(x w), cos(x w)), w_i = 1 / 10000 ** (i / 16); the class token's row is zero;
+    the codes survive save / load and stay trainable."""
+    import math
+
+    tiny, proc = build_preset("tiny")
+    w = tiny.vision_tower.embeddings.position_embedding.weight
+    assert w.shape == (65, 64) and w.requires_grad
+    y, x = 3, 5
+    freqs = [1 / 10000 ** (i / 16) for i in range(16)]
+    want = [math.sin(y * f) for f in freqs] + [math.cos(y * f) for f in freqs]
+    want += [math.sin(x * f) for f in freqs] + [math.cos(x * f) for f in freqs]
+    assert torch.allclose(w[1 + y * 8 + x], torch.tensor(want), atol=1e-6)
+    assert torch.count_nonzero(w[0]) == 0
+    small, _ = build_preset("small")
+    ws = small.vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(ws[1:], sincos_positions(8, 256))
+    save_checkpoint(tiny, proc, tmp_path / "tiny")
+    again = load_pretrained(tmp_path / "tiny")[0].vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(again, w)
 
 
 def test_tiny_preset_is_deterministic_per_seed() -> None:

@@ -14,7 +14,7 @@ from medvlm.errors import MedvlmError
 from medvlm.train.config import load_config
 from medvlm.train.data import augment_image, grouped_sources
 from medvlm.train.run import run_training
-from medvlm.train.stages import PUBLISHED_LR, SCRATCH, plan_stage, resolve_epochs, resolve_stage_defaults
+from medvlm.train.stages import DEFAULT_BATCH, PUBLISHED_LR, SCRATCH, plan_stage, resolve_epochs, resolve_stage_defaults
 
 
 def _cfg(tmp_path: Path, **over):
@@ -33,14 +33,16 @@ def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Pa
     assert got == (SCRATCH.train_random_parts, SCRATCH.train_random_parts, SCRATCH.align_lr, SCRATCH.image_augment)
     assert (align.group_by_image, align.scratch_samples, align.num_train_epochs) == (
         SCRATCH.group_by_image,
-        SCRATCH.samples,
+        SCRATCH.align_samples,
         None,
     )
+    assert align.per_device_train_batch_size == SCRATCH.batch_size
     plan = plan_stage(align, _ModelConfig())
     assert (plan.vision_tower, plan.projector, plan.language_model) == (True, True, True)
     sft = resolve_stage_defaults(_cfg(tmp_path))
     assert (sft.tune_vision_tower, sft.learning_rate, sft.num_train_epochs) == (True, SCRATCH.sft_lr, None)
-    assert resolve_epochs(sft, 400).num_train_epochs == float(-(-SCRATCH.samples // 400))
+    assert (sft.scratch_samples, sft.per_device_train_batch_size) == (SCRATCH.sft_samples, SCRATCH.batch_size)
+    assert resolve_epochs(sft, 400).num_train_epochs == float(-(-SCRATCH.sft_samples // 400))
     # the recipe differs from the published one where it says so
     assert (SCRATCH.align_lr, SCRATCH.sft_lr) != (PUBLISHED_LR["align"], PUBLISHED_LR["sft"])
     # smol: a pretrained LM, a random tower
@@ -85,6 +87,7 @@ def test_pretrained_checkpoints_keep_llava_med_defaults(tmp_path: Path) -> None:
         align.image_augment,
         align.group_by_image,
     ) == (False, None, 2e-3, 1.0, False, False)
+    assert align.per_device_train_batch_size == DEFAULT_BATCH
     assert plan_stage(align, _ModelConfig()).language_model is False
     sft = resolve_stage_defaults(_cfg(tmp_path, preset=None, model_name_or_path=str(ckpt)))
     assert (sft.learning_rate, sft.num_train_epochs) == (2e-5, 1.0)

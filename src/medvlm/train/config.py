@@ -218,8 +218,9 @@ class TrainConfig:
     :class:`medvlm.train.stages.ScratchRecipe` (deviations from LLaVA-Med, whose parts come pretrained)."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases, norms or the im_start/end rows)."""
-    per_device_train_batch_size: int = 4
-    """Samples per process per forward pass."""
+    per_device_train_batch_size: int | None = None
+    """Samples per process per forward pass. Default: :data:`medvlm.train.stages.DEFAULT_BATCH` (4), or
+    :attr:`medvlm.train.stages.ScratchRecipe.batch_size` in ``align``/``sft`` with parts trained from scratch."""
     gradient_accumulation_steps: int = 1
     """Forward passes per optimizer step (derived from ``global_batch_size`` when that is set)."""
     lr_scheduler_type: str = "cosine"
@@ -326,7 +327,7 @@ class TrainConfig:
                 "redundant; set vit_lora: false (or tune_vision_tower: false to adapt it with LoRA)"
             )
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:  # None: resolved per stage
                 raise MedvlmError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise MedvlmError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
