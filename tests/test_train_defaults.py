@@ -42,7 +42,8 @@ def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Pa
     sft = resolve_stage_defaults(_cfg(tmp_path))
     assert (sft.tune_vision_tower, sft.learning_rate, sft.num_train_epochs) == (True, SCRATCH.sft_lr, None)
     assert (sft.scratch_samples, sft.per_device_train_batch_size) == (SCRATCH.sft_samples, SCRATCH.batch_size)
-    assert resolve_epochs(sft, 400).num_train_epochs == float(-(-SCRATCH.sft_samples // 400))
+    resolved = resolve_epochs(sft, 400)
+    assert (resolved.num_train_epochs, resolved.scratch_samples) == (float(-(-SCRATCH.sft_samples // 400)), None)
     # the recipe differs from the published one where it says so
     assert (SCRATCH.align_lr, SCRATCH.sft_lr) != (PUBLISHED_LR["align"], PUBLISHED_LR["sft"])
     # smol: a pretrained LM, a random tower

@@ -52,8 +52,8 @@ class ScratchRecipe:
     whose tower (CLIP ViT-L/14) and LM (Vicuna / Mistral) come pretrained; ``configs/llava_med/`` keeps the published
     values, and a checkpoint without ``scratch_parts`` gets them. Each is overridden by the :class:`TrainConfig` key
     named in its docstring. The schedule is LLaVA-Med's own (cosine, 3 % warmup: ``lr_scheduler_type``,
-    ``warmup_ratio``), as is the per-device batch size key; the tower's shape and the LM's initial scale are the
-    preset's (:data:`medvlm.model.build.PRESET_SIZES`).
+    ``warmup_ratio``); the tower's shape, its sin-cos positions and the LM's initial scale are the preset's
+    (:data:`medvlm.model.build.PRESET_SIZES`).
     """
 
     train_random_parts: bool = True
@@ -155,11 +155,16 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def resolve_epochs(cfg: TrainConfig, records: int) -> TrainConfig:
-    """``num_train_epochs`` left None (a sample budget): ``ceil(scratch_samples / records)`` epochs."""
+    """``num_train_epochs`` left None (a sample budget): ``ceil(scratch_samples / records)`` epochs.
+
+    The budget is then cleared (``scratch_samples`` None): the epochs are its resolved form, so the saved
+    ``train_config.yaml`` loads again without naming the training length twice.
+    """
     if cfg.num_train_epochs is None:
         if cfg.scratch_samples is None or cfg.scratch_samples < 1:
             raise MedvlmError(f"scratch_samples must be >= 1, got {cfg.scratch_samples}")
         cfg.num_train_epochs = float(max(1, math.ceil(cfg.scratch_samples / max(1, records))))
+        cfg.scratch_samples = None
     return cfg
 
 
