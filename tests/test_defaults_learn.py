@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from medvlm.cli import app
 from medvlm.train.config import load_config
+from medvlm.train.stages import SCRATCH
 from medvlm.utils.artifacts import TRAIN_CONFIG_FILE
 
 SYNTH2 = Path(__file__).resolve().parents[1] / "benchmarks" / "synth2.py"
@@ -93,7 +94,8 @@ def test_documented_cli_sequence_reads_the_image(tmp_path: Path) -> None:
     assert "image-blind" in out and "CLOSED/MODALITY" in out and "OPEN/MODALITY" in out
     ev = json.loads((m / "sft" / "eval_scores.json").read_text())
     saved = load_config(m / "sft" / TRAIN_CONFIG_FILE)  # the run's resolved config loads again as it is
-    assert (saved.scratch_samples, saved.group_by_image, saved.per_device_train_batch_size) == (None, False, 8)
+    assert (saved.scratch_samples, saved.group_by_image) == (None, SCRATCH.group_by_image)
+    assert saved.per_device_train_batch_size == SCRATCH.batch_size
     assert saved.num_train_epochs == -(-SAMPLES // (2 * N_TRAIN))
     # the balanced questions hold the printed blind baselines at exactly 50 (majority per kind and per question text)
     assert ev["blind"]["closed"] == 0.5 and ev["blind"]["by_question"]["closed"] == 0.5
