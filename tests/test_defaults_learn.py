@@ -4,8 +4,9 @@ A shortened ``benchmarks/bench_defaults.py``: ``model init --preset tiny`` -> ``
 ``train --stage sft --eval-questions`` -> ``eval vqa`` -> ``eval score --protocol llava-med``, through the CLI, on
 the independent generator ``benchmarks/synth2.py``, with the training defaults. Shortened: the sample budget per
 stage (``--scratch_samples``), and the questions: the modality ones (closed and open), which a model learns first.
-Within a test's budget (~80 CPU s) the lesion side and count are not learned on synth2 (balanced side questions
-stayed at 47-52, measured); whether they are at the benchmark's budget is what ``bench_defaults.py`` reports.
+Within a test's budget (~80 CPU s) the lesion side was not learned on synth2 (balanced side questions at 47-52
+with 600-1200 samples per stage, measured before the tower's sin-cos positions; not re-measured since); whether
+side and count are learned at the benchmark's budget is what ``bench_defaults.py`` reports.
 
 Why an image-blind model cannot pass: the closed questions of the eval file are subsampled so that every exact
 question text has as many "yes" as "no" answers. A model that does not see the image answers a given text the
