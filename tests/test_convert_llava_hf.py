@@ -164,10 +164,10 @@ def test_config_processor_and_card(exported):
     _, dst = exported
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
-    assert cfg["vision_feature_select_strategy"] == "default" and cfg["vision_feature_layer"] == -2
-    assert cfg["image_seq_length"] == 16 and cfg["image_token_index"] == 4
+    assert cfg["vision_feature_select_strategy"] == "default" and cfg["vision_feature_layer"] == -1
+    assert cfg["image_seq_length"] == 64 and cfg["image_token_index"] == 4
     proc = json.loads((dst / "processor_config.json").read_text())
-    assert proc["patch_size"] == 16 and proc["num_additional_image_tokens"] == 1
+    assert proc["patch_size"] == 8 and proc["num_additional_image_tokens"] == 1
     assert proc["image_processor"]["do_pad"] is True
     assert (dst / "chat_template.jinja").is_file()
     assert "Research use only" in (dst / "README.md").read_text()

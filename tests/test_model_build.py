@@ -22,7 +22,7 @@ from transformers import (
 from medvlm.data.schema import Message, Sample
 from medvlm.errors import MedvlmError
 from medvlm.infer.engine import GenerationSettings, InferenceEngine
-from medvlm.model.build import build_preset, compose, load_pretrained, save_checkpoint
+from medvlm.model.build import build_preset, compose, load_pretrained, save_checkpoint, sincos_positions
 from medvlm.model.tokenizer import default_corpus
 
 VISION = CLIPVisionConfig(
@@ -149,18 +149,55 @@ def test_compose_refuses_pickled_language_model(tmp_path: Path) -> None:
 
 
 def test_preset_errors_are_clear() -> None:
-    with pytest.raises(MedvlmError, match="unknown preset 'huge'; choose one of tiny, smol"):
+    with pytest.raises(MedvlmError, match="unknown preset 'huge'; choose one of tiny, small, smol"):
         build_preset("huge")
     with pytest.raises(
         MedvlmError, match="unknown projector_type 'qformer'; choose one of linear, mlp2x_gelu, cluster"
     ):
         build_preset("tiny", projector="qformer")
-    with pytest.raises(MedvlmError, match="image_size 70 must be a multiple of 16"):
+    with pytest.raises(MedvlmError, match="image_size 70 must be a multiple of 8"):
         build_preset("tiny", image_size=70)
     with pytest.raises(MedvlmError, match="unknown chat template 'alpaca'"):
         build_preset("tiny", template="alpaca")
     with pytest.raises(MedvlmError, match="unknown image_aspect 'crop'"):
         build_preset("tiny", aspect="crop")
+
+
+def test_from_scratch_presets_sizes_and_scratch_parts(tmp_path: Path) -> None:
+    """tiny and small carry the demo's measured shape (patch 8, LM std 0.1 / 0.05) and say their parts are random."""
+    tiny, proc = build_preset("tiny")
+    assert tiny.config.image_seq_length == 64 and tiny.config.vision_feature_layer == -1
+    assert tiny.config.text_config.num_hidden_layers == 3 and tiny.config.text_config.initializer_range == 0.1
+    assert tiny.config.scratch_parts == ["vision_tower", "language_model"]
+    small, _ = build_preset("small")
+    n = sum(p.numel() for p in small.parameters())
+    assert 20e6 <= n <= 30e6, n
+    assert small.config.image_seq_length == 64 and small.config.scratch_parts == ["vision_tower", "language_model"]
+    save_checkpoint(tiny, proc, tmp_path / "tiny")
+    assert load_pretrained(tmp_path / "tiny")[0].config.scratch_parts == ["vision_tower", "language_model"]
+
+
+def test_scratch_towers_start_with_exact_2d_sincos_positions(tmp_path: Path) -> None:
+    """Row 1 + y * 8 + x of the tiny tower (64 px / patch 8 = 8 x 8 grid, width 64) is
+    concat(sin(y w), cos(y w), sin(x w), cos(x w)), w_i = 1 / 10000 ** (i / 16); the class token's row is zero;
+    the codes survive save / load and stay trainable."""
+    import math
+
+    tiny, proc = build_preset("tiny")
+    w = tiny.vision_tower.embeddings.position_embedding.weight
+    assert w.shape == (65, 64) and w.requires_grad
+    y, x = 3, 5
+    freqs = [1 / 10000 ** (i / 16) for i in range(16)]
+    want = [math.sin(y * f) for f in freqs] + [math.cos(y * f) for f in freqs]
+    want += [math.sin(x * f) for f in freqs] + [math.cos(x * f) for f in freqs]
+    assert torch.allclose(w[1 + y * 8 + x], torch.tensor(want), atol=1e-6)
+    assert torch.count_nonzero(w[0]) == 0
+    small, _ = build_preset("small")
+    ws = small.vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(ws[1:], sincos_positions(8, 256))
+    save_checkpoint(tiny, proc, tmp_path / "tiny")
+    again = load_pretrained(tmp_path / "tiny")[0].vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(again, w)
 
 
 def test_tiny_preset_is_deterministic_per_seed() -> None:

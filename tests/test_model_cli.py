@@ -42,7 +42,7 @@ def test_model_init_then_info(tmp_path: Path) -> None:
         "cluster",
         "llava_med_v0",
         "square",
-        36,
+        144,
     )
     model, processor = load_pretrained(out)
     assert processor.template == "llava_med_v0" and processor.image_side == 96
@@ -52,13 +52,13 @@ def test_model_init_then_info(tmp_path: Path) -> None:
     text = res.stdout
     for expected in (
         "CLIPVisionModel",
-        "96px, patch 16",
-        "hidden-state layer -2, strategy patch",
+        "96px, patch 8",
+        "hidden-state layer -1, strategy patch",
         "cluster",
         "LlamaForCausalLM",
         "llava_med_v0",
         "square",
-        "36 per image",
+        "144 per image",
         "vision_tower",
         "projector",
         "language_model",

@@ -275,20 +275,22 @@ def test_image_count_and_token_mismatches_are_clear_errors(tiny, shared_dir: Pat
     with pytest.raises(MedvlmError, match=r"sample 'rec-8'.*missing.png"):
         processor.encode(missing, image_folder=shared_dir / "images")
     batch = _batch(processor, shared_dir, SAMPLES[:2])
-    with pytest.raises(MedvlmError, match=r"has 32 <image> tokens but 3 image\(s\) x 16 features"):
+    with pytest.raises(MedvlmError, match=r"has 128 <image> tokens but 3 image\(s\) x 64 features"):
         model(input_ids=batch["input_ids"], pixel_values=torch.cat([batch["pixel_values"]] * 2)[:3])
-    with pytest.raises(MedvlmError, match="32 <image> tokens but no pixel_values"):
+    with pytest.raises(MedvlmError, match="128 <image> tokens but no pixel_values"):
         model(input_ids=batch["input_ids"])
 
 
 def test_truncation_into_image_tokens_is_a_clear_error(tiny, shared_dir: Path) -> None:
-    _, processor = tiny
+    model, processor = tiny
     full = processor.encode(SAMPLES[1], image_folder=shared_dir / "images")
     first_image = full["input_ids"].tolist().index(processor.image_token_id)
     with pytest.raises(ImageTruncationError, match=r"sample 's1': max_length .* would cut image tokens"):
         processor.encode(SAMPLES[1], image_folder=shared_dir / "images", max_length=first_image + 3)
-    ok = processor.encode(SAMPLES[1], image_folder=shared_dir / "images", max_length=first_image + 20)
-    assert ok["input_ids"].shape[0] == first_image + 20
+    keep = first_image + model.config.image_seq_length + 4  # every image token and a few text tokens
+    assert full["input_ids"].shape[0] > keep
+    ok = processor.encode(SAMPLES[1], image_folder=shared_dir / "images", max_length=keep)
+    assert ok["input_ids"].shape[0] == keep
 
 
 def test_preprocess_images_pads_to_square_with_mean_colour(tiny, shared_dir: Path) -> None:

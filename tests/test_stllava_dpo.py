@@ -160,7 +160,9 @@ def test_reference_stays_frozen_and_stored_logps_equal_on_the_fly(setup, tmp_pat
     st_log = [h for h in stored.log_history if "loss" in h]
     for a, b in zip(fly_log, st_log):
         for k in ("loss", "logps/ref_chosen", "logps/ref_rejected", "logps/chosen", "rewards/margins"):
-            assert a[k] == pytest.approx(b[k], abs=1e-4), k
+            # rel 1e-4: the stored and on-the-fly reference values agree to 1e-5 (asserted above); two LoRA steps at
+            # lr 5e-3 on the tiny preset (LM init std 0.1) amplify that to ~5e-5 relative in the policy's log-probs.
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-4), k
 
 
 def test_stored_logps_are_refused_for_other_pairs(setup, tmp_path):

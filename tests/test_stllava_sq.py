@@ -94,7 +94,7 @@ def test_vuser_labels_learn_questions_only_in_vuser_turns():
 
 
 def test_vit_lora_spec_groups_and_dropouts():
-    model, _ = build_preset("tiny", template="v1_sq", projector="cluster")
+    model, _ = build_preset("tiny", template="v1_sq", projector="cluster", feature_layer=-2)
     peft = apply_lora_adapters(
         model,
         LoraSpec(8, 16, 0.05, ["q_proj", "v_proj"]),
@@ -127,7 +127,7 @@ def demo(tmp_path_factory):
 def _sq_config(demo, out, **over):
     keys = dict(
         stage="sq",
-        model_kwargs={"template": "v1_sq"},
+        model_kwargs={"template": "v1_sq", "vision_feature_layer": -2},
         projector_type="cluster",
         data_path=str(demo / "instruct.json"),
         tune="lora",
@@ -149,7 +149,7 @@ def _sq_config(demo, out, **over):
 
 @pytest.mark.parametrize("mode", ["trained", "published"])
 def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, mode):
-    before = state(build_preset("tiny", seed=42, template="v1_sq", projector="cluster")[0])
+    before = state(build_preset("tiny", seed=42, template="v1_sq", projector="cluster", feature_layer=-2)[0])
     out = tmp_path / mode
     result = run_training(_sq_config(demo, out, vit_lora_grad=mode))
     model, processor = load_pretrained(out)  # merged: a plain medvlm checkpoint
@@ -179,7 +179,7 @@ def test_sq_vit_lora_gradients_reach_the_tower_unless_published(demo, tmp_path, 
 @pytest.mark.parametrize("tune", ["lora", "full"])
 def test_sq_full_tower_option_trains_every_tower_weight_at_the_vision_lr(demo, tmp_path, tune):
     """``tune_vision_tower: true`` + ``vit_lora: false`` (a named deviation): the whole tower learns, no ViT-LoRA."""
-    before = state(build_preset("tiny", seed=42, template="v1_sq", projector="cluster")[0])
+    before = state(build_preset("tiny", seed=42, template="v1_sq", projector="cluster", feature_layer=-2)[0])
     out = tmp_path / tune
     run_training(_sq_config(demo, out, tune=tune, tune_vision_tower=True, vit_lora=False, vision_lr=5e-3))
     after = state(load_pretrained(out)[0])

@@ -38,6 +38,11 @@ def small_config(demo: Path, out: Path, **over) -> TrainConfig:
     }
     if over.get("stage", "sft") in ("align", "sft"):
         keys["feature_cache"] = "off"  # the feature cache exists in these stages only (a key sq/dpo refuse)
+        # These tests check LLaVA-Med's stage semantics on the tiny preset: switch off what the preset's random
+        # parts would otherwise turn on (tower / LM training in both stages, image augmentation, per-image grouping).
+        keys.update({"tune_vision_tower": False, "image_augment": False, "group_by_image": False})
+        if over.get("stage") == "align":
+            keys["tune_language_model"] = False
     keys.update(over)
     return load_config(None, keys)
 

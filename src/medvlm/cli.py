@@ -34,7 +34,7 @@ _VERBS: list[tuple[str, str, str]] = [  # in pipeline order, as `medvlm --help` 
     ("data", "medvlm.data.commands", "app"),
     ("instruct", "medvlm.data.instruct.commands", "app"),
     ("model", "medvlm.model.commands", "app"),
-    ("train", "medvlm.train.commands", "main"),
+    ("train", "medvlm.eval.train_eval", "main"),  # evaluates an eval set after training (eval layer)
     ("prefs", "medvlm.infer.commands", "app"),
     ("eval", "medvlm.eval.commands", "app"),
     ("chat", "medvlm.serve.commands", "chat"),

@@ -13,8 +13,10 @@ Why the tiny model is built and trained differently from LLaVA's recipe (all mea
   tower and the LM with the projector (LLaVA freezes them because they come pretrained). Captions name
   every factor of an image at once, so stage 1 is where the tower learns to see (after 600 caption
   steps the captions of *test* images get modality 100 %, size 98 %, count and side 84 % right).
-- The tower is a 64 px / patch-8 CLIP (64 image tokens): with the ``tiny`` preset's patch 16 (16 tokens)
-  nothing but the modality was learned.
+- The tower is a 64 px / patch-8 CLIP (64 image tokens): with patch 16 (16 tokens) nothing but the modality
+  was learned. (The ``tiny`` preset now has this tower and this LM, with training defaults that follow from its
+  random parts, :mod:`medvlm.train.stages`; the demo composes its own parts and passes every training value
+  explicitly, so its figures do not move with those defaults.)
 - The LM is initialised with std 0.1 instead of transformers' 0.02: at width 128 the default scale leaves
   the image signal so weak after the LM's attention that the lesions are never learned (no progress in
   1000 steps on the side questions at 0.02, 75 % after 400 steps at 0.1).
@@ -248,6 +250,10 @@ def stage_configs(cfg: DemoConfig, data: Path, parts: tuple[Path, Path] | Path, 
         resume_from_checkpoint=None,
         feature_cache="off",
         tune_vision_tower=True,
+        # Pinned: the demo's own recipe, not the from-scratch defaults of medvlm.train.stages.ScratchRecipe (its
+        # stage-2 file is grouped by stage2_data when stage2_group_by_image; its images are never augmented).
+        group_by_image=False,
+        image_augment=False,
     )
     if cfg.family is None:
         start = dict(

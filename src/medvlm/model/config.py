@@ -86,6 +86,11 @@ class MedVLMConfig(PretrainedConfig):
     """Centre-refinement iterations of the ``cluster`` projector."""
     tie_word_embeddings: bool = False
     """Mirrors the language model's own setting (the LM ties its head itself)."""
+    scratch_parts: list | None = None
+    """Parts (``vision_tower``, ``language_model``) that started from random weights rather than a pretrained model
+    (set by the ``tiny`` / ``small`` / ``smol`` presets, kept through training). Training defaults follow it: a part
+    trained from scratch has no pretrained knowledge to protect, so it trains in every stage
+    (:mod:`medvlm.train.stages`)."""
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

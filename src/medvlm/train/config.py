@@ -46,7 +46,10 @@ class TrainConfig:
     # --- what to train ------------------------------------------------------------------------
     stage: str = "sft"
     """``align`` (stage 1: projector only, tower and LM frozen), ``sft`` (stage 2 / VQA fine-tuning: projector + LM),
-    ``sq`` (STLLaVA-Med self-questioning tuning) or ``dpo`` (STLLaVA-Med DPO on preference pairs)."""
+    ``sq`` (STLLaVA-Med self-questioning tuning) or ``dpo`` (STLLaVA-Med DPO on preference pairs). A model whose
+    ``config.scratch_parts`` lists parts that started random (the ``tiny`` / ``small`` presets) trains those parts in
+    ``align`` and ``sft`` too (a deviation from LLaVA-Med, whose parts come pretrained; see
+    :mod:`medvlm.train.stages`)."""
     model_name_or_path: str | None = None
     """A medvlm checkpoint folder (ours, a previous stage's output, or an imported LLaVA-Med checkpoint)."""
     preset: str | None = None
@@ -86,6 +89,25 @@ class TrainConfig:
     """Drop (and count) samples whose image file is missing instead of stopping with an error."""
     group_by_modality_length: bool = True
     """Length-grouped sampling with image and text-only samples in separate mega-batches (less padding)."""
+    group_by_image: bool | None = None
+    """Stages ``align``/``sft``: merge the single-question samples of each image into one multi-turn conversation
+    before training (:mod:`medvlm.data.benchmarks.group`, LLaVA-1.5's format for VQA data; the merged file is written
+    to ``output_dir/grouped/``). Every answer is still learned, but the image is encoded once for all its questions.
+    Default: :attr:`medvlm.train.stages.ScratchRecipe.group_by_image` when parts train from scratch
+    (``config.scratch_parts``), off otherwise: LLaVA-Med's published VQA fine-tunes train one question per sample.
+    Captions and multi-turn conversations pass through unchanged. Needs ``data_format: auto`` (the merged file is
+    LLaVA JSON)."""
+    eval_data_path: str | None = None
+    """A converted-VQA file (``answer_type``, ``question_type``) answered and scored (``llava-med`` protocol) after
+    a stage ``align``/``sft`` run by ``medvlm train``: each question kind's score is printed next to the image-blind
+    baseline learned from the training files, and written to ``output_dir/eval_scores.json``. Images resolve
+    against ``image_folder``. (Library callers use ``medvlm.eval.train_eval.train_and_evaluate``.)"""
+    image_augment: bool | None = None
+    """Stages ``align``/``sft``: each time a training image is read, shift it by a few pixels and jitter brightness
+    and contrast slightly (:func:`medvlm.train.data.augment_image`; no flips, crops or rescaling, so sides, counts
+    and sizes hold; magnitudes in :class:`medvlm.train.stages.ScratchRecipe`). Default:
+    :attr:`~medvlm.train.stages.ScratchRecipe.image_augment` when the vision tower starts random
+    (``config.scratch_parts``), off otherwise: LLaVA-Med does not augment (its tower is pretrained and frozen)."""
     packing: bool = False
     """Pack each micro-batch's samples into rows of up to ``max_length`` tokens instead of padding them: positions
     restart per sample, attention stays inside each sample (block-diagonal mask read from the positions by
@@ -96,13 +118,16 @@ class TrainConfig:
     """``full``, ``lora`` (PEFT adapters on the LM, projector fully trained) or ``qlora`` (4-bit base; CUDA only).
     LoRA runs end with merged full weights in ``output_dir`` (loadable like any checkpoint) and the adapter in
     ``adapter/``."""
-    tune_vision_tower: bool = False
-    """Also train the vision tower (frozen in both LLaVA-Med stages). Stage ``sq``: the whole tower at ``vision_lr``
-    instead of ViT-LoRA (needs ``vit_lora: false``; a deviation from STLLaVA-Med); refused in ``dpo``."""
+    tune_vision_tower: bool | None = None
+    """Also train the vision tower (frozen in both LLaVA-Med stages). Default: no, except in ``align``/``sft`` when
+    the tower started random (``config.scratch_parts``: the ``tiny``/``small``/``smol`` presets' towers; a deviation
+    from LLaVA-Med). Stage ``sq``: the whole tower at ``vision_lr`` instead of ViT-LoRA (needs ``vit_lora: false``; a
+    deviation from STLLaVA-Med); refused in ``dpo``."""
     tune_projector: bool | None = None
     """Train the projector; default: yes in both stages (a stage-1 run with it frozen is an error)."""
     tune_language_model: bool | None = None
-    """Train the LM; default: no in ``align``, yes in ``sft``."""
+    """Train the LM; default: no in ``align`` (yes when the LM started random, ``config.scratch_parts``: a deviation
+    from LLaVA-Med, whose stage 1 trains the projector alone), yes in ``sft``."""
     tune_im_start_end: bool | None = None
     """Train the ``<im_start>``/``<im_end>`` embedding rows (only those rows); default: in ``align`` when the model
     uses them."""
@@ -177,16 +202,25 @@ class TrainConfig:
     # --- HF TrainingArguments (same names) --------------------------------------------------------
     output_dir: str | None = None
     """Run folder: checkpoints, logs, the loss curve; at the end a loadable medvlm checkpoint."""
-    num_train_epochs: float = 1.0
-    """Epochs over the (mixed) training set."""
+    num_train_epochs: float | None = None
+    """Epochs over the (mixed, grouped) training set. Default: 1 (LLaVA-Med's stages), except in ``align``/``sft`` with
+    parts trained from scratch: enough epochs for ``scratch_samples`` samples (a small dataset is seen many times;
+    a deviation from LLaVA-Med's 1 epoch of 600k captions and 3 of 60k conversations)."""
+    scratch_samples: int | None = None
+    """Stages ``align``/``sft``: train on this many samples (records after grouping), i.e.
+    ``ceil(scratch_samples / records)`` epochs, instead of ``num_train_epochs`` (give one of the two). Default: with
+    parts trained from scratch, :attr:`medvlm.train.stages.ScratchRecipe.samples`; otherwise unset (1 epoch)."""
     max_steps: int = -1
     """If > 0, stop after this many optimizer steps (overrides epochs)."""
-    learning_rate: float = 2e-5
-    """Peak learning rate."""
+    learning_rate: float | None = None
+    """Peak learning rate. Default: ``align`` 2e-3 (LLaVA-Med v1.5 stage 1, projector only), other stages 2e-5
+    (LLaVA-Med stage 2); with parts trained from scratch (``config.scratch_parts``) the rates of
+    :class:`medvlm.train.stages.ScratchRecipe` (deviations from LLaVA-Med, whose parts come pretrained)."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases, norms or the im_start/end rows)."""
-    per_device_train_batch_size: int = 4
-    """Samples per process per forward pass."""
+    per_device_train_batch_size: int | None = None
+    """Samples per process per forward pass. Default: :data:`medvlm.train.stages.DEFAULT_BATCH` (4), or
+    :attr:`medvlm.train.stages.ScratchRecipe.batch_size` in ``align``/``sft`` with parts trained from scratch."""
     gradient_accumulation_steps: int = 1
     """Forward passes per optimizer step (derived from ``global_batch_size`` when that is set)."""
     lr_scheduler_type: str = "cosine"
@@ -293,7 +327,7 @@ class TrainConfig:
                 "redundant; set vit_lora: false (or tune_vision_tower: false to adapt it with LoRA)"
             )
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:  # None: resolved per stage
                 raise MedvlmError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise MedvlmError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
@@ -343,6 +377,10 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "skip_missing_images": ("align", "sft", "sq"),
     "group_by_modality_length": _ALL,
     "packing": _ALIGN_SFT,
+    "group_by_image": _ALIGN_SFT,
+    "eval_data_path": _ALIGN_SFT,
+    "image_augment": _ALIGN_SFT,
+    "scratch_samples": _ALIGN_SFT,
     # which parameters learn
     "tune": _ALL,
     "tune_vision_tower": ("align", "sft", "sq"),
@@ -545,6 +583,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """Read a YAML recipe (optional), apply ``--key value`` overrides, validate.
 
     Without a YAML, the overrides alone must give ``stage``, a starting point, ``data_path`` and ``output_dir``.
+    Stage/model-dependent defaults left None are resolved (:func:`medvlm.train.stages.resolve_stage_defaults`).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -564,4 +603,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     data.update(overrides or {})
-    return config_from_dict(data, source=str(path) if path else "command line").validate()
+    from medvlm.train.stages import resolve_stage_defaults  # (stages imports this module)
+
+    # Defaults that depend on the stage and the starting model are filled in here (and again, idempotently, by
+    # run_training for configs built directly), so every later reader sees concrete values.
+    return resolve_stage_defaults(config_from_dict(data, source=str(path) if path else "command line").validate())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageEnhance
 
 from medvlm.data.readers.formats import convert_record, detect_format
 from medvlm.data.readers.stream import RecordFile, iter_raw_records
@@ -127,6 +128,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.image_folder = image_folder
         self.max_length = max_length
         self.feature_cache = None  # set by the trainer when the frozen-tower cache is on
+        # (shift, jitter) when image_augment is on (set by the recipe): every read draws a new shift / jitter
+        self.augment: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self._file_of)
@@ -157,10 +160,28 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "pixel_values": None,
                 "vision_features": cached,  # [n_img, L, D]
             }
+        if self.augment and sample.images and images is None:
+            images = [augment_image(im, *self.augment) for im in self.processor.load_images(sample, self.image_folder)]
         feats = self.processor.encode(sample, image_folder=self.image_folder, max_length=self.max_length, images=images)
         if keys:
             feats["image_keys"] = keys
         return feats
+
+
+def augment_image(img: Image.Image, shift: float, jitter: float) -> Image.Image:
+    """A random small shift (up to ``shift`` of each side; the uncovered border takes the corner pixel's colour) and
+    brightness / contrast jitter (up to ``jitter``, relative), drawn from torch's RNG (seeded by the trainer).
+
+    Label-preserving for VQA: nothing is flipped, rotated, cropped away or rescaled, so left stays left, counts,
+    sizes and colours hold (the content stays inside the image for lesions not touching its border).
+    """
+    r = torch.rand(4).tolist()
+    w, h = img.size
+    dx, dy = round((2 * r[0] - 1) * shift * w), round((2 * r[1] - 1) * shift * h)
+    rgb = img.convert("RGB")
+    out = rgb.transform(rgb.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=rgb.getpixel((0, 0)))
+    out = ImageEnhance.Brightness(out).enhance(1 + (2 * r[2] - 1) * jitter)
+    return ImageEnhance.Contrast(out).enhance(1 + (2 * r[3] - 1) * jitter)
 
 
 def _draw(n: int, weight: float, rng: random.Random) -> list[int]:
@@ -260,3 +281,39 @@ def build_dataset(
     dataset = SupervisedDataset(files, formats, items, lengths, processor, image_folder, max_length)
     manifest = DataManifest(reports, len(items), n_img, n_txt, max_length, processor.template, image_folder)
     return dataset, manifest
+
+
+def grouped_sources(cfg: Any) -> list[DataSource]:
+    """``cfg.sources()``, each file's single-question samples merged per image when ``cfg.group_by_image`` is on.
+
+    Only stages ``align``/``sft`` with ``data_format: auto`` (the merged file is LLaVA JSON). A file where no image
+    has two questions is used as it is; otherwise the merged conversations are written (atomically) to
+    ``output_dir/grouped/<index>_<name>.json`` and that file is trained on.
+    """
+    from medvlm.data.benchmarks.group import GroupStats, group_by_image
+    from medvlm.data.readers import read_samples, sample_to_llava
+    from medvlm.utils.artifacts import GROUPED_DIR
+    from medvlm.utils.io import write_json_atomic
+
+    sources = cfg.sources()
+    if not cfg.group_by_image or cfg.stage not in ("align", "sft"):
+        return sources
+    if cfg.data_format != "auto":
+        raise MedvlmError(
+            f"group_by_image: true writes LLaVA JSON, so it needs data_format: auto (got "
+            f"{cfg.data_format!r}); set group_by_image: false"
+        )
+    out: list[DataSource] = []
+    for i, src in enumerate(sources):
+        path = Path(src.path)
+        if not path.is_file():
+            raise MedvlmError(f"data_path {path}: file not found")
+        stats = GroupStats()
+        grouped = group_by_image(list(read_samples(path)), seed=cfg.seed, stats=stats)
+        if stats.conversations == stats.merged:  # no image had two questions: nothing merged
+            out.append(src)
+            continue
+        dest = Path(cfg.output_dir) / GROUPED_DIR / f"{i}_{path.stem}.json"
+        write_json_atomic(dest, [sample_to_llava(s) for s in grouped], indent=None)
+        out.append(DataSource(str(dest), src.weight))
+    return out

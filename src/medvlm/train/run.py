@@ -45,15 +45,26 @@ def recipe_for(cfg: TrainConfig) -> str:
     return RECIPES[key]
 
 
-def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks: list | None = None, *, evaluated_by_caller: bool = False) -> TrainResult:
     """Train as configured; returns the output folder, final loss, log history, steps and seconds.
 
     ``callbacks`` are extra ``transformers.TrainerCallback`` s (progress hooks of a caller such as the demo).
+    Defaults left None (tower / LM training, learning rate, grouping, augmentation) are resolved first
+    (:func:`medvlm.train.stages.resolve_stage_defaults`) and written back to ``cfg``; epochs from the data size.
+    ``eval_data_path`` is evaluated by the layer above (:func:`medvlm.eval.train_eval.train_and_evaluate`, which
+    passes ``evaluated_by_caller``); called alone with it set, this refuses rather than ignore it.
     """
     from medvlm.train.family_stage import check_family_config, start_family
+    from medvlm.train.stages import resolve_stage_defaults
 
     name = recipe_for(cfg)  # before the per-key checks: a pair not in the table gets this one error
     cfg.validate()
+    if cfg.eval_data_path and not evaluated_by_caller:
+        raise MedvlmError(
+            "eval_data_path is evaluated after training by `medvlm train` or "
+            "medvlm.eval.train_eval.train_and_evaluate(cfg); run_training alone does not evaluate"
+        )
+    resolve_stage_defaults(cfg)  # idempotent: load_config did it already for configs read from YAML / the CLI
     family = start_family(cfg)  # a transformers model family (medvlm.model.families), or None for the native model
     if family is not None:
         check_family_config(cfg, family)

@@ -153,6 +153,13 @@ def use_feature_cache(cfg: TrainConfig, tower_trains: bool) -> bool:
                 "set feature_cache: auto or off"
             )
         return False
+    if cfg.image_augment and cfg.stage in ("align", "sft"):  # every read is a new image: nothing to cache
+        if cfg.feature_cache == "on":
+            raise MedvlmError(
+                "feature_cache: on caches each image's features once; image_augment: true changes the "
+                "image at every read. Set one of them off"
+            )
+        return False
     return True
 
 
@@ -208,11 +215,16 @@ def start_run(cfg: TrainConfig, family: str | None, world: int | None = None, re
 
 
 def load_sft_data(cfg: TrainConfig, start: RunStart):
-    """The indexed, checked, mixed training set of the run's data files -> ``(dataset, manifest)``."""
-    from medvlm.train.data import build_dataset
+    """The indexed, checked, mixed training set of the run's data files -> ``(dataset, manifest)``.
 
-    return build_dataset(
-        cfg.sources(),
+    Stages ``align``/``sft``: each image's questions merged first (``group_by_image``), ``num_train_epochs`` left
+    None resolved from the record count (``scratch_samples``), and ``image_augment`` switched on in the dataset.
+    """
+    from medvlm.train.data import build_dataset, grouped_sources
+    from medvlm.train.stages import SCRATCH, SCRATCH_STAGES, resolve_epochs
+
+    dataset, manifest = build_dataset(
+        grouped_sources(cfg),
         start.train_proc,
         image_folder=cfg.image_folder,
         max_length=cfg.max_length,
@@ -220,6 +232,10 @@ def load_sft_data(cfg: TrainConfig, start: RunStart):
         skip_missing_images=cfg.skip_missing_images,
         seed=cfg.seed,
     )
+    resolve_epochs(cfg, len(dataset))
+    if cfg.image_augment and cfg.stage in SCRATCH_STAGES:
+        dataset.augment = (SCRATCH.augment_shift, SCRATCH.augment_jitter)
+    return dataset, manifest
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -9,6 +9,10 @@
   ``vit_lora: true`` (LoRA on its linear layers, :mod:`medvlm.model.vit_lora`, in the same PEFT adapter as
   the LM's; off by default, as in LLaVA-Med). The adapters are merged into the final checkpoint.
 
+Parts trained from scratch (``config.scratch_parts``, set by the ``tiny`` / ``small`` / ``smol`` presets) change
+the defaults of ``align`` and ``sft`` (:func:`resolve_stage_defaults`): :class:`ScratchRecipe` holds them all, each
+with its deviation from LLaVA-Med (whose tower and LM come pretrained), and every one can be overridden.
+
 A tower that trains never learns the parts after the feature layer (the last layer(s) and CLIP's
 ``post_layernorm`` feed only the pooled output); they are frozen explicitly so DDP does not wait for
 gradients that never come.
@@ -17,8 +21,10 @@ gradients that never come.
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +36,137 @@ from medvlm.train.config import TrainConfig
 
 DEFAULT_VIT_DROPOUT: dict[str, float] = {"sq": 0.2, "dpo": 0.1}
 """STLLaVA-Med's ViT-LoRA dropout per self-training stage (``sft`` uses ``lora_dropout``)."""
+PUBLISHED_LR: dict[str, float] = {"align": 2e-3, "sft": 2e-5, "sq": 2e-5, "dpo": 2e-5}
+"""Default peak learning rates for pretrained parts (LLaVA-Med v1.5 stage 1 / stage 2; STLLaVA-Med's stages)."""
+SCRATCH_STAGES: tuple[str, ...] = ("align", "sft")
+DEFAULT_BATCH = 4
+"""``per_device_train_batch_size`` when the stage has no other default (pretrained parts, ``sq``, ``dpo``)."""
+
+
+@dataclass(frozen=True)
+class ScratchRecipe:
+    """The defaults of stages ``align``/``sft`` when parts of the starting model are random (``config.scratch_parts``:
+    the ``tiny``/``small`` presets' tower and LM, the ``smol`` preset's tower).
+
+    The one place these values live (:data:`SCRATCH`). Every field is a deviation from LLaVA-Med's published recipe,
+    whose tower (CLIP ViT-L/14) and LM (Vicuna / Mistral) come pretrained; ``configs/llava_med/`` keeps the published
+    values, and a checkpoint without ``scratch_parts`` gets them. Each is overridden by the :class:`TrainConfig` key
+    named in its docstring. The schedule is LLaVA-Med's own (cosine, 3 % warmup: ``lr_scheduler_type``,
+    ``warmup_ratio``); the tower's shape, its sin-cos positions and the LM's initial scale are the preset's
+    (:data:`medvlm.model.build.PRESET_SIZES`).
+    """
+
+    train_random_parts: bool = True
+    """A random part trains in both stages (``tune_vision_tower``; ``tune_language_model`` in ``align``). LLaVA-Med
+    freezes the tower in both stages and the LM in stage 1. Measured by the demo (:mod:`medvlm.demo`): a random
+    part frozen in stage 1 leaves the projector aligning to noise; a random tower frozen in stage 2 never learns
+    to see the lesions."""
+    align_lr: float = 1e-3
+    """``learning_rate`` of ``align`` with random parts (LLaVA-Med v1.5: 2e-3, for the projector alone)."""
+    sft_lr: float = 5e-4
+    """``learning_rate`` of ``sft`` when the LM is random (LLaVA-Med: 2e-5 for a pretrained LM; a pretrained LM, as in
+    the ``smol`` preset, keeps 2e-5)."""
+    align_samples: int = 8000
+    """``scratch_samples`` of ``align``: training samples, i.e. ``num_train_epochs`` = ceil(samples / records)
+    (LLaVA-Med: 1 epoch of 558k captions in stage 1; a user's first dataset has hundreds of images, so it is seen
+    many times). 8000 + 24000 samples at batch 8 = the ~4000 steps measured on ``benchmarks/synth2.py``."""
+    sft_samples: int = 24000
+    """``scratch_samples`` of ``sft`` (LLaVA-Med: 3 epochs of 60k instructions in stage 2)."""
+    batch_size: int = 8
+    """``per_device_train_batch_size`` of ``align``/``sft`` with random parts (otherwise :data:`DEFAULT_BATCH`;
+    LLaVA-Med: 32 per device x 8 GPUs in stage 1, 16 x 8 in stage 2)."""
+    group_by_image: bool = False
+    """``group_by_image``: off, as in LLaVA-Med's published VQA fine-tunes (one question per sample). Measured on
+    ``benchmarks/synth2.py`` (seed 0, 400 images, 4000 steps of 8): merged per image 74.3 closed / 59.3 open,
+    one question per sample 94.7 / 98.0: in a merged conversation the later answers follow from the earlier
+    answers' text (a shortcut), while evaluation asks one question at a time. (``medvlm demo`` merges its own
+    stage-2 file, with extra balanced yes/no questions per image, and pins its value.)"""
+    image_augment: bool = False
+    """``image_augment`` (each read of a training image shifted and jittered slightly) stays off, as in LLaVA-Med.
+    Measured on ``medvlm data synth`` (400 images, 4000 steps of 8, sin-cos positions, one question per sample):
+    on 66.0 closed / 58.5 open, off 71.0 / 70.0; ``benchmarks/synth2.py`` seed 1 without it: 100 / 98. Turn it on
+    per run (``image_augment: true``) for a random tower that memorises its training images."""
+    augment_shift: float = 0.06
+    """Largest shift of the image content under ``image_augment``, as a fraction of each side."""
+    augment_jitter: float = 0.1
+    """Largest relative change of brightness and of contrast under ``image_augment``."""
+
+
+SCRATCH = ScratchRecipe()
+"""The from-scratch defaults in force."""
+
+
+def scratch_parts_of(cfg: TrainConfig) -> list[str]:
+    """The parts of the starting model that are random (``config.scratch_parts``), read without loading weights."""
+    if cfg.preset:
+        from medvlm.model.build import PRESET_SCRATCH_PARTS
+
+        return list(PRESET_SCRATCH_PARTS.get(cfg.preset, ()))
+    if cfg.model_name_or_path:
+        from medvlm.utils.io import read_json
+
+        path = Path(cfg.model_name_or_path) / "config.json"
+        if not path.is_file():
+            return []  # the checkpoint loader reports the missing checkpoint with its own message
+        parts = read_json(path).get("scratch_parts") or []
+        if not isinstance(parts, list):
+            raise MedvlmError(f"{path}: scratch_parts must be a list of part names, got {parts!r}")
+        return [str(p) for p in parts]
+    return []  # composed from local parts: taken as pretrained (set the tune_* keys for random ones)
+
+
+def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the stage- and model-dependent defaults left None (tower, LM, rate, batch, grouping, augmentation, sample
+    budget) in place, from :data:`SCRATCH` for random parts and LLaVA-Med's published values otherwise.
+
+    Epochs that depend on the data size are resolved by :func:`resolve_epochs` once the data is indexed.
+    """
+    scratch = scratch_parts_of(cfg) if cfg.stage in SCRATCH_STAGES else []
+    if cfg.num_train_epochs is not None and cfg.scratch_samples is not None:
+        raise MedvlmError(
+            f"num_train_epochs ({cfg.num_train_epochs}) and scratch_samples ({cfg.scratch_samples}) both set the "
+            "training length; give one of them"
+        )
+    # Only keys the stage reads are filled: a resolved value on a key another stage owns would be refused when the
+    # config is validated again (TrainConfig.validate: an accepted key must take effect).
+    train_random = SCRATCH.train_random_parts
+    if cfg.tune_vision_tower is None and cfg.stage != "dpo":
+        cfg.tune_vision_tower = train_random and "vision_tower" in scratch
+    if cfg.tune_language_model is None and cfg.stage == "align" and train_random and "language_model" in scratch:
+        cfg.tune_language_model = True
+    if cfg.stage in SCRATCH_STAGES:
+        if cfg.image_augment is None:
+            cfg.image_augment = SCRATCH.image_augment and "vision_tower" in scratch
+        if cfg.group_by_image is None:
+            cfg.group_by_image = SCRATCH.group_by_image and bool(scratch)
+        if cfg.scratch_samples is None and cfg.num_train_epochs is None and scratch:
+            cfg.scratch_samples = SCRATCH.align_samples if cfg.stage == "align" else SCRATCH.sft_samples
+    if cfg.per_device_train_batch_size is None:
+        cfg.per_device_train_batch_size = SCRATCH.batch_size if scratch else DEFAULT_BATCH
+    if cfg.learning_rate is None:
+        if cfg.stage == "align" and scratch:
+            cfg.learning_rate = SCRATCH.align_lr
+        elif cfg.stage == "sft" and "language_model" in scratch:
+            cfg.learning_rate = SCRATCH.sft_lr
+        else:
+            cfg.learning_rate = PUBLISHED_LR[cfg.stage]
+    if cfg.num_train_epochs is None and cfg.scratch_samples is None:
+        cfg.num_train_epochs = 1.0
+    return cfg
+
+
+def resolve_epochs(cfg: TrainConfig, records: int) -> TrainConfig:
+    """``num_train_epochs`` left None (a sample budget): ``ceil(scratch_samples / records)`` epochs.
+
+    The budget is then cleared (``scratch_samples`` None): the epochs are its resolved form, so the saved
+    ``train_config.yaml`` loads again without naming the training length twice.
+    """
+    if cfg.num_train_epochs is None:
+        if cfg.scratch_samples is None or cfg.scratch_samples < 1:
+            raise MedvlmError(f"scratch_samples must be >= 1, got {cfg.scratch_samples}")
+        cfg.num_train_epochs = float(max(1, math.ceil(cfg.scratch_samples / max(1, records))))
+        cfg.scratch_samples = None
+    return cfg
 
 
 @dataclass
@@ -60,7 +197,7 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
                 "tune_im_start_end: true, but the model does not use <im_start>/<im_end> (mm_use_im_start_end)"
             )
         rows = [model_config.im_start_token_id, model_config.im_end_token_id] if use_rows and not lm else []
-        return StagePlan(cfg.tune_vision_tower, True, lm, False, im_rows=rows)
+        return StagePlan(bool(cfg.tune_vision_tower), True, lm, False, im_rows=rows)
     lora = cfg.tune in ("lora", "qlora")
     lm = (True if cfg.tune_language_model is None else cfg.tune_language_model) and not lora
     if lora and cfg.tune_language_model is False:
@@ -70,7 +207,7 @@ def plan_stage(cfg: TrainConfig, model_config) -> StagePlan:
     vit = cfg.vit_lora_on()
     if not (projector or lm or lora or cfg.tune_vision_tower or vit):
         raise MedvlmError("nothing to train: projector, language model and vision tower are all frozen")
-    return StagePlan(cfg.tune_vision_tower, projector, lm, lora, vit_lora=vit)
+    return StagePlan(bool(cfg.tune_vision_tower), projector, lm, lora, vit_lora=vit)
 
 
 def vit_spec(cfg: TrainConfig) -> LoraSpec | None:

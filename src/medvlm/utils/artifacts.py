@@ -37,6 +37,12 @@ DELTA_FILE = "delta.json"
 """The base, target and semantics of a delta-weights folder."""
 DECODING_FILE = "decoding.json"
 """The decoding settings of an answer file, beside it (``eval vqa``: a resumed run must match them)."""
+EVAL_SCORES_FILE = "eval_scores.json"
+"""``medvlm train --eval-questions``: per-kind scores beside the image-blind baseline, in the run's output folder."""
+EVAL_ANSWERS_FILE = "eval_answers.jsonl"
+"""``medvlm train --eval-questions``: the trained model's answers to the eval file, in the run's output folder."""
+GROUPED_DIR = "grouped"
+"""``group_by_image``: the training files with each image's questions merged, in the run's output folder."""
 
 # -- Hugging Face's files, as medvlm checks and writes them ----------------------------------
 CONFIG_FILE = "config.json"

@@ -87,6 +87,10 @@ def group_by_image(
         members = list(groups[item])  # type: ignore[index]
         rng.shuffle(members)
         st.images += 1
+        if len(members) == 1:  # already a one-question conversation (also a caption with no question text)
+            out.append(members[0])
+            st.conversations += 1
+            continue
         size = max_questions or len(members)
         for start in range(0, len(members), size):
             out.append(_merge(members[start : start + size]))

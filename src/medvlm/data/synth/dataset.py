@@ -393,14 +393,19 @@ def _majority(answers: list[str]) -> str:
     return min(counts, key=lambda a: (-counts[a], a))  # ties broken alphabetically, for determinism
 
 
-def blind_baseline(train_path: str | os.PathLike, test_path: str | os.PathLike) -> dict[str, Any]:
-    """Score the image-blind predictor on ``test_path``: majority answer per question kind learned on ``train_path``.
+def blind_baseline(
+    train_path: str | os.PathLike | list[str | os.PathLike], test_path: str | os.PathLike
+) -> dict[str, Any]:
+    """Score the image-blind predictor on ``test_path``: majority answer per question kind learned on ``train_path``
+    (one converted-VQA file or a list of them).
 
     Kind = (``answer_type``, ``question_type``). Closed answers score with the substring rule, open ones
     with token recall. ``by_question`` also scores a stronger text-only prior: the majority answer per
     exact question text (falling back to the kind's majority for unseen questions).
     """
-    train, test = _read_vqa(train_path), _read_vqa(test_path)
+    paths = train_path if isinstance(train_path, list) else [train_path]
+    train = [row for p in paths for row in _read_vqa(p)]
+    test = _read_vqa(test_path)
     by_kind, by_text = defaultdict(list), defaultdict(list)
     for atype, kind, q, a in train:
         by_kind[(atype, kind)].append(a)
