@@ -164,7 +164,7 @@ def test_chat_turns_reuse_the_conversation(shared_dir: Path) -> None:
         assert session.ask(q) == expected
         reused = engine.prefix_cache.info()["hit_tokens"] - before
         if turn:  # the earlier turns (image included) came from the cache: only the new tokens were computed
-            assert reused >= prompt_len - 24, (reused, prompt_len)
+            assert reused >= prompt_len - 32, (reused, prompt_len)
 
 
 def _entry(n: int, heads: int = 2) -> list:

@@ -97,7 +97,7 @@ def test_a_request_joining_a_running_batch_gets_its_answer_alone_and_a_cancelled
 
 def test_health_reports_the_prefix_cache_and_repeated_images_hit_it() -> None:
     model, processor = build_preset("tiny", projector="mlp2x_gelu", seed=7)
-    budget = 200_000
+    budget = 600_000  # room for both prompts (64 image tokens each in the tiny preset)
     engine = InferenceEngine(model, processor, prefix_cache_bytes=budget)
     config = ApiConfig(model_name="tiny-med", batcher=BatcherConfig(max_batch=4, max_wait_ms=0))
     image = data_url(image_bytes("PNG"))

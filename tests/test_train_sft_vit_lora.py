@@ -168,7 +168,8 @@ def test_native_sft_vit_lora_trains_lm_lora_tower_lora_and_projector_only(demo, 
     model, processor = load_pretrained(out)
     tower = _changed(before, model, "vision_tower.")
     moved = {n for n, v in tower.items() if v}
-    assert moved and all(".encoder.layers.0." in n and n.endswith(".weight") for n in moved), moved
+    # the tiny tower feeds its last layer (feature layer -1): LoRA merges move encoder-layer weights only
+    assert moved and all(".encoder.layers." in n and n.endswith(".weight") for n in moved), moved
     assert all(_changed(before, model, "projector.").values())
     cache = result.cache_stats or {}
     assert not cache.get("hits") and not cache.get("misses")  # the tower trains: no frozen-feature cache
@@ -199,7 +200,7 @@ def test_native_sft_vit_lora_alone_trains_the_whole_lm_and_the_tower_lora(demo, 
     lm = _changed(before, model, "language_model.")
     assert lm["language_model.model.layers.0.self_attn.q_proj.weight"] and sum(lm.values()) >= 0.9 * len(lm)
     moved = {n for n, v in _changed(before, model, "vision_tower.").items() if v}
-    assert moved and all(".encoder.layers.0." in n for n in moved)
+    assert moved and all(".encoder.layers." in n for n in moved)  # feature layer -1: both tower layers learn
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -48,6 +48,7 @@ SAMPLES = {
     "report_to": [],
     "training_args": {"eval_steps": 7},
     "family": "qwen2_5_vl",
+    "eval_data_path": "test.json",
 }
 
 
@@ -170,7 +171,7 @@ def test_template_switches_the_model_and_is_recorded(tmp_path, shared_dir):
             "save_strategy": "no",
             "report_to": [],
             "disable_tqdm": True,
-            "max_length": 256,
+            "max_length": 512,  # the tiny preset's 64 image tokens + v1_sq's system prompt and two turns
             "resume_from_checkpoint": None,
         },
     )
