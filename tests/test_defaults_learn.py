@@ -95,7 +95,7 @@ def test_documented_cli_sequence_reads_the_image(tmp_path: Path) -> None:
     assert "image-blind" in out and "CLOSED/MODALITY" in out and "OPEN/MODALITY" in out
     ev = json.loads((m / "sft" / "eval_scores.json").read_text())
     saved = load_config(m / "sft" / TRAIN_CONFIG_FILE)  # the run's resolved config loads again as it is
-    assert (saved.scratch_samples, saved.group_by_image) == (None, SCRATCH.group_by_image)
+    assert (saved.scratch_samples, saved.group_by_image) == (None, SCRATCH.sft_group_by_image)
     assert saved.per_device_train_batch_size == SCRATCH.batch_size
     assert saved.num_train_epochs == -(-SAMPLES // (2 * N_TRAIN))
     # the balanced questions hold the printed blind baselines at exactly 50 (majority per kind and per question text)

@@ -182,8 +182,8 @@ def test_worker_templates_are_checked_up_front(tmp_path):
     with pytest.raises(MedvlmError, match="unknown chat template"):
         create_worker_app(engine, config("nope"))
     native = InferenceEngine(*build_preset("tiny"))
-    assert create_worker_app(native, config(None)).state.worker.get_status()["template"] == "vicuna_v1"
-    with pytest.raises(MedvlmError, match="its own template 'vicuna_v1' only"):
+    assert create_worker_app(native, config(None)).state.worker.get_status()["template"] == "mistral_instruct"
+    with pytest.raises(MedvlmError, match="its own template 'mistral_instruct' only"):
         create_worker_app(native, config("chatml"))
 
 

@@ -32,7 +32,7 @@ def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Pa
     got = (align.tune_vision_tower, align.tune_language_model, align.learning_rate, align.image_augment)
     assert got == (SCRATCH.train_random_parts, SCRATCH.train_random_parts, SCRATCH.align_lr, SCRATCH.image_augment)
     assert (align.group_by_image, align.scratch_samples, align.num_train_epochs) == (
-        SCRATCH.group_by_image,
+        SCRATCH.align_group_by_image,
         SCRATCH.align_samples,
         None,
     )
@@ -42,6 +42,8 @@ def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Pa
     sft = resolve_stage_defaults(_cfg(tmp_path))
     assert (sft.tune_vision_tower, sft.learning_rate, sft.num_train_epochs) == (True, SCRATCH.sft_lr, None)
     assert (sft.scratch_samples, sft.per_device_train_batch_size) == (SCRATCH.sft_samples, SCRATCH.batch_size)
+    # align merges an image's questions (dense supervision for the random tower), sft asks one at a time
+    assert (align.group_by_image, sft.group_by_image) == (True, False)
     resolved = resolve_epochs(sft, 400)
     assert (resolved.num_train_epochs, resolved.scratch_samples) == (float(-(-SCRATCH.sft_samples // 400)), None)
     # the recipe differs from the published one where it says so

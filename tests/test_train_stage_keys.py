@@ -135,7 +135,7 @@ def test_template_switches_the_model_and_is_recorded(tmp_path, shared_dir):
     from medvlm.model.build import build_preset, load_pretrained, save_checkpoint
     from medvlm.train.run import run_training
 
-    model, processor = build_preset("tiny", projector="mlp2x_gelu", seed=2)
+    model, processor = build_preset("tiny", projector="mlp2x_gelu", seed=2, template="vicuna_v1")
     assert model.config.template == "vicuna_v1"
     src = save_checkpoint(model, processor, tmp_path / "start")
     data = tmp_path / "sq.json"

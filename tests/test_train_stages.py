@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medvlm.errors import MedvlmError
-from medvlm.model.build import build_preset, load_pretrained
+from medvlm.model.build import PRESET_TEMPLATES, build_preset, load_pretrained
 from medvlm.train.run import run_training
 from train_helpers import changed, make_demo, small_config, state
 
@@ -38,7 +38,7 @@ def test_align_trains_only_the_projector(demo, tmp_path):
     assert "stage: align" in (out / "train_config.yaml").read_text()
     manifest = json.loads((out / "data_manifest.json").read_text())
     assert manifest["files"][0]["sha256"] and manifest["samples"] == manifest["files"][0]["drawn"] > 0
-    assert processor.template == model.config.template == "vicuna_v1"
+    assert processor.template == model.config.template == PRESET_TEMPLATES["tiny"] == "mistral_instruct"
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert len((out / "train_log.jsonl").read_text().splitlines()) >= 3
 

@@ -46,7 +46,11 @@ from medvlm.utils.artifacts import CONFIG_FILE, IMAGE_PROCESSOR_FILE, MODEL_CARD
 from medvlm.utils.io import atomic_dir, read_json, write_json_atomic, write_named_files, write_text_atomic
 
 PRESETS: tuple[str, ...] = ("tiny", "small", "smol")
-PRESET_TEMPLATES: dict[str, str] = {"tiny": "vicuna_v1", "small": "vicuna_v1", "smol": "chatml"}
+PRESET_TEMPLATES: dict[str, str] = {"tiny": "mistral_instruct", "small": "mistral_instruct", "smol": "chatml"}
+"""Chat template per preset. The from-scratch presets use ``mistral_instruct`` (LLaVA-Med v1.5's), which has no system
+prompt: with ``vicuna_v1`` each sample carried its ~35-token system prompt, a random LM had to learn to look past it,
+and the same one-stage probe on ``benchmarks/synth2.py`` scored 86.7 / 87.3 instead of 100 / 98.3 at twice the CPU
+(benchmarks/README.md, "How these defaults were chosen"). ``smol``'s pretrained SmolLM2 keeps its own ChatML."""
 PRESET_IMAGE_SIZES: dict[str, int] = {"tiny": 64, "small": 64, "smol": 224}
 PRESET_PATCH: dict[str, int] = {"tiny": 8, "small": 8, "smol": 16}
 """Tower patch size: 8 px for the from-scratch presets (64 image tokens at 64 px; with 16 px patches - 16 tokens -
@@ -209,7 +213,7 @@ def build_preset(
 
     ``tiny`` (~1M): random CLIP tower (hidden 64, 2 layers, patch 8, 64 px by default; position embeddings start as
     fixed 2-D sin-cos codes, :func:`init_sincos_positions`) + random Llama (hidden 128, 3 layers, init std 0.1) + the
-    tiny tokenizer; template ``vicuna_v1``. ``small`` (~23M): the same at tower width
+    tiny tokenizer; template ``mistral_instruct`` (:data:`PRESET_TEMPLATES`). ``small`` (~23M): the same at tower width
     256 x 6 layers and LM width 512 x 6 layers. ``smol``: random CLIP tower (hidden 256, 4 layers, patch 16, 224 px
     by default) + pretrained SmolLM2-135M-Instruct; template ``chatml``. ``feature_layer`` None = the preset's
     (:data:`PRESET_FEATURE_LAYER`).

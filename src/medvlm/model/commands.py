@@ -50,7 +50,7 @@ def init_cmd(
         str | None,
         typer.Option(
             "--template",
-            help="Chat template (default: vicuna_v1 for tiny, small and "
+            help="Chat template (default: mistral_instruct for tiny and small, vicuna_v1 for "
             "tiny-llava, chatml for smol; other families use their own).",
         ),
     ] = None,

@@ -93,7 +93,8 @@ class TrainConfig:
     """Stages ``align``/``sft``: merge the single-question samples of each image into one multi-turn conversation
     before training (:mod:`medvlm.data.benchmarks.group`, LLaVA-1.5's format for VQA data; the merged file is written
     to ``output_dir/grouped/``). Every answer is still learned, but the image is encoded once for all its questions.
-    Default: :attr:`medvlm.train.stages.ScratchRecipe.group_by_image` when parts train from scratch
+    Default: ``ScratchRecipe.align_group_by_image`` / ``sft_group_by_image`` (:mod:`medvlm.train.stages`; on in
+    ``align``, off in ``sft``) when parts train from scratch
     (``config.scratch_parts``), off otherwise: LLaVA-Med's published VQA fine-tunes train one question per sample.
     Captions and multi-turn conversations pass through unchanged. Needs ``data_format: auto`` (the merged file is
     LLaVA JSON)."""

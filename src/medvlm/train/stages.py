@@ -67,22 +67,29 @@ class ScratchRecipe:
     """``learning_rate`` of ``sft`` when the LM is random (LLaVA-Med: 2e-5 for a pretrained LM; a pretrained LM, as in
     the ``smol`` preset, keeps 2e-5)."""
     align_samples: int = 8000
-    """``scratch_samples`` of ``align``: training samples, i.e. ``num_train_epochs`` = ceil(samples / records)
-    (LLaVA-Med: 1 epoch of 558k captions in stage 1; a user's first dataset has hundreds of images, so it is seen
-    many times). 8000 + 24000 samples at batch 8 = the ~4000 steps measured on ``benchmarks/synth2.py``."""
+    """``scratch_samples`` of ``align``: training samples, i.e. ``num_train_epochs`` = ceil(samples / records), a record
+    being one image's merged conversation under :attr:`align_group_by_image` (LLaVA-Med: 1 epoch of 558k captions in
+    stage 1; a user's first dataset has hundreds of images, so it is seen many times). 8000 + 24000 samples at batch
+    8 = ~4000 steps, ~5 minutes on one CPU thread for 400 images (``benchmarks/bench_defaults.py``)."""
     sft_samples: int = 24000
     """``scratch_samples`` of ``sft`` (LLaVA-Med: 3 epochs of 60k instructions in stage 2)."""
     batch_size: int = 8
     """``per_device_train_batch_size`` of ``align``/``sft`` with random parts (otherwise :data:`DEFAULT_BATCH`;
     LLaVA-Med: 32 per device x 8 GPUs in stage 1, 16 x 8 in stage 2)."""
-    group_by_image: bool = False
-    """``group_by_image``: off, as in LLaVA-Med's published VQA fine-tunes (one question per sample). Measured on
-    ``benchmarks/synth2.py`` (seed 0, 400 images, one-stage probes, benchmarks/README.md): one question per sample,
-    4000 steps of 8, reached 94.7 closed / 98.0 open; merged per image, the model fitted its training images (loss
-    0.001 after 2000 steps) with the lesion side near its image-blind figure (57 against 53), and the previous
-    defaults (merged) scored 74.3 / 59.3. Likely cause: in a merged conversation the later answers follow from the
-    earlier answers' text (a shortcut), while evaluation asks one question at a time. (``medvlm demo`` merges its
-    own stage-2 file, with extra balanced yes/no questions per image, and pins its value.)"""
+    align_group_by_image: bool = True
+    """``group_by_image`` of ``align``: on. Each image's questions are merged into one conversation, so one encoding
+    of the image is supervised by all its answers at once: the dense view a caption gives in LLaVA's stage 1, which
+    is where the demo's random tower learns to see (:mod:`medvlm.demo`). LLaVA-Med aligns on captions and fine-tunes
+    one question per sample. Measured with the documented CLI sequence on ``benchmarks/synth2.py`` (seed 0, 400
+    images): 99.3 closed / 92.7 open with it, 81.7 / 79.0 without (closed side 99 against 72.5); on ``medvlm data
+    synth`` 71.0 / 71.5 against 72.5 / 70.0 (benchmarks/README.md, "How these defaults were chosen")."""
+    sft_group_by_image: bool = False
+    """``group_by_image`` of ``sft``: off, as in LLaVA-Med's published VQA fine-tunes (one question per sample), and as
+    evaluation asks. Merged for the whole run, the model fitted its training images (loss 0.001 after 2000 steps) with
+    the lesion side near its image-blind figure (57 against 53; one-stage probes, ``benchmarks/synth2.py`` seed 0):
+    in a merged conversation the later answers can follow from the earlier answers' text, a shortcut that a
+    single-question stage after it removes. (``medvlm demo`` merges its own stage-2 file, with extra balanced yes/no
+    questions per image, and pins its value.)"""
     image_augment: bool = False
     """``image_augment`` (each read of a training image shifted and jittered slightly) stays off, as in LLaVA-Med.
     Measured on ``medvlm data synth`` (400 images, 4000 steps of 8, sin-cos positions, one question per sample):
@@ -140,7 +147,8 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
         if cfg.image_augment is None:
             cfg.image_augment = SCRATCH.image_augment and "vision_tower" in scratch
         if cfg.group_by_image is None:
-            cfg.group_by_image = SCRATCH.group_by_image and bool(scratch)
+            group = SCRATCH.align_group_by_image if cfg.stage == "align" else SCRATCH.sft_group_by_image
+            cfg.group_by_image = group and bool(scratch)
         if cfg.scratch_samples is None and cfg.num_train_epochs is None and scratch:
             cfg.scratch_samples = SCRATCH.align_samples if cfg.stage == "align" else SCRATCH.sft_samples
     if cfg.per_device_train_batch_size is None:
