@@ -81,9 +81,9 @@ def start_server(model: Path, max_batch: int, port: int, threads: int) -> subpro
     raise RuntimeError("server did not start")
 
 
-def load_questions(paths: list[Path], image_folder: Path) -> list[tuple[str, str]]:
-    """(question, image data URL) pairs of converted VQA test files (JSON) or qa50-style files (JSONL), interleaved."""
-    urls: dict[str, str] = {}
+def question_files(paths: list[Path]) -> list[tuple[str, str]]:
+    """(question, image file name) pairs of converted VQA test files (JSON) or qa50-style files (JSONL), interleaved
+    across the files (one from each in turn), so that a client's consecutive requests mix both kinds."""
     sources = []
     for path in paths:
         text = path.read_text()
@@ -92,19 +92,29 @@ def load_questions(paths: list[Path], image_folder: Path) -> list[tuple[str, str
             if path.suffix == ".jsonl"
             else json.loads(text)
         )
-        pairs = []
-        for rec in records:
-            q = (
-                (rec["conversations"][0]["value"] if "conversations" in rec else rec["text"])
-                .replace("<image>", "")
-                .strip()
-            )
-            img = rec["image"]
-            if img not in urls:
-                urls[img] = "data:image/png;base64," + base64.b64encode((image_folder / img).read_bytes()).decode()
-            pairs.append((q, urls[img]))
-        sources.append(pairs)
+        sources.append(
+            [
+                (
+                    (r["conversations"][0]["value"] if "conversations" in r else r["text"])
+                    .replace("<image>", "")
+                    .strip(),
+                    r["image"],
+                )
+                for r in records
+            ]
+        )
     return [p for group in zip(*sources) for p in group]
+
+
+def load_questions(paths: list[Path], image_folder: Path) -> list[tuple[str, str]]:
+    """(question, image data URL) pairs of :func:`question_files`, each image encoded once."""
+    urls: dict[str, str] = {}
+    pairs = []
+    for q, img in question_files(paths):
+        if img not in urls:
+            urls[img] = "data:image/png;base64," + base64.b64encode((image_folder / img).read_bytes()).decode()
+        pairs.append((q, urls[img]))
+    return pairs
 
 
 def run_clients(port: int, clients: int, per_client: int, max_tokens, questions, offset: int):

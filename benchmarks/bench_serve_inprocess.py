@@ -20,34 +20,11 @@ without these counters, e.g. an older checkout on ``PYTHONPATH``, gets requests/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-
-def load_questions(paths: list[Path]) -> list[tuple[str, str]]:
-    """(question, image file) pairs, interleaved across files exactly as ``bench_serve.load_questions`` does."""
-    sources = []
-    for path in paths:
-        text = path.read_text()
-        records = (
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
-            else json.loads(text)
-        )
-        sources.append(
-            [
-                (
-                    (r["conversations"][0]["value"] if "conversations" in r else r["text"])
-                    .replace("<image>", "")
-                    .strip(),
-                    r["image"],
-                )
-                for r in records
-            ]
-        )
-    return [p for group in zip(*sources) for p in group]
+from bench_serve import question_files  # the same questions, in the same order, as the HTTP benchmark
 
 
 def run(engine, max_batch: int, prompts: list[list], max_tokens: int) -> dict:
@@ -106,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, proc = load_for_inference(str(args.model))
     model.eval()
-    questions = load_questions(args.questions)
+    questions = question_files(args.questions)
     images: dict[str, Image.Image] = {}
 
     def prompt(engine, n: int):
