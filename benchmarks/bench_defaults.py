@@ -204,12 +204,15 @@ def one_run(
         "load_average": os.getloadavg()[0],
         "kinds": rows,
     }
-    res["meets"] = (
+    # Accuracy and time apart: the time target is for 2 cores, and a run at one thread beside another (as the
+    # two generators are usually run) says nothing about it.
+    res["meets_accuracy"] = (
         res["closed"] >= TARGETS["closed"]
         and res["open"] >= TARGETS["open"]
-        and res["train_seconds"] <= TARGETS["train_seconds"]
         and all(r["score"] - r["blind"] >= TARGETS["kind_margin"] for r in rows.values())
     )
+    res["meets_time"] = res["train_seconds"] <= TARGETS["train_seconds"]
+    res["meets"] = res["meets_accuracy"] and res["meets_time"]
     (root / "result.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     return res
 
@@ -218,15 +221,16 @@ def report(results: list[dict]) -> None:
     """Print one line per run, then every kind beside its blind baseline."""
     print(
         "\n| generator | seed | closed | open | blind closed / open | train wall s (align + sft) | train CPU s "
-        "| steps (align, sft) | targets met |"
+        "| steps (align, sft) | threads | accuracy targets met | time target met |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['generator']} | {r['seed']} | {r['closed']:.1f} | {r['open']:.1f} | "
             f"{r['blind_closed']:.1f} / {r['blind_open']:.1f} | {r['train_seconds']:.0f} "
             f"({r['align_seconds']:.0f} + {r['sft_seconds']:.0f}) | {r['train_cpu_seconds']:.0f} | "
-            f"{', '.join(map(str, r['steps']))} | {'yes' if r['meets'] else 'no'} |"
+            f"{', '.join(map(str, r['steps']))} | {r['threads']} | {'yes' if r['meets_accuracy'] else 'no'} | "
+            f"{'yes' if r['meets_time'] else 'no'} |"
         )
     for g in sorted({r["generator"] for r in results}):
         runs = [r for r in results if r["generator"] == g]

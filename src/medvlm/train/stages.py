@@ -48,12 +48,12 @@ class ScratchRecipe:
     """The defaults of stages ``align``/``sft`` when parts of the starting model are random (``config.scratch_parts``:
     the ``tiny``/``small`` presets' tower and LM, the ``smol`` preset's tower).
 
-    The one place these values live (:data:`SCRATCH`). Every field is a deviation from LLaVA-Med's published recipe,
-    whose tower (CLIP ViT-L/14) and LM (Vicuna / Mistral) come pretrained; ``configs/llava_med/`` keeps the published
-    values, and a checkpoint without ``scratch_parts`` gets them. Each is overridden by the :class:`TrainConfig` key
-    named in its docstring. The schedule is LLaVA-Med's own (cosine, 3 % warmup: ``lr_scheduler_type``,
-    ``warmup_ratio``); the tower's shape, its sin-cos positions and the LM's initial scale are the preset's
-    (:data:`medvlm.model.build.PRESET_SIZES`).
+    The one place these values live (:data:`SCRATCH`). Every field says where it deviates from LLaVA-Med's published
+    recipe, whose tower (CLIP ViT-L/14) and LM (Vicuna / Mistral) come pretrained; ``configs/llava_med/`` keeps the
+    published values, and a checkpoint without ``scratch_parts`` gets them. Each is overridden by the
+    :class:`TrainConfig` key named in its docstring. The schedule is LLaVA-Med's own (cosine, 3 % warmup:
+    ``lr_scheduler_type``, ``warmup_ratio``); the tower's shape, its sin-cos positions and the LM's initial scale are
+    the preset's (:data:`medvlm.model.build.PRESET_SIZES`).
     """
 
     train_random_parts: bool = True
@@ -70,7 +70,8 @@ class ScratchRecipe:
     """``scratch_samples`` of ``align``: training samples, i.e. ``num_train_epochs`` = ceil(samples / records), a record
     being one image's merged conversation under :attr:`align_group_by_image` (LLaVA-Med: 1 epoch of 558k captions in
     stage 1; a user's first dataset has hundreds of images, so it is seen many times). 8000 + 24000 samples at batch
-    8 = ~4000 steps, ~5 minutes on one CPU thread for 400 images (``benchmarks/bench_defaults.py``)."""
+    8 = 4000 steps for 400 images: under 5 minutes on 2 CPU cores, 5-7 on one thread
+    (``benchmarks/bench_defaults.py``)."""
     sft_samples: int = 24000
     """``scratch_samples`` of ``sft`` (LLaVA-Med: 3 epochs of 60k instructions in stage 2)."""
     batch_size: int = 8
@@ -82,7 +83,7 @@ class ScratchRecipe:
     is where the demo's random tower learns to see (:mod:`medvlm.demo`). LLaVA-Med aligns on captions and fine-tunes
     one question per sample. Measured with the documented CLI sequence on ``benchmarks/synth2.py`` (seed 0, 400
     images): 99.3 closed / 92.7 open with it, 81.7 / 79.0 without (closed side 99 against 72.5); on ``medvlm data
-    synth`` 71.0 / 71.5 against 72.5 / 70.0 (benchmarks/README.md, "How these defaults were chosen")."""
+    synth`` 71.0 / 71.5 against 72.5 / 70.0 (benchmarks/README.md, "What moved the figures")."""
     sft_group_by_image: bool = False
     """``group_by_image`` of ``sft``: off, as in LLaVA-Med's published VQA fine-tunes (one question per sample), and as
     evaluation asks. Merged for the whole run, the model fitted its training images (loss 0.001 after 2000 steps) with
