@@ -44,6 +44,8 @@ def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Pa
     assert (sft.scratch_samples, sft.per_device_train_batch_size) == (SCRATCH.sft_samples, SCRATCH.batch_size)
     # align merges an image's questions (dense supervision for the random tower), sft asks one at a time
     assert (align.group_by_image, sft.group_by_image) == (True, False)
+    # merging writes LLaVA JSON: with another data_format given, the default stays off instead of failing the run
+    assert resolve_stage_defaults(_cfg(tmp_path, stage="align", data_format="llava")).group_by_image is False
     resolved = resolve_epochs(sft, 400)
     assert (resolved.num_train_epochs, resolved.scratch_samples) == (float(-(-SCRATCH.sft_samples // 400)), None)
     # the recipe differs from the published one where it says so

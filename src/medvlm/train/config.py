@@ -94,8 +94,8 @@ class TrainConfig:
     before training (:mod:`medvlm.data.benchmarks.group`, LLaVA-1.5's format for VQA data; the merged file is written
     to ``output_dir/grouped/``). Every answer is still learned, but the image is encoded once for all its questions.
     Default: ``ScratchRecipe.align_group_by_image`` / ``sft_group_by_image`` (:mod:`medvlm.train.stages`; on in
-    ``align``, off in ``sft``) when parts train from scratch
-    (``config.scratch_parts``), off otherwise: LLaVA-Med's published VQA fine-tunes train one question per sample.
+    ``align``, off in ``sft``) when parts train from scratch (``config.scratch_parts``) and ``data_format`` is
+    ``auto``, off otherwise: LLaVA-Med's published VQA fine-tunes train one question per sample.
     Captions and multi-turn conversations pass through unchanged. Needs ``data_format: auto`` (the merged file is
     LLaVA JSON)."""
     eval_data_path: str | None = None

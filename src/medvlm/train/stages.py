@@ -149,7 +149,9 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
             cfg.image_augment = SCRATCH.image_augment and "vision_tower" in scratch
         if cfg.group_by_image is None:
             group = SCRATCH.align_group_by_image if cfg.stage == "align" else SCRATCH.sft_group_by_image
-            cfg.group_by_image = group and bool(scratch)
+            # Merging writes LLaVA JSON: a default must not turn an explicit data_format into an error (set
+            # group_by_image: true to be told why it cannot apply).
+            cfg.group_by_image = group and bool(scratch) and cfg.data_format == "auto"
         if cfg.scratch_samples is None and cfg.num_train_epochs is None and scratch:
             cfg.scratch_samples = SCRATCH.align_samples if cfg.stage == "align" else SCRATCH.sft_samples
     if cfg.per_device_train_batch_size is None:
