@@ -296,8 +296,8 @@ class ContinuousBatcher:
 
     def _add_to_kv(self, layers: Layers, mask: torch.Tensor, room: int) -> None:
         if self.kv is None:
-            self.kv = KVBuffer(layers, room=room, mask=mask, rows=min(self.max_batch, 2 * int(mask.shape[0])))
-            self.kv.max_rows = self.max_batch
+            rows = min(self.max_batch, 2 * int(mask.shape[0]))
+            self.kv = KVBuffer(layers, room=room, mask=mask, rows=rows, max_rows=self.max_batch)
         else:
             self.kv.add_rows(layers, mask)
 

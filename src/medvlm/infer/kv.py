@@ -296,11 +296,18 @@ class KVBuffer:
     columns ``0 .. length - 1`` (every row ends at the last filled column). A decoding step writes its columns
     in place; a joining row is written into the next free slot, right-aligned (:meth:`add_rows`); a leaving
     row's slot is refilled by moving the last live row into it (:meth:`remove_rows`, one row copied, not the
-    whole cache); columns no live row uses are dropped only when the buffer is full (:meth:`reserve`). So the
-    past is copied only when the capacity must grow, never at every step or every join/leave.
+    whole cache); columns no live row uses are dropped when the buffer is full (:meth:`reserve`) or when the
+    owner asks (:meth:`compact` with a slack). So the past is never copied at every step or every join/leave.
     """
 
-    def __init__(self, layers: Layers, room: int = 64, mask: torch.Tensor | None = None, rows: int | None = None):
+    def __init__(
+        self,
+        layers: Layers,
+        room: int = 64,
+        mask: torch.Tensor | None = None,
+        rows: int | None = None,
+        max_rows: int | None = None,
+    ):
         n = layers_len(layers)
         b = int(layers[0][0].shape[0])
         self.rows = b
@@ -308,7 +315,7 @@ class KVBuffer:
         self.length = n
         """Filled columns."""
         cap_rows = max(rows or b, b)
-        self.max_rows: int | None = None
+        self.max_rows = max_rows
         """Row slots are never grown past this many (None: no bound); :meth:`add_rows` doubles up to it."""
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
