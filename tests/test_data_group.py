@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from medvlm.data.benchmarks.group import GroupStats, group_by_image, group_file
+from medvlm.data.benchmarks.group import GroupStats, group_by_image, group_file, is_yes_no
 from medvlm.data.readers import read_samples
 from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.errors import MedvlmError
@@ -74,6 +74,21 @@ def test_order_is_seeded_and_chunks_respect_max_questions():
         group_by_image(samples, max_questions=0)
 
 
+def test_yes_no_last_puts_the_yes_no_questions_after_the_others_in_their_shuffled_order():
+    answers = ["yes", "left", "No.", "two", " YES ", "ct", "no"]
+    samples = [vqa(str(i), "a.png", f"q{i}", a) for i, a in enumerate(answers)]
+    assert [is_yes_no(s) for s in samples] == [True, False, True, False, True, False, True]
+    for seed in range(6):
+        shuffled = group_by_image(samples, seed=seed)[0].meta["merged_ids"]
+        ordered = group_by_image(samples, seed=seed, yes_no_last=True)[0].meta["merged_ids"]
+        yes_no = {"0", "2", "4", "6"}
+        # the same shuffle, then a stable split: open answers first, each part in its shuffled order
+        assert ordered == [i for i in shuffled if i not in yes_no] + [i for i in shuffled if i in yes_no]
+    # without it, some seed puts a yes/no question before an open one (so the ordering above is not the shuffle's)
+    firsts = {group_by_image(samples, seed=seed)[0].meta["merged_ids"][0] for seed in range(6)}
+    assert firsts & {"0", "2", "4", "6"}
+
+
 def test_system_prompts_are_kept_once_and_conflicts_are_refused():
     same = [vqa("1", "a.png", "q1", "a1", system="Be brief."), vqa("2", "a.png", "q2", "a2", system="Be brief.")]
     merged = group_by_image(same)[0]
@@ -129,6 +144,16 @@ def test_group_file_and_cli_write_llava_json_atomically(tmp_path, capsys):
     assert [s.images for s in back] == [["img0.png"], ["img1.png"]]
     assert sorted(p for s in back for p in qa_pairs(s)) == [(f"q{i}", f"a{i}") for i in range(4)]
     assert json.loads((tmp_path / "grouped.json").read_text())[0]["conversations"][0]["value"].startswith("<image>\n")
+    # --yes-no-last (the default, as in training) / --shuffled
+    recs[0]["conversations"][1]["value"] = "yes"
+    src.write_text(json.dumps(recs))
+    pairs = {}
+    for flag in ("--yes-no-last", "--shuffled"):
+        with pytest.raises(SystemExit):
+            main(["data", "group", "--in", str(src), "--out", str(tmp_path / f"{flag}.json"), "--seed", "0", flag])
+        pairs[flag] = qa_pairs(next(iter(read_samples(tmp_path / f"{flag}.json"))))
+    assert pairs["--yes-no-last"] == [("q2", "a2"), ("q0", "yes")]
+    assert pairs["--shuffled"] == [("q0", "yes"), ("q2", "a2")]
     with pytest.raises(MedvlmError, match="must not overwrite the input"):
         group_file(src, src)
     assert json.loads(src.read_text()) == recs

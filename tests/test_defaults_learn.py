@@ -114,8 +114,9 @@ def test_documented_cli_sequence_reads_the_image(tmp_path: Path) -> None:
     assert abs(closed - ev["closed_accuracy"]) < 1e-9  # train's own evaluation = the documented eval commands
     assert abs(open_recall - ev["open_recall"]) < 1e-9
     # Measured (seed 0, 1 thread, the defaults of ScratchRecipe and the tiny preset: template mistral_instruct, align
-    # merged per image, sft one question per sample, no augmentation, batch 8, sin-cos tower positions): closed 98.0
-    # (150 questions), open 100 (image-blind 50 / 28); the whole test 57 s wall, 38 CPU s. (Before, with vicuna_v1
+    # merged per image with its yes/no questions last, sft one question per sample, no augmentation, batch 8, sin-cos
+    # tower positions): closed 98.0 (150 questions), open 100 (image-blind 50 / 28); the whole test 37 s wall, 37 CPU
+    # s (the same figures with the questions in random order in align). (Before, with vicuna_v1
     # and one question per sample in both stages: 90.7 / 100 in 63 CPU s; with augmentation: 88.0 / 100.) An
     # image-blind model guessing at random reaches 75 % of 150 with probability ~3e-10 (z = 6.2); one answering by
     # the wording gets exactly 50.

@@ -44,6 +44,10 @@ def test_scratch_presets_take_every_default_from_the_scratch_recipe(tmp_path: Pa
     assert (sft.scratch_samples, sft.per_device_train_batch_size) == (SCRATCH.sft_samples, SCRATCH.batch_size)
     # align merges an image's questions (dense supervision for the random tower), sft asks one at a time
     assert (align.group_by_image, sft.group_by_image) == (True, False)
+    # merged conversations put the yes/no questions last; a run that does not merge has nothing to order
+    assert (align.group_yes_no_last, sft.group_yes_no_last) == (SCRATCH.group_yes_no_last, None) == (True, None)
+    with pytest.raises(MedvlmError, match="group_yes_no_last: false orders merged conversations, but group_by_image"):
+        _cfg(tmp_path, group_yes_no_last=False)
     # merging writes LLaVA JSON: with another data_format given, the default stays off instead of failing the run
     assert resolve_stage_defaults(_cfg(tmp_path, stage="align", data_format="llava")).group_by_image is False
     resolved = resolve_epochs(sft, 400)
@@ -135,6 +139,15 @@ def test_grouped_sources_merge_an_images_questions_once(tmp_path: Path) -> None:
     samples = list(read_samples(grouped.path))
     assert len(samples) == 2 and sorted(len(s.messages) for s in samples) == [6, 6]
     assert grouped_sources(_cfg(tmp_path, group_by_image=False))[0].path == str(src)
+    # the merged file holds each image's open answers before its yes/no answers (group_yes_no_last, on by default)
+    recs = json.loads(src.read_text())
+    for r in recs[::2]:
+        r["conversations"][1]["value"] = "no"
+    src.write_text(json.dumps(recs))
+    for last, want in ((True, True), (False, False)):
+        (grouped,) = grouped_sources(_cfg(tmp_path, group_by_image=True, group_yes_no_last=last, seed=0))
+        answers = [[m.text for m in s.messages if m.role == "assistant"] for s in read_samples(grouped.path)]
+        assert all(a == sorted(a, key=lambda t: t == "no") for a in answers) is want, answers
     assert grouped_sources(_cfg(tmp_path, stage="sq"))[0].path == str(src)
     # a file where no image has two questions (captions) is used as it is
     caps = tmp_path / "caps.json"

@@ -265,12 +265,20 @@ def group_cmd(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the question order within each image.")] = 0,
+    yes_no_last: Annotated[
+        bool,
+        typer.Option(
+            "--yes-no-last/--shuffled",
+            help="Questions answered yes/no after the others in each conversation (training's default when it "
+            "merges), or all in shuffled order.",
+        ),
+    ] = True,
     src: Annotated[Optional[str], typer.Argument(hidden=True, help="Deprecated spelling of --in.")] = None,
 ) -> None:
     """Merge each image's single-question samples into one conversation (LLaVA-1.5's VQA training format)."""
     from medvlm.data.benchmarks.group import group_file
 
-    st = group_file(inp, out, max_questions=max_questions, seed=seed)
+    st = group_file(inp, out, max_questions=max_questions, seed=seed, yes_no_last=yes_no_last)
     typer.echo(
         f"{st.samples_in} samples -> {st.conversations} conversations over {st.images} images "
         f"({st.merged} questions merged, {st.passed_through} samples kept as they were) -> {out}"

@@ -98,6 +98,11 @@ class TrainConfig:
     ``auto``, off otherwise: LLaVA-Med's published VQA fine-tunes train one question per sample.
     Captions and multi-turn conversations pass through unchanged. Needs ``data_format: auto`` (the merged file is
     LLaVA JSON)."""
+    group_yes_no_last: bool | None = None
+    """With ``group_by_image``: in each merged conversation, the questions answered "yes" / "no" come after the
+    others (:func:`medvlm.data.benchmarks.group.group_by_image`), so that every open answer is learned from the image
+    and only the yes/no ones can lean on an earlier answer's text. Default: on whenever questions are merged
+    (``ScratchRecipe.group_yes_no_last``); set without ``group_by_image`` it is refused (nothing would be ordered)."""
     eval_data_path: str | None = None
     """A converted-VQA file (``answer_type``, ``question_type``) answered and scored (``llava-med`` protocol) after
     a stage ``align``/``sft`` run by ``medvlm train``: each question kind's score is printed next to the image-blind
@@ -379,6 +384,7 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "group_by_modality_length": _ALL,
     "packing": _ALIGN_SFT,
     "group_by_image": _ALIGN_SFT,
+    "group_yes_no_last": _ALIGN_SFT,
     "eval_data_path": _ALIGN_SFT,
     "image_augment": _ALIGN_SFT,
     "scratch_samples": _ALIGN_SFT,

@@ -309,7 +309,9 @@ def grouped_sources(cfg: Any) -> list[DataSource]:
         if not path.is_file():
             raise MedvlmError(f"data_path {path}: file not found")
         stats = GroupStats()
-        grouped = group_by_image(list(read_samples(path)), seed=cfg.seed, stats=stats)
+        grouped = group_by_image(
+            list(read_samples(path)), seed=cfg.seed, stats=stats, yes_no_last=bool(cfg.group_yes_no_last)
+        )
         if stats.conversations == stats.merged:  # no image had two questions: nothing merged
             out.append(src)
             continue

@@ -8,6 +8,11 @@ conversation instead of once per question. Evaluation stays one question per rec
 
 Only samples of the form [system?] user(one image + question) -> assistant are merged; everything else
 (text-only, several images, multi-turn) passes through unchanged, so mixed files are safe.
+
+``yes_no_last`` orders each merged conversation so that the questions answered "yes" / "no" come after the others.
+In a merged conversation a later answer can follow from the text of an earlier one ("Which side?" "left", then "Is
+the right side affected?" "no"); with the open answers first, every open answer must come from the image, and the
+yes/no answers after them are the ones left to that shortcut.
 """
 
 from __future__ import annotations
@@ -51,14 +56,29 @@ def _single_question(s: Sample) -> bool:
     )
 
 
+YES_NO: frozenset[str] = frozenset({"yes", "no"})
+"""Answers (lower-cased, stripped of a final period) that make a question a yes/no one for ``yes_no_last``."""
+
+
+def is_yes_no(sample: Sample) -> bool:
+    """The sample's (last) answer is "yes" or "no", in any case, with or without a final period."""
+    return sample.messages[-1].text.strip().rstrip(".").strip().lower() in YES_NO
+
+
 def group_by_image(
-    samples: list[Sample], *, max_questions: int | None = None, seed: int = 0, stats: GroupStats | None = None
+    samples: list[Sample],
+    *,
+    max_questions: int | None = None,
+    seed: int = 0,
+    stats: GroupStats | None = None,
+    yes_no_last: bool = False,
 ) -> list[Sample]:
     """Merge the single-question samples of each image into conversations of at most ``max_questions`` turns.
 
-    Questions of an image are shuffled with ``seed`` (so the question that carries the image varies), then
-    cut into chunks of ``max_questions`` (None = all in one). The image goes first in the first user turn,
-    as LLaVA places it. Samples that are not single image questions are returned unchanged, in place of
+    Questions of an image are shuffled with ``seed`` (so the question that carries the image varies); with
+    ``yes_no_last`` the yes/no questions then move after the others (a stable sort: each part keeps its shuffled
+    order). They are cut into chunks of ``max_questions`` (None = all in one). The image goes first in the first
+    user turn, as LLaVA places it. Samples that are not single image questions are returned unchanged, in place of
     their first occurrence order. Merged ids are ``"<first id>+<n-1>"``; ``meta["merged_ids"]`` lists them.
     Raises when merged samples of one image carry different system prompts.
     """
@@ -86,6 +106,8 @@ def group_by_image(
             continue
         members = list(groups[item])  # type: ignore[index]
         rng.shuffle(members)
+        if yes_no_last:
+            members.sort(key=is_yes_no)
         st.images += 1
         if len(members) == 1:  # already a one-question conversation (also a caption with no question text)
             out.append(members[0])
@@ -121,9 +143,15 @@ def _merge(members: list[Sample]) -> Sample:
 
 
 def group_file(
-    src: str | os.PathLike, dest: str | os.PathLike, *, max_questions: int | None = None, seed: int = 0
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    max_questions: int | None = None,
+    seed: int = 0,
+    yes_no_last: bool = False,
 ) -> GroupStats:
-    """Read a sample file (any supported format), merge per image, write LLaVA JSON to ``dest`` atomically."""
+    """Read a sample file (any supported format), merge per image (:func:`group_by_image`), write LLaVA JSON to
+    ``dest`` atomically."""
     from medvlm.data.readers import read_samples, sample_to_llava
     from medvlm.utils.io import write_json_atomic
 
@@ -131,6 +159,8 @@ def group_file(
     if src.resolve() == dest.resolve():
         raise MedvlmError(f"{dest}: the output must not overwrite the input file")
     stats = GroupStats()
-    grouped = group_by_image(list(read_samples(src)), max_questions=max_questions, seed=seed, stats=stats)
+    grouped = group_by_image(
+        list(read_samples(src)), max_questions=max_questions, seed=seed, stats=stats, yes_no_last=yes_no_last
+    )
     write_json_atomic(dest, [sample_to_llava(s) for s in grouped], indent=None)
     return stats
