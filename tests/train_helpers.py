@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from medvlm.data.synth import generate_synth
-from medvlm.train.config import TrainConfig, load_config
+from medvlm.train.config import FIELD_STAGES, TrainConfig, load_config
 
 
 def make_demo(root: Path, n_images: int = 32) -> Path:
@@ -43,6 +43,8 @@ def small_config(demo: Path, out: Path, **over) -> TrainConfig:
         keys.update({"tune_vision_tower": False, "image_augment": False, "group_by_image": False})
         if over.get("stage") == "align":
             keys["tune_language_model"] = False
+    if over.get("stage") == "vision":  # its own loop: the Trainer's keys are refused there (FIELD_STAGES)
+        keys = {k: v for k, v in keys.items() if "vision" in FIELD_STAGES[k]}
     keys.update(over)
     return load_config(None, keys)
 

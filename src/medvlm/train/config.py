@@ -21,7 +21,7 @@ import yaml
 
 from medvlm.errors import MedvlmError
 
-STAGES: tuple[str, ...] = ("align", "sft", "sq", "dpo")
+STAGES: tuple[str, ...] = ("align", "sft", "sq", "dpo", "vision")
 TUNES: tuple[str, ...] = ("full", "lora", "qlora")
 FEATURE_CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 DISTRIBUTED_MODES: tuple[str, ...] = ("auto", "fsdp2_cpu", "deepspeed_cpu")
@@ -46,7 +46,9 @@ class TrainConfig:
     # --- what to train ------------------------------------------------------------------------
     stage: str = "sft"
     """``align`` (stage 1: projector only, tower and LM frozen), ``sft`` (stage 2 / VQA fine-tuning: projector + LM),
-    ``sq`` (STLLaVA-Med self-questioning tuning) or ``dpo`` (STLLaVA-Med DPO on preference pairs). A model whose
+    ``sq`` (STLLaVA-Med self-questioning tuning), ``dpo`` (STLLaVA-Med DPO on preference pairs) or ``vision`` (a random
+    vision tower learns from the training answers as classes, before ``align``: not in LLaVA-Med, whose tower comes
+    pretrained; :mod:`medvlm.train.recipes.vision`). A model whose
     ``config.scratch_parts`` lists parts that started random (the ``tiny`` / ``small`` presets) trains those parts in
     ``align`` and ``sft`` too (a deviation from LLaVA-Med, whose parts come pretrained; see
     :mod:`medvlm.train.stages`)."""
@@ -359,6 +361,7 @@ class TrainConfig:
 
 
 _ALL = STAGES
+_TRAINER = ("align", "sft", "sq", "dpo")  # the stages that run a transformers Trainer (or medvlm's loop like it)
 _ALIGN_SFT = ("align", "sft")
 _SELF_TRAINING = ("sq", "dpo")
 _LORA = ("sft", "sq", "dpo")
@@ -372,16 +375,16 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "projector_type": _ALL,
     "model_kwargs": _ALL,
     "pretrain_projector": _ALL,
-    "template": _ALL,
-    "family": _ALL,
+    "template": _TRAINER,
+    "family": _TRAINER,
     # data
     "data_path": _ALL,
-    "data_weights": _ALL,
+    "data_weights": _TRAINER,
     "data_format": _ALL,
     "image_folder": _ALL,
-    "max_length": _ALL,
+    "max_length": _TRAINER,
     "skip_missing_images": ("align", "sft", "sq"),
-    "group_by_modality_length": _ALL,
+    "group_by_modality_length": _TRAINER,
     "packing": _ALIGN_SFT,
     "group_by_image": _ALIGN_SFT,
     "group_yes_no_last": _ALIGN_SFT,
@@ -389,9 +392,9 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "image_augment": _ALIGN_SFT,
     "scratch_samples": _ALIGN_SFT,
     # which parameters learn
-    "tune": _ALL,
+    "tune": _TRAINER,
     "tune_vision_tower": ("align", "sft", "sq"),
-    "tune_projector": _ALL,
+    "tune_projector": _TRAINER,
     "tune_language_model": _ALIGN_SFT,
     "tune_im_start_end": ("align",),
     # LoRA on the LM (tune: lora/qlora): stage align trains the projector fully, so only sft and STLLaVA-Med's stages
@@ -406,8 +409,8 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "distributed": _ALIGN_SFT,
     "deepspeed_zero_stage": _ALIGN_SFT,
     "labelled_logits_only": _ALIGN_SFT,
-    "projector_lr": _ALL,
-    "global_batch_size": _ALL,
+    "projector_lr": _TRAINER,
+    "global_batch_size": _TRAINER,
     # STLLaVA-Med
     # ViT-LoRA: on by default in sq/dpo, optional in sft (TrainConfig.vit_lora); align trains the projector only
     "sq_r": ("sq",),
@@ -422,32 +425,33 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "dpo_rpo_alpha": ("dpo",),
     "ref_visual_path": ("dpo",),
     "ref_logps": ("dpo",),
-    # HF TrainingArguments: every stage runs a transformers Trainer (or medvlm's loop with the same meaning)
+    # HF TrainingArguments: the Trainer stages run a transformers Trainer (or medvlm's loop with the same meaning);
+    # stage vision's own loop reads the schedule, batch, clipping, seed and logging keys with the same meaning
     "output_dir": _ALL,
     "num_train_epochs": _ALL,
     "max_steps": _ALL,
     "learning_rate": _ALL,
     "weight_decay": _ALL,
     "per_device_train_batch_size": _ALL,
-    "gradient_accumulation_steps": _ALL,
+    "gradient_accumulation_steps": _TRAINER,
     "lr_scheduler_type": _ALL,
     "warmup_ratio": _ALL,
     "max_grad_norm": _ALL,
     "seed": _ALL,
     "logging_steps": _ALL,
-    "save_strategy": _ALL,
-    "save_steps": _ALL,
-    "save_total_limit": _ALL,
-    "resume_from_checkpoint": _ALL,
-    "report_to": _ALL,
-    "bf16": _ALL,
-    "fp16": _ALL,
-    "gradient_checkpointing": _ALL,
-    "dataloader_num_workers": _ALL,
-    "optim": _ALL,
-    "use_cpu": _ALL,
+    "save_strategy": _TRAINER,
+    "save_steps": _TRAINER,
+    "save_total_limit": _TRAINER,
+    "resume_from_checkpoint": _TRAINER,
+    "report_to": _TRAINER,
+    "bf16": _TRAINER,
+    "fp16": _TRAINER,
+    "gradient_checkpointing": _TRAINER,
+    "dataloader_num_workers": _TRAINER,
+    "optim": _TRAINER,
+    "use_cpu": _TRAINER,
     "disable_tqdm": _ALL,
-    "training_args": _ALL,
+    "training_args": _TRAINER,
 }
 """The stages that read each :class:`TrainConfig` field (every field is listed; a test checks it). A field set
 to anything but its default for a stage not listed is refused by :func:`check_stage_keys`: an accepted key

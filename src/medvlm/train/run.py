@@ -22,13 +22,15 @@ RECIPES: dict[tuple[str, str], str] = {
     ("sft", "auto"): "sft",
     ("sq", "auto"): "sq",
     ("dpo", "auto"): "dpo",
+    ("vision", "auto"): "vision",
     ("align", "fsdp2_cpu"): "fsdp2_cpu",
     ("sft", "fsdp2_cpu"): "fsdp2_cpu",
     ("align", "deepspeed_cpu"): "deepspeed_cpu",
     ("sft", "deepspeed_cpu"): "deepspeed_cpu",
 }
 """``(stage, distributed) -> recipe module`` in :mod:`medvlm.train.recipes`. ``auto`` = the HF Trainer (one
-process, or DDP / FSDP / DeepSpeed through ``accelerate launch`` on GPUs)."""
+process, or DDP / FSDP / DeepSpeed through ``accelerate launch`` on GPUs; stage ``vision`` runs its own one-process
+loop)."""
 
 
 def recipe_for(cfg: TrainConfig) -> str:
