@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from medvlm.cli import app
+from medvlm.data.benchmarks.group import answer_key
 from medvlm.data.synth import generate_synth
 from medvlm.errors import MedvlmError
 from medvlm.model.build import init_model
-from medvlm.train.answer_head import AnswerHead, answer_key, read_question_set
+from medvlm.train.answer_head import AnswerHead, read_question_set
 from medvlm.train.config import load_config
 from medvlm.train.recipes.vision import VISION_LOG_FILE
 from medvlm.train.run import run_training

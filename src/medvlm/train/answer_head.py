@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medvlm.data.benchmarks.group import answer_key
 from medvlm.data.readers import read_samples
 from medvlm.data.schema import Sample
 from medvlm.errors import MedvlmError
@@ -27,12 +28,6 @@ from medvlm.errors import MedvlmError
 MIN_SHARED_FRACTION = 0.5
 """At least this share of the questions must have an answer that another question also has: answers as classes
 need repeated answers (VQA-style files), which captions and long conversations do not have."""
-
-
-def answer_key(text: str) -> str:
-    """The class an answer text belongs to: stripped, lower case, without one final period ("Yes." = "yes")."""
-    key = text.strip().lower()
-    return key[:-1].rstrip() if key.endswith(".") else key
 
 
 @dataclass
@@ -46,7 +41,8 @@ class QuestionSet:
     answers: list[list[int]] = field(default_factory=list)
     """Per image: the class index of each question's answer."""
     classes: list[str] = field(default_factory=list)
-    """Answer classes (:func:`answer_key`), most frequent first."""
+    """Answer classes (:func:`medvlm.data.benchmarks.group.answer_key`, as the yes/no grouping compares answers), most
+    frequent first."""
     class_counts: list[int] = field(default_factory=list)
     """Questions per class, aligned with :attr:`classes`."""
     skipped: dict[str, int] = field(default_factory=dict)

@@ -60,9 +60,14 @@ YES_NO: frozenset[str] = frozenset({"yes", "no"})
 """Answers (lower-cased, stripped of a final period) that make a question a yes/no one for ``yes_no_last``."""
 
 
+def answer_key(text: str) -> str:
+    """A short answer as compared: stripped, lower case, without final periods ("Yes." = "yes")."""
+    return text.strip().rstrip(".").strip().lower()
+
+
 def is_yes_no(sample: Sample) -> bool:
     """The sample's (last) answer is "yes" or "no", in any case, with or without a final period."""
-    return sample.messages[-1].text.strip().rstrip(".").strip().lower() in YES_NO
+    return answer_key(sample.messages[-1].text) in YES_NO
 
 
 def group_by_image(

@@ -38,6 +38,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
     from medvlm.model.parts import set_trainable
     from medvlm.train.answer_head import AnswerHead, read_question_set
     from medvlm.train.data import file_sha256, resolve_image
+    from medvlm.train.optim import param_groups, to_torch_groups
     from medvlm.train.setup import finish_run, start_run
     from medvlm.train.stages import freeze_unused_tower_parts
 
@@ -45,9 +46,7 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         raise MedvlmError(f"stage vision trains medvlm's native tower; {family} checkpoints keep their own towers")
     if callbacks:
         raise MedvlmError("stage vision runs its own loop: TrainerCallbacks do not apply")
-    paths = [s.path for s in cfg.sources()]
-    if not paths:
-        raise MedvlmError("stage vision needs data_path (a VQA file whose answers repeat)")
+    paths = [s.path for s in cfg.sources()]  # validate() has refused a config without data_path
     start = start_run(cfg, None, world=1, resume=False)
     qs = read_question_set(paths, cfg.data_format)
     missing = [p for p in qs.images if not resolve_image(p, cfg.image_folder).is_file()]
@@ -67,11 +66,8 @@ def run(cfg: TrainConfig, family: str | None = None, callbacks: list | None = No
         for qs_ in qs.questions
     ]
     params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
-    groups = [  # weight decay never on biases and norms (1-D), as in the other stages
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    groups = param_groups(tower, cfg.weight_decay) + param_groups(head, cfg.weight_decay)  # never on biases / norms
+    optimizer = torch.optim.AdamW(to_torch_groups(groups), lr=cfg.learning_rate)
     batch = int(cfg.per_device_train_batch_size)
     per_epoch = math.ceil(len(qs.images) / batch)
     steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(per_epoch * float(cfg.num_train_epochs))
