@@ -105,6 +105,15 @@ class TrainConfig:
     others (:func:`medvlm.data.benchmarks.group.group_by_image`), so that every open answer is learned from the image
     and only the yes/no ones can lean on an earlier answer's text. Default: on whenever questions are merged
     (``ScratchRecipe.group_yes_no_last``); set without ``group_by_image`` it is refused (nothing would be ordered)."""
+    isolate_questions: bool | None = None
+    """With ``group_by_image``: each merged conversation becomes one row in which every question attends to the
+    image and to itself only, with the positions it would have alone (:mod:`medvlm.train.shared_image`). Each answer
+    is then trained exactly as its single-question sample (same logits, tested), and no answer can lean on another's
+    text, but the image goes through the tower, and its tokens through the LM, once for all its questions. The
+    sample budget and the batch then count images, not questions. Conversations ``group_by_image`` did not merge
+    (captions, real multi-turn dialogues) train as they are. Native models only; not with ``packing``.
+    Default: ``ScratchRecipe.isolate_questions`` whenever questions are merged; set without ``group_by_image`` it is
+    refused."""
     eval_data_path: str | None = None
     """A converted-VQA file (``answer_type``, ``question_type``) answered and scored (``llava-med`` protocol) after
     a stage ``align``/``sft`` run by ``medvlm train``: each question kind's score is printed next to the image-blind
@@ -343,6 +352,11 @@ class TrainConfig:
             raise MedvlmError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.packing and self.stage not in ("align", "sft"):
             raise MedvlmError(f"packing applies to stages align and sft, not {self.stage!r}")
+        if self.packing and self.isolate_questions:
+            raise MedvlmError(
+                "packing and isolate_questions both lay several questions into one row; set isolate_questions: false "
+                "to pack, or packing: false to share each image across its questions"
+            )
         if self.tune in ("lora", "qlora") and (self.lora_r < 1 or not self.lora_target_modules):
             raise MedvlmError("LoRA needs lora_r >= 1 and a non-empty lora_target_modules")
         check_stage_keys(self)
@@ -388,6 +402,7 @@ FIELD_STAGES: dict[str, tuple[str, ...]] = {
     "packing": _ALIGN_SFT,
     "group_by_image": _ALIGN_SFT,
     "group_yes_no_last": _ALIGN_SFT,
+    "isolate_questions": _ALIGN_SFT,
     "eval_data_path": _ALIGN_SFT,
     "image_augment": _ALIGN_SFT,
     "scratch_samples": _ALIGN_SFT,

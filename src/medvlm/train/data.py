@@ -30,6 +30,7 @@ from medvlm.errors import MedvlmError
 from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.train.config import DataSource
+from medvlm.train.shared_image import shared_prefix_row, split_questions
 
 
 @dataclass
@@ -102,6 +103,15 @@ def text_encode(
     return processor.encode_text(sample, max_length=max_length)
 
 
+def isolated_row(
+    singles: list[Sample], processor: MedVLMProcessor, max_length: int, where: str
+) -> dict[str, list[int]]:
+    """One image's single-question samples as one shared-image row (:func:`shared_prefix_row`); each question is
+    encoded as it would be alone, so ``max_length`` bounds each question, not the row."""
+    encoded = [text_encode(s, processor, max_length) for s in singles]
+    return shared_prefix_row(encoded, processor.image_token_id, where)
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Lazy random access to the kept records of a mixture; items are feature dicts for the collator.
 
@@ -130,6 +140,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.feature_cache = None  # set by the trainer when the frozen-tower cache is on
         # (shift, jitter) when image_augment is on (set by the recipe): every read draws a new shift / jitter
         self.augment: tuple[float, float] | None = None
+        self.isolate_questions = False
+        """Set by the recipe (``isolate_questions``): a merged record becomes one shared-image row."""
 
     def __len__(self) -> int:
         return len(self._file_of)
@@ -142,6 +154,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.sample(i)
+        if not self.isolate_questions:
+            return self._features(sample)
+        # one image, several questions: one row, each question attending to the image and itself (shared_image)
+        singles = split_questions(sample)
+        feats = self._features(singles[0])
+        if len(singles) > 1:
+            where = f"{self.files[self._file_of[i]].path} record {self._rec_of[i]}"
+            row = isolated_row(singles, self.processor, self.max_length, where)
+            feats.update({k: torch.tensor(v, dtype=torch.long) for k, v in row.items()})
+        else:
+            n = int(feats["input_ids"].shape[0])
+            feats.update(segment_ids=torch.zeros(n, dtype=torch.long), position_ids=torch.arange(n))
+        return feats
+
+    def _features(self, sample: Sample) -> dict[str, Any]:
         images = None
         cached = None
         keys: list[str] = []
@@ -203,8 +230,11 @@ def build_dataset(
     data_format: str = "auto",
     skip_missing_images: bool = False,
     seed: int = 42,
+    isolate_questions: bool = False,
 ) -> tuple[SupervisedDataset, DataManifest]:
-    """Index, check and mix the data files; raise a MedvlmError before any training on bad input."""
+    """Index, check and mix the data files; raise a MedvlmError before any training on bad input.
+
+    With ``isolate_questions`` each record's length is that of its shared-image row (:func:`isolated_row`)."""
     if image_folder is not None and not Path(image_folder).is_dir():
         raise MedvlmError(f"image_folder {image_folder}: folder not found")
     rng = random.Random(seed)
@@ -241,6 +271,10 @@ def build_dataset(
                     continue
             try:
                 enc = text_encode(sample, processor, max_length, image_folder)
+                singles = split_questions(sample) if isolate_questions else [sample]
+                if len(singles) > 1:
+                    row = isolated_row(singles, processor, max_length, where)  # type: ignore[arg-type]
+                    enc = Encoded(row["input_ids"], row["labels"], enc.num_images)
             except ImageTruncationError:
                 dropped["image_truncated"] += 1
                 continue
@@ -279,6 +313,7 @@ def build_dataset(
             )
         )
     dataset = SupervisedDataset(files, formats, items, lengths, processor, image_folder, max_length)
+    dataset.isolate_questions = isolate_questions
     manifest = DataManifest(reports, len(items), n_img, n_txt, max_length, processor.template, image_folder)
     return dataset, manifest
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medvlm.train.config import TrainConfig
+from medvlm.train.shared_image import model_mask
 from medvlm.utils.artifacts import DATA_MANIFEST_FILE, TRAIN_CONFIG_FILE, TRAIN_LOG_FILE
 
 
@@ -52,6 +53,7 @@ def forward_loss(
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
         return family_lm_loss(model(**inputs, use_cache=False), batch["labels"], n_items)
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
+    batch = {**batch, "attention_mask": model_mask(batch.get("attention_mask"), model)}
     out = model(
         **{k: batch[k] for k in keys if batch.get(k) is not None},
         use_cache=False,

@@ -223,6 +223,12 @@ def load_sft_data(cfg: TrainConfig, start: RunStart):
     from medvlm.train.data import build_dataset, grouped_sources
     from medvlm.train.stages import SCRATCH, SCRATCH_STAGES, resolve_epochs
 
+    if cfg.isolate_questions and start.family is not None:
+        raise MedvlmError(
+            f"isolate_questions: the {start.family} family's processor lays out its own image tokens and positions; "
+            "set isolate_questions: false"
+        )
+
     dataset, manifest = build_dataset(
         grouped_sources(cfg),
         start.train_proc,
@@ -231,6 +237,7 @@ def load_sft_data(cfg: TrainConfig, start: RunStart):
         data_format=cfg.data_format,
         skip_missing_images=cfg.skip_missing_images,
         seed=cfg.seed,
+        isolate_questions=bool(cfg.isolate_questions),
     )
     resolve_epochs(cfg, len(dataset))
     if cfg.image_augment and cfg.stage in SCRATCH_STAGES:

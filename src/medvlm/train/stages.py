@@ -111,6 +111,13 @@ class ScratchRecipe:
     """Largest shift of the image content under ``image_augment``, as a fraction of each side."""
     augment_jitter: float = 0.1
     """Largest relative change of brightness and of contrast under ``image_augment``."""
+    isolate_questions: bool = False
+    """``isolate_questions`` stays off: one question per sample in ``sft`` (LLaVA-Med's VQA fine-tune) and merged
+    conversations in ``align``. Measured with the documented CLI sequence, seed 0, 400 images (benchmarks/README.md,
+    17g): in ``align`` (same images per step, same cost) ``medvlm data synth`` 81.5 / 88.5 against 81.0 / 90.0 and
+    ``benchmarks/synth2.py`` 100 / 99.0 against 100 / 99.7, no change; in ``sft`` it trains the same questions 2.6x
+    faster, but a step then holds fewer images, and with the random tower training there ``medvlm data synth`` fell
+    to 74.0 / 82.5 at the same questions per step (2 images x 4) and 76.5 / 89.0 at twice the questions."""
     vision_epochs: float = 40.0
     """``num_train_epochs`` of stage ``vision``: the random tower learns the training answers as classes through a
     small classifier before ``align`` (:mod:`medvlm.train.recipes.vision`; LLaVA-Med has no such stage, its tower
@@ -188,6 +195,13 @@ def resolve_stage_defaults(cfg: TrainConfig) -> TrainConfig:
             raise MedvlmError(
                 f"group_yes_no_last: {str(cfg.group_yes_no_last).lower()} orders merged conversations, but "
                 "group_by_image is off in this run; set group_by_image: true or remove group_yes_no_last"
+            )
+        if cfg.isolate_questions is None:
+            cfg.isolate_questions = SCRATCH.isolate_questions if cfg.group_by_image else None
+        elif cfg.isolate_questions and not cfg.group_by_image:
+            raise MedvlmError(
+                "isolate_questions: true shares each image across its merged questions, but group_by_image is off "
+                "in this run; set group_by_image: true or remove isolate_questions"
             )
         if cfg.scratch_samples is None and cfg.num_train_epochs is None and scratch:
             cfg.scratch_samples = SCRATCH.align_samples if cfg.stage == "align" else SCRATCH.sft_samples

@@ -17,16 +17,19 @@ import torch
 from transformers import Trainer
 
 from medvlm.data.collate import VLMCollator
+from medvlm.errors import MedvlmError
 from medvlm.train.feature_cache import FeatureCache
 from medvlm.train.optim import param_groups, to_torch_groups
 from medvlm.train.packing import pack_features
 from medvlm.train.sampler import ModalityLengthGroupedSampler
+from medvlm.train.shared_image import collate_segments, model_mask
 
 
 class TrainCollator:
     """:class:`VLMCollator` plus the feature-cache fields (``cached_features``, ``image_is_cached``, ``image_keys``).
 
-    With ``pack_length`` set, the micro-batch is packed instead of padded (:mod:`medvlm.train.packing`).
+    With ``pack_length`` set, the micro-batch is packed instead of padded (:mod:`medvlm.train.packing`). Shared-image
+    rows (``segment_ids``, ``position_ids``: :mod:`medvlm.train.shared_image`) get their positions and 4-D mask.
     """
 
     def __init__(self, pad_token_id: int, pack_length: int | None = None):
@@ -39,8 +42,11 @@ class TrainCollator:
         flags: list[bool] = []
         keys: list[str] = []
         plain = []
+        segments = []
         for f in features:
             f = dict(f)
+            if "segment_ids" in f:
+                segments.append({"segment_ids": f.pop("segment_ids"), "position_ids": f.pop("position_ids")})
             vf = f.pop("vision_features", None)
             ks = f.pop("image_keys", None)
             if vf is not None:
@@ -51,6 +57,10 @@ class TrainCollator:
                 keys.extend(ks or [])
             plain.append(f)
         batch = pack_features(plain, self.pad_token_id, self.pack_length) if self.pack_length else self.base(plain)
+        if segments:
+            if len(segments) != len(plain) or self.pack_length:
+                raise MedvlmError("shared-image rows cannot be packed or mixed with plain samples in one batch")
+            batch = collate_segments(segments, batch)
         if cached:
             batch["cached_features"] = torch.cat(cached)  # [n_cached, L, D]
         if cached or keys:
@@ -120,6 +130,8 @@ class MedVLMTrainer(Trainer):
         if self.compute_loss_func is not None:
             # a family's loss function derives the shifted targets from the labels itself (train.family_loss)
             inputs.pop("shift_labels", None)
+        if "attention_mask" in inputs:  # shared-image rows carry a boolean 4-D mask (TrainCollator)
+            inputs["attention_mask"] = model_mask(inputs["attention_mask"], model)
         flags = inputs.pop("image_is_cached", None)
         keys = inputs.pop("image_keys", None)
         cached = inputs.pop("cached_features", None)
