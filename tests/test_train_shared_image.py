@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from medvlm.data.benchmarks.group import group_by_image
+from medvlm.data.benchmarks.group import group_by_image, split_merged
 from medvlm.data.collate import IGNORE_INDEX, VLMCollator
 from medvlm.data.readers.formats import convert_record
 from medvlm.errors import MedvlmError
@@ -20,7 +20,6 @@ from medvlm.train.shared_image import (
     additive_mask,
     segment_attention_mask,
     shared_prefix_row,
-    split_questions,
 )
 from medvlm.train.trainer import TrainCollator
 from train_helpers import make_demo, small_config
@@ -40,7 +39,7 @@ def _merged(demo, n_images: int):
 
 def test_split_inverts_the_merge(demo):
     merged = _merged(demo, 1)[0]
-    singles = split_questions(merged)
+    singles = split_merged(merged)
     turns = [m for m in merged.messages if m.role != "system"]
     assert len(singles) == len(turns) // 2 >= 2
     for k, s in enumerate(singles):
@@ -48,15 +47,15 @@ def test_split_inverts_the_merge(demo):
         assert user.content[0] == {"type": "image"} and user.num_images == 1
         assert user.text == turns[2 * k].text and answer.text == turns[2 * k + 1].text
         assert s.images == merged.images
-    one = split_questions(singles[0])
+    one = split_merged(singles[0])
     assert one == [singles[0]]  # a single question stays as it is
     dialogue = type(merged)(merged.id, merged.messages, merged.images, {})  # not merged by group_by_image
-    assert split_questions(dialogue) == [dialogue]  # a real multi-turn conversation keeps its context
+    assert split_merged(dialogue) == [dialogue]  # a real multi-turn conversation keeps its context
 
 
 def test_mask_positions_and_labels_are_exact(demo):
     _, processor = build_preset("tiny", seed=0)
-    singles = split_questions(_merged(demo, 1)[0])
+    singles = split_merged(_merged(demo, 1)[0])
     enc = [processor.encode_text(s, max_length=512) for s in singles]
     row = shared_prefix_row(enc, processor.image_token_id, "test")
     p = row["segment_ids"].count(0)
@@ -90,7 +89,7 @@ def test_row_logits_and_loss_equal_single_questions(demo, attn):
     merged = _merged(demo, 3)
     rows, singles = [], []
     for s in merged:
-        parts = split_questions(s)
+        parts = split_merged(s)
         feats = processor.encode(parts[0], image_folder=demo / "images", max_length=512)
         row = isolated_row(parts, processor, 512, s.id)
         rows.append({**feats, **{k: torch.tensor(v) for k, v in row.items()}})
@@ -150,7 +149,7 @@ def test_refusals(demo, tmp_path):
     with pytest.raises(MedvlmError, match="isolate_questions"):
         small_config(demo, tmp_path / "c", stage="dpo", isolate_questions=True)
     _, processor = build_preset("tiny", seed=0)
-    singles = split_questions(_merged(demo, 1)[0])
+    singles = split_merged(_merged(demo, 1)[0])
     enc = [processor.encode_text(s, max_length=512) for s in singles]
     late = [type(e)(e.input_ids[4:] + [processor.image_token_id], e.labels[4:] + [IGNORE_INDEX], 1) for e in enc]
     with pytest.raises(MedvlmError, match="record 7: isolate_questions needs the image before"):
@@ -165,7 +164,7 @@ def test_manual_loop_loss_takes_the_shared_image_mask(demo):
     model.set_attn_implementation("eager")
     model.eval()
     s = _merged(demo, 1)[0]
-    parts = split_questions(s)
+    parts = split_merged(s)
     feats = processor.encode(parts[0], image_folder=demo / "images", max_length=512)
     row = {**feats, **{k: torch.tensor(v) for k, v in isolated_row(parts, processor, 512, s.id).items()}}
     batch = TrainCollator(processor.pad_token_id)([row])

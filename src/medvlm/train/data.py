@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageEnhance
 
+from medvlm.data.benchmarks.group import split_merged
 from medvlm.data.readers.formats import convert_record, detect_format
 from medvlm.data.readers.stream import RecordFile, iter_raw_records
 from medvlm.data.schema import Sample
@@ -30,7 +31,7 @@ from medvlm.errors import MedvlmError
 from medvlm.model.families.processing import FamilyProcessor
 from medvlm.model.processing import MedVLMProcessor
 from medvlm.train.config import DataSource
-from medvlm.train.shared_image import shared_prefix_row, split_questions
+from medvlm.train.shared_image import shared_prefix_row
 
 
 @dataclass
@@ -157,7 +158,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not self.isolate_questions:
             return self._features(sample)
         # one image, several questions: one row, each question attending to the image and itself (shared_image)
-        singles = split_questions(sample)
+        singles = split_merged(sample)
         feats = self._features(singles[0])
         if len(singles) > 1:
             where = f"{self.files[self._file_of[i]].path} record {self._rec_of[i]}"
@@ -270,11 +271,12 @@ def build_dataset(
                         missing_examples.append(f"{where}: {resolve_image(absent[0], image_folder)}")
                     continue
             try:
-                enc = text_encode(sample, processor, max_length, image_folder)
-                singles = split_questions(sample) if isolate_questions else [sample]
-                if len(singles) > 1:
+                singles = split_merged(sample) if isolate_questions else [sample]
+                if len(singles) > 1:  # max_length bounds each question, not the merged conversation
                     row = isolated_row(singles, processor, max_length, where)  # type: ignore[arg-type]
-                    enc = Encoded(row["input_ids"], row["labels"], enc.num_images)
+                    enc = Encoded(row["input_ids"], row["labels"], sample.num_image_parts)
+                else:
+                    enc = text_encode(sample, processor, max_length, image_folder)
             except ImageTruncationError:
                 dropped["image_truncated"] += 1
                 continue

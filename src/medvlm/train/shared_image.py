@@ -1,11 +1,11 @@
 """One image, several questions, each trained as if alone: a shared image prefix with per-question attention.
 
 A merged conversation (``group_by_image``) holds one image and its questions. With ``isolate_questions`` it is
-split back into single-question samples (:func:`split_questions`), each encoded exactly as a single-question
-sample (and as evaluation asks); their common token prefix - template start, image tokens - is laid out once,
-followed by every question-and-answer suffix (:func:`shared_prefix_row`). Each suffix attends to the prefix and
-to itself only (:func:`segment_attention_mask`), and its positions continue from the prefix as they would alone,
-so every answer's logits equal those of its sample trained alone (tested), while the image goes through the
+split back into single-question samples (:func:`medvlm.data.benchmarks.group.split_merged`), each encoded exactly
+as a single-question sample (and as evaluation asks); their common token prefix - template start, image tokens - is
+laid out once, followed by every question-and-answer suffix (:func:`shared_prefix_row`). Each suffix attends to the
+prefix and to itself only (:func:`segment_attention_mask`), and its positions continue from the prefix as they would
+alone, so every answer's logits equal those of its sample trained alone (tested), while the image goes through the
 tower and the prefix through the LM once per image instead of once per question.
 
 Unlike a plain merged conversation, no answer can follow from another answer's text: the shortcut that made
@@ -19,37 +19,11 @@ from typing import Any
 import torch
 
 from medvlm.data.collate import IGNORE_INDEX
-from medvlm.data.schema import Message, Sample, image_part, text_part
 from medvlm.data.templates import Encoded
 from medvlm.errors import MedvlmError
 
 PAD_SEGMENT = -1
 """Segment id of padding: it attends to itself only, and nothing attends to it."""
-
-
-def split_questions(sample: Sample) -> list[Sample]:
-    """The single-question samples of a conversation that ``group_by_image`` merged (``meta["merged_ids"]``).
-
-    Each keeps the system messages and puts the image first in its user turn, as ``group_by_image`` placed it in
-    the first turn (and as ``"<image>\\n" + question`` renders). Anything else - a real multi-turn conversation,
-    whose later questions need the earlier turns, or a caption - is returned as it is, alone.
-    """
-    system = [m for m in sample.messages if m.role == "system"]
-    turns = [m for m in sample.messages if m.role != "system"]
-    merged = sample.meta.get("merged_ids") or []
-    paired = len(merged) >= 2 and len(turns) == 2 * len(merged)
-    paired = paired and all(m.role == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns))
-    if not paired or len(sample.images) != 1 or turns[0].num_images != 1 or sample.num_image_parts != 1:
-        return [sample]
-    out = []
-    for i in range(0, len(turns), 2):
-        question = [p for p in turns[i].content if p.get("type") != "image"]
-        if not question:
-            raise MedvlmError(f"sample {sample.id!r}: question {i // 2 + 1} has no text")
-        user = Message("user", [image_part(), *question])
-        answer = Message("assistant", [text_part(turns[i + 1].text)])
-        out.append(Sample(f"{sample.id}#{i // 2}", [*system, user, answer], list(sample.images), dict(sample.meta)))
-    return out
 
 
 def shared_prefix_row(encoded: list[Encoded], image_token_id: int, where: str) -> dict[str, list[int]]:

@@ -147,6 +147,32 @@ def _merge(members: list[Sample]) -> Sample:
     return Sample(id=sid, messages=messages, images=[first.images[0]], meta=meta)
 
 
+def split_merged(sample: Sample) -> list[Sample]:
+    """The single-question samples of a conversation that :func:`group_by_image` merged (``meta["merged_ids"]``):
+    the inverse of its merge, used by training's ``isolate_questions`` (:mod:`medvlm.train.shared_image`).
+
+    Each keeps the system messages and puts the image first in its user turn, as ``group_by_image`` placed it in
+    the first turn (and as ``"<image>\\n" + question`` renders). Anything else - a real multi-turn conversation,
+    whose later questions need the earlier turns, or a caption - is returned as it is, alone.
+    """
+    system = [m for m in sample.messages if m.role == "system"]
+    turns = [m for m in sample.messages if m.role != "system"]
+    merged = sample.meta.get("merged_ids") or []
+    paired = len(merged) >= 2 and len(turns) == 2 * len(merged)
+    paired = paired and all(m.role == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns))
+    if not paired or len(sample.images) != 1 or turns[0].num_images != 1 or sample.num_image_parts != 1:
+        return [sample]
+    out = []
+    for i in range(0, len(turns), 2):
+        question = [p for p in turns[i].content if p.get("type") != "image"]
+        if not question:
+            raise MedvlmError(f"sample {sample.id!r}: question {i // 2 + 1} has no text")
+        user = Message("user", [image_part(), *question])
+        answer = Message("assistant", [text_part(turns[i + 1].text)])
+        out.append(Sample(f"{sample.id}#{i // 2}", [*system, user, answer], list(sample.images), dict(sample.meta)))
+    return out
+
+
 def group_file(
     src: str | os.PathLike,
     dest: str | os.PathLike,
