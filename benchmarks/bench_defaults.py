@@ -23,7 +23,8 @@ above its blind baseline, training <= 6 minutes on 2 cores.
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_defaults.py [--seeds 0 1 2] [--generators medvlm,synth2] \
         [--work /tmp/medvlm_bench_defaults] [--preset tiny] [--out results.json]
 
-``--n-images`` / ``--scratch-samples`` shrink a run for a smoke test of the script (not the benchmark).
+``--n-images`` sets the images per seed (the benchmark's 500; 17h also ran 1000 and 2500 with the same training
+length, see benchmarks/README.md); ``--scratch-samples`` shortens training for a smoke test of the script.
 """
 
 from __future__ import annotations
