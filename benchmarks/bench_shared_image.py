@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build_bench_model, peak_rss_mb  # noqa: E402
+from bench_train import bench_config, build_bench_model, peak_rss_mb  # noqa: E402
 
 VARIANTS = {
     "single": {"group_by_image": False, "per_device_train_batch_size": 8},
@@ -44,7 +44,6 @@ def run_variant(args) -> dict:
     """Train one variant in this process; return its measurements."""
     from transformers import TrainerCallback
 
-    from medvlm.train.config import load_config
     from medvlm.train.run import run_training
 
     class EpochTimer(TrainerCallback):
@@ -57,27 +56,19 @@ def run_variant(args) -> dict:
         def on_epoch_end(self, a, state, c, **kw):
             self.marks.append((time.perf_counter(), time.process_time()))
 
-    keys = dict(
-        stage="sft",
-        model_name_or_path=str(args.work / "model_sft"),
-        data_path=str(args.work / "demo" / "vqa" / "train.json"),
-        image_folder=str(args.work / "demo" / "images"),
-        output_dir=str(args.work / args.variant),
-        learning_rate=2e-5,
-        num_train_epochs=args.epochs,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        warmup_ratio=0.0,
-        max_length=1024,
-        disable_tqdm=True,
-        feature_cache="off",
+    cfg = bench_config(
+        str(args.work / "model_sft"),
+        str(args.work / args.variant),
+        "sft",
+        str(args.work / "demo" / "vqa" / "train.json"),
+        str(args.work / "demo" / "images"),
+        args.epochs,
         tune_vision_tower=False,
         seed=0,
         **VARIANTS[args.variant],
     )
     timer = EpochTimer()
-    r = run_training(load_config(None, keys), callbacks=[timer])
+    r = run_training(cfg, callbacks=[timer])
     walls = [timer.marks[i + 1][0] - timer.marks[i][0] for i in range(0, len(timer.marks) - 1, 2)]
     cpus = [timer.marks[i + 1][1] - timer.marks[i][1] for i in range(0, len(timer.marks) - 1, 2)]
     losses = [h["loss"] for h in r.log_history if "loss" in h]

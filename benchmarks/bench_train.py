@@ -187,18 +187,20 @@ def matmul_rate(seconds: float = 5.0) -> tuple[float, float]:
     return flops / (time.perf_counter() - t0), flops / (time.process_time() - c0)
 
 
-def _config(args, model: str, out: str, stage: str, data: str, **over):
+def bench_config(model: str, out: str, stage: str, data: str, image_folder: str, epochs: float, **over):
+    """The training config of a measured run (also ``bench_shared_image.py``'s): a step logged each time, no warm-up,
+    nothing saved or reported, feature cache off unless ``over`` says otherwise; ``over`` goes on top."""
     from medvlm.train.config import load_config
 
     keys = dict(
         stage=stage,
-        model_name_or_path=str(args.work / f"model_{model}"),
+        model_name_or_path=model,
         data_path=data,
-        image_folder=str(args.demo / "images"),
+        image_folder=image_folder,
         output_dir=out,
         per_device_train_batch_size=8,
         learning_rate=2e-5,
-        num_train_epochs=args.epochs,
+        num_train_epochs=epochs,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -209,6 +211,12 @@ def _config(args, model: str, out: str, stage: str, data: str, **over):
     )
     keys.update(over)
     return load_config(None, keys)
+
+
+def _config(args, model: str, out: str, stage: str, data: str, **over):
+    return bench_config(
+        str(args.work / f"model_{model}"), out, stage, data, str(args.demo / "images"), args.epochs, **over
+    )
 
 
 def variant(args) -> dict:
